@@ -1,0 +1,1 @@
+//! ballast-chunkstore: being built.

@@ -1,0 +1,1 @@
+//! ballast-wire: being built.
