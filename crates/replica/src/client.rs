@@ -1,0 +1,508 @@
+//! The front end's handle on one replica server: typed calls, pipelined over a
+//! few TCP connections. I/O path: no blocking calls, no info logs per request.
+//!
+//! ```text
+//!  caller ─► call() ─► pick connection (round robin, connect lazily)
+//!                 │    register req id → oneshot in `pending`
+//!                 │    frame ─► mpsc ─► writer task ─► writev(socket)
+//!                 └─ await oneshot (bounded by the request timeout)
+//!  reader task ◄─ socket: decode frame, take `pending[req id]`, complete it
+//! ```
+//!
+//! A connection that fails (EOF, I/O error, malformed frame) is marked dead: every
+//! request in flight on it fails with `Disconnected`, and the next request that
+//! picks its slot opens a fresh connection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
+use ballast_wire::{
+    decode_chunk_list, decode_contexts, Decoder, Frame, Header, Op, Status, WireError, ALL_CHUNKS,
+    CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, trace, warn, Instrument};
+
+use crate::io::{write_frames, MAX_BATCH};
+
+/// Why a replica call failed. Grouped by what the caller should do:
+/// retry (`Timeout`, `Disconnected`, `Connect`, `Remote{Shutdown}`), never retry
+/// (`Remote{Fenced}`), repair from another replica (`Remote{ChecksumMismatch}`).
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{op:?} request to the replica timed out")]
+    Timeout { op: Op },
+    #[error("connection to the replica was lost with the request in flight")]
+    Disconnected,
+    #[error("cannot connect to replica at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("replica answered {status:?}: {message}")]
+    Remote { status: Status, message: String },
+    #[error("replica protocol error: {0}")]
+    Protocol(#[from] WireError),
+}
+
+impl ClientError {
+    /// The replica refused the request's epoch as stale: a newer attach exists.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, ClientError::Remote { status: Status::Fenced, .. })
+    }
+
+    /// The replica's stored copy failed its checksum (read another, repair this one).
+    pub fn is_checksum(&self) -> bool {
+        matches!(self, ClientError::Remote { status: Status::ChecksumMismatch, .. })
+    }
+
+    /// The same request may succeed if sent again (transport trouble, a replica
+    /// restarting). Remote verdicts about the request itself are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Timeout { .. } | ClientError::Disconnected | ClientError::Connect { .. } => true,
+            ClientError::Remote { status, .. } => *status == Status::Shutdown,
+            ClientError::Protocol(_) => false,
+        }
+    }
+}
+
+/// How a [`ReplicaClient`] talks to its replica.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// TCP connections to pipeline over, used round robin. Default 2.
+    pub connections: usize,
+    /// Time from sending a request to its response before `Timeout`. Default 5 s.
+    pub timeout: Duration,
+    /// Time allowed to establish a connection. Default 2 s.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) }
+    }
+}
+
+/// A cheap, cloneable handle on one replica server. Connects lazily, pipelines
+/// requests over `connections` connections, matches responses by request id.
+#[derive(Clone)]
+pub struct ReplicaClient {
+    inner: Arc<ClientInner>,
+}
+
+impl std::fmt::Debug for ReplicaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicaClient").field("addr", &self.inner.addr).finish()
+    }
+}
+
+struct ClientInner {
+    addr: SocketAddr,
+    opts: ClientOptions,
+    slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
+    next_slot: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+/// One live connection: the way to its writer task and the table its reader completes.
+#[derive(Clone)]
+struct Conn {
+    tx: mpsc::Sender<Frame>,
+    shared: Arc<ConnShared>,
+}
+
+struct ConnShared {
+    state: StdMutex<ConnState>,
+}
+
+struct ConnState {
+    /// Once set, never cleared: the connection is abandoned.
+    /// Invariant: no entry is added to `pending` after `dead` is set, so nothing
+    /// waits on a connection whose reader has stopped.
+    dead: bool,
+    pending: HashMap<u64, Waiter>,
+}
+
+struct Waiter {
+    op: Op,
+    tx: oneshot::Sender<Result<Frame, ClientError>>,
+}
+
+impl ConnShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        // A poisoned lock only means another task panicked mid-update of a map
+        // of waiters; the map itself is still coherent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_dead(&self) -> bool {
+        self.lock().dead
+    }
+
+    /// Marks the connection dead and fails every request in flight on it.
+    fn fail_all(&self) {
+        let waiters: Vec<Waiter> = {
+            let mut st = self.lock();
+            st.dead = true;
+            st.pending.drain().map(|(_, w)| w).collect()
+        };
+        for w in waiters {
+            let _ = w.tx.send(Err(ClientError::Disconnected));
+        }
+    }
+}
+
+/// Removes a request's waiter when the call ends in any way (timeout, caller
+/// dropped the future), so a late response finds nobody and is discarded.
+struct PendingGuard<'a> {
+    shared: &'a ConnShared,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.shared.lock().pending.remove(&self.id);
+    }
+}
+
+/// The longest trim / write-zeroes range sent in one frame (the header's length
+/// field is 32 bits); longer ranges go as several requests.
+const MAX_RANGE_PER_FRAME: u64 = 1 << 30;
+
+impl ReplicaClient {
+    pub fn new(addr: SocketAddr, opts: ClientOptions) -> ReplicaClient {
+        let n = opts.connections.max(1);
+        let slots = (0..n).map(|_| tokio::sync::Mutex::new(None)).collect();
+        ReplicaClient {
+            inner: Arc::new(ClientInner {
+                addr,
+                opts,
+                slots,
+                next_slot: AtomicUsize::new(0),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The replica's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Writes `data` at `offset` of chunk `id` with sequence `seq`; with `fua`, the
+    /// data is durable on the replica when this returns.
+    pub async fn write(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq, fua: bool) -> Result<(), ClientError> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| WireError::Oversized { len: data.len() as u64, max: MAX_PAYLOAD })?;
+        let mut h = self.header(Op::Write, id.volume, id.chunk, seq.epoch);
+        h.offset = offset;
+        h.length = len;
+        h.seq_counter = seq.counter;
+        h.flags.fua = fua;
+        self.call(h, data).await.map(drop)
+    }
+
+    /// Reads `len` bytes at `offset` of chunk `id`, verified by the replica's checksums.
+    pub async fn read(&self, id: ChunkId, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes, ClientError> {
+        let mut h = self.header(Op::Read, id.volume, id.chunk, epoch);
+        h.offset = offset;
+        h.length = len;
+        let resp = self.call(h, Bytes::new()).await?;
+        if resp.payload.len() != len as usize {
+            return Err(WireError::BadPayloadLength {
+                op: Op::Read,
+                expected: u64::from(len),
+                actual: resp.payload.len() as u64,
+            }
+            .into());
+        }
+        Ok(resp.payload)
+    }
+
+    /// Makes every prior write to any chunk of `volume` on this replica durable.
+    pub async fn flush(&self, volume: VolumeId, epoch: Epoch) -> Result<(), ClientError> {
+        let h = self.header(Op::Flush, volume, ALL_CHUNKS, epoch);
+        self.call(h, Bytes::new()).await.map(drop)
+    }
+
+    /// Makes every prior write to chunk `id` on this replica durable.
+    pub async fn flush_chunk(&self, id: ChunkId, epoch: Epoch) -> Result<(), ClientError> {
+        let h = self.header(Op::Flush, id.volume, id.chunk, epoch);
+        self.call(h, Bytes::new()).await.map(drop)
+    }
+
+    /// Discards `len` bytes at `offset`; they read as zeros afterwards.
+    pub async fn trim(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
+        self.range_op(Op::Trim, id, offset, len, seq).await
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros.
+    pub async fn write_zeroes(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
+        self.range_op(Op::WriteZeroes, id, offset, len, seq).await
+    }
+
+    /// Block contexts (crc, seq) of `count` blocks from `first`, for resync and rebuild.
+    pub async fn context_table(
+        &self,
+        id: ChunkId,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+    ) -> Result<Vec<BlockContext>, ClientError> {
+        let mut h = self.header(Op::ContextTable, id.volume, id.chunk, epoch);
+        h.offset = u64::from(first.0);
+        h.length = count;
+        let resp = self.call(h, Bytes::new()).await?;
+        let table = decode_contexts(&resp.payload)?;
+        if table.len() != count as usize {
+            return Err(WireError::BadPayloadLength {
+                op: Op::ContextTable,
+                expected: u64::from(count) * CONTEXT_ENTRY_LEN as u64,
+                actual: resp.payload.len() as u64,
+            }
+            .into());
+        }
+        Ok(table)
+    }
+
+    /// Creates chunk `id` of `size` bytes (idempotent for the same size).
+    pub async fn create_chunk(&self, id: ChunkId, size: u64, epoch: Epoch) -> Result<(), ClientError> {
+        let mut h = self.header(Op::ChunkCreate, id.volume, id.chunk, epoch);
+        h.offset = size;
+        self.call(h, Bytes::new()).await.map(drop)
+    }
+
+    /// Deletes chunk `id` (idempotent).
+    pub async fn delete_chunk(&self, id: ChunkId, epoch: Epoch) -> Result<(), ClientError> {
+        let h = self.header(Op::ChunkDelete, id.volume, id.chunk, epoch);
+        self.call(h, Bytes::new()).await.map(drop)
+    }
+
+    /// Raises the replica's epoch for `volume` to `epoch`; returns its epoch after
+    /// the call. Fails with `Fenced` when the replica already knows a newer one.
+    pub async fn announce_epoch(&self, volume: VolumeId, epoch: Epoch) -> Result<Epoch, ClientError> {
+        let h = self.header(Op::AnnounceEpoch, volume, ALL_CHUNKS, epoch);
+        let resp = self.call(h, Bytes::new()).await?;
+        Ok(resp.header.epoch)
+    }
+
+    /// The volume's chunks on this replica written since their last flush.
+    pub async fn list_dirty(&self, volume: VolumeId, epoch: Epoch) -> Result<Vec<ChunkIdx>, ClientError> {
+        let h = self.header(Op::ListDirty, volume, ALL_CHUNKS, epoch);
+        let resp = self.call(h, Bytes::new()).await?;
+        Ok(decode_chunk_list(&resp.payload)?)
+    }
+
+    /// A round trip that touches no state.
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        let h = self.header(Op::Ping, VolumeId(0), ChunkIdx(0), Epoch(0));
+        self.call(h, Bytes::new()).await.map(drop)
+    }
+
+    async fn range_op(&self, op: Op, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
+        // One frame per at most MAX_RANGE_PER_FRAME bytes (block aligned, so the
+        // replica's alignment verdict on the whole range is unchanged); a zero
+        // length still goes out once so the replica validates it.
+        debug_assert_eq!(MAX_RANGE_PER_FRAME % u64::from(BLOCK_SIZE), 0);
+        let mut done = 0u64;
+        loop {
+            let piece = (len - done).min(MAX_RANGE_PER_FRAME);
+            let mut h = self.header(op, id.volume, id.chunk, seq.epoch);
+            h.offset = offset.saturating_add(done);
+            h.length = piece as u32;
+            h.seq_counter = seq.counter;
+            self.call(h, Bytes::new()).await?;
+            done += piece;
+            if done >= len {
+                return Ok(());
+            }
+        }
+    }
+
+    fn header(&self, op: Op, volume: VolumeId, chunk: ChunkIdx, epoch: Epoch) -> Header {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        Header::request(op, id, volume, chunk, epoch)
+    }
+
+    /// Sends one request and waits for its response; non-Ok statuses become `Remote`.
+    async fn call(&self, header: Header, payload: Bytes) -> Result<Frame, ClientError> {
+        let span = tracing::debug_span!(
+            "replica_call",
+            peer = %self.inner.addr,
+            op = header.op.name(),
+            req = header.request_id,
+            volume = header.volume.0,
+            chunk = header.chunk.0,
+        );
+        self.call_inner(header, payload).instrument(span).await
+    }
+
+    async fn call_inner(&self, header: Header, payload: Bytes) -> Result<Frame, ClientError> {
+        let op = header.op;
+        let id = header.request_id;
+        let conn = self.connection().await?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = conn.shared.lock();
+            if st.dead {
+                return Err(ClientError::Disconnected);
+            }
+            st.pending.insert(id, Waiter { op, tx });
+        }
+        let _guard = PendingGuard { shared: &conn.shared, id };
+        let exchange = async {
+            if conn.tx.send(Frame::new(header, payload)).await.is_err() {
+                // The writer has stopped: the connection is gone.
+                conn.shared.fail_all();
+                return Err(ClientError::Disconnected);
+            }
+            match rx.await {
+                Ok(result) => result,
+                Err(_) => Err(ClientError::Disconnected),
+            }
+        };
+        let resp = match tokio::time::timeout(self.inner.opts.timeout, exchange).await {
+            Ok(r) => r?,
+            Err(_) => {
+                debug!("request timed out");
+                return Err(ClientError::Timeout { op });
+            }
+        };
+        trace!(status = ?resp.header.status, "response");
+        match resp.header.status {
+            Status::Ok => Ok(resp),
+            status => Err(ClientError::Remote { status, message: resp.error_message() }),
+        }
+    }
+
+    /// A live connection from the next slot, opening one if the slot is empty or dead.
+    async fn connection(&self) -> Result<Conn, ClientError> {
+        let n = self.inner.slots.len();
+        let idx = self.inner.next_slot.fetch_add(1, Ordering::Relaxed) % n;
+        let mut slot = self.inner.slots[idx].lock().await;
+        if let Some(c) = slot.as_ref() {
+            if !c.shared.is_dead() {
+                return Ok(c.clone());
+            }
+        }
+        let conn = self.connect().await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> Result<Conn, ClientError> {
+        let addr = self.inner.addr;
+        let stream = match tokio::time::timeout(self.inner.opts.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
+            Err(_) => {
+                return Err(ClientError::Connect {
+                    addr,
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+                })
+            }
+        };
+        // Small frames must not wait for Nagle: latency is the product.
+        stream.set_nodelay(true).map_err(|source| ClientError::Connect { addr, source })?;
+        debug!(peer = %addr, "connected to replica");
+        let (r, w) = stream.into_split();
+        let shared = Arc::new(ConnShared { state: StdMutex::new(ConnState { dead: false, pending: HashMap::new() }) });
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(write_loop(w, rx, shared.clone(), addr));
+        tokio::spawn(read_loop(r, shared.clone(), addr));
+        Ok(Conn { tx, shared })
+    }
+}
+
+async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, shared: Arc<ConnShared>, peer: SocketAddr) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(f) = rx.recv().await {
+        batch.push(f);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = write_frames(&mut w, &batch).await {
+            debug!(%peer, error = %e, "replica connection write failed");
+            shared.fail_all();
+            return;
+        }
+        batch.clear();
+    }
+    // Every handle on this connection is gone: tell the server we are done.
+    let _ = w.shutdown().await;
+}
+
+async fn read_loop(mut r: OwnedReadHalf, shared: Arc<ConnShared>, peer: SocketAddr) {
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    let mut dec = Decoder::new();
+    loop {
+        loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = deliver(&shared, frame) {
+                        warn!(%peer, error = %e, "closing replica connection: bad response");
+                        shared.fail_all();
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(%peer, error = %e, "closing replica connection: malformed frame");
+                    shared.fail_all();
+                    return;
+                }
+            }
+        }
+        buf.reserve(dec.bytes_wanted(&buf).max(16 << 10));
+        match r.read_buf(&mut buf).await {
+            Ok(0) => {
+                debug!(%peer, "replica closed the connection");
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(%peer, error = %e, "replica connection read failed");
+                break;
+            }
+        }
+    }
+    shared.fail_all();
+}
+
+/// Hands a response to the request waiting for it. A response nobody waits for
+/// (its request timed out) is dropped; one that is not a response, or answers a
+/// different op than was asked, means the peer is confused: the connection closes.
+fn deliver(shared: &ConnShared, frame: Frame) -> Result<(), WireError> {
+    let id = frame.header.request_id;
+    if !frame.header.flags.response {
+        return Err(WireError::UnexpectedResponse { request_id: id });
+    }
+    let waiter = shared.lock().pending.remove(&id);
+    match waiter {
+        Some(w) if w.op == frame.header.op => {
+            let _ = w.tx.send(Ok(frame));
+            Ok(())
+        }
+        Some(w) => {
+            let _ = w.tx.send(Err(ClientError::Protocol(WireError::UnexpectedResponse { request_id: id })));
+            Err(WireError::UnexpectedResponse { request_id: id })
+        }
+        None => {
+            trace!(req = id, "late response dropped");
+            Ok(())
+        }
+    }
+}
