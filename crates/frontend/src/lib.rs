@@ -1,1 +1,59 @@
-//! ballast-frontend: being built.
+//! ballast-frontend: what a volume looks like to its user. It owns
+//!
+//! - [`Volume`]: a [`ballast_blockdev::BlockDev`] over replicated chunks — splits
+//!   requests at chunk boundaries, fans writes out to every in-sync replica,
+//!   ejects failed replicas (durably, through [`Membership`]) before
+//!   acknowledging without them, reads from one replica (local first) with read
+//!   repair, and reconciles dirty chunks at attach;
+//! - [`Membership`]: the two durable decisions it needs from the configuration
+//!   master (attach = bump the epoch; eject), and [`StaticMembership`], a
+//!   TOML-file implementation;
+//! - [`ReplicaIo`]: what it needs from a replica connection (implemented for
+//!   `ballast_replica::ReplicaClient`, and by fakes in tests);
+//! - [`policy`]: the decisions as pure functions.
+//!
+//! It must not depend on tonic, openraft or redb (a meta election must never
+//! stall I/O; the Raft-backed `Membership` lives in the binary), nor on the
+//! NBD server (which knows nothing of replicas).
+//!
+//! ```text
+//!  NBD / FUSE ──BlockDev──► Volume ─┬─ split by chunk ─► write: every in-sync replica ─┐
+//!                                   │                    read:  one replica (local 1st) ├─► ReplicaIo (TCP)
+//!                                   │                    flush: every holder node      ─┘
+//!                                   └─ replica failed ─► Membership::eject (durable) ─► then ack
+//! ```
+//!
+//! The promise kept here (DESIGN "Replication protocol"): every acknowledged
+//! write is on every replica of the chunk's committed in-sync set, and that set
+//! never has fewer than min-in-sync members.
+
+pub mod membership;
+pub mod policy;
+mod replica_client;
+pub mod replica_io;
+pub mod static_membership;
+mod volume;
+
+use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};
+
+pub use membership::{Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
+pub use replica_client::tcp_connector;
+pub use replica_io::{ReplicaError, ReplicaIo};
+pub use static_membership::{StaticConfig, StaticMembership};
+pub use volume::{Volume, VolumeOptions, VolumeStats};
+
+/// Why attaching or reconfiguring a volume failed. (Block I/O errors are
+/// [`ballast_blockdev::BlockError`]s.)
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error(transparent)]
+    Membership(#[from] MembershipError),
+    #[error("{node} holds epoch {epoch} or newer: another front end owns the volume")]
+    Fenced { node: NodeId, epoch: Epoch },
+    #[error("removing {node} from chunk {chunk} would leave {remaining} in-sync replicas, below the minimum of {min}")]
+    BelowMinInSync { chunk: ChunkIdx, node: NodeId, remaining: usize, min: usize },
+    #[error("layout of {volume} is unusable: {message}")]
+    Layout { volume: VolumeId, message: String },
+    #[error("reconciling chunk {chunk} failed: {message}")]
+    Reconcile { chunk: ChunkIdx, message: String },
+}

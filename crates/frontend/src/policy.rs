@@ -1,0 +1,316 @@
+//! The front end's decisions as pure functions: replies in, a plan out. No I/O,
+//! no clocks, no locks: the volume executes the plans, tests feed synthetic
+//! replies (see the unit tests below).
+
+use ballast_types::{BlockContext, BlockIdx, ChunkIdx, NodeId, Seq, BLOCK_SIZE_U64};
+
+use crate::membership::EjectReason;
+use crate::replica_io::ReplicaError;
+
+/// What the front end does about one failed replica request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reaction {
+    /// A newer front end exists: fail the I/O, stop the volume, eject nobody.
+    Stop(String),
+    /// The request was wrong, not the replica: fail the I/O (EINVAL), eject nobody.
+    Invalid(String),
+    /// The replica's copy is corrupt here: read elsewhere and repair it.
+    Repair,
+    /// The chunk was never created on that replica.
+    Missing,
+    /// The replica failed: eject it before acknowledging anything without it.
+    Eject(EjectReason),
+}
+
+pub fn classify(err: &ReplicaError) -> Reaction {
+    match err {
+        ReplicaError::Fenced(m) => Reaction::Stop(m.clone()),
+        ReplicaError::Invalid(m) => Reaction::Invalid(m.clone()),
+        ReplicaError::ChecksumMismatch(_) => Reaction::Repair,
+        ReplicaError::NoSuchChunk => Reaction::Missing,
+        ReplicaError::Timeout { .. } => Reaction::Eject(EjectReason::Timeout),
+        ReplicaError::Transport(_) => Reaction::Eject(EjectReason::Transport),
+        ReplicaError::ChunkExists | ReplicaError::Failed(_) => Reaction::Eject(EjectReason::ReplicaError),
+    }
+}
+
+/// How a fanned-out write (or trim, write-zeroes, flush) completes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WritePlan {
+    /// Every in-sync replica has it.
+    Ack,
+    /// Eject these (durably, through membership) and only then acknowledge.
+    EjectThenAck(Vec<(NodeId, EjectReason)>),
+    /// Fail the request.
+    Fail(WriteFailure),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WriteFailure {
+    Fenced(String),
+    Invalid(String),
+    /// Acknowledging would leave fewer than min-in-sync copies; nobody is ejected.
+    BelowMinInSync { failed: Vec<(NodeId, EjectReason)>, remaining: usize },
+}
+
+/// Decides a write's completion from the replies of every replica it was sent
+/// to (`replies` covers the whole in-sync snapshot; a missing chunk has already
+/// been created and retried by the caller, so here it counts as a failure).
+///
+/// Invariant kept: `Ack` only when every replica of the snapshot has the data;
+/// `EjectThenAck` only when at least `min_in_sync` have it.
+pub fn plan_write(replies: &[(NodeId, Result<(), ReplicaError>)], min_in_sync: usize) -> WritePlan {
+    let mut failed = Vec::new();
+    let mut invalid = None;
+    for (node, reply) in replies {
+        let Err(e) = reply else { continue };
+        match classify(e) {
+            Reaction::Stop(m) => return WritePlan::Fail(WriteFailure::Fenced(m)),
+            Reaction::Invalid(m) => invalid = Some(m),
+            Reaction::Eject(reason) => failed.push((*node, reason)),
+            Reaction::Repair | Reaction::Missing => failed.push((*node, EjectReason::ReplicaError)),
+        }
+    }
+    if let Some(m) = invalid {
+        return WritePlan::Fail(WriteFailure::Invalid(m));
+    }
+    if failed.is_empty() {
+        return WritePlan::Ack;
+    }
+    let remaining = replies.len() - failed.len();
+    if remaining < min_in_sync {
+        return WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining });
+    }
+    WritePlan::EjectThenAck(failed)
+}
+
+/// The order in which to try replicas for a read: the local node first (data
+/// locality), then the others rotated by `rr` so load spreads.
+pub fn read_order(in_sync: &[NodeId], local: Option<NodeId>, rr: usize) -> Vec<NodeId> {
+    let mut order = Vec::with_capacity(in_sync.len());
+    if let Some(l) = local.filter(|l| in_sync.contains(l)) {
+        order.push(l);
+    }
+    let others: Vec<NodeId> = in_sync.iter().copied().filter(|n| Some(*n) != local).collect();
+    if !others.is_empty() {
+        let start = rr % others.len();
+        order.extend(others[start..].iter().chain(&others[..start]));
+    }
+    order
+}
+
+/// One piece of a volume request inside one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub chunk: ChunkIdx,
+    /// Byte offset inside the chunk.
+    pub offset: u64,
+    pub len: u64,
+    /// Byte offset of this piece inside the request's buffer.
+    pub buf_offset: u64,
+}
+
+/// Splits `[offset, offset + len)` at chunk boundaries, in order.
+pub fn split(offset: u64, len: u64, chunk_size: u64) -> Vec<Piece> {
+    let mut pieces = Vec::with_capacity(1);
+    let mut pos = offset;
+    let end = offset + len;
+    while pos < end {
+        let chunk = pos / chunk_size;
+        let in_chunk = pos % chunk_size;
+        let n = (chunk_size - in_chunk).min(end - pos);
+        pieces.push(Piece { chunk: ChunkIdx(chunk as u32), offset: in_chunk, len: n, buf_offset: pos - offset });
+        pos += n;
+    }
+    pieces
+}
+
+/// A run of consecutive blocks to copy during reconciliation: all written by
+/// the same write (`seq`), all found intact on `sources`, all different on
+/// `targets`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopyRun {
+    pub first: BlockIdx,
+    pub count: u32,
+    pub seq: Seq,
+    pub sources: Vec<NodeId>,
+    pub targets: Vec<NodeId>,
+}
+
+impl CopyRun {
+    pub fn byte_offset(&self) -> u64 {
+        u64::from(self.first.0) * BLOCK_SIZE_U64
+    }
+    pub fn byte_len(&self) -> u64 {
+        u64::from(self.count) * BLOCK_SIZE_U64
+    }
+}
+
+/// Plans the reconciliation of one stretch of a dirty chunk: for every block
+/// whose contexts differ between replicas, the copy with the highest seq wins
+/// and is copied, with that seq, to every replica that differs from it.
+/// `tables[i].1[k]` is replica i's context of block `first + k`; all tables
+/// have the same length.
+///
+/// Why the highest seq: a front end that crashed mid-write may have reached
+/// some replicas and not others; the write was never acknowledged, so either
+/// outcome is allowed, but all replicas must agree, and the newest one is the
+/// only choice that cannot undo an acknowledged write (an acknowledged write is
+/// on every in-sync replica, so nothing older than it can win).
+pub fn plan_reconcile(first: BlockIdx, tables: &[(NodeId, Vec<BlockContext>)]) -> Vec<CopyRun> {
+    let mut runs: Vec<CopyRun> = Vec::new();
+    let blocks = tables.iter().map(|(_, t)| t.len()).min().unwrap_or(0);
+    for k in 0..blocks {
+        let Some(best) = tables.iter().map(|(_, t)| t[k]).max_by_key(|c| c.seq) else { continue };
+        let (sources, targets): (Vec<_>, Vec<_>) = tables.iter().partition(|(_, t)| t[k] == best);
+        if targets.is_empty() {
+            continue;
+        }
+        let sources: Vec<NodeId> = sources.iter().map(|(n, _)| *n).collect();
+        let targets: Vec<NodeId> = targets.iter().map(|(n, _)| *n).collect();
+        let block = BlockIdx(first.0 + k as u32);
+        match runs.last_mut() {
+            Some(r)
+                if r.first.0 + r.count == block.0
+                    && r.seq == best.seq
+                    && r.sources == sources
+                    && r.targets == targets =>
+            {
+                r.count += 1
+            }
+            _ => runs.push(CopyRun { first: block, count: 1, seq: best.seq, sources, targets }),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ballast_types::Epoch;
+    use proptest::prelude::*;
+
+    const A: NodeId = NodeId(1);
+    const B: NodeId = NodeId(2);
+    const C: NodeId = NodeId(3);
+
+    fn timeout() -> ReplicaError {
+        ReplicaError::Timeout { op: "write" }
+    }
+
+    #[test]
+    fn write_all_ok_acks() {
+        assert_eq!(plan_write(&[(A, Ok(())), (B, Ok(())), (C, Ok(()))], 2), WritePlan::Ack);
+    }
+
+    #[test]
+    fn write_one_failed_ejects_then_acks() {
+        let plan = plan_write(&[(A, Ok(())), (B, Err(timeout())), (C, Ok(()))], 2);
+        assert_eq!(plan, WritePlan::EjectThenAck(vec![(B, EjectReason::Timeout)]));
+        let plan = plan_write(&[(A, Ok(())), (B, Err(ReplicaError::Transport("reset".into())))], 1);
+        assert_eq!(plan, WritePlan::EjectThenAck(vec![(B, EjectReason::Transport)]));
+    }
+
+    #[test]
+    fn write_below_min_fails_without_ejecting() {
+        let plan = plan_write(&[(A, Ok(())), (B, Err(timeout())), (C, Err(ReplicaError::Failed("io".into())))], 2);
+        assert_eq!(
+            plan,
+            WritePlan::Fail(WriteFailure::BelowMinInSync {
+                failed: vec![(B, EjectReason::Timeout), (C, EjectReason::ReplicaError)],
+                remaining: 1
+            })
+        );
+    }
+
+    #[test]
+    fn fenced_wins_over_everything() {
+        let plan = plan_write(&[(A, Err(timeout())), (B, Err(ReplicaError::Fenced("e5".into()))), (C, Ok(()))], 1);
+        assert_eq!(plan, WritePlan::Fail(WriteFailure::Fenced("e5".into())));
+    }
+
+    #[test]
+    fn invalid_request_ejects_nobody() {
+        let plan = plan_write(&[(A, Err(ReplicaError::Invalid("range".into()))), (B, Err(timeout()))], 1);
+        assert_eq!(plan, WritePlan::Fail(WriteFailure::Invalid("range".into())));
+    }
+
+    #[test]
+    fn read_order_prefers_local_then_rotates() {
+        assert_eq!(read_order(&[A, B, C], Some(C), 0), vec![C, A, B]);
+        assert_eq!(read_order(&[A, B, C], Some(C), 1), vec![C, B, A]);
+        assert_eq!(read_order(&[A, B, C], None, 1), vec![B, C, A]);
+        // A local node that is not in sync is not read.
+        assert_eq!(read_order(&[A, B], Some(C), 0), vec![A, B]);
+    }
+
+    fn ctx(epoch: u64, counter: u64, crc: u32) -> BlockContext {
+        BlockContext { crc, seq: Seq::new(Epoch(epoch), counter) }
+    }
+
+    #[test]
+    fn reconcile_copies_highest_seq_and_coalesces() {
+        let z = BlockContext::default();
+        let tables = vec![
+            (A, vec![ctx(1, 5, 7), ctx(1, 5, 8), z, ctx(1, 9, 1), ctx(2, 1, 3)]),
+            (B, vec![ctx(1, 5, 7), ctx(1, 4, 2), z, ctx(1, 9, 1), ctx(1, 1, 3)]),
+            (C, vec![ctx(1, 5, 7), ctx(1, 4, 2), z, ctx(1, 9, 1), ctx(2, 1, 3)]),
+        ];
+        let runs = plan_reconcile(BlockIdx(100), &tables);
+        assert_eq!(
+            runs,
+            vec![
+                CopyRun { first: BlockIdx(101), count: 1, seq: Seq::new(Epoch(1), 5), sources: vec![A], targets: vec![B, C] },
+                CopyRun { first: BlockIdx(104), count: 1, seq: Seq::new(Epoch(2), 1), sources: vec![A, C], targets: vec![B] },
+            ]
+        );
+        let tables = vec![(A, vec![ctx(3, 1, 1); 4]), (B, vec![z; 4])];
+        let runs = plan_reconcile(BlockIdx(0), &tables);
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].count, runs[0].byte_len()), (4, 4 * BLOCK_SIZE_U64));
+    }
+
+    proptest! {
+        #[test]
+        fn split_covers_the_range_in_chunk_bounds(offset in 0u64..1 << 30, len in 1u64..1 << 26, cs_blocks in 1u64..2048) {
+            let cs = cs_blocks * 4096;
+            let pieces = split(offset, len, cs);
+            let mut pos = offset;
+            for p in &pieces {
+                prop_assert_eq!(u64::from(p.chunk.0) * cs + p.offset, pos);
+                prop_assert_eq!(p.buf_offset, pos - offset);
+                prop_assert!(p.len > 0 && p.offset + p.len <= cs);
+                pos += p.len;
+            }
+            prop_assert_eq!(pos, offset + len);
+        }
+
+        #[test]
+        fn reconcile_makes_every_replica_agree(
+            raw in proptest::collection::vec(proptest::collection::vec((0u64..3, 0u64..4), 8), 2..4)
+        ) {
+            // Contexts derived from seq, so equal seqs carry equal content.
+            let tables: Vec<(NodeId, Vec<BlockContext>)> = raw.iter().enumerate().map(|(i, t)| {
+                (NodeId(i as u64), t.iter().map(|(e, c)| ctx(*e, *c, (*e * 10 + *c) as u32)).collect())
+            }).collect();
+            let runs = plan_reconcile(BlockIdx(0), &tables);
+            let mut after = tables.clone();
+            for r in &runs {
+                prop_assert!(!r.sources.is_empty());
+                for k in r.first.0..r.first.0 + r.count {
+                    let src = tables.iter().find(|(n, _)| *n == r.sources[0]).unwrap().1[k as usize];
+                    prop_assert_eq!(src.seq, r.seq);
+                    for t in &r.targets {
+                        after.iter_mut().find(|(n, _)| n == t).unwrap().1[k as usize] = src;
+                    }
+                }
+            }
+            for k in 0..8 {
+                let max = tables.iter().map(|(_, t)| t[k].seq).max().unwrap();
+                for (_, t) in &after {
+                    prop_assert_eq!(t[k].seq, max);
+                }
+            }
+        }
+    }
+}
