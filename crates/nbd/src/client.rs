@@ -226,7 +226,12 @@ impl NbdClient {
         .await;
         if let Err(source) = sent {
             self.pending.lock().unwrap_or_else(|e| e.into_inner()).waiters.remove(&cookie);
-            return Err(NbdError::Io { op: "send request", source });
+            // The server hung up: report it like the reader does, whichever notices first.
+            let gone = matches!(
+                source.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::NotConnected
+            );
+            return Err(if gone { NbdError::Closed } else { NbdError::Io { op: "send request", source } });
         }
         rx.await.unwrap_or(Err(NbdError::Closed))
     }
