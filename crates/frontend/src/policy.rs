@@ -148,7 +148,8 @@ impl CopyRun {
 
 /// Plans the reconciliation of one stretch of a dirty chunk: for every block
 /// whose contexts differ between replicas, the copy with the highest seq wins
-/// and is copied, with that seq, to every replica that differs from it.
+/// and is copied to every replica that differs from it (the executor writes
+/// it under a fresh seq to sources and targets alike, so contexts match).
 /// `tables[i].1[k]` is replica i's context of block `first + k`; all tables
 /// have the same length.
 ///

@@ -508,7 +508,14 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             }
             for run in policy::plan_reconcile(BlockIdx(first), &tables) {
                 let data = self.read_from_any(id, run.byte_offset(), run.byte_len() as u32, &run.sources).await?;
-                for &target in &run.targets {
+                // The winning content is written to every in-sync replica (the
+                // sources too) under a fresh seq of this epoch: a write's seq
+                // epoch is also its fencing epoch on the wire, so the original
+                // (older-epoch) seq would be refused as stale. Writing all of
+                // them keeps the contexts identical, so later comparisons
+                // (rebuild, the next reconcile) see no difference.
+                let seq = self.next_seq();
+                for &target in run.targets.iter().chain(&run.sources) {
                     let r = async {
                         let io = self.io(target)?;
                         if missing.contains(&target) {
@@ -517,10 +524,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                                 Err(e) => return Err(e),
                             }
                         }
-                        // The block keeps the seq of the write that produced it,
-                        // so later comparisons (rebuild, the next reconcile) see
-                        // identical contexts.
-                        self.call("write", io.write(id, run.byte_offset(), data.clone(), run.seq, false)).await
+                        self.call("write", io.write(id, run.byte_offset(), data.clone(), seq, false)).await
                     }
                     .await;
                     match r {
@@ -531,7 +535,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                     }
                 }
                 copied += u64::from(run.count);
-                debug!(volume = %self.id, chunk = chunk.0, first = run.first.0, count = run.count, seq = %run.seq, "reconciled blocks");
+                debug!(volume = %self.id, chunk = chunk.0, first = run.first.0, count = run.count, winner = %run.seq, %seq, "reconciled blocks");
             }
             first += count;
         }
@@ -590,7 +594,13 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     async fn write_piece(&self, p: policy::Piece, data: Bytes, seq: Seq, fua: bool) -> Result<(), BlockError> {
         let state = &self.chunks[p.chunk.0 as usize];
         let _no_repair_meanwhile = state.order.read().await;
-        let set = state.snapshot();
+        self.write_piece_locked(p, data, seq, fua).await
+    }
+
+    /// The fan-out of one chunk write; the caller holds the chunk's order lock
+    /// (shared for client writes, exclusive for repairs).
+    async fn write_piece_locked(&self, p: policy::Piece, data: Bytes, seq: Seq, fua: bool) -> Result<(), BlockError> {
+        let set = self.chunks[p.chunk.0 as usize].snapshot();
         let id = self.chunk_id(p.chunk);
         let replies = join_all(set.in_sync.iter().map(|&node| {
             let data = data.clone();
@@ -706,60 +716,31 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         Err(BlockError::Io(format!("chunk {}: no replica could serve the read (last: {last})", p.chunk)))
     }
 
-    /// Read repair: rewrites the corrupt copies from `good`, holding the chunk
-    /// exclusively so no client write can land between the re-read and the
-    /// rewrite. Returns the data to serve (re-read under the lock when possible).
+    /// Read repair: holding the chunk exclusively (so no client write can land
+    /// between the re-read and the rewrite), re-reads the good copy and writes
+    /// it to every in-sync replica under a fresh seq — the corrupt ones get the
+    /// good data, all of them the same context (the original seq cannot be
+    /// reused: its epoch would be fenced as stale). A replica that fails the
+    /// rewrite is ejected by the ordinary write rules. Returns the data to serve.
     async fn repair(&self, p: policy::Piece, good: NodeId, corrupt: Vec<NodeId>, first_read: Bytes) -> Bytes {
         let state = &self.chunks[p.chunk.0 as usize];
         let _exclusive = state.order.write().await;
         let id = self.chunk_id(p.chunk);
         let Ok(io) = self.io(good) else { return first_read };
-        let first_block = BlockIdx((p.offset / BLOCK_SIZE_U64) as u32);
-        let count = (p.len / BLOCK_SIZE_U64) as u32;
-        let fresh = self.call("read", io.read(id, p.offset, p.len as u32, self.epoch)).await;
-        let table = self.call("context_table", io.context_table(id, first_block, count, self.epoch)).await;
-        let (data, table) = match (fresh, table) {
-            (Ok(d), Ok(t)) if d.len() as u64 == p.len && t.len() == count as usize => (d, t),
-            (d, t) => {
-                warn!(volume = %self.id, chunk = p.chunk.0, %good, data = ?d.err(), table = ?t.err(), "read repair skipped: could not re-read the good copy");
+        let data = match self.call("read", io.read(id, p.offset, p.len as u32, self.epoch)).await {
+            Ok(d) if d.len() as u64 == p.len => d,
+            other => {
+                warn!(volume = %self.id, chunk = p.chunk.0, %good, reply = ?other.map(|d| d.len()), "read repair skipped: could not re-read the good copy");
                 return first_read;
             }
         };
-        // One write per run of blocks from the same original write, each with
-        // that write's seq.
-        let mut runs: Vec<(u32, u32, Seq)> = Vec::new();
-        for (k, c) in table.iter().enumerate() {
-            match runs.last_mut() {
-                Some((_, n, s)) if *s == c.seq => *n += 1,
-                _ => runs.push((k as u32, 1, c.seq)),
+        match self.write_piece_locked(p, data.clone(), self.next_seq(), false).await {
+            Ok(()) => {
+                bump(&self.stats.read_repairs, 1);
+                info!(volume = %self.id, chunk = p.chunk.0, corrupt = ?corrupt, offset = p.offset, len = p.len, source = %good, "read repair: corrupt copies rewritten");
             }
-        }
-        for bad in corrupt {
-            let r = async {
-                let bad_io = self.io(bad)?;
-                for &(k, n, seq) in &runs {
-                    let off = u64::from(k) * BLOCK_SIZE_U64;
-                    let slice = data.slice(off as usize..(off + u64::from(n) * BLOCK_SIZE_U64) as usize);
-                    self.call("write", bad_io.write(id, p.offset + off, slice, seq, false)).await?;
-                }
-                Ok::<(), ReplicaError>(())
-            }
-            .await;
-            match r {
-                Ok(()) => {
-                    bump(&self.stats.read_repairs, 1);
-                    info!(volume = %self.id, chunk = p.chunk.0, node = %bad, offset = p.offset, len = p.len, source = %good, "read repair: corrupt copy rewritten");
-                }
-                Err(e) => {
-                    warn!(volume = %self.id, chunk = p.chunk.0, node = %bad, error = %e, "read repair failed: ejecting the corrupt replica");
-                    let reason = match classify(&e) {
-                        Reaction::Eject(r) => r,
-                        _ => EjectReason::RepairFailed,
-                    };
-                    if let Err(err) = self.eject(p.chunk, bad, reason).await {
-                        warn!(volume = %self.id, chunk = p.chunk.0, node = %bad, error = %err, "could not eject the unrepairable replica");
-                    }
-                }
+            Err(e) => {
+                warn!(volume = %self.id, chunk = p.chunk.0, corrupt = ?corrupt, error = %e, "read repair failed");
             }
         }
         data
