@@ -47,7 +47,12 @@ pub struct Export<B> {
 impl<B: BlockDev> Export<B> {
     /// A writable export with no description.
     pub fn new(name: impl Into<String>, dev: Arc<B>) -> Self {
-        Export { name: name.into(), description: String::new(), dev, read_only: false }
+        Export {
+            name: name.into(),
+            description: String::new(),
+            dev,
+            read_only: false,
+        }
     }
 
     pub fn with_description(mut self, description: impl Into<String>) -> Self {
@@ -125,7 +130,9 @@ pub struct NbdServer<B> {
 
 impl<B> Clone for NbdServer<B> {
     fn clone(&self) -> Self {
-        NbdServer { shared: self.shared.clone() }
+        NbdServer {
+            shared: self.shared.clone(),
+        }
     }
 }
 
@@ -134,7 +141,9 @@ impl<B: BlockDev> NbdServer<B> {
     /// each export's advertised size constraints.
     pub fn new(exports: Vec<Export<B>>, opts: NbdOptions) -> Result<Self, NbdError> {
         if exports.is_empty() {
-            return Err(NbdError::Config("an NBD server needs at least one export".into()));
+            return Err(NbdError::Config(
+                "an NBD server needs at least one export".into(),
+            ));
         }
         if opts.max_in_flight == 0 {
             return Err(NbdError::Config("max_in_flight must be at least 1".into()));
@@ -142,7 +151,10 @@ impl<B: BlockDev> NbdServer<B> {
         let mut served: Vec<Served<B>> = Vec::with_capacity(exports.len());
         for e in exports {
             if served.iter().any(|s| s.name == e.name) {
-                return Err(NbdError::Config(format!("export name {:?} is used twice", e.name)));
+                return Err(NbdError::Config(format!(
+                    "export name {:?} is used twice",
+                    e.name
+                )));
             }
             if e.name.len() > proto::MAX_NAME_LEN || e.description.len() > proto::MAX_NAME_LEN {
                 return Err(NbdError::Config(format!(
@@ -175,14 +187,20 @@ impl<B: BlockDev> NbdServer<B> {
                     opts.max_payload.min(dev_max)
                 )));
             }
-            let preferred = opts.preferred_block_size.max(bs).next_power_of_two().min(max_payload.max(bs));
-            let mut flags = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH | proto::FLAG_CAN_MULTI_CONN;
+            let preferred = opts
+                .preferred_block_size
+                .max(bs)
+                .next_power_of_two()
+                .min(max_payload.max(bs));
+            let mut flags =
+                proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH | proto::FLAG_CAN_MULTI_CONN;
             // CAN_MULTI_CONN is sound because the device is one consistent object shared by
             // every connection, and a flush on any connection covers writes from all of them.
             if e.read_only {
                 flags |= proto::FLAG_READ_ONLY;
             } else {
-                flags |= proto::FLAG_SEND_FUA | proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES;
+                flags |=
+                    proto::FLAG_SEND_FUA | proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES;
             }
             served.push(Served {
                 name: e.name,
@@ -197,7 +215,12 @@ impl<B: BlockDev> NbdServer<B> {
                 flags,
             });
         }
-        Ok(NbdServer { shared: Arc::new(Shared { exports: served, opts }) })
+        Ok(NbdServer {
+            shared: Arc::new(Shared {
+                exports: served,
+                opts,
+            }),
+        })
     }
 
     /// Serves clients from `listener` until `shutdown` resolves; then stops
@@ -241,7 +264,9 @@ impl<B: BlockDev> NbdServer<B> {
         let (r, w) = tokio::io::split(stream);
         // A sender kept alive for the call, so the connection never sees a shutdown.
         let (_stop_tx, stop_rx) = watch::channel(false);
-        self.clone().connection(r, w, peer.to_string(), stop_rx).await
+        self.clone()
+            .connection(r, w, peer.to_string(), stop_rx)
+            .await
     }
 
     async fn serve_loop<F, Fut, R, W>(
@@ -288,7 +313,10 @@ impl<B: BlockDev> NbdServer<B> {
                 },
             }
         };
-        info!(connections = conns.len(), "nbd server stopping; draining connections");
+        info!(
+            connections = conns.len(),
+            "nbd server stopping; draining connections"
+        );
         let _ = stop_tx.send(true);
         while let Some(done) = conns.join_next().await {
             if let Err(e) = done {
@@ -350,7 +378,11 @@ impl<B: BlockDev> NbdServer<B> {
         };
         let export = &self.shared.exports[idx];
         Span::current().record("export", export.name.as_str());
-        info!(size = export.size, read_only = export.read_only, "nbd transmission started");
+        info!(
+            size = export.size,
+            read_only = export.read_only,
+            "nbd transmission started"
+        );
         self.transmission(idx, r, w, stop).await
     }
 
@@ -362,11 +394,15 @@ impl<B: BlockDev> NbdServer<B> {
         W: AsyncWrite + Unpin,
     {
         let io = |op: &'static str| move |source| NbdError::Io { op, source };
-        w.write_all(&proto::greeting()).await.map_err(io("send greeting"))?;
+        w.write_all(&proto::greeting())
+            .await
+            .map_err(io("send greeting"))?;
         w.flush().await.map_err(io("send greeting"))?;
         let client_flags = r.read_u32().await.map_err(io("read client flags"))?;
         if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
-            return Err(NbdError::ClientFlags { flags: client_flags });
+            return Err(NbdError::ClientFlags {
+                flags: client_flags,
+            });
         }
         let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
         loop {
@@ -374,24 +410,35 @@ impl<B: BlockDev> NbdServer<B> {
             r.read_exact(&mut head).await.map_err(io("read option"))?;
             let magic = u64::from_be_bytes(head[0..8].try_into().unwrap_or_default());
             if magic != proto::IHAVEOPT {
-                return Err(NbdError::BadMagic { phase: "option header", got: magic });
+                return Err(NbdError::BadMagic {
+                    phase: "option header",
+                    got: magic,
+                });
             }
             let option = u32::from_be_bytes(head[8..12].try_into().unwrap_or_default());
             let len = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
             // Every legal option fits easily; a longer one is garbage or an attack, and
             // skipping it would mean reading unbounded data from an unknown client.
             if len as usize > MAX_OPTION_LEN {
-                return Err(NbdError::OptionTooLong { option, len, max: MAX_OPTION_LEN });
+                return Err(NbdError::OptionTooLong {
+                    option,
+                    len,
+                    max: MAX_OPTION_LEN,
+                });
             }
             let mut data = vec![0u8; len as usize];
-            r.read_exact(&mut data).await.map_err(io("read option data"))?;
+            r.read_exact(&mut data)
+                .await
+                .map_err(io("read option data"))?;
             debug!(option, len, "nbd option");
             let mut replies = OptionReplies::new(option);
             let outcome = match option {
                 proto::OPT_EXPORT_NAME => {
-                    let idx = self.find_export(&data).ok_or_else(|| NbdError::UnknownExport {
-                        name: String::from_utf8_lossy(&data).into_owned(),
-                    })?;
+                    let idx = self
+                        .find_export(&data)
+                        .ok_or_else(|| NbdError::UnknownExport {
+                            name: String::from_utf8_lossy(&data).into_owned(),
+                        })?;
                     let e = &self.shared.exports[idx];
                     let mut b = Vec::with_capacity(134);
                     b.extend_from_slice(&e.size.to_be_bytes());
@@ -484,7 +531,10 @@ impl<B: BlockDev> NbdServer<B> {
         if name.is_empty() {
             return Some(0);
         }
-        self.shared.exports.iter().position(|e| e.name.as_bytes() == name)
+        self.shared
+            .exports
+            .iter()
+            .position(|e| e.name.as_bytes() == name)
     }
 
     async fn transmission<R, W>(
@@ -509,11 +559,16 @@ impl<B: BlockDev> NbdServer<B> {
             read_only: e.read_only,
         });
         let count = Arc::new(Semaphore::new(opts.max_in_flight));
-        let byte_budget = opts.max_in_flight_bytes.max(e.max_payload as usize).min(Semaphore::MAX_PERMITS);
+        let byte_budget = opts
+            .max_in_flight_bytes
+            .max(e.max_payload as usize)
+            .min(Semaphore::MAX_PERMITS);
         let bytes = Arc::new(Semaphore::new(byte_budget));
         // Never full: every queued reply holds a count permit.
         let (tx, rx) = mpsc::channel::<Reply>(opts.max_in_flight);
-        let writer = tokio::spawn(write_replies(BufWriter::with_capacity(256 << 10, w), rx).in_current_span());
+        let writer = tokio::spawn(
+            write_replies(BufWriter::with_capacity(256 << 10, w), rx).in_current_span(),
+        );
 
         let outcome: Result<(), NbdError> = loop {
             if tx.is_closed() {
@@ -540,7 +595,12 @@ impl<B: BlockDev> NbdServer<B> {
             }
             let req = match Request::decode(&head) {
                 Ok(req) => req,
-                Err(got) => break Err(NbdError::BadMagic { phase: "request header", got: u64::from(got) }),
+                Err(got) => {
+                    break Err(NbdError::BadMagic {
+                        phase: "request header",
+                        got: u64::from(got),
+                    })
+                }
             };
             if req.cmd == proto::CMD_DISC {
                 debug!("client sent NBD_CMD_DISC");
@@ -556,32 +616,60 @@ impl<B: BlockDev> NbdServer<B> {
             let Ok(byte_permit) = bytes.clone().acquire_many_owned(payload_len).await else {
                 break Ok(());
             };
-            let permits = Permits { _count: count_permit, _bytes: byte_permit };
+            let permits = Permits {
+                _count: count_permit,
+                _bytes: byte_permit,
+            };
             let mut payload = Bytes::new();
             if req.cmd == proto::CMD_WRITE {
                 if req.len > ctx.max_payload {
                     // The payload cannot be skipped safely (up to 4 GiB of unknown data): reply
                     // and end the session, as the protocol allows for a broken MUST.
-                    let _ = tx.send(Reply::error(req.cookie, proto::EINVAL, permits)).await;
-                    break Err(NbdError::PayloadTooLarge { len: req.len, max: ctx.max_payload });
+                    let _ = tx
+                        .send(Reply::error(req.cookie, proto::EINVAL, permits))
+                        .await;
+                    break Err(NbdError::PayloadTooLarge {
+                        len: req.len,
+                        max: ctx.max_payload,
+                    });
                 }
                 let mut buf = BytesMut::zeroed(req.len as usize);
                 if let Err(source) = r.read_exact(&mut buf).await {
-                    break Err(NbdError::Io { op: "read write payload", source });
+                    break Err(NbdError::Io {
+                        op: "read write payload",
+                        source,
+                    });
                 }
                 payload = buf.freeze();
             }
             let op = match ctx.validate(&req, payload) {
                 Ok(op) => op,
                 Err(errno) => {
-                    debug!(cmd = proto::cmd_name(req.cmd), cookie = req.cookie, offset = req.offset, len = req.len, errno, "nbd request rejected");
-                    if tx.send(Reply::error(req.cookie, errno, permits)).await.is_err() {
+                    debug!(
+                        cmd = proto::cmd_name(req.cmd),
+                        cookie = req.cookie,
+                        offset = req.offset,
+                        len = req.len,
+                        errno,
+                        "nbd request rejected"
+                    );
+                    if tx
+                        .send(Reply::error(req.cookie, errno, permits))
+                        .await
+                        .is_err()
+                    {
                         continue; // writer gone; the loop head reports it
                     }
                     continue;
                 }
             };
-            let span = debug_span!("nbd_req", cmd = proto::cmd_name(req.cmd), cookie = req.cookie, offset = req.offset, len = req.len);
+            let span = debug_span!(
+                "nbd_req",
+                cmd = proto::cmd_name(req.cmd),
+                cookie = req.cookie,
+                offset = req.offset,
+                len = req.len
+            );
             let ctx = ctx.clone();
             let tx = tx.clone();
             tokio::spawn(
@@ -589,7 +677,12 @@ impl<B: BlockDev> NbdServer<B> {
                     let reply = match ctx.execute(op).await {
                         Ok(data) => {
                             debug!("done");
-                            Reply { cookie: req.cookie, error: 0, data, _permits: permits }
+                            Reply {
+                                cookie: req.cookie,
+                                error: 0,
+                                data,
+                                _permits: permits,
+                            }
                         }
                         Err(e) => {
                             debug!(error = %e, "failed");
@@ -608,7 +701,10 @@ impl<B: BlockDev> NbdServer<B> {
         outcome?;
         match written {
             Ok(res) => res,
-            Err(join) => Err(NbdError::Io { op: "send reply", source: io::Error::other(join.to_string()) }),
+            Err(join) => Err(NbdError::Io {
+                op: "send reply",
+                source: io::Error::other(join.to_string()),
+            }),
         }
     }
 }
@@ -645,7 +741,12 @@ fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     if rest.len() != 2 * n {
         return None;
     }
-    Some((name, rest.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
+    Some((
+        name,
+        rest.chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect(),
+    ))
 }
 
 /// Replies to one option, sent together.
@@ -656,16 +757,26 @@ struct OptionReplies {
 
 impl OptionReplies {
     fn new(option: u32) -> Self {
-        OptionReplies { option, buf: Vec::new() }
+        OptionReplies {
+            option,
+            buf: Vec::new(),
+        }
     }
 
     fn push(&mut self, reply: u32, data: &[u8]) {
-        self.buf.extend_from_slice(&proto::option_reply_header(self.option, reply, data.len() as u32));
+        self.buf.extend_from_slice(&proto::option_reply_header(
+            self.option,
+            reply,
+            data.len() as u32,
+        ));
         self.buf.extend_from_slice(data);
     }
 
     async fn send<W: AsyncWrite + Unpin>(&self, w: &mut W) -> Result<(), NbdError> {
-        let io = |source| NbdError::Io { op: "send option reply", source };
+        let io = |source| NbdError::Io {
+            op: "send option reply",
+            source,
+        };
         w.write_all(&self.buf).await.map_err(io)?;
         w.flush().await.map_err(io)
     }
@@ -688,7 +799,12 @@ struct Reply {
 
 impl Reply {
     fn error(cookie: u64, error: u32, permits: Permits) -> Self {
-        Reply { cookie, error, data: Bytes::new(), _permits: permits }
+        Reply {
+            cookie,
+            error,
+            data: Bytes::new(),
+            _permits: permits,
+        }
     }
 }
 
@@ -702,7 +818,8 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     while let Some(reply) = rx.recv().await {
         if failed.is_none() {
             let res = async {
-                w.write_all(&proto::simple_reply(reply.error, reply.cookie)).await?;
+                w.write_all(&proto::simple_reply(reply.error, reply.cookie))
+                    .await?;
                 if !reply.data.is_empty() {
                     w.write_all(&reply.data).await?;
                 }
@@ -722,9 +839,15 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         drop(reply);
     }
     match failed {
-        Some(source) => Err(NbdError::Io { op: "send reply", source }),
+        Some(source) => Err(NbdError::Io {
+            op: "send reply",
+            source,
+        }),
         None => {
-            w.flush().await.map_err(|source| NbdError::Io { op: "send reply", source })?;
+            w.flush().await.map_err(|source| NbdError::Io {
+                op: "send reply",
+                source,
+            })?;
             // Closing our half tells the client we are done (after DISC or shutdown).
             let _ = w.shutdown().await;
             Ok(())
@@ -744,11 +867,26 @@ struct ReqCtx<B> {
 
 /// A validated request.
 enum Op {
-    Read { offset: u64, len: u32 },
-    Write { offset: u64, data: Bytes, fua: bool },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u64, fua: bool },
-    WriteZeroes { offset: u64, len: u64, fua: bool },
+    Trim {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        fua: bool,
+    },
     /// A zero-length read, write, trim or write-zeroes: the protocol leaves it
     /// unspecified; it succeeds without touching the device.
     Nothing,
@@ -792,10 +930,25 @@ impl<B: BlockDev> ReqCtx<B> {
             return Ok(Op::Nothing);
         }
         Ok(match req.cmd {
-            proto::CMD_READ => Op::Read { offset: req.offset, len: req.len },
-            proto::CMD_WRITE => Op::Write { offset: req.offset, data, fua },
-            proto::CMD_TRIM => Op::Trim { offset: req.offset, len, fua },
-            _ => Op::WriteZeroes { offset: req.offset, len, fua },
+            proto::CMD_READ => Op::Read {
+                offset: req.offset,
+                len: req.len,
+            },
+            proto::CMD_WRITE => Op::Write {
+                offset: req.offset,
+                data,
+                fua,
+            },
+            proto::CMD_TRIM => Op::Trim {
+                offset: req.offset,
+                len,
+                fua,
+            },
+            _ => Op::WriteZeroes {
+                offset: req.offset,
+                len,
+                fua,
+            },
         })
     }
 
@@ -813,7 +966,11 @@ impl<B: BlockDev> ReqCtx<B> {
                 }
                 Ok(data)
             }
-            Op::Write { offset, data, fua } => self.dev.write(offset, data, fua).await.map(|()| Bytes::new()),
+            Op::Write { offset, data, fua } => self
+                .dev
+                .write(offset, data, fua)
+                .await
+                .map(|()| Bytes::new()),
             Op::Flush => self.dev.flush().await.map(|()| Bytes::new()),
             Op::Trim { offset, len, fua } | Op::WriteZeroes { offset, len, fua } => {
                 let zeroes = matches!(op, Op::WriteZeroes { .. });
@@ -870,7 +1027,10 @@ mod tests {
         d.extend_from_slice(&2u16.to_be_bytes());
         d.extend_from_slice(&proto::INFO_NAME.to_be_bytes());
         d.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(parse_info_request(&d), Some((&b"vol"[..], vec![proto::INFO_NAME, proto::INFO_BLOCK_SIZE])));
+        assert_eq!(
+            parse_info_request(&d),
+            Some((&b"vol"[..], vec![proto::INFO_NAME, proto::INFO_BLOCK_SIZE]))
+        );
         // Name length past the data, a count that does not match, and truncations.
         let mut bad = d.clone();
         bad[3] = 200;
@@ -886,8 +1046,22 @@ mod tests {
     #[test]
     fn errno_mapping_stays_in_the_nbd_set() {
         let cases = [
-            (BlockError::OutOfRange { offset: 0, len: 1, size: 0 }, proto::EINVAL),
-            (BlockError::Misaligned { offset: 1, len: 1, block_size: 4096 }, proto::EINVAL),
+            (
+                BlockError::OutOfRange {
+                    offset: 0,
+                    len: 1,
+                    size: 0,
+                },
+                proto::EINVAL,
+            ),
+            (
+                BlockError::Misaligned {
+                    offset: 1,
+                    len: 1,
+                    block_size: 4096,
+                },
+                proto::EINVAL,
+            ),
             (BlockError::TooLarge { len: 2, max: 1 }, proto::EOVERFLOW),
             (BlockError::NoSpace("disk".into()), proto::ENOSPC),
             (BlockError::Io("bad".into()), proto::EIO),
