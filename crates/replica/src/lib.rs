@@ -18,8 +18,12 @@
 //!   ◄══════════════ responses (any order) ═══════════ writer (batched writev)
 //! ```
 
+#[cfg(feature = "bench")]
+pub mod bench;
 mod client;
 mod io;
+mod server;
 
 pub use ballast_wire::{Op, Status, WireError};
 pub use client::{ClientError, ClientOptions, ReplicaClient};
+pub use server::{status_of, ReplicaServer, ServerOptions};
