@@ -1,1 +1,123 @@
-//! ballast-chunkstore: being built.
+//! ballast-chunkstore: one disk's worth of chunk replicas.
+//!
+//! It owns the bytes on one local disk: a sparse data file and a memory-mapped
+//! context file per chunk, per-volume epochs (fencing), per-chunk dirty marks, and
+//! the single io_uring (with its own thread) that all data I/O goes through.
+//!
+//! It must not depend on the network, on other Ballast crates beyond
+//! `ballast-types`, nor on tonic / openraft / redb: it is the bottom of the data
+//! path, and a metadata election must never be able to stall it.
+//!
+//! ```text
+//!   replica server (tokio tasks)
+//!        │ write/read/trim/flush(id, offset, .., seq|epoch)
+//!        ▼
+//!   ChunkStore ── fence check (per-volume RwLock<Epoch>, held across the I/O)
+//!        │       ── block range lock ── dirty mark (durable before 1st write after flush)
+//!        │       ── crc32 per 4 KiB block, new context → INACTIVE slot (mmap store)
+//!        ▼
+//!   Ring ──mpsc──► ring thread ──io_uring (O_DIRECT)──► chunks/*.data
+//!        ◄─oneshot─┘                                   chunks/*.ctx  (mmap, fdatasync on flush)
+//!                                                      epochs/*.epoch (tmp+fsync+rename+fsync dir)
+//! ```
+//!
+//! # Guarantees
+//! - A read returns data that verifies against one of the block's two context
+//!   slots, or [`StoreError::ChecksumMismatch`]; never unverified bytes.
+//! - Torn-write safety without a journal: a write stores the new {crc, seq} in the
+//!   block's inactive slot before its data is written, and overlapping writes are
+//!   serialized, so after a process crash every block matches one of its slots.
+//!   Power loss is covered for everything before the last completed flush; blocks
+//!   written after it may fail verification (their chunk is marked dirty, and the
+//!   front end reconciles dirty chunks at the next attach).
+//! - Fencing: once `announce_epoch(v, e)` has returned, no operation carrying an
+//!   older epoch changes data of volume `v` (data ops hold the volume's epoch lock
+//!   shared across their I/O; announce takes it exclusively). Epochs survive restart.
+//! - A chunk's dirty mark is durable before the first write after a flush starts,
+//!   and is cleared only by a flush that covered every write started before it.
+//!
+//! The on-disk layout is documented in [`layout`], next to its encoders and
+//! golden-bytes tests.
+
+mod aligned;
+mod ctxmap;
+pub mod layout;
+mod rangelock;
+mod ring;
+mod store;
+
+use std::path::PathBuf;
+
+use ballast_types::{BlockIdx, ChunkId, Epoch, VolumeId};
+
+pub use store::ChunkStore;
+
+/// How to open a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Use O_DIRECT for chunk data. Where the filesystem refuses it (tmpfs), the
+    /// store falls back to buffered I/O and logs one warning. Default: true.
+    pub direct_io: bool,
+    /// Most I/Os in flight on the ring at once. Default: 256.
+    pub queue_depth: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { direct_io: true, queue_depth: 256 }
+    }
+}
+
+/// One chunk replica held by the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChunkInfo {
+    pub id: ChunkId,
+    pub size: u64,
+    /// Written since the last completed flush (persistent across restart).
+    pub dirty: bool,
+}
+
+/// Why a store operation failed. Grouped by what the caller should do:
+/// never retry (`Fenced`, `UnannouncedEpoch` until announced, the caller's
+/// mistakes), repair from another replica (`ChecksumMismatch`), report (`NoSpace`,
+/// `Io`), give up (`Shutdown`).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The request's epoch is older than the volume's announced epoch.
+    #[error("{volume}: request epoch {request} is fenced (current epoch {current})")]
+    Fenced { volume: VolumeId, request: Epoch, current: Epoch },
+    /// The request's epoch is newer than the announced one: announce it first.
+    #[error("{volume}: request epoch {request} was never announced (current epoch {current})")]
+    UnannouncedEpoch { volume: VolumeId, request: Epoch, current: Epoch },
+    #[error("no such chunk: {0}")]
+    NoSuchChunk(ChunkId),
+    #[error("chunk {id} exists with size {existing}, not {size}")]
+    ChunkExists { id: ChunkId, size: u64, existing: u64 },
+    #[error("chunk {id}: request [{offset}, +{len}) is past its end ({size} bytes)")]
+    OutOfRange { id: ChunkId, offset: u64, len: u64, size: u64 },
+    #[error("request [{offset}, +{len}) is not aligned to 4096-byte blocks")]
+    Misaligned { offset: u64, len: u64 },
+    #[error("chunk {id}: block {block} fails its checksum")]
+    ChecksumMismatch { id: ChunkId, block: BlockIdx },
+    #[error("no space left on device during {op} of {}", path.display())]
+    NoSpace { op: &'static str, path: PathBuf },
+    #[error("I/O error during {op} of {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("chunk store is shut down")]
+    Shutdown,
+}
+
+impl StoreError {
+    /// Classifies an OS error: ENOSPC / EDQUOT become `NoSpace`, the rest `Io`.
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, e: std::io::Error) -> StoreError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::NoSpace { op, path: path.into() },
+            _ => StoreError::Io { op, path: path.into(), source: e },
+        }
+    }
+}

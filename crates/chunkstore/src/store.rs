@@ -1,0 +1,904 @@
+//! I/O PATH (the async methods). No blocking calls on tokio threads: data I/O and
+//! fdatasync go through the ring; file creation, deletion and epoch persistence go
+//! through `spawn_blocking`. Per-I/O events are debug/trace; info is for state
+//! changes (epoch announced, chunk created/deleted, recovery results).
+//! `ChunkStore::open` is synchronous and meant for startup.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read as _, Write as _};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use ballast_types::{
+    BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE, BLOCK_SIZE_U64,
+};
+use bytes::Bytes;
+use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock as AsyncRwLock};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::aligned::{self, AlignedBuf};
+use crate::ctxmap::CtxMap;
+use crate::layout::{self, CtxHeader};
+use crate::rangelock::{RangeGuard, RangeLocks};
+use crate::ring::{Done, Op, OpKind, Ring, WriteBuf};
+use crate::{ChunkInfo, StoreError, StoreOptions};
+
+type Result<T> = std::result::Result<T, StoreError>;
+/// An operation for the ring: (what, file, offset, len, what to hold until done).
+type Req<'a> = (OpKind, &'a Arc<OwnedFd>, u64, u64, Hold);
+
+const CHUNKS_DIR: &str = "chunks";
+const EPOCHS_DIR: &str = "epochs";
+const MARKER: &str = "ballast-chunkstore";
+/// Recovery reads a dirty chunk in pieces of this many bytes.
+const SCAN_PIECE: u64 = 1 << 20;
+
+/// A handle to one disk's chunk store. Cheap to clone; the ring thread stops when
+/// the last clone is dropped (after finishing what is in flight).
+#[derive(Clone)]
+pub struct ChunkStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    chunks_dir: PathBuf,
+    epochs_dir: PathBuf,
+    direct: bool,
+    ring: Ring,
+    chunks: RwLock<HashMap<ChunkId, Arc<Chunk>>>,
+    volumes: RwLock<HashMap<VolumeId, Arc<VolumeFence>>>,
+    /// Serializes chunk creation and deletion (file-system work, rare).
+    admin: tokio::sync::Mutex<()>,
+}
+
+/// A volume's announced epoch. Data ops hold `lock` shared across their I/O and
+/// check the epoch under it; announce takes it exclusively, so once announce has
+/// returned no older op is still changing data.
+struct VolumeFence {
+    lock: Arc<AsyncRwLock<Epoch>>,
+    /// Mirror of the locked value for the synchronous `epoch()` getter.
+    current: AtomicU64,
+}
+
+struct Chunk {
+    id: ChunkId,
+    size: u64,
+    data: Arc<OwnedFd>,
+    ctx_fd: Arc<OwnedFd>,
+    ctx: CtxMap,
+    data_path: PathBuf,
+    ctx_path: PathBuf,
+    locks: Arc<RangeLocks>,
+    state: Mutex<DirtyState>,
+    /// Serializes setting the durable dirty mark.
+    mark_lock: tokio::sync::Mutex<()>,
+    /// Done once the chunk's slots are known to match its data (immediately for
+    /// chunks that were clean at open; after a scan for chunks that were dirty).
+    recovered: tokio::sync::OnceCell<()>,
+}
+
+/// Dirty-mark bookkeeping. Invariant: `dirty == false` implies every write started
+/// so far has completed and was covered by a completed fdatasync of data and
+/// contexts; the on-disk mark is set (durably) before `dirty` becomes true.
+#[derive(Default)]
+struct DirtyState {
+    dirty: bool,
+    /// Writes (incl. trims / zeroes) started since open.
+    started: u64,
+    /// Writes whose I/O has not finished.
+    inflight: u64,
+}
+
+/// Whatever must stay held until the kernel has finished an operation; dropped by
+/// the ring thread at completion, so a caller that stops waiting cannot release
+/// locks while its data is still being written. Field order is drop order: a
+/// failed write retracts its slots while it still holds the blocks.
+pub struct Hold {
+    writing: Option<Writing>,
+    _range: Option<RangeGuard>,
+    _fence: Option<OwnedRwLockReadGuard<Epoch>>,
+}
+
+impl Hold {
+    pub fn none() -> Hold {
+        Hold { writing: None, _range: None, _fence: None }
+    }
+
+    /// The operation failed after `done` bytes.
+    pub fn failed(&mut self, done: u64) {
+        if let Some(w) = self.writing.as_mut() {
+            w.failed_after = Some(done);
+        }
+    }
+}
+
+/// One write in flight on a chunk (counted in `DirtyState::inflight`).
+struct Writing {
+    chunk: Arc<Chunk>,
+    /// Blocks whose inactive slots this write filled, retracted if it fails.
+    blocks: Option<(u32, u32)>,
+    failed_after: Option<u64>,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        if let (Some(done), Some((b0, b1))) = (self.failed_after, self.blocks) {
+            // Blocks fully written keep their new slot; the rest get it retracted,
+            // so their current slot is again the one their data matches.
+            let first_unwritten = b0 + (done / BLOCK_SIZE_U64) as u32;
+            for b in first_unwritten..b1 {
+                if let Some(slot) = self.chunk.current_slot(b) {
+                    self.chunk.ctx.retract(b, slot);
+                }
+            }
+        }
+        let mut st = self.chunk.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.inflight -= 1;
+    }
+}
+
+impl Chunk {
+    fn current_slot(&self, b: u32) -> Option<usize> {
+        let (s0, s1) = self.ctx.slots(b);
+        layout::current_slot(&s0, &s1)
+    }
+
+    fn info(&self) -> ChunkInfo {
+        ChunkInfo { id: self.id, size: self.size, dirty: self.is_dirty() }
+    }
+
+    fn is_dirty(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).dirty
+    }
+}
+
+fn check_aligned(offset: u64, len: u64) -> Result<()> {
+    if offset % BLOCK_SIZE_U64 != 0 || len % BLOCK_SIZE_U64 != 0 {
+        return Err(StoreError::Misaligned { offset, len });
+    }
+    Ok(())
+}
+
+fn check_range(c: &Chunk, offset: u64, len: u64) -> Result<(u32, u32)> {
+    check_aligned(offset, len)?;
+    match offset.checked_add(len) {
+        Some(end) if end <= c.size => {
+            Ok(((offset / BLOCK_SIZE_U64) as u32, (end / BLOCK_SIZE_U64) as u32))
+        }
+        _ => Err(StoreError::OutOfRange { id: c.id, offset, len, size: c.size }),
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) the store in `dir`: lays out `chunks/` and
+    /// `epochs/`, loads chunks and epochs, probes O_DIRECT, starts the ring thread.
+    /// Synchronous: call it at startup, not from a latency-sensitive task.
+    pub fn open(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<ChunkStore> {
+        let dir = dir.as_ref().to_path_buf();
+        let chunks_dir = dir.join(CHUNKS_DIR);
+        let epochs_dir = dir.join(EPOCHS_DIR);
+        for d in [&dir, &chunks_dir, &epochs_dir] {
+            fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
+        }
+        ensure_marker(&dir)?;
+        let direct = opts.direct_io && probe_direct(&chunks_dir)?;
+        if opts.direct_io && !direct {
+            warn!(dir = %dir.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
+        }
+        let volumes = load_epochs(&epochs_dir)?;
+        let chunks = load_chunks(&chunks_dir, direct)?;
+        let ring = Ring::start(opts.queue_depth, "ballast-uring")
+            .map_err(|e| StoreError::io("start io_uring", &dir, e))?;
+        let dirty = chunks.values().filter(|c| c.is_dirty()).count();
+        info!(
+            dir = %dir.display(), chunks = chunks.len(), dirty, volumes = volumes.len(),
+            direct_io = direct, queue_depth = opts.queue_depth, "chunk store opened"
+        );
+        Ok(ChunkStore {
+            inner: Arc::new(Inner {
+                dir,
+                chunks_dir,
+                epochs_dir,
+                direct,
+                ring,
+                chunks: RwLock::new(chunks),
+                volumes: RwLock::new(volumes),
+                admin: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Whether O_DIRECT is in effect for chunk data.
+    pub fn direct_io(&self) -> bool {
+        self.inner.direct
+    }
+
+    /// The volume's announced epoch (Epoch(0) if never announced).
+    pub fn epoch(&self, volume: VolumeId) -> Epoch {
+        let v = self.inner.volumes.read().unwrap_or_else(|p| p.into_inner());
+        v.get(&volume).map(|f| Epoch(f.current.load(Ordering::Acquire))).unwrap_or_default()
+    }
+
+    /// Chunks of `volume` written since their last completed flush, ascending.
+    pub fn dirty_chunks(&self, volume: VolumeId) -> Vec<ChunkIdx> {
+        let mut out: Vec<ChunkIdx> = self
+            .chunk_list()
+            .into_iter()
+            .filter(|c| c.id.volume == volume && c.is_dirty())
+            .map(|c| c.id.chunk)
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Every chunk replica in the store, ordered by id.
+    pub fn chunks(&self) -> Vec<ChunkInfo> {
+        let mut out: Vec<ChunkInfo> = self.chunk_list().iter().map(|c| c.info()).collect();
+        out.sort_by_key(|c| c.id);
+        out
+    }
+
+    pub fn chunk_size(&self, id: ChunkId) -> Option<u64> {
+        self.get(id).map(|c| c.size)
+    }
+
+    fn chunk_list(&self) -> Vec<Arc<Chunk>> {
+        let m = self.inner.chunks.read().unwrap_or_else(|p| p.into_inner());
+        m.values().cloned().collect()
+    }
+
+    fn get(&self, id: ChunkId) -> Option<Arc<Chunk>> {
+        let m = self.inner.chunks.read().unwrap_or_else(|p| p.into_inner());
+        m.get(&id).cloned()
+    }
+
+    fn chunk(&self, id: ChunkId) -> Result<Arc<Chunk>> {
+        self.get(id).ok_or(StoreError::NoSuchChunk(id))
+    }
+
+    fn fence_of(&self, volume: VolumeId) -> Arc<VolumeFence> {
+        if let Some(f) = self.inner.volumes.read().unwrap_or_else(|p| p.into_inner()).get(&volume)
+        {
+            return f.clone();
+        }
+        let mut m = self.inner.volumes.write().unwrap_or_else(|p| p.into_inner());
+        m.entry(volume)
+            .or_insert_with(|| {
+                Arc::new(VolumeFence {
+                    lock: Arc::new(AsyncRwLock::new(Epoch(0))),
+                    current: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Checks `epoch` against the volume's announced epoch and returns the shared
+    /// guard that keeps announce out until the caller's I/O is done.
+    async fn fence(&self, volume: VolumeId, epoch: Epoch) -> Result<OwnedRwLockReadGuard<Epoch>> {
+        let f = self.fence_of(volume);
+        let g = f.lock.clone().read_owned().await;
+        let current = *g;
+        if epoch < current {
+            return Err(StoreError::Fenced { volume, request: epoch, current });
+        }
+        if epoch > current {
+            return Err(StoreError::UnannouncedEpoch { volume, request: epoch, current });
+        }
+        Ok(g)
+    }
+
+    /// Runs one operation on the ring and waits for it.
+    async fn io(&self, op: &'static str, path: &Path, o: Req<'_>) -> Result<Done> {
+        let rx = self.submit(o)?;
+        match rx.await {
+            Ok(Ok(d)) => Ok(d),
+            Ok(Err(e)) => Err(StoreError::io(op, path, e)),
+            Err(_) => Err(StoreError::Shutdown),
+        }
+    }
+
+    fn submit(&self, r: Req<'_>) -> Result<oneshot::Receiver<io::Result<Done>>> {
+        let (tx, rx) = oneshot::channel();
+        let o = Op { kind: r.0, file: r.1.clone(), offset: r.2, len: r.3, hold: r.4, reply: tx };
+        self.inner.ring.submit(o).map_err(|_| StoreError::Shutdown)?;
+        Ok(rx)
+    }
+
+    async fn datasync(&self, file: &Arc<OwnedFd>, path: &Path) -> Result<()> {
+        self.io("fdatasync", path, (OpKind::DataSync, file, 0, 0, Hold::none())).await.map(|_| ())
+    }
+
+    /// Makes sure the chunk's slots match its data: for a chunk that was dirty at
+    /// open, a crash may have left a slot written whose data write never happened.
+    /// Such a slot is retracted here, before any new write could pick the wrong
+    /// slot as inactive.
+    async fn recovered(&self, c: &Arc<Chunk>) -> Result<()> {
+        c.recovered.get_or_try_init(|| self.scan(c)).await.map(|_| ())
+    }
+
+    async fn scan(&self, c: &Arc<Chunk>) -> Result<()> {
+        let (mut retracted, mut bad) = (0u64, 0u64);
+        let mut off = 0;
+        while off < c.size {
+            let len = SCAN_PIECE.min(c.size - off);
+            let o = (OpKind::Read(AlignedBuf::for_read(len as usize)), &c.data, off, len, Hold::none());
+            let Done::Read(buf) = self.io("recovery read", &c.data_path, o).await? else {
+                return Err(StoreError::Shutdown);
+            };
+            for (i, block) in buf.as_ref().chunks(BLOCK_SIZE as usize).enumerate() {
+                let b = (off / BLOCK_SIZE_U64) as u32 + i as u32;
+                let crc = crc32fast::hash(block);
+                let (s0, s1) = c.ctx.slots(b);
+                let Some(cur) = layout::current_slot(&s0, &s1) else {
+                    bad += 1;
+                    continue;
+                };
+                let slots = [s0, s1];
+                if slots[cur].context().is_some_and(|x| x.1 == crc) {
+                    continue;
+                }
+                if slots[1 - cur].context().is_some_and(|x| x.1 == crc) {
+                    c.ctx.retract(b, cur);
+                    retracted += 1;
+                } else {
+                    bad += 1;
+                }
+            }
+            off += len;
+        }
+        if retracted > 0 || bad > 0 {
+            warn!(chunk = %c.id, retracted, unverifiable = bad, "recovered dirty chunk");
+        } else {
+            info!(chunk = %c.id, "recovered dirty chunk: all blocks match their contexts");
+        }
+        Ok(())
+    }
+
+    /// Counts a write in and makes sure the chunk's dirty mark is durable before
+    /// the caller changes anything.
+    async fn begin_write(&self, c: &Arc<Chunk>) -> Result<Writing> {
+        let writing = {
+            let mut st = c.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.started += 1;
+            st.inflight += 1;
+            let w = Writing { chunk: c.clone(), blocks: None, failed_after: None };
+            if st.dirty {
+                return Ok(w);
+            }
+            w
+        };
+        let _m = c.mark_lock.lock().await;
+        if c.is_dirty() {
+            return Ok(writing);
+        }
+        c.ctx.set_dirty(true);
+        self.datasync(&c.ctx_fd, &c.ctx_path).await?;
+        c.state.lock().unwrap_or_else(|p| p.into_inner()).dirty = true;
+        debug!(chunk = %c.id, "dirty mark set");
+        Ok(writing)
+    }
+
+    /// Creates a chunk replica of `size` bytes (a multiple of 4096). Idempotent
+    /// for the same size; `ChunkExists` if it exists with another size.
+    pub async fn create_chunk(&self, id: ChunkId, size: u64, epoch: Epoch) -> Result<()> {
+        let _fence = self.fence(id.volume, epoch).await?;
+        check_aligned(0, size)?;
+        if size == 0 || size / BLOCK_SIZE_U64 > u32::MAX as u64 {
+            return Err(StoreError::OutOfRange { id, offset: 0, len: size, size: u32::MAX as u64 * BLOCK_SIZE_U64 });
+        }
+        let _admin = self.inner.admin.lock().await;
+        if let Some(c) = self.get(id) {
+            if c.size == size {
+                return Ok(());
+            }
+            return Err(StoreError::ChunkExists { id, size, existing: c.size });
+        }
+        let dir = self.inner.chunks_dir.clone();
+        let direct = self.inner.direct;
+        let chunk = tokio::task::spawn_blocking(move || create_chunk_files(&dir, id, size, direct))
+            .await
+            .map_err(|_| StoreError::Shutdown)??;
+        self.inner.chunks.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(chunk));
+        info!(chunk = %id, size, "chunk created");
+        Ok(())
+    }
+
+    /// Deletes a chunk replica and its files. Idempotent.
+    pub async fn delete_chunk(&self, id: ChunkId, epoch: Epoch) -> Result<()> {
+        let _fence = self.fence(id.volume, epoch).await?;
+        let _admin = self.inner.admin.lock().await;
+        let Some(c) = self.inner.chunks.write().unwrap_or_else(|p| p.into_inner()).remove(&id) else {
+            return Ok(());
+        };
+        let (data, ctx, dir) = (c.data_path.clone(), c.ctx_path.clone(), self.inner.chunks_dir.clone());
+        // In-flight I/O holds the chunk (and its descriptors) until it completes.
+        drop(c);
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            // The ctx file goes first: a data file without one is removed at open.
+            for p in [&ctx, &data] {
+                match fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io("delete chunk file", p, e)),
+                }
+            }
+            fsync_dir(&dir)
+        })
+        .await
+        .map_err(|_| StoreError::Shutdown)??;
+        info!(chunk = %id, "chunk deleted");
+        Ok(())
+    }
+
+    /// Writes `data` (whole blocks) at `offset` with sequence `seq`; `seq.epoch` is
+    /// fence-checked. Resync uses this with a block's original seq.
+    pub async fn write(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq) -> Result<()> {
+        let span = tracing::debug_span!("chunk_write", volume = id.volume.0, chunk = id.chunk.0, offset, len = data.len(), %seq);
+        self.write_inner(id, offset, data, seq).instrument(span).await
+    }
+
+    async fn write_inner(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq) -> Result<()> {
+        let len = data.len() as u64;
+        check_aligned(offset, len)?;
+        let fence = self.fence(id.volume, seq.epoch).await?;
+        let c = self.chunk(id)?;
+        let (b0, b1) = check_range(&c, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.recovered(&c).await?;
+        let range = c.locks.lock(b0, b1, false).await;
+        let mut writing = self.begin_write(&c).await?;
+        // Invariant: each block's new context is in its INACTIVE slot before its
+        // data is submitted; the current slot stays intact until the write is done.
+        for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
+            c.ctx.write_inactive(b0 + i as u32, seq, crc32fast::hash(block));
+        }
+        writing.blocks = Some((b0, b1));
+        let buf = if aligned::is_aligned(data.as_ptr(), data.len()) {
+            WriteBuf::Bytes(data)
+        } else {
+            WriteBuf::Aligned(AlignedBuf::copy_from(&data))
+        };
+        let hold = Hold { writing: Some(writing), _range: Some(range), _fence: Some(fence) };
+        let o = (OpKind::Write(buf), &c.data, offset, len, hold);
+        self.io("write", &c.data_path, o).await?;
+        debug!("written");
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset`, every block verified against its contexts.
+    pub async fn read(&self, id: ChunkId, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes> {
+        let span = tracing::debug_span!("chunk_read", volume = id.volume.0, chunk = id.chunk.0, offset, len, %epoch);
+        self.read_inner(id, offset, len, epoch).instrument(span).await
+    }
+
+    async fn read_inner(&self, id: ChunkId, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes> {
+        check_aligned(offset, len as u64)?;
+        drop(self.fence(id.volume, epoch).await?);
+        let c = self.chunk(id)?;
+        let (b0, b1) = check_range(&c, offset, len as u64)?;
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        self.recovered(&c).await?;
+        // Shared: no write may change these blocks' slots between our read and
+        // our verification.
+        let _range = c.locks.lock(b0, b1, true).await;
+        let o = (OpKind::Read(AlignedBuf::for_read(len as usize)), &c.data, offset, len as u64, Hold::none());
+        let Done::Read(buf) = self.io("read", &c.data_path, o).await? else {
+            return Err(StoreError::Shutdown);
+        };
+        for (i, block) in buf.as_ref().chunks(BLOCK_SIZE as usize).enumerate() {
+            let b = b0 + i as u32;
+            if !c.ctx.verifies(b, crc32fast::hash(block)) {
+                warn!(chunk = %id, block = b, "checksum mismatch");
+                return Err(StoreError::ChecksumMismatch { id, block: BlockIdx(b) });
+            }
+        }
+        debug_assert_eq!(b1 - b0, len / BLOCK_SIZE);
+        Ok(Bytes::from_owner(buf))
+    }
+
+    /// Zeroes [offset, +len): punches a hole and records the zero block's crc with `seq`.
+    pub async fn write_zeroes(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
+        let span = tracing::debug_span!("chunk_write_zeroes", volume = id.volume.0, chunk = id.chunk.0, offset, len, %seq);
+        self.punch("write zeroes", id, offset, len, seq).instrument(span).await
+    }
+
+    /// Discards [offset, +len): afterwards it reads as zeros, with context `seq`.
+    pub async fn trim(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
+        let span = tracing::debug_span!("chunk_trim", volume = id.volume.0, chunk = id.chunk.0, offset, len, %seq);
+        self.punch("trim", id, offset, len, seq).instrument(span).await
+    }
+
+    async fn punch(&self, op: &'static str, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
+        check_aligned(offset, len)?;
+        let fence = self.fence(id.volume, seq.epoch).await?;
+        let c = self.chunk(id)?;
+        let (b0, b1) = check_range(&c, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.recovered(&c).await?;
+        let range = c.locks.lock(b0, b1, false).await;
+        let mut writing = self.begin_write(&c).await?;
+        let zero = layout::zero_block_crc();
+        for b in b0..b1 {
+            c.ctx.write_inactive(b, seq, zero);
+        }
+        writing.blocks = Some((b0, b1));
+        let hold = Hold { writing: Some(writing), _range: Some(range), _fence: Some(fence) };
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let o = (OpKind::Fallocate { mode }, &c.data, offset, len, hold);
+        self.io(op, &c.data_path, o).await?;
+        debug!("punched");
+        Ok(())
+    }
+
+    /// Makes every write to the chunk completed before this call durable, then
+    /// clears its dirty mark (unless writes started meanwhile).
+    pub async fn flush_chunk(&self, id: ChunkId, epoch: Epoch) -> Result<()> {
+        let span = tracing::debug_span!("chunk_flush", volume = id.volume.0, chunk = id.chunk.0, %epoch);
+        async {
+            drop(self.fence(id.volume, epoch).await?);
+            let c = self.chunk(id)?;
+            self.flush_many(vec![c]).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Flushes every dirty chunk of `volume` (all in parallel on the ring).
+    pub async fn flush_volume(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {
+        let span = tracing::debug_span!("volume_flush", volume = volume.0, %epoch);
+        async {
+            drop(self.fence(volume, epoch).await?);
+            let list: Vec<Arc<Chunk>> =
+                self.chunk_list().into_iter().filter(|c| c.id.volume == volume).collect();
+            self.flush_many(list).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn flush_many(&self, list: Vec<Arc<Chunk>>) -> Result<()> {
+        // Phase 1: note each dirty chunk's write count and submit its syncs.
+        let mut pending = Vec::new();
+        for c in list {
+            let (started, quiet) = {
+                let st = c.state.lock().unwrap_or_else(|p| p.into_inner());
+                if !st.dirty {
+                    // Clean: every write ever started is already durable.
+                    continue;
+                }
+                (st.started, st.inflight == 0)
+            };
+            let d = self.submit((OpKind::DataSync, &c.data, 0, 0, Hold::none()))?;
+            let x = self.submit((OpKind::DataSync, &c.ctx_fd, 0, 0, Hold::none()))?;
+            pending.push((c, started, quiet, d, x));
+        }
+        // Phase 2: wait; clear marks whose flush covered every write started.
+        let mut first_err = None;
+        for (c, started, quiet, d, x) in pending {
+            let r = async {
+                for (rx, p) in [(d, &c.data_path), (x, &c.ctx_path)] {
+                    match rx.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Err(StoreError::io("fdatasync", p, e)),
+                        Err(_) => return Err(StoreError::Shutdown),
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            match r {
+                Ok(()) => {
+                    let mut st = c.state.lock().unwrap_or_else(|p| p.into_inner());
+                    // Invariant: clear only if no write was in flight when the
+                    // syncs were issued and none started since. Clearing need not be
+                    // durable: a stale "dirty" after a crash is merely conservative.
+                    if st.dirty && quiet && st.started == started {
+                        c.ctx.set_dirty(false);
+                        st.dirty = false;
+                        debug!(chunk = %c.id, "flushed; dirty mark cleared");
+                    }
+                }
+                Err(e) => {
+                    warn!(chunk = %c.id, error = %e, "flush failed");
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Block contexts (crc, seq) of blocks [first, first+count): what rebuild and
+    /// reconciliation compare. A block with no usable slot reports
+    /// `{crc: 0, seq: Seq::ZERO}`, which differs from every real context.
+    pub async fn context_table(&self, id: ChunkId, first: BlockIdx, count: u32, epoch: Epoch) -> Result<Vec<BlockContext>> {
+        drop(self.fence(id.volume, epoch).await?);
+        let c = self.chunk(id)?;
+        let offset = first.0 as u64 * BLOCK_SIZE_U64;
+        let (b0, b1) = check_range(&c, offset, count as u64 * BLOCK_SIZE_U64)?;
+        self.recovered(&c).await?;
+        let _range = c.locks.lock(b0, b1, true).await;
+        Ok((b0..b1)
+            .map(|b| match c.ctx.current(b) {
+                Some((seq, crc)) => BlockContext { crc, seq },
+                None => BlockContext { crc: 0, seq: Seq::ZERO },
+            })
+            .collect())
+    }
+
+    /// Raises the volume's epoch to `epoch` (persisted crash-safely before it
+    /// returns) and returns the current epoch. `Fenced` if `epoch` is older than
+    /// the current one; announcing the current epoch again is a no-op.
+    pub async fn announce_epoch(&self, volume: VolumeId, epoch: Epoch) -> Result<Epoch> {
+        let f = self.fence_of(volume);
+        // Exclusive: waits for every op holding the old epoch to finish its I/O.
+        let mut g = f.lock.clone().write_owned().await;
+        let current = *g;
+        if epoch < current {
+            return Err(StoreError::Fenced { volume, request: epoch, current });
+        }
+        if epoch == current {
+            return Ok(current);
+        }
+        let dir = self.inner.epochs_dir.clone();
+        tokio::task::spawn_blocking(move || persist_epoch(&dir, volume, epoch))
+            .await
+            .map_err(|_| StoreError::Shutdown)??;
+        *g = epoch;
+        f.current.store(epoch.0, Ordering::Release);
+        info!(%volume, from = %current, to = %epoch, "epoch announced");
+        Ok(epoch)
+    }
+
+    /// The directory this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+}
+
+fn ensure_marker(dir: &Path) -> Result<()> {
+    let p = dir.join(MARKER);
+    match File::open(&p) {
+        Ok(mut f) => {
+            let mut b = Vec::new();
+            f.read_to_end(&mut b).map_err(|e| StoreError::io("read store marker", &p, e))?;
+            layout::check_store_marker(&b).map_err(|m| StoreError::io("open store", &p, invalid(m)))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            replace_file(dir, MARKER, &layout::encode_store_marker())
+        }
+        Err(e) => Err(StoreError::io("open store marker", &p, e)),
+    }
+}
+
+/// Crash-safe replacement: write a temporary file, fsync it, rename it over the
+/// target, fsync the directory.
+fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let dst = dir.join(name);
+    let mut f = File::create(&tmp).map_err(|e| StoreError::io("create temporary file", &tmp, e))?;
+    f.write_all(bytes).map_err(|e| StoreError::io("write temporary file", &tmp, e))?;
+    f.sync_all().map_err(|e| StoreError::io("fsync temporary file", &tmp, e))?;
+    fs::rename(&tmp, &dst).map_err(|e| StoreError::io("rename", &dst, e))?;
+    fsync_dir(dir)
+}
+
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("fsync directory", dir, e))
+}
+
+fn persist_epoch(dir: &Path, volume: VolumeId, epoch: Epoch) -> Result<()> {
+    replace_file(dir, &layout::epoch_file_name(volume), &layout::encode_epoch_file(volume, epoch))
+}
+
+/// Whether the filesystem under `dir` accepts O_DIRECT (tmpfs says EINVAL).
+fn probe_direct(dir: &Path) -> Result<bool> {
+    let p = dir.join(".odirect-probe");
+    let r = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&p);
+    let ok = match r {
+        Ok(f) => {
+            let buf = AlignedBuf::zeroed(4096);
+            let w = f.write_at(buf.as_ref(), 0);
+            match w {
+                Ok(_) => true,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
+                Err(e) => return Err(StoreError::io("probe O_DIRECT", &p, e)),
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => false,
+        Err(e) => return Err(StoreError::io("probe O_DIRECT", &p, e)),
+    };
+    let _ = fs::remove_file(&p);
+    Ok(ok)
+}
+
+fn load_epochs(dir: &Path) -> Result<HashMap<VolumeId, Arc<VolumeFence>>> {
+    let mut out = HashMap::new();
+    for ent in fs::read_dir(dir).map_err(|e| StoreError::io("list epochs", dir, e))? {
+        let ent = ent.map_err(|e| StoreError::io("list epochs", dir, e))?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let p = ent.path();
+        if name.ends_with(".tmp") {
+            // An interrupted replace: the old file (if any) is still authoritative.
+            let _ = fs::remove_file(&p);
+            continue;
+        }
+        let Some(volume) = layout::parse_epoch_file_name(&name) else {
+            warn!(path = %p.display(), "ignoring unknown file in epochs directory");
+            continue;
+        };
+        let b = fs::read(&p).map_err(|e| StoreError::io("read epoch", &p, e))?;
+        // A damaged epoch file stops the open: guessing could un-fence a stale
+        // front end.
+        let (v, epoch) =
+            layout::decode_epoch_file(&b).map_err(|m| StoreError::io("load epoch", &p, invalid(m)))?;
+        if v != volume {
+            return Err(StoreError::io("load epoch", &p, invalid("volume id differs from file name")));
+        }
+        out.insert(
+            volume,
+            Arc::new(VolumeFence {
+                lock: Arc::new(AsyncRwLock::new(epoch)),
+                current: AtomicU64::new(epoch.0),
+            }),
+        );
+    }
+    Ok(out)
+}
+
+fn data_open_options(direct: bool) -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o
+}
+
+fn load_chunks(dir: &Path, direct: bool) -> Result<HashMap<ChunkId, Arc<Chunk>>> {
+    let mut out = HashMap::new();
+    let mut datas = Vec::new();
+    for ent in fs::read_dir(dir).map_err(|e| StoreError::io("list chunks", dir, e))? {
+        let ent = ent.map_err(|e| StoreError::io("list chunks", dir, e))?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let p = ent.path();
+        if name.ends_with(".tmp") {
+            // A creation that never completed.
+            let _ = fs::remove_file(&p);
+        } else if let Some(stem) = name.strip_suffix(".ctx") {
+            let Some(id) = layout::parse_chunk_file_stem(stem) else {
+                warn!(path = %p.display(), "ignoring unknown file in chunks directory");
+                continue;
+            };
+            let c = open_chunk(dir, id, direct)?;
+            out.insert(id, Arc::new(c));
+        } else if name.ends_with(".data") {
+            datas.push((name, p));
+        }
+    }
+    for (name, p) in datas {
+        let stem = name.trim_end_matches(".data");
+        let owned = layout::parse_chunk_file_stem(stem).is_some_and(|id| out.contains_key(&id));
+        if !owned {
+            // Its context file never got renamed into place (or was deleted first).
+            info!(path = %p.display(), "removing data file of an incomplete chunk");
+            let _ = fs::remove_file(&p);
+        }
+    }
+    Ok(out)
+}
+
+fn paths(dir: &Path, id: ChunkId) -> (PathBuf, PathBuf) {
+    let stem = layout::chunk_file_stem(id);
+    (dir.join(format!("{stem}.data")), dir.join(format!("{stem}.ctx")))
+}
+
+fn open_chunk(dir: &Path, id: ChunkId, direct: bool) -> Result<Chunk> {
+    let (data_path, ctx_path) = paths(dir, id);
+    let ctx_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&ctx_path)
+        .map_err(|e| StoreError::io("open context file", &ctx_path, e))?;
+    let mut hdr = [0u8; 48];
+    ctx_file.read_exact_at(&mut hdr, 0).map_err(|e| StoreError::io("read context header", &ctx_path, e))?;
+    let h = CtxHeader::decode(&hdr).map_err(|m| StoreError::io("load chunk", &ctx_path, invalid(m)))?;
+    if h.id != id {
+        return Err(StoreError::io("load chunk", &ctx_path, invalid("chunk id differs from file name")));
+    }
+    let ctx_len = ctx_file.metadata().map_err(|e| StoreError::io("stat", &ctx_path, e))?.len();
+    if ctx_len != layout::ctx_file_len(h.chunk_size) {
+        return Err(StoreError::io("load chunk", &ctx_path, invalid("context file has the wrong length")));
+    }
+    let data_file = data_open_options(direct)
+        .open(&data_path)
+        .map_err(|e| StoreError::io("open data file", &data_path, e))?;
+    let data_len = data_file.metadata().map_err(|e| StoreError::io("stat", &data_path, e))?.len();
+    if data_len != h.chunk_size {
+        return Err(StoreError::io("load chunk", &data_path, invalid("data file has the wrong length")));
+    }
+    finish_chunk(id, h.chunk_size, data_file, ctx_file, data_path, ctx_path)
+}
+
+fn finish_chunk(id: ChunkId, size: u64, data: File, ctx: File, data_path: PathBuf, ctx_path: PathBuf) -> Result<Chunk> {
+    let ctx_fd: OwnedFd = ctx.into();
+    let blocks = (size / BLOCK_SIZE_U64) as u32;
+    let map = CtxMap::map(&ctx_fd, layout::ctx_file_len(size) as usize, blocks)
+        .map_err(|e| StoreError::io("mmap context file", &ctx_path, e))?;
+    let dirty = map.dirty();
+    let recovered = if dirty { tokio::sync::OnceCell::new() } else { tokio::sync::OnceCell::new_with(Some(())) };
+    Ok(Chunk {
+        id,
+        size,
+        data: Arc::new(data.into()),
+        ctx_fd: Arc::new(ctx_fd),
+        ctx: map,
+        data_path,
+        ctx_path,
+        locks: Arc::new(RangeLocks::default()),
+        state: Mutex::new(DirtyState { dirty, started: 0, inflight: 0 }),
+        mark_lock: tokio::sync::Mutex::new(()),
+        recovered,
+    })
+}
+
+/// Creates a chunk's files. The context file is fully allocated here, so running
+/// out of space shows up now as `NoSpace` and never later as SIGBUS on the mapping.
+fn create_chunk_files(dir: &Path, id: ChunkId, size: u64, direct: bool) -> Result<Chunk> {
+    let (data_path, ctx_path) = paths(dir, id);
+    let tmp = ctx_path.with_extension("ctx.tmp");
+    let ctx_len = layout::ctx_file_len(size);
+    let ctx = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| StoreError::io("create context file", &tmp, e))?;
+    let cleanup = |e: StoreError| {
+        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(&data_path);
+        e
+    };
+    // SAFETY: plain syscall on a descriptor we own.
+    let r = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&ctx), 0, 0, ctx_len as libc::off_t) };
+    if r != 0 {
+        return Err(cleanup(StoreError::io("allocate context file", &tmp, io::Error::last_os_error())));
+    }
+    let hdr = CtxHeader { id, chunk_size: size }.encode();
+    ctx.write_all_at(&hdr, 0).map_err(|e| cleanup(StoreError::io("write context header", &tmp, e)))?;
+    ctx.sync_all().map_err(|e| cleanup(StoreError::io("fsync context file", &tmp, e)))?;
+    let data = data_open_options(direct)
+        .create(true)
+        .truncate(true)
+        .open(&data_path)
+        .map_err(|e| cleanup(StoreError::io("create data file", &data_path, e)))?;
+    data.set_len(size).map_err(|e| cleanup(StoreError::io("size data file", &data_path, e)))?;
+    data.sync_all().map_err(|e| cleanup(StoreError::io("fsync data file", &data_path, e)))?;
+    // The rename is the commit point: a chunk exists once its .ctx exists.
+    fs::rename(&tmp, &ctx_path).map_err(|e| cleanup(StoreError::io("rename context file", &ctx_path, e)))?;
+    fsync_dir(dir)?;
+    finish_chunk(id, size, data, ctx, data_path, ctx_path)
+}
