@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use ballast_blockdev::{check_range, BlockDev, BlockError};
 use ballast_types::{
-    BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, NodeId, Seq, VolumeId, BLOCK_SIZE, BLOCK_SIZE_U64,
+    is_block_aligned, BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, NodeId, Seq, VolumeId, BLOCK_SIZE,
+    BLOCK_SIZE_U64,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{Mutex as AsyncMutex, RwLock as AsyncRwLock, Semaphore};
@@ -843,7 +844,7 @@ fn validate_layout(volume: VolumeId, l: &VolumeLayout) -> Result<(), FrontendErr
     if l.volume != volume {
         return bad(format!("layout is for {}", l.volume));
     }
-    if l.size == 0 || l.size % BLOCK_SIZE_U64 != 0 || l.chunk_size == 0 || l.chunk_size % BLOCK_SIZE_U64 != 0 {
+    if l.size == 0 || !is_block_aligned(l.size) || l.chunk_size == 0 || !is_block_aligned(l.chunk_size) {
         return bad(format!("size {} / chunk size {} not whole blocks", l.size, l.chunk_size));
     }
     if l.chunk_count() != l.chunks.len() as u64 {

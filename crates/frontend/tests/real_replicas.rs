@@ -148,3 +148,32 @@ async fn attach_ejects_a_dead_node_persistently() {
     assert_eq!(cfg.state.ejected.len(), 2);
     assert!(cfg.state.ejected.iter().all(|e| e.node == NodeId(2) && e.reason == EjectReason::AttachUnreachable));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reattach_reconciles_a_write_that_reached_one_replica() {
+    use ballast_types::{BlockIdx, ChunkId, Seq};
+    let nodes = vec![start_node().await, start_node().await, start_node().await];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.toml");
+    StaticMembership::create(&path, config(&nodes, 4 * MIB, MIB, 2)).unwrap();
+    let old = attach(&path).await;
+    old.write(0, pattern(16384, 1), false).await.unwrap();
+    old.flush().await.unwrap();
+    // The old front end crashes in the middle of a write that reached node 2 only.
+    let id = ChunkId::new(VOL, ChunkIdx(0));
+    let c2 = ReplicaClient::new(nodes[1].addr, ClientOptions::default());
+    c2.write(id, 4096, pattern(8192, 9), Seq::new(old.epoch(), 1_000), false).await.unwrap();
+    drop(old);
+
+    let new = attach(&path).await;
+    let expected = [pattern(16384, 1).slice(0..4096).to_vec(), pattern(8192, 9).to_vec(), pattern(16384, 1).slice(12288..).to_vec()].concat();
+    assert_eq!(new.stats().reconciled_blocks, 2);
+    let clients: Vec<ReplicaClient> = nodes.iter().map(|n| ReplicaClient::new(n.addr, ClientOptions::default())).collect();
+    let table0 = clients[0].context_table(id, BlockIdx(0), 4, new.epoch()).await.unwrap();
+    for (i, c) in clients.iter().enumerate() {
+        assert_eq!(c.read(id, 0, 16384, new.epoch()).await.unwrap().to_vec(), expected, "node {}", i + 1);
+        assert_eq!(c.context_table(id, BlockIdx(0), 4, new.epoch()).await.unwrap(), table0, "contexts agree on node {}", i + 1);
+        assert!(c.list_dirty(VOL, new.epoch()).await.unwrap().is_empty(), "clean after reconcile on node {}", i + 1);
+    }
+    assert_eq!(new.read(0, 16384).await.unwrap().to_vec(), expected);
+}

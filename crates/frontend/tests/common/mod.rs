@@ -136,7 +136,7 @@ impl FakeReplica {
     }
 
     fn range(c: &FakeChunk, offset: u64, len: u64) -> Result<(), ReplicaError> {
-        if offset % BS as u64 != 0 || len % BS as u64 != 0 {
+        if !ballast_types::is_block_aligned(offset) || !ballast_types::is_block_aligned(len) {
             return Err(ReplicaError::Invalid("misaligned".into()));
         }
         if offset + len > c.data.len() as u64 {
