@@ -301,6 +301,30 @@ impl StaticMembership {
     }
 }
 
+impl StaticMembership {
+    /// Records new addresses for known nodes (a node that restarted on another
+    /// port), durably, before any attach uses them. Unknown node ids are an error:
+    /// membership changes are not made through this door.
+    pub async fn set_node_addrs(&self, addrs: Vec<(NodeId, SocketAddr)>) -> Result<(), MembershipError> {
+        let mut config = self.config.lock().await;
+        let mut next = config.clone();
+        for (id, addr) in addrs {
+            let node = next
+                .nodes
+                .iter_mut()
+                .find(|n| n.id == id)
+                .ok_or_else(|| config_err(&self.path, format!("no node {id} in the volume file")))?;
+            node.addr = addr;
+        }
+        if next != *config {
+            persist_async(&self.path, &next).await?;
+            info!(path = %self.path.display(), "node addresses updated");
+            *config = next;
+        }
+        Ok(())
+    }
+}
+
 fn config_err(path: &Path, message: String) -> MembershipError {
     MembershipError::Config { path: path.display().to_string(), message }
 }
