@@ -653,13 +653,8 @@ impl<B: BlockDev> NbdServer<B> {
                         errno,
                         "nbd request rejected"
                     );
-                    if tx
-                        .send(Reply::error(req.cookie, errno, permits))
-                        .await
-                        .is_err()
-                    {
-                        continue; // writer gone; the loop head reports it
-                    }
+                    // A failed send means the writer is gone; the loop head reports it.
+                    let _ = tx.send(Reply::error(req.cookie, errno, permits)).await;
                     continue;
                 }
             };
