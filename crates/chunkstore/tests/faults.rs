@@ -1,0 +1,181 @@
+//! Faults from below: bytes rotting on disk, and a full filesystem.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ballast_chunkstore::{ChunkStore, StoreError, StoreOptions};
+use ballast_types::{BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId};
+use bytes::Bytes;
+
+const V: VolumeId = VolumeId(3);
+const E: Epoch = Epoch(1);
+const BS: u64 = 4096;
+
+fn id(c: u32) -> ChunkId {
+    ChunkId::new(V, ChunkIdx(c))
+}
+
+fn block(b: u32, salt: u8) -> Vec<u8> {
+    (0..BS as usize).map(|i| (i as u8) ^ (b as u8).wrapping_mul(13) ^ salt).collect()
+}
+
+fn data_file(dir: &Path, id: ChunkId) -> PathBuf {
+    dir.join("chunks").join(format!("{}.data", ballast_chunkstore::layout::chunk_file_stem(id)))
+}
+
+#[tokio::test]
+async fn bit_rot_is_reported_per_block() {
+    let d = tempfile::Builder::new().prefix("chunkstore-rot").tempdir_in("/var/tmp").expect("tempdir");
+    let s = ChunkStore::open(d.path(), StoreOptions::default()).expect("open");
+    s.announce_epoch(V, E).await.expect("announce");
+    s.create_chunk(id(0), 64 * BS, E).await.expect("create");
+    let mut all = Vec::new();
+    for b in 0..8 {
+        all.extend(block(b, 1));
+    }
+    s.write(id(0), 0, Bytes::from(all.clone()), Seq::new(E, 1)).await.expect("write");
+    s.flush_chunk(id(0), E).await.expect("flush");
+
+    // Flip bytes of block 3 behind the store's back; also in a never-written block.
+    let f = std::fs::OpenOptions::new().write(true).open(data_file(d.path(), id(0))).expect("open data");
+    f.write_at(&[0xff, 0x00, 0x55], 3 * BS + 100).expect("rot");
+    f.write_at(&[1], 40 * BS + 7).expect("rot hole");
+    f.sync_all().expect("sync");
+    drop(f);
+
+    for (off, len, bad) in [(3 * BS, BS, 3), (0, 8 * BS, 3), (40 * BS, BS, 40)] {
+        match s.read(id(0), off, len as u32, E).await {
+            Err(StoreError::ChecksumMismatch { id: c, block }) => {
+                assert_eq!(c, id(0));
+                assert_eq!(block, BlockIdx(bad));
+            }
+            other => panic!("read [{off}, +{len}) should fail on block {bad}, got {other:?}"),
+        }
+    }
+    // Neighbours are intact.
+    assert_eq!(s.read(id(0), 2 * BS, BS as u32, E).await.expect("block 2"), block(2, 1));
+    assert_eq!(s.read(id(0), 4 * BS, 4 * BS as u32, E).await.expect("blocks 4..8"), all[4 * BS as usize..].to_vec());
+    assert!(s.read(id(0), 41 * BS, BS as u32, E).await.expect("hole").iter().all(|&x| x == 0));
+    // Rewriting the rotten block heals it (read repair's path).
+    s.write(id(0), 3 * BS, Bytes::from(block(3, 1)), Seq::new(E, 1)).await.expect("repair");
+    assert_eq!(s.read(id(0), 0, 8 * BS as u32, E).await.expect("healed"), all);
+}
+
+/// A small ext4 image mounted on a loop device; unmounted and detached on drop.
+struct LoopFs {
+    img: PathBuf,
+    mnt: tempfile::TempDir,
+    dev: Option<String>,
+    mounted: bool,
+}
+
+impl LoopFs {
+    fn skip_reason() -> Option<String> {
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } != 0 {
+            return Some("not root".into());
+        }
+        for tool in ["losetup", "mkfs.ext4", "mount", "umount"] {
+            let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+            if !ok {
+                return Some(format!("{tool} not found"));
+            }
+        }
+        None
+    }
+
+    fn new(work: &Path, mib: u64) -> Result<LoopFs, String> {
+        let img = work.join("disk.img");
+        std::fs::File::create(&img).and_then(|f| f.set_len(mib << 20)).map_err(|e| e.to_string())?;
+        let mnt = tempfile::Builder::new().prefix("chunkstore-mnt").tempdir_in(work).map_err(|e| e.to_string())?;
+        let mut fs = LoopFs { img, mnt, dev: None, mounted: false };
+        let out = Command::new("losetup").args(["-f", "--show"]).arg(&fs.img).output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("losetup: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        fs.dev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        let dev = fs.dev.clone().unwrap_or_default();
+        run("mkfs.ext4", &["-F", "-q", "-m", "0", &dev])?;
+        run("mount", &[&dev, &fs.mnt.path().to_string_lossy()])?;
+        fs.mounted = true;
+        Ok(fs)
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new(cmd).args(args).output().map_err(|e| format!("{cmd}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+impl Drop for LoopFs {
+    fn drop(&mut self) {
+        if self.mounted {
+            let _ = run("umount", &[&self.mnt.path().to_string_lossy()]);
+        }
+        if let Some(dev) = &self.dev {
+            let _ = run("losetup", &["-d", dev]);
+        }
+        let _ = std::fs::remove_file(&self.img);
+    }
+}
+
+#[tokio::test]
+async fn disk_full_reports_no_space_and_keeps_data() {
+    if let Some(why) = LoopFs::skip_reason() {
+        println!("SKIP disk_full_reports_no_space_and_keeps_data: {why}");
+        return;
+    }
+    let work = tempfile::Builder::new().prefix("chunkstore-full").tempdir_in("/var/tmp").expect("tempdir");
+    let fs = match LoopFs::new(work.path(), 24) {
+        Ok(fs) => fs,
+        Err(e) => {
+            println!("SKIP disk_full_reports_no_space_and_keeps_data: cannot set up loop ext4: {e}");
+            return;
+        }
+    };
+    let dir = fs.mnt.path().join("store");
+    let s = ChunkStore::open(&dir, StoreOptions::default()).expect("open");
+    s.announce_epoch(V, E).await.expect("announce");
+    // A 64 MiB sparse chunk on a ~24 MiB filesystem: writes must run out of space.
+    s.create_chunk(id(0), 64 << 20, E).await.expect("create");
+    // Creating a chunk whose context file cannot be allocated fails at create.
+    let big = s.create_chunk(id(1), 1 << 40, E).await;
+    assert!(matches!(big, Err(StoreError::NoSpace { .. })), "huge chunk create: {big:?}");
+    assert_eq!(s.chunk_size(id(1)), None);
+
+    let piece = 256 * BS; // 1 MiB
+    let mut written = Vec::new();
+    let mut no_space = None;
+    for i in 0..64u64 {
+        let data: Vec<u8> = (0..piece as usize).map(|j| (j as u8) ^ (i as u8)).collect();
+        match s.write(id(0), i * piece, Bytes::from(data.clone()), Seq::new(E, i + 1)).await {
+            Ok(()) => written.push((i, data)),
+            Err(e) => {
+                no_space = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (failed_at, err) = no_space.expect("the filesystem never filled up");
+    assert!(matches!(&err, StoreError::NoSpace { op: "write", path } if path.extension().is_some_and(|x| x == "data")), "{err:?}");
+    assert!(!written.is_empty());
+    // Everything acknowledged still reads back, and the failed range reads without
+    // a checksum error (old or new content).
+    for (i, data) in &written {
+        assert_eq!(&s.read(id(0), i * piece, piece as u32, E).await.expect("read back")[..], &data[..]);
+    }
+    s.read(id(0), failed_at * piece, piece as u32, E).await.expect("failed range verifies");
+    // The store stays usable: trimming frees space, and a write then succeeds.
+    s.trim(id(0), 0, piece, Seq::new(E, 100)).await.expect("trim");
+    s.flush_chunk(id(0), E).await.expect("flush");
+    let retry: Vec<u8> = vec![0xab; 16 * BS as usize];
+    s.write(id(0), failed_at * piece, Bytes::from(retry.clone()), Seq::new(E, 101)).await.expect("write after trim");
+    assert_eq!(&s.read(id(0), failed_at * piece, 16 * BS as u32, E).await.expect("read")[..], &retry[..]);
+    drop(s);
+    drop(fs);
+}
