@@ -45,7 +45,9 @@ fn parse() -> anyhow::Result<Args> {
         match flag.as_str() {
             "--addr" => a.addr = Some(val.parse().context("--addr")?),
             "--dir" => a.dir = Some(val),
-            "--rw" => a.pattern = Pattern::parse(&val).with_context(|| format!("unknown --rw {val}"))?,
+            "--rw" => {
+                a.pattern = Pattern::parse(&val).with_context(|| format!("unknown --rw {val}"))?
+            }
             "--bs" => a.bs = val.parse().context("--bs")?,
             "--qd" => a.qd = val.parse().context("--qd")?,
             "--seconds" => a.seconds = val.parse().context("--seconds")?,
@@ -62,7 +64,9 @@ fn parse() -> anyhow::Result<Args> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .init();
     let args = parse()?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server_task = None;
@@ -81,7 +85,13 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(addr)) => addr,
         (None, None) => bail!("give --addr or --dir"),
     };
-    let client = ReplicaClient::new(addr, ClientOptions { connections: args.connections, ..ClientOptions::default() });
+    let client = ReplicaClient::new(
+        addr,
+        ClientOptions {
+            connections: args.connections,
+            ..ClientOptions::default()
+        },
+    );
     // A dedicated volume; wall-clock seconds as the epoch keep reruns ahead of earlier ones.
     let volume = VolumeId(0xBE4C);
     let epoch = Epoch(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs());

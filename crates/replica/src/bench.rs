@@ -107,7 +107,8 @@ pub async fn run(client: &ReplicaClient, spec: &BenchSpec) -> Result<BenchResult
         let data = data.clone();
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
-            let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (w as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let mut rng =
+                0x9e37_79b9_7f4a_7c15u64 ^ (w as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9);
             // Sequential workers stride through the chunk interleaved.
             let mut next = w as u64;
             let mut counter = (w as u64) << 40;
@@ -129,7 +130,15 @@ pub async fn run(client: &ReplicaClient, spec: &BenchSpec) -> Result<BenchResult
                 let t = Instant::now();
                 if spec.pattern.is_write() {
                     counter += 1;
-                    client.write(spec.chunk, offset, data.clone(), Seq::new(spec.epoch, counter), false).await?;
+                    client
+                        .write(
+                            spec.chunk,
+                            offset,
+                            data.clone(),
+                            Seq::new(spec.epoch, counter),
+                            false,
+                        )
+                        .await?;
                 } else {
                     client.read(spec.chunk, offset, spec.bs, spec.epoch).await?;
                 }
@@ -169,14 +178,21 @@ pub async fn run(client: &ReplicaClient, spec: &BenchSpec) -> Result<BenchResult
 }
 
 /// Writes the whole chunk once in 1 MiB requests, so reads hit real data.
-pub async fn prefill(client: &ReplicaClient, chunk: ChunkId, chunk_size: u64, epoch: Epoch) -> Result<(), ClientError> {
+pub async fn prefill(
+    client: &ReplicaClient,
+    chunk: ChunkId,
+    chunk_size: u64,
+    epoch: Epoch,
+) -> Result<(), ClientError> {
     let step = (1u64 << 20).min(chunk_size) / BLOCK_SIZE_U64 * BLOCK_SIZE_U64;
     let data = Bytes::from(vec![0x5au8; step as usize]);
     let mut off = 0;
     let mut counter = 1u64 << 62;
     while off + step <= chunk_size {
         counter += 1;
-        client.write(chunk, off, data.clone(), Seq::new(epoch, counter), false).await?;
+        client
+            .write(chunk, off, data.clone(), Seq::new(epoch, counter), false)
+            .await?;
         off += step;
     }
     client.flush_chunk(chunk, epoch).await

@@ -57,19 +57,33 @@ pub enum ClientError {
 impl ClientError {
     /// The replica refused the request's epoch as stale: a newer attach exists.
     pub fn is_fenced(&self) -> bool {
-        matches!(self, ClientError::Remote { status: Status::Fenced, .. })
+        matches!(
+            self,
+            ClientError::Remote {
+                status: Status::Fenced,
+                ..
+            }
+        )
     }
 
     /// The replica's stored copy failed its checksum (read another, repair this one).
     pub fn is_checksum(&self) -> bool {
-        matches!(self, ClientError::Remote { status: Status::ChecksumMismatch, .. })
+        matches!(
+            self,
+            ClientError::Remote {
+                status: Status::ChecksumMismatch,
+                ..
+            }
+        )
     }
 
     /// The same request may succeed if sent again (transport trouble, a replica
     /// restarting). Remote verdicts about the request itself are not retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Timeout { .. } | ClientError::Disconnected | ClientError::Connect { .. } => true,
+            ClientError::Timeout { .. }
+            | ClientError::Disconnected
+            | ClientError::Connect { .. } => true,
             ClientError::Remote { status, .. } => *status == Status::Shutdown,
             ClientError::Protocol(_) => false,
         }
@@ -89,7 +103,11 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) }
+        ClientOptions {
+            connections: 2,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+        }
     }
 }
 
@@ -102,7 +120,9 @@ pub struct ReplicaClient {
 
 impl std::fmt::Debug for ReplicaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicaClient").field("addr", &self.inner.addr).finish()
+        f.debug_struct("ReplicaClient")
+            .field("addr", &self.inner.addr)
+            .finish()
     }
 }
 
@@ -201,9 +221,18 @@ impl ReplicaClient {
 
     /// Writes `data` at `offset` of chunk `id` with sequence `seq`; with `fua`, the
     /// data is durable on the replica when this returns.
-    pub async fn write(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq, fua: bool) -> Result<(), ClientError> {
-        let len = u32::try_from(data.len())
-            .map_err(|_| WireError::Oversized { len: data.len() as u64, max: MAX_PAYLOAD })?;
+    pub async fn write(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        data: Bytes,
+        seq: Seq,
+        fua: bool,
+    ) -> Result<(), ClientError> {
+        let len = u32::try_from(data.len()).map_err(|_| WireError::Oversized {
+            len: data.len() as u64,
+            max: MAX_PAYLOAD,
+        })?;
         let mut h = self.header(Op::Write, id.volume, id.chunk, seq.epoch);
         h.offset = offset;
         h.length = len;
@@ -213,7 +242,13 @@ impl ReplicaClient {
     }
 
     /// Reads `len` bytes at `offset` of chunk `id`, verified by the replica's checksums.
-    pub async fn read(&self, id: ChunkId, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes, ClientError> {
+    pub async fn read(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        len: u32,
+        epoch: Epoch,
+    ) -> Result<Bytes, ClientError> {
         let mut h = self.header(Op::Read, id.volume, id.chunk, epoch);
         h.offset = offset;
         h.length = len;
@@ -242,12 +277,24 @@ impl ReplicaClient {
     }
 
     /// Discards `len` bytes at `offset`; they read as zeros afterwards.
-    pub async fn trim(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
+    pub async fn trim(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        len: u64,
+        seq: Seq,
+    ) -> Result<(), ClientError> {
         self.range_op(Op::Trim, id, offset, len, seq).await
     }
 
     /// Makes `len` bytes at `offset` read as zeros.
-    pub async fn write_zeroes(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
+    pub async fn write_zeroes(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        len: u64,
+        seq: Seq,
+    ) -> Result<(), ClientError> {
         self.range_op(Op::WriteZeroes, id, offset, len, seq).await
     }
 
@@ -276,7 +323,12 @@ impl ReplicaClient {
     }
 
     /// Creates chunk `id` of `size` bytes (idempotent for the same size).
-    pub async fn create_chunk(&self, id: ChunkId, size: u64, epoch: Epoch) -> Result<(), ClientError> {
+    pub async fn create_chunk(
+        &self,
+        id: ChunkId,
+        size: u64,
+        epoch: Epoch,
+    ) -> Result<(), ClientError> {
         let mut h = self.header(Op::ChunkCreate, id.volume, id.chunk, epoch);
         h.offset = size;
         self.call(h, Bytes::new()).await.map(drop)
@@ -290,14 +342,22 @@ impl ReplicaClient {
 
     /// Raises the replica's epoch for `volume` to `epoch`; returns its epoch after
     /// the call. Fails with `Fenced` when the replica already knows a newer one.
-    pub async fn announce_epoch(&self, volume: VolumeId, epoch: Epoch) -> Result<Epoch, ClientError> {
+    pub async fn announce_epoch(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+    ) -> Result<Epoch, ClientError> {
         let h = self.header(Op::AnnounceEpoch, volume, ALL_CHUNKS, epoch);
         let resp = self.call(h, Bytes::new()).await?;
         Ok(resp.header.epoch)
     }
 
     /// The volume's chunks on this replica written since their last flush.
-    pub async fn list_dirty(&self, volume: VolumeId, epoch: Epoch) -> Result<Vec<ChunkIdx>, ClientError> {
+    pub async fn list_dirty(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+    ) -> Result<Vec<ChunkIdx>, ClientError> {
         let h = self.header(Op::ListDirty, volume, ALL_CHUNKS, epoch);
         let resp = self.call(h, Bytes::new()).await?;
         Ok(decode_chunk_list(&resp.payload)?)
@@ -309,7 +369,14 @@ impl ReplicaClient {
         self.call(h, Bytes::new()).await.map(drop)
     }
 
-    async fn range_op(&self, op: Op, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
+    async fn range_op(
+        &self,
+        op: Op,
+        id: ChunkId,
+        offset: u64,
+        len: u64,
+        seq: Seq,
+    ) -> Result<(), ClientError> {
         // One frame per at most MAX_RANGE_PER_FRAME bytes (block aligned, so the
         // replica's alignment verdict on the whole range is unchanged); a zero
         // length still goes out once so the replica validates it.
@@ -359,7 +426,10 @@ impl ReplicaClient {
             }
             st.pending.insert(id, Waiter { op, tx });
         }
-        let _guard = PendingGuard { shared: &conn.shared, id };
+        let _guard = PendingGuard {
+            shared: &conn.shared,
+            id,
+        };
         let exchange = async {
             if conn.tx.send(Frame::new(header, payload)).await.is_err() {
                 // The writer has stopped: the connection is gone.
@@ -381,7 +451,10 @@ impl ReplicaClient {
         trace!(status = ?resp.header.status, "response");
         match resp.header.status {
             Status::Ok => Ok(resp),
-            status => Err(ClientError::Remote { status, message: resp.error_message() }),
+            status => Err(ClientError::Remote {
+                status,
+                message: resp.error_message(),
+            }),
         }
     }
 
@@ -402,21 +475,34 @@ impl ReplicaClient {
 
     async fn connect(&self) -> Result<Conn, ClientError> {
         let addr = self.inner.addr;
-        let stream = match tokio::time::timeout(self.inner.opts.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
-            Err(_) => {
-                return Err(ClientError::Connect {
-                    addr,
-                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-                })
-            }
-        };
+        let stream =
+            match tokio::time::timeout(self.inner.opts.connect_timeout, TcpStream::connect(addr))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
+                Err(_) => {
+                    return Err(ClientError::Connect {
+                        addr,
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "connect timed out",
+                        ),
+                    })
+                }
+            };
         // Small frames must not wait for Nagle: latency is the product.
-        stream.set_nodelay(true).map_err(|source| ClientError::Connect { addr, source })?;
+        stream
+            .set_nodelay(true)
+            .map_err(|source| ClientError::Connect { addr, source })?;
         debug!(peer = %addr, "connected to replica");
         let (r, w) = stream.into_split();
-        let shared = Arc::new(ConnShared { state: StdMutex::new(ConnState { dead: false, pending: HashMap::new() }) });
+        let shared = Arc::new(ConnShared {
+            state: StdMutex::new(ConnState {
+                dead: false,
+                pending: HashMap::new(),
+            }),
+        });
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(write_loop(w, rx, shared.clone(), addr));
         tokio::spawn(read_loop(r, shared.clone(), addr));
@@ -424,7 +510,12 @@ impl ReplicaClient {
     }
 }
 
-async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, shared: Arc<ConnShared>, peer: SocketAddr) {
+async fn write_loop(
+    mut w: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Frame>,
+    shared: Arc<ConnShared>,
+    peer: SocketAddr,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(f) = rx.recv().await {
         batch.push(f);
@@ -497,7 +588,10 @@ fn deliver(shared: &ConnShared, frame: Frame) -> Result<(), WireError> {
             Ok(())
         }
         Some(w) => {
-            let _ = w.tx.send(Err(ClientError::Protocol(WireError::UnexpectedResponse { request_id: id })));
+            let _ =
+                w.tx.send(Err(ClientError::Protocol(WireError::UnexpectedResponse {
+                    request_id: id,
+                })));
             Err(WireError::UnexpectedResponse { request_id: id })
         }
         None => {
