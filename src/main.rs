@@ -1,5 +1,40 @@
-//! `ballast`: the server binary. Subcommands are filled in as the crates land.
-fn main() {
-    eprintln!("ballast: not yet assembled");
-    std::process::exit(2);
+//! `ballast`: the server binary. One process kind per subcommand:
+//!
+//! ```text
+//!   ballast replica  --data DIR --listen ADDR      chunk store + replica server (one disk)
+//!   ballast volume create --config FILE ...         writes a static volume/membership file
+//!   ballast export   --config FILE --nbd ADDR      volume front end + NBD export
+//!   ballast dev      [--data DIR] [--nbd ADDR]     all of the above in one process, 3 zones
+//! ```
+//!
+//! Readiness is printed on stdout as one line per listener (`ready replica addr=...`,
+//! `ready nbd uri=...`) so scripts and tests can wait for it; logs go to stderr.
+//! This is the only place that installs a tracing subscriber and uses anyhow.
+
+mod cli;
+mod dev;
+mod export;
+mod replica;
+mod shutdown;
+
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    let args = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match args.command {
+            cli::Command::Replica(a) => replica::run(a).await,
+            cli::Command::Volume(cli::VolumeCommand::Create(a)) => export::create_volume(a),
+            cli::Command::Export(a) => export::run(a).await,
+            cli::Command::Dev(a) => dev::run(a).await,
+        }
+    })
 }

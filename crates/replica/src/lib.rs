@@ -18,8 +18,6 @@
 //!   ◄══════════════ responses (any order) ═══════════ writer (batched writev)
 //! ```
 
-#[cfg(feature = "bench")]
-pub mod bench;
 mod client;
 mod io;
 mod server;

@@ -1,0 +1,310 @@
+//! The data-path benchmark: the same workloads (4 KiB random write and read at
+//! QD1 and QD32, 1 MiB sequential write) against, in one run:
+//!
+//! ```text
+//!   raw file      fio, io_uring, O_DIRECT            (the baseline: "fio")
+//!   chunk store   in-process load generator → ChunkStore (io_uring thread)
+//!   replica       load generator → ReplicaClient ═ loopback TCP ═ ReplicaServer → ChunkStore
+//!   qemu-nbd      fio nbd engine → qemu-nbd → file   (the peer to beat)
+//!   ballast rf1   fio nbd engine → ballast export → 1 replica process
+//!   ballast rf3   fio nbd engine → ballast export → 3 replica processes
+//! ```
+//!
+//! Prints a table with IOPS, p50/p99 completion latency, and ratios to fio on the
+//! raw file (IOPS ratio: higher is better; p50 ratio: lower is better). Nothing is
+//! asserted: speed is read, not tested. Run: `cargo bench --bench datapath`
+//! (BENCH_SECONDS=N per workload, default 3; BENCH_DIR to choose the filesystem,
+//! default target/bench-data; BENCH_ONLY=store,replica,nbd to pick sections).
+
+#[path = "fio.rs"]
+mod fio;
+#[path = "loadgen.rs"]
+mod loadgen;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use ballast_chunkstore::{ChunkStore, StoreOptions};
+use ballast_replica::{ClientOptions, ReplicaClient, ReplicaServer, ServerOptions};
+use ballast_types::{ChunkId, ChunkIdx, Epoch, Seq, VolumeId};
+use bytes::Bytes;
+use fio::{Measured, Target, Workload, WORKLOADS};
+
+/// Bytes each target's workloads range over.
+const SPAN: u64 = 1 << 30;
+
+struct Row {
+    target: &'static str,
+    workload: &'static str,
+    m: Measured,
+}
+
+fn main() -> Result<()> {
+    let secs: u32 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "store,replica,nbd".into());
+    let dir = std::env::var("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("bench-data")
+    });
+    if !fio::have_fio() {
+        eprintln!("SKIP datapath bench: fio is not installed (apt-get install -y fio)");
+        return Ok(());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut rows = Vec::new();
+
+    // Baseline: fio on a raw file on the same filesystem.
+    let raw = dir.join("raw.img");
+    fio::prefill(&Target::File(&raw), SPAN)?;
+    for w in WORKLOADS {
+        rows.push(Row { target: "fio raw file", workload: w.name, m: fio::run(&Target::File(&raw), w, SPAN, secs)? });
+    }
+    std::fs::remove_file(&raw)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if only.contains("store") || only.contains("replica") {
+        let store = ChunkStore::open(dir.join("store"), StoreOptions::default())?;
+        if !store.direct_io() {
+            eprintln!("note: O_DIRECT refused on {}; the chunk store runs buffered", dir.display());
+        }
+        let id = ChunkId::new(VolumeId(1), ChunkIdx(0));
+        let epoch = Epoch(1);
+        rt.block_on(async {
+            store.announce_epoch(id.volume, epoch).await?;
+            store.create_chunk(id, SPAN, epoch).await?;
+            prefill_store(&store, id, epoch).await
+        })?;
+        if only.contains("store") {
+            for w in WORKLOADS {
+                let m = rt.block_on(bench_store(&store, id, epoch, w, secs))?;
+                rows.push(Row { target: "chunk store", workload: w.name, m });
+            }
+        }
+        if only.contains("replica") {
+            let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+            let addr = listener.local_addr()?;
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = ReplicaServer::new(store.clone(), ServerOptions::default());
+            let handle = rt.spawn(async move { server.serve(listener, async { let _ = stop_rx.await; }).await });
+            let client = ReplicaClient::new(addr, ClientOptions::default());
+            for w in WORKLOADS {
+                let m = rt.block_on(bench_replica(&client, id, epoch, w, secs))?;
+                rows.push(Row { target: "replica (loopback)", workload: w.name, m });
+            }
+            let _ = stop_tx.send(());
+            let _ = rt.block_on(handle);
+        }
+    }
+
+    if only.contains("nbd") {
+        nbd_section(&dir, secs, &mut rows)?;
+    }
+    print_table(&rows);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+async fn prefill_store(store: &ChunkStore, id: ChunkId, epoch: Epoch) -> Result<()> {
+    let block = Bytes::from(vec![0x5au8; 1 << 20]);
+    for (i, off) in (0..SPAN).step_by(1 << 20).enumerate() {
+        store.write(id, off, block.clone(), Seq::new(epoch, i as u64 + 1)).await?;
+    }
+    store.flush_chunk(id, epoch).await?;
+    Ok(())
+}
+
+/// A payload per workload, shared by every request (as fio reuses its buffers).
+fn payload(w: &Workload) -> Bytes {
+    Bytes::from((0..w.bs).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+}
+
+async fn bench_store(store: &ChunkStore, id: ChunkId, epoch: Epoch, w: &Workload, secs: u32) -> Result<Measured> {
+    let data = payload(w);
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1 << 32));
+    let (shared, write, len) = (store.clone(), w.is_write(), w.bs);
+    let m = loadgen::run(w, SPAN, u64::from(secs), move |off| {
+        let (store, data, counter) = (shared.clone(), data.clone(), counter.clone());
+        async move {
+            if write {
+                let seq = Seq::new(epoch, counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                store.write(id, off, data, seq).await.map(|_| ())
+            } else {
+                store.read(id, off, len, epoch).await.map(|_| ())
+            }
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("chunk store {}: {e:?}", w.name))?;
+    store.flush_chunk(id, epoch).await?;
+    Ok(m)
+}
+
+async fn bench_replica(client: &ReplicaClient, id: ChunkId, epoch: Epoch, w: &Workload, secs: u32) -> Result<Measured> {
+    let data = payload(w);
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1 << 40));
+    let (client, write, len) = (client.clone(), w.is_write(), w.bs);
+    let m = loadgen::run(w, SPAN, u64::from(secs), move |off| {
+        let (client, data, counter) = (client.clone(), data.clone(), counter.clone());
+        async move {
+            if write {
+                let seq = Seq::new(epoch, counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+                client.write(id, off, data, seq, false).await.map(|_| ())
+            } else {
+                client.read(id, off, len, epoch).await.map(|_| ())
+            }
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("replica {}: {e:?}", w.name))?;
+    Ok(m)
+}
+
+/// A child process killed on drop.
+struct Kid(Child);
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `ballast ARGS` and returns it with the `key=` value of its first stdout
+/// line containing `needle`.
+fn spawn_ballast(args: &[&str], needle: &str, key: &str) -> Result<(Kid, String)> {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("release").join("ballast");
+    if !bin.exists() {
+        bail!("{} missing: run `cargo build --release` first", bin.display());
+    }
+    let mut child = Command::new(&bin)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn ballast")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let kid = Kid(child);
+    for line in lines.by_ref() {
+        let line = line?;
+        if line.contains(needle) {
+            let v = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+                .context("no value")?
+                .to_string();
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return Ok((kid, v));
+        }
+    }
+    bail!("ballast {args:?} exited before printing {needle:?}")
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn nbd_section(dir: &Path, secs: u32, rows: &mut Vec<Row>) -> Result<()> {
+    // qemu-nbd serving a file, as TOOLS.md describes the peer.
+    if Command::new("qemu-nbd").arg("--version").output().is_ok() {
+        let img = dir.join("qemu.img");
+        std::fs::File::create(&img)?.set_len(SPAN)?;
+        let port = free_port()?;
+        let kid = Kid(Command::new("qemu-nbd")
+            .args(["-f", "raw", "-t", "-e", "4", "--cache=none", "--aio=io_uring", "-b", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("spawn qemu-nbd")?);
+        let uri = format!("nbd://127.0.0.1:{port}/");
+        wait_nbd(&uri)?;
+        run_nbd_rows("qemu-nbd", &uri, secs, rows)?;
+        drop(kid);
+    } else {
+        eprintln!("SKIP qemu-nbd rows: qemu-nbd not installed");
+    }
+    for (label, rf) in [("ballast rf1", 1usize), ("ballast rf3", 3)] {
+        let root = dir.join(format!("rf{rf}"));
+        let mut kids = Vec::new();
+        let mut nodes = Vec::new();
+        for z in 1..=rf {
+            let data = root.join(format!("zone-{z}"));
+            let (kid, addr) = spawn_ballast(
+                &["replica", "--data", data.to_str().context("utf8")?, "--listen", "127.0.0.1:0"],
+                "ready replica",
+                "addr",
+            )?;
+            kids.push(kid);
+            nodes.push(format!("{z}=zone-{z}={addr}"));
+        }
+        let config = root.join("vol.toml");
+        let size = SPAN.to_string();
+        let mut args = vec!["volume", "create", "--config", config.to_str().context("utf8")?, "--name", "bench", "--size", &size];
+        for n in &nodes {
+            args.extend(["--node", n.as_str()]);
+        }
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("release").join("ballast");
+        let st = Command::new(&bin).args(&args).stdout(Stdio::null()).status()?;
+        if !st.success() {
+            bail!("volume create failed");
+        }
+        let (kid, uri) = spawn_ballast(
+            &["export", "--config", config.to_str().context("utf8")?, "--nbd", "127.0.0.1:0"],
+            "ready nbd",
+            "uri",
+        )?;
+        kids.push(kid);
+        run_nbd_rows(label, &uri, secs, rows)?;
+    }
+    Ok(())
+}
+
+fn wait_nbd(uri: &str) -> Result<()> {
+    let hostport = uri.trim_start_matches("nbd://").split('/').next().unwrap_or_default().to_string();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&hostport).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("{uri} did not come up")
+}
+
+fn run_nbd_rows(label: &'static str, uri: &str, secs: u32, rows: &mut Vec<Row>) -> Result<()> {
+    fio::prefill(&Target::Nbd(uri), SPAN)?;
+    for w in WORKLOADS {
+        rows.push(Row { target: label, workload: w.name, m: fio::run(&Target::Nbd(uri), w, SPAN, secs)? });
+    }
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!("{:<20} {:<18} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}", "target", "workload", "IOPS", "MiB/s", "p50 us", "p99 us", "IOPS/fio", "p50/fio");
+    for r in rows {
+        let base = rows.iter().find(|b| b.target == "fio raw file" && b.workload == r.workload).map(|b| b.m);
+        let (ri, rl) = match base {
+            Some(b) if b.iops > 0.0 && b.p50_us > 0.0 => (r.m.iops / b.iops, r.m.p50_us / b.p50_us),
+            _ => (f64::NAN, f64::NAN),
+        };
+        println!(
+            "{:<20} {:<18} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.2}x {:>8.2}x",
+            r.target, r.workload, r.m.iops, r.m.mib_s, r.m.p50_us, r.m.p99_us, ri, rl
+        );
+    }
+    // The peer comparison: Ballast against qemu-nbd on the same workloads.
+    println!();
+    for label in ["ballast rf1", "ballast rf3"] {
+        for r in rows.iter().filter(|r| r.target == label) {
+            if let Some(q) = rows.iter().find(|q| q.target == "qemu-nbd" && q.workload == r.workload) {
+                println!("{label} vs qemu-nbd, {:<18} IOPS {:.2}x  p50 {:.2}x", r.workload, r.m.iops / q.m.iops, r.m.p50_us / q.m.p50_us);
+            }
+        }
+    }
+}

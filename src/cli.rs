@@ -1,0 +1,206 @@
+//! Command-line arguments of every subcommand (clap derive).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "ballast", version, about = "Replicated block storage for Kubernetes stateful pods")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve one disk directory's chunk store to front ends over the data-path protocol.
+    Replica(ReplicaArgs),
+    /// Manage static volume definitions.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Attach a volume (new epoch, fencing older front ends) and export it over NBD.
+    Export(ExportArgs),
+    /// A whole local cluster in one process: three replica servers in three zones on
+    /// file-backed disks, one volume, exported over NBD.
+    Dev(DevArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ReplicaArgs {
+    /// Disk directory holding the chunk store (created if missing).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Address to listen on for front ends (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Use buffered I/O instead of O_DIRECT (for filesystems that refuse O_DIRECT
+    /// this happens automatically).
+    #[arg(long)]
+    pub no_direct_io: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Write a static volume definition: its nodes, size and durability settings.
+    Create(VolumeCreateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct VolumeCreateArgs {
+    /// The volume file to write (refuses to overwrite an existing one).
+    #[arg(long)]
+    pub config: PathBuf,
+    #[arg(long, default_value = "vol0")]
+    pub name: String,
+    /// Volume id (unique per cluster; replicas key chunks by it).
+    #[arg(long, default_value_t = 1)]
+    pub id: u64,
+    /// Size, e.g. 1G, 512M (a multiple of 4 KiB).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Chunk size, e.g. 64M (a multiple of 4 KiB).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Fewest in-sync replicas a write may be acknowledged with (default: all replicas).
+    #[arg(long)]
+    pub min_in_sync: Option<usize>,
+    /// A replica node as ID=ZONE=HOST:PORT; one per replica, every chunk on all of them.
+    #[arg(long = "node", required = true, value_parser = parse_node)]
+    pub nodes: Vec<NodeSpec>,
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub id: u64,
+    pub zone: String,
+    pub addr: SocketAddr,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The volume file written by `ballast volume create`.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// NBD listen address on loopback (port 0 picks a free port).
+    #[arg(long)]
+    pub nbd: Option<SocketAddr>,
+    /// NBD unix socket path (instead of, or besides, --nbd).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// The node id of this host, so reads prefer its local replica.
+    #[arg(long)]
+    pub local_node: Option<u64>,
+    /// Per-replica I/O timeout before the replica is ejected, e.g. 5s, 500ms.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub io_timeout: std::time::Duration,
+    /// Allow a non-loopback NBD address (the export is unauthenticated).
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Data directory: three disks, the volume file (kept across runs).
+    #[arg(long, default_value = "ballast-dev")]
+    pub data: PathBuf,
+    /// NBD listen address (loopback).
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    pub nbd: SocketAddr,
+    /// Also export on this unix socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Volume name (the NBD export name).
+    #[arg(long, default_value = "vol0")]
+    pub name: String,
+    /// Volume size, used when the volume is created (first run).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    pub size: u64,
+    /// Chunk size, used when the volume is created.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub chunk_size: u64,
+    /// Replicas (1-3: the dev cluster has three zones), used when the volume is created.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+    pub replicas: u8,
+    /// Fewest in-sync replicas (default: all), used when the volume is created.
+    #[arg(long)]
+    pub min_in_sync: Option<usize>,
+}
+
+/// Parses sizes like `4096`, `64K`, `64M`, `1G`, `1GiB`, `2T` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. 1G, 64M, 4096"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}: use K, M, G or T")),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+/// Parses durations like `5s`, `500ms`, `2m`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 5s, 500ms"))?;
+    Ok(match unit {
+        "ms" => std::time::Duration::from_millis(n),
+        "s" | "" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_secs(n * 60),
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s or m")),
+    })
+}
+
+fn parse_node(s: &str) -> Result<NodeSpec, String> {
+    let mut it = s.splitn(3, '=');
+    let (Some(id), Some(zone), Some(addr)) = (it.next(), it.next(), it.next()) else {
+        return Err(format!("invalid node {s:?}: expected ID=ZONE=HOST:PORT"));
+    };
+    Ok(NodeSpec {
+        id: id.parse().map_err(|_| format!("invalid node id {id:?} in {s:?}"))?,
+        zone: zone.to_string(),
+        addr: addr.parse().map_err(|_| format!("invalid address {addr:?} in {s:?}"))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn nodes() {
+        let n = parse_node("2=zone-b=127.0.0.1:7002").unwrap();
+        assert_eq!((n.id, n.zone.as_str()), (2, "zone-b"));
+        assert!(parse_node("2=zone-b").is_err());
+        assert!(parse_node("x=z=127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(std::time::Duration::from_millis(500)));
+        assert!(parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

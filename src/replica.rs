@@ -1,0 +1,27 @@
+//! `ballast replica`: one disk directory's chunk store served over the data-path
+//! protocol until SIGINT/SIGTERM.
+
+use anyhow::Context;
+use ballast_chunkstore::{ChunkStore, StoreOptions};
+use ballast_replica::{ReplicaServer, ServerOptions};
+use tokio::net::TcpListener;
+
+use crate::cli::ReplicaArgs;
+use crate::shutdown;
+
+pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
+    let stop = shutdown::on_signals()?;
+    let opts = StoreOptions { direct_io: !args.no_direct_io, ..StoreOptions::default() };
+    let store = ChunkStore::open(&args.data, opts)
+        .with_context(|| format!("open chunk store {}", args.data.display()))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, data = %args.data.display(), direct_io = store.direct_io(), chunks = store.chunks().len(), "replica serving");
+    println!("ready replica addr={addr} data={}", args.data.display());
+    ReplicaServer::new(store, ServerOptions::default())
+        .serve(listener, shutdown::wait(stop))
+        .await
+        .context("replica server")?;
+    tracing::info!("replica stopped");
+    Ok(())
+}
