@@ -14,16 +14,17 @@
 //! raw file (IOPS ratio: higher is better; p50 ratio: lower is better). Nothing is
 //! asserted: speed is read, not tested. Run: `cargo bench --bench datapath`
 //! (BENCH_SECONDS=N per workload, default 3; BENCH_DIR to choose the filesystem,
-//! default target/bench-data; BENCH_ONLY=store,replica,nbd to pick sections).
+//! default target/bench-data; BENCH_ONLY=store,replica,nbd to pick sections; BENCH_POLL_US for the
+//! chunk store's ring poll budget).
 
 #[path = "fio.rs"]
 mod fio;
 #[path = "loadgen.rs"]
 mod loadgen;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -45,9 +46,9 @@ struct Row {
 fn main() -> Result<()> {
     let secs: u32 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "store,replica,nbd".into());
-    let dir = std::env::var("BENCH_DIR").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("bench-data")
-    });
+    let dir = std::env::var("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("bench-data"));
     if !fio::have_fio() {
         eprintln!("SKIP datapath bench: fio is not installed (apt-get install -y fio)");
         return Ok(());
@@ -66,7 +67,12 @@ fn main() -> Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if only.contains("store") || only.contains("replica") {
-        let store = ChunkStore::open(dir.join("store"), StoreOptions::default())?;
+        let mut opts = StoreOptions::default();
+        if let Some(us) = std::env::var("BENCH_POLL_US").ok().and_then(|s| s.parse().ok()) {
+            opts.poll = Duration::from_micros(us);
+        }
+        eprintln!("chunk store ring poll: {:?}", opts.poll);
+        let store = ChunkStore::open(dir.join("store"), opts)?;
         if !store.direct_io() {
             eprintln!("note: O_DIRECT refused on {}; the chunk store runs buffered", dir.display());
         }
@@ -88,7 +94,13 @@ fn main() -> Result<()> {
             let addr = listener.local_addr()?;
             let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
             let server = ReplicaServer::new(store.clone(), ServerOptions::default());
-            let handle = rt.spawn(async move { server.serve(listener, async { let _ = stop_rx.await; }).await });
+            let handle = rt.spawn(async move {
+                server
+                    .serve(listener, async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            });
             let client = ReplicaClient::new(addr, ClientOptions::default());
             for w in WORKLOADS {
                 let m = rt.block_on(bench_replica(&client, id, epoch, w, secs))?;
@@ -245,7 +257,8 @@ fn nbd_section(dir: &Path, secs: u32, rows: &mut Vec<Row>) -> Result<()> {
         }
         let config = root.join("vol.toml");
         let size = SPAN.to_string();
-        let mut args = vec!["volume", "create", "--config", config.to_str().context("utf8")?, "--name", "bench", "--size", &size];
+        let mut args =
+            vec!["volume", "create", "--config", config.to_str().context("utf8")?, "--name", "bench", "--size", &size];
         for n in &nodes {
             args.extend(["--node", n.as_str()]);
         }
@@ -286,7 +299,10 @@ fn run_nbd_rows(label: &'static str, uri: &str, secs: u32, rows: &mut Vec<Row>) 
 
 fn print_table(rows: &[Row]) {
     println!();
-    println!("{:<20} {:<18} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}", "target", "workload", "IOPS", "MiB/s", "p50 us", "p99 us", "IOPS/fio", "p50/fio");
+    println!(
+        "{:<20} {:<18} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "target", "workload", "IOPS", "MiB/s", "p50 us", "p99 us", "IOPS/fio", "p50/fio"
+    );
     for r in rows {
         let base = rows.iter().find(|b| b.target == "fio raw file" && b.workload == r.workload).map(|b| b.m);
         let (ri, rl) = match base {
@@ -303,7 +319,12 @@ fn print_table(rows: &[Row]) {
     for label in ["ballast rf1", "ballast rf3"] {
         for r in rows.iter().filter(|r| r.target == label) {
             if let Some(q) = rows.iter().find(|q| q.target == "qemu-nbd" && q.workload == r.workload) {
-                println!("{label} vs qemu-nbd, {:<18} IOPS {:.2}x  p50 {:.2}x", r.workload, r.m.iops / q.m.iops, r.m.p50_us / q.m.p50_us);
+                println!(
+                    "{label} vs qemu-nbd, {:<18} IOPS {:.2}x  p50 {:.2}x",
+                    r.workload,
+                    r.m.iops / q.m.iops,
+                    r.m.p50_us / q.m.p50_us
+                );
             }
         }
     }

@@ -110,7 +110,9 @@ pub fn prefill(target: &Target<'_>, size: u64) -> Result<()> {
 }
 
 fn parse(json: &[u8], write: bool) -> Result<Measured> {
-    let v: serde_json::Value = serde_json::from_slice(json).context("parse fio json")?;
+    // Engines may print notes before the JSON document (the nbd engine does): skip to it.
+    let start = json.iter().position(|&b| b == b'{').context("fio printed no JSON")?;
+    let v: serde_json::Value = serde_json::from_slice(&json[start..]).context("parse fio json")?;
     let job = &v["jobs"][0][if write { "write" } else { "read" }];
     let pct = |k: &str| job["clat_ns"]["percentile"][k].as_f64().unwrap_or(0.0) / 1000.0;
     Ok(Measured {

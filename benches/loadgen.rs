@@ -39,11 +39,8 @@ where
                 if now >= end {
                     break;
                 }
-                let blk = if sequential {
-                    cursor.fetch_add(1, Ordering::Relaxed) % blocks
-                } else {
-                    rng.gen_range(0..blocks)
-                };
+                let blk =
+                    if sequential { cursor.fetch_add(1, Ordering::Relaxed) % blocks } else { rng.gen_range(0..blocks) };
                 op(blk * bs).await?;
                 if now >= warm_until {
                     lat.push(now.elapsed().as_nanos() as u64);
@@ -58,7 +55,10 @@ where
     }
     all.sort_unstable();
     let n = all.len().max(1) as f64;
-    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64 / 1000.0;
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0) as f64
+            / 1000.0
+    };
     let iops = n / secs as f64;
     Ok(Measured { iops, mib_s: iops * f64::from(w.bs) / (1 << 20) as f64, p50_us: pct(0.50), p99_us: pct(0.99) })
 }

@@ -12,7 +12,7 @@
 //! recording the new address when not.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -34,7 +34,12 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(a.data.join("volumes")).with_context(|| format!("create {}", a.data.display()))?;
     let config_path = a.data.join("volumes").join(format!("{}.toml", a.name));
     let existing = if config_path.exists() {
-        Some(StaticMembership::load(&config_path).with_context(|| format!("load {}", config_path.display()))?.config().await)
+        Some(
+            StaticMembership::load(&config_path)
+                .with_context(|| format!("load {}", config_path.display()))?
+                .config()
+                .await,
+        )
     } else {
         None
     };
@@ -73,7 +78,8 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
                 nodes.clone(),
                 nodes.iter().take(replicas).map(|n| n.id).collect(),
             );
-            StaticMembership::create(&config_path, config).with_context(|| format!("create {}", config_path.display()))?
+            StaticMembership::create(&config_path, config)
+                .with_context(|| format!("create {}", config_path.display()))?
         }
         Some(c) => {
             if c.volume.size != a.size || c.volume.chunk_size != a.chunk_size {
@@ -118,14 +124,20 @@ async fn bind_replica(recorded: Option<SocketAddr>) -> anyhow::Result<TcpListene
     TcpListener::bind("127.0.0.1:0").await.context("bind a replica listener on loopback")
 }
 
-fn print_banner(data: &Path, config: &PathBuf, volume: &export::StaticVolume, l: &NbdListeners) -> anyhow::Result<()> {
+fn print_banner(data: &Path, config: &Path, volume: &export::StaticVolume, l: &NbdListeners) -> anyhow::Result<()> {
     let uri = match &l.tcp {
         Some(t) => format!("nbd://{}/{}", t.local_addr()?, volume.name()),
         None => String::new(),
     };
     println!();
     println!("Ballast dev cluster: 3 zones, data in {}", data.display());
-    println!("  volume {}: {} bytes, epoch {}, membership {}", volume.name(), ballast_blockdev::BlockDev::size(volume), volume.epoch().0, config.display());
+    println!(
+        "  volume {}: {} bytes, epoch {}, membership {}",
+        volume.name(),
+        ballast_blockdev::BlockDev::size(volume),
+        volume.epoch().0,
+        config.display()
+    );
     println!("  try:  nbdinfo {uri}");
     println!("        qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
     println!("  stop: Ctrl-C");

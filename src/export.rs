@@ -31,10 +31,7 @@ pub fn create_volume(a: VolumeCreateArgs) -> anyhow::Result<()> {
             chunk_size: a.chunk_size,
             min_in_sync: a.min_in_sync.unwrap_or(replicas),
         },
-        a.nodes
-            .iter()
-            .map(|n| NodeSpec { id: NodeId(n.id), zone: Zone(n.zone.clone()), addr: n.addr })
-            .collect(),
+        a.nodes.iter().map(|n| NodeSpec { id: NodeId(n.id), zone: Zone(n.zone.clone()), addr: n.addr }).collect(),
         a.nodes.iter().map(|n| NodeId(n.id)).collect(),
     );
     StaticMembership::create(&a.config, config).with_context(|| format!("create {}", a.config.display()))?;
@@ -80,7 +77,10 @@ impl NbdListeners {
                 if path.exists() {
                     std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
                 }
-                Some((UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?, path.to_path_buf()))
+                Some((
+                    UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?,
+                    path.to_path_buf(),
+                ))
             }
             None => None,
         };
@@ -108,8 +108,11 @@ impl NbdListeners {
     ) -> anyhow::Result<()> {
         let name = volume.name().to_string();
         let server = Arc::new(
-            NbdServer::new(vec![Export::new(name.clone(), volume.clone()).with_description("ballast volume")], NbdOptions::default())
-                .context("nbd server")?,
+            NbdServer::new(
+                vec![Export::new(name.clone(), volume.clone()).with_description("ballast volume")],
+                NbdOptions::default(),
+            )
+            .context("nbd server")?,
         );
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(l) = self.tcp {

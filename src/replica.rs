@@ -12,8 +12,8 @@ use crate::shutdown;
 pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
     let opts = StoreOptions { direct_io: !args.no_direct_io, ..StoreOptions::default() };
-    let store = ChunkStore::open(&args.data, opts)
-        .with_context(|| format!("open chunk store {}", args.data.display()))?;
+    let store =
+        ChunkStore::open(&args.data, opts).with_context(|| format!("open chunk store {}", args.data.display()))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data = %args.data.display(), direct_io = store.direct_io(), chunks = store.chunks().len(), "replica serving");

@@ -41,25 +41,40 @@ fn qemu_io_patterns_over_tcp_and_unix() {
     run_ok(
         "qemu-io",
         &[
-            "-f", "raw", &uri,
-            "-c", "write -P 0xab 0 1M",
-            "-c", "write -P 0xcd 17M 2M",        // spans the chunk boundary at 16M
-            "-c", "write -f -P 0xef 100M 64k",   // FUA
-            "-c", "write -z 200M 1M",            // write-zeroes
-            "-c", "discard 201M 1M",             // trim
-            "-c", "flush",
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xab 0 1M",
+            "-c",
+            "write -P 0xcd 17M 2M", // spans the chunk boundary at 16M
+            "-c",
+            "write -f -P 0xef 100M 64k", // FUA
+            "-c",
+            "write -z 200M 1M", // write-zeroes
+            "-c",
+            "discard 201M 1M", // trim
+            "-c",
+            "flush",
         ],
     );
     // Read back through the other transport (multi-connection consistency).
     let out = run_ok(
         "qemu-io",
         &[
-            "-f", "raw", &unix_uri,
-            "-c", "read -P 0xab 0 1M",
-            "-c", "read -P 0xcd 17M 2M",
-            "-c", "read -P 0xef 100M 64k",
-            "-c", "read -P 0 200M 2M",
-            "-c", "read -P 0 255M 1M",           // never written
+            "-f",
+            "raw",
+            &unix_uri,
+            "-c",
+            "read -P 0xab 0 1M",
+            "-c",
+            "read -P 0xcd 17M 2M",
+            "-c",
+            "read -P 0xef 100M 64k",
+            "-c",
+            "read -P 0 200M 2M",
+            "-c",
+            "read -P 0 255M 1M", // never written
         ],
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
@@ -109,9 +124,19 @@ fn fio_randwrite_verify_multi_conn() {
     run_ok(
         "fio",
         &[
-            "--name=verify", "--ioengine=nbd", &uri_arg, "--rw=randwrite", "--bs=4k",
-            "--size=32M", "--iodepth=16", "--numjobs=4", "--offset_increment=48M",
-            "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--fsync=64",
+            "--name=verify",
+            "--ioengine=nbd",
+            &uri_arg,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=32M",
+            "--iodepth=16",
+            "--numjobs=4",
+            "--offset_increment=48M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--fsync=64",
         ],
     );
 }

@@ -39,8 +39,18 @@ impl Cluster {
             addrs.iter().enumerate().map(|(i, a)| format!("{}=zone-{}={a}", i + 1, i + 1)).collect();
         let min = min_in_sync.to_string();
         let mut args = vec![
-            "volume", "create", "--config", config.to_str().unwrap(), "--name", "vol0",
-            "--size", size, "--chunk-size", chunk, "--min-in-sync", &min,
+            "volume",
+            "create",
+            "--config",
+            config.to_str().unwrap(),
+            "--name",
+            "vol0",
+            "--size",
+            size,
+            "--chunk-size",
+            chunk,
+            "--min-in-sync",
+            &min,
         ];
         for n in &nodes {
             args.push("--node");
@@ -54,8 +64,7 @@ impl Cluster {
     fn export(&self, name: &str, timeout: &str) -> (Proc, String) {
         let mut p = Proc::spawn(
             name,
-            &["export", "--config", self.config.to_str().unwrap(), "--nbd", "127.0.0.1:0",
-              "--io-timeout", timeout],
+            &["export", "--config", self.config.to_str().unwrap(), "--nbd", "127.0.0.1:0", "--io-timeout", timeout],
         );
         let uri = p.wait_value("ready nbd", "uri");
         (p, uri)
@@ -77,9 +86,18 @@ fn kill_replica_under_fio_verify() {
     // A write-then-verify job long enough to be mid-flight when the replica dies.
     let mut fio = Command::new("fio")
         .args([
-            "--name=kill", "--ioengine=nbd", &uri_arg, "--rw=randwrite", "--bs=4k", "--size=192M",
-            "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
-            "--fsync=256", "--number_ios=30000",
+            "--name=kill",
+            "--ioengine=nbd",
+            &uri_arg,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--size=192M",
+            "--iodepth=16",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--fsync=256",
+            "--number_ios=30000",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -151,14 +169,11 @@ fn flip_block(zone_dir: &Path, block: u64) -> PathBuf {
 /// The data file of volume 1, chunk 0 in a replica's store.
 fn find_chunk_file(dir: &Path) -> Option<PathBuf> {
     let out = Command::new("find").arg(dir).arg("-type").arg("f").output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(PathBuf::from)
-        .find(|p| {
-            let id = ballast_types::ChunkId::new(ballast_types::VolumeId(1), ballast_types::ChunkIdx(0));
-            p.file_name().and_then(|n| n.to_str())
-                == Some(format!("{}.data", ballast_chunkstore::layout::chunk_file_stem(id)).as_str())
-        })
+    String::from_utf8_lossy(&out.stdout).lines().map(PathBuf::from).find(|p| {
+        let id = ballast_types::ChunkId::new(ballast_types::VolumeId(1), ballast_types::ChunkIdx(0));
+        p.file_name().and_then(|n| n.to_str())
+            == Some(format!("{}.data", ballast_chunkstore::layout::chunk_file_stem(id)).as_str())
+    })
 }
 
 #[test]
@@ -181,7 +196,8 @@ fn bit_rot_on_one_replica_is_read_around_and_repaired() {
     for z in [1usize, 2] {
         let data = c.zone_dir(z);
         let addr = c.addrs[z - 1].clone();
-        let mut p = Proc::spawn(&format!("replica-{z}b"), &["replica", "--data", data.to_str().unwrap(), "--listen", &addr]);
+        let mut p =
+            Proc::spawn(&format!("replica-{z}b"), &["replica", "--data", data.to_str().unwrap(), "--listen", &addr]);
         p.wait_for("ready replica", Duration::from_secs(30));
         c.replicas[z - 1] = p;
     }
@@ -221,8 +237,13 @@ fn malformed_nbd_traffic_does_not_disturb_other_clients() {
     let garbage: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         vec![0xff; 4096],
-        vec![0, 0, 0, 3],                      // client flags then a truncated option header
-        [0u8, 0, 0, 3].iter().chain(b"IHAVEOPT".iter()).chain([0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff].iter()).copied().collect(), // huge option length
+        vec![0, 0, 0, 3], // client flags then a truncated option header
+        [0u8, 0, 0, 3]
+            .iter()
+            .chain(b"IHAVEOPT".iter())
+            .chain([0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff].iter())
+            .copied()
+            .collect(), // huge option length
     ];
     for g in &garbage {
         if let Ok(mut s) = std::net::TcpStream::connect(&hostport) {

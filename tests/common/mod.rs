@@ -152,18 +152,12 @@ impl Drop for Proc {
 
 /// `key=value` out of a whitespace-separated line.
 pub fn field(line: &str, key: &str) -> Option<String> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-        .map(str::to_string)
+    line.split_whitespace().find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('='))).map(str::to_string)
 }
 
 /// Runs a command to completion, capturing output.
 pub fn run(prog: &str, args: &[&str]) -> Output {
-    let out = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("run {prog}: {e}"));
+    let out = Command::new(prog).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("run {prog}: {e}"));
     if !out.status.success() {
         eprintln!(
             "{prog} {args:?} -> {}\nstdout: {}\nstderr: {}",

@@ -60,7 +60,10 @@ impl<'a, B: BlockDev> Suite<'a, B> {
     fn new(dev: &'a B) -> Self {
         let bs = u64::from(dev.block_size());
         let size = dev.size();
-        assert!(bs.is_power_of_two() && bs >= 512, "conformance [geometry]: block size {bs} must be a power of two >= 512");
+        assert!(
+            bs.is_power_of_two() && bs >= 512,
+            "conformance [geometry]: block size {bs} must be a power of two >= 512"
+        );
         assert_eq!(size % bs, 0, "conformance [geometry]: size {size} is not a multiple of the block size {bs}");
         assert!(
             size / bs >= MIN_BLOCKS,
@@ -142,12 +145,7 @@ impl<'a, B: BlockDev> Suite<'a, B> {
     }
 
     fn compare(&self, step: &str, off: u64, len: u64, data: &[u8]) {
-        assert_eq!(
-            data.len() as u64,
-            len,
-            "conformance [{step}]: read [{off}, +{len}) returned {} bytes",
-            data.len()
-        );
+        assert_eq!(data.len() as u64, len, "conformance [{step}]: read [{off}, +{len}) returned {} bytes", data.len());
         let mut expected = vec![0u8; self.bs as usize];
         for (i, got) in data.chunks(self.bs as usize).enumerate() {
             let block = off / self.bs + i as u64;

@@ -103,7 +103,7 @@ pub trait BlockDev: Send + Sync + 'static {
 /// large. Every implementation calls this before touching data.
 pub fn check_range(offset: u64, len: u64, size: u64, block_size: u32, max: u64) -> Result<()> {
     let bs = u64::from(block_size);
-    if offset % bs != 0 || len % bs != 0 {
+    if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
         return Err(BlockError::Misaligned { offset, len, block_size });
     }
     if len > max {

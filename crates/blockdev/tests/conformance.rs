@@ -47,11 +47,7 @@ struct Buggy {
 
 impl Buggy {
     fn new(bug: Bug) -> Self {
-        Buggy {
-            inner: MemDev::new(2 << 20, 4096),
-            bug,
-            armed: AtomicBool::new(true),
-        }
+        Buggy { inner: MemDev::new(2 << 20, 4096), bug, armed: AtomicBool::new(true) }
     }
 }
 
@@ -75,8 +71,7 @@ impl BlockDev for Buggy {
                 self.inner.write(offset + 4096, data, fua).await
             }
             Bug::PartialWriteAtEnd
-                if offset.saturating_add(data.len() as u64) > self.size()
-                    && offset < self.size() =>
+                if offset.saturating_add(data.len() as u64) > self.size() && offset < self.size() =>
             {
                 let fit = (self.size() - offset) as usize;
                 self.inner.write(offset, data.slice(..fit), fua).await?;
@@ -103,9 +98,7 @@ impl BlockDev for Buggy {
 }
 
 fn run_buggy(bug: Bug) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
     rt.block_on(conformance::run(&Buggy::new(bug)));
 }
 

@@ -102,7 +102,7 @@ impl Drop for AlignedBuf {
 
 /// True when `p` may be handed to O_DIRECT as is.
 pub fn is_aligned(p: *const u8, len: usize) -> bool {
-    (p as usize) % ALIGN == 0 && len % ALIGN == 0
+    (p as usize).is_multiple_of(ALIGN) && len.is_multiple_of(ALIGN)
 }
 
 #[cfg(test)]

@@ -145,13 +145,10 @@ impl CtxHeader {
             return Err("slot size differs");
         }
         let chunk_size = le_u64(&b[32..40]);
-        if chunk_size % BLOCK_SIZE as u64 != 0 {
+        if !chunk_size.is_multiple_of(BLOCK_SIZE as u64) {
             return Err("chunk size not block aligned");
         }
-        Ok(CtxHeader {
-            id: ChunkId::new(VolumeId(le_u64(&b[16..24])), ChunkIdx(le_u32(&b[24..28]))),
-            chunk_size,
-        })
+        Ok(CtxHeader { id: ChunkId::new(VolumeId(le_u64(&b[16..24])), ChunkIdx(le_u32(&b[24..28]))), chunk_size })
     }
 }
 
@@ -160,7 +157,11 @@ impl CtxHeader {
 pub enum Slot {
     /// All zeros: never written; stands for a zero block at `Seq::ZERO`, generation 0.
     Empty,
-    Valid { seq: Seq, crc: u32, gen: u32 },
+    Valid {
+        seq: Seq,
+        crc: u32,
+        gen: u32,
+    },
     /// Own crc fails (torn, retracted or damaged): ignored.
     Invalid,
 }
@@ -276,10 +277,7 @@ pub fn parse_chunk_file_stem(stem: &str) -> Option<ChunkId> {
     if v.len() != 16 || c.len() != 8 {
         return None;
     }
-    Some(ChunkId::new(
-        VolumeId(u64::from_str_radix(v, 16).ok()?),
-        ChunkIdx(u32::from_str_radix(c, 16).ok()?),
-    ))
+    Some(ChunkId::new(VolumeId(u64::from_str_radix(v, 16).ok()?), ChunkIdx(u32::from_str_radix(c, 16).ok()?)))
 }
 
 pub fn epoch_file_name(volume: VolumeId) -> String {
@@ -324,13 +322,13 @@ mod tests {
         let crc = crc32fast::hash(&b[0..40]);
         let expect = format!(
             "{}{}{}{}{}{}{}{}{}",
-            "424c535443545801",   // magic "BLSTCTX" v1
-            "00100000",           // block size 4096
-            "20000000",           // slot size 32
-            "0807060504030201",   // volume
-            "0d0c0b0a",           // chunk
-            "00000000",           // reserved
-            "0000000400000000",   // chunk size 64 MiB
+            "424c535443545801", // magic "BLSTCTX" v1
+            "00100000",         // block size 4096
+            "20000000",         // slot size 32
+            "0807060504030201", // volume
+            "0d0c0b0a",         // chunk
+            "00000000",         // reserved
+            "0000000400000000", // chunk size 64 MiB
             hex(&crc.to_le_bytes()),
             "00000000",
         );
@@ -354,10 +352,7 @@ mod tests {
         );
         assert_eq!(&b[24..28], &crc32fast::hash(&b[0..24]).to_le_bytes());
         assert_eq!(&b[28..32], &[0, 0, 0, 0]);
-        assert_eq!(
-            Slot::decode(&b),
-            Slot::Valid { seq: Seq::new(Epoch(3), 0x1122), crc: 0xdead_beef, gen: 7 }
-        );
+        assert_eq!(Slot::decode(&b), Slot::Valid { seq: Seq::new(Epoch(3), 0x1122), crc: 0xdead_beef, gen: 7 });
         assert_eq!(Slot::decode(&[0u8; 32]), Slot::Empty);
         assert_eq!(Slot::decode(&Slot::RETRACTED), Slot::Invalid);
         let mut torn = b;

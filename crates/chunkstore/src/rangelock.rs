@@ -55,10 +55,7 @@ impl RangeLocks {
 
     fn try_lock(&self, start: u32, end: u32, shared: bool) -> Option<u64> {
         let mut st = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let conflict = st
-            .held
-            .iter()
-            .any(|h| h.start < end && start < h.end && !(h.shared && shared));
+        let conflict = st.held.iter().any(|h| h.start < end && start < h.end && !(h.shared && shared));
         if conflict {
             return None;
         }

@@ -13,9 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use ballast_types::{
-    BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE, BLOCK_SIZE_U64,
-};
+use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE, BLOCK_SIZE_U64};
 use bytes::Bytes;
 use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock as AsyncRwLock};
 use tracing::{debug, info, warn, Instrument};
@@ -158,7 +156,7 @@ impl Chunk {
 }
 
 fn check_aligned(offset: u64, len: u64) -> Result<()> {
-    if offset % BLOCK_SIZE_U64 != 0 || len % BLOCK_SIZE_U64 != 0 {
+    if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE_U64) {
         return Err(StoreError::Misaligned { offset, len });
     }
     Ok(())
@@ -167,9 +165,7 @@ fn check_aligned(offset: u64, len: u64) -> Result<()> {
 fn check_range(c: &Chunk, offset: u64, len: u64) -> Result<(u32, u32)> {
     check_aligned(offset, len)?;
     match offset.checked_add(len) {
-        Some(end) if end <= c.size => {
-            Ok(((offset / BLOCK_SIZE_U64) as u32, (end / BLOCK_SIZE_U64) as u32))
-        }
+        Some(end) if end <= c.size => Ok(((offset / BLOCK_SIZE_U64) as u32, (end / BLOCK_SIZE_U64) as u32)),
         _ => Err(StoreError::OutOfRange { id: c.id, offset, len, size: c.size }),
     }
 }
@@ -196,7 +192,7 @@ impl ChunkStore {
         }
         let volumes = load_epochs(&epochs_dir)?;
         let chunks = load_chunks(&chunks_dir, direct)?;
-        let ring = Ring::start(opts.queue_depth, "ballast-uring")
+        let ring = Ring::start(opts.queue_depth, opts.poll, "ballast-uring")
             .map_err(|e| StoreError::io("start io_uring", &dir, e))?;
         let dirty = chunks.values().filter(|c| c.is_dirty()).count();
         info!(
@@ -266,17 +262,13 @@ impl ChunkStore {
     }
 
     fn fence_of(&self, volume: VolumeId) -> Arc<VolumeFence> {
-        if let Some(f) = self.inner.volumes.read().unwrap_or_else(|p| p.into_inner()).get(&volume)
-        {
+        if let Some(f) = self.inner.volumes.read().unwrap_or_else(|p| p.into_inner()).get(&volume) {
             return f.clone();
         }
         let mut m = self.inner.volumes.write().unwrap_or_else(|p| p.into_inner());
         m.entry(volume)
             .or_insert_with(|| {
-                Arc::new(VolumeFence {
-                    lock: Arc::new(AsyncRwLock::new(Epoch(0))),
-                    current: AtomicU64::new(0),
-                })
+                Arc::new(VolumeFence { lock: Arc::new(AsyncRwLock::new(Epoch(0))), current: AtomicU64::new(0) })
             })
             .clone()
     }
@@ -511,7 +503,8 @@ impl ChunkStore {
 
     /// Zeroes [offset, +len): punches a hole and records the zero block's crc with `seq`.
     pub async fn write_zeroes(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
-        let span = tracing::debug_span!("chunk_write_zeroes", volume = id.volume.0, chunk = id.chunk.0, offset, len, %seq);
+        let span =
+            tracing::debug_span!("chunk_write_zeroes", volume = id.volume.0, chunk = id.chunk.0, offset, len, %seq);
         self.punch("write zeroes", id, offset, len, seq).instrument(span).await
     }
 
@@ -563,8 +556,7 @@ impl ChunkStore {
         let span = tracing::debug_span!("volume_flush", volume = volume.0, %epoch);
         async {
             drop(self.fence(volume, epoch).await?);
-            let list: Vec<Arc<Chunk>> =
-                self.chunk_list().into_iter().filter(|c| c.id.volume == volume).collect();
+            let list: Vec<Arc<Chunk>> = self.chunk_list().into_iter().filter(|c| c.id.volume == volume).collect();
             self.flush_many(list).await
         }
         .instrument(span)
@@ -625,7 +617,13 @@ impl ChunkStore {
     /// Block contexts (crc, seq) of blocks [first, first+count): what rebuild and
     /// reconciliation compare. A block with no usable slot reports
     /// `{crc: 0, seq: Seq::ZERO}`, which differs from every real context.
-    pub async fn context_table(&self, id: ChunkId, first: BlockIdx, count: u32, epoch: Epoch) -> Result<Vec<BlockContext>> {
+    pub async fn context_table(
+        &self,
+        id: ChunkId,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+    ) -> Result<Vec<BlockContext>> {
         drop(self.fence(id.volume, epoch).await?);
         let c = self.chunk(id)?;
         let offset = first.0 as u64 * BLOCK_SIZE_U64;
@@ -678,9 +676,7 @@ fn ensure_marker(dir: &Path) -> Result<()> {
             f.read_to_end(&mut b).map_err(|e| StoreError::io("read store marker", &p, e))?;
             layout::check_store_marker(&b).map_err(|m| StoreError::io("open store", &p, invalid(m)))
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            replace_file(dir, MARKER, &layout::encode_store_marker())
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => replace_file(dir, MARKER, &layout::encode_store_marker()),
         Err(e) => Err(StoreError::io("open store marker", &p, e)),
     }
 }
@@ -698,9 +694,7 @@ fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 }
 
 fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io("fsync directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io("fsync directory", dir, e))
 }
 
 fn persist_epoch(dir: &Path, volume: VolumeId, epoch: Epoch) -> Result<()> {
@@ -710,13 +704,7 @@ fn persist_epoch(dir: &Path, volume: VolumeId, epoch: Epoch) -> Result<()> {
 /// Whether the filesystem under `dir` accepts O_DIRECT (tmpfs says EINVAL).
 fn probe_direct(dir: &Path) -> Result<bool> {
     let p = dir.join(".odirect-probe");
-    let r = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&p);
+    let r = OpenOptions::new().read(true).write(true).create(true).truncate(true).custom_flags(libc::O_DIRECT).open(&p);
     let ok = match r {
         Ok(f) => {
             let buf = AlignedBuf::zeroed(4096);
@@ -752,17 +740,13 @@ fn load_epochs(dir: &Path) -> Result<HashMap<VolumeId, Arc<VolumeFence>>> {
         let b = fs::read(&p).map_err(|e| StoreError::io("read epoch", &p, e))?;
         // A damaged epoch file stops the open: guessing could un-fence a stale
         // front end.
-        let (v, epoch) =
-            layout::decode_epoch_file(&b).map_err(|m| StoreError::io("load epoch", &p, invalid(m)))?;
+        let (v, epoch) = layout::decode_epoch_file(&b).map_err(|m| StoreError::io("load epoch", &p, invalid(m)))?;
         if v != volume {
             return Err(StoreError::io("load epoch", &p, invalid("volume id differs from file name")));
         }
         out.insert(
             volume,
-            Arc::new(VolumeFence {
-                lock: Arc::new(AsyncRwLock::new(epoch)),
-                current: AtomicU64::new(epoch.0),
-            }),
+            Arc::new(VolumeFence { lock: Arc::new(AsyncRwLock::new(epoch)), current: AtomicU64::new(epoch.0) }),
         );
     }
     Ok(out)
@@ -832,9 +816,8 @@ fn open_chunk(dir: &Path, id: ChunkId, direct: bool) -> Result<Chunk> {
     if ctx_len != layout::ctx_file_len(h.chunk_size) {
         return Err(StoreError::io("load chunk", &ctx_path, invalid("context file has the wrong length")));
     }
-    let data_file = data_open_options(direct)
-        .open(&data_path)
-        .map_err(|e| StoreError::io("open data file", &data_path, e))?;
+    let data_file =
+        data_open_options(direct).open(&data_path).map_err(|e| StoreError::io("open data file", &data_path, e))?;
     let data_len = data_file.metadata().map_err(|e| StoreError::io("stat", &data_path, e))?.len();
     if data_len != h.chunk_size {
         return Err(StoreError::io("load chunk", &data_path, invalid("data file has the wrong length")));

@@ -19,10 +19,7 @@ fn seq(n: u64) -> Seq {
 
 /// A temp dir on a real (non-tmpfs) filesystem, so O_DIRECT is exercised.
 fn disk_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("chunkstore-test")
-        .tempdir_in("/var/tmp")
-        .expect("tempdir in /var/tmp")
+    tempfile::Builder::new().prefix("chunkstore-test").tempdir_in("/var/tmp").expect("tempdir in /var/tmp")
 }
 
 fn fs_type(path: &std::path::Path) -> i64 {
@@ -100,10 +97,7 @@ async fn o_direct_on_disk_and_buffered_on_tmpfs() {
     let accepts = {
         use std::os::unix::fs::OpenOptionsExt;
         let p = t.path().join("probe");
-        let r = std::fs::OpenOptions::new()
-            .read(true).write(true).create(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&p);
+        let r = std::fs::OpenOptions::new().read(true).write(true).create(true).custom_flags(libc::O_DIRECT).open(&p);
         let _ = std::fs::remove_file(&p);
         r.is_ok()
     };
@@ -190,10 +184,10 @@ async fn dirty_marks_flush_and_persistence() {
         s.flush_chunk(id(1), E1).await.expect("flush");
         assert_eq!(s.dirty_chunks(V), vec![ChunkIdx(0)]);
         s.write(id(1), 4096, pattern(2, 4096), seq(3)).await.expect("write");
-        assert_eq!(s.chunks(), vec![
-            ChunkInfo { id: id(0), size: SIZE, dirty: true },
-            ChunkInfo { id: id(1), size: SIZE, dirty: true },
-        ]);
+        assert_eq!(
+            s.chunks(),
+            vec![ChunkInfo { id: id(0), size: SIZE, dirty: true }, ChunkInfo { id: id(1), size: SIZE, dirty: true },]
+        );
         s.flush_volume(V, E1).await.expect("flush volume");
         assert!(s.dirty_chunks(V).is_empty());
         s.write(id(1), 8192, pattern(3, 4096), seq(4)).await.expect("write");

@@ -31,7 +31,7 @@ const MAX_VERSIONS: u64 = 400;
 
 /// Whether piece `k` of version `v` is a trim instead of a write.
 fn trimmed(v: u64, k: u32) -> bool {
-    (v + k as u64) % 7 == 0
+    (v + k as u64).is_multiple_of(7)
 }
 
 /// The content of block `b` at version `v`.
@@ -47,7 +47,7 @@ fn content(b: u32, v: u64) -> Vec<u8> {
 }
 
 fn opts() -> StoreOptions {
-    StoreOptions { direct_io: true, queue_depth: 64 }
+    StoreOptions { direct_io: true, queue_depth: 64, ..StoreOptions::default() }
 }
 
 /// The child: announce, create (idempotent), then write versions base, base+1, ...
@@ -148,7 +148,8 @@ fn crash_kill_rounds() {
         return;
     }
     let dir = tempfile::Builder::new().prefix("chunkstore-crash").tempdir_in("/var/tmp").expect("tempdir");
-    let seed: u64 = std::env::var("CHUNKSTORE_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seed: u64 =
+        std::env::var("CHUNKSTORE_CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("crash test seed {seed} (rerun with CHUNKSTORE_CRASH_SEED={seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
@@ -156,6 +157,16 @@ fn crash_kill_rounds() {
     let mut known = vec![0u64; BLOCKS as usize];
     let mut last_flushed: Option<u64> = None;
     let mut recovered_torn = 0;
+    // The volume's epoch and the chunk exist before the first child runs: a child
+    // killed in round 0 before its own (idempotent) announce and create would
+    // otherwise leave nothing to verify.
+    {
+        let s = ChunkStore::open(dir.path(), opts()).expect("open");
+        rt.block_on(async {
+            s.announce_epoch(V, E).await.expect("announce");
+            s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+        });
+    }
     for round in 0..ROUNDS {
         let base = (round + 1) * 1_000_000;
         // 0..=1 lines kills during open / the first version; more kills later.
@@ -169,7 +180,9 @@ fn crash_kill_rounds() {
         let data = rt
             .block_on(s.read(ID, 0, BLOCKS * BS as u32, E))
             .map_err(|e| match e {
-                StoreError::ChecksumMismatch { block, .. } => format!("round {round}: checksum error at block {}", block.0),
+                StoreError::ChecksumMismatch { block, .. } => {
+                    format!("round {round}: checksum error at block {}", block.0)
+                }
                 e => format!("round {round}: {e}"),
             })
             .expect("read after crash");

@@ -77,7 +77,10 @@ impl LoopFs {
             return Some("not root".into());
         }
         for tool in ["losetup", "mkfs.ext4", "mount", "umount"] {
-            let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
+            let ok = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
             if !ok {
                 return Some(format!("{tool} not found"));
             }
@@ -162,7 +165,10 @@ async fn disk_full_reports_no_space_and_keeps_data() {
         }
     }
     let (failed_at, err) = no_space.expect("the filesystem never filled up");
-    assert!(matches!(&err, StoreError::NoSpace { op: "write", path } if path.extension().is_some_and(|x| x == "data")), "{err:?}");
+    assert!(
+        matches!(&err, StoreError::NoSpace { op: "write", path } if path.extension().is_some_and(|x| x == "data")),
+        "{err:?}"
+    );
     assert!(!written.is_empty());
     // Everything acknowledged still reads back, and the failed range reads without
     // a checksum error (old or new content).

@@ -55,7 +55,7 @@ struct ModelBlock {
 }
 
 fn open(dir: &Path) -> ChunkStore {
-    ChunkStore::open(dir, StoreOptions { direct_io: true, queue_depth: 8 }).expect("open")
+    ChunkStore::open(dir, StoreOptions { direct_io: true, queue_depth: 8, ..StoreOptions::default() }).expect("open")
 }
 
 async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {

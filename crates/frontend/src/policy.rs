@@ -50,7 +50,10 @@ pub enum WriteFailure {
     Fenced(String),
     Invalid(String),
     /// Acknowledging would leave fewer than min-in-sync copies; nobody is ejected.
-    BelowMinInSync { failed: Vec<(NodeId, EjectReason)>, remaining: usize },
+    BelowMinInSync {
+        failed: Vec<(NodeId, EjectReason)>,
+        remaining: usize,
+    },
 }
 
 /// Decides a write's completion from the replies of every replica it was sent
@@ -261,8 +264,20 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                CopyRun { first: BlockIdx(101), count: 1, seq: Seq::new(Epoch(1), 5), sources: vec![A], targets: vec![B, C] },
-                CopyRun { first: BlockIdx(104), count: 1, seq: Seq::new(Epoch(2), 1), sources: vec![A, C], targets: vec![B] },
+                CopyRun {
+                    first: BlockIdx(101),
+                    count: 1,
+                    seq: Seq::new(Epoch(1), 5),
+                    sources: vec![A],
+                    targets: vec![B, C]
+                },
+                CopyRun {
+                    first: BlockIdx(104),
+                    count: 1,
+                    seq: Seq::new(Epoch(2), 1),
+                    sources: vec![A, C],
+                    targets: vec![B]
+                },
             ]
         );
         let tables = vec![(A, vec![ctx(3, 1, 1); 4]), (B, vec![z; 4])];

@@ -80,7 +80,13 @@ impl ReplicaIo for ReplicaClient {
     async fn write_zeroes(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ReplicaError> {
         Ok(ReplicaClient::write_zeroes(self, id, offset, len, seq).await?)
     }
-    async fn context_table(&self, id: ChunkId, first: BlockIdx, count: u32, epoch: Epoch) -> Result<Vec<BlockContext>, ReplicaError> {
+    async fn context_table(
+        &self,
+        id: ChunkId,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+    ) -> Result<Vec<BlockContext>, ReplicaError> {
         Ok(ReplicaClient::context_table(self, id, first, count, epoch).await?)
     }
     async fn create_chunk(&self, id: ChunkId, size: u64, epoch: Epoch) -> Result<(), ReplicaError> {

@@ -66,7 +66,13 @@ pub trait ReplicaIo: Clone + Send + Sync + 'static {
     /// Makes every prior write to any chunk of `volume` durable; clears dirty marks.
     fn flush(&self, volume: VolumeId, epoch: Epoch) -> impl Future<Output = Result<(), ReplicaError>> + Send;
     fn flush_chunk(&self, id: ChunkId, epoch: Epoch) -> impl Future<Output = Result<(), ReplicaError>> + Send;
-    fn trim(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> impl Future<Output = Result<(), ReplicaError>> + Send;
+    fn trim(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        len: u64,
+        seq: Seq,
+    ) -> impl Future<Output = Result<(), ReplicaError>> + Send;
     fn write_zeroes(
         &self,
         id: ChunkId,
@@ -81,11 +87,24 @@ pub trait ReplicaIo: Clone + Send + Sync + 'static {
         count: u32,
         epoch: Epoch,
     ) -> impl Future<Output = Result<Vec<BlockContext>, ReplicaError>> + Send;
-    fn create_chunk(&self, id: ChunkId, size: u64, epoch: Epoch) -> impl Future<Output = Result<(), ReplicaError>> + Send;
+    fn create_chunk(
+        &self,
+        id: ChunkId,
+        size: u64,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<(), ReplicaError>> + Send;
     fn delete_chunk(&self, id: ChunkId, epoch: Epoch) -> impl Future<Output = Result<(), ReplicaError>> + Send;
     /// Returns the node's epoch for the volume after the announce (higher than
     /// `epoch` when a newer front end exists).
-    fn announce_epoch(&self, volume: VolumeId, epoch: Epoch) -> impl Future<Output = Result<Epoch, ReplicaError>> + Send;
-    fn list_dirty(&self, volume: VolumeId, epoch: Epoch) -> impl Future<Output = Result<Vec<ChunkIdx>, ReplicaError>> + Send;
+    fn announce_epoch(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<Epoch, ReplicaError>> + Send;
+    fn list_dirty(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<Vec<ChunkIdx>, ReplicaError>> + Send;
     fn ping(&self) -> impl Future<Output = Result<(), ReplicaError>> + Send;
 }

@@ -48,9 +48,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::info;
 
-use crate::membership::{
-    Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout,
-};
+use crate::membership::{Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
 
 /// The whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,11 +176,7 @@ impl StaticConfig {
                 }
             }
             if set.len() < v.min_in_sync {
-                return Err(format!(
-                    "{what}: {} replicas, fewer than min-in-sync {}",
-                    set.len(),
-                    v.min_in_sync
-                ));
+                return Err(format!("{what}: {} replicas, fewer than min-in-sync {}", set.len(), v.min_in_sync));
             }
             Ok(())
         };
@@ -211,28 +205,15 @@ impl StaticConfig {
     }
 
     fn placement_of(&self, chunk: ChunkIdx) -> &[NodeId] {
-        self.placement
-            .overrides
-            .iter()
-            .find(|o| o.index == chunk)
-            .map_or(&self.placement.nodes[..], |o| &o.nodes[..])
+        self.placement.overrides.iter().find(|o| o.index == chunk).map_or(&self.placement.nodes[..], |o| &o.nodes[..])
     }
 
     /// The chunk's current set: its placement minus its ejections.
     pub fn replica_set(&self, chunk: ChunkIdx) -> ReplicaSet {
-        let ejected: Vec<(NodeId, EjectReason)> = self
-            .state
-            .ejected
-            .iter()
-            .filter(|e| e.chunk == chunk)
-            .map(|e| (e.node, e.reason))
-            .collect();
-        let in_sync = self
-            .placement_of(chunk)
-            .iter()
-            .copied()
-            .filter(|n| !ejected.iter().any(|(e, _)| e == n))
-            .collect();
+        let ejected: Vec<(NodeId, EjectReason)> =
+            self.state.ejected.iter().filter(|e| e.chunk == chunk).map(|e| (e.node, e.reason)).collect();
+        let in_sync =
+            self.placement_of(chunk).iter().copied().filter(|n| !ejected.iter().any(|(e, _)| e == n)).collect();
         ReplicaSet { version: ejected.len() as u64, in_sync, ejected }
     }
 
@@ -245,11 +226,7 @@ impl StaticConfig {
             size: v.size,
             chunk_size: v.chunk_size,
             min_in_sync: v.min_in_sync,
-            nodes: self
-                .nodes
-                .iter()
-                .map(|n| Replica { node: n.id, addr: n.addr, zone: n.zone.clone() })
-                .collect(),
+            nodes: self.nodes.iter().map(|n| Replica { node: n.id, addr: n.addr, zone: n.zone.clone() }).collect(),
             chunks: (0..chunks).map(|c| self.replica_set(ChunkIdx(c))).collect(),
         }
     }
@@ -285,8 +262,7 @@ impl StaticMembership {
             path: path.display().to_string(),
             source,
         })?;
-        let config: StaticConfig =
-            toml::from_str(&text).map_err(|e| config_err(&path, e.to_string()))?;
+        let config: StaticConfig = toml::from_str(&text).map_err(|e| config_err(&path, e.to_string()))?;
         config.validate().map_err(|message| config_err(&path, message))?;
         Ok(StaticMembership { path, config: Mutex::new(config) })
     }
@@ -397,12 +373,7 @@ impl Membership for StaticMembership {
         }
         let remaining = current.in_sync.len() - 1;
         if remaining < config.volume.min_in_sync {
-            return Err(MembershipError::BelowMinInSync {
-                chunk,
-                node,
-                remaining,
-                min: config.volume.min_in_sync,
-            });
+            return Err(MembershipError::BelowMinInSync { chunk, node, remaining, min: config.volume.min_in_sync });
         }
         let mut next = config.clone();
         next.state.ejected.push(Ejection { chunk, node, reason });
@@ -426,13 +397,7 @@ mod tests {
             })
             .collect();
         let mut c = StaticConfig::new(
-            VolumeSpec {
-                id: VolumeId(9),
-                name: "v".into(),
-                size: 10 << 20,
-                chunk_size: 4 << 20,
-                min_in_sync: 2,
-            },
+            VolumeSpec { id: VolumeId(9), name: "v".into(), size: 10 << 20, chunk_size: 4 << 20, min_in_sync: 2 },
             nodes,
             vec![NodeId(1), NodeId(2), NodeId(3)],
         );

@@ -276,9 +276,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     }
 
     fn io(&self, node: NodeId) -> Result<&R, ReplicaError> {
-        self.nodes
-            .get(&node)
-            .ok_or_else(|| ReplicaError::Failed(format!("{node} is not in the volume's node list")))
+        self.nodes.get(&node).ok_or_else(|| ReplicaError::Failed(format!("{node} is not in the volume's node list")))
     }
 
     fn stop_fenced(&self, message: &str) {
@@ -318,8 +316,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             let committed = self.membership.eject(self.id, chunk, set.version, node, reason).await?;
             // Never re-admit a replica this attachment stopped using: keep the
             // intersection (a resync, not a membership answer, brings one back).
-            let in_sync: Vec<NodeId> =
-                committed.in_sync.iter().copied().filter(|n| set.in_sync.contains(n)).collect();
+            let in_sync: Vec<NodeId> = committed.in_sync.iter().copied().filter(|n| set.in_sync.contains(n)).collect();
             let gone = !in_sync.contains(&node);
             let changed = committed.version != set.version;
             *state.set.write().unwrap_or_else(|p| p.into_inner()) =
@@ -406,7 +403,9 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                     warn!(volume = %self.id, %node, reply = ?other, "replica node unreachable or refused the epoch at attach: ejecting it");
                     self.eject_everywhere(node, EjectReason::AttachUnreachable).await?;
                 }
-                other => debug!(volume = %self.id, %node, reply = ?other, "node without in-sync replicas did not take the epoch"),
+                other => {
+                    debug!(volume = %self.id, %node, reply = ?other, "node without in-sync replicas did not take the epoch")
+                }
             }
         }
         Ok(())
@@ -452,14 +451,21 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             info!(volume = %self.id, chunks = dirty.len(), "reconciling chunks left dirty by the previous front end");
         }
         for chunk in dirty {
-            self.reconcile_chunk(chunk).instrument(debug_span!("reconcile", volume = %self.id, chunk = chunk.0)).await?;
+            self.reconcile_chunk(chunk)
+                .instrument(debug_span!("reconcile", volume = %self.id, chunk = chunk.0))
+                .await?;
         }
         Ok(())
     }
 
     /// A replica failed during attach: fenced stops the attach; anything else
     /// ejects it (from `chunk`, or everywhere).
-    async fn attach_failure(&self, node: NodeId, chunk: Option<ChunkIdx>, e: &ReplicaError) -> Result<(), FrontendError> {
+    async fn attach_failure(
+        &self,
+        node: NodeId,
+        chunk: Option<ChunkIdx>,
+        e: &ReplicaError,
+    ) -> Result<(), FrontendError> {
         let reason = match classify(e) {
             Reaction::Stop(_) => return Err(FrontendError::Fenced { node, epoch: self.epoch }),
             Reaction::Eject(r) => r,
@@ -486,7 +492,9 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             }
             let replies = join_all(set.in_sync.iter().map(|&node| async move {
                 let r = match self.io(node) {
-                    Ok(io) => self.call("context_table", io.context_table(id, BlockIdx(first), count, self.epoch)).await,
+                    Ok(io) => {
+                        self.call("context_table", io.context_table(id, BlockIdx(first), count, self.epoch)).await
+                    }
                     Err(e) => Err(e),
                 };
                 (node, r)
@@ -520,7 +528,10 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                     let r = async {
                         let io = self.io(target)?;
                         if missing.contains(&target) {
-                            match self.call("create_chunk", io.create_chunk(id, self.chunk_len(chunk), self.epoch)).await {
+                            match self
+                                .call("create_chunk", io.create_chunk(id, self.chunk_len(chunk), self.epoch))
+                                .await
+                            {
                                 Ok(()) | Err(ReplicaError::ChunkExists) => {}
                                 Err(e) => return Err(e),
                             }
@@ -562,7 +573,13 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         Ok(())
     }
 
-    async fn read_from_any(&self, id: ChunkId, offset: u64, len: u32, sources: &[NodeId]) -> Result<Bytes, FrontendError> {
+    async fn read_from_any(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        len: u32,
+        sources: &[NodeId],
+    ) -> Result<Bytes, FrontendError> {
         let mut last = String::from("no source replica");
         for &node in sources {
             let r = match self.io(node) {
@@ -614,7 +631,15 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
 
     /// One replica's write; creates the chunk on first touch (thin provisioning)
     /// and retries once.
-    async fn write_one(&self, node: NodeId, id: ChunkId, offset: u64, data: Bytes, seq: Seq, fua: bool) -> Result<(), ReplicaError> {
+    async fn write_one(
+        &self,
+        node: NodeId,
+        id: ChunkId,
+        offset: u64,
+        data: Bytes,
+        seq: Seq,
+        fua: bool,
+    ) -> Result<(), ReplicaError> {
         let io = self.io(node)?;
         match self.call("write", io.write(id, offset, data.clone(), seq, fua)).await {
             Err(ReplicaError::NoSuchChunk) => {
@@ -795,7 +820,9 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         let seq = self.next_seq();
         let pieces = policy::split(offset, len, self.chunk_size);
         let results = join_all(
-            pieces.iter().map(|&p| self.zero_piece(p, seq, trim, fua).instrument(debug_span!("chunk", chunk = p.chunk.0))),
+            pieces
+                .iter()
+                .map(|&p| self.zero_piece(p, seq, trim, fua).instrument(debug_span!("chunk", chunk = p.chunk.0))),
         )
         .await;
         results.into_iter().collect::<Result<(), BlockError>>()?;

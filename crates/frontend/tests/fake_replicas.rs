@@ -203,7 +203,10 @@ async fn hung_replica_times_out_and_is_ejected() {
     let v = attach(&c, None).await;
     c.replica(3).with(|s| s.hang = true);
     v.write(0, pattern(4096, 6), false).await.unwrap();
-    assert!(c.log.position(|e| *e == Event::Eject { node: NodeId(3), chunk: 0, reason: EjectReason::Timeout }).is_some());
+    assert!(c
+        .log
+        .position(|e| *e == Event::Eject { node: NodeId(3), chunk: 0, reason: EjectReason::Timeout })
+        .is_some());
 }
 
 #[tokio::test]
@@ -232,7 +235,10 @@ async fn attach_ejects_an_unreachable_node_before_io() {
     let v = attach(&c, None).await;
     for chunk in 0..4 {
         assert_eq!(v.replica_set(ChunkIdx(chunk)).unwrap().in_sync, vec![NodeId(1), NodeId(2)]);
-        assert!(c.log.position(|e| *e == Event::Eject { node: NodeId(3), chunk, reason: EjectReason::AttachUnreachable }).is_some());
+        assert!(c
+            .log
+            .position(|e| *e == Event::Eject { node: NodeId(3), chunk, reason: EjectReason::AttachUnreachable })
+            .is_some());
     }
     let first_write = c.log.position(|e| matches!(e, Event::Write { .. }));
     assert!(first_write.is_none(), "no I/O during attach");

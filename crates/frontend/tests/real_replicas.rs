@@ -51,7 +51,8 @@ type Vol = Volume<Arc<StaticMembership>, ReplicaClient>;
 
 async fn attach(path: &Path) -> Arc<Vol> {
     let m = Arc::new(StaticMembership::load(path).unwrap());
-    let client = ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) };
+    let client =
+        ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) };
     let opts = VolumeOptions { local_node: Some(NodeId(1)), io_timeout: Duration::from_secs(5), ..Default::default() };
     Volume::attach(m, tcp_connector(client), VOL, opts).await.expect("attach")
 }
@@ -103,8 +104,11 @@ async fn killed_replica_is_ejected_and_io_continues() {
     let cfg = StaticMembership::load(&path).unwrap().config().await;
     assert_eq!(cfg.state.epoch, Epoch(1));
     assert_eq!(cfg.state.ejected.len(), 8);
-    assert!(cfg.state.ejected.iter().all(|e| e.node == NodeId(3)
-        && matches!(e.reason, EjectReason::Transport | EjectReason::Timeout)));
+    assert!(cfg
+        .state
+        .ejected
+        .iter()
+        .all(|e| e.node == NodeId(3) && matches!(e.reason, EjectReason::Transport | EjectReason::Timeout)));
     let layout = cfg.layout();
     assert!(layout.chunks.iter().all(|s| s.in_sync == vec![NodeId(1), NodeId(2)] && s.version == 1));
 }
@@ -166,13 +170,24 @@ async fn reattach_reconciles_a_write_that_reached_one_replica() {
     drop(old);
 
     let new = attach(&path).await;
-    let expected = [pattern(16384, 1).slice(0..4096).to_vec(), pattern(8192, 9).to_vec(), pattern(16384, 1).slice(12288..).to_vec()].concat();
+    let expected = [
+        pattern(16384, 1).slice(0..4096).to_vec(),
+        pattern(8192, 9).to_vec(),
+        pattern(16384, 1).slice(12288..).to_vec(),
+    ]
+    .concat();
     assert_eq!(new.stats().reconciled_blocks, 2);
-    let clients: Vec<ReplicaClient> = nodes.iter().map(|n| ReplicaClient::new(n.addr, ClientOptions::default())).collect();
+    let clients: Vec<ReplicaClient> =
+        nodes.iter().map(|n| ReplicaClient::new(n.addr, ClientOptions::default())).collect();
     let table0 = clients[0].context_table(id, BlockIdx(0), 4, new.epoch()).await.unwrap();
     for (i, c) in clients.iter().enumerate() {
         assert_eq!(c.read(id, 0, 16384, new.epoch()).await.unwrap().to_vec(), expected, "node {}", i + 1);
-        assert_eq!(c.context_table(id, BlockIdx(0), 4, new.epoch()).await.unwrap(), table0, "contexts agree on node {}", i + 1);
+        assert_eq!(
+            c.context_table(id, BlockIdx(0), 4, new.epoch()).await.unwrap(),
+            table0,
+            "contexts agree on node {}",
+            i + 1
+        );
         assert!(c.list_dirty(VOL, new.epoch()).await.unwrap().is_empty(), "clean after reconcile on node {}", i + 1);
     }
     assert_eq!(new.read(0, 16384).await.unwrap().to_vec(), expected);

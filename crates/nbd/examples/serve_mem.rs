@@ -14,9 +14,7 @@ use tokio::net::{TcpListener, UnixListener};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:10810".into());
-    let sock = args
-        .next()
-        .unwrap_or_else(|| "/tmp/ballast-nbd-mem.sock".into());
+    let sock = args.next().unwrap_or_else(|| "/tmp/ballast-nbd-mem.sock".into());
     let mib: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1024);
     let dev = Arc::new(MemDev::new(mib << 20, 4096));
     let server = NbdServer::new(
@@ -27,16 +25,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tcp = TcpListener::bind(&addr).await?;
     let unix = UnixListener::bind(&sock)?;
     let addr = tcp.local_addr()?;
-    println!(
-        "serving export \"mem\" ({mib} MiB) on nbd://{addr}/mem and nbd+unix:///mem?socket={sock}"
-    );
+    println!("serving export \"mem\" ({mib} MiB) on nbd://{addr}/mem and nbd+unix:///mem?socket={sock}");
     let ctrl_c = || async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    let (a, b) = tokio::join!(
-        server.serve_tcp(tcp, ctrl_c()),
-        server.serve_unix(unix, ctrl_c())
-    );
+    let (a, b) = tokio::join!(server.serve_tcp(tcp, ctrl_c()), server.serve_unix(unix, ctrl_c()));
     a?;
     b?;
     Ok(())

@@ -69,27 +69,14 @@ impl Drop for NbdClient {
 
 impl NbdClient {
     pub async fn connect_tcp(addr: impl ToSocketAddrs, export: &str) -> Result<Self, NbdError> {
-        let s = TcpStream::connect(addr)
-            .await
-            .map_err(|source| NbdError::Io {
-                op: "connect",
-                source,
-            })?;
-        s.set_nodelay(true).map_err(|source| NbdError::Io {
-            op: "connect",
-            source,
-        })?;
+        let s = TcpStream::connect(addr).await.map_err(|source| NbdError::Io { op: "connect", source })?;
+        s.set_nodelay(true).map_err(|source| NbdError::Io { op: "connect", source })?;
         let (r, w) = s.into_split();
         Self::handshake(r, w, export).await
     }
 
     pub async fn connect_unix(path: impl AsRef<Path>, export: &str) -> Result<Self, NbdError> {
-        let s = UnixStream::connect(path)
-            .await
-            .map_err(|source| NbdError::Io {
-                op: "connect",
-                source,
-            })?;
+        let s = UnixStream::connect(path).await.map_err(|source| NbdError::Io { op: "connect", source })?;
         let (r, w) = s.into_split();
         Self::handshake(r, w, export).await
     }
@@ -104,31 +91,21 @@ impl NbdClient {
         let io = |op: &'static str| move |source| NbdError::Io { op, source };
         let mut r = BufReader::new(r);
         let mut greeting = [0u8; proto::GREETING_LEN];
-        r.read_exact(&mut greeting)
-            .await
-            .map_err(io("read greeting"))?;
+        r.read_exact(&mut greeting).await.map_err(io("read greeting"))?;
         let magic = u64::from_be_bytes(greeting[0..8].try_into().unwrap_or_default());
         let opt = u64::from_be_bytes(greeting[8..16].try_into().unwrap_or_default());
         let hflags = u16::from_be_bytes([greeting[16], greeting[17]]);
         if magic != proto::NBDMAGIC || opt != proto::IHAVEOPT {
-            return Err(NbdError::ServerProtocol(format!(
-                "not a newstyle NBD greeting: {magic:#x} {opt:#x}"
-            )));
+            return Err(NbdError::ServerProtocol(format!("not a newstyle NBD greeting: {magic:#x} {opt:#x}")));
         }
         if hflags & proto::FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(NbdError::ServerProtocol(
-                "server does not speak fixed newstyle".into(),
-            ));
+            return Err(NbdError::ServerProtocol("server does not speak fixed newstyle".into()));
         }
         let mut cflags = proto::FLAG_C_FIXED_NEWSTYLE;
         if hflags & proto::FLAG_NO_ZEROES != 0 {
             cflags |= proto::FLAG_C_NO_ZEROES;
         }
-        let requests = [
-            proto::INFO_BLOCK_SIZE,
-            proto::INFO_NAME,
-            proto::INFO_DESCRIPTION,
-        ];
+        let requests = [proto::INFO_BLOCK_SIZE, proto::INFO_NAME, proto::INFO_DESCRIPTION];
         let mut msg = Vec::new();
         msg.extend_from_slice(&cflags.to_be_bytes());
         msg.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -155,27 +132,19 @@ impl NbdClient {
         let mut have_export = false;
         loop {
             let mut head = [0u8; 20];
-            r.read_exact(&mut head)
-                .await
-                .map_err(io("read option reply"))?;
+            r.read_exact(&mut head).await.map_err(io("read option reply"))?;
             let magic = u64::from_be_bytes(head[0..8].try_into().unwrap_or_default());
             let option = u32::from_be_bytes(head[8..12].try_into().unwrap_or_default());
             let reply = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
             let len = u32::from_be_bytes(head[16..20].try_into().unwrap_or_default()) as usize;
             if magic != proto::OPT_REPLY_MAGIC || option != proto::OPT_GO {
-                return Err(NbdError::ServerProtocol(format!(
-                    "bad option reply {magic:#x} for option {option}"
-                )));
+                return Err(NbdError::ServerProtocol(format!("bad option reply {magic:#x} for option {option}")));
             }
             if len > 1 << 20 {
-                return Err(NbdError::ServerProtocol(format!(
-                    "option reply of {len} bytes"
-                )));
+                return Err(NbdError::ServerProtocol(format!("option reply of {len} bytes")));
             }
             let mut data = vec![0u8; len];
-            r.read_exact(&mut data)
-                .await
-                .map_err(io("read option reply"))?;
+            r.read_exact(&mut data).await.map_err(io("read option reply"))?;
             match reply {
                 proto::REP_ACK => break,
                 proto::REP_INFO if data.len() >= 2 => {
@@ -188,17 +157,12 @@ impl NbdClient {
                             have_export = true;
                         }
                         proto::INFO_BLOCK_SIZE if d.len() == 12 => {
-                            info.min_block =
-                                u32::from_be_bytes(d[0..4].try_into().unwrap_or_default());
-                            info.preferred_block =
-                                u32::from_be_bytes(d[4..8].try_into().unwrap_or_default());
-                            info.max_payload =
-                                u32::from_be_bytes(d[8..12].try_into().unwrap_or_default());
+                            info.min_block = u32::from_be_bytes(d[0..4].try_into().unwrap_or_default());
+                            info.preferred_block = u32::from_be_bytes(d[4..8].try_into().unwrap_or_default());
+                            info.max_payload = u32::from_be_bytes(d[8..12].try_into().unwrap_or_default());
                         }
                         proto::INFO_NAME => info.name = String::from_utf8_lossy(d).into_owned(),
-                        proto::INFO_DESCRIPTION => {
-                            info.description = Some(String::from_utf8_lossy(d).into_owned())
-                        }
+                        proto::INFO_DESCRIPTION => info.description = Some(String::from_utf8_lossy(d).into_owned()),
                         _ => {} // the protocol says: ignore what we do not understand
                     }
                 }
@@ -209,17 +173,11 @@ impl NbdClient {
                         message: String::from_utf8_lossy(&data).into_owned(),
                     });
                 }
-                other => {
-                    return Err(NbdError::ServerProtocol(format!(
-                        "unexpected option reply type {other}"
-                    )))
-                }
+                other => return Err(NbdError::ServerProtocol(format!("unexpected option reply type {other}"))),
             }
         }
         if !have_export {
-            return Err(NbdError::ServerProtocol(
-                "NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into(),
-            ));
+            return Err(NbdError::ServerProtocol("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into()));
         }
         if !info.min_block.is_power_of_two() || info.max_payload < info.min_block {
             return Err(NbdError::ServerProtocol(format!(
@@ -227,10 +185,7 @@ impl NbdClient {
                 info.min_block, info.max_payload
             )));
         }
-        let pending = Arc::new(Mutex::new(PendingState {
-            waiters: HashMap::new(),
-            closed: false,
-        }));
+        let pending = Arc::new(Mutex::new(PendingState { waiters: HashMap::new(), closed: false }));
         let reader = tokio::spawn(read_replies(r, pending.clone()));
         Ok(NbdClient {
             info,
@@ -266,14 +221,7 @@ impl NbdClient {
             let read_len = if cmd == proto::CMD_READ { len } else { 0 };
             p.waiters.insert(cookie, Waiter { read_len, tx });
         }
-        let header = Request {
-            flags,
-            cmd,
-            cookie,
-            offset,
-            len,
-        }
-        .encode();
+        let header = Request { flags, cmd, cookie, offset, len }.encode();
         let sent = async {
             let mut w = self.writer.lock().await;
             w.write_all(&header).await?;
@@ -284,26 +232,13 @@ impl NbdClient {
         }
         .await;
         if let Err(source) = sent {
-            self.pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .waiters
-                .remove(&cookie);
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).waiters.remove(&cookie);
             // The server hung up: report it like the reader does, whichever notices first.
             let gone = matches!(
                 source.kind(),
-                std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::NotConnected
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::NotConnected
             );
-            return Err(if gone {
-                NbdError::Closed
-            } else {
-                NbdError::Io {
-                    op: "send request",
-                    source,
-                }
-            });
+            return Err(if gone { NbdError::Closed } else { NbdError::Io { op: "send request", source } });
         }
         rx.await.unwrap_or(Err(NbdError::Closed))
     }
@@ -311,19 +246,9 @@ impl NbdClient {
     /// Soft disconnect: NBD_CMD_DISC, then close our side. Wait for in-flight
     /// requests first; the server answers them but this client no longer listens.
     pub async fn disconnect(&self) -> Result<(), NbdError> {
-        let header = Request {
-            flags: 0,
-            cmd: proto::CMD_DISC,
-            cookie: 0,
-            offset: 0,
-            len: 0,
-        }
-        .encode();
+        let header = Request { flags: 0, cmd: proto::CMD_DISC, cookie: 0, offset: 0, len: 0 }.encode();
         let mut w = self.writer.lock().await;
-        let io = |source| NbdError::Io {
-            op: "send disconnect",
-            source,
-        };
+        let io = |source| NbdError::Io { op: "send disconnect", source };
         w.write_all(&header).await.map_err(io)?;
         w.flush().await.map_err(io)?;
         w.shutdown().await.map_err(io)
@@ -359,9 +284,7 @@ fn to_block_error(e: NbdError, offset: u64, len: u64, max: u64) -> BlockError {
             proto::ENOSPC => BlockError::NoSpace("NBD server replied ENOSPC".into()),
             proto::EOVERFLOW => BlockError::TooLarge { len, max },
             proto::ESHUTDOWN => BlockError::Shutdown,
-            other => BlockError::Io(format!(
-                "NBD server replied errno {other} to [{offset}, +{len})"
-            )),
+            other => BlockError::Io(format!("NBD server replied errno {other} to [{offset}, +{len})")),
         },
         NbdError::Closed => BlockError::Shutdown,
         other => BlockError::Io(other.to_string()),
@@ -411,9 +334,7 @@ impl BlockDev for NbdClient {
         if !self.has(proto::FLAG_SEND_FLUSH) {
             return Err(BlockError::Io("NBD server does not support flush".into()));
         }
-        self.request(proto::CMD_FLUSH, 0, 0, 0, Bytes::new())
-            .await
-            .map_err(|e| to_block_error(e, 0, 0, 0))?;
+        self.request(proto::CMD_FLUSH, 0, 0, 0, Bytes::new()).await.map_err(|e| to_block_error(e, 0, 0, 0))?;
         Ok(())
     }
 
@@ -438,15 +359,9 @@ impl BlockDev for NbdClient {
         self.check(offset, len, u64::MAX)?;
         self.check_writable()?;
         if !self.has(proto::FLAG_SEND_WRITE_ZEROES) {
-            return Err(BlockError::Io(
-                "NBD server does not support write zeroes".into(),
-            ));
+            return Err(BlockError::Io("NBD server does not support write zeroes".into()));
         }
-        let flags = if fua && self.has(proto::FLAG_SEND_FUA) {
-            proto::CMD_FLAG_FUA
-        } else {
-            0
-        };
+        let flags = if fua && self.has(proto::FLAG_SEND_FUA) { proto::CMD_FLAG_FUA } else { 0 };
         let (mut at, end) = (offset, offset + len);
         while at < end {
             let n = (end - at).min(self.max_effect());
@@ -464,10 +379,7 @@ impl BlockDev for NbdClient {
 
 /// Demultiplexes replies to their waiters until the connection ends, then fails
 /// every request still waiting.
-async fn read_replies<R: AsyncRead + Unpin>(
-    mut r: BufReader<R>,
-    pending: Arc<Mutex<PendingState>>,
-) {
+async fn read_replies<R: AsyncRead + Unpin>(mut r: BufReader<R>, pending: Arc<Mutex<PendingState>>) {
     let reason = loop {
         let mut head = [0u8; proto::SIMPLE_REPLY_LEN];
         if let Err(e) = r.read_exact(&mut head).await {
@@ -477,11 +389,7 @@ async fn read_replies<R: AsyncRead + Unpin>(
             Ok(v) => v,
             Err(magic) => break format!("bad reply magic {magic:#x}"),
         };
-        let waiter = pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .waiters
-            .remove(&cookie);
+        let waiter = pending.lock().unwrap_or_else(|e| e.into_inner()).waiters.remove(&cookie);
         let Some(waiter) = waiter else {
             break format!("reply for unknown cookie {cookie}");
         };

@@ -54,11 +54,7 @@ pub enum NbdError {
     #[error("write of {len} bytes exceeds the maximum payload of {max}; the stream cannot be resynchronised")]
     PayloadTooLarge { len: u32, max: u32 },
     #[error("server refused option {option} with reply {reply:#x}: {message}")]
-    OptionRefused {
-        option: u32,
-        reply: u32,
-        message: String,
-    },
+    OptionRefused { option: u32, reply: u32, message: String },
     #[error("server broke the protocol: {0}")]
     ServerProtocol(String),
     #[error("request failed with NBD error {errno}")]

@@ -195,10 +195,7 @@ mod tests {
     fn greeting_golden_bytes() {
         assert_eq!(
             greeting(),
-            [
-                b'N', b'B', b'D', b'M', b'A', b'G', b'I', b'C', b'I', b'H', b'A', b'V', b'E', b'O',
-                b'P', b'T', 0, 3
-            ]
+            [b'N', b'B', b'D', b'M', b'A', b'G', b'I', b'C', b'I', b'H', b'A', b'V', b'E', b'O', b'P', b'T', 0, 3]
         );
     }
 
@@ -212,20 +209,12 @@ mod tests {
 
     #[test]
     fn request_golden_bytes_and_round_trip() {
-        let r = Request {
-            flags: CMD_FLAG_FUA,
-            cmd: CMD_WRITE,
-            cookie: 0x0102_0304_0506_0708,
-            offset: 0x1000,
-            len: 0x2000,
-        };
+        let r =
+            Request { flags: CMD_FLAG_FUA, cmd: CMD_WRITE, cookie: 0x0102_0304_0506_0708, offset: 0x1000, len: 0x2000 };
         let b = r.encode();
         assert_eq!(
             b,
-            [
-                0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10,
-                0, 0, 0, 0x20, 0
-            ]
+            [0x25, 0x60, 0x95, 0x13, 0, 1, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0x20, 0]
         );
         assert_eq!(Request::decode(&b), Ok(r));
         let mut bad = b;
@@ -236,10 +225,7 @@ mod tests {
     #[test]
     fn simple_reply_golden_bytes_and_round_trip() {
         let b = simple_reply(EINVAL, 42);
-        assert_eq!(
-            b,
-            [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 42]
-        );
+        assert_eq!(b, [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 22, 0, 0, 0, 0, 0, 0, 0, 42]);
         assert_eq!(decode_simple_reply(&b), Ok((EINVAL, 42)));
     }
 }

@@ -47,12 +47,7 @@ pub struct Export<B> {
 impl<B: BlockDev> Export<B> {
     /// A writable export with no description.
     pub fn new(name: impl Into<String>, dev: Arc<B>) -> Self {
-        Export {
-            name: name.into(),
-            description: String::new(),
-            dev,
-            read_only: false,
-        }
+        Export { name: name.into(), description: String::new(), dev, read_only: false }
     }
 
     pub fn with_description(mut self, description: impl Into<String>) -> Self {
@@ -130,9 +125,7 @@ pub struct NbdServer<B> {
 
 impl<B> Clone for NbdServer<B> {
     fn clone(&self) -> Self {
-        NbdServer {
-            shared: self.shared.clone(),
-        }
+        NbdServer { shared: self.shared.clone() }
     }
 }
 
@@ -141,9 +134,7 @@ impl<B: BlockDev> NbdServer<B> {
     /// each export's advertised size constraints.
     pub fn new(exports: Vec<Export<B>>, opts: NbdOptions) -> Result<Self, NbdError> {
         if exports.is_empty() {
-            return Err(NbdError::Config(
-                "an NBD server needs at least one export".into(),
-            ));
+            return Err(NbdError::Config("an NBD server needs at least one export".into()));
         }
         if opts.max_in_flight == 0 {
             return Err(NbdError::Config("max_in_flight must be at least 1".into()));
@@ -151,10 +142,7 @@ impl<B: BlockDev> NbdServer<B> {
         let mut served: Vec<Served<B>> = Vec::with_capacity(exports.len());
         for e in exports {
             if served.iter().any(|s| s.name == e.name) {
-                return Err(NbdError::Config(format!(
-                    "export name {:?} is used twice",
-                    e.name
-                )));
+                return Err(NbdError::Config(format!("export name {:?} is used twice", e.name)));
             }
             if e.name.len() > proto::MAX_NAME_LEN || e.description.len() > proto::MAX_NAME_LEN {
                 return Err(NbdError::Config(format!(
@@ -187,20 +175,14 @@ impl<B: BlockDev> NbdServer<B> {
                     opts.max_payload.min(dev_max)
                 )));
             }
-            let preferred = opts
-                .preferred_block_size
-                .max(bs)
-                .next_power_of_two()
-                .min(max_payload.max(bs));
-            let mut flags =
-                proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH | proto::FLAG_CAN_MULTI_CONN;
+            let preferred = opts.preferred_block_size.max(bs).next_power_of_two().min(max_payload.max(bs));
+            let mut flags = proto::FLAG_HAS_FLAGS | proto::FLAG_SEND_FLUSH | proto::FLAG_CAN_MULTI_CONN;
             // CAN_MULTI_CONN is sound because the device is one consistent object shared by
             // every connection, and a flush on any connection covers writes from all of them.
             if e.read_only {
                 flags |= proto::FLAG_READ_ONLY;
             } else {
-                flags |=
-                    proto::FLAG_SEND_FUA | proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES;
+                flags |= proto::FLAG_SEND_FUA | proto::FLAG_SEND_TRIM | proto::FLAG_SEND_WRITE_ZEROES;
             }
             served.push(Served {
                 name: e.name,
@@ -215,12 +197,7 @@ impl<B: BlockDev> NbdServer<B> {
                 flags,
             });
         }
-        Ok(NbdServer {
-            shared: Arc::new(Shared {
-                exports: served,
-                opts,
-            }),
-        })
+        Ok(NbdServer { shared: Arc::new(Shared { exports: served, opts }) })
     }
 
     /// Serves clients from `listener` until `shutdown` resolves; then stops
@@ -264,9 +241,7 @@ impl<B: BlockDev> NbdServer<B> {
         let (r, w) = tokio::io::split(stream);
         // A sender kept alive for the call, so the connection never sees a shutdown.
         let (_stop_tx, stop_rx) = watch::channel(false);
-        self.clone()
-            .connection(r, w, peer.to_string(), stop_rx)
-            .await
+        self.clone().connection(r, w, peer.to_string(), stop_rx).await
     }
 
     async fn serve_loop<F, Fut, R, W>(
@@ -313,10 +288,7 @@ impl<B: BlockDev> NbdServer<B> {
                 },
             }
         };
-        info!(
-            connections = conns.len(),
-            "nbd server stopping; draining connections"
-        );
+        info!(connections = conns.len(), "nbd server stopping; draining connections");
         let _ = stop_tx.send(true);
         while let Some(done) = conns.join_next().await {
             if let Err(e) = done {
@@ -328,13 +300,7 @@ impl<B: BlockDev> NbdServer<B> {
     }
 
     /// One client from greeting to close, inside its connection span.
-    async fn connection<R, W>(
-        self,
-        r: R,
-        w: W,
-        peer: String,
-        stop: watch::Receiver<bool>,
-    ) -> Result<(), NbdError>
+    async fn connection<R, W>(self, r: R, w: W, peer: String, stop: watch::Receiver<bool>) -> Result<(), NbdError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -353,12 +319,7 @@ impl<B: BlockDev> NbdServer<B> {
         .await
     }
 
-    async fn connection_inner<R, W>(
-        &self,
-        r: R,
-        mut w: W,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<(), NbdError>
+    async fn connection_inner<R, W>(&self, r: R, mut w: W, mut stop: watch::Receiver<bool>) -> Result<(), NbdError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -378,11 +339,7 @@ impl<B: BlockDev> NbdServer<B> {
         };
         let export = &self.shared.exports[idx];
         Span::current().record("export", export.name.as_str());
-        info!(
-            size = export.size,
-            read_only = export.read_only,
-            "nbd transmission started"
-        );
+        info!(size = export.size, read_only = export.read_only, "nbd transmission started");
         self.transmission(idx, r, w, stop).await
     }
 
@@ -394,15 +351,11 @@ impl<B: BlockDev> NbdServer<B> {
         W: AsyncWrite + Unpin,
     {
         let io = |op: &'static str| move |source| NbdError::Io { op, source };
-        w.write_all(&proto::greeting())
-            .await
-            .map_err(io("send greeting"))?;
+        w.write_all(&proto::greeting()).await.map_err(io("send greeting"))?;
         w.flush().await.map_err(io("send greeting"))?;
         let client_flags = r.read_u32().await.map_err(io("read client flags"))?;
         if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
-            return Err(NbdError::ClientFlags {
-                flags: client_flags,
-            });
+            return Err(NbdError::ClientFlags { flags: client_flags });
         }
         let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
         loop {
@@ -410,35 +363,24 @@ impl<B: BlockDev> NbdServer<B> {
             r.read_exact(&mut head).await.map_err(io("read option"))?;
             let magic = u64::from_be_bytes(head[0..8].try_into().unwrap_or_default());
             if magic != proto::IHAVEOPT {
-                return Err(NbdError::BadMagic {
-                    phase: "option header",
-                    got: magic,
-                });
+                return Err(NbdError::BadMagic { phase: "option header", got: magic });
             }
             let option = u32::from_be_bytes(head[8..12].try_into().unwrap_or_default());
             let len = u32::from_be_bytes(head[12..16].try_into().unwrap_or_default());
             // Every legal option fits easily; a longer one is garbage or an attack, and
             // skipping it would mean reading unbounded data from an unknown client.
             if len as usize > MAX_OPTION_LEN {
-                return Err(NbdError::OptionTooLong {
-                    option,
-                    len,
-                    max: MAX_OPTION_LEN,
-                });
+                return Err(NbdError::OptionTooLong { option, len, max: MAX_OPTION_LEN });
             }
             let mut data = vec![0u8; len as usize];
-            r.read_exact(&mut data)
-                .await
-                .map_err(io("read option data"))?;
+            r.read_exact(&mut data).await.map_err(io("read option data"))?;
             debug!(option, len, "nbd option");
             let mut replies = OptionReplies::new(option);
             let outcome = match option {
                 proto::OPT_EXPORT_NAME => {
                     let idx = self
                         .find_export(&data)
-                        .ok_or_else(|| NbdError::UnknownExport {
-                            name: String::from_utf8_lossy(&data).into_owned(),
-                        })?;
+                        .ok_or_else(|| NbdError::UnknownExport { name: String::from_utf8_lossy(&data).into_owned() })?;
                     let e = &self.shared.exports[idx];
                     let mut b = Vec::with_capacity(134);
                     b.extend_from_slice(&e.size.to_be_bytes());
@@ -531,10 +473,7 @@ impl<B: BlockDev> NbdServer<B> {
         if name.is_empty() {
             return Some(0);
         }
-        self.shared
-            .exports
-            .iter()
-            .position(|e| e.name.as_bytes() == name)
+        self.shared.exports.iter().position(|e| e.name.as_bytes() == name)
     }
 
     async fn transmission<R, W>(
@@ -559,16 +498,11 @@ impl<B: BlockDev> NbdServer<B> {
             read_only: e.read_only,
         });
         let count = Arc::new(Semaphore::new(opts.max_in_flight));
-        let byte_budget = opts
-            .max_in_flight_bytes
-            .max(e.max_payload as usize)
-            .min(Semaphore::MAX_PERMITS);
+        let byte_budget = opts.max_in_flight_bytes.max(e.max_payload as usize).min(Semaphore::MAX_PERMITS);
         let bytes = Arc::new(Semaphore::new(byte_budget));
         // Never full: every queued reply holds a count permit.
         let (tx, rx) = mpsc::channel::<Reply>(opts.max_in_flight);
-        let writer = tokio::spawn(
-            write_replies(BufWriter::with_capacity(256 << 10, w), rx).in_current_span(),
-        );
+        let writer = tokio::spawn(write_replies(BufWriter::with_capacity(256 << 10, w), rx).in_current_span());
 
         let outcome: Result<(), NbdError> = loop {
             if tx.is_closed() {
@@ -595,12 +529,7 @@ impl<B: BlockDev> NbdServer<B> {
             }
             let req = match Request::decode(&head) {
                 Ok(req) => req,
-                Err(got) => {
-                    break Err(NbdError::BadMagic {
-                        phase: "request header",
-                        got: u64::from(got),
-                    })
-                }
+                Err(got) => break Err(NbdError::BadMagic { phase: "request header", got: u64::from(got) }),
             };
             if req.cmd == proto::CMD_DISC {
                 debug!("client sent NBD_CMD_DISC");
@@ -616,29 +545,18 @@ impl<B: BlockDev> NbdServer<B> {
             let Ok(byte_permit) = bytes.clone().acquire_many_owned(payload_len).await else {
                 break Ok(());
             };
-            let permits = Permits {
-                _count: count_permit,
-                _bytes: byte_permit,
-            };
+            let permits = Permits { _count: count_permit, _bytes: byte_permit };
             let mut payload = Bytes::new();
             if req.cmd == proto::CMD_WRITE {
                 if req.len > ctx.max_payload {
                     // The payload cannot be skipped safely (up to 4 GiB of unknown data): reply
                     // and end the session, as the protocol allows for a broken MUST.
-                    let _ = tx
-                        .send(Reply::error(req.cookie, proto::EINVAL, permits))
-                        .await;
-                    break Err(NbdError::PayloadTooLarge {
-                        len: req.len,
-                        max: ctx.max_payload,
-                    });
+                    let _ = tx.send(Reply::error(req.cookie, proto::EINVAL, permits)).await;
+                    break Err(NbdError::PayloadTooLarge { len: req.len, max: ctx.max_payload });
                 }
                 let mut buf = BytesMut::zeroed(req.len as usize);
                 if let Err(source) = r.read_exact(&mut buf).await {
-                    break Err(NbdError::Io {
-                        op: "read write payload",
-                        source,
-                    });
+                    break Err(NbdError::Io { op: "read write payload", source });
                 }
                 payload = buf.freeze();
             }
@@ -672,12 +590,7 @@ impl<B: BlockDev> NbdServer<B> {
                     let reply = match ctx.execute(op).await {
                         Ok(data) => {
                             debug!("done");
-                            Reply {
-                                cookie: req.cookie,
-                                error: 0,
-                                data,
-                                _permits: permits,
-                            }
+                            Reply { cookie: req.cookie, error: 0, data, _permits: permits }
                         }
                         Err(e) => {
                             debug!(error = %e, "failed");
@@ -696,10 +609,7 @@ impl<B: BlockDev> NbdServer<B> {
         outcome?;
         match written {
             Ok(res) => res,
-            Err(join) => Err(NbdError::Io {
-                op: "send reply",
-                source: io::Error::other(join.to_string()),
-            }),
+            Err(join) => Err(NbdError::Io { op: "send reply", source: io::Error::other(join.to_string()) }),
         }
     }
 }
@@ -736,12 +646,7 @@ fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     if rest.len() != 2 * n {
         return None;
     }
-    Some((
-        name,
-        rest.chunks_exact(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]))
-            .collect(),
-    ))
+    Some((name, rest.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect()))
 }
 
 /// Replies to one option, sent together.
@@ -752,26 +657,16 @@ struct OptionReplies {
 
 impl OptionReplies {
     fn new(option: u32) -> Self {
-        OptionReplies {
-            option,
-            buf: Vec::new(),
-        }
+        OptionReplies { option, buf: Vec::new() }
     }
 
     fn push(&mut self, reply: u32, data: &[u8]) {
-        self.buf.extend_from_slice(&proto::option_reply_header(
-            self.option,
-            reply,
-            data.len() as u32,
-        ));
+        self.buf.extend_from_slice(&proto::option_reply_header(self.option, reply, data.len() as u32));
         self.buf.extend_from_slice(data);
     }
 
     async fn send<W: AsyncWrite + Unpin>(&self, w: &mut W) -> Result<(), NbdError> {
-        let io = |source| NbdError::Io {
-            op: "send option reply",
-            source,
-        };
+        let io = |source| NbdError::Io { op: "send option reply", source };
         w.write_all(&self.buf).await.map_err(io)?;
         w.flush().await.map_err(io)
     }
@@ -794,12 +689,7 @@ struct Reply {
 
 impl Reply {
     fn error(cookie: u64, error: u32, permits: Permits) -> Self {
-        Reply {
-            cookie,
-            error,
-            data: Bytes::new(),
-            _permits: permits,
-        }
+        Reply { cookie, error, data: Bytes::new(), _permits: permits }
     }
 }
 
@@ -813,8 +703,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     while let Some(reply) = rx.recv().await {
         if failed.is_none() {
             let res = async {
-                w.write_all(&proto::simple_reply(reply.error, reply.cookie))
-                    .await?;
+                w.write_all(&proto::simple_reply(reply.error, reply.cookie)).await?;
                 if !reply.data.is_empty() {
                     w.write_all(&reply.data).await?;
                 }
@@ -834,15 +723,9 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         drop(reply);
     }
     match failed {
-        Some(source) => Err(NbdError::Io {
-            op: "send reply",
-            source,
-        }),
+        Some(source) => Err(NbdError::Io { op: "send reply", source }),
         None => {
-            w.flush().await.map_err(|source| NbdError::Io {
-                op: "send reply",
-                source,
-            })?;
+            w.flush().await.map_err(|source| NbdError::Io { op: "send reply", source })?;
             // Closing our half tells the client we are done (after DISC or shutdown).
             let _ = w.shutdown().await;
             Ok(())
@@ -911,7 +794,7 @@ impl<B: BlockDev> ReqCtx<B> {
             return Err(proto::EPERM);
         }
         let bs = u64::from(self.block_size);
-        if req.offset % bs != 0 || len % bs != 0 {
+        if !req.offset.is_multiple_of(bs) || len % bs != 0 {
             return Err(proto::EINVAL);
         }
         if req.cmd == proto::CMD_READ && req.len > self.max_payload {
@@ -925,25 +808,10 @@ impl<B: BlockDev> ReqCtx<B> {
             return Ok(Op::Nothing);
         }
         Ok(match req.cmd {
-            proto::CMD_READ => Op::Read {
-                offset: req.offset,
-                len: req.len,
-            },
-            proto::CMD_WRITE => Op::Write {
-                offset: req.offset,
-                data,
-                fua,
-            },
-            proto::CMD_TRIM => Op::Trim {
-                offset: req.offset,
-                len,
-                fua,
-            },
-            _ => Op::WriteZeroes {
-                offset: req.offset,
-                len,
-                fua,
-            },
+            proto::CMD_READ => Op::Read { offset: req.offset, len: req.len },
+            proto::CMD_WRITE => Op::Write { offset: req.offset, data, fua },
+            proto::CMD_TRIM => Op::Trim { offset: req.offset, len, fua },
+            _ => Op::WriteZeroes { offset: req.offset, len, fua },
         })
     }
 
@@ -961,11 +829,7 @@ impl<B: BlockDev> ReqCtx<B> {
                 }
                 Ok(data)
             }
-            Op::Write { offset, data, fua } => self
-                .dev
-                .write(offset, data, fua)
-                .await
-                .map(|()| Bytes::new()),
+            Op::Write { offset, data, fua } => self.dev.write(offset, data, fua).await.map(|()| Bytes::new()),
             Op::Flush => self.dev.flush().await.map(|()| Bytes::new()),
             Op::Trim { offset, len, fua } | Op::WriteZeroes { offset, len, fua } => {
                 let zeroes = matches!(op, Op::WriteZeroes { .. });
@@ -998,14 +862,7 @@ impl<B: BlockDev> ReqCtx<B> {
 /// kept inside the set the protocol allows.
 fn nbd_errno(e: &BlockError) -> u32 {
     match u32::try_from(e.errno()) {
-        Ok(
-            n @ (proto::EPERM
-            | proto::EIO
-            | proto::EINVAL
-            | proto::ENOSPC
-            | proto::EOVERFLOW
-            | proto::ESHUTDOWN),
-        ) => n,
+        Ok(n @ (proto::EPERM | proto::EIO | proto::EINVAL | proto::ENOSPC | proto::EOVERFLOW | proto::ESHUTDOWN)) => n,
         _ => proto::EIO,
     }
 }
@@ -1022,10 +879,7 @@ mod tests {
         d.extend_from_slice(&2u16.to_be_bytes());
         d.extend_from_slice(&proto::INFO_NAME.to_be_bytes());
         d.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(
-            parse_info_request(&d),
-            Some((&b"vol"[..], vec![proto::INFO_NAME, proto::INFO_BLOCK_SIZE]))
-        );
+        assert_eq!(parse_info_request(&d), Some((&b"vol"[..], vec![proto::INFO_NAME, proto::INFO_BLOCK_SIZE])));
         // Name length past the data, a count that does not match, and truncations.
         let mut bad = d.clone();
         bad[3] = 200;
@@ -1041,22 +895,8 @@ mod tests {
     #[test]
     fn errno_mapping_stays_in_the_nbd_set() {
         let cases = [
-            (
-                BlockError::OutOfRange {
-                    offset: 0,
-                    len: 1,
-                    size: 0,
-                },
-                proto::EINVAL,
-            ),
-            (
-                BlockError::Misaligned {
-                    offset: 1,
-                    len: 1,
-                    block_size: 4096,
-                },
-                proto::EINVAL,
-            ),
+            (BlockError::OutOfRange { offset: 0, len: 1, size: 0 }, proto::EINVAL),
+            (BlockError::Misaligned { offset: 1, len: 1, block_size: 4096 }, proto::EINVAL),
             (BlockError::TooLarge { len: 2, max: 1 }, proto::EOVERFLOW),
             (BlockError::NoSpace("disk".into()), proto::ENOSPC),
             (BlockError::Io("bad".into()), proto::EIO),

@@ -15,10 +15,7 @@ async fn qemu_io_patterns_fua_discard_and_zeroes() {
         return;
     }
     let srv = TestServer::start(&[Spec("vol", 16 * MIB, false)]).await;
-    for (i, uri) in [srv.tcp_uri("vol"), srv.unix_uri("vol")]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, uri) in [srv.tcp_uri("vol"), srv.unix_uri("vol")].into_iter().enumerate() {
         let base = i as u64 * 8 * MIB;
         let at = |off: u64| (base + off).to_string();
         let cmds = [
@@ -43,33 +40,16 @@ async fn qemu_io_patterns_fua_discard_and_zeroes() {
             args.push(c.clone());
         }
         let out = run_ok("qemu-io", &args, LIMIT).await;
-        assert!(
-            !out.contains("fail"),
-            "qemu-io reported a failure on {uri}:\n{out}"
-        );
+        assert!(!out.contains("fail"), "qemu-io reported a failure on {uri}:\n{out}");
 
         // The device itself, independently of the client.
         let data = contents(&srv.devs[0]).await;
         let b = base as usize;
         let m = MIB as usize;
-        assert!(
-            data[b..b + 64 * 1024].iter().all(|&x| x == 0),
-            "discarded range reads zeroes"
-        );
-        assert!(
-            data[b + 64 * 1024..b + m].iter().all(|&x| x == 0xab),
-            "pattern 0xab kept"
-        );
-        assert!(
-            data[b + m..b + m + 64 * 1024].iter().all(|&x| x == 0),
-            "zeroed FUA range"
-        );
-        assert!(
-            data[b + 2 * m..b + 2 * m + 256 * 1024]
-                .iter()
-                .all(|&x| x == 0),
-            "write -z range"
-        );
+        assert!(data[b..b + 64 * 1024].iter().all(|&x| x == 0), "discarded range reads zeroes");
+        assert!(data[b + 64 * 1024..b + m].iter().all(|&x| x == 0xab), "pattern 0xab kept");
+        assert!(data[b + m..b + m + 64 * 1024].iter().all(|&x| x == 0), "zeroed FUA range");
+        assert!(data[b + 2 * m..b + 2 * m + 256 * 1024].iter().all(|&x| x == 0), "write -z range");
     }
     srv.stop().await;
 }
@@ -90,45 +70,12 @@ async fn qemu_img_convert_round_trip_is_byte_exact() {
     let outp = srv.dir().join("out.raw");
     std::fs::write(&inp, &input).expect("write input");
     let (i, o) = (inp.display().to_string(), outp.display().to_string());
-    run_ok(
-        "qemu-img",
-        &strings(&[
-            "convert",
-            "-n",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &i,
-            &srv.tcp_uri("img"),
-        ]),
-        LIMIT,
-    )
-    .await;
-    assert!(
-        contents(&srv.devs[0]).await == input,
-        "export content equals the input file"
-    );
-    run_ok(
-        "qemu-img",
-        &strings(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &srv.unix_uri("img"),
-            &o,
-        ]),
-        LIMIT,
-    )
-    .await;
+    run_ok("qemu-img", &strings(&["convert", "-n", "-f", "raw", "-O", "raw", &i, &srv.tcp_uri("img")]), LIMIT).await;
+    assert!(contents(&srv.devs[0]).await == input, "export content equals the input file");
+    run_ok("qemu-img", &strings(&["convert", "-f", "raw", "-O", "raw", &srv.unix_uri("img"), &o]), LIMIT).await;
     let output = std::fs::read(&outp).expect("read output");
     assert_eq!(output.len(), input.len());
-    assert!(
-        output == input,
-        "round trip through the export is byte-for-byte equal"
-    );
+    assert!(output == input, "round trip through the export is byte-for-byte equal");
     srv.stop().await;
 }
 
@@ -140,14 +87,10 @@ fn json_has(json: &str, key: &str, value: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nbdinfo_reports_size_flags_block_sizes_and_lists_exports() {
-    if !have(
-        "nbdinfo",
-        "nbdinfo_reports_size_flags_block_sizes_and_lists_exports",
-    ) {
+    if !have("nbdinfo", "nbdinfo_reports_size_flags_block_sizes_and_lists_exports") {
         return;
     }
-    let srv =
-        TestServer::start(&[Spec("alpha", 64 * MIB, false), Spec("beta", 8 * MIB, true)]).await;
+    let srv = TestServer::start(&[Spec("alpha", 64 * MIB, false), Spec("beta", 8 * MIB, true)]).await;
     for uri in [srv.tcp_uri("alpha"), srv.unix_uri("alpha")] {
         let json = run_ok("nbdinfo", &strings(&["--json", &uri]), LIMIT).await;
         for (k, v) in [
@@ -162,60 +105,26 @@ async fn nbdinfo_reports_size_flags_block_sizes_and_lists_exports() {
             ("block_size_preferred", "4096"),
             ("block_size_maximum", "33554432"),
         ] {
-            assert!(
-                json_has(&json, k, v),
-                "nbdinfo --json {uri}: expected {k} = {v} in\n{json}"
-            );
+            assert!(json_has(&json, k, v), "nbdinfo --json {uri}: expected {k} = {v} in\n{json}");
         }
     }
-    let json = run_ok(
-        "nbdinfo",
-        &strings(&["--json", &srv.tcp_uri("beta")]),
-        LIMIT,
-    )
-    .await;
-    assert!(
-        json_has(&json, "is_read_only", "true"),
-        "read-only export:\n{json}"
-    );
-    assert!(
-        json_has(&json, "export-size", "8388608"),
-        "beta size:\n{json}"
-    );
+    let json = run_ok("nbdinfo", &strings(&["--json", &srv.tcp_uri("beta")]), LIMIT).await;
+    assert!(json_has(&json, "is_read_only", "true"), "read-only export:\n{json}");
+    assert!(json_has(&json, "export-size", "8388608"), "beta size:\n{json}");
     // The empty name is the default (first) export.
-    let json = run_ok(
-        "nbdinfo",
-        &strings(&["--json", &format!("nbd://{}", srv.tcp)]),
-        LIMIT,
-    )
-    .await;
-    assert!(
-        json_has(&json, "export-size", "67108864"),
-        "default export:\n{json}"
-    );
+    let json = run_ok("nbdinfo", &strings(&["--json", &format!("nbd://{}", srv.tcp)]), LIMIT).await;
+    assert!(json_has(&json, "export-size", "67108864"), "default export:\n{json}");
 
-    let list = run_ok(
-        "nbdinfo",
-        &strings(&["--list", &format!("nbd://{}", srv.tcp)]),
-        LIMIT,
-    )
-    .await;
+    let list = run_ok("nbdinfo", &strings(&["--list", &format!("nbd://{}", srv.tcp)]), LIMIT).await;
     for needle in ["alpha", "beta", "test export alpha", "test export beta"] {
-        assert!(
-            list.contains(needle),
-            "nbdinfo --list lacks {needle:?}:\n{list}"
-        );
+        assert!(list.contains(needle), "nbdinfo --list lacks {needle:?}:\n{list}");
     }
     srv.stop().await;
 }
 
 /// The "iops=" figure of fio's summary line, for the log.
 fn fio_iops(out: &str) -> String {
-    out.lines()
-        .filter(|l| l.contains("IOPS="))
-        .map(|l| l.trim().to_string())
-        .collect::<Vec<_>>()
-        .join(" | ")
+    out.lines().filter(|l| l.contains("IOPS=")).map(|l| l.trim().to_string()).collect::<Vec<_>>().join(" | ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,10 +153,7 @@ async fn fio_randwrite_with_crc32c_verify() {
             LIMIT,
         )
         .await;
-        assert!(
-            out.contains("err= 0"),
-            "fio reported an error on {uri}:\n{out}"
-        );
+        assert!(out.contains("err= 0"), "fio reported an error on {uri}:\n{out}");
         println!("fio randwrite+verify {uri}: {}", fio_iops(&out));
     }
     srv.stop().await;
@@ -285,13 +191,7 @@ async fn fio_four_jobs_on_four_connections() {
     // Every job wrote its own 16 MiB slice: no 4 KiB block of the device is still zero
     // (fio's verify headers make every written block non-zero).
     let data = contents(&srv.devs[0]).await;
-    let zero_blocks = data
-        .chunks(4096)
-        .filter(|b| b.iter().all(|&x| x == 0))
-        .count();
-    assert_eq!(
-        zero_blocks, 0,
-        "every block written by one of the four connections"
-    );
+    let zero_blocks = data.chunks(4096).filter(|b| b.iter().all(|&x| x == 0)).count();
+    assert_eq!(zero_blocks, 0, "every block written by one of the four connections");
     srv.stop().await;
 }

@@ -57,10 +57,7 @@ async fn option_replies(s: &mut TcpStream, opt: u32) -> Vec<u32> {
     loop {
         let mut head = [0u8; 20];
         s.read_exact(&mut head).await.expect("option reply");
-        assert_eq!(
-            u64::from_be_bytes(head[0..8].try_into().expect("8")),
-            proto::OPT_REPLY_MAGIC
-        );
+        assert_eq!(u64::from_be_bytes(head[0..8].try_into().expect("8")), proto::OPT_REPLY_MAGIC);
         assert_eq!(u32::from_be_bytes(head[8..12].try_into().expect("4")), opt);
         let kind = u32::from_be_bytes(head[12..16].try_into().expect("4"));
         let len = u32::from_be_bytes(head[16..20].try_into().expect("4"));
@@ -87,36 +84,25 @@ async fn transmitting(addr: SocketAddr, name: &str) -> TcpStream {
 /// The long-lived client that must keep working whatever the others do.
 async fn still_serving(good: &NbdClient, round: u8) {
     let at = SIZE - 4096;
-    good.write(at, Bytes::from(vec![round; 4096]), false)
-        .await
-        .expect("good client write");
-    assert_eq!(
-        good.read(at, 4096).await.expect("good client read"),
-        vec![round; 4096]
-    );
+    good.write(at, Bytes::from(vec![round; 4096]), false).await.expect("good client write");
+    assert_eq!(good.read(at, 4096).await.expect("good client read"), vec![round; 4096]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_handshakes_close_only_their_connection() {
     let srv = TestServer::start(&[Spec("vol", SIZE, false)]).await;
-    let good = NbdClient::connect_tcp(srv.tcp, "vol")
-        .await
-        .expect("good client");
+    let good = NbdClient::connect_tcp(srv.tcp, "vol").await.expect("good client");
     let flags = proto::FLAG_C_FIXED_NEWSTYLE.to_be_bytes();
 
     // Unknown client flag bits.
     let mut s = greeted(srv.tcp).await;
-    s.write_all(&0x8000_0001u32.to_be_bytes())
-        .await
-        .expect("send");
+    s.write_all(&0x8000_0001u32.to_be_bytes()).await.expect("send");
     assert!(until_closed(&mut s).await.is_empty());
     still_serving(&good, 1).await;
 
     // Not NBD at all.
     let mut s = greeted(srv.tcp).await;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .expect("send");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("send");
     assert!(until_closed(&mut s).await.is_empty());
 
     // Bad option magic.
@@ -162,11 +148,7 @@ async fn bad_handshakes_close_only_their_connection() {
         (0x1234, b"whatever".to_vec(), proto::REP_ERR_UNSUP),
         (proto::OPT_STRUCTURED_REPLY, vec![], proto::REP_ERR_UNSUP),
         (proto::OPT_LIST, b"x".to_vec(), proto::REP_ERR_INVALID),
-        (
-            proto::OPT_GO,
-            vec![0, 0, 0, 200, b'v'],
-            proto::REP_ERR_INVALID,
-        ),
+        (proto::OPT_GO, vec![0, 0, 0, 200, b'v'], proto::REP_ERR_INVALID),
         (proto::OPT_GO, go_data("missing"), proto::REP_ERR_UNKNOWN),
         (proto::OPT_INFO, go_data("vol"), proto::REP_ACK),
     ];
@@ -175,28 +157,15 @@ async fn bad_handshakes_close_only_their_connection() {
         let replies = option_replies(&mut s, opt).await;
         assert_eq!(replies.last(), Some(&want), "option {opt}: {replies:?}");
     }
-    s.write_all(&option(proto::OPT_LIST, &[]))
-        .await
-        .expect("list");
-    assert_eq!(
-        option_replies(&mut s, proto::OPT_LIST).await,
-        vec![proto::REP_SERVER, proto::REP_ACK]
-    );
-    s.write_all(&option(proto::OPT_ABORT, &[]))
-        .await
-        .expect("abort");
-    assert_eq!(
-        option_replies(&mut s, proto::OPT_ABORT).await,
-        vec![proto::REP_ACK]
-    );
+    s.write_all(&option(proto::OPT_LIST, &[])).await.expect("list");
+    assert_eq!(option_replies(&mut s, proto::OPT_LIST).await, vec![proto::REP_SERVER, proto::REP_ACK]);
+    s.write_all(&option(proto::OPT_ABORT, &[])).await.expect("abort");
+    assert_eq!(option_replies(&mut s, proto::OPT_ABORT).await, vec![proto::REP_ACK]);
     assert!(until_closed(&mut s).await.is_empty());
 
     still_serving(&good, 4).await;
     let data = contents(&srv.devs[0]).await;
-    assert!(
-        data[..(SIZE - 4096) as usize].iter().all(|&x| x == 0),
-        "nothing written by bad handshakes"
-    );
+    assert!(data[..(SIZE - 4096) as usize].iter().all(|&x| x == 0), "nothing written by bad handshakes");
     srv.stop().await;
 }
 
@@ -210,19 +179,10 @@ fn errno(r: Result<Bytes, NbdError>) -> u32 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_are_refused_and_nothing_is_written() {
     let srv = TestServer::start(&[Spec("vol", SIZE, false)]).await;
-    let good = NbdClient::connect_unix(&srv.sock, "vol")
-        .await
-        .expect("good client");
-    let c = NbdClient::connect_tcp(srv.tcp, "vol")
-        .await
-        .expect("raw client");
+    let good = NbdClient::connect_unix(&srv.sock, "vol").await.expect("good client");
+    let c = NbdClient::connect_tcp(srv.tcp, "vol").await.expect("raw client");
     let block = || Bytes::from(vec![0xffu8; 4096]);
-    let (r, w, t, z) = (
-        proto::CMD_READ,
-        proto::CMD_WRITE,
-        proto::CMD_TRIM,
-        proto::CMD_WRITE_ZEROES,
-    );
+    let (r, w, t, z) = (proto::CMD_READ, proto::CMD_WRITE, proto::CMD_TRIM, proto::CMD_WRITE_ZEROES);
     let far = u64::MAX - 4095;
     // (command, flags, offset, length, payload, expected errno)
     let cases: Vec<(u16, u16, u64, u32, Bytes, u32)> = vec![
@@ -234,24 +194,10 @@ async fn bad_requests_are_refused_and_nothing_is_written() {
         (r, 0, 0, 64 << 20, Bytes::new(), proto::EINVAL),
         (r, 1 << 2, 0, 4096, Bytes::new(), proto::EINVAL), // DF: structured replies only
         (w, 0, SIZE, 4096, block(), proto::ENOSPC),
-        (
-            w,
-            0,
-            SIZE - 4096,
-            8192,
-            Bytes::from(vec![0xffu8; 8192]),
-            proto::ENOSPC,
-        ),
+        (w, 0, SIZE - 4096, 8192, Bytes::from(vec![0xffu8; 8192]), proto::ENOSPC),
         (w, proto::CMD_FLAG_FUA, far, 4096, block(), proto::ENOSPC),
         (w, 0, 100, 4096, block(), proto::EINVAL),
-        (
-            w,
-            0,
-            0,
-            1000,
-            Bytes::from(vec![0xffu8; 1000]),
-            proto::EINVAL,
-        ),
+        (w, 0, 0, 1000, Bytes::from(vec![0xffu8; 1000]), proto::EINVAL),
         (w, 1 << 7, 0, 4096, block(), proto::EINVAL), // undefined flag bit
         (t, 0, SIZE - 4096, 8192, Bytes::new(), proto::EINVAL),
         (t, 0, 4096, 100, Bytes::new(), proto::EINVAL),
@@ -261,121 +207,58 @@ async fn bad_requests_are_refused_and_nothing_is_written() {
         (5, 0, 0, 4096, Bytes::new(), proto::EINVAL),      // CACHE
         (7, 0, 0, 4096, Bytes::new(), proto::EINVAL),      // BLOCK_STATUS
         (99, 0, 0, 0, Bytes::new(), proto::EINVAL),
-        (
-            0xffff,
-            proto::CMD_FLAG_FUA,
-            far,
-            u32::MAX,
-            Bytes::new(),
-            proto::EINVAL,
-        ),
+        (0xffff, proto::CMD_FLAG_FUA, far, u32::MAX, Bytes::new(), proto::EINVAL),
     ];
     for (cmd, flags, off, len, payload, want) in cases {
         let got = errno(c.request(cmd, flags, off, len, payload).await);
         assert_eq!(got, want, "cmd {cmd} flags {flags:#x} [{off}, +{len})");
     }
     // Zero-length requests are accepted as no-ops; the connection is still in sync.
-    assert_eq!(
-        c.request(w, 0, 0, 0, Bytes::new())
-            .await
-            .expect("empty write"),
-        Bytes::new()
-    );
-    assert_eq!(
-        c.read(SIZE - 8192, 8192).await.expect("read after errors"),
-        vec![0u8; 8192]
-    );
+    assert_eq!(c.request(w, 0, 0, 0, Bytes::new()).await.expect("empty write"), Bytes::new());
+    assert_eq!(c.read(SIZE - 8192, 8192).await.expect("read after errors"), vec![0u8; 8192]);
     still_serving(&good, 1).await;
 
     // Stream-level garbage: each closes its own connection only.
     // Bad request magic.
     let mut s = transmitting(srv.tcp, "vol").await;
-    let mut req = proto::Request {
-        flags: 0,
-        cmd: w,
-        cookie: 1,
-        offset: 0,
-        len: 4096,
-    }
-    .encode();
+    let mut req = proto::Request { flags: 0, cmd: w, cookie: 1, offset: 0, len: 4096 }.encode();
     req[0] ^= 0xff;
     s.write_all(&req).await.expect("send");
     s.write_all(&[0xee; 4096]).await.expect("send");
     let _ = until_closed(&mut s).await;
     // Truncated header.
     let mut s = transmitting(srv.tcp, "vol").await;
-    let req = proto::Request {
-        flags: 0,
-        cmd: w,
-        cookie: 2,
-        offset: 0,
-        len: 4096,
-    }
-    .encode();
+    let req = proto::Request { flags: 0, cmd: w, cookie: 2, offset: 0, len: 4096 }.encode();
     s.write_all(&req[..10]).await.expect("send");
     s.shutdown().await.expect("half close");
     assert!(until_closed(&mut s).await.is_empty());
     // Truncated write payload.
     let mut s = transmitting(srv.tcp, "vol").await;
-    let req = proto::Request {
-        flags: 0,
-        cmd: w,
-        cookie: 3,
-        offset: 0,
-        len: 8192,
-    }
-    .encode();
+    let req = proto::Request { flags: 0, cmd: w, cookie: 3, offset: 0, len: 8192 }.encode();
     s.write_all(&req).await.expect("send");
     s.write_all(&[0xee; 4096]).await.expect("send");
     s.shutdown().await.expect("half close");
-    assert!(
-        until_closed(&mut s).await.is_empty(),
-        "no reply for a write that never arrived"
-    );
+    assert!(until_closed(&mut s).await.is_empty(), "no reply for a write that never arrived");
     // A write far above the maximum payload: refused, then the session ends.
     let mut s = transmitting(srv.tcp, "vol").await;
-    let req = proto::Request {
-        flags: 0,
-        cmd: w,
-        cookie: 4,
-        offset: 0,
-        len: 0xffff_f000,
-    }
-    .encode();
+    let req = proto::Request { flags: 0, cmd: w, cookie: 4, offset: 0, len: 0xffff_f000 }.encode();
     s.write_all(&req).await.expect("send");
     let _ = s.write_all(&[0xee; 65536]).await;
     let reply = until_closed(&mut s).await;
-    assert!(
-        reply.len() >= proto::SIMPLE_REPLY_LEN,
-        "an error reply before closing"
-    );
+    assert!(reply.len() >= proto::SIMPLE_REPLY_LEN, "an error reply before closing");
     let head: [u8; 16] = reply[..16].try_into().expect("16");
     assert_eq!(proto::decode_simple_reply(&head), Ok((proto::EINVAL, 4)));
     still_serving(&good, 2).await;
 
     // Nothing reached the device except the good client's last block.
     let data = contents(&srv.devs[0]).await;
-    assert!(
-        data[..(SIZE - 4096) as usize].iter().all(|&x| x == 0),
-        "nothing written by bad requests"
-    );
+    assert!(data[..(SIZE - 4096) as usize].iter().all(|&x| x == 0), "nothing written by bad requests");
 
     // And a real client still gets served.
-    if have(
-        "qemu-io",
-        "bad_requests_are_refused_and_nothing_is_written (qemu-io part)",
-    ) {
+    if have("qemu-io", "bad_requests_are_refused_and_nothing_is_written (qemu-io part)") {
         let out = run_ok(
             "qemu-io",
-            &strings(&[
-                "-f",
-                "raw",
-                &srv.tcp_uri("vol"),
-                "-c",
-                "write -P 0x42 0 64k",
-                "-c",
-                "read -P 0x42 0 64k",
-            ]),
+            &strings(&["-f", "raw", &srv.tcp_uri("vol"), "-c", "write -P 0x42 0 64k", "-c", "read -P 0x42 0 64k"]),
             Duration::from_secs(120),
         )
         .await;

@@ -9,9 +9,10 @@
 //!  reader task ◄─ socket: decode frame, take `pending[req id]`, complete it
 //! ```
 //!
-//! A connection that fails (EOF, I/O error, malformed frame) is marked dead: every
-//! request in flight on it fails with `Disconnected`, and the next request that
-//! picks its slot opens a fresh connection.
+//! A connection that fails (EOF, I/O error, malformed frame) or on which a request
+//! times out is marked dead and closed: every request in flight on it fails with
+//! `Disconnected`, its tasks end (a black-holed peer leaves nothing behind), and
+//! the next request that picks its slot opens a fresh connection.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,8 +22,8 @@ use std::time::Duration;
 
 use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
-    decode_chunk_list, decode_contexts, Decoder, Frame, Header, Op, Status, WireError, ALL_CHUNKS,
-    CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
+    decode_chunk_list, decode_contexts, Decoder, Frame, Header, Op, Status, WireError, ALL_CHUNKS, CONTEXT_ENTRY_LEN,
+    MAX_PAYLOAD,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,33 +58,19 @@ pub enum ClientError {
 impl ClientError {
     /// The replica refused the request's epoch as stale: a newer attach exists.
     pub fn is_fenced(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Remote {
-                status: Status::Fenced,
-                ..
-            }
-        )
+        matches!(self, ClientError::Remote { status: Status::Fenced, .. })
     }
 
     /// The replica's stored copy failed its checksum (read another, repair this one).
     pub fn is_checksum(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Remote {
-                status: Status::ChecksumMismatch,
-                ..
-            }
-        )
+        matches!(self, ClientError::Remote { status: Status::ChecksumMismatch, .. })
     }
 
     /// The same request may succeed if sent again (transport trouble, a replica
     /// restarting). Remote verdicts about the request itself are not retryable.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Timeout { .. }
-            | ClientError::Disconnected
-            | ClientError::Connect { .. } => true,
+            ClientError::Timeout { .. } | ClientError::Disconnected | ClientError::Connect { .. } => true,
             ClientError::Remote { status, .. } => *status == Status::Shutdown,
             ClientError::Protocol(_) => false,
         }
@@ -103,11 +90,7 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions {
-            connections: 2,
-            timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(2),
-        }
+        ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) }
     }
 }
 
@@ -120,9 +103,7 @@ pub struct ReplicaClient {
 
 impl std::fmt::Debug for ReplicaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplicaClient")
-            .field("addr", &self.inner.addr)
-            .finish()
+        f.debug_struct("ReplicaClient").field("addr", &self.inner.addr).finish()
     }
 }
 
@@ -143,6 +124,9 @@ struct Conn {
 
 struct ConnShared {
     state: StdMutex<ConnState>,
+    /// Becomes true once the connection is abandoned; its reader and writer
+    /// tasks watch it and drop their halves of the socket, which closes it.
+    closed: tokio::sync::watch::Sender<bool>,
 }
 
 struct ConnState {
@@ -169,13 +153,14 @@ impl ConnShared {
         self.lock().dead
     }
 
-    /// Marks the connection dead and fails every request in flight on it.
+    /// Marks the connection dead, closes it, and fails every request in flight on it.
     fn fail_all(&self) {
         let waiters: Vec<Waiter> = {
             let mut st = self.lock();
             st.dead = true;
             st.pending.drain().map(|(_, w)| w).collect()
         };
+        self.closed.send_replace(true);
         for w in waiters {
             let _ = w.tx.send(Err(ClientError::Disconnected));
         }
@@ -221,18 +206,9 @@ impl ReplicaClient {
 
     /// Writes `data` at `offset` of chunk `id` with sequence `seq`; with `fua`, the
     /// data is durable on the replica when this returns.
-    pub async fn write(
-        &self,
-        id: ChunkId,
-        offset: u64,
-        data: Bytes,
-        seq: Seq,
-        fua: bool,
-    ) -> Result<(), ClientError> {
-        let len = u32::try_from(data.len()).map_err(|_| WireError::Oversized {
-            len: data.len() as u64,
-            max: MAX_PAYLOAD,
-        })?;
+    pub async fn write(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq, fua: bool) -> Result<(), ClientError> {
+        let len =
+            u32::try_from(data.len()).map_err(|_| WireError::Oversized { len: data.len() as u64, max: MAX_PAYLOAD })?;
         let mut h = self.header(Op::Write, id.volume, id.chunk, seq.epoch);
         h.offset = offset;
         h.length = len;
@@ -242,13 +218,7 @@ impl ReplicaClient {
     }
 
     /// Reads `len` bytes at `offset` of chunk `id`, verified by the replica's checksums.
-    pub async fn read(
-        &self,
-        id: ChunkId,
-        offset: u64,
-        len: u32,
-        epoch: Epoch,
-    ) -> Result<Bytes, ClientError> {
+    pub async fn read(&self, id: ChunkId, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes, ClientError> {
         let mut h = self.header(Op::Read, id.volume, id.chunk, epoch);
         h.offset = offset;
         h.length = len;
@@ -277,24 +247,12 @@ impl ReplicaClient {
     }
 
     /// Discards `len` bytes at `offset`; they read as zeros afterwards.
-    pub async fn trim(
-        &self,
-        id: ChunkId,
-        offset: u64,
-        len: u64,
-        seq: Seq,
-    ) -> Result<(), ClientError> {
+    pub async fn trim(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
         self.range_op(Op::Trim, id, offset, len, seq).await
     }
 
     /// Makes `len` bytes at `offset` read as zeros.
-    pub async fn write_zeroes(
-        &self,
-        id: ChunkId,
-        offset: u64,
-        len: u64,
-        seq: Seq,
-    ) -> Result<(), ClientError> {
+    pub async fn write_zeroes(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
         self.range_op(Op::WriteZeroes, id, offset, len, seq).await
     }
 
@@ -323,12 +281,7 @@ impl ReplicaClient {
     }
 
     /// Creates chunk `id` of `size` bytes (idempotent for the same size).
-    pub async fn create_chunk(
-        &self,
-        id: ChunkId,
-        size: u64,
-        epoch: Epoch,
-    ) -> Result<(), ClientError> {
+    pub async fn create_chunk(&self, id: ChunkId, size: u64, epoch: Epoch) -> Result<(), ClientError> {
         let mut h = self.header(Op::ChunkCreate, id.volume, id.chunk, epoch);
         h.offset = size;
         self.call(h, Bytes::new()).await.map(drop)
@@ -342,22 +295,14 @@ impl ReplicaClient {
 
     /// Raises the replica's epoch for `volume` to `epoch`; returns its epoch after
     /// the call. Fails with `Fenced` when the replica already knows a newer one.
-    pub async fn announce_epoch(
-        &self,
-        volume: VolumeId,
-        epoch: Epoch,
-    ) -> Result<Epoch, ClientError> {
+    pub async fn announce_epoch(&self, volume: VolumeId, epoch: Epoch) -> Result<Epoch, ClientError> {
         let h = self.header(Op::AnnounceEpoch, volume, ALL_CHUNKS, epoch);
         let resp = self.call(h, Bytes::new()).await?;
         Ok(resp.header.epoch)
     }
 
     /// The volume's chunks on this replica written since their last flush.
-    pub async fn list_dirty(
-        &self,
-        volume: VolumeId,
-        epoch: Epoch,
-    ) -> Result<Vec<ChunkIdx>, ClientError> {
+    pub async fn list_dirty(&self, volume: VolumeId, epoch: Epoch) -> Result<Vec<ChunkIdx>, ClientError> {
         let h = self.header(Op::ListDirty, volume, ALL_CHUNKS, epoch);
         let resp = self.call(h, Bytes::new()).await?;
         Ok(decode_chunk_list(&resp.payload)?)
@@ -369,14 +314,7 @@ impl ReplicaClient {
         self.call(h, Bytes::new()).await.map(drop)
     }
 
-    async fn range_op(
-        &self,
-        op: Op,
-        id: ChunkId,
-        offset: u64,
-        len: u64,
-        seq: Seq,
-    ) -> Result<(), ClientError> {
+    async fn range_op(&self, op: Op, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<(), ClientError> {
         // One frame per at most MAX_RANGE_PER_FRAME bytes (block aligned, so the
         // replica's alignment verdict on the whole range is unchanged); a zero
         // length still goes out once so the replica validates it.
@@ -426,10 +364,7 @@ impl ReplicaClient {
             }
             st.pending.insert(id, Waiter { op, tx });
         }
-        let _guard = PendingGuard {
-            shared: &conn.shared,
-            id,
-        };
+        let _guard = PendingGuard { shared: &conn.shared, id };
         let exchange = async {
             if conn.tx.send(Frame::new(header, payload)).await.is_err() {
                 // The writer has stopped: the connection is gone.
@@ -444,17 +379,17 @@ impl ReplicaClient {
         let resp = match tokio::time::timeout(self.inner.opts.timeout, exchange).await {
             Ok(r) => r?,
             Err(_) => {
-                debug!("request timed out");
+                // A peer that does not answer in time may never answer (paused,
+                // partitioned): this connection is not trusted again.
+                debug!("request timed out: closing its connection");
+                conn.shared.fail_all();
                 return Err(ClientError::Timeout { op });
             }
         };
         trace!(status = ?resp.header.status, "response");
         match resp.header.status {
             Status::Ok => Ok(resp),
-            status => Err(ClientError::Remote {
-                status,
-                message: resp.error_message(),
-            }),
+            status => Err(ClientError::Remote { status, message: resp.error_message() }),
         }
     }
 
@@ -475,33 +410,23 @@ impl ReplicaClient {
 
     async fn connect(&self) -> Result<Conn, ClientError> {
         let addr = self.inner.addr;
-        let stream =
-            match tokio::time::timeout(self.inner.opts.connect_timeout, TcpStream::connect(addr))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
-                Err(_) => {
-                    return Err(ClientError::Connect {
-                        addr,
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "connect timed out",
-                        ),
-                    })
-                }
-            };
+        let stream = match tokio::time::timeout(self.inner.opts.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
+            Err(_) => {
+                return Err(ClientError::Connect {
+                    addr,
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+                })
+            }
+        };
         // Small frames must not wait for Nagle: latency is the product.
-        stream
-            .set_nodelay(true)
-            .map_err(|source| ClientError::Connect { addr, source })?;
+        stream.set_nodelay(true).map_err(|source| ClientError::Connect { addr, source })?;
         debug!(peer = %addr, "connected to replica");
         let (r, w) = stream.into_split();
         let shared = Arc::new(ConnShared {
-            state: StdMutex::new(ConnState {
-                dead: false,
-                pending: HashMap::new(),
-            }),
+            state: StdMutex::new(ConnState { dead: false, pending: HashMap::new() }),
+            closed: tokio::sync::watch::Sender::new(false),
         });
         let (tx, rx) = mpsc::channel(1024);
         tokio::spawn(write_loop(w, rx, shared.clone(), addr));
@@ -510,14 +435,17 @@ impl ReplicaClient {
     }
 }
 
-async fn write_loop(
-    mut w: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Frame>,
-    shared: Arc<ConnShared>,
-    peer: SocketAddr,
-) {
+async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, shared: Arc<ConnShared>, peer: SocketAddr) {
+    let mut closed = shared.closed.subscribe();
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(f) = rx.recv().await {
+    loop {
+        let f = tokio::select! {
+            f = rx.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+            _ = closed.wait_for(|c| *c) => return,
+        };
         batch.push(f);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -537,6 +465,7 @@ async fn write_loop(
 }
 
 async fn read_loop(mut r: OwnedReadHalf, shared: Arc<ConnShared>, peer: SocketAddr) {
+    let mut closed = shared.closed.subscribe();
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut dec = Decoder::new();
     loop {
@@ -558,7 +487,11 @@ async fn read_loop(mut r: OwnedReadHalf, shared: Arc<ConnShared>, peer: SocketAd
             }
         }
         buf.reserve(dec.bytes_wanted(&buf).max(16 << 10));
-        match r.read_buf(&mut buf).await {
+        let read = tokio::select! {
+            r = r.read_buf(&mut buf) => r,
+            _ = closed.wait_for(|c| *c) => return,
+        };
+        match read {
             Ok(0) => {
                 debug!(%peer, "replica closed the connection");
                 break;
@@ -588,10 +521,7 @@ fn deliver(shared: &ConnShared, frame: Frame) -> Result<(), WireError> {
             Ok(())
         }
         Some(w) => {
-            let _ =
-                w.tx.send(Err(ClientError::Protocol(WireError::UnexpectedResponse {
-                    request_id: id,
-                })));
+            let _ = w.tx.send(Err(ClientError::Protocol(WireError::UnexpectedResponse { request_id: id })));
             Err(WireError::UnexpectedResponse { request_id: id })
         }
         None => {

@@ -18,9 +18,7 @@ where
 {
     let mut parts = Vec::with_capacity(frames.len());
     for f in frames {
-        let p = f
-            .wire_parts()
-            .map_err(|e: WireError| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let p = f.wire_parts().map_err(|e: WireError| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         parts.push(p);
     }
     let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() * 3);

@@ -21,8 +21,7 @@ use std::time::Duration;
 use ballast_chunkstore::{ChunkStore, StoreError};
 use ballast_types::{BlockIdx, ChunkId, Epoch, VolumeId};
 use ballast_wire::{
-    encode_chunk_list, encode_contexts, Decoder, Frame, Header, Op, Status, ALL_CHUNKS,
-    CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
+    encode_chunk_list, encode_contexts, Decoder, Frame, Header, Op, Status, ALL_CHUNKS, CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -47,10 +46,7 @@ pub struct ServerOptions {
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions {
-            max_in_flight: 256,
-            max_payload: MAX_PAYLOAD,
-        }
+        ServerOptions { max_in_flight: 256, max_payload: MAX_PAYLOAD }
     }
 }
 
@@ -69,19 +65,13 @@ struct Failure {
 
 impl Failure {
     fn bad_request(message: String) -> Failure {
-        Failure {
-            status: Status::BadRequest,
-            message,
-        }
+        Failure { status: Status::BadRequest, message }
     }
 }
 
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Failure {
-        Failure {
-            status: status_of(&e),
-            message: e.to_string(),
-        }
+        Failure { status: status_of(&e), message: e.to_string() }
     }
 }
 
@@ -110,10 +100,7 @@ struct Reply {
 
 impl Reply {
     fn empty() -> Reply {
-        Reply {
-            epoch: None,
-            payload: Bytes::new(),
-        }
+        Reply { epoch: None, payload: Bytes::new() }
     }
 }
 
@@ -165,12 +152,7 @@ impl ReplicaServer {
         Ok(())
     }
 
-    async fn connection(
-        self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    async fn connection(self, stream: TcpStream, peer: SocketAddr, mut stop: watch::Receiver<bool>) {
         if let Err(e) = stream.set_nodelay(true) {
             warn!(%peer, error = %e, "cannot set TCP_NODELAY; serving anyway");
         }
@@ -278,9 +260,7 @@ impl ReplicaServer {
     async fn execute(&self, req: &Frame) -> Result<Reply, Failure> {
         let h = &req.header;
         if h.flags.response {
-            return Err(Failure::bad_request(
-                "a response frame was sent as a request".into(),
-            ));
+            return Err(Failure::bad_request("a response frame was sent as a request".into()));
         }
         let id = ChunkId::new(h.volume, h.chunk);
         let store = &self.store;
@@ -294,9 +274,7 @@ impl ReplicaServer {
                 if req.payload.len() != h.length as usize {
                     return Err(payload_mismatch(h, u64::from(h.length), req.payload.len()));
                 }
-                store
-                    .write(id, h.offset, req.payload.clone(), h.seq())
-                    .await?;
+                store.write(id, h.offset, req.payload.clone(), h.seq()).await?;
                 if h.flags.fua {
                     store.flush_chunk(id, h.epoch).await?;
                 }
@@ -310,10 +288,7 @@ impl ReplicaServer {
                     )));
                 }
                 let data = store.read(id, h.offset, h.length, h.epoch).await?;
-                Ok(Reply {
-                    epoch: None,
-                    payload: data,
-                })
+                Ok(Reply { epoch: None, payload: data })
             }
             Op::Flush => {
                 if h.chunk == ALL_CHUNKS {
@@ -347,13 +322,8 @@ impl ReplicaServer {
                         h.length
                     )));
                 }
-                let table = store
-                    .context_table(id, BlockIdx(first), h.length, h.epoch)
-                    .await?;
-                Ok(Reply {
-                    epoch: None,
-                    payload: encode_contexts(&table),
-                })
+                let table = store.context_table(id, BlockIdx(first), h.length, h.epoch).await?;
+                Ok(Reply { epoch: None, payload: encode_contexts(&table) })
             }
             Op::ChunkCreate => {
                 store.create_chunk(id, h.offset, h.epoch).await?;
@@ -372,18 +342,12 @@ impl ReplicaServer {
                 if current > before {
                     info!(from = before.0, to = current.0, "volume epoch raised");
                 }
-                Ok(Reply {
-                    epoch: Some(current),
-                    payload: Bytes::new(),
-                })
+                Ok(Reply { epoch: Some(current), payload: Bytes::new() })
             }
             Op::ListDirty => {
                 check_epoch(h.volume, h.epoch, store.epoch(h.volume))?;
                 let dirty = store.dirty_chunks(h.volume);
-                Ok(Reply {
-                    epoch: None,
-                    payload: encode_chunk_list(&dirty),
-                })
+                Ok(Reply { epoch: None, payload: encode_chunk_list(&dirty) })
             }
         }
     }
@@ -393,29 +357,16 @@ impl ReplicaServer {
 /// older than announced is fenced, newer must be announced first.
 fn check_epoch(volume: VolumeId, request: Epoch, current: Epoch) -> Result<(), Failure> {
     if request < current {
-        return Err(StoreError::Fenced {
-            volume,
-            request,
-            current,
-        }
-        .into());
+        return Err(StoreError::Fenced { volume, request, current }.into());
     }
     if request > current {
-        return Err(StoreError::UnannouncedEpoch {
-            volume,
-            request,
-            current,
-        }
-        .into());
+        return Err(StoreError::UnannouncedEpoch { volume, request, current }.into());
     }
     Ok(())
 }
 
 fn payload_mismatch(h: &Header, expected: u64, actual: usize) -> Failure {
-    Failure::bad_request(format!(
-        "{:?} carries a payload of {actual} bytes, expected {expected}",
-        h.op
-    ))
+    Failure::bad_request(format!("{:?} carries a payload of {actual} bytes, expected {expected}", h.op))
 }
 
 /// Resolves once the server asks connections to stop (or the server is gone).
@@ -467,42 +418,15 @@ mod tests {
     fn every_store_error_maps_to_a_distinct_status() {
         let id = ChunkId::new(VolumeId(1), ChunkIdx(2));
         let errors = [
-            StoreError::Fenced {
-                volume: id.volume,
-                request: Epoch(1),
-                current: Epoch(2),
-            },
-            StoreError::UnannouncedEpoch {
-                volume: id.volume,
-                request: Epoch(3),
-                current: Epoch(2),
-            },
+            StoreError::Fenced { volume: id.volume, request: Epoch(1), current: Epoch(2) },
+            StoreError::UnannouncedEpoch { volume: id.volume, request: Epoch(3), current: Epoch(2) },
             StoreError::NoSuchChunk(id),
-            StoreError::ChunkExists {
-                id,
-                size: 1,
-                existing: 2,
-            },
-            StoreError::OutOfRange {
-                id,
-                offset: 0,
-                len: 1,
-                size: 0,
-            },
+            StoreError::ChunkExists { id, size: 1, existing: 2 },
+            StoreError::OutOfRange { id, offset: 0, len: 1, size: 0 },
             StoreError::Misaligned { offset: 1, len: 1 },
-            StoreError::ChecksumMismatch {
-                id,
-                block: BlockIdx(0),
-            },
-            StoreError::NoSpace {
-                op: "write",
-                path: PathBuf::from("/x"),
-            },
-            StoreError::Io {
-                op: "read",
-                path: PathBuf::from("/x"),
-                source: std::io::Error::other("eio"),
-            },
+            StoreError::ChecksumMismatch { id, block: BlockIdx(0) },
+            StoreError::NoSpace { op: "write", path: PathBuf::from("/x") },
+            StoreError::Io { op: "read", path: PathBuf::from("/x"), source: std::io::Error::other("eio") },
             StoreError::Shutdown,
         ];
         let statuses: Vec<Status> = errors.iter().map(status_of).collect();
@@ -518,13 +442,7 @@ mod tests {
     fn list_dirty_epoch_rule() {
         let v = VolumeId(1);
         assert!(check_epoch(v, Epoch(2), Epoch(2)).is_ok());
-        assert_eq!(
-            check_epoch(v, Epoch(1), Epoch(2)).err().map(|f| f.status),
-            Some(Status::Fenced)
-        );
-        assert_eq!(
-            check_epoch(v, Epoch(3), Epoch(2)).err().map(|f| f.status),
-            Some(Status::UnannouncedEpoch)
-        );
+        assert_eq!(check_epoch(v, Epoch(1), Epoch(2)).err().map(|f| f.status), Some(Status::Fenced));
+        assert_eq!(check_epoch(v, Epoch(3), Epoch(2)).err().map(|f| f.status), Some(Status::UnannouncedEpoch));
     }
 }

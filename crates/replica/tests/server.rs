@@ -37,51 +37,23 @@ async fn every_op_round_trips() {
     c.ping().await.expect("ping");
     setup_chunk(&c).await;
     // Create is idempotent for the same size, refused for another.
-    c.create_chunk(CHUNK, CHUNK_SIZE, E1)
-        .await
-        .expect("create again");
-    assert_eq!(
-        remote_status(c.create_chunk(CHUNK, 2 * CHUNK_SIZE, E1).await),
-        Status::ChunkExists
-    );
+    c.create_chunk(CHUNK, CHUNK_SIZE, E1).await.expect("create again");
+    assert_eq!(remote_status(c.create_chunk(CHUNK, 2 * CHUNK_SIZE, E1).await), Status::ChunkExists);
 
     let data = pattern(1, 2 * BS);
-    c.write(CHUNK, BS as u64, data.clone(), Seq::new(E1, 1), false)
-        .await
-        .expect("write");
-    assert_eq!(
-        c.read(CHUNK, BS as u64, 2 * BS as u32, E1)
-            .await
-            .expect("read"),
-        data
-    );
+    c.write(CHUNK, BS as u64, data.clone(), Seq::new(E1, 1), false).await.expect("write");
+    assert_eq!(c.read(CHUNK, BS as u64, 2 * BS as u32, E1).await.expect("read"), data);
     // Never-written blocks read as zeros.
-    assert!(c
-        .read(CHUNK, 8 * BS as u64, BS as u32, E1)
-        .await
-        .expect("read")
-        .iter()
-        .all(|&b| b == 0));
-    assert_eq!(
-        c.list_dirty(VOL, E1).await.expect("list dirty"),
-        vec![ChunkIdx(0)]
-    );
+    assert!(c.read(CHUNK, 8 * BS as u64, BS as u32, E1).await.expect("read").iter().all(|&b| b == 0));
+    assert_eq!(c.list_dirty(VOL, E1).await.expect("list dirty"), vec![ChunkIdx(0)]);
 
     c.flush_chunk(CHUNK, E1).await.expect("flush chunk");
     let fua = pattern(2, BS);
-    c.write(CHUNK, 0, fua.clone(), Seq::new(E1, 2), true)
-        .await
-        .expect("fua write");
+    c.write(CHUNK, 0, fua.clone(), Seq::new(E1, 2), true).await.expect("fua write");
     c.flush(VOL, E1).await.expect("flush volume");
-    assert_eq!(
-        c.list_dirty(VOL, E1).await.expect("list dirty"),
-        Vec::<ChunkIdx>::new()
-    );
+    assert_eq!(c.list_dirty(VOL, E1).await.expect("list dirty"), Vec::<ChunkIdx>::new());
 
-    let table = c
-        .context_table(CHUNK, BlockIdx(0), 4, E1)
-        .await
-        .expect("context table");
+    let table = c.context_table(CHUNK, BlockIdx(0), 4, E1).await.expect("context table");
     assert_eq!(table.len(), 4);
     assert_eq!(table[0].seq, Seq::new(E1, 2));
     assert_eq!(table[0].crc, crc32fast::hash(&fua));
@@ -90,48 +62,24 @@ async fn every_op_round_trips() {
     assert_eq!(table[2].crc, crc32fast::hash(&data[BS..]));
     assert_eq!(table[3].seq, Seq::ZERO);
 
-    c.trim(CHUNK, 0, BS as u64, Seq::new(E1, 3))
-        .await
-        .expect("trim");
-    assert!(c
-        .read(CHUNK, 0, BS as u32, E1)
-        .await
-        .expect("read")
-        .iter()
-        .all(|&b| b == 0));
-    c.write_zeroes(CHUNK, BS as u64, BS as u64, Seq::new(E1, 4))
-        .await
-        .expect("write zeroes");
+    c.trim(CHUNK, 0, BS as u64, Seq::new(E1, 3)).await.expect("trim");
+    assert!(c.read(CHUNK, 0, BS as u32, E1).await.expect("read").iter().all(|&b| b == 0));
+    c.write_zeroes(CHUNK, BS as u64, BS as u64, Seq::new(E1, 4)).await.expect("write zeroes");
     let after = c.read(CHUNK, 0, 3 * BS as u32, E1).await.expect("read");
     assert!(after[..2 * BS].iter().all(|&b| b == 0));
     assert_eq!(&after[2 * BS..], &data[BS..]);
-    let table = c
-        .context_table(CHUNK, BlockIdx(0), 2, E1)
-        .await
-        .expect("context table");
+    let table = c.context_table(CHUNK, BlockIdx(0), 2, E1).await.expect("context table");
     assert_eq!(table[0].seq, Seq::new(E1, 3));
     assert_eq!(table[1].seq, Seq::new(E1, 4));
 
     // A 1 MiB write and read in one frame each.
     let big = pattern(3, CHUNK_SIZE as usize);
-    c.write(CHUNK, 0, big.clone(), Seq::new(E1, 5), false)
-        .await
-        .expect("big write");
-    assert_eq!(
-        c.read(CHUNK, 0, CHUNK_SIZE as u32, E1)
-            .await
-            .expect("big read"),
-        big
-    );
+    c.write(CHUNK, 0, big.clone(), Seq::new(E1, 5), false).await.expect("big write");
+    assert_eq!(c.read(CHUNK, 0, CHUNK_SIZE as u32, E1).await.expect("big read"), big);
 
     c.delete_chunk(CHUNK, E1).await.expect("delete");
-    c.delete_chunk(CHUNK, E1)
-        .await
-        .expect("delete is idempotent");
-    assert_eq!(
-        remote_status(c.read(CHUNK, 0, BS as u32, E1).await),
-        Status::NoSuchChunk
-    );
+    c.delete_chunk(CHUNK, E1).await.expect("delete is idempotent");
+    assert_eq!(remote_status(c.read(CHUNK, 0, BS as u32, E1).await), Status::NoSuchChunk);
 
     server.stop().await;
 }
@@ -144,38 +92,19 @@ async fn stale_epoch_is_fenced_also_after_restart() {
     assert_eq!(c.announce_epoch(VOL, E2).await.expect("announce"), E2);
     c.create_chunk(CHUNK, CHUNK_SIZE, E2).await.expect("create");
     let good = pattern(10, BS);
-    c.write(CHUNK, 0, good.clone(), Seq::new(E2, 1), false)
-        .await
-        .expect("write");
+    c.write(CHUNK, 0, good.clone(), Seq::new(E2, 1), false).await.expect("write");
 
-    let stale = c
-        .write(CHUNK, 0, pattern(11, BS), Seq::new(E1, 99), false)
-        .await;
+    let stale = c.write(CHUNK, 0, pattern(11, BS), Seq::new(E1, 99), false).await;
     let err = stale.expect_err("stale write must be refused");
     assert!(err.is_fenced(), "{err:?}");
     assert!(!err.is_retryable());
     assert_eq!(
-        remote_status(
-            c.write(CHUNK, 0, pattern(12, BS), Seq::new(E3, 1), false)
-                .await
-        ),
+        remote_status(c.write(CHUNK, 0, pattern(12, BS), Seq::new(E3, 1), false).await),
         Status::UnannouncedEpoch
     );
-    assert!(c
-        .announce_epoch(VOL, E1)
-        .await
-        .expect_err("lower announce")
-        .is_fenced());
-    assert!(c
-        .read(CHUNK, 0, BS as u32, E1)
-        .await
-        .expect_err("stale read")
-        .is_fenced());
-    assert!(c
-        .list_dirty(VOL, E1)
-        .await
-        .expect_err("stale list")
-        .is_fenced());
+    assert!(c.announce_epoch(VOL, E1).await.expect_err("lower announce").is_fenced());
+    assert!(c.read(CHUNK, 0, BS as u32, E1).await.expect_err("stale read").is_fenced());
+    assert!(c.list_dirty(VOL, E1).await.expect_err("stale list").is_fenced());
     assert_eq!(c.read(CHUNK, 0, BS as u32, E2).await.expect("read"), good);
     c.flush(VOL, E2).await.expect("flush");
     server.stop().await;
@@ -183,18 +112,11 @@ async fn stale_epoch_is_fenced_also_after_restart() {
     // A new process opening the same store remembers the epoch.
     let server = Running::start(dir.path()).await;
     let c = client(server.addr);
-    let err = c
-        .write(CHUNK, 0, pattern(13, BS), Seq::new(E1, 100), true)
-        .await
-        .expect_err("stale after restart");
+    let err = c.write(CHUNK, 0, pattern(13, BS), Seq::new(E1, 100), true).await.expect_err("stale after restart");
     assert!(err.is_fenced(), "{err:?}");
     assert_eq!(c.read(CHUNK, 0, BS as u32, E2).await.expect("read"), good);
     assert_eq!(c.announce_epoch(VOL, E3).await.expect("announce"), E3);
-    assert!(c
-        .write(CHUNK, 0, pattern(14, BS), Seq::new(E2, 2), false)
-        .await
-        .expect_err("e2 now stale")
-        .is_fenced());
+    assert!(c.write(CHUNK, 0, pattern(14, BS), Seq::new(E2, 2), false).await.expect_err("e2 now stale").is_fenced());
     assert_eq!(c.read(CHUNK, 0, BS as u32, E3).await.expect("read"), good);
     server.stop().await;
 }
@@ -215,17 +137,9 @@ async fn bad_input_closes_or_is_refused_and_writes_nothing() {
     let c = client(addr);
     setup_chunk(&c).await;
     let original = pattern(20, 4 * BS);
-    c.write(CHUNK, 0, original.clone(), Seq::new(E1, 1), false)
-        .await
-        .expect("write");
+    c.write(CHUNK, 0, original.clone(), Seq::new(E1, 1), false).await.expect("write");
     // A second client, connected throughout, must keep being served.
-    let other = ReplicaClient::new(
-        addr,
-        ClientOptions {
-            connections: 1,
-            ..ClientOptions::default()
-        },
-    );
+    let other = ReplicaClient::new(addr, ClientOptions { connections: 1, ..ClientOptions::default() });
     other.ping().await.expect("ping");
 
     let evil = pattern(21, BS);
@@ -235,87 +149,45 @@ async fn bad_input_closes_or_is_refused_and_writes_nothing() {
     let mut bad_magic = good_frame.clone();
     bad_magic[0] = b'X';
     send_expect_close(addr, &bad_magic, false).await;
-    other
-        .ping()
-        .await
-        .expect("other client served after bad magic");
+    other.ping().await.expect("other client served after bad magic");
 
     let mut bad_crc = good_frame.clone();
     bad_crc[33] ^= 0x10; // offset field, crc not updated
     send_expect_close(addr, &bad_crc, false).await;
-    other
-        .ping()
-        .await
-        .expect("other client served after bad header crc");
+    other.ping().await.expect("other client served after bad header crc");
 
     send_expect_close(addr, &good_frame[..good_frame.len() / 2], true).await;
-    other
-        .ping()
-        .await
-        .expect("other client served after truncated frame");
+    other.ping().await.expect("other client served after truncated frame");
 
     let mut unknown_op = good_frame.clone();
     unknown_op[5] = 77;
     reseal(&mut unknown_op);
     send_expect_close(addr, &unknown_op, false).await;
-    other
-        .ping()
-        .await
-        .expect("other client served after unknown op");
+    other.ping().await.expect("other client served after unknown op");
 
     let mut oversized = good_frame.clone();
     oversized[56..60].copy_from_slice(&(MAX_PAYLOAD + 1).to_le_bytes());
     reseal(&mut oversized);
     send_expect_close(addr, &oversized[..64], false).await;
-    other
-        .ping()
-        .await
-        .expect("other client served after oversized frame");
+    other.ping().await.expect("other client served after oversized frame");
 
     let mut bad_payload = good_frame.clone();
     bad_payload[64 + 100] ^= 1;
     send_expect_close(addr, &bad_payload, false).await;
-    other
-        .ping()
-        .await
-        .expect("other client served after payload crc error");
+    other.ping().await.expect("other client served after payload crc error");
 
     // Requests that decode but are invalid: an error response, connection stays.
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let beyond = round_trip(
-        &mut s,
-        &write_frame(
-            2,
-            CHUNK_SIZE - BS as u64,
-            2 * BS as u32,
-            pattern(22, 2 * BS),
-        ),
-    )
-    .await;
-    assert_eq!(
-        beyond.header.status,
-        Status::OutOfRange,
-        "{}",
-        beyond.error_message()
-    );
+    let beyond = round_trip(&mut s, &write_frame(2, CHUNK_SIZE - BS as u64, 2 * BS as u32, pattern(22, 2 * BS))).await;
+    assert_eq!(beyond.header.status, Status::OutOfRange, "{}", beyond.error_message());
     assert_eq!(beyond.header.request_id, 2);
     assert!(!beyond.error_message().is_empty());
 
     let unaligned = round_trip(&mut s, &write_frame(3, 100, BS as u32, evil.clone())).await;
-    assert_eq!(
-        unaligned.header.status,
-        Status::Misaligned,
-        "{}",
-        unaligned.error_message()
-    );
+    assert_eq!(unaligned.header.status, Status::Misaligned, "{}", unaligned.error_message());
 
     let mismatch = round_trip(&mut s, &write_frame(4, 0, 2 * BS as u32, evil.clone())).await;
-    assert_eq!(
-        mismatch.header.status,
-        Status::BadRequest,
-        "{}",
-        mismatch.error_message()
-    );
+    assert_eq!(mismatch.header.status, Status::BadRequest, "{}", mismatch.error_message());
 
     let mut read_with_payload = Header::request(Op::Read, 5, VOL, CHUNK.chunk, E1);
     read_with_payload.length = BS as u32;
@@ -327,12 +199,8 @@ async fn bad_input_closes_or_is_refused_and_writes_nothing() {
     let resp = round_trip(&mut s, &Frame::new(trim_with_payload, evil.clone())).await;
     assert_eq!(resp.header.status, Status::BadRequest);
 
-    let response_as_request = Frame::new(
-        write_frame(7, 0, BS as u32, Bytes::new())
-            .header
-            .response(Status::Ok),
-        Bytes::new(),
-    );
+    let response_as_request =
+        Frame::new(write_frame(7, 0, BS as u32, Bytes::new()).header.response(Status::Ok), Bytes::new());
     let resp = round_trip(&mut s, &response_as_request).await;
     assert_eq!(resp.header.status, Status::BadRequest);
 
@@ -349,37 +217,16 @@ async fn bad_input_closes_or_is_refused_and_writes_nothing() {
     assert_eq!(resp.header.status, Status::NoSuchChunk);
 
     // The same connection still serves good requests.
-    let ping = round_trip(
-        &mut s,
-        &Frame::new(
-            Header::request(Op::Ping, 10, VOL, CHUNK.chunk, E1),
-            Bytes::new(),
-        ),
-    )
-    .await;
+    let ping = round_trip(&mut s, &Frame::new(Header::request(Op::Ping, 10, VOL, CHUNK.chunk, E1), Bytes::new())).await;
     assert_eq!(ping.header.status, Status::Ok);
     assert_eq!(ping.header.request_id, 10);
 
     // Nothing was written by any of it.
-    assert_eq!(
-        c.read(CHUNK, 0, 4 * BS as u32, E1)
-            .await
-            .expect("read back"),
-        original
-    );
-    let tail = c
-        .read(CHUNK, CHUNK_SIZE - BS as u64, BS as u32, E1)
-        .await
-        .expect("read tail");
+    assert_eq!(c.read(CHUNK, 0, 4 * BS as u32, E1).await.expect("read back"), original);
+    let tail = c.read(CHUNK, CHUNK_SIZE - BS as u64, BS as u32, E1).await.expect("read tail");
     assert!(tail.iter().all(|&b| b == 0));
-    let table = c
-        .context_table(CHUNK, BlockIdx(0), 4, E1)
-        .await
-        .expect("table");
-    assert!(
-        table.iter().all(|ctx| ctx.seq == Seq::new(E1, 1)),
-        "{table:?}"
-    );
+    let table = c.context_table(CHUNK, BlockIdx(0), 4, E1).await.expect("table");
+    assert!(table.iter().all(|ctx| ctx.seq == Seq::new(E1, 1)), "{table:?}");
     server.stop().await;
 }
 
@@ -392,9 +239,7 @@ async fn pipelined_requests_complete_by_request_id() {
     setup_chunk(&c).await;
     let blocks = 64usize;
     let content = pattern(30, blocks * BS);
-    c.write(CHUNK, 0, content.clone(), Seq::new(E1, 1), false)
-        .await
-        .expect("fill");
+    c.write(CHUNK, 0, content.clone(), Seq::new(E1, 1), false).await.expect("fill");
 
     // Raw: one burst of mixed requests on one connection, answered in any order.
     let mut s = TcpStream::connect(addr).await.expect("connect");
@@ -411,11 +256,7 @@ async fn pipelined_requests_complete_by_request_id() {
         if op == Op::Read {
             // Sizes from 1 block to the whole filled range, so completions differ.
             let first = (i as usize * 7) % blocks;
-            let n = if i % 16 == 1 {
-                blocks - first
-            } else {
-                1 + (i as usize % 5).min(blocks - first - 1)
-            };
+            let n = if i % 16 == 1 { blocks - first } else { 1 + (i as usize % 5).min(blocks - first - 1) };
             h.offset = (first * BS) as u64;
             h.length = (n * BS) as u32;
             want = content.slice(first * BS..(first + n) * BS);
@@ -427,9 +268,7 @@ async fn pipelined_requests_complete_by_request_id() {
     let responses = read_frames(&mut s, expect.len()).await;
     let order: Vec<u64> = responses.iter().map(|f| f.header.request_id).collect();
     for f in responses {
-        let (op, want) = expect
-            .remove(&f.header.request_id)
-            .expect("each request answered exactly once");
+        let (op, want) = expect.remove(&f.header.request_id).expect("each request answered exactly once");
         assert_eq!(f.header.op, op);
         assert_eq!(f.header.status, Status::Ok, "{}", f.error_message());
         assert!(f.header.flags.response);
@@ -437,48 +276,25 @@ async fn pipelined_requests_complete_by_request_id() {
     }
     assert!(expect.is_empty());
     let in_order = order.windows(2).all(|w| w[0] < w[1]);
-    println!(
-        "raw burst of {} requests answered {}",
-        order.len(),
-        if in_order { "in order" } else { "out of order" }
-    );
+    println!("raw burst of {} requests answered {}", order.len(), if in_order { "in order" } else { "out of order" });
 
     // Client: many concurrent calls over ONE connection.
-    let one = ReplicaClient::new(
-        addr,
-        ClientOptions {
-            connections: 1,
-            ..ClientOptions::default()
-        },
-    );
+    let one = ReplicaClient::new(addr, ClientOptions { connections: 1, ..ClientOptions::default() });
     let mut tasks = Vec::new();
     for i in 0..blocks as u32 {
         let one = one.clone();
         tasks.push(tokio::spawn(async move {
             let data = pattern(1000 + i, BS);
             let off = u64::from(i) * BS as u64;
-            one.write(
-                CHUNK,
-                off,
-                data.clone(),
-                Seq::new(E1, 10 + u64::from(i)),
-                i % 8 == 0,
-            )
-            .await?;
+            one.write(CHUNK, off, data.clone(), Seq::new(E1, 10 + u64::from(i)), i % 8 == 0).await?;
             let back = one.read(CHUNK, off, BS as u32, E1).await?;
             Ok::<_, ClientError>(back == data)
         }));
     }
     for t in tasks {
-        assert!(
-            t.await.expect("task").expect("call"),
-            "read back what was written"
-        );
+        assert!(t.await.expect("task").expect("call"), "read back what was written");
     }
-    let table = one
-        .context_table(CHUNK, BlockIdx(0), blocks as u32, E1)
-        .await
-        .expect("table");
+    let table = one.context_table(CHUNK, BlockIdx(0), blocks as u32, E1).await.expect("table");
     for (i, ctx) in table.iter().enumerate() {
         assert_eq!(ctx.seq, Seq::new(E1, 10 + i as u64));
     }
@@ -490,34 +306,37 @@ async fn client_times_out_on_a_silent_server() {
     common::init_tracing();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    // Accepts and reads, never answers.
+    // Accepts and reads, never answers; reports each connection the client closes.
+    let (closed_tx, mut closed_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let hole = tokio::spawn(async move {
-        let mut held = Vec::new();
         while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = vec![0u8; 4096];
-            let _ = s.read(&mut buf).await;
-            held.push(s);
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        let _ = closed_tx.send(());
+                        return;
+                    }
+                }
+            });
         }
     });
-    let opts = ClientOptions {
-        timeout: Duration::from_millis(200),
-        ..ClientOptions::default()
-    };
+    let opts = ClientOptions { timeout: Duration::from_millis(200), ..ClientOptions::default() };
     let c = ReplicaClient::new(addr, opts);
     let err = c.ping().await.expect_err("no answer");
-    assert!(
-        matches!(err, ClientError::Timeout { op: Op::Ping }),
-        "{err:?}"
-    );
+    assert!(matches!(err, ClientError::Timeout { op: Op::Ping }), "{err:?}");
     assert!(err.is_retryable());
-    let err = c
-        .read(CHUNK, 0, BS as u32, E1)
-        .await
-        .expect_err("no answer");
-    assert!(
-        matches!(err, ClientError::Timeout { op: Op::Read }),
-        "{err:?}"
-    );
+    let err = c.read(CHUNK, 0, BS as u32, E1).await.expect_err("no answer");
+    assert!(matches!(err, ClientError::Timeout { op: Op::Read }), "{err:?}");
+    // Each timed-out request's connection was abandoned and closed (a black-holed
+    // peer must not keep tasks and sockets alive on the client).
+    for n in 0..2 {
+        tokio::time::timeout(Duration::from_secs(5), closed_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("connection {n} was not closed after its timeout"))
+            .expect("hole alive");
+    }
     hole.abort();
 }
 
@@ -534,13 +353,7 @@ async fn in_flight_requests_fail_when_the_connection_drops() {
             drop(s);
         }
     });
-    let c = ReplicaClient::new(
-        addr,
-        ClientOptions {
-            connections: 1,
-            ..ClientOptions::default()
-        },
-    );
+    let c = ReplicaClient::new(addr, ClientOptions { connections: 1, ..ClientOptions::default() });
     let err = c.ping().await.expect_err("hung up");
     assert!(matches!(err, ClientError::Disconnected), "{err:?}");
     assert!(err.is_retryable());
@@ -555,9 +368,7 @@ async fn client_reconnects_to_a_restarted_server() {
     let c = client(addr);
     setup_chunk(&c).await;
     let data = pattern(40, BS);
-    c.write(CHUNK, 0, data.clone(), Seq::new(E1, 1), false)
-        .await
-        .expect("write");
+    c.write(CHUNK, 0, data.clone(), Seq::new(E1, 1), false).await.expect("write");
     c.flush(VOL, E1).await.expect("flush");
     server.stop().await;
 
@@ -587,10 +398,7 @@ async fn connect_to_a_dead_port_fails_retryably() {
     drop(listener);
     let c = client(addr);
     let err = c.ping().await.expect_err("nobody listens");
-    assert!(
-        matches!(err, ClientError::Connect { addr: a, .. } if a == addr),
-        "{err:?}"
-    );
+    assert!(matches!(err, ClientError::Connect { addr: a, .. } if a == addr), "{err:?}");
     assert!(err.is_retryable());
     let _ = ChunkId::new(VOL, ChunkIdx(0));
 }

@@ -44,9 +44,7 @@ pub struct Zone(pub String);
 
 /// A volume's attach generation. Every attach bumps it; replicas refuse requests
 /// that carry an epoch older than the highest they have been told (fencing).
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 
@@ -54,9 +52,7 @@ pub struct Epoch(pub u64);
 /// that the front end increments per write within that epoch. Ordered by epoch,
 /// then counter, so a later attach's writes always sort after an earlier one's.
 /// `Seq::ZERO` means "never written".
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Seq {
     pub epoch: Epoch,
     pub counter: u64,
@@ -136,7 +132,7 @@ impl fmt::Display for ChunkId {
 
 /// True when `v` is a whole number of blocks.
 pub fn is_block_aligned(v: u64) -> bool {
-    v % BLOCK_SIZE_U64 == 0
+    v.is_multiple_of(BLOCK_SIZE_U64)
 }
 
 #[cfg(test)]

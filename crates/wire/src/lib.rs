@@ -291,10 +291,7 @@ impl Flags {
         if v & !(Self::RESPONSE | Self::FUA) != 0 {
             return Err(WireError::BadFlags(v));
         }
-        Ok(Flags {
-            response: v & Self::RESPONSE != 0,
-            fua: v & Self::FUA != 0,
-        })
+        Ok(Flags { response: v & Self::RESPONSE != 0, fua: v & Self::FUA != 0 })
     }
 
     pub fn as_u8(self) -> u8 {
@@ -321,13 +318,7 @@ pub struct Header {
 
 impl Header {
     /// A request header with every range field zero; set the ones the op uses.
-    pub fn request(
-        op: Op,
-        request_id: u64,
-        volume: VolumeId,
-        chunk: ChunkIdx,
-        epoch: Epoch,
-    ) -> Header {
+    pub fn request(op: Op, request_id: u64, volume: VolumeId, chunk: ChunkIdx, epoch: Epoch) -> Header {
         Header {
             op,
             flags: Flags::default(),
@@ -344,14 +335,7 @@ impl Header {
 
     /// The response header answering `self`: same op, ids and range, the given status.
     pub fn response(&self, status: Status) -> Header {
-        Header {
-            flags: Flags {
-                response: true,
-                fua: self.flags.fua,
-            },
-            status,
-            ..*self
-        }
+        Header { flags: Flags { response: true, fua: self.flags.fua }, status, ..*self }
     }
 
     /// The write sequence this header carries (`epoch`, `seq counter`).
@@ -445,10 +429,7 @@ impl Frame {
 
     /// An error response to `request` carrying `message` as its payload.
     pub fn error_response(request: &Header, status: Status, message: &str) -> Frame {
-        Frame {
-            header: request.response(status),
-            payload: Bytes::copy_from_slice(message.as_bytes()),
-        }
+        Frame { header: request.response(status), payload: Bytes::copy_from_slice(message.as_bytes()) }
     }
 
     /// The message of an error response (lossy UTF-8), or the status's own text.
@@ -462,13 +443,7 @@ impl Frame {
 
     /// The number of bytes this frame occupies on the wire.
     pub fn wire_len(&self) -> usize {
-        HEADER_LEN
-            + self.payload.len()
-            + if self.payload.is_empty() {
-                0
-            } else {
-                TRAILER_LEN
-            }
+        HEADER_LEN + self.payload.len() + if self.payload.is_empty() { 0 } else { TRAILER_LEN }
     }
 
     /// The frame as three parts for a vectored write without copying the payload:
@@ -495,25 +470,16 @@ impl TrailerBytes {
 
 fn trailer(payload: &[u8]) -> TrailerBytes {
     if payload.is_empty() {
-        TrailerBytes {
-            bytes: [0; TRAILER_LEN],
-            len: 0,
-        }
+        TrailerBytes { bytes: [0; TRAILER_LEN], len: 0 }
     } else {
-        TrailerBytes {
-            bytes: crc32fast::hash(payload).to_le_bytes(),
-            len: TRAILER_LEN,
-        }
+        TrailerBytes { bytes: crc32fast::hash(payload).to_le_bytes(), len: TRAILER_LEN }
     }
 }
 
 fn payload_len_u32(len: usize) -> Result<u32, WireError> {
     match u32::try_from(len) {
         Ok(l) => Ok(l),
-        Err(_) => Err(WireError::Oversized {
-            len: len as u64,
-            max: u32::MAX,
-        }),
+        Err(_) => Err(WireError::Oversized { len: len as u64, max: u32::MAX }),
     }
 }
 
@@ -539,9 +505,7 @@ pub struct Decoder {
 
 impl Default for Decoder {
     fn default() -> Self {
-        Decoder {
-            max_payload: MAX_PAYLOAD,
-        }
+        Decoder { max_payload: MAX_PAYLOAD }
     }
 }
 
@@ -586,10 +550,7 @@ impl Decoder {
         raw.copy_from_slice(&buf[..HEADER_LEN]);
         let (header, payload_len) = Header::parse(&raw)?;
         if payload_len > self.max_payload {
-            return Err(WireError::Oversized {
-                len: u64::from(payload_len),
-                max: self.max_payload,
-            });
+            return Err(WireError::Oversized { len: u64::from(payload_len), max: self.max_payload });
         }
         let payload_len = payload_len as usize;
         let total = HEADER_LEN + payload_len + if payload_len == 0 { 0 } else { TRAILER_LEN };
@@ -640,10 +601,7 @@ pub fn decode_contexts(mut payload: &[u8]) -> Result<Vec<BlockContext>, WireErro
         let crc = payload.get_u32_le();
         let epoch = payload.get_u64_le();
         let counter = payload.get_u64_le();
-        out.push(BlockContext {
-            crc,
-            seq: Seq::new(Epoch(epoch), counter),
-        });
+        out.push(BlockContext { crc, seq: Seq::new(Epoch(epoch), counter) });
     }
     Ok(out)
 }

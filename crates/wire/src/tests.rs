@@ -2,13 +2,7 @@ use super::*;
 use proptest::prelude::*;
 
 fn sample_write() -> Frame {
-    let mut h = Header::request(
-        Op::Write,
-        0x0102_0304_0506_0708,
-        VolumeId(7),
-        ChunkIdx(3),
-        Epoch(5),
-    );
+    let mut h = Header::request(Op::Write, 0x0102_0304_0506_0708, VolumeId(7), ChunkIdx(3), Epoch(5));
     h.flags.fua = true;
     h.length = 4;
     h.offset = 8192;
@@ -52,10 +46,7 @@ fn golden_bytes_write_frame() {
     assert_eq!(u32::from_le_bytes(GOLDEN_PAYLOAD_CRC), 0xed82_cd11);
 
     let mut buf = BytesMut::from(&expected[..]);
-    let decoded = Decoder::new()
-        .decode(&mut buf)
-        .expect("valid")
-        .expect("whole frame");
+    let decoded = Decoder::new().decode(&mut buf).expect("valid").expect("whole frame");
     assert_eq!(decoded, frame);
     assert!(buf.is_empty());
 }
@@ -77,10 +68,7 @@ fn golden_bytes_ping_response_without_payload() {
 
 #[test]
 fn golden_bytes_context_entries_and_chunk_list() {
-    let ctx = [BlockContext {
-        crc: 0x1122_3344,
-        seq: Seq::new(Epoch(2), 0x0a0b),
-    }];
+    let ctx = [BlockContext { crc: 0x1122_3344, seq: Seq::new(Epoch(2), 0x0a0b) }];
     let b = encode_contexts(&ctx);
     #[rustfmt::skip]
     assert_eq!(&b[..], &[
@@ -89,17 +77,11 @@ fn golden_bytes_context_entries_and_chunk_list() {
         0x0b, 0x0a, 0, 0, 0, 0, 0, 0,
     ]);
     assert_eq!(decode_contexts(&b).expect("whole entries"), ctx.to_vec());
-    assert!(matches!(
-        decode_contexts(&b[..19]),
-        Err(WireError::BadPayloadLength { .. })
-    ));
+    assert!(matches!(decode_contexts(&b[..19]), Err(WireError::BadPayloadLength { .. })));
 
     let list = encode_chunk_list(&[ChunkIdx(1), ChunkIdx(0x0100)]);
     assert_eq!(&list[..], &[1, 0, 0, 0, 0, 1, 0, 0]);
-    assert_eq!(
-        decode_chunk_list(&list).expect("whole"),
-        vec![ChunkIdx(1), ChunkIdx(0x100)]
-    );
+    assert_eq!(decode_chunk_list(&list).expect("whole"), vec![ChunkIdx(1), ChunkIdx(0x100)]);
     assert!(decode_chunk_list(&list[..5]).is_err());
 }
 
@@ -121,24 +103,15 @@ fn named_errors() {
 
     let mut b = good.clone();
     b[0] = b'X';
-    assert!(matches!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::BadMagic(_))
-    ));
+    assert!(matches!(Decoder::new().decode(&mut b), Err(WireError::BadMagic(_))));
 
     // Garbage is named after 4 bytes, without waiting for a whole header.
     let mut b = BytesMut::from(&b"GET / HTTP/1.1"[..]);
-    assert!(matches!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::BadMagic(_))
-    ));
+    assert!(matches!(Decoder::new().decode(&mut b), Err(WireError::BadMagic(_))));
 
     let mut b = good.clone();
     b[20] ^= 1;
-    assert!(matches!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::HeaderCrc { .. })
-    ));
+    assert!(matches!(Decoder::new().decode(&mut b), Err(WireError::HeaderCrc { .. })));
 
     let reseal = |mut b: BytesMut| {
         let crc = crc32fast::hash(&b[0..60]);
@@ -153,53 +126,32 @@ fn named_errors() {
     let mut b = good.clone();
     b[5] = 200;
     let mut b = reseal(b);
-    assert_eq!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::UnknownOp(200))
-    );
+    assert_eq!(Decoder::new().decode(&mut b), Err(WireError::UnknownOp(200)));
 
     let mut b = good.clone();
     b[6] = 0x80;
     let mut b = reseal(b);
-    assert_eq!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::BadFlags(0x80))
-    );
+    assert_eq!(Decoder::new().decode(&mut b), Err(WireError::BadFlags(0x80)));
 
     let mut b = good.clone();
     b[7] = 3;
     let mut b = reseal(b);
-    assert_eq!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::StatusOnRequest(3))
-    );
+    assert_eq!(Decoder::new().decode(&mut b), Err(WireError::StatusOnRequest(3)));
 
     let mut b = good.clone();
     b[6] = 1;
     b[7] = 99;
     let mut b = reseal(b);
-    assert_eq!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::UnknownStatus(99))
-    );
+    assert_eq!(Decoder::new().decode(&mut b), Err(WireError::UnknownStatus(99)));
 
     let mut b = good.clone();
     b[56..60].copy_from_slice(&u32::MAX.to_le_bytes());
     let mut b = reseal(b);
-    assert_eq!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::Oversized {
-            len: u64::from(u32::MAX),
-            max: MAX_PAYLOAD
-        })
-    );
+    assert_eq!(Decoder::new().decode(&mut b), Err(WireError::Oversized { len: u64::from(u32::MAX), max: MAX_PAYLOAD }));
 
     let mut b = good.clone();
     b[HEADER_LEN] ^= 0x20;
-    assert!(matches!(
-        Decoder::new().decode(&mut b),
-        Err(WireError::PayloadCrc { .. })
-    ));
+    assert!(matches!(Decoder::new().decode(&mut b), Err(WireError::PayloadCrc { .. })));
 }
 
 #[test]
@@ -229,36 +181,25 @@ fn wire_parts_match_encode() {
 
 fn arb_header() -> impl Strategy<Value = Header> {
     (
-        (
-            0usize..Op::ALL.len(),
-            any::<bool>(),
-            any::<bool>(),
-            0usize..Status::ALL.len(),
-        ),
+        (0usize..Op::ALL.len(), any::<bool>(), any::<bool>(), 0usize..Status::ALL.len()),
         (any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>()),
         (any::<u64>(), any::<u64>(), any::<u64>()),
     )
-        .prop_map(
-            |((op, response, fua, status), (req, vol, chunk, length), (offset, epoch, ctr))| {
-                Header {
-                    op: Op::ALL[op],
-                    flags: Flags { response, fua },
-                    // Requests always carry Ok.
-                    status: if response {
-                        Status::ALL[status]
-                    } else {
-                        Status::Ok
-                    },
-                    request_id: req,
-                    volume: VolumeId(vol),
-                    chunk: ChunkIdx(chunk),
-                    length,
-                    offset,
-                    epoch: Epoch(epoch),
-                    seq_counter: ctr,
-                }
-            },
-        )
+        .prop_map(|((op, response, fua, status), (req, vol, chunk, length), (offset, epoch, ctr))| {
+            Header {
+                op: Op::ALL[op],
+                flags: Flags { response, fua },
+                // Requests always carry Ok.
+                status: if response { Status::ALL[status] } else { Status::Ok },
+                request_id: req,
+                volume: VolumeId(vol),
+                chunk: ChunkIdx(chunk),
+                length,
+                offset,
+                epoch: Epoch(epoch),
+                seq_counter: ctr,
+            }
+        })
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {

@@ -8,8 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use ballast_frontend::{
-    Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaError, ReplicaIo, ReplicaSet,
-    VolumeLayout,
+    Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaError, ReplicaIo, ReplicaSet, VolumeLayout,
 };
 use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, NodeId, Seq, VolumeId, Zone, BLOCK_SIZE};
 use bytes::Bytes;
@@ -20,11 +19,30 @@ const BS: usize = BLOCK_SIZE as usize;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    Write { node: NodeId, chunk: u32, offset: u64, len: usize, seq: Seq },
-    Read { node: NodeId, chunk: u32, offset: u64 },
-    Create { node: NodeId, chunk: u32 },
-    Flush { node: NodeId },
-    Eject { node: NodeId, chunk: u32, reason: EjectReason },
+    Write {
+        node: NodeId,
+        chunk: u32,
+        offset: u64,
+        len: usize,
+        seq: Seq,
+    },
+    Read {
+        node: NodeId,
+        chunk: u32,
+        offset: u64,
+    },
+    Create {
+        node: NodeId,
+        chunk: u32,
+    },
+    Flush {
+        node: NodeId,
+    },
+    Eject {
+        node: NodeId,
+        chunk: u32,
+        reason: EjectReason,
+    },
     /// Pushed by a test when a client request returned.
     Ack(&'static str),
 }
@@ -239,7 +257,13 @@ impl ReplicaIo for FakeReplica {
         self.mutate(id, offset, None, len, seq)
     }
 
-    async fn context_table(&self, id: ChunkId, first: BlockIdx, count: u32, epoch: Epoch) -> Result<Vec<BlockContext>, ReplicaError> {
+    async fn context_table(
+        &self,
+        id: ChunkId,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+    ) -> Result<Vec<BlockContext>, ReplicaError> {
         self.gate().await?;
         self.with(|s| {
             Self::check_epoch(s, id.volume, epoch)?;
@@ -258,7 +282,11 @@ impl ReplicaIo for FakeReplica {
             }
             s.chunks.insert(
                 id,
-                FakeChunk { data: vec![0; size as usize], ctx: vec![BlockContext::default(); size as usize / BS], dirty: false },
+                FakeChunk {
+                    data: vec![0; size as usize],
+                    ctx: vec![BlockContext::default(); size as usize / BS],
+                    dirty: false,
+                },
             );
             Ok(())
         })?;
@@ -313,7 +341,12 @@ pub struct FakeMembership {
 
 impl FakeMembership {
     pub fn new(layout: VolumeLayout, log: Log) -> Arc<Self> {
-        Arc::new(FakeMembership { layout: Mutex::new(layout), epoch: Mutex::new(Epoch(0)), fail_eject: Mutex::new(false), log })
+        Arc::new(FakeMembership {
+            layout: Mutex::new(layout),
+            epoch: Mutex::new(Epoch(0)),
+            fail_eject: Mutex::new(false),
+            log,
+        })
     }
 }
 
@@ -328,7 +361,14 @@ impl Membership for FakeMembership {
         Ok(Attachment { epoch: *e, layout })
     }
 
-    async fn eject(&self, _volume: VolumeId, chunk: ChunkIdx, version: u64, node: NodeId, reason: EjectReason) -> Result<ReplicaSet, MembershipError> {
+    async fn eject(
+        &self,
+        _volume: VolumeId,
+        chunk: ChunkIdx,
+        version: u64,
+        node: NodeId,
+        reason: EjectReason,
+    ) -> Result<ReplicaSet, MembershipError> {
         tokio::task::yield_now().await;
         if *self.fail_eject.lock().unwrap() {
             return Err(MembershipError::Unavailable("fake membership down".into()));
@@ -352,7 +392,11 @@ impl Membership for FakeMembership {
 
 pub fn layout(nodes: u64, size: u64, chunk_size: u64, min_in_sync: usize) -> VolumeLayout {
     let replicas: Vec<Replica> = (1..=nodes)
-        .map(|i| Replica { node: NodeId(i), addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)), zone: Zone(format!("z{i}")) })
+        .map(|i| Replica {
+            node: NodeId(i),
+            addr: SocketAddr::from(([127, 0, 0, 1], 9000 + i as u16)),
+            zone: Zone(format!("z{i}")),
+        })
         .collect();
     let chunks = size.div_ceil(chunk_size);
     VolumeLayout {

@@ -36,18 +36,11 @@ impl TestServer {
     }
 
     pub async fn start_with(specs: &[Spec<'_>], opts: NbdOptions) -> TestServer {
-        let devs: Vec<Arc<MemDev>> = specs
-            .iter()
-            .map(|s| Arc::new(MemDev::new(s.1, 4096)))
-            .collect();
+        let devs: Vec<Arc<MemDev>> = specs.iter().map(|s| Arc::new(MemDev::new(s.1, 4096))).collect();
         let exports = specs
             .iter()
             .zip(&devs)
-            .map(|(s, d)| {
-                Export::new(s.0, d.clone())
-                    .with_description(format!("test export {}", s.0))
-                    .read_only(s.2)
-            })
+            .map(|(s, d)| Export::new(s.0, d.clone()).with_description(format!("test export {}", s.0)).read_only(s.2))
             .collect();
         let server = NbdServer::new(exports, opts).expect("valid exports");
         let dir = tempfile::tempdir().expect("tempdir");
@@ -62,8 +55,7 @@ impl TestServer {
         let s1 = server.clone();
         let r1 = stop_rx.clone();
         let t1 = tokio::spawn(async move { s1.serve_tcp(tcp_listener, until(r1)).await });
-        let t2 =
-            tokio::spawn(async move { server.serve_unix(unix_listener, until(stop_rx)).await });
+        let t2 = tokio::spawn(async move { server.serve_unix(unix_listener, until(stop_rx)).await });
         TestServer {
             devs,
             names: specs.iter().map(|s| s.0.to_string()).collect(),
@@ -111,9 +103,8 @@ pub async fn contents(dev: &MemDev) -> Vec<u8> {
 
 /// Is `tool` on PATH? Prints the SKIP line for `test` when not.
 pub fn have(tool: &str, test: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
+    let found =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
     if !found {
         println!("SKIP: {test}: `{tool}` is not installed (CI installs it via .ci/run)");
     }

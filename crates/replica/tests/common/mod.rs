@@ -16,10 +16,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const VOL: VolumeId = VolumeId(1);
-pub const CHUNK: ChunkId = ChunkId {
-    volume: VOL,
-    chunk: ChunkIdx(0),
-};
+pub const CHUNK: ChunkId = ChunkId { volume: VOL, chunk: ChunkIdx(0) };
 pub const CHUNK_SIZE: u64 = 1 << 20;
 pub const E1: Epoch = Epoch(1);
 pub const E2: Epoch = Epoch(2);
@@ -55,11 +52,7 @@ impl Running {
         let task = tokio::spawn(server.serve(listener, async move {
             let _ = rx.await;
         }));
-        Running {
-            addr,
-            stop: Some(tx),
-            task,
-        }
+        Running { addr, stop: Some(tx), task }
     }
 
     /// Graceful shutdown; returns once every connection is closed and the store released.
@@ -116,15 +109,9 @@ pub async fn read_frames(s: &mut TcpStream, n: usize) -> Vec<Frame> {
         if out.len() >= n {
             break;
         }
-        let got = tokio::time::timeout(HANG_GUARD, s.read_buf(&mut buf))
-            .await
-            .expect("response arrives")
-            .expect("read");
-        assert!(
-            got > 0,
-            "server closed the connection with {} of {n} responses",
-            out.len()
-        );
+        let got =
+            tokio::time::timeout(HANG_GUARD, s.read_buf(&mut buf)).await.expect("response arrives").expect("read");
+        assert!(got > 0, "server closed the connection with {} of {n} responses", out.len());
     }
     out
 }
@@ -139,11 +126,7 @@ pub async fn send_expect_close(addr: SocketAddr, bytes: &[u8], half_close: bool)
     }
     let mut buf = Vec::new();
     match tokio::time::timeout(HANG_GUARD, s.read_to_end(&mut buf)).await {
-        Ok(Ok(_)) => assert!(
-            buf.is_empty(),
-            "server answered a malformed frame: {} bytes",
-            buf.len()
-        ),
+        Ok(Ok(_)) => assert!(buf.is_empty(), "server answered a malformed frame: {} bytes", buf.len()),
         // A reset is a close too.
         Ok(Err(_)) => {}
         Err(_) => panic!("server kept a connection with a malformed frame open"),
