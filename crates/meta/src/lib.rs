@@ -7,3 +7,4 @@
 pub mod state;
 
 pub use state::{Command, MetaError, MetaState, Response};
+pub mod raft_store;

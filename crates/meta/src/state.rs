@@ -164,7 +164,7 @@ pub enum Response {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum MetaError {
     #[error("invalid {param}: {reason}")]
-    InvalidArgument { param: &'static str, reason: String },
+    InvalidArgument { param: String, reason: String },
     #[error("unknown node {0}")]
     UnknownNode(NodeId),
     #[error("unknown volume {0}")]
@@ -434,8 +434,8 @@ impl MetaState {
     }
 }
 
-fn invalid(param: &'static str, reason: impl Into<String>) -> MetaError {
-    MetaError::InvalidArgument { param, reason: reason.into() }
+fn invalid(param: &str, reason: impl Into<String>) -> MetaError {
+    MetaError::InvalidArgument { param: param.to_string(), reason: reason.into() }
 }
 
 fn validate_name(name: &str) -> Result<(), MetaError> {
