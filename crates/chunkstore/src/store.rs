@@ -438,30 +438,50 @@ impl ChunkStore {
         self.write_inner(id, offset, data, seq).instrument(span).await
     }
 
-    async fn write_inner(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq) -> Result<()> {
-        let len = data.len() as u64;
+    /// The common start of every mutation (write, trim, write-zeroes): checks the
+    /// request, takes the fence, the chunk's block range lock and its dirty mark,
+    /// and stages each block's new context (`crc_of(i)` for the i-th block of the
+    /// range). Returns the chunk and the [`Hold`] to keep until the I/O is done, or
+    /// `None` for an empty range (nothing to do).
+    async fn begin_mutation(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        len: u64,
+        seq: Seq,
+        crc_of: impl Fn(u32) -> u32,
+    ) -> Result<Option<(Arc<Chunk>, Hold)>> {
         check_aligned(offset, len)?;
         let fence = self.fence(id.volume, seq.epoch).await?;
         let c = self.chunk(id)?;
         let (b0, b1) = check_range(&c, offset, len)?;
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
         self.recovered(&c).await?;
         let range = c.locks.lock(b0, b1, false).await;
         let mut writing = self.begin_write(&c).await?;
         // Invariant: each block's new context is in its INACTIVE slot before its
-        // data is submitted; the current slot stays intact until the write is done.
-        for (i, block) in data.chunks(BLOCK_SIZE as usize).enumerate() {
-            c.ctx.write_inactive(b0 + i as u32, seq, crc32fast::hash(block));
+        // data is submitted; the current slot stays intact until the I/O is done.
+        for b in b0..b1 {
+            c.ctx.write_inactive(b, seq, crc_of(b - b0));
         }
         writing.blocks = Some((b0, b1));
+        Ok(Some((c, Hold { writing: Some(writing), _range: Some(range), _fence: Some(fence) })))
+    }
+
+    async fn write_inner(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq) -> Result<()> {
+        let len = data.len() as u64;
+        let bs = BLOCK_SIZE as usize;
+        let crc_of = |i: u32| crc32fast::hash(&data[i as usize * bs..(i as usize + 1) * bs]);
+        let Some((c, hold)) = self.begin_mutation(id, offset, len, seq, crc_of).await? else {
+            return Ok(());
+        };
         let buf = if aligned::is_aligned(data.as_ptr(), data.len()) {
             WriteBuf::Bytes(data)
         } else {
             WriteBuf::Aligned(AlignedBuf::copy_from(&data))
         };
-        let hold = Hold { writing: Some(writing), _range: Some(range), _fence: Some(fence) };
         let o = (OpKind::Write(buf), &c.data, offset, len, hold);
         self.io("write", &c.data_path, o).await?;
         debug!("written");
@@ -515,22 +535,10 @@ impl ChunkStore {
     }
 
     async fn punch(&self, op: &'static str, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
-        check_aligned(offset, len)?;
-        let fence = self.fence(id.volume, seq.epoch).await?;
-        let c = self.chunk(id)?;
-        let (b0, b1) = check_range(&c, offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        self.recovered(&c).await?;
-        let range = c.locks.lock(b0, b1, false).await;
-        let mut writing = self.begin_write(&c).await?;
         let zero = layout::zero_block_crc();
-        for b in b0..b1 {
-            c.ctx.write_inactive(b, seq, zero);
-        }
-        writing.blocks = Some((b0, b1));
-        let hold = Hold { writing: Some(writing), _range: Some(range), _fence: Some(fence) };
+        let Some((c, hold)) = self.begin_mutation(id, offset, len, seq, |_| zero).await? else {
+            return Ok(());
+        };
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let o = (OpKind::Fallocate { mode }, &c.data, offset, len, hold);
         self.io(op, &c.data_path, o).await?;
