@@ -69,6 +69,11 @@ pub fn run(target: &Target<'_>, w: &Workload, size: u64, seconds: u32) -> Result
         .arg("--randrepeat=0")
         .arg("--norandommap=1")
         .arg("--output-format=json");
+    parse(&execute(cmd, target, w.name)?, w.is_write())
+}
+
+/// Points `cmd` at `target`, runs it, and returns fio's stdout (its JSON report).
+fn execute(mut cmd: Command, target: &Target<'_>, what: &str) -> Result<Vec<u8>> {
     match target {
         Target::File(p) => {
             cmd.arg("--ioengine=io_uring").arg("--direct=1").arg(format!("--filename={}", p.display()));
@@ -77,11 +82,11 @@ pub fn run(target: &Target<'_>, w: &Workload, size: u64, seconds: u32) -> Result
             cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
         }
     }
-    let out = cmd.output().context("run fio")?;
+    let out = cmd.output().with_context(|| format!("run fio {what}"))?;
     if !out.status.success() {
-        bail!("fio {} failed: {}", w.name, String::from_utf8_lossy(&out.stderr));
+        bail!("fio {what} failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    parse(&out.stdout, w.is_write())
+    Ok(out.stdout)
 }
 
 /// Fills `[0, size)` of `target` once, so reads touch real data, not holes.
@@ -94,19 +99,7 @@ pub fn prefill(target: &Target<'_>, size: u64) -> Result<()> {
         .arg(format!("--iodepth={}", w.qd))
         .arg(format!("--size={size}"))
         .arg("--output-format=json");
-    match target {
-        Target::File(p) => {
-            cmd.arg("--ioengine=io_uring").arg("--direct=1").arg(format!("--filename={}", p.display()));
-        }
-        Target::Nbd(uri) => {
-            cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
-        }
-    }
-    let out = cmd.output().context("run fio prefill")?;
-    if !out.status.success() {
-        bail!("fio prefill failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(())
+    execute(cmd, target, w.name).map(drop)
 }
 
 fn parse(json: &[u8], write: bool) -> Result<Measured> {

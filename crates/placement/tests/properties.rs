@@ -97,7 +97,7 @@ proptest! {
     fn a_join_moves_at_most_one_replica_to_the_newcomer(map in arb_map(), replicas in 1usize..=3, zone in 0u8..5) {
         let mut bigger = map.clone();
         let new = NodeId(1000);
-        bigger.nodes.push(NodeInfo { id: new, zone: Zone(format!("z{zone}")), capacity: 1 << 40, used: 0, state: NodeState::Up });
+        bigger.nodes.push(up(new.0, format!("z{zone}"), 1 << 40));
         // The rule only promises this when the newcomer does not change the zone count.
         let zones_before: HashSet<Zone> = usable(&map).iter().map(|n| n.zone.clone()).collect();
         prop_assume!(zones_before.contains(&Zone(format!("z{zone}"))));
@@ -137,21 +137,20 @@ proptest! {
     }
 }
 
+/// An empty, healthy node.
+fn up(id: u64, zone: String, capacity: u64) -> NodeInfo {
+    NodeInfo { id: NodeId(id), zone: Zone(zone), capacity, used: 0, state: NodeState::Up }
+}
+
+/// Nodes 1..=n of 1 TiB, spread round robin over three zones.
+fn three_zone_cluster(n: u64, seed: u64) -> ClusterMap {
+    ClusterMap { nodes: (1..=n).map(|i| up(i, format!("z{}", i % 3), 1 << 40)).collect(), seed }
+}
+
 /// Equal nodes get equal shares: 9 nodes in 3 zones, 30 000 replicas.
 #[test]
 fn balance_within_a_few_percent() {
-    let map = ClusterMap {
-        nodes: (1..=9)
-            .map(|i| NodeInfo {
-                id: NodeId(i),
-                zone: Zone(format!("z{}", i % 3)),
-                capacity: 1 << 40,
-                used: 0,
-                state: NodeState::Up,
-            })
-            .collect(),
-        seed: 42,
-    };
+    let map = three_zone_cluster(9, 42);
     let mut count: HashMap<NodeId, usize> = HashMap::new();
     for c in 0..10_000 {
         for id in place(&map, key(9, c), &req(3)).expect("place") {
@@ -169,15 +168,7 @@ fn balance_within_a_few_percent() {
 #[test]
 fn weighted_by_free_capacity() {
     let map = ClusterMap {
-        nodes: (1..=4)
-            .map(|i| NodeInfo {
-                id: NodeId(i),
-                zone: Zone(format!("z{i}")),
-                capacity: if i == 1 { 2 << 40 } else { 1 << 40 },
-                used: 0,
-                state: NodeState::Up,
-            })
-            .collect(),
+        nodes: (1..=4).map(|i| up(i, format!("z{i}"), if i == 1 { 2 << 40 } else { 1 << 40 })).collect(),
         seed: 5,
     };
     let mut count: HashMap<NodeId, usize> = HashMap::new();
@@ -192,18 +183,7 @@ fn weighted_by_free_capacity() {
 /// A volume's chunks spread over the whole cluster (declustered rebuild sources).
 #[test]
 fn one_volume_spreads_over_every_node() {
-    let map = ClusterMap {
-        nodes: (1..=12)
-            .map(|i| NodeInfo {
-                id: NodeId(i),
-                zone: Zone(format!("z{}", i % 3)),
-                capacity: 1 << 40,
-                used: 0,
-                state: NodeState::Up,
-            })
-            .collect(),
-        seed: 1,
-    };
+    let map = three_zone_cluster(12, 1);
     let used: HashSet<NodeId> = (0..64).flat_map(|c| place(&map, key(7, c), &req(3)).expect("place")).collect();
     assert_eq!(used.len(), 12, "a 64-chunk volume should touch every node");
 }
