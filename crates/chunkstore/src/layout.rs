@@ -72,7 +72,7 @@
 //!     12      4  crc32 of bytes 0..12
 //! ```
 
-use ballast_types::{ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
+use ballast_types::{le_u32, le_u64, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
 
 pub const CTX_MAGIC: [u8; 8] = *b"BLSTCTX\x01";
 pub const EPOCH_MAGIC: [u8; 8] = *b"BLSTEPO\x01";
@@ -290,18 +290,6 @@ pub fn parse_epoch_file_name(name: &str) -> Option<VolumeId> {
         return None;
     }
     Some(VolumeId(u64::from_str_radix(v, 16).ok()?))
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]

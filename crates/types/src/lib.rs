@@ -135,6 +135,22 @@ pub fn is_block_aligned(v: u64) -> bool {
     v.is_multiple_of(BLOCK_SIZE_U64)
 }
 
+/// The little-endian `u32` at the start of `b` (the byte order of every on-disk
+/// and on-wire record). Panics if `b` is shorter than 4 bytes: callers read
+/// fixed-size records whose length they have already checked.
+pub fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+/// The little-endian `u64` at the start of `b`; see [`le_u32`].
+pub fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -56,7 +56,7 @@
 //!
 //! Version changelog: 1 — the initial format above.
 
-use ballast_types::{BlockContext, ChunkIdx, Epoch, Seq, VolumeId};
+use ballast_types::{le_u32, le_u64, BlockContext, ChunkIdx, Epoch, Seq, VolumeId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The first four bytes of every frame.
@@ -400,18 +400,6 @@ impl Header {
         };
         Ok((header, le_u32(&b[56..60])))
     }
-}
-
-fn le_u32(b: &[u8]) -> u32 {
-    let mut a = [0u8; 4];
-    a.copy_from_slice(&b[..4]);
-    u32::from_le_bytes(a)
-}
-
-fn le_u64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_le_bytes(a)
 }
 
 /// One message: header plus payload. The payload is shared `Bytes`: decoding
