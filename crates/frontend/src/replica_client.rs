@@ -14,7 +14,7 @@ use crate::replica_io::{ReplicaError, ReplicaIo};
 impl From<ClientError> for ReplicaError {
     fn from(e: ClientError) -> Self {
         match e {
-            ClientError::Timeout { op } => ReplicaError::Timeout { op: op_name(op) },
+            ClientError::Timeout { op } => ReplicaError::Timeout { op: op.name() },
             ClientError::Disconnected => ReplicaError::Transport("connection lost with the request in flight".into()),
             ClientError::Connect { addr, source } => ReplicaError::Transport(format!("connect to {addr}: {source}")),
             ClientError::Protocol(w) => ReplicaError::Transport(format!("protocol error: {w}")),
@@ -34,23 +34,6 @@ impl From<ClientError> for ReplicaError {
                 Status::Ok => ReplicaError::Failed(format!("error reply with status Ok: {message}")),
             },
         }
-    }
-}
-
-fn op_name(op: ballast_replica::Op) -> &'static str {
-    use ballast_replica::Op;
-    match op {
-        Op::Write => "write",
-        Op::Read => "read",
-        Op::Flush => "flush",
-        Op::Trim => "trim",
-        Op::WriteZeroes => "write_zeroes",
-        Op::ContextTable => "context_table",
-        Op::ChunkCreate => "create_chunk",
-        Op::ChunkDelete => "delete_chunk",
-        Op::Ping => "ping",
-        Op::AnnounceEpoch => "announce_epoch",
-        Op::ListDirty => "list_dirty",
     }
 }
 
