@@ -34,12 +34,9 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(a.data.join("volumes")).with_context(|| format!("create {}", a.data.display()))?;
     let config_path = a.data.join("volumes").join(format!("{}.toml", a.name));
     let existing = if config_path.exists() {
-        Some(
-            StaticMembership::load(&config_path)
-                .with_context(|| format!("load {}", config_path.display()))?
-                .config()
-                .await,
-        )
+        let m = StaticMembership::load(&config_path).with_context(|| format!("load {}", config_path.display()))?;
+        let config = m.config().await;
+        Some((m, config))
     } else {
         None
     };
@@ -52,7 +49,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         let disk = a.data.join(zone).join("disk0");
         let store = ChunkStore::open(&disk, StoreOptions::default())
             .with_context(|| format!("open chunk store {}", disk.display()))?;
-        let recorded = existing.as_ref().and_then(|c| c.nodes.iter().find(|n| n.id == id)).map(|n| n.addr);
+        let recorded = existing.as_ref().and_then(|(_, c)| c.nodes.iter().find(|n| n.id == id)).map(|n| n.addr);
         let listener = bind_replica(recorded).await?;
         let addr = listener.local_addr()?;
         tracing::info!(node = %id, zone, %addr, disk = %disk.display(), direct_io = store.direct_io(), "replica serving");
@@ -81,7 +78,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             StaticMembership::create(&config_path, config)
                 .with_context(|| format!("create {}", config_path.display()))?
         }
-        Some(c) => {
+        Some((m, c)) => {
             if c.volume.size != a.size || c.volume.chunk_size != a.chunk_size {
                 tracing::info!(
                     size = c.volume.size,
@@ -90,7 +87,6 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
                     config_path.display()
                 );
             }
-            let m = StaticMembership::load(&config_path)?;
             m.set_node_addrs(nodes.iter().map(|n| (n.id, n.addr)).collect()).await?;
             m
         }
