@@ -94,6 +94,8 @@ fn kill_replica_under_fio_verify() {
             "--size=192M",
             "--iodepth=16",
             "--verify=crc32c",
+            // No local-*-verify.state files in the working tree.
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--fsync=256",
