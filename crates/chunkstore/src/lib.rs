@@ -30,6 +30,9 @@
 //!   Power loss is covered for everything before the last completed flush; blocks
 //!   written after it may fail verification (their chunk is marked dirty, and the
 //!   front end reconciles dirty chunks at the next attach).
+//! - Resync never undoes a newer write: [`ChunkStore::resync_write`] decides per
+//!   block, under the block range lock, whether the source's older-or-newer copy
+//!   may replace what is here.
 //! - Fencing: once `announce_epoch(v, e)` has returned, no operation carrying an
 //!   older epoch changes data of volume `v` (data ops hold the volume's epoch lock
 //!   shared across their I/O; announce takes it exclusively). Epochs survive restart.
@@ -48,7 +51,7 @@ mod store;
 
 use std::path::PathBuf;
 
-use ballast_types::{BlockIdx, ChunkId, Epoch, VolumeId};
+use ballast_types::{BlockIdx, ChunkId, Epoch, Seq, VolumeId};
 
 pub use store::ChunkStore;
 
@@ -83,6 +86,42 @@ pub struct ChunkInfo {
     pub dirty: bool,
 }
 
+/// One block of a [`ChunkStore::resync_write`]: what the source replica holds
+/// for it. The seqs are the source's original ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResyncBlock {
+    /// Leave the block alone (source and target already agree on it).
+    Keep,
+    /// The source's data for this block (its 4096 bytes are the next ones of the
+    /// request's data), written with the source's seq.
+    Data(Seq),
+    /// The block reads as zeros on the source (trimmed, zeroed or never written)
+    /// with this seq: punched here.
+    Zero(Seq),
+}
+
+impl ResyncBlock {
+    /// The incoming seq (`Seq::ZERO` for `Keep`).
+    pub fn seq(&self) -> Seq {
+        match *self {
+            ResyncBlock::Keep => Seq::ZERO,
+            ResyncBlock::Data(s) | ResyncBlock::Zero(s) => s,
+        }
+    }
+}
+
+/// What a resync write did, in blocks. `Keep` entries count nowhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResyncOutcome {
+    /// Data blocks written.
+    pub written: u32,
+    /// Blocks punched to zeros.
+    pub zeroed: u32,
+    /// Blocks left alone because this replica's copy was newer (see the rule at
+    /// [`ChunkStore::resync_write`]).
+    pub skipped: u32,
+}
+
 /// Why a store operation failed. Grouped by what the caller should do:
 /// never retry (`Fenced`, `UnannouncedEpoch` until announced, the caller's
 /// mistakes), repair from another replica (`ChecksumMismatch`), report (`NoSpace`,
@@ -114,6 +153,9 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The request contradicts itself (e.g. a resync write's data length vs its entries).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     #[error("chunk store is shut down")]
     Shutdown,
 }

@@ -16,14 +16,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE, BLOCK_SIZE_U64};
 use bytes::Bytes;
 use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock as AsyncRwLock};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, trace, warn, Instrument};
 
 use crate::aligned::{self, AlignedBuf};
 use crate::ctxmap::CtxMap;
 use crate::layout::{self, CtxHeader};
 use crate::rangelock::{RangeGuard, RangeLocks};
 use crate::ring::{Done, Op, OpKind, Ring, WriteBuf};
-use crate::{ChunkInfo, StoreError, StoreOptions};
+use crate::{ChunkInfo, ResyncBlock, ResyncOutcome, StoreError, StoreOptions};
 
 type Result<T> = std::result::Result<T, StoreError>;
 /// An operation for the ring: (what, file, offset, len, what to hold until done).
@@ -98,13 +98,20 @@ struct DirtyState {
 /// failed write retracts its slots while it still holds the blocks.
 pub struct Hold {
     writing: Option<Writing>,
-    _range: Option<RangeGuard>,
-    _fence: Option<OwnedRwLockReadGuard<Epoch>>,
+    _locks: Option<Arc<MutationLocks>>,
+}
+
+/// The locks a mutation keeps until its last I/O has completed: the blocks it
+/// changes and the volume's fence. Shared (`Arc`) by the I/Os of a resync write,
+/// which issues one I/O per run of blocks it applies; released with the last.
+struct MutationLocks {
+    _range: RangeGuard,
+    _fence: OwnedRwLockReadGuard<Epoch>,
 }
 
 impl Hold {
     pub fn none() -> Hold {
-        Hold { writing: None, _range: None, _fence: None }
+        Hold { writing: None, _locks: None }
     }
 
     /// The operation failed after `done` bytes.
@@ -153,6 +160,47 @@ impl Chunk {
     fn is_dirty(&self) -> bool {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).dirty
     }
+}
+
+/// Blocks locked for a mutation (see `ChunkStore::lock_blocks`).
+struct Locked {
+    c: Arc<Chunk>,
+    b0: u32,
+    b1: u32,
+    locks: MutationLocks,
+}
+
+/// A run of consecutive blocks a resync write applies with one I/O.
+struct Run {
+    start: u32,
+    end: u32,
+    /// Punch (zero) rather than write data.
+    zero: bool,
+    /// Index of the run's first block among the request's data blocks.
+    data_first: usize,
+}
+
+/// Stages the new contexts of blocks [b0, b1) (`ctx_of(b)` = (seq, crc) of block
+/// b) for the write counted by `writing`, and returns the hold for its I/O.
+///
+/// Synchronous on purpose: the caller submits the I/O before its next await, so a
+/// caller that drops its future can never leave staged slots whose data never
+/// comes (once the op exists, a failure retracts them; see `Writing`'s drop).
+fn stage(
+    mut writing: Writing,
+    b0: u32,
+    b1: u32,
+    locks: &Arc<MutationLocks>,
+    ctx_of: impl Fn(u32) -> (Seq, u32),
+) -> Hold {
+    // Invariant: each block's new context is in its INACTIVE slot before its
+    // data is submitted; the current slot stays intact until the I/O is done.
+    for b in b0..b1 {
+        let (seq, crc) = ctx_of(b);
+        writing.chunk.ctx.write_inactive(b, seq, crc);
+    }
+    writing.blocks = Some((b0, b1));
+    Hold { writing: Some(writing), _locks: Some(locks.clone()) }
 }
 
 fn check_aligned(offset: u64, len: u64) -> Result<()> {
@@ -301,7 +349,11 @@ impl ChunkStore {
     fn submit(&self, r: Req<'_>) -> Result<oneshot::Receiver<io::Result<Done>>> {
         let (tx, rx) = oneshot::channel();
         let o = Op { kind: r.0, file: r.1.clone(), offset: r.2, len: r.3, hold: r.4, reply: tx };
-        self.inner.ring.submit(o).map_err(|_| StoreError::Shutdown)?;
+        self.inner.ring.submit(o).map_err(|mut o| {
+            // Never submitted: retract whatever contexts it staged.
+            o.hold.failed(0);
+            StoreError::Shutdown
+        })?;
         Ok(rx)
     }
 
@@ -432,7 +484,8 @@ impl ChunkStore {
     }
 
     /// Writes `data` (whole blocks) at `offset` with sequence `seq`; `seq.epoch` is
-    /// fence-checked. Resync uses this with a block's original seq.
+    /// fence-checked. (Resync copies blocks with their original seqs through
+    /// [`ChunkStore::resync_write`], whose fence epoch is separate.)
     pub async fn write(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq) -> Result<()> {
         let span = tracing::debug_span!("chunk_write", volume = id.volume.0, chunk = id.chunk.0, offset, len = data.len(), %seq);
         self.write_inner(id, offset, data, seq).instrument(span).await
@@ -451,8 +504,19 @@ impl ChunkStore {
         seq: Seq,
         crc_of: impl Fn(u32) -> u32,
     ) -> Result<Option<(Arc<Chunk>, Hold)>> {
+        let Some(l) = self.lock_blocks(id, offset, len, seq.epoch).await? else {
+            return Ok(None);
+        };
+        let writing = self.begin_write(&l.c).await?;
+        let hold = stage(writing, l.b0, l.b1, &Arc::new(l.locks), |b| (seq, crc_of(b - l.b0)));
+        Ok(Some((l.c, hold)))
+    }
+
+    /// Checks a mutation of [offset, +len) under fence epoch `epoch` and locks its
+    /// blocks exclusively; `None` for an empty range.
+    async fn lock_blocks(&self, id: ChunkId, offset: u64, len: u64, epoch: Epoch) -> Result<Option<Locked>> {
         check_aligned(offset, len)?;
-        let fence = self.fence(id.volume, seq.epoch).await?;
+        let fence = self.fence(id.volume, epoch).await?;
         let c = self.chunk(id)?;
         let (b0, b1) = check_range(&c, offset, len)?;
         if len == 0 {
@@ -460,14 +524,7 @@ impl ChunkStore {
         }
         self.recovered(&c).await?;
         let range = c.locks.lock(b0, b1, false).await;
-        let mut writing = self.begin_write(&c).await?;
-        // Invariant: each block's new context is in its INACTIVE slot before its
-        // data is submitted; the current slot stays intact until the I/O is done.
-        for b in b0..b1 {
-            c.ctx.write_inactive(b, seq, crc_of(b - b0));
-        }
-        writing.blocks = Some((b0, b1));
-        Ok(Some((c, Hold { writing: Some(writing), _range: Some(range), _fence: Some(fence) })))
+        Ok(Some(Locked { c, b0, b1, locks: MutationLocks { _range: range, _fence: fence } }))
     }
 
     async fn write_inner(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq) -> Result<()> {
@@ -544,6 +601,159 @@ impl ChunkStore {
         self.io(op, &c.data_path, o).await?;
         debug!("punched");
         Ok(())
+    }
+
+    /// Resync and rebuild: applies a source replica's blocks to this (target)
+    /// replica, each with the source's ORIGINAL seq, wherever that cannot undo a
+    /// newer write. `blocks[i]` describes block `offset / 4096 + i`; `data` holds
+    /// the 4096 bytes of each [`ResyncBlock::Data`] entry, in entry order. `epoch`
+    /// is the request's fence epoch (the block seqs are the source's and may be
+    /// older). Returns how many blocks were written, zeroed and skipped.
+    ///
+    /// The rule, per block, with `current` the block's seq here (`Seq::ZERO` when
+    /// never written or when no slot is usable):
+    ///
+    /// ```text
+    ///   apply  iff  current < incoming  ||  current < protect_from
+    /// ```
+    ///
+    /// The first half is the crux of copying while the front end keeps writing:
+    /// the copier may read a block at seq s1 from the source while the front end
+    /// writes the same block at s2 > s1 to both replicas; whichever reaches this
+    /// replica first, the older copy never replaces the newer write. The second
+    /// half lets the caller name the seqs that can be such concurrent writes (the
+    /// front end's writes since it began sending to this replica, e.g.
+    /// `Seq::new(epoch, 0)`): below it, the in-sync source is authoritative, so a
+    /// write this replica got but the source never did (one that was never
+    /// acknowledged, from before the replica was ejected) is replaced too.
+    /// `protect_from = Seq::ZERO` keeps only the first half.
+    ///
+    /// Invariant: the decision and the staging of each applied block's context
+    /// happen under the chunk's exclusive block range lock, which every normal
+    /// write also takes, so no write can slip in between the comparison and the
+    /// change. Applied blocks go to disk like any write: new context in the
+    /// inactive slot first, then the data (or the punched hole).
+    pub async fn resync_write(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        blocks: &[ResyncBlock],
+        data: Bytes,
+        epoch: Epoch,
+        protect_from: Seq,
+    ) -> Result<ResyncOutcome> {
+        let span = tracing::debug_span!(
+            "chunk_resync_write", volume = id.volume.0, chunk = id.chunk.0, offset, blocks = blocks.len(), %epoch
+        );
+        self.resync_inner(id, offset, blocks, data, epoch, protect_from).instrument(span).await
+    }
+
+    async fn resync_inner(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        blocks: &[ResyncBlock],
+        data: Bytes,
+        epoch: Epoch,
+        protect_from: Seq,
+    ) -> Result<ResyncOutcome> {
+        let bs = BLOCK_SIZE as usize;
+        let data_blocks = blocks.iter().filter(|b| matches!(b, ResyncBlock::Data(_))).count();
+        if data.len() != data_blocks * bs {
+            return Err(StoreError::InvalidRequest(format!(
+                "resync write with {data_blocks} data blocks carries {} bytes of data",
+                data.len()
+            )));
+        }
+        let len = blocks.len() as u64 * BLOCK_SIZE_U64;
+        let Some(Locked { c, b0, b1: _, locks }) = self.lock_blocks(id, offset, len, epoch).await? else {
+            return Ok(ResyncOutcome::default());
+        };
+        // Decide every block under the range lock; coalesce applied blocks into
+        // runs of one kind, one I/O each.
+        let mut out = ResyncOutcome::default();
+        let mut runs: Vec<Run> = Vec::new();
+        let mut next_data = 0usize;
+        for (i, blk) in blocks.iter().enumerate() {
+            let b = b0 + i as u32;
+            let (seq, zero) = match *blk {
+                ResyncBlock::Keep => continue,
+                ResyncBlock::Data(s) => (s, false),
+                ResyncBlock::Zero(s) => (s, true),
+            };
+            let data_index = next_data;
+            if !zero {
+                next_data += 1;
+            }
+            let current = c.ctx.current(b).map_or(Seq::ZERO, |(s, _)| s);
+            if !(current < seq || current < protect_from) {
+                trace!(block = b, %current, incoming = %seq, "resync skips a newer block");
+                out.skipped += 1;
+                continue;
+            }
+            if zero {
+                out.zeroed += 1;
+            } else {
+                out.written += 1;
+            }
+            match runs.last_mut() {
+                Some(r) if r.end == b && r.zero == zero => r.end += 1,
+                _ => runs.push(Run { start: b, end: b + 1, zero, data_first: data_index }),
+            }
+        }
+        if runs.is_empty() {
+            return Ok(out);
+        }
+        let mut writings = Vec::with_capacity(runs.len());
+        for _ in &runs {
+            writings.push(self.begin_write(&c).await?);
+        }
+        let locks = Arc::new(locks);
+        let zero_crc = layout::zero_block_crc();
+        let seq_of = |b: u32| blocks[(b - b0) as usize].seq();
+        // From here until every run is submitted there is no await (see `stage`).
+        let mut pending = Vec::with_capacity(runs.len());
+        let mut first_err = None;
+        for (run, writing) in runs.iter().zip(writings) {
+            let (off, n) = (run.start as u64 * BLOCK_SIZE_U64, (run.end - run.start) as usize);
+            let (op, req) = if run.zero {
+                let hold = stage(writing, run.start, run.end, &locks, |b| (seq_of(b), zero_crc));
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                ("resync trim", (OpKind::Fallocate { mode }, &c.data, off, (n * bs) as u64, hold))
+            } else {
+                let d = data.slice(run.data_first * bs..(run.data_first + n) * bs);
+                let crc_at = |b: u32| crc32fast::hash(&d[(b - run.start) as usize * bs..][..bs]);
+                let hold = stage(writing, run.start, run.end, &locks, |b| (seq_of(b), crc_at(b)));
+                let buf = if aligned::is_aligned(d.as_ptr(), d.len()) {
+                    WriteBuf::Bytes(d)
+                } else {
+                    WriteBuf::Aligned(AlignedBuf::copy_from(&d))
+                };
+                ("resync write", (OpKind::Write(buf), &c.data, off, (n * bs) as u64, hold))
+            };
+            match self.submit(req) {
+                Ok(rx) => pending.push((op, rx)),
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
+            }
+        }
+        // The ring's holds keep the locks until their I/Os complete.
+        drop(locks);
+        for (op, rx) in pending {
+            let r = match rx.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => StoreError::io(op, &c.data_path, e),
+                Err(_) => StoreError::Shutdown,
+            };
+            first_err.get_or_insert(r);
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        debug!(written = out.written, zeroed = out.zeroed, skipped = out.skipped, "resync applied");
+        Ok(out)
     }
 
     /// Makes every write to the chunk completed before this call durable, then
@@ -673,6 +883,42 @@ impl ChunkStore {
     /// The directory this store lives in.
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+}
+
+/// How long opening a chunk waits for its data file's lock.
+const DATA_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Takes an exclusive `flock` on a chunk's data file, waiting while someone else
+/// holds it.
+///
+/// Invariant: no write of an earlier incarnation of this store can land after
+/// the recovery scan. A killed process's io_uring requests can still be running
+/// after the process is reaped (the ring is torn down by a kernel worker), and a
+/// write landing after the next process's scan has retracted its context would
+/// leave a block that matches neither slot. Each in-flight request holds a
+/// reference to the dead process's open file, and with it that file's lock, so
+/// waiting for the lock waits for those writes. It also keeps two live stores
+/// off the same directory.
+fn lock_data_file(f: &File, path: &Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + DATA_LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(f), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(StoreError::io("lock data file", path, e));
+        }
+        if std::time::Instant::now() >= deadline {
+            let busy = io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "locked by another process for 30 s (is another replica using this directory?)",
+            );
+            return Err(StoreError::io("lock data file", path, busy));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -826,6 +1072,7 @@ fn open_chunk(dir: &Path, id: ChunkId, direct: bool) -> Result<Chunk> {
     }
     let data_file =
         data_open_options(direct).open(&data_path).map_err(|e| StoreError::io("open data file", &data_path, e))?;
+    lock_data_file(&data_file, &data_path)?;
     let data_len = data_file.metadata().map_err(|e| StoreError::io("stat", &data_path, e))?.len();
     if data_len != h.chunk_size {
         return Err(StoreError::io("load chunk", &data_path, invalid("data file has the wrong length")));
@@ -886,6 +1133,7 @@ fn create_chunk_files(dir: &Path, id: ChunkId, size: u64, direct: bool) -> Resul
         .truncate(true)
         .open(&data_path)
         .map_err(|e| cleanup(StoreError::io("create data file", &data_path, e)))?;
+    lock_data_file(&data, &data_path).map_err(cleanup)?;
     data.set_len(size).map_err(|e| cleanup(StoreError::io("size data file", &data_path, e)))?;
     data.sync_all().map_err(|e| cleanup(StoreError::io("fsync data file", &data_path, e)))?;
     // The rename is the commit point: a chunk exists once its .ctx exists.

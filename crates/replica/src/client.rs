@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
-    decode_chunk_list, decode_contexts, Decoder, Frame, Header, Op, Status, WireError, ALL_CHUNKS, CONTEXT_ENTRY_LEN,
-    MAX_PAYLOAD,
+    decode_chunk_list, decode_contexts, decode_resync_result, encode_resync_write, Decoder, Frame, Header, Op,
+    ResyncEntry, ResyncResult, Status, WireError, ALL_CHUNKS, CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -278,6 +278,37 @@ impl ReplicaClient {
             .into());
         }
         Ok(table)
+    }
+
+    /// Resync / rebuild: asks the replica to apply a source replica's blocks, each
+    /// with the source's original seq, where that cannot undo a newer write.
+    /// `entries[i]` is block `offset / 4096 + i` (at most
+    /// [`ballast_wire::MAX_RESYNC_BLOCKS`]); `data` is the concatenation of the
+    /// `Data` entries' blocks (given as pieces, so the caller need not join them;
+    /// they are copied once, into the frame). `epoch` is the fence epoch; the
+    /// replica's blocks with seq at least `Seq{epoch, protect_from}` are replaced
+    /// only by newer ones. With `fua`, the chunk is flushed before the answer.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn resync_write(
+        &self,
+        id: ChunkId,
+        offset: u64,
+        entries: &[ResyncEntry],
+        data: &[&[u8]],
+        epoch: Epoch,
+        protect_from: u64,
+        fua: bool,
+    ) -> Result<ResyncResult, ClientError> {
+        let range = entries.len() as u64 * u64::from(BLOCK_SIZE);
+        let length = u32::try_from(range).map_err(|_| WireError::Oversized { len: range, max: u32::MAX })?;
+        let payload = encode_resync_write(entries, data)?;
+        let mut h = self.header(Op::ResyncWrite, id.volume, id.chunk, epoch);
+        h.offset = offset;
+        h.length = length;
+        h.seq_counter = protect_from;
+        h.flags.fua = fua;
+        let resp = self.call(h, payload).await?;
+        Ok(decode_resync_result(&resp.payload)?)
     }
 
     /// Creates chunk `id` of `size` bytes (idempotent for the same size).

@@ -22,6 +22,6 @@ mod client;
 mod io;
 mod server;
 
-pub use ballast_wire::{Op, Status, WireError};
+pub use ballast_wire::{Op, ResyncEntry, ResyncKind, ResyncResult, Status, WireError, MAX_RESYNC_BLOCKS};
 pub use client::{ClientError, ClientOptions, ReplicaClient};
 pub use server::{status_of, ReplicaServer, ServerOptions};

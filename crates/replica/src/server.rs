@@ -18,10 +18,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_chunkstore::{ChunkStore, StoreError};
-use ballast_types::{BlockIdx, ChunkId, Epoch, VolumeId};
+use ballast_chunkstore::{ChunkStore, ResyncBlock, StoreError};
+use ballast_types::{BlockIdx, ChunkId, Epoch, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
-    encode_chunk_list, encode_contexts, Decoder, Frame, Header, Op, Status, ALL_CHUNKS, CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
+    decode_resync_write, encode_chunk_list, encode_contexts, encode_resync_result, Decoder, Frame, Header, Op,
+    ResyncKind, ResyncResult, Status, ALL_CHUNKS, CONTEXT_ENTRY_LEN, MAX_PAYLOAD, MAX_RESYNC_BLOCKS,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -88,6 +89,7 @@ pub fn status_of(e: &StoreError) -> Status {
         StoreError::ChecksumMismatch { .. } => Status::ChecksumMismatch,
         StoreError::NoSpace { .. } => Status::NoSpace,
         StoreError::Io { .. } => Status::Io,
+        StoreError::InvalidRequest(_) => Status::BadRequest,
         StoreError::Shutdown => Status::Shutdown,
     }
 }
@@ -264,9 +266,9 @@ impl ReplicaServer {
         }
         let id = ChunkId::new(h.volume, h.chunk);
         let store = &self.store;
-        // Every op but Write carries no payload; checked before any store call so a
-        // malformed request changes nothing.
-        if h.op != Op::Write && !req.payload.is_empty() {
+        // Every op but Write and ResyncWrite carries no payload; checked before any
+        // store call so a malformed request changes nothing.
+        if !matches!(h.op, Op::Write | Op::ResyncWrite) && !req.payload.is_empty() {
             return Err(payload_mismatch(h, 0, req.payload.len()));
         }
         match h.op {
@@ -349,6 +351,37 @@ impl ReplicaServer {
                 let dirty = store.dirty_chunks(h.volume);
                 Ok(Reply { epoch: None, payload: encode_chunk_list(&dirty) })
             }
+            Op::ResyncWrite => {
+                if !h.length.is_multiple_of(BLOCK_SIZE) {
+                    return Err(StoreError::Misaligned { offset: h.offset, len: u64::from(h.length) }.into());
+                }
+                let blocks = h.length / BLOCK_SIZE;
+                if blocks > MAX_RESYNC_BLOCKS {
+                    return Err(Failure::bad_request(format!(
+                        "resync write of {blocks} blocks exceeds the maximum of {MAX_RESYNC_BLOCKS}"
+                    )));
+                }
+                // The whole payload is checked before the store sees any of it.
+                let w = decode_resync_write(&req.payload, blocks).map_err(|e| Failure::bad_request(e.to_string()))?;
+                let entries: Vec<ResyncBlock> = w
+                    .entries
+                    .iter()
+                    .map(|e| match e.kind {
+                        ResyncKind::Keep => ResyncBlock::Keep,
+                        ResyncKind::Data => ResyncBlock::Data(e.seq),
+                        ResyncKind::Zero => ResyncBlock::Zero(e.seq),
+                    })
+                    .collect();
+                // The protect-from boundary is in the request's own epoch (see the
+                // wire docs): blocks written under it since then stay protected.
+                let protect_from = h.seq();
+                let out = store.resync_write(id, h.offset, &entries, w.data, h.epoch, protect_from).await?;
+                if h.flags.fua {
+                    store.flush_chunk(id, h.epoch).await?;
+                }
+                let result = ResyncResult { written: out.written, zeroed: out.zeroed, skipped: out.skipped };
+                Ok(Reply { epoch: None, payload: encode_resync_result(&result) })
+            }
         }
     }
 }
@@ -427,6 +460,7 @@ mod tests {
             StoreError::ChecksumMismatch { id, block: BlockIdx(0) },
             StoreError::NoSpace { op: "write", path: PathBuf::from("/x") },
             StoreError::Io { op: "read", path: PathBuf::from("/x"), source: std::io::Error::other("eio") },
+            StoreError::InvalidRequest("data length".into()),
             StoreError::Shutdown,
         ];
         let statuses: Vec<Status> = errors.iter().map(status_of).collect();

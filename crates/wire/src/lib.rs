@@ -23,25 +23,27 @@
 //! off len field
 //!  0   4  magic          b"BLST"
 //!  4   1  version        1
-//!  5   1  op             Op (1..=11)
+//!  5   1  op             Op (1..=12)
 //!  6   1  flags          bit0 RESPONSE, bit1 FUA; every other bit must be 0
 //!  7   1  status         responses: Status code; requests: always 0
 //!  8   8  request id     chosen by the client, echoed in the response
 //! 16   8  volume id
 //! 24   4  chunk index    0xFFFF_FFFF = all chunks of the volume (Flush, ListDirty)
 //! 28   4  length         bytes of the data range (write payload, read length,
-//!                        trim/zeroes length); ContextTable: block count
+//!                        trim/zeroes length, ResyncWrite range); ContextTable:
+//!                        block count
 //! 32   8  offset         byte offset within the chunk; ContextTable: first block;
 //!                        ChunkCreate: the chunk size
 //! 40   8  epoch          the request's attach epoch (responses to AnnounceEpoch:
 //!                        the replica's current epoch)
-//! 48   8  seq counter    write-like ops; with epoch forms the Seq
+//! 48   8  seq counter    write-like ops; with epoch forms the Seq. ResyncWrite:
+//!                        the protect-from counter (see below)
 //! 56   4  payload length bytes of payload, NOT counting the crc trailer
 //! 60   4  header crc     crc32 of bytes 0..60
 //! 64   n  payload        Write: data; Read response: data; ContextTable response:
 //!                        count x 20-byte entries (see [`encode_contexts`]);
-//!                        ListDirty response: u32 chunk indices; error responses:
-//!                        a UTF-8 message
+//!                        ListDirty response: u32 chunk indices; ResyncWrite: see
+//!                        below; error responses: a UTF-8 message
 //! 64+n 4  payload crc    crc32 of the payload; present iff n > 0
 //! ```
 //!
@@ -54,7 +56,38 @@
 //! so any single flipped bit anywhere in a frame is detected: in the header by the
 //! header crc, in the payload or the trailer by the payload crc.
 //!
-//! Version changelog: 1 — the initial format above.
+//! # ResyncWrite (op 12)
+//!
+//! Copies blocks from an in-sync source replica to a resyncing or rebuilding
+//! target, each block with the source's ORIGINAL seq, conditionally: the target
+//! applies a block only where it cannot undo a newer write (the rule is the chunk
+//! store's `resync_write`). One request covers `length / 4096` consecutive blocks
+//! from `offset` (at most [`MAX_RESYNC_BLOCKS`]); `epoch` is the fence epoch (the
+//! per-block seqs may be older); the FUA flag flushes the chunk after applying.
+//! Target blocks whose seq is at least `Seq{epoch, seq counter}` are protected
+//! (replaced only by a newer seq); older ones are replaced by the source's.
+//!
+//! Request payload: a table of one 24-byte entry per block of the range, then the
+//! 4096 data bytes of every `Data` entry, in entry order (nothing for `Keep` and
+//! `Zero` entries):
+//!
+//! ```text
+//! off len field (entry i at 24*i)
+//!  0   8  seq epoch      the source block's seq (0 for Keep)
+//!  8   8  seq counter
+//! 16   1  kind           0 Keep (leave alone), 1 Data, 2 Zero (punch)
+//! 17   7  reserved       0
+//! ```
+//!
+//! So the payload length is `24 * blocks + 4096 * data entries`; the table comes
+//! first so the receiver knows each block's fate before it looks at any data.
+//! Response payload (Ok), 12 bytes: `written u32 | zeroed u32 | skipped u32`, the
+//! blocks the target wrote, punched, and left alone because its copy was newer.
+//!
+//! Version changelog: 1 — the initial format above; op 12 (ResyncWrite) added
+//! within version 1: it is additive (a replica that predates it answers nothing
+//! and closes the connection with `UnknownOp`, so a resync against it fails
+//! loudly, never silently).
 
 use ballast_types::{le_u32, le_u64, BlockContext, ChunkIdx, Epoch, Seq, VolumeId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -75,6 +108,13 @@ pub const MAX_PAYLOAD: u32 = (32 << 20) + (64 << 10);
 pub const ALL_CHUNKS: ChunkIdx = ChunkIdx(u32::MAX);
 /// Size of one encoded [`BlockContext`] in a ContextTable response.
 pub const CONTEXT_ENTRY_LEN: usize = 20;
+/// Size of one per-block entry in a ResyncWrite request's table.
+pub const RESYNC_ENTRY_LEN: usize = 24;
+/// The most blocks one ResyncWrite may cover: 16 MiB of data plus a 96 KiB table
+/// stays below [`MAX_PAYLOAD`].
+pub const MAX_RESYNC_BLOCKS: u32 = 4096;
+/// Size of a ResyncWrite response payload.
+pub const RESYNC_RESULT_LEN: usize = 12;
 
 /// Everything that can be wrong with bytes on the wire, or with a frame's shape.
 /// Any of these on a connection means the peer cannot be trusted to stay in step:
@@ -101,6 +141,8 @@ pub enum WireError {
     PayloadCrc { expected: u32, actual: u32 },
     #[error("{op:?} payload of {actual} bytes, expected {expected}")]
     BadPayloadLength { op: Op, expected: u64, actual: u64 },
+    #[error("resync entry {index}: {reason}")]
+    BadResyncEntry { index: u32, reason: &'static str },
     #[error("response {request_id} answers no request in flight with that op")]
     UnexpectedResponse { request_id: u64 },
 }
@@ -131,10 +173,13 @@ pub enum Op {
     AnnounceEpoch = 10,
     /// List the volume's chunks that are dirty since their last flush.
     ListDirty = 11,
+    /// Conditionally apply a source replica's blocks with their original seqs
+    /// (resync / rebuild); see the module docs for the payload.
+    ResyncWrite = 12,
 }
 
 impl Op {
-    pub const ALL: [Op; 11] = [
+    pub const ALL: [Op; 12] = [
         Op::Write,
         Op::Read,
         Op::Flush,
@@ -146,6 +191,7 @@ impl Op {
         Op::Ping,
         Op::AnnounceEpoch,
         Op::ListDirty,
+        Op::ResyncWrite,
     ];
 
     pub fn from_u8(v: u8) -> Result<Op, WireError> {
@@ -161,6 +207,7 @@ impl Op {
             9 => Op::Ping,
             10 => Op::AnnounceEpoch,
             11 => Op::ListDirty,
+            12 => Op::ResyncWrite,
             other => return Err(WireError::UnknownOp(other)),
         })
     }
@@ -183,6 +230,7 @@ impl Op {
             Op::Ping => "ping",
             Op::AnnounceEpoch => "announce_epoch",
             Op::ListDirty => "list_dirty",
+            Op::ResyncWrite => "resync_write",
         }
     }
 }
@@ -617,6 +665,140 @@ pub fn decode_chunk_list(mut payload: &[u8]) -> Result<Vec<ChunkIdx>, WireError>
         out.push(ChunkIdx(payload.get_u32_le()));
     }
     Ok(out)
+}
+
+/// What a ResyncWrite asks the target to do with one block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ResyncKind {
+    /// Leave the block alone.
+    Keep = 0,
+    /// Write the block's data (next in the payload's data section).
+    Data = 1,
+    /// Punch the block: it reads as zeros on the source.
+    Zero = 2,
+}
+
+impl ResyncKind {
+    pub fn from_u8(v: u8) -> Option<ResyncKind> {
+        match v {
+            0 => Some(ResyncKind::Keep),
+            1 => Some(ResyncKind::Data),
+            2 => Some(ResyncKind::Zero),
+            _ => None,
+        }
+    }
+}
+
+/// One block's entry in a ResyncWrite table: what to do and the source's seq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ResyncEntry {
+    pub kind: ResyncKind,
+    pub seq: Seq,
+}
+
+impl ResyncEntry {
+    pub const KEEP: ResyncEntry = ResyncEntry { kind: ResyncKind::Keep, seq: Seq::ZERO };
+}
+
+/// A decoded ResyncWrite request payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResyncWrite {
+    /// One per block of the request's range.
+    pub entries: Vec<ResyncEntry>,
+    /// The data of the `Data` entries, 4096 bytes each, in entry order (a slice
+    /// of the frame's payload, not a copy).
+    pub data: Bytes,
+}
+
+/// The counts a ResyncWrite response carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ResyncResult {
+    pub written: u32,
+    pub zeroed: u32,
+    pub skipped: u32,
+}
+
+/// Encodes a ResyncWrite request payload: the entry table, then the data. The
+/// concatenation of the `data` pieces must be exactly the 4096-byte blocks of the
+/// `Data` entries, in order (pieces may be any length; they are copied once).
+/// `BadPayloadLength` when the data does not match the entries.
+pub fn encode_resync_write(entries: &[ResyncEntry], data: &[&[u8]]) -> Result<Bytes, WireError> {
+    let bs = ballast_types::BLOCK_SIZE as usize;
+    let data_blocks = entries.iter().filter(|e| e.kind == ResyncKind::Data).count();
+    let data_len: usize = data.iter().map(|d| d.len()).sum();
+    if data_len != data_blocks * bs {
+        return Err(WireError::BadPayloadLength {
+            op: Op::ResyncWrite,
+            expected: (data_blocks * bs) as u64,
+            actual: data_len as u64,
+        });
+    }
+    let mut b = BytesMut::with_capacity(entries.len() * RESYNC_ENTRY_LEN + data_len);
+    for e in entries {
+        b.put_u64_le(e.seq.epoch.0);
+        b.put_u64_le(e.seq.counter);
+        b.put_u8(e.kind as u8);
+        b.put_bytes(0, 7);
+    }
+    for d in data {
+        b.put_slice(d);
+    }
+    Ok(b.freeze())
+}
+
+/// Decodes a ResyncWrite request payload covering `blocks` blocks. The payload
+/// must be exactly the table plus one 4096-byte block per `Data` entry; unknown
+/// kinds and non-zero reserved bytes are refused. Never panics.
+pub fn decode_resync_write(payload: &Bytes, blocks: u32) -> Result<ResyncWrite, WireError> {
+    let bs = ballast_types::BLOCK_SIZE as u64;
+    let table = u64::from(blocks) * RESYNC_ENTRY_LEN as u64;
+    if (payload.len() as u64) < table {
+        return Err(WireError::BadPayloadLength { op: Op::ResyncWrite, expected: table, actual: payload.len() as u64 });
+    }
+    let table = table as usize;
+    let mut entries = Vec::with_capacity(blocks as usize);
+    for (i, raw) in payload[..table].chunks_exact(RESYNC_ENTRY_LEN).enumerate() {
+        let index = i as u32;
+        let kind =
+            ResyncKind::from_u8(raw[16]).ok_or(WireError::BadResyncEntry { index, reason: "unknown block kind" })?;
+        if raw[17..].iter().any(|&x| x != 0) {
+            return Err(WireError::BadResyncEntry { index, reason: "reserved bytes are not zero" });
+        }
+        let seq = Seq::new(Epoch(le_u64(&raw[0..8])), le_u64(&raw[8..16]));
+        entries.push(ResyncEntry { kind, seq });
+    }
+    let data_blocks = entries.iter().filter(|e| e.kind == ResyncKind::Data).count() as u64;
+    let expected = table as u64 + data_blocks * bs;
+    if payload.len() as u64 != expected {
+        return Err(WireError::BadPayloadLength { op: Op::ResyncWrite, expected, actual: payload.len() as u64 });
+    }
+    Ok(ResyncWrite { entries, data: payload.slice(table..) })
+}
+
+/// Encodes a ResyncWrite response payload: `written | zeroed | skipped`, u32 each.
+pub fn encode_resync_result(r: &ResyncResult) -> Bytes {
+    let mut b = BytesMut::with_capacity(RESYNC_RESULT_LEN);
+    b.put_u32_le(r.written);
+    b.put_u32_le(r.zeroed);
+    b.put_u32_le(r.skipped);
+    b.freeze()
+}
+
+/// Decodes a ResyncWrite response payload.
+pub fn decode_resync_result(payload: &[u8]) -> Result<ResyncResult, WireError> {
+    if payload.len() != RESYNC_RESULT_LEN {
+        return Err(WireError::BadPayloadLength {
+            op: Op::ResyncWrite,
+            expected: RESYNC_RESULT_LEN as u64,
+            actual: payload.len() as u64,
+        });
+    }
+    Ok(ResyncResult {
+        written: le_u32(&payload[0..4]),
+        zeroed: le_u32(&payload[4..8]),
+        skipped: le_u32(&payload[8..12]),
+    })
 }
 
 #[cfg(test)]
