@@ -4,6 +4,7 @@
 //! (openraft) orders the commands; every member applies them to its own copy and
 //! gets the same state.
 
+pub mod plan;
 pub mod state;
 
 pub use state::{Command, MetaError, MetaState, Response};

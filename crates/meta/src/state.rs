@@ -97,7 +97,68 @@ pub struct Volume {
     pub attached_to: Option<NodeId>,
     /// Index = chunk index.
     pub chunks: Vec<ChunkEntry>,
+    /// Increments on every change to a chunk's replica set or to the size; the
+    /// attached front end polls it.
+    #[serde(default)]
+    pub layout_gen: u64,
+    /// The highest `layout_gen` the attached front end (at `epoch`) reported it
+    /// writes with. A copy job may only start once the front end writes to its
+    /// target, i.e. `acked_gen >= job.gen` (or no front end is attached).
+    #[serde(default)]
+    pub acked_gen: u64,
 }
+
+impl Volume {
+    /// Chunks with fewer in-sync replicas than the volume's replication factor.
+    pub fn degraded_chunks(&self) -> usize {
+        self.chunks.iter().filter(|c| c.in_sync().count() < self.replicas).count()
+    }
+}
+
+/// What a copy job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobKind {
+    /// A new replica on another node (replacing a down or draining one).
+    Rebuild,
+    /// An ejected replica whose node is up again, copied incrementally.
+    Resync,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Committed; its target is a rebuilding member of the chunk's set.
+    Active,
+    Done,
+    Failed,
+}
+
+/// A copy job: fill `target`'s replica of one chunk from the in-sync replicas.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub kind: JobKind,
+    pub volume: VolumeId,
+    pub chunk: ChunkIdx,
+    pub target: NodeId,
+    /// The replica that leaves the set when the job is done.
+    pub replaces: Option<NodeId>,
+    pub state: JobState,
+    /// The volume's `layout_gen` that made `target` a write target.
+    pub gen: u64,
+    pub error: Option<String>,
+    pub blocks_copied: u64,
+}
+
+impl Job {
+    pub fn is_active(&self) -> bool {
+        self.state == JobState::Active
+    }
+}
+
+/// Finished jobs kept for `ballastctl jobs --all`.
+pub const FINISHED_JOBS_KEPT: usize = 256;
 
 /// One entry of the Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,12 +202,48 @@ pub enum Command {
         volume: VolumeId,
         node: NodeId,
     },
-    /// Removes `node` from the chunk's in-sync set if the set is still at `version`.
+    /// Removes `node` from the chunk's in-sync (or rebuilding) set if the set is
+    /// still at `version`.
     Eject {
         volume: VolumeId,
         chunk: ChunkIdx,
         version: u64,
         node: NodeId,
+    },
+    /// The front end attached at `epoch` writes with layout generation `gen`.
+    AckLayout {
+        volume: VolumeId,
+        epoch: Epoch,
+        gen: u64,
+    },
+    /// Releases the attach lease if `epoch` still holds it.
+    Detach {
+        volume: VolumeId,
+        epoch: Epoch,
+    },
+    /// Makes `target` a rebuilding member of the chunk (a new replica, or an
+    /// ejected one for a resync) and records the copy job. The chunk must still
+    /// be at `version` and have no active job.
+    StartJob {
+        volume: VolumeId,
+        chunk: ChunkIdx,
+        version: u64,
+        kind: JobKind,
+        target: NodeId,
+        replaces: Option<NodeId>,
+    },
+    /// The job's target has every block: it joins the in-sync set and the
+    /// replaced replica leaves (or, `ok == false`, the job failed and the target
+    /// leaves the set again).
+    FinishJob {
+        job: u64,
+        ok: bool,
+        error: Option<String>,
+        blocks_copied: u64,
+    },
+    /// Forgets a node that holds no replicas.
+    RemoveNode {
+        id: NodeId,
     },
 }
 
@@ -159,6 +256,8 @@ pub enum Response {
     Chunk(ChunkEntry),
     /// What a deleted volume leaves to reclaim: per node, the chunk indexes it held.
     Reclaim(Vec<(NodeId, Vec<ChunkIdx>)>),
+    /// The id of a started job.
+    Job(u64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -179,6 +278,12 @@ pub enum MetaError {
     BelowMinInSync { chunk: ChunkIdx, node: NodeId, remaining: usize, min: usize },
     #[error("node {node} is in zone {existing}, not {requested}: remove it before re-registering")]
     ZoneChange { node: NodeId, existing: Zone, requested: Zone },
+    #[error("unknown job {0}")]
+    UnknownJob(u64),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("node {node} still holds {replicas} chunk replicas: drain it first")]
+    NodeInUse { node: NodeId, replicas: usize },
 }
 
 impl From<PlacementError> for MetaError {
@@ -195,11 +300,34 @@ pub struct MetaState {
     pub nodes: BTreeMap<NodeId, Node>,
     pub volumes: BTreeMap<VolumeId, Volume>,
     pub next_volume: u64,
+    #[serde(default)]
+    pub jobs: BTreeMap<u64, Job>,
+    #[serde(default)]
+    pub next_job: u64,
 }
 
 impl MetaState {
     pub fn new(seed: u64) -> MetaState {
-        MetaState { seed, next_volume: 1, ..MetaState::default() }
+        MetaState { seed, next_volume: 1, next_job: 1, ..MetaState::default() }
+    }
+
+    /// The volume by name, or by numeric id.
+    pub fn find_volume(&self, name_or_id: &str) -> Option<&Volume> {
+        self.volume_by_name(name_or_id)
+            .or_else(|| name_or_id.parse::<u64>().ok().and_then(|id| self.volumes.get(&VolumeId(id))))
+    }
+
+    /// The active job of a chunk, if any (at most one at a time).
+    pub fn active_job(&self, volume: VolumeId, chunk: ChunkIdx) -> Option<&Job> {
+        self.jobs.values().find(|j| j.is_active() && j.volume == volume && j.chunk == chunk)
+    }
+
+    /// Whether the job may copy now: its target must already receive the front
+    /// end's writes (or no front end is attached), else a write acknowledged
+    /// without the target could land on the source after the copy read it.
+    pub fn job_ready(&self, job: &Job) -> bool {
+        job.is_active()
+            && self.volumes.get(&job.volume).is_some_and(|v| v.attached_to.is_none() || v.acked_gen >= job.gen)
     }
 
     pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
@@ -265,6 +393,10 @@ impl MetaState {
             Command::GrowVolume { volume, size } => self.grow_volume(*volume, *size),
             Command::DeleteVolume { volume } => {
                 let v = self.volumes.remove(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                for j in self.jobs.values_mut().filter(|j| j.is_active() && j.volume == *volume) {
+                    j.state = JobState::Failed;
+                    j.error = Some("volume deleted".into());
+                }
                 let mut reclaim: BTreeMap<NodeId, Vec<ChunkIdx>> = BTreeMap::new();
                 for (i, c) in v.chunks.iter().enumerate() {
                     for r in &c.replicas {
@@ -283,6 +415,8 @@ impl MetaState {
                 let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
                 v.epoch = Epoch(v.epoch.0 + 1);
                 v.attached_to = Some(*node);
+                // The new front end starts from the current layout.
+                v.acked_gen = v.layout_gen;
                 Ok(Response::Epoch(v.epoch))
             }
             Command::Eject { volume, chunk, version, node } => {
@@ -292,13 +426,17 @@ impl MetaState {
                     .chunks
                     .get_mut(chunk.0 as usize)
                     .ok_or(MetaError::UnknownChunk { volume: *volume, chunk: *chunk })?;
-                if c.version != *version || !c.in_sync().any(|n| n == *node) {
+                let role = c.replicas.iter().find(|r| r.node == *node).map(|r| r.role);
+                if c.version != *version || !matches!(role, Some(Role::InSync | Role::Rebuilding)) {
                     // Someone changed the set first: the caller decides from it.
                     return Ok(Response::Chunk(c.clone()));
                 }
-                let remaining = c.in_sync().count() - 1;
-                if remaining < min {
-                    return Err(MetaError::BelowMinInSync { chunk: *chunk, node: *node, remaining, min });
+                // A rebuilding member is not counted towards min-in-sync.
+                if role == Some(Role::InSync) {
+                    let remaining = c.in_sync().count() - 1;
+                    if remaining < min {
+                        return Err(MetaError::BelowMinInSync { chunk: *chunk, node: *node, remaining, min });
+                    }
                 }
                 for r in &mut c.replicas {
                     if r.node == *node {
@@ -306,7 +444,188 @@ impl MetaState {
                     }
                 }
                 c.version += 1;
-                Ok(Response::Chunk(c.clone()))
+                let mut out = c.clone();
+                v.layout_gen += 1;
+                // A rebuilding target that fails a write fails its job.
+                if role == Some(Role::Rebuilding) {
+                    if let Some(id) = self.active_job(*volume, *chunk).map(|j| j.id) {
+                        self.finish_job(id, false, Some("target ejected by the front end".into()), 0)?;
+                        out = self.volumes[volume].chunks[chunk.0 as usize].clone();
+                    }
+                }
+                Ok(Response::Chunk(out))
+            }
+            Command::AckLayout { volume, epoch, gen } => {
+                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                // Only the current attachment speaks for the writes in flight.
+                if *epoch == v.epoch && *gen <= v.layout_gen {
+                    v.acked_gen = v.acked_gen.max(*gen);
+                }
+                Ok(Response::Done)
+            }
+            Command::Detach { volume, epoch } => {
+                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                if *epoch == v.epoch {
+                    v.attached_to = None;
+                }
+                Ok(Response::Done)
+            }
+            Command::StartJob { volume, chunk, version, kind, target, replaces } => {
+                self.start_job(*volume, *chunk, *version, *kind, *target, *replaces)
+            }
+            Command::FinishJob { job, ok, error, blocks_copied } => {
+                self.finish_job(*job, *ok, error.clone(), *blocks_copied)
+            }
+            Command::RemoveNode { id } => {
+                if !self.nodes.contains_key(id) {
+                    return Err(MetaError::UnknownNode(*id));
+                }
+                let replicas = self
+                    .volumes
+                    .values()
+                    .flat_map(|v| v.chunks.iter())
+                    .filter(|c| c.replicas.iter().any(|r| r.node == *id))
+                    .count();
+                if replicas > 0 {
+                    return Err(MetaError::NodeInUse { node: *id, replicas });
+                }
+                self.nodes.remove(id);
+                Ok(Response::Done)
+            }
+        }
+    }
+
+    fn start_job(
+        &mut self,
+        volume: VolumeId,
+        chunk: ChunkIdx,
+        version: u64,
+        kind: JobKind,
+        target: NodeId,
+        replaces: Option<NodeId>,
+    ) -> Result<Response, MetaError> {
+        let tn = self.nodes.get(&target).ok_or(MetaError::UnknownNode(target))?;
+        if tn.state != NodeState::Up {
+            return Err(MetaError::Conflict(format!("target {target} is {:?}, not up", tn.state)));
+        }
+        if self.active_job(volume, chunk).is_some() {
+            return Err(MetaError::Conflict(format!("chunk {chunk} of volume {volume} already has an active job")));
+        }
+        let v = self.volumes.get_mut(&volume).ok_or(MetaError::UnknownVolume(volume))?;
+        let chunk_size = v.chunk_size;
+        let c = v.chunks.get_mut(chunk.0 as usize).ok_or(MetaError::UnknownChunk { volume, chunk })?;
+        if c.version != version {
+            return Err(MetaError::Conflict(format!("chunk {chunk} is at version {}, not {version}", c.version)));
+        }
+        if let Some(r) = replaces {
+            if !c.replicas.iter().any(|x| x.node == r) {
+                return Err(MetaError::Conflict(format!("{r} holds no replica of chunk {chunk}")));
+            }
+        }
+        let existing = c.replicas.iter().position(|r| r.node == target);
+        match (kind, existing) {
+            (JobKind::Resync, Some(i)) if c.replicas[i].role == Role::Ejected => c.replicas[i].role = Role::Rebuilding,
+            (JobKind::Resync, _) => {
+                return Err(MetaError::Conflict(format!("{target} is not an ejected replica of chunk {chunk}")))
+            }
+            (JobKind::Rebuild, None) => c.replicas.push(ChunkReplica { node: target, role: Role::Rebuilding }),
+            (JobKind::Rebuild, Some(_)) => {
+                return Err(MetaError::Conflict(format!("{target} already holds chunk {chunk}")))
+            }
+        }
+        c.version += 1;
+        v.layout_gen += 1;
+        let gen = v.layout_gen;
+        if kind == JobKind::Rebuild {
+            if let Some(n) = self.nodes.get_mut(&target) {
+                n.allocated += chunk_size;
+            }
+        }
+        let id = self.next_job;
+        self.next_job += 1;
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                kind,
+                volume,
+                chunk,
+                target,
+                replaces,
+                state: JobState::Active,
+                gen,
+                error: None,
+                blocks_copied: 0,
+            },
+        );
+        Ok(Response::Job(id))
+    }
+
+    fn finish_job(&mut self, id: u64, ok: bool, error: Option<String>, blocks: u64) -> Result<Response, MetaError> {
+        let job = self.jobs.get(&id).ok_or(MetaError::UnknownJob(id))?.clone();
+        if !job.is_active() {
+            return Err(MetaError::Conflict(format!("job {id} is not active")));
+        }
+        let Some(v) = self.volumes.get_mut(&job.volume) else {
+            // The volume was deleted under the job.
+            let j = self.jobs.get_mut(&id).ok_or(MetaError::UnknownJob(id))?;
+            j.state = JobState::Failed;
+            j.error = Some("volume deleted".into());
+            return Ok(Response::Done);
+        };
+        let chunk_size = v.chunk_size;
+        let c = v.chunks.get_mut(job.chunk.0 as usize).ok_or(MetaError::UnknownChunk { volume: job.volume, chunk: job.chunk })?;
+        let target_rebuilding = c.replicas.iter().any(|r| r.node == job.target && r.role == Role::Rebuilding);
+        if ok && !target_rebuilding {
+            return Err(MetaError::Conflict(format!("job {id}: {} is no longer rebuilding chunk {}", job.target, job.chunk)));
+        }
+        let mut released = Vec::new();
+        if ok {
+            for r in &mut c.replicas {
+                if r.node == job.target {
+                    r.role = Role::InSync;
+                }
+            }
+            if let Some(old) = job.replaces {
+                if old != job.target {
+                    c.replicas.retain(|r| r.node != old);
+                    released.push(old);
+                }
+            }
+        } else if job.kind == JobKind::Rebuild {
+            // A partial new replica leaves the set; its node reclaims it later.
+            if c.replicas.iter().any(|r| r.node == job.target) {
+                c.replicas.retain(|r| r.node != job.target);
+                released.push(job.target);
+            }
+        } else {
+            for r in &mut c.replicas {
+                if r.node == job.target {
+                    r.role = Role::Ejected;
+                }
+            }
+        }
+        c.version += 1;
+        v.layout_gen += 1;
+        for n in released {
+            if let Some(n) = self.nodes.get_mut(&n) {
+                n.allocated = n.allocated.saturating_sub(chunk_size);
+            }
+        }
+        let j = self.jobs.get_mut(&id).ok_or(MetaError::UnknownJob(id))?;
+        j.state = if ok { JobState::Done } else { JobState::Failed };
+        j.error = error;
+        j.blocks_copied = blocks;
+        self.trim_finished_jobs();
+        Ok(Response::Done)
+    }
+
+    /// Keeps only the newest [`FINISHED_JOBS_KEPT`] finished jobs.
+    fn trim_finished_jobs(&mut self) {
+        let finished: Vec<u64> = self.jobs.values().filter(|j| !j.is_active()).map(|j| j.id).collect();
+        if finished.len() > FINISHED_JOBS_KEPT {
+            for id in &finished[..finished.len() - FINISHED_JOBS_KEPT] {
+                self.jobs.remove(id);
             }
         }
     }
@@ -352,6 +671,8 @@ impl MetaState {
                 epoch: Epoch(0),
                 attached_to: None,
                 chunks,
+                layout_gen: 1,
+                acked_gen: 0,
             },
         );
         Ok(Response::Volume(id))
@@ -369,6 +690,7 @@ impl MetaState {
         let v = self.volumes.get_mut(&volume).ok_or(MetaError::UnknownVolume(volume))?;
         v.chunks.extend(added);
         v.size = size;
+        v.layout_gen += 1;
         Ok(Response::Volume(volume))
     }
 
@@ -411,7 +733,7 @@ impl MetaState {
         Ok(out)
     }
 
-    fn cluster_map(&self) -> ClusterMap {
+    pub fn cluster_map(&self) -> ClusterMap {
         ClusterMap {
             seed: self.seed,
             nodes: self

@@ -1,0 +1,154 @@
+//! Decisions the leader takes from the state, as pure functions: which copy jobs
+//! to start (the rebuild scheduler) and what a node or zone failure would do to
+//! each volume (`ballastctl what-if`). The leader turns their output into
+//! commands; `apply` re-checks everything, so a plan computed on a state that
+//! moved on is refused, never misapplied.
+
+use std::collections::BTreeMap;
+
+use ballast_placement::{self as placement, ChunkKey, Request};
+use ballast_types::{ChunkIdx, NodeId, VolumeId, Zone};
+
+use crate::state::{ChunkEntry, Command, JobKind, MetaState, NodeState, Role, Volume};
+
+/// Limits of the rebuild scheduler: copies compete with client I/O, so only so
+/// many run at once, in total and per target node. Spreading them over many
+/// targets (and, through the sources, many nodes) is what makes the rebuild
+/// declustered.
+#[derive(Clone, Copy, Debug)]
+pub struct JobLimits {
+    pub max_active: usize,
+    pub max_per_target: usize,
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        JobLimits { max_active: 16, max_per_target: 4 }
+    }
+}
+
+/// The jobs to start now, as `StartJob` commands, in a deterministic order.
+///
+/// Per chunk without an active job, first match wins:
+/// 1. an ejected replica on an up node: resync it in place (only differing
+///    blocks are copied);
+/// 2. a replica on a down node, or on a draining node, or ejected on a node that
+///    is not up: rebuild onto a new node chosen by [`placement::replace`] (the
+///    zone rule, weighted by free space; the other replicas stay), which then
+///    replaces it.
+///
+/// A chunk needs at least one in-sync replica to copy from.
+pub fn plan_jobs(state: &MetaState, limits: JobLimits) -> Vec<Command> {
+    let mut active = state.jobs.values().filter(|j| j.is_active()).count();
+    let mut per_target: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for j in state.jobs.values().filter(|j| j.is_active()) {
+        *per_target.entry(j.target).or_default() += 1;
+    }
+    let node_state = |n: NodeId| state.nodes.get(&n).map(|n| n.state);
+    let mut map = None;
+    let mut out = Vec::new();
+    for v in state.volumes.values() {
+        for (i, c) in v.chunks.iter().enumerate() {
+            if active >= limits.max_active {
+                return out;
+            }
+            let chunk = ChunkIdx(i as u32);
+            if c.in_sync().next().is_none() || state.active_job(v.id, chunk).is_some() {
+                continue;
+            }
+            let resync = c.replicas.iter().find(|r| r.role == Role::Ejected && node_state(r.node) == Some(NodeState::Up));
+            let cmd = if let Some(r) = resync {
+                Some(start(v, chunk, c, JobKind::Resync, r.node, None))
+            } else if let Some(failed) = c.replicas.iter().find(|r| {
+                let st = node_state(r.node);
+                matches!(st, None | Some(NodeState::Down | NodeState::Draining))
+                    || (r.role == Role::Ejected && st != Some(NodeState::Up))
+            }) {
+                let map = map.get_or_insert_with(|| state.cluster_map());
+                let current: Vec<NodeId> = c.replicas.iter().map(|r| r.node).collect();
+                let req = Request { replicas: current.len(), chunk_size: v.chunk_size, zones: v.zones.clone() };
+                let key = ChunkKey { volume: v.id, chunk };
+                match placement::replace(map, key, &req, &current, failed.node) {
+                    Ok(set) => set
+                        .into_iter()
+                        .find(|n| !current.contains(n))
+                        .map(|t| start(v, chunk, c, JobKind::Rebuild, t, Some(failed.node))),
+                    // No eligible node now; the next round tries again.
+                    Err(_) => None,
+                }
+            } else {
+                None
+            };
+            if let Some(cmd) = cmd {
+                let Command::StartJob { target, .. } = &cmd else { continue };
+                let n = per_target.entry(*target).or_default();
+                if *n >= limits.max_per_target {
+                    continue;
+                }
+                *n += 1;
+                active += 1;
+                out.push(cmd);
+            }
+        }
+    }
+    out
+}
+
+fn start(v: &Volume, chunk: ChunkIdx, c: &ChunkEntry, kind: JobKind, target: NodeId, replaces: Option<NodeId>) -> Command {
+    Command::StartJob { volume: v.id, chunk, version: c.version, kind, target, replaces }
+}
+
+/// What fails in a what-if.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Failure {
+    Node(NodeId),
+    Zone(Zone),
+}
+
+/// One volume's exposure to a failure.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Impact {
+    pub volume: VolumeId,
+    pub name: String,
+    /// Chunks left with fewer in-sync replicas than configured (still writable).
+    pub degraded: u32,
+    /// Chunks below min-in-sync: writes fail until a rebuild.
+    pub unwritable: u32,
+    /// Chunks with no in-sync replica left: data unavailable.
+    pub unavailable: u32,
+}
+
+/// Which volumes lose redundancy, writability or availability if `failure`
+/// happened now (counted against the current in-sync sets), and how many volumes
+/// are not affected at all.
+pub fn what_if(state: &MetaState, failure: &Failure) -> (Vec<Impact>, usize) {
+    let lost = |n: NodeId| match failure {
+        Failure::Node(id) => n == *id,
+        Failure::Zone(z) => state.nodes.get(&n).is_some_and(|node| &node.zone == z),
+    };
+    let mut out = Vec::new();
+    let mut unaffected = 0;
+    for v in state.volumes.values() {
+        let mut imp = Impact { volume: v.id, name: v.name.clone(), degraded: 0, unwritable: 0, unavailable: 0 };
+        for c in &v.chunks {
+            let before = c.in_sync().count();
+            let after = c.in_sync().filter(|n| !lost(*n)).count();
+            if after == before {
+                continue;
+            }
+            if after == 0 {
+                imp.unavailable += 1;
+            } else if after < v.min_in_sync {
+                imp.unwritable += 1;
+            } else {
+                imp.degraded += 1;
+            }
+        }
+        if imp.degraded + imp.unwritable + imp.unavailable == 0 {
+            unaffected += 1;
+        } else {
+            out.push(imp);
+        }
+    }
+    (out, unaffected)
+}

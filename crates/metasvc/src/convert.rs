@@ -1,0 +1,126 @@
+//! The replicated state's types as the proto's messages.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use ballast_meta::state::{self, ChunkEntry, JobKind, JobState, MetaState, NodeState, Role};
+use ballast_proto::v1 as pb;
+use ballast_types::NodeId;
+
+pub(crate) fn node_state(s: NodeState) -> pb::NodeState {
+    match s {
+        NodeState::Up => pb::NodeState::Up,
+        NodeState::Suspect => pb::NodeState::Suspect,
+        NodeState::Down => pb::NodeState::Down,
+        NodeState::Cordoned => pb::NodeState::Cordoned,
+        NodeState::Draining => pb::NodeState::Draining,
+    }
+}
+
+/// `last_seen`: when this member (if leader) last heard from each node.
+pub(crate) fn node(n: &state::Node, last_seen: &HashMap<NodeId, Instant>) -> pb::Node {
+    pb::Node {
+        id: n.id.0,
+        addr: n.addr.to_string(),
+        zone: n.zone.0.clone(),
+        capacity_bytes: n.capacity,
+        allocated_bytes: n.allocated,
+        used_bytes: n.reported_used,
+        state: node_state(n.state) as i32,
+        heartbeat_age_ms: last_seen.get(&n.id).map_or(0, |t| t.elapsed().as_millis() as u64),
+    }
+}
+
+pub(crate) fn chunk(index: usize, c: &ChunkEntry) -> pb::Chunk {
+    pb::Chunk {
+        index: index as u32,
+        version: c.version,
+        replicas: c
+            .replicas
+            .iter()
+            .map(|r| pb::ChunkReplica {
+                node: r.node.0,
+                role: match r.role {
+                    Role::InSync => pb::ReplicaRole::InSync,
+                    Role::Rebuilding => pb::ReplicaRole::Rebuilding,
+                    Role::Ejected => pb::ReplicaRole::Ejected,
+                } as i32,
+            })
+            .collect(),
+    }
+}
+
+pub(crate) fn volume(v: &state::Volume) -> pb::Volume {
+    pb::Volume {
+        id: v.id.0,
+        name: v.name.clone(),
+        size_bytes: v.size,
+        chunk_size_bytes: v.chunk_size,
+        replicas: v.replicas as u32,
+        min_in_sync: v.min_in_sync as u32,
+        zones: v.zones.iter().map(|z| z.0.clone()).collect(),
+        epoch: v.epoch.0,
+        attached_to: v.attached_to.map_or(0, |n| n.0),
+        layout_gen: v.layout_gen,
+        degraded_chunks: v.degraded_chunks() as u32,
+    }
+}
+
+pub(crate) fn layout(s: &MetaState, v: &state::Volume, last_seen: &HashMap<NodeId, Instant>) -> pb::VolumeLayout {
+    let mut ids: Vec<NodeId> = v.chunks.iter().flat_map(|c| c.replicas.iter().map(|r| r.node)).collect();
+    ids.sort();
+    ids.dedup();
+    pb::VolumeLayout {
+        volume: Some(volume(v)),
+        chunks: v.chunks.iter().enumerate().map(|(i, c)| chunk(i, c)).collect(),
+        nodes: ids.iter().filter_map(|id| s.nodes.get(id)).map(|n| node(n, last_seen)).collect(),
+    }
+}
+
+/// Progress a running job reported to this member (the leader).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Progress {
+    pub running: bool,
+    pub bytes_done: u64,
+    pub blocks_copied: u64,
+    pub attempts: u32,
+}
+
+pub(crate) fn job(s: &MetaState, j: &state::Job, p: Progress, last_seen: &HashMap<NodeId, Instant>) -> pb::Job {
+    let v = s.volumes.get(&j.volume);
+    let c = v.and_then(|v| v.chunks.get(j.chunk.0 as usize));
+    let sources = c
+        .map(|c| {
+            c.in_sync()
+                .filter(|n| *n != j.target)
+                .filter_map(|n| s.nodes.get(&n))
+                .map(|n| node(n, last_seen))
+                .collect()
+        })
+        .unwrap_or_default();
+    let state = match j.state {
+        JobState::Active if p.running => pb::JobState::Running,
+        JobState::Active => pb::JobState::Pending,
+        JobState::Done => pb::JobState::Done,
+        JobState::Failed => pb::JobState::Failed,
+    };
+    pb::Job {
+        id: j.id,
+        kind: match j.kind {
+            JobKind::Rebuild => pb::JobKind::Rebuild,
+            JobKind::Resync => pb::JobKind::Resync,
+        } as i32,
+        volume: j.volume.0,
+        chunk: j.chunk.0,
+        target: j.target.0,
+        sources,
+        replaces: j.replaces.map_or(0, |n| n.0),
+        state: state as i32,
+        chunk_len: v.map_or(0, |v| v.chunk_size.min(v.size.saturating_sub(u64::from(j.chunk.0) * v.chunk_size))),
+        bytes_done: p.bytes_done,
+        blocks_copied: if j.is_active() { p.blocks_copied } else { j.blocks_copied },
+        epoch: v.map_or(0, |v| v.epoch.0),
+        error: j.error.clone().unwrap_or_default(),
+        attempts: p.attempts,
+    }
+}

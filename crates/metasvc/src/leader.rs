@@ -1,0 +1,118 @@
+//! What only the leader does, on a timer: the failure detector and the rebuild
+//! scheduler.
+//!
+//! Failure detection is local to the leader: heartbeats update an in-memory
+//! clock ([`crate::service::Soft`]); only state *changes* go through Raft. A node
+//! silent for `suspect_after` becomes suspect (no new replicas on it), for
+//! `down_after` down (its replicas are rebuilt elsewhere); a suspect or down node
+//! that speaks again is up. A new leader gives every node a full grace period
+//! before judging it, since it has not been receiving heartbeats until now.
+
+use std::time::{Duration, Instant};
+
+use ballast_meta::plan::{self, JobLimits};
+use ballast_meta::state::{Command, JobState, NodeState};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::service::Core;
+
+/// Failure detector and scheduler timing.
+#[derive(Clone, Copy, Debug)]
+pub struct Detector {
+    pub suspect_after: Duration,
+    pub down_after: Duration,
+    pub tick: Duration,
+    pub limits: JobLimits,
+}
+
+impl Default for Detector {
+    fn default() -> Self {
+        Detector {
+            suspect_after: Duration::from_secs(5),
+            down_after: Duration::from_secs(30),
+            tick: Duration::from_millis(500),
+            limits: JobLimits::default(),
+        }
+    }
+}
+
+pub(crate) async fn run(core: Core, d: Detector, mut stop: watch::Receiver<bool>) {
+    let mut leading_since: Option<Instant> = None;
+    let mut tick = tokio::time::interval(d.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !core.is_leader() {
+            leading_since = None;
+            continue;
+        }
+        let since = *leading_since.get_or_insert_with(|| {
+            info!(member = core.id, "leading: failure detector and scheduler start (grace period)");
+            Instant::now()
+        });
+        if let Err(e) = round(&core, &d, since).await {
+            // Lost leadership or quorum mid-round: the next tick looks again.
+            warn!(error = %e, "leader round stopped");
+        }
+    }
+}
+
+async fn round(core: &Core, d: &Detector, since: Instant) -> Result<(), tonic::Status> {
+    let now = Instant::now();
+    let nodes = core.read(|s| s.nodes.values().map(|n| (n.id, n.state)).collect::<Vec<_>>()).await;
+    let seen = core.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for (id, state) in nodes {
+        // Silence counts from the later of the last heartbeat and our election.
+        let heard = seen.get(&id).copied().map_or(since, |t| t.max(since));
+        let silent = now.saturating_duration_since(heard);
+        let next = match state {
+            NodeState::Up if silent >= d.suspect_after => Some(NodeState::Suspect),
+            NodeState::Suspect if silent >= d.down_after => Some(NodeState::Down),
+            NodeState::Suspect | NodeState::Down if silent < d.suspect_after && seen.contains_key(&id) => {
+                Some(NodeState::Up)
+            }
+            _ => None,
+        };
+        if let Some(next) = next {
+            match next {
+                NodeState::Up => info!(node = %id, from = ?state, "node is back"),
+                _ => warn!(node = %id, from = ?state, to = ?next, silent_ms = silent.as_millis() as u64, "node silent"),
+            }
+            core.write(Command::SetNodeState { id, state: next }).await?;
+        }
+    }
+    // Jobs whose target went down will never finish: fail them so that the
+    // scheduler picks another target.
+    let dead = core
+        .read(|s| {
+            s.jobs
+                .values()
+                .filter(|j| j.state == JobState::Active)
+                .filter(|j| s.nodes.get(&j.target).is_none_or(|n| n.state == NodeState::Down))
+                .map(|j| j.id)
+                .collect::<Vec<_>>()
+        })
+        .await;
+    for job in dead {
+        warn!(job, "copy job target is down");
+        core.write(Command::FinishJob { job, ok: false, error: Some("target node down".into()), blocks_copied: 0 })
+            .await?;
+    }
+    let starts = core.read(|s| plan::plan_jobs(s, d.limits)).await;
+    for cmd in starts {
+        if let Command::StartJob { volume, chunk, kind, target, replaces, .. } = &cmd {
+            info!(%volume, %chunk, ?kind, %target, replaces = ?replaces, "starting copy job");
+        }
+        match core.write(cmd).await {
+            Ok(_) => {}
+            // The state moved since the plan: the next round replans.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {}
+            Err(s) => return Err(s),
+        }
+    }
+    Ok(())
+}

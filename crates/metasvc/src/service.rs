@@ -1,0 +1,567 @@
+//! The gRPC services of one meta member: `Raft` (member to member), `NodeApi`
+//! and `Admin`.
+//!
+//! Reads are served from this member's applied state. Writes are proposed to
+//! Raft when this member leads; otherwise the whole call is proxied to the
+//! leader's gRPC endpoint, marked with [`FORWARDED`] so that a call is proxied
+//! at most once (a member that receives a forwarded call while not leading
+//! answers UNAVAILABLE and the client retries).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ballast_meta::plan::{self, Failure};
+use ballast_meta::raft_store::{StateMachine, TypeConfig};
+use ballast_meta::state::{Command, MetaError, MetaState, NodeState, Response, DEFAULT_CHUNK_SIZE};
+use ballast_proto::v1 as pb;
+use ballast_proto::v1::admin_client::AdminClient;
+use ballast_proto::v1::node_api_client::NodeApiClient;
+use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId, Zone};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft};
+use tonic::transport::Channel;
+use tonic::{Request, Response as Reply, Status};
+use tracing::{debug, info, warn};
+
+use crate::convert::{self, Progress};
+use crate::network;
+
+/// Metadata key set on a call a member proxied to the leader.
+pub const FORWARDED: &str = "x-ballast-forwarded";
+
+/// In-memory, leader-only knowledge that is not worth a log entry per change:
+/// when each node was last heard from, its reported disk use, and copy job
+/// progress. A new leader starts with empty maps (and a grace period).
+#[derive(Default)]
+pub(crate) struct Soft {
+    pub last_seen: Mutex<HashMap<NodeId, Instant>>,
+    pub progress: Mutex<HashMap<u64, Progress>>,
+}
+
+/// Shared by the services and the leader loop.
+#[derive(Clone)]
+pub struct Core {
+    pub(crate) id: u64,
+    pub(crate) raft: Raft<TypeConfig>,
+    pub(crate) sm: StateMachine,
+    pub(crate) soft: Arc<Soft>,
+    leader_channel: Arc<Mutex<Option<(u64, Channel)>>>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+pub(crate) fn meta_status(e: MetaError) -> Status {
+    let msg = e.to_string();
+    match e {
+        MetaError::InvalidArgument { .. } => Status::invalid_argument(msg),
+        MetaError::UnknownNode(_) | MetaError::UnknownVolume(_) | MetaError::UnknownChunk { .. } => {
+            Status::not_found(msg)
+        }
+        MetaError::UnknownJob(_) => Status::not_found(msg),
+        MetaError::NameTaken(_) => Status::already_exists(msg),
+        MetaError::Placement(_) => Status::resource_exhausted(msg),
+        MetaError::BelowMinInSync { .. }
+        | MetaError::ZoneChange { .. }
+        | MetaError::Conflict(_)
+        | MetaError::NodeInUse { .. } => Status::failed_precondition(msg),
+    }
+}
+
+fn write_status(e: RaftError<u64, ClientWriteError<u64, BasicNode>>) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            Status::unavailable(format!("not the leader (leader: {:?}); retry", f.leader_id))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => Status::failed_precondition(e.to_string()),
+        RaftError::Fatal(e) => Status::unavailable(format!("raft stopped: {e}")),
+    }
+}
+
+enum Route {
+    Local,
+    Leader(Channel),
+}
+
+impl Core {
+    pub(crate) fn new(id: u64, raft: Raft<TypeConfig>, sm: StateMachine) -> Core {
+        Core { id, raft, sm, soft: Arc::new(Soft::default()), leader_channel: Arc::new(Mutex::new(None)) }
+    }
+
+    pub(crate) fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    /// Where a write goes: here, or the leader's endpoint.
+    fn route<T>(&self, req: &Request<T>) -> Result<Route, Status> {
+        let m = self.raft.metrics().borrow().clone();
+        let Some(leader) = m.current_leader else {
+            return Err(Status::unavailable("no meta leader elected yet; retry"));
+        };
+        if leader == self.id {
+            return Ok(Route::Local);
+        }
+        if req.metadata().get(FORWARDED).is_some() {
+            return Err(Status::unavailable(format!("member {} is not the leader (leader is {leader}); retry", self.id)));
+        }
+        let mut cached = self.leader_channel.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((id, ch)) = cached.as_ref() {
+            if *id == leader {
+                return Ok(Route::Leader(ch.clone()));
+            }
+        }
+        let node = m
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()
+            .ok_or_else(|| Status::unavailable(format!("leader {leader} has no known address; retry")))?;
+        let ch = network::channel(&node.addr).map_err(Status::internal)?;
+        *cached = Some((leader, ch.clone()));
+        Ok(Route::Leader(ch))
+    }
+
+    /// Proposes `cmd` and returns its committed result.
+    pub(crate) async fn write(&self, cmd: Command) -> Result<Response, Status> {
+        debug!(?cmd, "propose");
+        let r = self.raft.client_write(cmd).await.map_err(write_status)?;
+        r.data.map_err(meta_status)
+    }
+
+    pub(crate) async fn read<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
+        self.sm.read(f).await
+    }
+
+    fn last_seen(&self) -> HashMap<NodeId, Instant> {
+        self.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn progress(&self) -> HashMap<u64, Progress> {
+        self.soft.progress.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn volume_id(&self, name_or_id: &str) -> Result<VolumeId, Status> {
+        self.read(|s| s.find_volume(name_or_id).map(|v| v.id))
+            .await
+            .ok_or_else(|| Status::not_found(format!("volume {name_or_id:?} not found")))
+    }
+
+    async fn volume_reply(&self, id: VolumeId) -> Result<pb::Volume, Status> {
+        self.read(|s| s.volumes.get(&id).map(convert::volume))
+            .await
+            .ok_or_else(|| Status::not_found(format!("volume {id} not found")))
+    }
+
+    async fn status(&self) -> pb::StatusResponse {
+        let m = self.raft.metrics().borrow().clone();
+        let members = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| pb::Member {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: m.membership_config.membership().voter_ids().any(|v| v == *id),
+            })
+            .collect();
+        let (nodes, nodes_up, volumes, degraded, jobs) = self
+            .read(|s| {
+                (
+                    s.nodes.len() as u32,
+                    s.nodes.values().filter(|n| n.state == NodeState::Up).count() as u32,
+                    s.volumes.len() as u32,
+                    s.volumes.values().map(|v| v.degraded_chunks() as u32).sum(),
+                    s.jobs.values().filter(|j| j.is_active()).count() as u32,
+                )
+            })
+            .await;
+        pb::StatusResponse {
+            id: self.id,
+            leader: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            members,
+            nodes,
+            nodes_up,
+            volumes,
+            degraded_chunks: degraded,
+            jobs_active: jobs,
+        }
+    }
+}
+
+/// Proxies the call to the leader when this member does not lead.
+macro_rules! forward {
+    ($core:expr, $req:ident, $client:ident, $method:ident) => {
+        match $core.route(&$req)? {
+            Route::Local => {}
+            Route::Leader(ch) => {
+                let mut fwd = Request::new($req.into_inner());
+                fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                return $client::new(ch).$method(fwd).await;
+            }
+        }
+    };
+}
+
+// ------------------------------------------------------------------ Raft
+
+pub struct RaftSvc(pub(crate) Core);
+
+fn decode<T: serde::de::DeserializeOwned>(req: Request<pb::RaftPayload>) -> Result<T, Status> {
+    serde_json::from_slice(&req.into_inner().json).map_err(|e| Status::invalid_argument(format!("raft payload: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Reply<pb::RaftPayload>, Status> {
+    serde_json::to_vec(v).map(|json| Reply::new(pb::RaftPayload { json })).map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftSvc {
+    async fn append_entries(&self, req: Request<pb::RaftPayload>) -> Result<Reply<pb::RaftPayload>, Status> {
+        let r = self.0.raft.append_entries(decode(req)?).await;
+        encode(&r)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftPayload>) -> Result<Reply<pb::RaftPayload>, Status> {
+        let r = self.0.raft.vote(decode(req)?).await;
+        encode(&r)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> Result<Reply<pb::RaftPayload>, Status> {
+        let r = self.0.raft.install_snapshot(decode(req)?).await;
+        encode(&r)
+    }
+}
+
+// ------------------------------------------------------------------ NodeApi
+
+pub struct NodeSvc(pub(crate) Core);
+
+fn parse_addr(param: &str, s: &str) -> Result<SocketAddr, Status> {
+    s.parse().map_err(|_| Status::invalid_argument(format!("invalid {param}: {s:?} is not an ip:port address")))
+}
+
+fn node_id(param: &str, id: u64) -> Result<NodeId, Status> {
+    if id == 0 {
+        return Err(Status::invalid_argument(format!("invalid {param}: node ids start at 1")));
+    }
+    Ok(NodeId(id))
+}
+
+#[tonic::async_trait]
+impl pb::node_api_server::NodeApi for NodeSvc {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Reply<pb::RegisterResponse>, Status> {
+        forward!(self.0, req, NodeApiClient, register);
+        let r = req.into_inner();
+        let id = node_id("node", r.node)?;
+        let addr = parse_addr("addr", &r.addr)?;
+        if r.capacity_bytes == 0 {
+            return Err(Status::invalid_argument("invalid capacity_bytes: must be positive"));
+        }
+        self.0
+            .write(Command::RegisterNode { id, addr, zone: Zone(r.zone.clone()), capacity: r.capacity_bytes, now_ms: now_ms() })
+            .await?;
+        self.0.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+        info!(node = %id, %addr, zone = %r.zone, "node registered");
+        Ok(Reply::new(pb::RegisterResponse {}))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Reply<pb::HeartbeatResponse>, Status> {
+        forward!(self.0, req, NodeApiClient, heartbeat);
+        let r = req.into_inner();
+        let id = node_id("node", r.node)?;
+        let known = self.0.read(|s| s.nodes.contains_key(&id)).await;
+        if !known {
+            return Err(Status::not_found(format!("unknown node {id}: register first")));
+        }
+        self.0.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+        let (seen, progress) = (self.0.last_seen(), self.0.progress());
+        let jobs = self
+            .0
+            .read(|s| {
+                s.jobs
+                    .values()
+                    .filter(|j| j.target == id && s.job_ready(j))
+                    .map(|j| convert::job(s, j, progress.get(&j.id).copied().unwrap_or_default(), &seen))
+                    .collect()
+            })
+            .await;
+        Ok(Reply::new(pb::HeartbeatResponse { jobs }))
+    }
+
+    async fn attach(&self, req: Request<pb::AttachRequest>) -> Result<Reply<pb::AttachResponse>, Status> {
+        forward!(self.0, req, NodeApiClient, attach);
+        let r = req.into_inner();
+        let node = node_id("node", r.node)?;
+        let volume = self.0.volume_id(&r.volume).await?;
+        let Response::Epoch(epoch) = self.0.write(Command::Attach { volume, node }).await? else {
+            return Err(Status::internal("attach returned no epoch"));
+        };
+        let seen = self.0.last_seen();
+        let layout = self
+            .0
+            .read(|s| s.volumes.get(&volume).map(|v| convert::layout(s, v, &seen)))
+            .await
+            .ok_or_else(|| Status::not_found(format!("volume {volume} deleted during attach")))?;
+        info!(%volume, %node, %epoch, "volume attached");
+        Ok(Reply::new(pb::AttachResponse { epoch: epoch.0, layout: Some(layout) }))
+    }
+
+    async fn get_layout(&self, req: Request<pb::GetLayoutRequest>) -> Result<Reply<pb::VolumeLayout>, Status> {
+        let id = VolumeId(req.into_inner().volume);
+        let seen = self.0.last_seen();
+        self.0
+            .read(|s| s.volumes.get(&id).map(|v| convert::layout(s, v, &seen)))
+            .await
+            .map(Reply::new)
+            .ok_or_else(|| Status::not_found(format!("volume {id} not found")))
+    }
+
+    async fn eject(&self, req: Request<pb::EjectRequest>) -> Result<Reply<pb::Chunk>, Status> {
+        forward!(self.0, req, NodeApiClient, eject);
+        let r = req.into_inner();
+        let (volume, chunk, node) = (VolumeId(r.volume), ChunkIdx(r.chunk), node_id("node", r.node)?);
+        let Response::Chunk(c) = self.0.write(Command::Eject { volume, chunk, version: r.version, node }).await? else {
+            return Err(Status::internal("eject returned no chunk"));
+        };
+        warn!(%volume, %chunk, %node, reason = %r.reason, version = c.version, "replica ejected");
+        Ok(Reply::new(convert::chunk(chunk.0 as usize, &c)))
+    }
+
+    async fn ack_layout(&self, req: Request<pb::AckLayoutRequest>) -> Result<Reply<pb::AckLayoutResponse>, Status> {
+        forward!(self.0, req, NodeApiClient, ack_layout);
+        let r = req.into_inner();
+        let volume = VolumeId(r.volume);
+        // Only a change is worth a log entry.
+        let acked = self.0.read(|s| s.volumes.get(&volume).map(|v| (v.epoch, v.acked_gen))).await;
+        match acked {
+            None => return Err(Status::not_found(format!("volume {volume} not found"))),
+            Some((e, g)) if e.0 == r.epoch && g >= r.layout_gen => {}
+            Some(_) => {
+                self.0.write(Command::AckLayout { volume, epoch: Epoch(r.epoch), gen: r.layout_gen }).await?;
+            }
+        }
+        Ok(Reply::new(pb::AckLayoutResponse {}))
+    }
+
+    async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Result<Reply<pb::ReportJobResponse>, Status> {
+        forward!(self.0, req, NodeApiClient, report_job);
+        let r = req.into_inner();
+        let state = pb::JobState::try_from(r.state).unwrap_or(pb::JobState::Unspecified);
+        let done = |ok: bool, error: Option<String>| Command::FinishJob { job: r.job, ok, error, blocks_copied: r.blocks_copied };
+        match state {
+            pb::JobState::Running => {
+                let mut p = self.0.soft.progress.lock().unwrap_or_else(|p| p.into_inner());
+                let e = p.entry(r.job).or_default();
+                if !e.running {
+                    e.attempts += 1;
+                }
+                e.running = true;
+                e.bytes_done = r.bytes_done;
+                e.blocks_copied = r.blocks_copied;
+            }
+            pb::JobState::Done => {
+                self.0.write(done(true, None)).await?;
+                self.0.soft.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.job);
+                info!(job = r.job, blocks = r.blocks_copied, "copy job done");
+            }
+            pb::JobState::Failed => {
+                self.0.write(done(false, Some(r.error.clone()))).await?;
+                self.0.soft.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.job);
+                warn!(job = r.job, error = %r.error, "copy job failed");
+            }
+            _ => return Err(Status::invalid_argument("invalid state: report RUNNING, DONE or FAILED")),
+        }
+        Ok(Reply::new(pb::ReportJobResponse {}))
+    }
+}
+
+// ------------------------------------------------------------------ Admin
+
+pub struct AdminSvc(pub(crate) Core);
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminSvc {
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Reply<pb::StatusResponse>, Status> {
+        Ok(Reply::new(self.0.status().await))
+    }
+
+    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Reply<pb::ListNodesResponse>, Status> {
+        let seen = self.0.last_seen();
+        let nodes = self.0.read(|s| s.nodes.values().map(|n| convert::node(n, &seen)).collect()).await;
+        Ok(Reply::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn set_node_state(&self, req: Request<pb::SetNodeStateRequest>) -> Result<Reply<pb::Node>, Status> {
+        forward!(self.0, req, AdminClient, set_node_state);
+        let r = req.into_inner();
+        let id = node_id("node", r.node)?;
+        let state = match pb::NodeState::try_from(r.state) {
+            Ok(pb::NodeState::Up) => NodeState::Up,
+            Ok(pb::NodeState::Cordoned) => NodeState::Cordoned,
+            Ok(pb::NodeState::Draining) => NodeState::Draining,
+            _ => return Err(Status::invalid_argument("invalid state: an operator sets UP, CORDONED or DRAINING")),
+        };
+        self.0.write(Command::SetNodeState { id, state }).await?;
+        if state == NodeState::Up {
+            // Uncordoned: count its silence from now, not from before.
+            self.0.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_insert_with(Instant::now);
+        }
+        info!(node = %id, ?state, "node state set by operator");
+        let seen = self.0.last_seen();
+        let n = self.0.read(|s| s.nodes.get(&id).map(|n| convert::node(n, &seen))).await;
+        n.map(Reply::new).ok_or_else(|| Status::not_found(format!("unknown node {id}")))
+    }
+
+    async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Reply<pb::RemoveNodeResponse>, Status> {
+        forward!(self.0, req, AdminClient, remove_node);
+        let id = node_id("node", req.into_inner().node)?;
+        self.0.write(Command::RemoveNode { id }).await?;
+        info!(node = %id, "node removed");
+        Ok(Reply::new(pb::RemoveNodeResponse {}))
+    }
+
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {
+        forward!(self.0, req, AdminClient, create_volume);
+        let r = req.into_inner();
+        let replicas = if r.replicas == 0 { 3 } else { r.replicas as usize };
+        let min_in_sync = if r.min_in_sync == 0 { (replicas / 2 + 1).min(replicas) } else { r.min_in_sync as usize };
+        let chunk_size = if r.chunk_size_bytes == 0 { DEFAULT_CHUNK_SIZE } else { r.chunk_size_bytes };
+        let zones = r.zones.iter().map(|z| Zone(z.clone())).collect();
+        let cmd = Command::CreateVolume { name: r.name.clone(), size: r.size_bytes, chunk_size, replicas, min_in_sync, zones };
+        let Response::Volume(id) = self.0.write(cmd).await? else {
+            return Err(Status::internal("create returned no volume"));
+        };
+        info!(volume = %id, name = %r.name, size = r.size_bytes, replicas, "volume created");
+        Ok(Reply::new(self.0.volume_reply(id).await?))
+    }
+
+    async fn list_volumes(&self, _req: Request<pb::ListVolumesRequest>) -> Result<Reply<pb::ListVolumesResponse>, Status> {
+        let volumes = self.0.read(|s| s.volumes.values().map(convert::volume).collect()).await;
+        Ok(Reply::new(pb::ListVolumesResponse { volumes }))
+    }
+
+    async fn inspect_volume(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Reply<pb::VolumeLayout>, Status> {
+        let id = self.0.volume_id(&req.into_inner().volume).await?;
+        let seen = self.0.last_seen();
+        self.0
+            .read(|s| s.volumes.get(&id).map(|v| convert::layout(s, v, &seen)))
+            .await
+            .map(Reply::new)
+            .ok_or_else(|| Status::not_found(format!("volume {id} not found")))
+    }
+
+    async fn grow_volume(&self, req: Request<pb::GrowVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {
+        forward!(self.0, req, AdminClient, grow_volume);
+        let r = req.into_inner();
+        let volume = self.0.volume_id(&r.volume).await?;
+        self.0.write(Command::GrowVolume { volume, size: r.size_bytes }).await?;
+        info!(%volume, size = r.size_bytes, "volume grown");
+        Ok(Reply::new(self.0.volume_reply(volume).await?))
+    }
+
+    async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> Result<Reply<pb::DeleteVolumeResponse>, Status> {
+        forward!(self.0, req, AdminClient, delete_volume);
+        let volume = self.0.volume_id(&req.into_inner().volume).await?;
+        let Response::Reclaim(r) = self.0.write(Command::DeleteVolume { volume }).await? else {
+            return Err(Status::internal("delete returned nothing to reclaim"));
+        };
+        let chunk_replicas = r.iter().map(|(_, c)| c.len() as u64).sum();
+        info!(%volume, chunk_replicas, "volume deleted");
+        Ok(Reply::new(pb::DeleteVolumeResponse { chunk_replicas }))
+    }
+
+    async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Reply<pb::ListJobsResponse>, Status> {
+        let all = req.into_inner().all;
+        let (seen, progress) = (self.0.last_seen(), self.0.progress());
+        let jobs = self
+            .0
+            .read(|s| {
+                s.jobs
+                    .values()
+                    .filter(|j| all || j.is_active())
+                    .map(|j| convert::job(s, j, progress.get(&j.id).copied().unwrap_or_default(), &seen))
+                    .collect()
+            })
+            .await;
+        Ok(Reply::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn what_if(&self, req: Request<pb::WhatIfRequest>) -> Result<Reply<pb::WhatIfResponse>, Status> {
+        let failure = match req.into_inner().target {
+            Some(pb::what_if_request::Target::Node(n)) => Failure::Node(node_id("node", n)?),
+            Some(pb::what_if_request::Target::Zone(z)) if !z.is_empty() => Failure::Zone(Zone(z)),
+            _ => return Err(Status::invalid_argument("invalid target: give a node id or a zone name")),
+        };
+        let (impacts, unaffected) = self
+            .0
+            .read(|s| {
+                if let Failure::Node(n) = &failure {
+                    if !s.nodes.contains_key(n) {
+                        return Err(Status::not_found(format!("unknown node {n}")));
+                    }
+                }
+                if let Failure::Zone(z) = &failure {
+                    if !s.nodes.values().any(|n| &n.zone == z) {
+                        return Err(Status::not_found(format!("no node in zone {z}")));
+                    }
+                }
+                Ok(plan::what_if(s, &failure))
+            })
+            .await?;
+        Ok(Reply::new(pb::WhatIfResponse {
+            volumes: impacts
+                .into_iter()
+                .map(|i| pb::VolumeImpact {
+                    volume: i.volume.0,
+                    name: i.name,
+                    chunks_degraded: i.degraded,
+                    chunks_unwritable: i.unwritable,
+                    chunks_unavailable: i.unavailable,
+                })
+                .collect(),
+            unaffected: unaffected as u32,
+        }))
+    }
+
+    async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Reply<pb::StatusResponse>, Status> {
+        forward!(self.0, req, AdminClient, add_member);
+        let r = req.into_inner();
+        if r.id == 0 || r.addr.is_empty() {
+            return Err(Status::invalid_argument("invalid member: give an id (1 or more) and its host:port"));
+        }
+        network::channel(&r.addr).map_err(Status::invalid_argument)?;
+        // A learner first: it catches up on the log, then becomes a voter.
+        self.0.raft.add_learner(r.id, BasicNode { addr: r.addr.clone() }, true).await.map_err(write_status)?;
+        let mut voters: BTreeSet<u64> = self.0.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        voters.insert(r.id);
+        self.0.raft.change_membership(voters, false).await.map_err(write_status)?;
+        info!(member = r.id, addr = %r.addr, "meta member added");
+        Ok(Reply::new(self.0.status().await))
+    }
+
+    async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Reply<pb::StatusResponse>, Status> {
+        forward!(self.0, req, AdminClient, remove_member);
+        let id = req.into_inner().id;
+        let mut voters: BTreeSet<u64> = self.0.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        if !voters.remove(&id) {
+            return Err(Status::not_found(format!("{id} is not a voting member")));
+        }
+        if voters.is_empty() {
+            return Err(Status::failed_precondition("cannot remove the last member"));
+        }
+        self.0.raft.change_membership(voters, false).await.map_err(write_status)?;
+        info!(member = id, "meta member removed");
+        Ok(Reply::new(self.0.status().await))
+    }
+}
+
+/// Initial members as openraft wants them.
+pub(crate) fn members(m: &BTreeMap<u64, String>) -> BTreeMap<u64, BasicNode> {
+    m.iter().map(|(id, a)| (*id, BasicNode { addr: a.clone() })).collect()
+}
