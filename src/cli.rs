@@ -24,6 +24,74 @@ pub enum Command {
     /// A whole local cluster in one process: three replica servers in three zones on
     /// file-backed disks, one volume, exported over NBD.
     Dev(DevArgs),
+    /// One member of the metadata service (openraft; nodes, volumes, placement, epochs, jobs).
+    Meta(MetaArgs),
+    /// A storage node: chunk store and replica server on one disk, registered with meta,
+    /// running the rebuild and resync jobs meta assigns to it.
+    Node(NodeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MetaArgs {
+    /// This member's id (1 or more, unique in the group).
+    #[arg(long, env = "BALLAST_META_ID")]
+    pub id: u64,
+    /// Directory for the Raft log, votes and snapshots (redb).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// gRPC listen address (Raft, node and admin APIs).
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    pub listen: SocketAddr,
+    /// A new cluster's voting members as ID=HOST:PORT,...; the lowest id initializes
+    /// it. Leave out to join an existing cluster (`ballastctl member add`).
+    #[arg(long, value_parser = crate::meta::parse_members)]
+    pub initial_members: Option<std::collections::BTreeMap<u64, String>>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub raft_heartbeat_ms: u64,
+    /// Minimum election timeout in milliseconds (the maximum is twice this).
+    #[arg(long, default_value_t = 1000)]
+    pub election_ms: u64,
+    /// A storage node silent this long is suspect (no new replicas on it).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub suspect_after: std::time::Duration,
+    /// A storage node silent this long is down (its replicas are rebuilt elsewhere).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub down_after: std::time::Duration,
+}
+
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// This storage node's id (1 or more, unique in the cluster).
+    #[arg(long, env = "BALLAST_NODE_ID")]
+    pub id: u64,
+    /// Its failure zone.
+    #[arg(long, env = "BALLAST_ZONE")]
+    pub zone: String,
+    /// Disk directory holding the chunk store (created if missing).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Replica server listen address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// The address other nodes and front ends use (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<SocketAddr>,
+    /// Meta members, comma-separated HOST:PORT.
+    #[arg(long, env = "BALLAST_META", default_value = "127.0.0.1:7400")]
+    pub meta: String,
+    /// Capacity to offer (default: the size of the filesystem holding --data).
+    #[arg(long, value_parser = parse_size)]
+    pub capacity: Option<u64>,
+    /// Heartbeat interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat: std::time::Duration,
+    /// Throttle for each copy job (bytes per second, e.g. 200M); default unthrottled.
+    #[arg(long, value_parser = parse_size)]
+    pub copy_rate: Option<u64>,
+    /// Use buffered I/O instead of O_DIRECT.
+    #[arg(long)]
+    pub no_direct_io: bool,
 }
 
 #[derive(Args, Debug)]
@@ -79,9 +147,15 @@ pub struct NodeSpec {
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
-    /// The volume file written by `ballast volume create`.
+    /// The volume file written by `ballast volume create` (static membership).
+    #[arg(long, conflicts_with = "meta")]
+    pub config: Option<PathBuf>,
+    /// Meta members, comma-separated HOST:PORT: attach through the metadata service.
+    #[arg(long, env = "BALLAST_META")]
+    pub meta: Option<String>,
+    /// The volume's name (with --meta).
     #[arg(long)]
-    pub config: PathBuf,
+    pub volume: Option<String>,
     /// NBD listen address on loopback (port 0 picks a free port).
     #[arg(long)]
     pub nbd: Option<SocketAddr>,

@@ -1,101 +1,140 @@
 //! `ballast dev`: the embedded default. One process runs a whole local cluster:
 //!
 //! ```text
-//!   DATA/zone-a/disk0 ─ chunk store ─ replica server 127.0.0.1:p1 ─┐
-//!   DATA/zone-b/disk0 ─ chunk store ─ replica server 127.0.0.1:p2 ─┼─ front end ─ NBD nbd://HOST:PORT/NAME
-//!   DATA/zone-c/disk0 ─ chunk store ─ replica server 127.0.0.1:p3 ─┘   (static membership: DATA/volumes/NAME.toml)
+//!   DATA/meta/m1..m3 ─ three meta members (openraft, gRPC 127.0.0.1:m1..m3) ◄─ ballastctl
+//!        ▲ register, heartbeat, jobs            ▲ attach, eject, layout
+//!   DATA/zone-a/disk0 ─ node 1 (store + replica server + agent) ─┐
+//!   DATA/zone-b/disk0 ─ node 2 ──────────────────────────────────┼─ front end ─ NBD nbd://HOST:PORT/NAME
+//!   DATA/zone-c/disk0 ─ node 3 ──────────────────────────────────┘
 //! ```
 //!
-//! The components talk over real loopback TCP exactly as separate processes would.
-//! A second run on the same DATA keeps the volume: it reuses the volume file (whose
-//! epoch it bumps on attach) and rebinds each replica's recorded port when free,
-//! recording the new address when not.
+//! The components talk over real loopback TCP and gRPC exactly as separate
+//! processes would. A second run on the same DATA keeps everything: the meta
+//! members rebind the addresses recorded in `DATA/meta/members` (Raft's
+//! membership names them), the nodes re-register with their new ports, and the
+//! volume is attached again with a higher epoch.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ballast_chunkstore::{ChunkStore, StoreOptions};
-use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
-use ballast_frontend::{StaticConfig, StaticMembership};
+use ballast_metaclient::MetaClient;
+use ballast_metasvc::{Detector, MetaConfig, RaftTiming};
+use ballast_proto::v1 as pb;
 use ballast_replica::{ReplicaServer, ServerOptions};
-use ballast_types::{NodeId, VolumeId, Zone};
 use tokio::net::TcpListener;
 
 use crate::cli::DevArgs;
 use crate::export::{self, NbdListeners};
+use crate::node::{self, AgentConfig};
 use crate::shutdown;
 
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 
 pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
-    std::fs::create_dir_all(a.data.join("volumes")).with_context(|| format!("create {}", a.data.display()))?;
-    let config_path = a.data.join("volumes").join(format!("{}.toml", a.name));
-    let existing = if config_path.exists() {
-        let m = StaticMembership::load(&config_path).with_context(|| format!("load {}", config_path.display()))?;
-        let config = m.config().await;
-        Some((m, config))
-    } else {
-        None
-    };
+    let meta_dir = a.data.join("meta");
+    std::fs::create_dir_all(&meta_dir).with_context(|| format!("create {}", meta_dir.display()))?;
 
-    // Three replica servers, one per zone, each on its own disk directory.
+    // Three meta members on the addresses recorded at the first run.
+    let members_file = meta_dir.join("members");
+    let listeners = bind_members(&members_file).await?;
+    let members: BTreeMap<u64, String> =
+        listeners.iter().map(|(id, l)| Ok((*id, l.local_addr()?.to_string()))).collect::<std::io::Result<_>>()?;
+    let mut metas = Vec::new();
+    for (id, l) in listeners {
+        let cfg = MetaConfig {
+            id,
+            data_dir: meta_dir.join(format!("m{id}")),
+            listen: l.local_addr()?,
+            initial_members: members.clone(),
+            raft: RaftTiming::default(),
+            detector: Detector::default(),
+        };
+        metas.push(ballast_metasvc::start_on(cfg, l).await.with_context(|| format!("start meta member {id}"))?);
+    }
+    let endpoints: Vec<String> = members.values().cloned().collect();
+    println!("ready meta endpoints={}", endpoints.join(","));
+    let meta = MetaClient::new(endpoints.clone()).context("meta client")?;
+
+    // Three storage nodes, one per zone, each on its own disk directory. They stop
+    // only after the front end's final flush.
+    let (nodes_stop_tx, nodes_stop) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    let mut nodes = Vec::new();
     for (i, zone) in ZONES.iter().enumerate() {
-        let id = NodeId(i as u64 + 1);
+        let id = i as u64 + 1;
         let disk = a.data.join(zone).join("disk0");
         let store = ChunkStore::open(&disk, StoreOptions::default())
             .with_context(|| format!("open chunk store {}", disk.display()))?;
-        let recorded = existing.as_ref().and_then(|(_, c)| c.nodes.iter().find(|n| n.id == id)).map(|n| n.addr);
-        let listener = bind_replica(recorded).await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a replica listener on loopback")?;
         let addr = listener.local_addr()?;
-        tracing::info!(node = %id, zone, %addr, disk = %disk.display(), direct_io = store.direct_io(), "replica serving");
-        println!("ready replica node={} zone={zone} addr={addr} data={}", id.0, disk.display());
-        let stop = stop.clone();
+        let cfg = AgentConfig {
+            id,
+            zone: zone.to_string(),
+            addr,
+            capacity: node::fs_capacity(&disk)?,
+            heartbeat: Duration::from_secs(1),
+            copy_rate: None,
+            gc_every: Duration::from_secs(30),
+        };
+        // Registered (with this run's port) before the volume is attached.
+        let reg = pb::RegisterRequest {
+            node: id,
+            addr: addr.to_string(),
+            zone: cfg.zone.clone(),
+            capacity_bytes: cfg.capacity,
+        };
+        meta.register(reg).await.with_context(|| format!("register node {id} with meta"))?;
+        tracing::info!(node = id, zone, %addr, disk = %disk.display(), direct_io = store.direct_io(), "storage node serving");
+        println!("ready node id={id} zone={zone} addr={addr} data={}", disk.display());
+        tokio::spawn(node::agent(cfg, meta.clone(), store.clone(), nodes_stop.clone()));
+        let stop = nodes_stop.clone();
         servers.spawn(async move {
             ReplicaServer::new(store, ServerOptions::default()).serve(listener, shutdown::wait(stop)).await
         });
-        nodes.push(NodeSpec { id, zone: Zone(zone.to_string()), addr });
     }
 
-    let membership = match existing {
-        None => {
-            let replicas = usize::from(a.replicas);
-            let config = StaticConfig::new(
-                VolumeSpec {
-                    id: VolumeId(1),
-                    name: a.name.clone(),
-                    size: a.size,
-                    chunk_size: a.chunk_size,
-                    min_in_sync: a.min_in_sync.unwrap_or(replicas),
-                },
-                nodes.clone(),
-                nodes.iter().take(replicas).map(|n| n.id).collect(),
-            );
-            StaticMembership::create(&config_path, config)
-                .with_context(|| format!("create {}", config_path.display()))?
-        }
-        Some((m, c)) => {
-            if c.volume.size != a.size || c.volume.chunk_size != a.chunk_size {
-                tracing::info!(
-                    size = c.volume.size,
-                    chunk_size = c.volume.chunk_size,
-                    "volume exists in {}; keeping its size and chunk size",
-                    config_path.display()
-                );
+    // The volume: created on the first run (create is idempotent for the same
+    // parameters), attached through meta on every run.
+    let exists = meta.inspect_volume(pb::InspectVolumeRequest { volume: a.name.clone() }).await;
+    match exists {
+        Ok(v) => {
+            if let Some(v) = v.volume {
+                if v.size_bytes != a.size || v.chunk_size_bytes != a.chunk_size {
+                    tracing::info!(
+                        size = v.size_bytes,
+                        chunk_size = v.chunk_size_bytes,
+                        "volume exists; keeping its size and chunk size"
+                    );
+                }
             }
-            m.set_node_addrs(nodes.iter().map(|n| (n.id, n.addr)).collect()).await?;
-            m
         }
-    };
-    let listeners = NbdListeners::bind(Some(a.nbd), a.socket.as_deref(), false).await?;
-    let volume = export::attach(membership, None, Duration::from_secs(5)).await?;
-    print_banner(&a.data, &config_path, &volume, &listeners)?;
-    listeners.announce(volume.name())?;
-    listeners.serve(volume, stop, Duration::from_secs(10)).await?;
+        Err(e) if e.is_not_found() => {
+            let replicas = u32::from(a.replicas);
+            let req = pb::CreateVolumeRequest {
+                name: a.name.clone(),
+                size_bytes: a.size,
+                chunk_size_bytes: a.chunk_size,
+                replicas,
+                min_in_sync: a.min_in_sync.map_or(replicas, |m| m as u32),
+                zones: vec![],
+            };
+            meta.create_volume(req).await.context("create the dev volume")?;
+        }
+        Err(e) => bail!("look up the dev volume: {e}"),
+    }
+    let nbd = NbdListeners::bind(Some(a.nbd), a.socket.as_deref(), false).await?;
+    let (volume, membership) =
+        export::attach_meta(meta.clone(), &a.name, ballast_types::NodeId(1), Duration::from_secs(5)).await?;
+    let follow = tokio::spawn(export::follow_layout(volume.clone(), membership, Duration::from_secs(1), stop.clone()));
+    print_banner(&a.data, &endpoints, &volume, &nbd)?;
+    nbd.announce(volume.name())?;
+    nbd.serve(volume.clone(), stop, Duration::from_secs(10)).await?;
+    let _ = follow.await;
+    export::detach(&meta, &volume).await;
+    let _ = nodes_stop_tx.send(true);
 
     while let Some(r) = servers.join_next().await {
         match r {
@@ -104,39 +143,63 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             Ok(Ok(())) => {}
         }
     }
+    for m in metas {
+        m.shutdown().await;
+    }
     tracing::info!("dev cluster stopped");
     Ok(())
 }
 
-/// Binds the replica's recorded address when it is free (so the volume file stays
-/// valid), else a fresh loopback port.
-async fn bind_replica(recorded: Option<SocketAddr>) -> anyhow::Result<TcpListener> {
-    if let Some(addr) = recorded {
-        match TcpListener::bind(addr).await {
-            Ok(l) => return Ok(l),
-            Err(e) => tracing::info!(%addr, error = %e, "recorded replica address is taken; picking a new port"),
+/// Binds the three meta listeners: the addresses in `file` when it exists (they
+/// are part of the Raft membership and cannot change), else three free loopback
+/// ports, which are then recorded.
+async fn bind_members(file: &Path) -> anyhow::Result<Vec<(u64, TcpListener)>> {
+    let mut out = Vec::new();
+    match std::fs::read_to_string(file) {
+        Ok(text) => {
+            let members = crate::meta::parse_members(text.trim()).map_err(anyhow::Error::msg)?;
+            for (id, addr) in members {
+                let l = TcpListener::bind(&addr).await.with_context(|| {
+                    format!(
+                        "meta member {id} must listen on {addr} again (recorded in {}); free that port",
+                        file.display()
+                    )
+                })?;
+                out.push((id, l));
+            }
         }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            for id in 1..=3u64 {
+                out.push((id, TcpListener::bind("127.0.0.1:0").await.context("bind a meta listener")?));
+            }
+            let text: Vec<String> =
+                out.iter().map(|(id, l)| Ok(format!("{id}={}", l.local_addr()?))).collect::<std::io::Result<_>>()?;
+            std::fs::write(file, text.join(",") + "\n").with_context(|| format!("write {}", file.display()))?;
+        }
+        Err(e) => return Err(e).with_context(|| format!("read {}", file.display())),
     }
-    TcpListener::bind("127.0.0.1:0").await.context("bind a replica listener on loopback")
+    Ok(out)
 }
 
-fn print_banner(data: &Path, config: &Path, volume: &export::StaticVolume, l: &NbdListeners) -> anyhow::Result<()> {
+fn print_banner(data: &Path, meta: &[String], volume: &export::MetaVolume, l: &NbdListeners) -> anyhow::Result<()> {
     let uri = match &l.tcp {
         Some(t) => format!("nbd://{}/{}", t.local_addr()?, volume.name()),
         None => String::new(),
     };
+    let meta = meta.join(",");
     println!();
-    println!("Ballast dev cluster: 3 zones, data in {}", data.display());
+    println!("Ballast dev cluster: 3 meta members, 3 storage nodes in 3 zones, data in {}", data.display());
     println!(
-        "  volume {}: {} bytes, epoch {}, membership {}",
+        "  volume {}: {} bytes, epoch {}",
         volume.name(),
         ballast_blockdev::BlockDev::size(volume),
-        volume.epoch().0,
-        config.display()
+        volume.epoch().0
     );
-    println!("  try:  nbdinfo {uri}");
-    println!("        qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
-    println!("  stop: Ctrl-C");
+    println!("  admin:  ballastctl --meta {meta} status");
+    println!("          ballastctl --meta {meta} volume inspect {}", volume.name());
+    println!("  try:    nbdinfo {uri}");
+    println!("          qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
+    println!("  stop:   Ctrl-C");
     println!();
     Ok(())
 }

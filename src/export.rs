@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
-use ballast_frontend::{tcp_connector, StaticConfig, StaticMembership, Volume, VolumeOptions};
+use ballast_frontend::{tcp_connector, Membership, StaticConfig, StaticMembership, Volume, VolumeOptions};
+use ballast_metaclient::{MetaClient, MetaMembership};
 use ballast_nbd::{Export, NbdOptions, NbdServer};
+use ballast_proto::v1 as pb;
 use ballast_replica::{ClientOptions, ReplicaClient};
 use ballast_types::{NodeId, VolumeId, Zone};
 use tokio::net::{TcpListener, UnixListener};
@@ -20,6 +22,8 @@ use crate::shutdown;
 
 /// The front end as `ballast` runs it: static membership, TCP replica clients.
 pub type StaticVolume = Volume<StaticMembership, ReplicaClient>;
+/// The front end with the metadata service as its membership.
+pub type MetaVolume = Volume<Arc<MetaMembership>, ReplicaClient>;
 
 pub fn create_volume(a: VolumeCreateArgs) -> anyhow::Result<()> {
     let replicas = a.nodes.len();
@@ -37,6 +41,75 @@ pub fn create_volume(a: VolumeCreateArgs) -> anyhow::Result<()> {
     StaticMembership::create(&a.config, config).with_context(|| format!("create {}", a.config.display()))?;
     println!("created volume {} ({} bytes, {} replicas) in {}", a.name, a.size, replicas, a.config.display());
     Ok(())
+}
+
+/// Attaches volume `name` through the metadata service as node `node`.
+pub async fn attach_meta(
+    meta: MetaClient,
+    name: &str,
+    node: NodeId,
+    io_timeout: Duration,
+) -> anyhow::Result<(Arc<MetaVolume>, Arc<MetaMembership>)> {
+    let membership = Arc::new(MetaMembership::new(meta, name, node));
+    let id = membership.resolve_volume_id().await.with_context(|| format!("look up volume {name:?}"))?;
+    let client = ClientOptions { timeout: io_timeout, ..ClientOptions::default() };
+    let options = VolumeOptions { local_node: Some(node), io_timeout, ..VolumeOptions::default() };
+    let volume =
+        Volume::attach(membership.clone(), tcp_connector(client), id, options).await.context("attach volume")?;
+    Ok((volume, membership))
+}
+
+/// Follows the volume's layout while it is attached: every `every`, fetches it
+/// from meta, installs a newer generation into the front end (which returns only
+/// once writes go to the new targets, see `Volume::apply_layout`), and then
+/// acknowledges the generation, which lets meta's copy jobs start. Meta being
+/// unreachable only delays this; I/O goes on.
+pub async fn follow_layout(
+    volume: Arc<MetaVolume>,
+    membership: Arc<MetaMembership>,
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut applied = 0u64;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let (gen, layout) = match membership.layout().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "layout poll failed");
+                continue;
+            }
+        };
+        if gen <= applied {
+            continue;
+        }
+        match volume.apply_layout(&layout).await {
+            Ok(changed) => {
+                if changed > 0 {
+                    tracing::info!(gen, changed, "new layout installed");
+                }
+                match membership.ack_layout(volume.epoch(), gen).await {
+                    Ok(()) => applied = gen,
+                    Err(e) => tracing::warn!(gen, error = %e, "layout acknowledgement failed; retrying"),
+                }
+            }
+            Err(e) => tracing::warn!(gen, error = %e, "installing the new layout failed; retrying"),
+        }
+    }
+}
+
+/// Releases the attach lease after a clean stop (best effort: a lease left
+/// behind only delays copy jobs until the next attach).
+pub async fn detach(meta: &MetaClient, volume: &MetaVolume) {
+    let req = pb::DetachRequest { volume: volume.id().0, epoch: volume.epoch().0 };
+    if let Err(e) = meta.detach(req).await {
+        tracing::warn!(error = %e, "detach failed");
+    }
 }
 
 /// Attaches the volume described by `membership` with the given options.
@@ -100,9 +173,9 @@ impl NbdListeners {
 
     /// Serves `volume` until `stop` turns true, then lets connections finish their
     /// in-flight requests (bounded by `grace`).
-    pub async fn serve(
+    pub async fn serve<M: Membership>(
         self,
-        volume: Arc<StaticVolume>,
+        volume: Arc<Volume<M, ReplicaClient>>,
         stop: tokio::sync::watch::Receiver<bool>,
         grace: Duration,
     ) -> anyhow::Result<()> {
@@ -153,9 +226,27 @@ impl NbdListeners {
 
 pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
-    let membership = StaticMembership::load(&a.config).with_context(|| format!("load {}", a.config.display()))?;
     let listeners = NbdListeners::bind(a.nbd, a.socket.as_deref(), a.allow_remote).await?;
-    let volume = attach(membership, a.local_node.map(NodeId), a.io_timeout).await?;
-    listeners.announce(volume.name())?;
-    listeners.serve(volume, stop, Duration::from_secs(30)).await
+    match (&a.config, &a.meta) {
+        (Some(config), None) => {
+            let membership = StaticMembership::load(config).with_context(|| format!("load {}", config.display()))?;
+            let volume = attach(membership, a.local_node.map(NodeId), a.io_timeout).await?;
+            listeners.announce(volume.name())?;
+            listeners.serve(volume, stop, Duration::from_secs(30)).await
+        }
+        (None, Some(endpoints)) => {
+            let (Some(name), Some(node)) = (&a.volume, a.local_node) else {
+                bail!("with --meta, give the volume name (--volume) and this node's id (--local-node)");
+            };
+            let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
+            let (volume, membership) = attach_meta(meta.clone(), name, NodeId(node), a.io_timeout).await?;
+            let follow = tokio::spawn(follow_layout(volume.clone(), membership, Duration::from_secs(1), stop.clone()));
+            listeners.announce(volume.name())?;
+            listeners.serve(volume.clone(), stop, Duration::from_secs(30)).await?;
+            let _ = follow.await;
+            detach(&meta, &volume).await;
+            Ok(())
+        }
+        _ => bail!("give either --config FILE (a static volume) or --meta ENDPOINTS (the metadata service)"),
+    }
 }

@@ -4,6 +4,8 @@
 //!   ballast replica  --data DIR --listen ADDR      chunk store + replica server (one disk)
 //!   ballast volume create --config FILE ...         writes a static volume/membership file
 //!   ballast export   --config FILE --nbd ADDR      volume front end + NBD export
+//!   ballast meta     --id N --data DIR --listen ADDR [--initial-members 1=A,2=B,3=C]
+//!   ballast node     --id N --zone Z --data DIR --meta ADDRS   storage node (replica + agent)
 //!   ballast dev      [--data DIR] [--nbd ADDR]     all of the above in one process, 3 zones
 //! ```
 //!
@@ -14,6 +16,8 @@
 mod cli;
 mod dev;
 mod export;
+mod meta;
+mod node;
 mod replica;
 mod shutdown;
 
@@ -35,6 +39,8 @@ fn main() -> anyhow::Result<()> {
             cli::Command::Volume(cli::VolumeCommand::Create(a)) => export::create_volume(a),
             cli::Command::Export(a) => export::run(a).await,
             cli::Command::Dev(a) => dev::run(a).await,
+            cli::Command::Meta(a) => meta::run(a).await,
+            cli::Command::Node(a) => node::run(a).await,
         }
     })
 }

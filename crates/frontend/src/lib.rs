@@ -1,10 +1,12 @@
 //! ballast-frontend: what a volume looks like to its user. It owns
 //!
 //! - [`Volume`]: a [`ballast_blockdev::BlockDev`] over replicated chunks — splits
-//!   requests at chunk boundaries, fans writes out to every in-sync replica,
-//!   ejects failed replicas (durably, through [`Membership`]) before
-//!   acknowledging without them, reads from one replica (local first) with read
-//!   repair, and reconciles dirty chunks at attach;
+//!   requests at chunk boundaries, fans writes out to every in-sync and
+//!   rebuilding replica, ejects failed replicas (durably, through
+//!   [`Membership`]) before acknowledging without them, reads from one in-sync
+//!   replica (local first) with read repair, reconciles dirty chunks at attach,
+//!   and follows newer layouts while attached ([`Volume::apply_layout`]: new
+//!   rebuilding replicas, promotions, new nodes);
 //! - [`Membership`]: the two durable decisions it needs from the configuration
 //!   master (attach = bump the epoch; eject), and [`StaticMembership`], a
 //!   TOML-file implementation;
@@ -17,7 +19,7 @@
 //! NBD server (which knows nothing of replicas).
 //!
 //! ```text
-//!  NBD / FUSE ──BlockDev──► Volume ─┬─ split by chunk ─► write: every in-sync replica ─┐
+//!  NBD / FUSE ──BlockDev──► Volume ─┬─ split by chunk ─► write: in-sync + rebuilding  ─┐
 //!                                   │                    read:  one replica (local 1st) ├─► ReplicaIo (TCP)
 //!                                   │                    flush: every holder node      ─┘
 //!                                   └─ replica failed ─► Membership::eject (durable) ─► then ack
@@ -56,4 +58,11 @@ pub enum FrontendError {
     Layout { volume: VolumeId, message: String },
     #[error("reconciling chunk {chunk} failed: {message}")]
     Reconcile { chunk: ChunkIdx, message: String },
+    #[error("{0} is stopped (closed, or fenced by a newer front end)")]
+    Stopped(VolumeId),
+    /// A layout was applied, but for `chunks` an ejection had meanwhile
+    /// committed a newer set naming members not installed yet: apply a newer
+    /// layout. `installed` chunks did change.
+    #[error("layout of {volume} is older than the sets of chunks {chunks:?} ({installed} other chunks changed): apply a newer layout")]
+    LayoutOutdated { volume: VolumeId, chunks: Vec<ChunkIdx>, installed: u64 },
 }

@@ -54,19 +54,47 @@ impl fmt::Display for EjectReason {
 
 /// One chunk's replica set as committed by the membership provider.
 ///
-/// Invariant (kept by providers and checked by the front end): `in_sync` never
-/// has fewer than the volume's `min_in_sync` members, and `version` increments on
-/// every change.
+/// - `in_sync`: replicas that hold every acknowledged write. Reads go to one of
+///   them; every write, trim, write-zeroes and flush must succeed on all of them
+///   (or they are ejected first) before it is acknowledged.
+/// - `rebuilding`: replicas being filled in by a background copy (DESIGN
+///   "Replication protocol" step 6: a resync after an eject, or a rebuild on a
+///   new node). They receive every write, trim, write-zeroes and flush, but are
+///   never read from, never count towards `min_in_sync`, and their failure never
+///   fails a client request (they are ejected instead). The provider moves one
+///   to `in_sync` (a new version) once the copy has caught up.
+/// - `ejected`: replicas that left the set because they failed, with the reason.
+///
+/// Invariants (kept by providers and checked by the front end): `in_sync` never
+/// has fewer than the volume's `min_in_sync` members; `in_sync` and `rebuilding`
+/// are disjoint; `version` increments on every change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReplicaSet {
     pub version: u64,
     pub in_sync: Vec<NodeId>,
+    pub rebuilding: Vec<NodeId>,
     pub ejected: Vec<(NodeId, EjectReason)>,
 }
 
 impl ReplicaSet {
+    /// True if `node` is in the in-sync set (may be read from).
     pub fn contains(&self, node: NodeId) -> bool {
         self.in_sync.contains(&node)
+    }
+
+    /// True if `node` is being rebuilt (receives writes, is not read from).
+    pub fn is_rebuilding(&self, node: NodeId) -> bool {
+        self.rebuilding.contains(&node)
+    }
+
+    /// True if `node` receives this chunk's writes (in sync or rebuilding).
+    pub fn is_member(&self, node: NodeId) -> bool {
+        self.contains(node) || self.is_rebuilding(node)
+    }
+
+    /// The replicas a write goes to: the in-sync ones, then the rebuilding ones.
+    pub fn write_targets(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.in_sync.iter().chain(&self.rebuilding).copied()
     }
 }
 
@@ -130,11 +158,12 @@ pub trait Membership: Send + Sync + 'static {
     /// Bumps the volume's epoch durably and returns it with the current layout.
     fn attach(&self, volume: VolumeId) -> impl Future<Output = Result<Attachment, MembershipError>> + Send;
 
-    /// Durably removes `node` from `chunk`'s in-sync set if the set is still at
-    /// `version`; returns the resulting set (also when someone else already
-    /// changed it: the caller looks at the returned set, not at the call's
-    /// success). Refuses with [`MembershipError::BelowMinInSync`] rather than
-    /// leaving fewer than `min_in_sync` members.
+    /// Durably removes `node` from `chunk`'s in-sync set, or from its
+    /// rebuilding set, if the set is still at `version`; returns the resulting
+    /// set (also when someone else already changed it: the caller looks at the
+    /// returned set, not at the call's success). Refuses with
+    /// [`MembershipError::BelowMinInSync`] rather than leaving fewer than
+    /// `min_in_sync` in-sync members (removing a rebuilding member never does).
     fn eject(
         &self,
         volume: VolumeId,

@@ -4,7 +4,7 @@
 
 use ballast_types::{BlockContext, BlockIdx, ChunkIdx, NodeId, Seq, BLOCK_SIZE_U64};
 
-use crate::membership::EjectReason;
+use crate::membership::{EjectReason, ReplicaSet};
 use crate::replica_io::ReplicaError;
 
 /// What the front end does about one failed replica request.
@@ -34,12 +34,14 @@ pub fn classify(err: &ReplicaError) -> Reaction {
     }
 }
 
-/// How a fanned-out write (or trim, write-zeroes, flush) completes.
+/// How a fanned-out write (or trim, write-zeroes) completes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WritePlan {
-    /// Every in-sync replica has it.
+    /// Every replica the write went to has it.
     Ack,
     /// Eject these (durably, through membership) and only then acknowledge.
+    /// In-sync and rebuilding replicas alike: a rebuilding replica that missed
+    /// an acknowledged write must never be promoted.
     EjectThenAck(Vec<(NodeId, EjectReason)>),
     /// Fail the request.
     Fail(WriteFailure),
@@ -49,42 +51,137 @@ pub enum WritePlan {
 pub enum WriteFailure {
     Fenced(String),
     Invalid(String),
-    /// Acknowledging would leave fewer than min-in-sync copies; nobody is ejected.
+    /// Acknowledging would leave fewer than min-in-sync copies; no in-sync
+    /// replica is ejected. `rebuilding_failed` still should be (best effort):
+    /// they missed a write the in-sync replicas may have.
     BelowMinInSync {
         failed: Vec<(NodeId, EjectReason)>,
         remaining: usize,
+        rebuilding_failed: Vec<(NodeId, EjectReason)>,
     },
 }
 
 /// Decides a write's completion from the replies of every replica it was sent
-/// to (`replies` covers the whole in-sync snapshot; a missing chunk has already
-/// been created and retried by the caller, so here it counts as a failure).
+/// to: `replies` covers the whole snapshot (in-sync and rebuilding members);
+/// `rebuilding` says which of them are rebuilding. A missing chunk has already
+/// been created and retried by the caller, so here it counts as a failure.
 ///
-/// Invariant kept: `Ack` only when every replica of the snapshot has the data;
-/// `EjectThenAck` only when at least `min_in_sync` have it.
-pub fn plan_write(replies: &[(NodeId, Result<(), ReplicaError>)], min_in_sync: usize) -> WritePlan {
+/// Invariants kept:
+/// - `Ack` only when every replica of the snapshot has the data;
+/// - `EjectThenAck` only when at least `min_in_sync` in-sync replicas have it
+///   (rebuilding replicas never count);
+/// - a rebuilding replica's failure never fails the request: it is ejected.
+///   (A fence is not the replica's failure: it proves another front end owns the
+///   volume, whoever reports it.) A request that an in-sync replica accepted
+///   cannot be invalid, so `Invalid` from a rebuilding replica ejects it.
+pub fn plan_write(
+    replies: &[(NodeId, Result<(), ReplicaError>)],
+    rebuilding: &[NodeId],
+    min_in_sync: usize,
+) -> WritePlan {
     let mut failed = Vec::new();
+    let mut rebuilding_failed = Vec::new();
     let mut invalid = None;
+    let mut in_sync = 0;
     for (node, reply) in replies {
+        let is_rebuilding = rebuilding.contains(node);
+        if !is_rebuilding {
+            in_sync += 1;
+        }
         let Err(e) = reply else { continue };
-        match classify(e) {
+        let reason = match classify(e) {
             Reaction::Stop(m) => return WritePlan::Fail(WriteFailure::Fenced(m)),
-            Reaction::Invalid(m) => invalid = Some(m),
-            Reaction::Eject(reason) => failed.push((*node, reason)),
-            Reaction::Repair | Reaction::Missing => failed.push((*node, EjectReason::ReplicaError)),
+            Reaction::Invalid(m) if !is_rebuilding => {
+                invalid = Some(m);
+                continue;
+            }
+            Reaction::Eject(reason) => reason,
+            Reaction::Invalid(_) | Reaction::Repair | Reaction::Missing => EjectReason::ReplicaError,
+        };
+        if is_rebuilding {
+            rebuilding_failed.push((*node, reason));
+        } else {
+            failed.push((*node, reason));
         }
     }
     if let Some(m) = invalid {
         return WritePlan::Fail(WriteFailure::Invalid(m));
     }
+    let remaining = in_sync - failed.len();
+    if remaining < min_in_sync {
+        return WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining, rebuilding_failed });
+    }
+    failed.extend(rebuilding_failed);
     if failed.is_empty() {
         return WritePlan::Ack;
     }
-    let remaining = replies.len() - failed.len();
-    if remaining < min_in_sync {
-        return WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining });
-    }
     WritePlan::EjectThenAck(failed)
+}
+
+/// The replica set a volume uses for a chunk after the provider committed
+/// `next`; see [`install_set`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Installed {
+    /// The set to use: `next`'s version and ejections, the members as below.
+    pub set: ReplicaSet,
+    /// Members the provider calls in sync that this attachment writes to but
+    /// does not read from (a subset of `set.rebuilding`).
+    pub write_only: Vec<NodeId>,
+    /// Members of `next` left out (only when `admit_new` is false).
+    pub left_out: Vec<NodeId>,
+}
+
+/// Merges a newly committed set `next` into the one a volume uses (`cur`, with
+/// its `write_only` members), keeping the rule that protects reads:
+///
+/// Invariant: a replica is read from (is in the resulting `in_sync`) only if it
+/// has received every write this attachment sent to the chunk since it became
+/// a member: it was in sync in `cur`, or it was rebuilding in `cur` (so it has
+/// received every write since it was installed) and the provider has now
+/// promoted it (so the background copy has filled in the rest). A replica the
+/// provider calls in sync that was not a member of `cur` (a new node, or one
+/// this attachment ejected earlier, which then missed writes) is written to but
+/// not read from (`write_only`), until a later version lists it as rebuilding
+/// and then promotes it again.
+///
+/// Every member of `next` receives writes, except that with `admit_new` false
+/// (an ejection's answer: no connection set up, no epoch announced, no ordering
+/// with in-flight writes) members that `cur` lacks are left out and reported in
+/// `left_out`; the caller must install `next` again through the full path.
+pub fn install_set(cur: &ReplicaSet, write_only: &[NodeId], next: &ReplicaSet, admit_new: bool) -> Installed {
+    let mut set = ReplicaSet {
+        version: next.version,
+        in_sync: Vec::with_capacity(next.in_sync.len()),
+        rebuilding: Vec::new(),
+        ejected: next.ejected.clone(),
+    };
+    let mut wo = Vec::new();
+    let mut left_out = Vec::new();
+    for &n in &next.in_sync {
+        if cur.contains(n) || (cur.is_rebuilding(n) && !write_only.contains(&n)) {
+            set.in_sync.push(n);
+        } else if admit_new || cur.is_member(n) {
+            set.rebuilding.push(n);
+            wo.push(n);
+        } else {
+            left_out.push(n);
+        }
+    }
+    for &n in &next.rebuilding {
+        if admit_new || cur.is_member(n) {
+            set.rebuilding.push(n);
+            // Demoted to write-only earlier and still not provider-promoted
+            // through an announced rebuild: an ejection's answer changes
+            // nothing about that; a full install of a version that names it
+            // rebuilding means a new copy runs, whose promotion is trusted.
+            if !admit_new && write_only.contains(&n) {
+                wo.push(n);
+            }
+        } else {
+            left_out.push(n);
+        }
+    }
+    Installed { set, write_only: wo, left_out }
 }
 
 /// The order in which to try replicas for a read: the local node first (data
@@ -204,39 +301,125 @@ mod tests {
 
     #[test]
     fn write_all_ok_acks() {
-        assert_eq!(plan_write(&[(A, Ok(())), (B, Ok(())), (C, Ok(()))], 2), WritePlan::Ack);
+        assert_eq!(plan_write(&[(A, Ok(())), (B, Ok(())), (C, Ok(()))], &[], 2), WritePlan::Ack);
     }
 
     #[test]
     fn write_one_failed_ejects_then_acks() {
-        let plan = plan_write(&[(A, Ok(())), (B, Err(timeout())), (C, Ok(()))], 2);
+        let plan = plan_write(&[(A, Ok(())), (B, Err(timeout())), (C, Ok(()))], &[], 2);
         assert_eq!(plan, WritePlan::EjectThenAck(vec![(B, EjectReason::Timeout)]));
-        let plan = plan_write(&[(A, Ok(())), (B, Err(ReplicaError::Transport("reset".into())))], 1);
+        let plan = plan_write(&[(A, Ok(())), (B, Err(ReplicaError::Transport("reset".into())))], &[], 1);
         assert_eq!(plan, WritePlan::EjectThenAck(vec![(B, EjectReason::Transport)]));
     }
 
     #[test]
     fn write_below_min_fails_without_ejecting() {
-        let plan = plan_write(&[(A, Ok(())), (B, Err(timeout())), (C, Err(ReplicaError::Failed("io".into())))], 2);
+        let plan = plan_write(&[(A, Ok(())), (B, Err(timeout())), (C, Err(ReplicaError::Failed("io".into())))], &[], 2);
         assert_eq!(
             plan,
             WritePlan::Fail(WriteFailure::BelowMinInSync {
                 failed: vec![(B, EjectReason::Timeout), (C, EjectReason::ReplicaError)],
-                remaining: 1
+                remaining: 1,
+                rebuilding_failed: vec![],
             })
         );
     }
 
     #[test]
     fn fenced_wins_over_everything() {
-        let plan = plan_write(&[(A, Err(timeout())), (B, Err(ReplicaError::Fenced("e5".into()))), (C, Ok(()))], 1);
+        let plan = plan_write(&[(A, Err(timeout())), (B, Err(ReplicaError::Fenced("e5".into()))), (C, Ok(()))], &[], 1);
         assert_eq!(plan, WritePlan::Fail(WriteFailure::Fenced("e5".into())));
     }
 
     #[test]
     fn invalid_request_ejects_nobody() {
-        let plan = plan_write(&[(A, Err(ReplicaError::Invalid("range".into()))), (B, Err(timeout()))], 1);
+        let plan = plan_write(&[(A, Err(ReplicaError::Invalid("range".into()))), (B, Err(timeout()))], &[], 1);
         assert_eq!(plan, WritePlan::Fail(WriteFailure::Invalid("range".into())));
+    }
+
+    const R: NodeId = NodeId(4);
+
+    #[test]
+    fn rebuilding_failure_ejects_it_and_never_fails_the_write() {
+        // Every in-sync replica has it: the rebuilding one is ejected, then ack.
+        let plan = plan_write(&[(A, Ok(())), (B, Ok(())), (R, Err(timeout()))], &[R], 2);
+        assert_eq!(plan, WritePlan::EjectThenAck(vec![(R, EjectReason::Timeout)]));
+        // Even an answer that would fail the request from an in-sync replica.
+        let plan = plan_write(&[(A, Ok(())), (R, Err(ReplicaError::Invalid("size".into())))], &[R], 1);
+        assert_eq!(plan, WritePlan::EjectThenAck(vec![(R, EjectReason::ReplicaError)]));
+        let plan = plan_write(&[(A, Ok(())), (R, Err(ReplicaError::NoSuchChunk))], &[R], 1);
+        assert_eq!(plan, WritePlan::EjectThenAck(vec![(R, EjectReason::ReplicaError)]));
+        // A fence still stops the volume, whoever reports it.
+        let plan = plan_write(&[(A, Ok(())), (R, Err(ReplicaError::Fenced("e9".into())))], &[R], 1);
+        assert_eq!(plan, WritePlan::Fail(WriteFailure::Fenced("e9".into())));
+        // Success of every member acks.
+        assert_eq!(plan_write(&[(A, Ok(())), (R, Ok(()))], &[R], 1), WritePlan::Ack);
+    }
+
+    #[test]
+    fn rebuilding_replicas_do_not_count_towards_min_in_sync() {
+        // Two in-sync, min 2, one in-sync failed: the healthy rebuilding replica
+        // does not make up for it.
+        let plan = plan_write(&[(A, Ok(())), (B, Err(timeout())), (R, Ok(()))], &[R], 2);
+        assert_eq!(
+            plan,
+            WritePlan::Fail(WriteFailure::BelowMinInSync {
+                failed: vec![(B, EjectReason::Timeout)],
+                remaining: 1,
+                rebuilding_failed: vec![]
+            })
+        );
+        let plan = plan_write(&[(A, Err(timeout())), (R, Err(timeout()))], &[R], 1);
+        assert_eq!(
+            plan,
+            WritePlan::Fail(WriteFailure::BelowMinInSync {
+                failed: vec![(A, EjectReason::Timeout)],
+                remaining: 0,
+                rebuilding_failed: vec![(R, EjectReason::Timeout)]
+            })
+        );
+        // In-sync failure within the margin plus a rebuilding failure: both ejected.
+        let plan = plan_write(&[(A, Ok(())), (B, Err(timeout())), (C, Ok(())), (R, Err(timeout()))], &[R], 2);
+        assert_eq!(plan, WritePlan::EjectThenAck(vec![(B, EjectReason::Timeout), (R, EjectReason::Timeout)]));
+    }
+
+    fn set(version: u64, in_sync: &[NodeId], rebuilding: &[NodeId]) -> ReplicaSet {
+        ReplicaSet { version, in_sync: in_sync.to_vec(), rebuilding: rebuilding.to_vec(), ejected: vec![] }
+    }
+
+    #[test]
+    fn install_adds_rebuilding_and_promotes_only_what_was_written_to() {
+        let cur = set(1, &[A, B], &[]);
+        // A new rebuilding replica on a new node: written to, not read.
+        let i = install_set(&cur, &[], &set(2, &[A, B], &[R]), true);
+        assert_eq!((i.set.clone(), i.write_only.clone(), i.left_out.clone()), (set(2, &[A, B], &[R]), vec![], vec![]));
+        // Promoted after this attachment wrote to it: read from.
+        let p = install_set(&i.set, &i.write_only, &set(3, &[A, B, R], &[]), true);
+        assert_eq!(p.set, set(3, &[A, B, R], &[]));
+        // In sync in the provider's eyes but never written to by us (we missed
+        // the rebuilding version): write-only.
+        let skip = install_set(&cur, &[], &set(3, &[A, B, R], &[]), true);
+        assert_eq!((skip.set.clone(), skip.write_only.clone()), (set(3, &[A, B], &[R]), vec![R]));
+        // ... and an ejection's answer does not promote it either.
+        let e = install_set(&skip.set, &skip.write_only, &set(4, &[A, R], &[]), false);
+        assert_eq!((e.set, e.write_only), (set(4, &[A], &[R]), vec![R]));
+        // A full install that names it rebuilding again resets it: a later
+        // promotion is trusted.
+        let r = install_set(&skip.set, &skip.write_only, &set(5, &[A, B], &[R]), true);
+        assert_eq!((r.set.clone(), r.write_only.clone()), (set(5, &[A, B], &[R]), vec![]));
+        assert_eq!(install_set(&r.set, &r.write_only, &set(6, &[A, B, R], &[]), true).set, set(6, &[A, B, R], &[]));
+    }
+
+    #[test]
+    fn an_ejection_answer_never_admits_a_replica_without_a_full_install() {
+        // B was ejected by us (cur lacks it); the provider since re-added it.
+        let cur = set(3, &[A, C], &[]);
+        let i = install_set(&cur, &[], &set(5, &[A], &[B]), false);
+        assert_eq!((i.set, i.left_out), (set(5, &[A], &[]), vec![B]));
+        // A promotion seen in an ejection's answer is kept: it got every write.
+        let cur = set(3, &[A, C], &[R]);
+        let i = install_set(&cur, &[], &set(5, &[A, R], &[]), false);
+        assert_eq!((i.set, i.left_out), (set(5, &[A, R], &[]), vec![]));
     }
 
     #[test]

@@ -30,14 +30,27 @@
 //!
 //! [state]                    # written by the provider; absent in a fresh config
 //! epoch = 4
-//! [[state.ejected]]
+//! [[state.ejected]]          # ejections, oldest first
 //! chunk = 7
 //! node = 2
 //! reason = "timeout"
+//! [[state.change]]           # changes after the first rebuild, oldest first
+//! op = "rebuild"             # node 2 is added back to chunk 7 as rebuilding
+//! chunk = 7
+//! node = 2
+//! [[state.change]]
+//! op = "promote"             # ... and, caught up, is in sync again
+//! chunk = 7
+//! node = 2
 //! ```
 //!
-//! A chunk's membership version is the number of ejections recorded for it, so
-//! the version needs no field of its own and cannot disagree with the list.
+//! The state is one ordered log of membership changes per chunk, applied to the
+//! placement: first `ejected`, then `change`. While no rebuild was ever
+//! recorded, ejections are appended to `ejected` (the file keeps the format of
+//! files written before rebuilds existed, which therefore still load); from the
+//! first rebuild on, every change (ejections too) is appended to `change`. A
+//! chunk's membership version is the number of entries recorded for it, so the
+//! version needs no field of its own and cannot disagree with the log.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -116,9 +129,35 @@ pub struct PersistedState {
     /// The last epoch handed out by an attach. Default: 0 (never attached).
     #[serde(default)]
     pub epoch: Epoch,
-    /// Replicas removed from their chunk's in-sync set, oldest first. Default: none.
+    /// Replicas removed from their chunk's set, oldest first; see the module
+    /// docs for when ejections go here. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ejected: Vec<Ejection>,
+    /// Every change from the first rebuild on, oldest first, applied after
+    /// `ejected`. Default: none (files written before rebuilds existed).
+    #[serde(default, rename = "change", skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+}
+
+/// One recorded membership change of a chunk. Persisted (`op` names the
+/// variant, kebab-case), so variants are only ever added.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Change {
+    /// Removed from the in-sync or rebuilding set.
+    Eject { chunk: ChunkIdx, node: NodeId, reason: EjectReason },
+    /// Added as rebuilding (a resync of an ejected replica, or a new one).
+    Rebuild { chunk: ChunkIdx, node: NodeId },
+    /// Moved from rebuilding to in sync.
+    Promote { chunk: ChunkIdx, node: NodeId },
+}
+
+impl Change {
+    pub fn chunk(&self) -> ChunkIdx {
+        match self {
+            Change::Eject { chunk, .. } | Change::Rebuild { chunk, .. } | Change::Promote { chunk, .. } => *chunk,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,8 +234,16 @@ impl StaticConfig {
                 return Err(format!("ejection recorded for chunk {} beyond {chunks} chunks", e.chunk));
             }
         }
+        for c in &self.state.changes {
+            if u64::from(c.chunk().0) >= chunks {
+                return Err(format!("change recorded for chunk {} beyond {chunks} chunks", c.chunk()));
+            }
+        }
         for c in 0..chunks as u32 {
-            let set = self.replica_set(ChunkIdx(c));
+            let (set, problems) = self.replay(ChunkIdx(c));
+            if let Some(p) = problems.first() {
+                return Err(format!("chunk {c}: {p}"));
+            }
             if set.in_sync.len() < v.min_in_sync {
                 return Err(format!("chunk {c} has {} in-sync replicas, below min-in-sync", set.in_sync.len()));
             }
@@ -208,13 +255,57 @@ impl StaticConfig {
         self.placement.overrides.iter().find(|o| o.index == chunk).map_or(&self.placement.nodes[..], |o| &o.nodes[..])
     }
 
-    /// The chunk's current set: its placement minus its ejections.
+    /// The chunk's current set: its placement with its recorded changes applied.
     pub fn replica_set(&self, chunk: ChunkIdx) -> ReplicaSet {
-        let ejected: Vec<(NodeId, EjectReason)> =
-            self.state.ejected.iter().filter(|e| e.chunk == chunk).map(|e| (e.node, e.reason)).collect();
-        let in_sync =
-            self.placement_of(chunk).iter().copied().filter(|n| !ejected.iter().any(|(e, _)| e == n)).collect();
-        ReplicaSet { version: ejected.len() as u64, in_sync, ejected }
+        self.replay(chunk).0
+    }
+
+    /// Applies the chunk's log to its placement. Entries of `change` that do not
+    /// fit the set they apply to are skipped and reported (`validate` refuses
+    /// them); legacy ejections of non-members are no-ops, as they always were.
+    fn replay(&self, chunk: ChunkIdx) -> (ReplicaSet, Vec<String>) {
+        let mut set = ReplicaSet {
+            version: 0,
+            in_sync: self.placement_of(chunk).to_vec(),
+            rebuilding: Vec::new(),
+            ejected: Vec::new(),
+        };
+        let mut problems = Vec::new();
+        for e in self.state.ejected.iter().filter(|e| e.chunk == chunk) {
+            set.in_sync.retain(|n| *n != e.node);
+            set.ejected.push((e.node, e.reason));
+            set.version += 1;
+        }
+        for c in self.state.changes.iter().filter(|c| c.chunk() == chunk) {
+            set.version += 1;
+            match *c {
+                Change::Eject { node, reason, .. } if set.is_member(node) => {
+                    set.in_sync.retain(|n| *n != node);
+                    set.rebuilding.retain(|n| *n != node);
+                    set.ejected.push((node, reason));
+                }
+                Change::Rebuild { node, .. } if !set.is_member(node) && self.nodes.iter().any(|n| n.id == node) => {
+                    set.ejected.retain(|(n, _)| *n != node);
+                    set.rebuilding.push(node);
+                }
+                Change::Promote { node, .. } if set.is_rebuilding(node) => {
+                    set.rebuilding.retain(|n| *n != node);
+                    set.in_sync.push(node);
+                }
+                ref other => problems.push(format!("{other:?} does not apply to {:?}", set)),
+            }
+        }
+        (set, problems)
+    }
+
+    /// Records a change of `chunk` (see the module docs for where ejections go).
+    fn record(&mut self, change: Change) {
+        match change {
+            Change::Eject { chunk, node, reason } if self.state.changes.is_empty() => {
+                self.state.ejected.push(Ejection { chunk, node, reason })
+            }
+            c => self.state.changes.push(c),
+        }
     }
 
     pub fn layout(&self) -> VolumeLayout {
@@ -274,6 +365,51 @@ impl StaticMembership {
     /// A snapshot of the config and state.
     pub async fn config(&self) -> StaticConfig {
         self.config.lock().await.clone()
+    }
+
+    /// The current layout (what an attach would return, without bumping the epoch).
+    pub async fn layout(&self) -> VolumeLayout {
+        self.config.lock().await.layout()
+    }
+
+    /// Adds a node the volume may place replicas on, durably.
+    pub async fn add_node(&self, node: NodeSpec) -> Result<(), MembershipError> {
+        let mut config = self.config.lock().await;
+        let mut next = config.clone();
+        next.nodes.push(node.clone());
+        next.validate().map_err(|m| config_err(&self.path, m))?;
+        persist_async(&self.path, &next).await?;
+        *config = next;
+        info!(path = %self.path.display(), node = %node.id, addr = %node.addr, "node added");
+        Ok(())
+    }
+
+    /// Adds `node` to `chunk` as a rebuilding replica (DESIGN "Replication
+    /// protocol" step 6), durably; returns the new set. The node must be known
+    /// and not already a member (an ejected one may come back: a resync).
+    pub async fn add_rebuilding(&self, chunk: ChunkIdx, node: NodeId) -> Result<ReplicaSet, MembershipError> {
+        self.change(Change::Rebuild { chunk, node }).await
+    }
+
+    /// Moves `node` from `chunk`'s rebuilding set to its in-sync set, durably;
+    /// returns the new set. The caller vouches that the copy has caught up.
+    pub async fn promote(&self, chunk: ChunkIdx, node: NodeId) -> Result<ReplicaSet, MembershipError> {
+        self.change(Change::Promote { chunk, node }).await
+    }
+
+    async fn change(&self, change: Change) -> Result<ReplicaSet, MembershipError> {
+        let mut config = self.config.lock().await;
+        let chunk = change.chunk();
+        let mut next = config.clone();
+        next.record(change.clone());
+        // validate() replays every chunk's log: refuses a change that does not
+        // fit the current set (unknown node, already a member, not rebuilding).
+        next.validate().map_err(|m| config_err(&self.path, m))?;
+        persist_async(&self.path, &next).await?;
+        *config = next;
+        let set = config.replica_set(chunk);
+        info!(volume = %config.volume.id, chunk = chunk.0, ?change, version = set.version, "replica set changed (persisted)");
+        Ok(set)
     }
 }
 
@@ -367,16 +503,17 @@ impl Membership for StaticMembership {
             return Err(MembershipError::UnknownChunk { volume, chunk });
         }
         let current = config.replica_set(chunk);
-        if current.version != version || !current.contains(node) {
+        if current.version != version || !current.is_member(node) {
             // Someone changed it first; the caller decides from the current set.
             return Ok(current);
         }
+        // A rebuilding replica leaves without a min-in-sync check.
         let remaining = current.in_sync.len() - 1;
-        if remaining < config.volume.min_in_sync {
+        if current.contains(node) && remaining < config.volume.min_in_sync {
             return Err(MembershipError::BelowMinInSync { chunk, node, remaining, min: config.volume.min_in_sync });
         }
         let mut next = config.clone();
-        next.state.ejected.push(Ejection { chunk, node, reason });
+        next.record(Change::Eject { chunk, node, reason });
         persist_async(&self.path, &next).await?;
         *config = next;
         info!(volume = %volume, chunk = chunk.0, node = %node, %reason, "replica ejected (persisted)");
@@ -481,6 +618,198 @@ reason = "timeout"
         let back: StaticConfig = toml::from_str(expected).unwrap();
         assert_eq!(back, c);
         assert!(toml::from_str::<StaticConfig>(&expected.replace("min-in-sync", "min-insync")).is_err());
+    }
+
+    #[test]
+    fn config_text_golden_with_rebuilds() {
+        let mut c = sample();
+        c.state.epoch = Epoch(5);
+        // Before the first rebuild, ejections keep the original format ...
+        c.record(Change::Eject { chunk: ChunkIdx(0), node: NodeId(2), reason: EjectReason::Timeout });
+        c.record(Change::Rebuild { chunk: ChunkIdx(0), node: NodeId(2) });
+        // ... and from then on go to the change log, in order.
+        c.record(Change::Eject { chunk: ChunkIdx(1), node: NodeId(3), reason: EjectReason::Transport });
+        c.record(Change::Promote { chunk: ChunkIdx(0), node: NodeId(2) });
+        let text = toml::to_string(&c).unwrap();
+        let expected = r#"[volume]
+id = 9
+name = "v"
+size = 10485760
+chunk-size = 4194304
+min-in-sync = 2
+
+[[node]]
+id = 1
+zone = "z1"
+addr = "127.0.0.1:7001"
+
+[[node]]
+id = 2
+zone = "z2"
+addr = "127.0.0.1:7002"
+
+[[node]]
+id = 3
+zone = "z3"
+addr = "127.0.0.1:7003"
+
+[placement]
+nodes = [1, 2, 3]
+
+[[placement.chunk]]
+index = 2
+nodes = [1, 3]
+
+[state]
+epoch = 5
+
+[[state.ejected]]
+chunk = 0
+node = 2
+reason = "timeout"
+
+[[state.change]]
+op = "rebuild"
+chunk = 0
+node = 2
+
+[[state.change]]
+op = "eject"
+chunk = 1
+node = 3
+reason = "transport"
+
+[[state.change]]
+op = "promote"
+chunk = 0
+node = 2
+"#;
+        assert_eq!(text, expected);
+        let back: StaticConfig = toml::from_str(expected).unwrap();
+        assert_eq!(back, c);
+        assert!(back.validate().is_ok());
+        let set0 = back.replica_set(ChunkIdx(0));
+        assert_eq!(
+            set0,
+            ReplicaSet {
+                version: 3,
+                in_sync: vec![NodeId(1), NodeId(3), NodeId(2)],
+                rebuilding: vec![],
+                ejected: vec![]
+            }
+        );
+        let set1 = back.replica_set(ChunkIdx(1));
+        assert_eq!((set1.version, set1.in_sync), (1, vec![NodeId(1), NodeId(2)]));
+        assert!(toml::from_str::<StaticConfig>(&expected.replace("\"promote\"", "\"demote\"")).is_err());
+        // A log entry that does not fit the set it applies to is refused.
+        let bad = expected.replace("op = \"promote\"\nchunk = 0", "op = \"promote\"\nchunk = 1");
+        let bad: StaticConfig = toml::from_str(&bad).unwrap();
+        assert!(bad.validate().unwrap_err().contains("chunk 1"));
+    }
+
+    #[tokio::test]
+    async fn a_file_without_the_change_log_still_loads() {
+        // Written before rebuilds existed: no `[[state.change]]`.
+        let old = r#"[volume]
+id = 9
+name = "v"
+size = 8388608
+chunk-size = 4194304
+min-in-sync = 1
+
+[[node]]
+id = 1
+zone = "z1"
+addr = "127.0.0.1:7001"
+
+[[node]]
+id = 2
+zone = "z2"
+addr = "127.0.0.1:7002"
+
+[placement]
+nodes = [1, 2]
+
+[state]
+epoch = 2
+
+[[state.ejected]]
+chunk = 1
+node = 1
+reason = "transport"
+"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.toml");
+        std::fs::write(&path, old).unwrap();
+        let m = StaticMembership::load(&path).unwrap();
+        let l = m.layout().await;
+        assert_eq!(
+            l.chunks[0],
+            ReplicaSet { version: 0, in_sync: vec![NodeId(1), NodeId(2)], rebuilding: vec![], ejected: vec![] }
+        );
+        assert_eq!(
+            l.chunks[1],
+            ReplicaSet {
+                version: 1,
+                in_sync: vec![NodeId(2)],
+                rebuilding: vec![],
+                ejected: vec![(NodeId(1), EjectReason::Transport)]
+            }
+        );
+        // An ejection keeps the old format (no rebuild recorded yet) ...
+        m.eject(VolumeId(9), ChunkIdx(0), 0, NodeId(2), EjectReason::Timeout).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with(old), "appended only:\n{text}");
+        assert!(!text.contains("[[state.change]]"));
+        // ... and the resync of node 1 starts the change log.
+        let set = m.add_rebuilding(ChunkIdx(1), NodeId(1)).await.unwrap();
+        assert_eq!((set.version, &set.in_sync, &set.rebuilding), (2, &vec![NodeId(2)], &vec![NodeId(1)]));
+        assert!(set.ejected.is_empty(), "a replica being resynced is no longer listed as ejected");
+        let reloaded = StaticMembership::load(&path).unwrap().layout().await;
+        assert_eq!(reloaded.chunks[1], set);
+    }
+
+    #[tokio::test]
+    async fn rebuild_promote_and_eject_of_a_rebuilding_replica_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vol.toml");
+        let m = StaticMembership::create(&path, sample()).unwrap();
+        let (v, c) = (VolumeId(9), ChunkIdx(2)); // chunk 2 is on nodes 1 and 3
+        let new_node = NodeSpec { id: NodeId(4), zone: Zone("z4".into()), addr: "127.0.0.1:7004".parse().unwrap() };
+        assert!(m.add_rebuilding(c, NodeId(4)).await.is_err(), "unknown node");
+        m.add_node(new_node.clone()).await.unwrap();
+        assert!(m.add_node(new_node).await.is_err(), "listed twice");
+        assert!(m.add_rebuilding(c, NodeId(3)).await.is_err(), "already in sync");
+        assert!(m.promote(c, NodeId(2)).await.is_err(), "not rebuilding");
+        let set = m.add_rebuilding(c, NodeId(4)).await.unwrap();
+        assert_eq!((set.version, set.rebuilding.clone()), (1, vec![NodeId(4)]));
+        // A rebuilding replica is ejected without a min-in-sync check (two in
+        // sync, min 2), and may come back.
+        let set = m.eject(v, c, 1, NodeId(4), EjectReason::Timeout).await.unwrap();
+        assert_eq!((set.version, set.in_sync.len(), set.rebuilding.len()), (2, 2, 0));
+        assert_eq!(set.ejected, vec![(NodeId(4), EjectReason::Timeout)]);
+        m.add_rebuilding(c, NodeId(4)).await.unwrap();
+        let set = m.promote(c, NodeId(4)).await.unwrap();
+        assert_eq!((set.version, set.in_sync.clone()), (4, vec![NodeId(1), NodeId(3), NodeId(4)]));
+        // Now in sync: min-in-sync applies again (3 in sync, min 2).
+        m.eject(v, c, 4, NodeId(1), EjectReason::Transport).await.unwrap();
+        assert!(matches!(
+            m.eject(v, c, 5, NodeId(3), EjectReason::Transport).await,
+            Err(MembershipError::BelowMinInSync { .. })
+        ));
+        drop(m);
+        let l = StaticMembership::load(&path).unwrap().layout().await;
+        assert_eq!(
+            l.chunks[2],
+            ReplicaSet {
+                version: 5,
+                in_sync: vec![NodeId(3), NodeId(4)],
+                rebuilding: vec![],
+                ejected: vec![(NodeId(1), EjectReason::Transport)]
+            }
+        );
+        assert_eq!(l.node(NodeId(4)).map(|r| r.addr.port()), Some(7004));
+        assert_eq!(l.chunks[0].version, 0, "other chunks untouched");
     }
 
     #[tokio::test]

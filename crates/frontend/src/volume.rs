@@ -1,14 +1,19 @@
 //! [`Volume`]: one attached volume, a [`BlockDev`] over replicated chunks.
 //!
 //! I/O path file: no blocking calls, no info logs per I/O, no volume-wide lock
-//! on the data path (per-chunk state only; the membership call happens only
-//! when a replica fails).
+//! on the data path that a writer holds (per-chunk state; the node map is a
+//! copy-on-write `Arc` behind a std `RwLock`, read for a clone; the membership
+//! call happens only when a replica fails).
+//!
+//! The layout can change while the volume is attached ([`Volume::apply_layout`]):
+//! the provider adds rebuilding replicas, promotes them, retires others.
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::RwLock as StdRwLock;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -22,7 +27,7 @@ use tokio::sync::{Mutex as AsyncMutex, RwLock as AsyncRwLock, Semaphore};
 use tracing::{debug, debug_span, info, warn, Instrument};
 
 use crate::membership::{EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
-use crate::policy::{self, classify, plan_write, Reaction, WriteFailure, WritePlan};
+use crate::policy::{self, classify, install_set, plan_write, Reaction, WriteFailure, WritePlan};
 use crate::replica_io::{ReplicaError, ReplicaIo};
 use crate::FrontendError;
 
@@ -84,22 +89,65 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 struct ChunkState {
-    /// The in-sync set this attachment uses. Only ever shrinks within an
-    /// attachment: an ejected replica is never read or written again.
-    set: std::sync::RwLock<Arc<ReplicaSet>>,
-    /// Serializes ejections of this chunk (one membership change at a time).
-    membership: AsyncMutex<()>,
-    /// Client writes (and trims, zeroes) hold it shared; a read repair holds it
-    /// exclusively, so a repair can never write old data over a newer
-    /// acknowledged write.
+    /// The replica set this attachment uses: writes go to `in_sync` and
+    /// `rebuilding`, reads to `in_sync`. Changed by ejections (members leave)
+    /// and by [`Volume::apply_layout`] (members join, get promoted, retire).
+    /// A replica ejected within this attachment is never read from again unless
+    /// a newer layout brings it back as rebuilding and then promotes it (see
+    /// [`policy::install_set`]).
+    set: StdRwLock<Arc<ReplicaSet>>,
+    /// Serializes changes of `set` (one membership change at a time) and holds
+    /// what only those changes need.
+    membership: AsyncMutex<SetControl>,
+    /// Client writes (and trims, zeroes) hold it shared from before they look
+    /// at `set` until their replies are in; a read repair holds it exclusively,
+    /// so a repair can never write old data over a newer acknowledged write;
+    /// `apply_layout` holds it exclusively while it swaps in a new set.
+    /// Lock order: `order`, then `membership`.
     order: AsyncRwLock<()>,
 }
 
+/// The part of a chunk's state only set changes look at.
+#[derive(Default)]
+struct SetControl {
+    /// Members the provider calls in sync that this attachment does not read
+    /// from: they missed writes (see [`policy::install_set`]).
+    write_only: Vec<NodeId>,
+    /// An ejection's answer named members this attachment has not installed
+    /// (no connection, no epoch, no ordering): the set is behind its version,
+    /// so a layout of the same version is still installed.
+    behind: bool,
+}
+
 impl ChunkState {
+    fn new(set: ReplicaSet) -> Self {
+        ChunkState {
+            set: StdRwLock::new(Arc::new(set)),
+            membership: AsyncMutex::new(SetControl::default()),
+            order: AsyncRwLock::new(()),
+        }
+    }
+
     fn snapshot(&self) -> Arc<ReplicaSet> {
         self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    fn install(&self, set: ReplicaSet) {
+        *self.set.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(set);
+    }
 }
+
+/// A connection to one replica node, with the address it was made for.
+struct NodeConn<R> {
+    replica: Replica,
+    io: R,
+}
+
+type NodeMap<R> = HashMap<NodeId, NodeConn<R>>;
+
+/// Makes the connection handle for a replica node (at attach, and for nodes a
+/// newer layout adds).
+type Connector<R> = Box<dyn Fn(&Replica) -> R + Send + Sync>;
 
 /// An attached volume. Implements [`BlockDev`]; share it as `Arc<Volume<..>>`.
 pub struct Volume<M: Membership, R: ReplicaIo> {
@@ -108,11 +156,16 @@ pub struct Volume<M: Membership, R: ReplicaIo> {
     epoch: Epoch,
     size: u64,
     chunk_size: u64,
-    min_in_sync: usize,
+    min_in_sync: AtomicUsize,
     local_node: Option<NodeId>,
     io_timeout: Duration,
     membership: M,
-    nodes: HashMap<NodeId, R>,
+    /// Copy-on-write: requests clone the `Arc` (a short read lock); only
+    /// `apply_layout` replaces it.
+    nodes: StdRwLock<Arc<NodeMap<R>>>,
+    connect: Connector<R>,
+    /// One `apply_layout` at a time.
+    reconfigure: AsyncMutex<()>,
     chunks: Vec<ChunkState>,
     /// Counter half of the next write's Seq; the epoch half is this attachment's.
     next_seq: AtomicU64,
@@ -156,10 +209,11 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     /// Attaches the volume: bumps its epoch through `membership`, announces the
     /// epoch to every replica node (ejecting the unreachable ones), reconciles
     /// the chunks left dirty by a previous front end, and only then returns a
-    /// volume ready for I/O. `connect` makes the connection handle for a node.
+    /// volume ready for I/O. `connect` makes the connection handle for a node
+    /// (kept for the nodes later layouts add, see [`Volume::apply_layout`]).
     pub async fn attach(
         membership: M,
-        connect: impl Fn(&Replica) -> R,
+        connect: impl Fn(&Replica) -> R + Send + Sync + 'static,
         volume: VolumeId,
         options: VolumeOptions,
     ) -> Result<Arc<Self>, FrontendError> {
@@ -174,20 +228,16 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             epoch,
             size: layout.size,
             chunk_size: layout.chunk_size,
-            min_in_sync: layout.min_in_sync,
+            min_in_sync: AtomicUsize::new(layout.min_in_sync),
             local_node: options.local_node,
             io_timeout: options.io_timeout,
             membership,
-            nodes: layout.nodes.iter().map(|r| (r.node, connect(r))).collect(),
-            chunks: layout
-                .chunks
-                .into_iter()
-                .map(|set| ChunkState {
-                    set: std::sync::RwLock::new(Arc::new(set)),
-                    membership: AsyncMutex::new(()),
-                    order: AsyncRwLock::new(()),
-                })
-                .collect(),
+            nodes: StdRwLock::new(Arc::new(
+                layout.nodes.iter().map(|r| (r.node, NodeConn { replica: r.clone(), io: connect(r) })).collect(),
+            )),
+            connect: Box::new(connect),
+            reconfigure: AsyncMutex::new(()),
+            chunks: layout.chunks.into_iter().map(ChunkState::new).collect(),
             next_seq: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
             inflight: Semaphore::new(max_inflight as usize),
@@ -214,7 +264,8 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         self.chunk_size
     }
 
-    /// The in-sync set this attachment currently uses for `chunk`.
+    /// The replica set this attachment currently uses for `chunk` (writes go to
+    /// `in_sync` and `rebuilding`, reads to `in_sync`).
     pub fn replica_set(&self, chunk: ChunkIdx) -> Option<ReplicaSet> {
         self.chunks.get(chunk.0 as usize).map(|c| (*c.snapshot()).clone())
     }
@@ -250,6 +301,175 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         }
     }
 
+    /// Follows a newer layout of this volume while attached: installs the set
+    /// of every chunk whose version is newer than the one this volume uses (or
+    /// equal, when an ejection's answer left it behind its version), and
+    /// returns how many chunks changed. A stale layout changes nothing (Ok(0)),
+    /// except where an ejection meanwhile committed a newer set that names
+    /// members this volume has not installed (a change made by the provider
+    /// after the layout was read): those chunks are reported in
+    /// [`FrontendError::LayoutOutdated`] (the other chunks are installed) and
+    /// the caller must apply a newer layout before it relies on the guarantee
+    /// below for them;
+    /// a layout of another volume, or one with a different chunk size or a
+    /// smaller size, is an error and changes nothing. A larger size is not
+    /// served until the next attach (the chunks beyond this attachment's size
+    /// are ignored).
+    ///
+    /// Nodes the new sets name that this volume has no connection to (or whose
+    /// address changed) are connected with the attach-time connector and told
+    /// the volume's epoch before any write goes to them; one that cannot take
+    /// the epoch is ejected (through the membership) from the chunks that name
+    /// it before its set is installed. A newer epoch on any of them stops the
+    /// volume (another front end owns it) and returns `Fenced`.
+    ///
+    /// ORDERING GUARANTEE (the rebuild copier relies on it): when this returns
+    /// Ok, for every changed chunk
+    ///   (a) every write, trim or write-zeroes that reaches the chunk's fan-out
+    ///       afterwards goes to the new set's in-sync and rebuilding replicas;
+    ///   (b) none that was fanned out to the old set is still in flight (its
+    ///       replies are in and its ejections committed).
+    /// Kept by the chunk's `order` lock: every write takes it shared before it
+    /// reads the set and releases it only after its plan is executed, and the
+    /// set is swapped with the lock held exclusively (so the swap waits for
+    /// every write that read the old set, and writes after it read the new one).
+    /// Chunks are swapped one at a time; the guarantee holds for all of them
+    /// once this returns. Reads take no `order` lock: one that picked a replica
+    /// of the old set may still complete from it, which is harmless (it held
+    /// every acknowledged write when the read started).
+    pub async fn apply_layout(&self, layout: &VolumeLayout) -> Result<u64, FrontendError> {
+        let span = debug_span!("apply_layout", volume = %self.id, epoch = %self.epoch);
+        self.apply_layout_inner(layout).instrument(span).await
+    }
+
+    async fn apply_layout_inner(&self, layout: &VolumeLayout) -> Result<u64, FrontendError> {
+        validate_layout(self.id, layout)?;
+        let bad = |message: String| Err(FrontendError::Layout { volume: self.id, message });
+        if layout.chunk_size != self.chunk_size {
+            return bad(format!("chunk size changed from {} to {}", self.chunk_size, layout.chunk_size));
+        }
+        if layout.size < self.size {
+            return bad(format!("size shrank from {} to {}", self.size, layout.size));
+        }
+        if self.is_stopped() {
+            return Err(FrontendError::Stopped(self.id));
+        }
+        let _one_layout_at_a_time = self.reconfigure.lock().await;
+        if layout.size > self.size {
+            info!(volume = %self.id, size = self.size, new_size = layout.size, "volume grew: the new size is served from the next attach");
+        }
+        if layout.min_in_sync != self.min_in_sync() {
+            info!(volume = %self.id, from = self.min_in_sync(), to = layout.min_in_sync, "min-in-sync changed");
+            self.min_in_sync.store(layout.min_in_sync, Ordering::Relaxed);
+        }
+
+        // 1. The chunks whose set is newer than ours. Rechecked under the
+        //    chunk's locks before the swap (an ejection may have moved on).
+        let mut changed: Vec<(ChunkIdx, ReplicaSet)> = Vec::new();
+        let mut outdated: Vec<ChunkIdx> = Vec::new();
+        for (i, (state, next)) in self.chunks.iter().zip(&layout.chunks).enumerate() {
+            let behind = state.membership.lock().await.behind;
+            match compare(next, &state.snapshot(), behind) {
+                Verdict::Install => changed.push((ChunkIdx(i as u32), next.clone())),
+                Verdict::Current => {}
+                Verdict::Outdated => outdated.push(ChunkIdx(i as u32)),
+            }
+        }
+        if changed.is_empty() && outdated.is_empty() {
+            return Ok(0);
+        }
+
+        // 2. Connections (and the epoch) for the nodes that need one, before
+        //    any set names them.
+        let nodes = self.nodes();
+        let mut fresh: Vec<NodeConn<R>> = Vec::new();
+        for (_, set) in &changed {
+            for n in set.write_targets() {
+                let Some(replica) = layout.node(n) else { continue }; // validated: cannot happen
+                let known = nodes.get(&n).is_some_and(|c| c.replica.addr == replica.addr);
+                if !known && !fresh.iter().any(|c| c.replica.node == n) {
+                    fresh.push(NodeConn { replica: replica.clone(), io: (self.connect)(replica) });
+                }
+            }
+        }
+        let mut unreachable: Vec<(NodeId, EjectReason)> = Vec::new();
+        if !fresh.is_empty() {
+            let targets: Vec<(NodeId, R)> = fresh.iter().map(|c| (c.replica.node, c.io.clone())).collect();
+            let replies = match self.announce_to(targets).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.stop_fenced(&e.to_string());
+                    return Err(e);
+                }
+            };
+            for (node, reply) in replies {
+                if let Err(e) = reply {
+                    let reason = match classify(&e) {
+                        Reaction::Eject(r) => r,
+                        _ => EjectReason::ReplicaError,
+                    };
+                    warn!(volume = %self.id, %node, error = %e, "new replica node did not take the epoch: ejecting it");
+                    unreachable.push((node, reason));
+                }
+            }
+            let mut next: NodeMap<R> =
+                nodes.iter().map(|(n, c)| (*n, NodeConn { replica: c.replica.clone(), io: c.io.clone() })).collect();
+            for c in fresh {
+                info!(volume = %self.id, node = %c.replica.node, addr = %c.replica.addr, "replica node connected");
+                next.insert(c.replica.node, c);
+            }
+            *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        }
+
+        // 3. Eject the nodes that could not take the epoch from the new sets,
+        //    durably, before they are installed (no write waits for them).
+        for (chunk, set) in &mut changed {
+            for &(node, reason) in &unreachable {
+                if set.is_member(node) {
+                    *set = self.membership.eject(self.id, *chunk, set.version, node, reason).await?;
+                    if !set.is_member(node) {
+                        bump(&self.stats.ejections, 1);
+                        info!(volume = %self.id, chunk = chunk.0, %node, %reason, version = set.version, "replica ejected before joining");
+                    }
+                }
+            }
+        }
+
+        // 4. Swap the sets, one chunk at a time.
+        let mut count = 0;
+        for (chunk, next) in changed {
+            let state = &self.chunks[chunk.0 as usize];
+            // Invariant (the ORDERING GUARANTEE above): the swap happens with
+            // `order` held exclusively, so it waits for every write that read
+            // the old set, and every later write reads the new one.
+            let _no_write_in_flight = state.order.write().await;
+            let mut control = state.membership.lock().await;
+            let cur = state.snapshot();
+            match compare(&next, &cur, control.behind) {
+                Verdict::Install => {}
+                Verdict::Current => continue,
+                Verdict::Outdated => {
+                    outdated.push(chunk);
+                    continue;
+                }
+            }
+            let installed = install_set(&cur, &control.write_only, &next, true);
+            for n in installed.write_only.iter().filter(|n| !control.write_only.contains(n)) {
+                warn!(volume = %self.id, chunk = chunk.0, node = %n, version = next.version, "in sync in the layout, but this attachment never sent it writes: writing to it, not reading from it");
+            }
+            info!(volume = %self.id, chunk = chunk.0, from = cur.version, to = next.version, in_sync = ?installed.set.in_sync, rebuilding = ?installed.set.rebuilding, "replica set changed");
+            control.write_only = installed.write_only;
+            control.behind = false;
+            state.install(installed.set);
+            count += 1;
+        }
+        if !outdated.is_empty() {
+            warn!(volume = %self.id, chunks = ?outdated, "layout outdated for some chunks: a newer layout must be applied");
+            return Err(FrontendError::LayoutOutdated { volume: self.id, chunks: outdated, installed: count });
+        }
+        Ok(count)
+    }
+
     fn chunk_id(&self, chunk: ChunkIdx) -> ChunkId {
         ChunkId::new(self.id, chunk)
     }
@@ -275,8 +495,21 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         }
     }
 
-    fn io(&self, node: NodeId) -> Result<&R, ReplicaError> {
-        self.nodes.get(&node).ok_or_else(|| ReplicaError::Failed(format!("{node} is not in the volume's node list")))
+    fn min_in_sync(&self) -> usize {
+        self.min_in_sync.load(Ordering::Relaxed)
+    }
+
+    fn nodes(&self) -> Arc<NodeMap<R>> {
+        self.nodes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The connection to `node` (a clone: handles share their connections).
+    fn io(&self, node: NodeId) -> Result<R, ReplicaError> {
+        let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .get(&node)
+            .map(|c| c.io.clone())
+            .ok_or_else(|| ReplicaError::Failed(format!("{node} is not in the volume's node list")))
     }
 
     fn stop_fenced(&self, message: &str) {
@@ -299,31 +532,40 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
 
     // ---- membership changes -------------------------------------------------
 
-    /// Removes `node` from `chunk`'s in-sync set, durably, before returning Ok.
-    /// Refuses (and ejects nobody) when fewer than min-in-sync would remain.
+    /// Removes `node` from `chunk`'s in-sync or rebuilding set, durably, before
+    /// returning Ok. Refuses (and ejects nobody) when fewer than min-in-sync
+    /// in-sync replicas would remain; removing a rebuilding replica has no
+    /// such limit.
     async fn eject(&self, chunk: ChunkIdx, node: NodeId, reason: EjectReason) -> Result<(), FrontendError> {
         let state = &self.chunks[chunk.0 as usize];
-        let _one_change_at_a_time = state.membership.lock().await;
+        let mut control = state.membership.lock().await;
         for _ in 0..4 {
             let set = state.snapshot();
-            if !set.contains(node) {
+            if !set.is_member(node) {
                 return Ok(());
             }
-            let remaining = set.in_sync.len() - 1;
-            if remaining < self.min_in_sync {
-                return Err(FrontendError::BelowMinInSync { chunk, node, remaining, min: self.min_in_sync });
+            let min = self.min_in_sync();
+            if set.contains(node) && set.in_sync.len() - 1 < min {
+                return Err(FrontendError::BelowMinInSync { chunk, node, remaining: set.in_sync.len() - 1, min });
             }
             let committed = self.membership.eject(self.id, chunk, set.version, node, reason).await?;
-            // Never re-admit a replica this attachment stopped using: keep the
-            // intersection (a resync, not a membership answer, brings one back).
-            let in_sync: Vec<NodeId> = committed.in_sync.iter().copied().filter(|n| set.in_sync.contains(n)).collect();
-            let gone = !in_sync.contains(&node);
+            // Never admit a replica through an ejection's answer: keep only
+            // members this attachment already writes to (install_set with
+            // admit_new = false); a newer layout, not a membership answer,
+            // brings one back (apply_layout).
+            let next = install_set(&set, &control.write_only, &committed, false);
+            if !next.left_out.is_empty() {
+                debug!(volume = %self.id, chunk = chunk.0, version = committed.version, left_out = ?next.left_out, "ejection answer names members not installed yet; waiting for the layout");
+            }
+            let gone = !next.set.is_member(node);
             let changed = committed.version != set.version;
-            *state.set.write().unwrap_or_else(|p| p.into_inner()) =
-                Arc::new(ReplicaSet { version: committed.version, in_sync, ejected: committed.ejected });
+            control.write_only = next.write_only;
+            control.behind = !next.left_out.is_empty();
+            state.install(next.set);
             if gone {
                 bump(&self.stats.ejections, 1);
-                info!(volume = %self.id, chunk = chunk.0, %node, %reason, version = committed.version, "replica ejected from in-sync set");
+                let role = if set.contains(node) { "in-sync" } else { "rebuilding" };
+                info!(volume = %self.id, chunk = chunk.0, %node, %reason, version = committed.version, role, "replica ejected");
                 return Ok(());
             }
             if !changed {
@@ -337,10 +579,10 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         ))))
     }
 
-    /// Ejects `node` from every chunk whose in-sync set holds it.
+    /// Ejects `node` from every chunk whose set (in sync or rebuilding) holds it.
     async fn eject_everywhere(&self, node: NodeId, reason: EjectReason) -> Result<(), FrontendError> {
         for (i, c) in self.chunks.iter().enumerate() {
-            if c.snapshot().contains(node) {
+            if c.snapshot().is_member(node) {
                 self.eject(ChunkIdx(i as u32), node, reason).await?;
             }
         }
@@ -367,12 +609,19 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                 warn!(volume = %self.id, chunk = chunk.0, message = %m, "replica rejected a request as invalid");
                 Err(BlockError::OutOfRange { offset: u64::from(chunk.0) * self.chunk_size, len: 0, size: self.size })
             }
-            WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining }) => {
-                warn!(volume = %self.id, chunk = chunk.0, ?failed, remaining, min = self.min_in_sync, "write failed: too few in-sync replicas would remain");
+            WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining, rebuilding_failed }) => {
+                let min = self.min_in_sync();
+                warn!(volume = %self.id, chunk = chunk.0, ?failed, remaining, min, "write failed: too few in-sync replicas would remain");
+                // The write fails anyway; a rebuilding replica that missed what
+                // the in-sync ones may have must still not be promoted.
+                for (node, reason) in rebuilding_failed {
+                    if let Err(e) = self.eject(chunk, node, reason).await {
+                        warn!(volume = %self.id, chunk = chunk.0, %node, error = %e, "could not eject a failed rebuilding replica");
+                    }
+                }
                 Err(BlockError::Io(format!(
-                    "chunk {chunk}: {} replicas failed, {remaining} left, min-in-sync {}",
+                    "chunk {chunk}: {} in-sync replicas failed, {remaining} left, min-in-sync {min}",
                     failed.len(),
-                    self.min_in_sync
                 )))
             }
         }
@@ -381,41 +630,65 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     // ---- attach ---------------------------------------------------------------
 
     async fn announce(&self) -> Result<(), FrontendError> {
-        let holders = self.holders();
-        let replies = join_all(self.nodes.keys().map(|&node| async move {
-            let r = match self.io(node) {
-                Ok(io) => self.call("announce_epoch", io.announce_epoch(self.id, self.epoch)).await,
-                Err(e) => Err(e),
-            };
-            (node, r)
-        }))
-        .await;
+        let holders = self.holders(true);
+        let nodes: Vec<(NodeId, R)> = self.nodes().iter().map(|(&node, c)| (node, c.io.clone())).collect();
+        let replies = self.announce_to(nodes).await?;
         for (node, reply) in replies {
-            let holds = holders.contains(&node);
             match reply {
-                Ok(e) if e == self.epoch => debug!(volume = %self.id, %node, epoch = %e, "epoch announced"),
-                Ok(e) if e > self.epoch => return Err(FrontendError::Fenced { node, epoch: e }),
-                Err(ReplicaError::Fenced(m)) => {
-                    warn!(volume = %self.id, %node, message = %m, "a newer front end holds the volume");
-                    return Err(FrontendError::Fenced { node, epoch: self.epoch });
-                }
-                other if holds => {
-                    warn!(volume = %self.id, %node, reply = ?other, "replica node unreachable or refused the epoch at attach: ejecting it");
+                Ok(()) => {}
+                Err(e) if holders.contains(&node) => {
+                    warn!(volume = %self.id, %node, error = %e, "replica node unreachable or refused the epoch at attach: ejecting it");
                     self.eject_everywhere(node, EjectReason::AttachUnreachable).await?;
                 }
-                other => {
-                    debug!(volume = %self.id, %node, reply = ?other, "node without in-sync replicas did not take the epoch")
+                Err(e) => {
+                    debug!(volume = %self.id, %node, error = %e, "node without replicas of the volume did not take the epoch")
                 }
             }
         }
         Ok(())
     }
 
-    /// Nodes holding an in-sync copy of at least one chunk.
-    fn holders(&self) -> BTreeSet<NodeId> {
+    /// Announces this attachment's epoch to `nodes`. A newer epoch anywhere is
+    /// an error (another front end owns the volume); other failures are
+    /// returned per node.
+    async fn announce_to(
+        &self,
+        nodes: Vec<(NodeId, R)>,
+    ) -> Result<Vec<(NodeId, Result<(), ReplicaError>)>, FrontendError> {
+        let replies = join_all(nodes.into_iter().map(|(node, io)| async move {
+            (node, self.call("announce_epoch", io.announce_epoch(self.id, self.epoch)).await)
+        }))
+        .await;
+        let mut out = Vec::with_capacity(replies.len());
+        for (node, reply) in replies {
+            let r = match reply {
+                Ok(e) if e == self.epoch => {
+                    debug!(volume = %self.id, %node, epoch = %e, "epoch announced");
+                    Ok(())
+                }
+                Ok(e) if e > self.epoch => return Err(FrontendError::Fenced { node, epoch: e }),
+                Err(ReplicaError::Fenced(m)) => {
+                    warn!(volume = %self.id, %node, message = %m, "a newer front end holds the volume");
+                    return Err(FrontendError::Fenced { node, epoch: self.epoch });
+                }
+                Ok(e) => Err(ReplicaError::Failed(format!("announce of {} answered with the older {e}", self.epoch))),
+                Err(e) => Err(e),
+            };
+            out.push((node, r));
+        }
+        Ok(out)
+    }
+
+    /// Nodes holding an in-sync copy of at least one chunk, and with
+    /// `rebuilding` also those rebuilding one.
+    fn holders(&self, rebuilding: bool) -> BTreeSet<NodeId> {
         let mut s = BTreeSet::new();
         for c in &self.chunks {
-            s.extend(c.snapshot().in_sync.iter().copied());
+            let set = c.snapshot();
+            s.extend(set.in_sync.iter().copied());
+            if rebuilding {
+                s.extend(set.rebuilding.iter().copied());
+            }
         }
         s
     }
@@ -424,7 +697,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     /// chunks dirty anywhere are made identical on all in-sync replicas
     /// before any I/O is served.
     async fn reconcile(&self) -> Result<(), FrontendError> {
-        let holders: Vec<NodeId> = self.holders().into_iter().collect();
+        let holders: Vec<NodeId> = self.holders(false).into_iter().collect();
         let replies = join_all(holders.iter().map(|&node| async move {
             let r = match self.io(node) {
                 Ok(io) => self.call("list_dirty", io.list_dirty(self.id, self.epoch)).await,
@@ -482,6 +755,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         let id = self.chunk_id(chunk);
         let blocks = (self.chunk_len(chunk) / BLOCK_SIZE_U64) as u32;
         let mut missing: BTreeSet<NodeId> = BTreeSet::new();
+        let mut rebuilding_seen: BTreeSet<NodeId> = BTreeSet::new();
         let mut copied = 0u64;
         let mut first = 0u32;
         while first < blocks {
@@ -523,8 +797,17 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                 // (older-epoch) seq would be refused as stale. Writing all of
                 // them keeps the contexts identical, so later comparisons
                 // (rebuild, the next reconcile) see no difference.
+                //
+                // Rebuilding replicas get them too (every write goes to them),
+                // and may be missing the chunk; their failure only ejects them.
                 let seq = self.next_seq();
-                for &target in run.targets.iter().chain(&run.sources) {
+                let rebuilding = self.chunks[chunk.0 as usize].snapshot().rebuilding.clone();
+                for &n in &rebuilding {
+                    if rebuilding_seen.insert(n) {
+                        missing.insert(n);
+                    }
+                }
+                for &target in run.targets.iter().chain(&run.sources).chain(&rebuilding) {
                     let r = async {
                         let io = self.io(target)?;
                         if missing.contains(&target) {
@@ -551,10 +834,10 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             }
             first += count;
         }
-        // Flush on every in-sync replica: makes the copies durable and clears
-        // the dirty marks.
+        // Flush on every replica written to: makes the copies durable and
+        // clears the dirty marks.
         let set = self.chunks[chunk.0 as usize].snapshot();
-        let replies = join_all(set.in_sync.iter().map(|&node| async move {
+        let replies = join_all(set.write_targets().map(|node| async move {
             let r = match self.io(node) {
                 Ok(io) => self.call("flush_chunk", io.flush_chunk(id, self.epoch)).await,
                 Err(e) => Err(e),
@@ -611,22 +894,26 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
 
     async fn write_piece(&self, p: policy::Piece, data: Bytes, seq: Seq, fua: bool) -> Result<(), BlockError> {
         let state = &self.chunks[p.chunk.0 as usize];
-        let _no_repair_meanwhile = state.order.read().await;
+        // Held from before the set is read until the replies are in and the
+        // ejections committed: no repair meanwhile, and no set change by
+        // apply_layout (its ordering guarantee rests on this).
+        let _no_repair_or_set_change_meanwhile = state.order.read().await;
         self.write_piece_locked(p, data, seq, fua).await
     }
 
-    /// The fan-out of one chunk write; the caller holds the chunk's order lock
-    /// (shared for client writes, exclusive for repairs).
+    /// The fan-out of one chunk write to every in-sync and rebuilding replica;
+    /// the caller holds the chunk's order lock (shared for client writes,
+    /// exclusive for repairs).
     async fn write_piece_locked(&self, p: policy::Piece, data: Bytes, seq: Seq, fua: bool) -> Result<(), BlockError> {
         let set = self.chunks[p.chunk.0 as usize].snapshot();
         let id = self.chunk_id(p.chunk);
-        let replies = join_all(set.in_sync.iter().map(|&node| {
+        let replies = join_all(set.write_targets().map(|node| {
             let data = data.clone();
             async move { (node, self.write_one(node, id, p.offset, data, seq, fua).await) }
         }))
         .await;
         debug!(chunk = p.chunk.0, offset = p.offset, len = p.len, %seq, "chunk write replies");
-        self.finish(p.chunk, plan_write(&replies, self.min_in_sync)).await
+        self.finish(p.chunk, plan_write(&replies, &set.rebuilding, self.min_in_sync())).await
     }
 
     /// One replica's write; creates the chunk on first touch (thin provisioning)
@@ -658,10 +945,10 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     /// reads as zeros.
     async fn zero_piece(&self, p: policy::Piece, seq: Seq, trim: bool, fua: bool) -> Result<(), BlockError> {
         let state = &self.chunks[p.chunk.0 as usize];
-        let _no_repair_meanwhile = state.order.read().await;
+        let _no_repair_or_set_change_meanwhile = state.order.read().await;
         let set = state.snapshot();
         let id = self.chunk_id(p.chunk);
-        let replies = join_all(set.in_sync.iter().map(|&node| async move {
+        let replies = join_all(set.write_targets().map(|node| async move {
             let r = async {
                 let io = self.io(node)?;
                 let r = if trim {
@@ -682,7 +969,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             (node, r)
         }))
         .await;
-        self.finish(p.chunk, plan_write(&replies, self.min_in_sync)).await
+        self.finish(p.chunk, plan_write(&replies, &set.rebuilding, self.min_in_sync())).await
     }
 
     async fn read_piece(&self, p: policy::Piece) -> Result<Bytes, BlockError> {
@@ -832,7 +1119,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
 
     async fn do_flush(&self) -> Result<(), BlockError> {
         self.check_serving()?;
-        let holders: Vec<NodeId> = self.holders().into_iter().collect();
+        let holders: Vec<NodeId> = self.holders(true).into_iter().collect();
         let replies = join_all(holders.iter().map(|&node| async move {
             let r = match self.io(node) {
                 Ok(io) => self.call("flush", io.flush(self.id, self.epoch)).await,
@@ -866,6 +1153,28 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     }
 }
 
+/// What a layout's set means for the one a chunk uses.
+enum Verdict {
+    /// Newer (or the same version, which `cur` is behind of): install it.
+    Install,
+    /// Not newer, and `cur` has every member of its own version: nothing to do.
+    Current,
+    /// Older than `cur`, which is behind its own version (an ejection's answer
+    /// named members not installed): neither set has every member, so only a
+    /// newer layout can bring the chunk up to date.
+    Outdated,
+}
+
+fn compare(next: &ReplicaSet, cur: &ReplicaSet, behind: bool) -> Verdict {
+    if next.version > cur.version || (behind && next.version == cur.version) {
+        Verdict::Install
+    } else if behind {
+        Verdict::Outdated
+    } else {
+        Verdict::Current
+    }
+}
+
 fn validate_layout(volume: VolumeId, l: &VolumeLayout) -> Result<(), FrontendError> {
     let bad = |m: String| Err(FrontendError::Layout { volume, message: m });
     if l.volume != volume {
@@ -889,8 +1198,13 @@ fn validate_layout(volume: VolumeId, l: &VolumeLayout) -> Result<(), FrontendErr
                 min: l.min_in_sync,
             });
         }
-        if let Some(n) = c.in_sync.iter().find(|n| l.node(**n).is_none()) {
+        if let Some(n) = c.write_targets().find(|n| l.node(*n).is_none()) {
             return bad(format!("chunk {i} is placed on unknown {n}"));
+        }
+        let members: Vec<NodeId> = c.write_targets().collect();
+        if let Some((k, n)) = members.iter().enumerate().find(|(k, n)| members[..*k].contains(n)) {
+            let role = if k < c.in_sync.len() { "in sync" } else { "rebuilding" };
+            return bad(format!("chunk {i} lists {n} twice (the second time {role})"));
         }
     }
     Ok(())

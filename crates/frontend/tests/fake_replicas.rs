@@ -435,3 +435,46 @@ mod model {
         }
     }
 }
+
+#[tokio::test]
+async fn an_ejection_answer_naming_an_uninstalled_replica_needs_a_newer_layout() {
+    let c = Cluster::new(3, 4 * MIB, MIB, 1);
+    c.membership.layout.lock().unwrap().chunks[0].in_sync = vec![NodeId(1), NodeId(2)];
+    let v = attach(&c, None).await;
+    // The provider adds node 3 to chunk 0 as rebuilding (version 1); this
+    // front end has not applied that layout yet.
+    let v1 = {
+        let mut l = c.membership.layout.lock().unwrap();
+        l.chunks[0].version = 1;
+        l.chunks[0].rebuilding = vec![NodeId(3)];
+        l.clone()
+    };
+    // Node 2 fails a write; the ejection's answer (version 2) names node 3,
+    // which must not be admitted that way (no ordering with in-flight writes).
+    c.replica(2).with(|s| s.fail_writes = Some(ReplicaError::Transport("reset".into())));
+    v.write(0, pattern(4096, 1), false).await.unwrap();
+    let set = v.replica_set(ChunkIdx(0)).unwrap();
+    assert_eq!((set.version, set.in_sync, set.rebuilding), (2, vec![NodeId(1)], vec![]));
+    assert_eq!(c.log.count(is_write_to(3)), 0);
+
+    // The layout read before the ejection is older than the chunk's set, which
+    // lacks a member: the caller is told to apply a newer layout.
+    let r = v.apply_layout(&v1).await;
+    assert!(
+        matches!(&r, Err(FrontendError::LayoutOutdated { chunks, installed: 0, .. }) if chunks == &[ChunkIdx(0)]),
+        "{r:?}"
+    );
+    // The current layout has the same version as the set in use, and installs.
+    let v2 = c.membership.layout.lock().unwrap().clone();
+    assert_eq!(v2.chunks[0].version, 2);
+    assert_eq!(v.apply_layout(&v2).await.unwrap(), 1);
+    assert_eq!(v.apply_layout(&v2).await.unwrap(), 0);
+    assert_eq!(v.replica_set(ChunkIdx(0)).unwrap().rebuilding, vec![NodeId(3)]);
+    v.write(4096, pattern(4096, 2), false).await.unwrap();
+    assert_eq!(c.log.count(is_write_to(3)), 1);
+    assert_eq!(c.replica(3).raw(0, 4096, 4096), pattern(4096, 2).to_vec());
+    for _ in 0..6 {
+        assert_eq!(v.read(4096, 4096).await.unwrap(), pattern(4096, 2));
+    }
+    assert_eq!(reads_of(&c, 3), 0, "a rebuilding replica is never read");
+}

@@ -1,5 +1,7 @@
 //! The front end against real replica servers (in-process, over loopback TCP,
-//! chunk stores in temp dirs) and the file-backed StaticMembership.
+//! chunk stores in temp dirs) and the file-backed StaticMembership: the block
+//! device contract, ejection, fencing, reconciliation, and live layout changes
+//! (rebuilding replicas, promotion, the ordering guarantee of `apply_layout`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,9 +11,11 @@ use std::time::Duration;
 use ballast_blockdev::{conformance, BlockDev, BlockError};
 use ballast_chunkstore::{ChunkStore, StoreOptions};
 use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
-use ballast_frontend::{tcp_connector, EjectReason, StaticConfig, StaticMembership, Volume, VolumeOptions};
+use ballast_frontend::{
+    tcp_connector, EjectReason, FrontendError, Membership, StaticConfig, StaticMembership, Volume, VolumeOptions,
+};
 use ballast_replica::{ClientOptions, ReplicaClient, ReplicaServer, ServerOptions};
-use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId, Zone};
+use ballast_types::{ChunkId, ChunkIdx, Epoch, NodeId, Seq, VolumeId, Zone};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -36,24 +40,36 @@ async fn start_node() -> Node {
 }
 
 fn config(nodes: &[Node], size: u64, chunk_size: u64, min_in_sync: usize) -> StaticConfig {
+    config_at(&nodes.iter().map(|n| n.addr).collect::<Vec<_>>(), size, chunk_size, min_in_sync)
+}
+
+/// Node i + 1 at `addrs[i]`, every chunk on all of them.
+fn config_at(addrs: &[SocketAddr], size: u64, chunk_size: u64, min_in_sync: usize) -> StaticConfig {
     StaticConfig::new(
         VolumeSpec { id: VOL, name: "real".into(), size, chunk_size, min_in_sync },
-        nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| NodeSpec { id: NodeId(i as u64 + 1), zone: Zone(format!("z{}", i + 1)), addr: n.addr })
-            .collect(),
-        (1..=nodes.len() as u64).map(NodeId).collect(),
+        addrs.iter().enumerate().map(|(i, a)| node_spec(i as u64 + 1, *a)).collect(),
+        (1..=addrs.len() as u64).map(NodeId).collect(),
     )
+}
+
+fn node_spec(id: u64, addr: SocketAddr) -> NodeSpec {
+    NodeSpec { id: NodeId(id), zone: Zone(format!("z{id}")), addr }
 }
 
 type Vol = Volume<Arc<StaticMembership>, ReplicaClient>;
 
 async fn attach(path: &Path) -> Arc<Vol> {
-    let m = Arc::new(StaticMembership::load(path).unwrap());
+    attach_with(Arc::new(StaticMembership::load(path).unwrap()), 1).await
+}
+
+async fn attach_with(m: Arc<StaticMembership>, local_node: u64) -> Arc<Vol> {
     let client =
         ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) };
-    let opts = VolumeOptions { local_node: Some(NodeId(1)), io_timeout: Duration::from_secs(5), ..Default::default() };
+    let opts = VolumeOptions {
+        local_node: Some(NodeId(local_node)),
+        io_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
     Volume::attach(m, tcp_connector(client), VOL, opts).await.expect("attach")
 }
 
@@ -155,7 +171,7 @@ async fn attach_ejects_a_dead_node_persistently() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reattach_reconciles_a_write_that_reached_one_replica() {
-    use ballast_types::{BlockIdx, ChunkId, Seq};
+    use ballast_types::BlockIdx;
     let nodes = vec![start_node().await, start_node().await, start_node().await];
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vol.toml");
@@ -191,4 +207,323 @@ async fn reattach_reconciles_a_write_that_reached_one_replica() {
         assert!(c.list_dirty(VOL, new.epoch()).await.unwrap().is_empty(), "clean after reconcile on node {}", i + 1);
     }
     assert_eq!(new.read(0, 16384).await.unwrap().to_vec(), expected);
+}
+
+// ---- live layout changes ------------------------------------------------------
+
+/// A direct client of one replica node, bypassing the volume.
+fn direct(addr: SocketAddr) -> ReplicaClient {
+    ReplicaClient::new(addr, ClientOptions::default())
+}
+
+/// What `node` stores at `offset` of chunk `chunk`; None if it has no such chunk.
+async fn stored(c: &ReplicaClient, chunk: u32, offset: u64, len: u32, epoch: Epoch) -> Option<Bytes> {
+    use ballast_replica::{ClientError, Status};
+    match c.read(ChunkId::new(VOL, ChunkIdx(chunk)), offset, len, epoch).await {
+        Ok(d) => Some(d),
+        Err(ClientError::Remote { status: Status::NoSuchChunk, .. }) => None,
+        Err(e) => panic!("direct read of chunk {chunk} at {offset}: {e}"),
+    }
+}
+
+/// Writes straight to one replica (without flushing it), as a rebuild copier
+/// (or a corruption) would.
+async fn put(c: &ReplicaClient, chunk: u32, offset: u64, data: Bytes, seq: Seq) {
+    let id = ChunkId::new(VOL, ChunkIdx(chunk));
+    match c.create_chunk(id, MIB, seq.epoch).await {
+        Ok(()) | Err(ballast_replica::ClientError::Remote { status: ballast_replica::Status::ChunkExists, .. }) => {}
+        Err(e) => panic!("create chunk {chunk}: {e}"),
+    }
+    c.write(id, offset, data, seq, false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebuilding_replica_gets_writes_but_no_reads_until_promoted() {
+    let nodes = [start_node().await, start_node().await, start_node().await];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.toml");
+    let m = Arc::new(StaticMembership::create(&path, config(&nodes[..2], 4 * MIB, MIB, 2)).unwrap());
+    // Node 3 is "local": once readable, it is read first.
+    let v = attach_with(m.clone(), 3).await;
+    let epoch = v.epoch();
+    let c3 = direct(nodes[2].addr);
+    let before = pattern(8192, 1);
+    v.write(0, before.clone(), false).await.unwrap();
+
+    // Meta adds node 3 to chunk 0 as rebuilding (a rebuild on a new node).
+    m.add_node(node_spec(3, nodes[2].addr)).await.unwrap();
+    let committed = m.add_rebuilding(ChunkIdx(0), NodeId(3)).await.unwrap();
+    let layout = m.layout().await;
+    assert_eq!(v.apply_layout(&layout).await.unwrap(), 1, "only chunk 0 changed");
+    assert_eq!(v.apply_layout(&layout).await.unwrap(), 0, "the same version again changes nothing");
+    assert_eq!(v.replica_set(ChunkIdx(0)).unwrap(), committed);
+    assert_eq!(v.replica_set(ChunkIdx(0)).unwrap().rebuilding, vec![NodeId(3)]);
+    assert_eq!(v.replica_set(ChunkIdx(1)).unwrap().version, 0);
+
+    // Writes land on it (its epoch was announced: direct reads at it work) ...
+    let after = pattern(16384, 2);
+    v.write(64 * 1024, after.clone(), false).await.unwrap();
+    assert_eq!(stored(&c3, 0, 64 * 1024, 16384, epoch).await.as_deref(), Some(&after[..]));
+    // ... only the writes since the change (the rest is the copier's job) ...
+    assert_eq!(stored(&c3, 0, 0, 8192, epoch).await.unwrap(), vec![0u8; 8192]);
+    // ... and trims and flushes too.
+    let marker = pattern(4096, 99);
+    put(&c3, 0, 200 * 4096, marker.clone(), Seq::new(epoch, 1 << 40)).await;
+    assert!(!c3.list_dirty(VOL, epoch).await.unwrap().is_empty());
+    v.flush().await.unwrap();
+    assert!(c3.list_dirty(VOL, epoch).await.unwrap().is_empty(), "the flush reached the rebuilding replica");
+    // Reads never go to it: node 3 (local, read first if it were readable)
+    // holds a block no other replica has, and nothing returns it.
+    for _ in 0..8 {
+        assert_eq!(v.read(200 * 4096, 4096).await.unwrap(), vec![0u8; 4096]);
+        assert_eq!(v.read(0, 8192).await.unwrap(), before);
+    }
+    v.trim(200 * 4096, 4096).await.unwrap();
+    assert_eq!(stored(&c3, 0, 200 * 4096, 4096, epoch).await.unwrap(), vec![0u8; 4096], "the trim reached it");
+    // Other chunks do not write to it.
+    v.write(MIB, pattern(4096, 3), false).await.unwrap();
+    assert_eq!(stored(&c3, 1, 0, 4096, epoch).await, None);
+
+    // The copier fills in the rest; meta promotes node 3.
+    let c1 = direct(nodes[0].addr);
+    let copied = stored(&c1, 0, 0, 8192, epoch).await.unwrap();
+    put(&c3, 0, 0, copied, Seq::new(epoch, 1 << 41)).await;
+    let promoted = m.promote(ChunkIdx(0), NodeId(3)).await.unwrap();
+    assert_eq!(v.apply_layout(&m.layout().await).await.unwrap(), 1);
+    assert_eq!(v.replica_set(ChunkIdx(0)).unwrap(), promoted);
+    assert_eq!(promoted.in_sync, vec![NodeId(1), NodeId(2), NodeId(3)]);
+    // Now reads may use it: a block only node 3 has is what the local read returns.
+    put(&c3, 0, 240 * 4096, marker.clone(), Seq::new(epoch, 1 << 42)).await;
+    assert_eq!(v.read(240 * 4096, 4096).await.unwrap(), marker);
+    assert_eq!(v.read(0, 8192).await.unwrap(), before);
+    assert_eq!(v.stats().ejections, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rebuilding_replica_is_ejected_and_never_fails_a_write() {
+    let mut nodes = [start_node().await, start_node().await, start_node().await];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.toml");
+    // Two in sync with min-in-sync 2: ejecting an in-sync replica would fail
+    // the write; ejecting a rebuilding one must not.
+    let m = Arc::new(StaticMembership::create(&path, config(&nodes[..2], 4 * MIB, MIB, 2)).unwrap());
+    let v = attach_with(m.clone(), 1).await;
+    m.add_node(node_spec(3, nodes[2].addr)).await.unwrap();
+    m.add_rebuilding(ChunkIdx(0), NodeId(3)).await.unwrap();
+    m.add_rebuilding(ChunkIdx(1), NodeId(3)).await.unwrap();
+    assert_eq!(v.apply_layout(&m.layout().await).await.unwrap(), 2);
+    v.write(0, pattern(4096, 1), false).await.unwrap();
+    assert!(stored(&direct(nodes[2].addr), 0, 0, 4096, v.epoch()).await.is_some());
+
+    nodes[2].task.abort();
+    let _ = (&mut nodes[2].task).await;
+    for (i, offset) in [0, 4096, MIB, MIB + 8192].into_iter().enumerate() {
+        v.write(offset, pattern(4096, 10 + i as u8), i % 2 == 0).await.unwrap_or_else(|e| panic!("write {i}: {e}"));
+    }
+    v.flush().await.unwrap();
+    for c in 0..2 {
+        let set = v.replica_set(ChunkIdx(c)).unwrap();
+        assert!(set.rebuilding.is_empty() && set.in_sync == vec![NodeId(1), NodeId(2)], "chunk {c}: {set:?}");
+        assert_eq!(set.ejected.len(), 1, "chunk {c}: {set:?}");
+    }
+    assert_eq!(v.stats().ejections, 2);
+    let persisted = StaticMembership::load(&path).unwrap().layout().await;
+    assert!(persisted.chunks[..2].iter().all(|s| s.rebuilding.is_empty()
+        && matches!(s.ejected[..], [(NodeId(3), EjectReason::Transport | EjectReason::Timeout)])));
+    assert_eq!(v.read(MIB + 8192, 4096).await.unwrap(), pattern(4096, 13));
+
+    // Node 3 comes back (on another port, with an empty store): the resync
+    // adds it as rebuilding again; the volume reconnects to the new address
+    // and announces its epoch there before writing to it.
+    let back = start_node().await;
+    m.set_node_addrs(vec![(NodeId(3), back.addr)]).await.unwrap();
+    m.add_rebuilding(ChunkIdx(0), NodeId(3)).await.unwrap();
+    assert_eq!(v.apply_layout(&m.layout().await).await.unwrap(), 1);
+    v.write(8192, pattern(4096, 20), false).await.unwrap();
+    assert_eq!(stored(&direct(back.addr), 0, 8192, 4096, v.epoch()).await.unwrap(), pattern(4096, 20));
+
+    // A new node that cannot take the epoch is ejected before it joins.
+    let dead = {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    m.add_node(node_spec(4, dead)).await.unwrap();
+    m.add_rebuilding(ChunkIdx(2), NodeId(4)).await.unwrap();
+    assert_eq!(v.apply_layout(&m.layout().await).await.unwrap(), 1);
+    let set = v.replica_set(ChunkIdx(2)).unwrap();
+    assert!(set.rebuilding.is_empty() && set.ejected.iter().any(|e| e.0 == NodeId(4)), "{set:?}");
+    assert_eq!(set, m.layout().await.chunks[2], "the ejection is committed");
+    v.write(2 * MIB, pattern(4096, 30), false).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layouts_of_another_volume_or_shape_are_refused() {
+    let nodes = vec![start_node().await, start_node().await];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.toml");
+    let m = Arc::new(StaticMembership::create(&path, config(&nodes, 4 * MIB, MIB, 1)).unwrap());
+    let v = attach_with(m.clone(), 1).await;
+    let good = m.layout().await;
+    let mut other = good.clone();
+    other.volume = VolumeId(43);
+    assert!(matches!(v.apply_layout(&other).await, Err(FrontendError::Layout { .. })));
+    let mut chunk_size = good.clone();
+    chunk_size.chunk_size = 2 * MIB;
+    chunk_size.chunks.truncate(2);
+    assert!(matches!(v.apply_layout(&chunk_size).await, Err(FrontendError::Layout { .. })));
+    // Newer versions in an unusable layout change nothing either.
+    let mut overlapping = good.clone();
+    overlapping.chunks[0].version = 7;
+    overlapping.chunks[0].rebuilding = vec![NodeId(2)];
+    assert!(matches!(v.apply_layout(&overlapping).await, Err(FrontendError::Layout { .. })));
+    assert_eq!(v.replica_set(ChunkIdx(0)).unwrap(), good.chunks[0]);
+    // An older layout than the one in use changes nothing.
+    v.write(0, pattern(4096, 1), false).await.unwrap();
+    m.eject(VOL, ChunkIdx(0), 0, NodeId(2), EjectReason::Timeout).await.unwrap();
+    assert_eq!(v.apply_layout(&m.layout().await).await.unwrap(), 1);
+    assert_eq!(v.replica_set(ChunkIdx(0)).unwrap().in_sync, vec![NodeId(1)]);
+    assert_eq!(v.apply_layout(&good).await.unwrap(), 0, "stale");
+    assert_eq!(v.replica_set(ChunkIdx(0)).unwrap().in_sync, vec![NodeId(1)]);
+}
+
+/// A TCP relay in front of a replica node whose replies the test can hold back,
+/// so a write stays in flight for as long as the test wants.
+struct HoldingProxy {
+    addr: SocketAddr,
+    hold: tokio::sync::watch::Sender<bool>,
+}
+
+async fn holding_proxy(upstream: SocketAddr) -> HoldingProxy {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (hold, held) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { continue };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+            let mut held = held.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    // Replies received while held wait here, unread by the client.
+                    while *held.borrow_and_update() {
+                        if held.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    HoldingProxy { addr, hold }
+}
+
+/// The ordering guarantee of `apply_layout`: (b) when it returns, no write
+/// that was fanned out to the old set is in flight any more, and (a) every
+/// write after it returns reaches the new rebuilding replica.
+///
+/// (b) is checked twice. Deterministically: write 0 is held in flight (node 1
+/// stores it, its reply is held back by a relay) and apply_layout must not
+/// return until it is released. And over racing writes: the moment
+/// apply_layout returns, the test reads what the old set's replicas hold; every
+/// write is then either on the new replica or already complete on the whole
+/// old set. (That snapshot is taken just after the return, so a violation that
+/// lands in between goes unseen; it never flags a correct implementation.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_layout_waits_for_writes_to_the_old_set_and_later_writes_reach_the_new_one() {
+    const RACING: u64 = 32;
+    let nodes = [start_node().await, start_node().await, start_node().await];
+    let proxy = holding_proxy(nodes[0].addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.toml");
+    let cfg = config_at(&[proxy.addr, nodes[1].addr], 4 * MIB, MIB, 2);
+    let m = Arc::new(StaticMembership::create(&path, cfg).unwrap());
+    let v = attach_with(m.clone(), 1).await;
+    let epoch = v.epoch();
+    v.write(0, pattern(4096, 0), false).await.unwrap(); // chunk 0 exists on nodes 1 and 2
+    m.add_node(node_spec(3, nodes[2].addr)).await.unwrap();
+    m.add_rebuilding(ChunkIdx(0), NodeId(3)).await.unwrap();
+    let layout = m.layout().await;
+
+    const FIRST: u64 = 16; // block of write 0; write i is at block FIRST + i, all in chunk 0
+    let block = |i: u64| (FIRST + i) * 4096;
+    let expect = |i: u64| pattern(4096, i as u8 ^ 0x5a);
+    let write = |i: u64| {
+        let v = v.clone();
+        tokio::spawn(async move { v.write(block(i), expect(i), false).await })
+    };
+    let (c1, c2, c3) = (direct(nodes[0].addr), direct(nodes[1].addr), direct(nodes[2].addr));
+    let span = ((RACING + 1) * 4096) as u32;
+
+    // Write 0 is in flight on the old set: node 1 has it, its reply is held.
+    proxy.hold.send_replace(true);
+    let held = write(0);
+    while stored(&c1, 0, block(0), 4096, epoch).await.as_deref() != Some(&expect(0)[..]) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // More writes race with the change, on both sides of it.
+    let mut racing: Vec<_> = (1..=RACING / 2).map(write).collect();
+    let applying = {
+        let (v, layout, c1, c2) = (v.clone(), layout.clone(), c1.clone(), c2.clone());
+        tokio::spawn(async move {
+            let changed = v.apply_layout(&layout).await.unwrap();
+            // What the old set holds the moment apply_layout returned.
+            let (on1, on2) = tokio::join!(stored(&c1, 0, block(0), span, epoch), stored(&c2, 0, block(0), span, epoch));
+            (changed, on1.unwrap(), on2.unwrap())
+        })
+    };
+    // The second batch starts once apply_layout has told node 3 the epoch (the
+    // step before the swap), so it likely queues behind the swap.
+    while c3.list_dirty(VOL, epoch).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    racing.extend((RACING / 2 + 1..=RACING).map(write));
+    // apply_layout cannot return while write 0 is in flight. (This cannot fail
+    // a correct implementation, which waits for as long as the reply is held.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!applying.is_finished(), "apply_layout returned while a write to the old set was in flight");
+    assert!(!held.is_finished());
+    proxy.hold.send_replace(false);
+
+    held.await.unwrap().unwrap();
+    let (changed, on1, on2) = applying.await.unwrap();
+    assert_eq!(changed, 1);
+    let at = |snap: &Bytes, i: u64| snap[(i * 4096) as usize..((i + 1) * 4096) as usize] == expect(i)[..];
+    assert!(at(&on1, 0) && at(&on2, 0), "write 0 was complete on the old set when apply_layout returned");
+    assert_ne!(
+        stored(&c3, 0, block(0), 4096, epoch).await.as_deref(),
+        Some(&expect(0)[..]),
+        "write 0 used the old set"
+    );
+
+    // Writes that start afterwards all reach the new replica ...
+    let after: Vec<_> = (RACING + 1..=RACING + 16).map(write).collect();
+    for (i, w) in (RACING + 1..).zip(after) {
+        w.await.unwrap().unwrap();
+        assert_eq!(stored(&c3, 0, block(i), 4096, epoch).await.unwrap(), expect(i), "write {i}");
+    }
+    // ... and every racing one is on the new replica or was complete on the
+    // old set when apply_layout returned.
+    let mut on_new = 0;
+    for (i, w) in (1..).zip(racing) {
+        w.await.unwrap().unwrap();
+        let there = stored(&c3, 0, block(i), 4096, epoch).await.as_deref() == Some(&expect(i)[..]);
+        assert!(there || (at(&on1, i) && at(&on2, i)), "write {i}: neither on node 3 nor complete when apply returned");
+        on_new += u32::from(there);
+    }
+    eprintln!("racing writes that reached the new replica: {on_new}/{RACING}");
+    for i in 0..=RACING + 16 {
+        assert_eq!(v.read(block(i), 4096).await.unwrap(), expect(i), "write {i}");
+    }
 }

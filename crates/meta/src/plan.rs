@@ -32,8 +32,8 @@ impl Default for JobLimits {
 /// Per chunk without an active job, first match wins:
 /// 1. an ejected replica on an up node: resync it in place (only differing
 ///    blocks are copied);
-/// 2. a replica on a down node, or on a draining node, or ejected on a node that
-///    is not up: rebuild onto a new node chosen by [`placement::replace`] (the
+/// 2. a replica on a down or draining node (or one gone from the map), or an
+///    ejected one on a cordoned node: rebuild onto a new node chosen by [`placement::replace`] (the
 ///    zone rule, weighted by free space; the other replicas stay), which then
 ///    replaces it.
 ///
@@ -56,13 +56,16 @@ pub fn plan_jobs(state: &MetaState, limits: JobLimits) -> Vec<Command> {
             if c.in_sync().next().is_none() || state.active_job(v.id, chunk).is_some() {
                 continue;
             }
-            let resync = c.replicas.iter().find(|r| r.role == Role::Ejected && node_state(r.node) == Some(NodeState::Up));
+            let resync =
+                c.replicas.iter().find(|r| r.role == Role::Ejected && node_state(r.node) == Some(NodeState::Up));
             let cmd = if let Some(r) = resync {
                 Some(start(v, chunk, c, JobKind::Resync, r.node, None))
             } else if let Some(failed) = c.replicas.iter().find(|r| {
                 let st = node_state(r.node);
                 matches!(st, None | Some(NodeState::Down | NodeState::Draining))
-                    || (r.role == Role::Ejected && st != Some(NodeState::Up))
+                    // A suspect node may come back: its ejected replicas wait
+                    // for it (a resync copies far less than a rebuild).
+                    || (r.role == Role::Ejected && st == Some(NodeState::Cordoned))
             }) {
                 let map = map.get_or_insert_with(|| state.cluster_map());
                 let current: Vec<NodeId> = c.replicas.iter().map(|r| r.node).collect();
@@ -94,7 +97,14 @@ pub fn plan_jobs(state: &MetaState, limits: JobLimits) -> Vec<Command> {
     out
 }
 
-fn start(v: &Volume, chunk: ChunkIdx, c: &ChunkEntry, kind: JobKind, target: NodeId, replaces: Option<NodeId>) -> Command {
+fn start(
+    v: &Volume,
+    chunk: ChunkIdx,
+    c: &ChunkEntry,
+    kind: JobKind,
+    target: NodeId,
+    replaces: Option<NodeId>,
+) -> Command {
     Command::StartJob { volume: v.id, chunk, version: c.version, kind, target, replaces }
 }
 

@@ -91,13 +91,10 @@ pub(crate) fn job(s: &MetaState, j: &state::Job, p: Progress, last_seen: &HashMa
     let c = v.and_then(|v| v.chunks.get(j.chunk.0 as usize));
     let sources = c
         .map(|c| {
-            c.in_sync()
-                .filter(|n| *n != j.target)
-                .filter_map(|n| s.nodes.get(&n))
-                .map(|n| node(n, last_seen))
-                .collect()
+            c.in_sync().filter(|n| *n != j.target).filter_map(|n| s.nodes.get(&n)).map(|n| node(n, last_seen)).collect()
         })
         .unwrap_or_default();
+    let chunk_len = v.map_or(0, |v| v.chunk_size.min(v.size.saturating_sub(u64::from(j.chunk.0) * v.chunk_size)));
     let state = match j.state {
         JobState::Active if p.running => pb::JobState::Running,
         JobState::Active => pb::JobState::Pending,
@@ -116,8 +113,8 @@ pub(crate) fn job(s: &MetaState, j: &state::Job, p: Progress, last_seen: &HashMa
         sources,
         replaces: j.replaces.map_or(0, |n| n.0),
         state: state as i32,
-        chunk_len: v.map_or(0, |v| v.chunk_size.min(v.size.saturating_sub(u64::from(j.chunk.0) * v.chunk_size))),
-        bytes_done: p.bytes_done,
+        chunk_len,
+        bytes_done: if j.state == JobState::Done { chunk_len } else { p.bytes_done },
         blocks_copied: if j.is_active() { p.blocks_copied } else { j.blocks_copied },
         epoch: v.map_or(0, |v| v.epoch.0),
         error: j.error.clone().unwrap_or_default(),

@@ -38,7 +38,7 @@ pub use service::{Core, FORWARDED};
 
 /// The placement seed of every cluster: it must be the same on all members (the
 /// state machine starts from it), so it is a constant rather than a flag.
-pub const CLUSTER_SEED: u64 = 0xba11_a57;
+pub const CLUSTER_SEED: u64 = 0x0ba1_1a57;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaSvcError {
@@ -106,6 +106,18 @@ impl MetaHandle {
 /// cluster) initializes it.
 pub async fn start(cfg: MetaConfig) -> Result<MetaHandle, MetaSvcError> {
     let id = cfg.id;
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| MetaSvcError::Start {
+        id,
+        what: "listen",
+        message: format!("{}: {e}", cfg.listen),
+    })?;
+    start_on(cfg, listener).await
+}
+
+/// [`start`] on a listener bound beforehand (`cfg.listen` is ignored), so that a
+/// group's addresses are known before any member starts.
+pub async fn start_on(cfg: MetaConfig, listener: tokio::net::TcpListener) -> Result<MetaHandle, MetaSvcError> {
+    let id = cfg.id;
     let err = |what: &'static str, e: &dyn std::fmt::Display| MetaSvcError::Start { id, what, message: e.to_string() };
     if id == 0 {
         return Err(err("id", &"member ids start at 1"));
@@ -129,7 +141,6 @@ pub async fn start(cfg: MetaConfig) -> Result<MetaHandle, MetaSvcError> {
         .map_err(|e| err("start raft", &e))?;
     let core = Core::new(id, raft.clone(), sm);
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| err("listen", &e))?;
     let addr = listener.local_addr().map_err(|e| err("listen", &e))?;
     let (stop, stop_rx) = watch::channel(false);
     let mut server_stop = stop_rx.clone();

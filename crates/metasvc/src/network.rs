@@ -56,12 +56,7 @@ struct TransportError(String);
 type RpcErr<E> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl PeerConn {
-    async fn call<Req, Resp, E>(
-        &mut self,
-        what: &'static str,
-        req: &Req,
-        ttl: Duration,
-    ) -> Result<Resp, RpcErr<E>>
+    async fn call<Req, Resp, E>(&mut self, what: &'static str, req: &Req, ttl: Duration) -> Result<Resp, RpcErr<E>>
     where
         Req: Serialize,
         Resp: DeserializeOwned,

@@ -7,6 +7,10 @@
 //! at most once (a member that receives a forwarded call while not leading
 //! answers UNAVAILABLE and the client retries).
 
+// tonic's handlers return `Status` by value (its size is tonic's choice); the
+// helpers return the same type rather than box and unbox it on every call.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -37,6 +41,8 @@ pub const FORWARDED: &str = "x-ballast-forwarded";
 #[derive(Default)]
 pub(crate) struct Soft {
     pub last_seen: Mutex<HashMap<NodeId, Instant>>,
+    /// Bytes each node last reported in use.
+    pub used: Mutex<HashMap<NodeId, u64>>,
     pub progress: Mutex<HashMap<u64, Progress>>,
 }
 
@@ -105,7 +111,10 @@ impl Core {
             return Ok(Route::Local);
         }
         if req.metadata().get(FORWARDED).is_some() {
-            return Err(Status::unavailable(format!("member {} is not the leader (leader is {leader}); retry", self.id)));
+            return Err(Status::unavailable(format!(
+                "member {} is not the leader (leader is {leader}); retry",
+                self.id
+            )));
         }
         let mut cached = self.leader_channel.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((id, ch)) = cached.as_ref() {
@@ -264,7 +273,13 @@ impl pb::node_api_server::NodeApi for NodeSvc {
             return Err(Status::invalid_argument("invalid capacity_bytes: must be positive"));
         }
         self.0
-            .write(Command::RegisterNode { id, addr, zone: Zone(r.zone.clone()), capacity: r.capacity_bytes, now_ms: now_ms() })
+            .write(Command::RegisterNode {
+                id,
+                addr,
+                zone: Zone(r.zone.clone()),
+                capacity: r.capacity_bytes,
+                now_ms: now_ms(),
+            })
             .await?;
         self.0.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
         info!(node = %id, %addr, zone = %r.zone, "node registered");
@@ -280,6 +295,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
             return Err(Status::not_found(format!("unknown node {id}: register first")));
         }
         self.0.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+        self.0.soft.used.lock().unwrap_or_else(|p| p.into_inner()).insert(id, r.used_bytes);
         let (seen, progress) = (self.0.last_seen(), self.0.progress());
         let jobs = self
             .0
@@ -349,11 +365,25 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         Ok(Reply::new(pb::AckLayoutResponse {}))
     }
 
+    async fn detach(&self, req: Request<pb::DetachRequest>) -> Result<Reply<pb::DetachResponse>, Status> {
+        forward!(self.0, req, NodeApiClient, detach);
+        let r = req.into_inner();
+        let volume = VolumeId(r.volume);
+        self.0.write(Command::Detach { volume, epoch: Epoch(r.epoch) }).await?;
+        info!(%volume, epoch = r.epoch, "volume detached");
+        Ok(Reply::new(pb::DetachResponse {}))
+    }
+
     async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Result<Reply<pb::ReportJobResponse>, Status> {
         forward!(self.0, req, NodeApiClient, report_job);
         let r = req.into_inner();
         let state = pb::JobState::try_from(r.state).unwrap_or(pb::JobState::Unspecified);
-        let done = |ok: bool, error: Option<String>| Command::FinishJob { job: r.job, ok, error, blocks_copied: r.blocks_copied };
+        let done = |ok: bool, error: Option<String>| Command::FinishJob {
+            job: r.job,
+            ok,
+            error,
+            blocks_copied: r.blocks_copied,
+        };
         match state {
             pb::JobState::Running => {
                 let mut p = self.0.soft.progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -393,7 +423,14 @@ impl pb::admin_server::Admin for AdminSvc {
 
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Reply<pb::ListNodesResponse>, Status> {
         let seen = self.0.last_seen();
-        let nodes = self.0.read(|s| s.nodes.values().map(|n| convert::node(n, &seen)).collect()).await;
+        let used = self.0.soft.used.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut nodes: Vec<pb::Node> =
+            self.0.read(|s| s.nodes.values().map(|n| convert::node(n, &seen)).collect()).await;
+        for n in &mut nodes {
+            if let Some(u) = used.get(&NodeId(n.id)) {
+                n.used_bytes = *u;
+            }
+        }
         Ok(Reply::new(pb::ListNodesResponse { nodes }))
     }
 
@@ -433,7 +470,14 @@ impl pb::admin_server::Admin for AdminSvc {
         let min_in_sync = if r.min_in_sync == 0 { (replicas / 2 + 1).min(replicas) } else { r.min_in_sync as usize };
         let chunk_size = if r.chunk_size_bytes == 0 { DEFAULT_CHUNK_SIZE } else { r.chunk_size_bytes };
         let zones = r.zones.iter().map(|z| Zone(z.clone())).collect();
-        let cmd = Command::CreateVolume { name: r.name.clone(), size: r.size_bytes, chunk_size, replicas, min_in_sync, zones };
+        let cmd = Command::CreateVolume {
+            name: r.name.clone(),
+            size: r.size_bytes,
+            chunk_size,
+            replicas,
+            min_in_sync,
+            zones,
+        };
         let Response::Volume(id) = self.0.write(cmd).await? else {
             return Err(Status::internal("create returned no volume"));
         };
@@ -441,7 +485,10 @@ impl pb::admin_server::Admin for AdminSvc {
         Ok(Reply::new(self.0.volume_reply(id).await?))
     }
 
-    async fn list_volumes(&self, _req: Request<pb::ListVolumesRequest>) -> Result<Reply<pb::ListVolumesResponse>, Status> {
+    async fn list_volumes(
+        &self,
+        _req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Reply<pb::ListVolumesResponse>, Status> {
         let volumes = self.0.read(|s| s.volumes.values().map(convert::volume).collect()).await;
         Ok(Reply::new(pb::ListVolumesResponse { volumes }))
     }
@@ -465,7 +512,10 @@ impl pb::admin_server::Admin for AdminSvc {
         Ok(Reply::new(self.0.volume_reply(volume).await?))
     }
 
-    async fn delete_volume(&self, req: Request<pb::DeleteVolumeRequest>) -> Result<Reply<pb::DeleteVolumeResponse>, Status> {
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Reply<pb::DeleteVolumeResponse>, Status> {
         forward!(self.0, req, AdminClient, delete_volume);
         let volume = self.0.volume_id(&req.into_inner().volume).await?;
         let Response::Reclaim(r) = self.0.write(Command::DeleteVolume { volume }).await? else {
@@ -538,7 +588,8 @@ impl pb::admin_server::Admin for AdminSvc {
         network::channel(&r.addr).map_err(Status::invalid_argument)?;
         // A learner first: it catches up on the log, then becomes a voter.
         self.0.raft.add_learner(r.id, BasicNode { addr: r.addr.clone() }, true).await.map_err(write_status)?;
-        let mut voters: BTreeSet<u64> = self.0.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let mut voters: BTreeSet<u64> =
+            self.0.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         voters.insert(r.id);
         self.0.raft.change_membership(voters, false).await.map_err(write_status)?;
         info!(member = r.id, addr = %r.addr, "meta member added");
@@ -548,7 +599,8 @@ impl pb::admin_server::Admin for AdminSvc {
     async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Reply<pb::StatusResponse>, Status> {
         forward!(self.0, req, AdminClient, remove_member);
         let id = req.into_inner().id;
-        let mut voters: BTreeSet<u64> = self.0.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+        let mut voters: BTreeSet<u64> =
+            self.0.raft.metrics().borrow().membership_config.membership().voter_ids().collect();
         if !voters.remove(&id) {
             return Err(Status::not_found(format!("{id} is not a voting member")));
         }

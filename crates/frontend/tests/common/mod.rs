@@ -376,13 +376,14 @@ impl Membership for FakeMembership {
         let mut l = self.layout.lock().unwrap();
         let min = l.min_in_sync;
         let set = &mut l.chunks[chunk.0 as usize];
-        if set.version != version || !set.in_sync.contains(&node) {
+        if set.version != version || !set.is_member(node) {
             return Ok(set.clone());
         }
-        if set.in_sync.len() - 1 < min {
+        if set.contains(node) && set.in_sync.len() - 1 < min {
             return Err(MembershipError::BelowMinInSync { chunk, node, remaining: set.in_sync.len() - 1, min });
         }
         set.in_sync.retain(|n| *n != node);
+        set.rebuilding.retain(|n| *n != node);
         set.ejected.push((node, reason));
         set.version += 1;
         self.log.push(Event::Eject { node, chunk: chunk.0, reason });
@@ -406,7 +407,12 @@ pub fn layout(nodes: u64, size: u64, chunk_size: u64, min_in_sync: usize) -> Vol
         chunk_size,
         min_in_sync,
         chunks: (0..chunks)
-            .map(|_| ReplicaSet { version: 0, in_sync: replicas.iter().map(|r| r.node).collect(), ejected: vec![] })
+            .map(|_| ReplicaSet {
+                version: 0,
+                in_sync: replicas.iter().map(|r| r.node).collect(),
+                rebuilding: vec![],
+                ejected: vec![],
+            })
             .collect(),
         nodes: replicas,
     }

@@ -1,0 +1,268 @@
+//! [`MetaMembership`]: the front end's [`Membership`] backed by the metadata
+//! service. One per attached volume: it attaches by the volume's NAME on behalf
+//! of the local node and remembers the volume id the service answers with.
+
+use std::sync::Mutex;
+
+use ballast_frontend::{Attachment, EjectReason, Membership, MembershipError, ReplicaSet, VolumeLayout};
+use ballast_proto::v1 as pb;
+use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};
+use tracing::{info, info_span, Instrument};
+
+use crate::client::MetaClient;
+use crate::convert::{layout_from_proto, replica_set_from_proto};
+use crate::error::MetaClientError;
+
+/// The metadata service as one volume's membership provider.
+pub struct MetaMembership {
+    client: MetaClient,
+    volume_name: String,
+    node: NodeId,
+    /// Learnt from the first attach (or [`MetaMembership::resolve_volume_id`]).
+    /// A name re-used by a new volume after a delete gets a new id; the id
+    /// pins this provider to the volume it first saw.
+    volume_id: Mutex<Option<VolumeId>>,
+}
+
+impl MetaMembership {
+    /// `volume_name`: the volume to attach; `node`: the node this front end runs on.
+    pub fn new(client: MetaClient, volume_name: impl Into<String>, node: NodeId) -> Self {
+        MetaMembership { client, volume_name: volume_name.into(), node, volume_id: Mutex::new(None) }
+    }
+
+    pub fn volume_name(&self) -> &str {
+        &self.volume_name
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn client(&self) -> &MetaClient {
+        &self.client
+    }
+
+    /// The volume's id, once known.
+    pub fn volume_id(&self) -> Option<VolumeId> {
+        *self.volume_id.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn remember(&self, id: VolumeId) {
+        *self.volume_id.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+    }
+
+    /// The volume's id, looked up by name (Admin.InspectVolume) when not yet
+    /// known. Front ends call this to learn the id they pass to
+    /// `Volume::attach`, which attaches through this provider. The error keeps
+    /// the service's answer (e.g. `volume "pg" not found`).
+    pub async fn resolve_volume_id(&self) -> Result<VolumeId, MetaClientError> {
+        const RPC: &str = "Admin.InspectVolume";
+        if let Some(id) = self.volume_id() {
+            return Ok(id);
+        }
+        let layout = self.client.inspect_volume(pb::InspectVolumeRequest { volume: self.volume_name.clone() }).await?;
+        let id = match layout.volume {
+            Some(v) if v.id != 0 => VolumeId(v.id),
+            _ => return Err(MetaClientError::Malformed { rpc: RPC, message: "no volume in the layout".into() }),
+        };
+        self.remember(id);
+        Ok(id)
+    }
+
+    fn known_id(&self) -> Result<VolumeId, MembershipError> {
+        self.volume_id().ok_or_else(|| {
+            MembershipError::Unavailable(format!("volume {:?} has not been attached yet", self.volume_name))
+        })
+    }
+
+    /// The current layout and its generation (NodeApi.GetLayout, served by any
+    /// member from its own copy: it may lag the leader by a heartbeat).
+    pub async fn layout(&self) -> Result<(u64, VolumeLayout), MembershipError> {
+        let id = self.resolve_volume_id().await.map_err(|e| membership_error(e, VolumeId(0), None))?;
+        let layout = self
+            .client
+            .get_layout(pb::GetLayoutRequest { volume: id.0 })
+            .instrument(info_span!("meta_get_layout", volume = %id))
+            .await
+            .map_err(|e| membership_error(e, id, None))?;
+        layout_from_proto(&layout).map_err(|e| MembershipError::Unavailable(format!("volume {id} layout: {e}")))
+    }
+
+    /// Tells the service that the attached front end (at `epoch`) now writes
+    /// with layout generation `layout_gen` (NodeApi.AckLayout).
+    pub async fn ack_layout(&self, epoch: Epoch, layout_gen: u64) -> Result<(), MembershipError> {
+        let id = self.known_id()?;
+        self.client
+            .ack_layout(pb::AckLayoutRequest { volume: id.0, epoch: epoch.0, layout_gen })
+            .instrument(info_span!("meta_ack_layout", volume = %id, epoch = %epoch, layout_gen))
+            .await
+            .map_err(|e| membership_error(e, id, None))?;
+        Ok(())
+    }
+}
+
+impl Membership for MetaMembership {
+    /// Attaches by name. `volume` must be the volume's id (see
+    /// [`MetaMembership::resolve_volume_id`]): a layout for another id (the name
+    /// was deleted and re-created) is refused as [`MembershipError::UnknownVolume`].
+    async fn attach(&self, volume: VolumeId) -> Result<Attachment, MembershipError> {
+        if let Some(known) = self.volume_id() {
+            if known != volume {
+                return Err(MembershipError::UnknownVolume(volume));
+            }
+        }
+        let span = info_span!("meta_attach", volume = %volume, name = %self.volume_name, node = %self.node);
+        let resp = self
+            .client
+            .attach(pb::AttachRequest { volume: self.volume_name.clone(), node: self.node.0 })
+            .instrument(span)
+            .await
+            .map_err(|e| membership_error(e, volume, None))?;
+        let layout = resp.layout.as_ref().ok_or_else(|| {
+            MembershipError::Unavailable(format!("attach of {:?}: answer without a layout", self.volume_name))
+        })?;
+        let (_gen, layout) = layout_from_proto(layout)
+            .map_err(|e| MembershipError::Unavailable(format!("volume {volume} layout: {e}")))?;
+        if layout.volume != volume {
+            // The name now belongs to another volume. The attach raised that
+            // volume's epoch, which fences nobody who should keep writing.
+            return Err(MembershipError::UnknownVolume(volume));
+        }
+        self.remember(volume);
+        let epoch = Epoch(resp.epoch);
+        info!(volume = %volume, name = %self.volume_name, epoch = %epoch, "attached through the metadata service");
+        Ok(Attachment { epoch, layout })
+    }
+
+    async fn eject(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIdx,
+        version: u64,
+        node: NodeId,
+        reason: EjectReason,
+    ) -> Result<ReplicaSet, MembershipError> {
+        let span = info_span!("meta_eject", volume = %volume, chunk = chunk.0, version, node = %node, %reason);
+        let req =
+            pb::EjectRequest { volume: volume.0, chunk: chunk.0, version, node: node.0, reason: reason.to_string() };
+        let answer = self
+            .client
+            .eject(req)
+            .instrument(span)
+            .await
+            .map_err(|e| membership_error(e, volume, Some((chunk, node))))?;
+        if answer.index != chunk.0 {
+            return Err(MembershipError::Unavailable(format!(
+                "eject from chunk {chunk}: the service answered with chunk {}",
+                answer.index
+            )));
+        }
+        replica_set_from_proto(&answer)
+            .map_err(|e| MembershipError::Unavailable(format!("eject from chunk {chunk}: {e}")))
+    }
+}
+
+/// The front end's view of a failed call.
+///
+/// - NOT_FOUND → [`MembershipError::UnknownChunk`] when the message is about a
+///   chunk and the call named one, else [`MembershipError::UnknownVolume`].
+/// - FAILED_PRECONDITION on an eject → [`MembershipError::BelowMinInSync`], with
+///   `remaining` and `min` parsed from the service's message ("... would leave
+///   1 in-sync replicas, below the minimum of 2"); 0 when absent.
+/// - Unreachable and every other status → [`MembershipError::Unavailable`] with
+///   the full message (the trait has no closer variant; the front end treats
+///   them alike: the change was not made).
+pub fn membership_error(err: MetaClientError, volume: VolumeId, eject: Option<(ChunkIdx, NodeId)>) -> MembershipError {
+    match (&err, eject) {
+        (MetaClientError::Status { code: tonic::Code::NotFound, message, .. }, Some((chunk, _)))
+            if message.contains("chunk") =>
+        {
+            MembershipError::UnknownChunk { volume, chunk }
+        }
+        (MetaClientError::Status { code: tonic::Code::NotFound, .. }, _) => MembershipError::UnknownVolume(volume),
+        (MetaClientError::Status { code: tonic::Code::FailedPrecondition, message, .. }, Some((chunk, node))) => {
+            MembershipError::BelowMinInSync {
+                chunk,
+                node,
+                remaining: number_after(message, "would leave ").unwrap_or(0),
+                min: number_after(message, "minimum of ").unwrap_or(0),
+            }
+        }
+        _ => MembershipError::Unavailable(err.to_string()),
+    }
+}
+
+/// The decimal number right after `marker` in `text`.
+fn number_after(text: &str, marker: &str) -> Option<usize> {
+    let rest = &text[text.find(marker)? + marker.len()..];
+    let digits = rest.find(|c: char| !c.is_ascii_digit()).map_or(rest, |end| &rest[..end]);
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> MetaClientError {
+        MetaClientError::Status { rpc: "NodeApi.Eject", code, message: message.into() }
+    }
+
+    #[test]
+    fn below_min_in_sync_is_parsed_from_the_service_message() {
+        let e = membership_error(
+            status(
+                tonic::Code::FailedPrecondition,
+                "ejecting node-3 from chunk 4 would leave 1 in-sync replicas, below the minimum of 2",
+            ),
+            VolumeId(1),
+            Some((ChunkIdx(4), NodeId(3))),
+        );
+        assert!(
+            matches!(e, MembershipError::BelowMinInSync { chunk: ChunkIdx(4), node: NodeId(3), remaining: 1, min: 2 }),
+            "{e:?}"
+        );
+        // A message in another shape still maps to the variant, with unknown counts.
+        let e = membership_error(
+            status(tonic::Code::FailedPrecondition, "refused"),
+            VolumeId(1),
+            Some((ChunkIdx(4), NodeId(3))),
+        );
+        assert!(matches!(e, MembershipError::BelowMinInSync { remaining: 0, min: 0, .. }), "{e:?}");
+    }
+
+    #[test]
+    fn not_found_names_the_chunk_or_the_volume() {
+        let e = membership_error(
+            status(tonic::Code::NotFound, "volume vol-1 has no chunk 9"),
+            VolumeId(1),
+            Some((ChunkIdx(9), NodeId(3))),
+        );
+        assert!(matches!(e, MembershipError::UnknownChunk { volume: VolumeId(1), chunk: ChunkIdx(9) }), "{e:?}");
+        let e = membership_error(status(tonic::Code::NotFound, "volume vol-1 not found"), VolumeId(1), None);
+        assert!(matches!(e, MembershipError::UnknownVolume(VolumeId(1))), "{e:?}");
+    }
+
+    #[test]
+    fn everything_else_is_unavailable_with_the_message() {
+        let e = membership_error(
+            MetaClientError::Unreachable { endpoints: vec!["a:1".into()], last_error: "connection refused".into() },
+            VolumeId(1),
+            None,
+        );
+        match e {
+            MembershipError::Unavailable(m) => assert_eq!(m, "cluster unreachable: tried a:1: connection refused"),
+            other => panic!("{other:?}"),
+        }
+        // FAILED_PRECONDITION outside an eject is not about min-in-sync.
+        let e = membership_error(status(tonic::Code::FailedPrecondition, "stale epoch"), VolumeId(1), None);
+        assert!(matches!(e, MembershipError::Unavailable(ref m) if m == "stale epoch"), "{e:?}");
+    }
+
+    #[test]
+    fn numbers_after_markers() {
+        assert_eq!(number_after("would leave 12 in-sync", "would leave "), Some(12));
+        assert_eq!(number_after("minimum of 3", "minimum of "), Some(3));
+        assert_eq!(number_after("minimum of x", "minimum of "), None);
+        assert_eq!(number_after("nothing", "minimum of "), None);
+    }
+}

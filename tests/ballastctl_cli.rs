@@ -1,0 +1,221 @@
+//! `ballastctl` as a process: exit codes and one-line messages for an unreachable
+//! cluster and for bad arguments.
+
+use std::process::{Command, Output};
+
+fn ballastctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ballastctl"))
+        .args(args)
+        .env_remove("BALLAST_META")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run ballastctl")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A port nothing listens on: bound, then released.
+fn dead_endpoint() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn unreachable_cluster_is_one_line_and_exit_1() {
+    let (a, b) = (dead_endpoint(), dead_endpoint());
+    let meta = format!("{a},{b}");
+    for args in [
+        vec!["--meta", &meta, "--timeout", "500ms", "status"],
+        vec!["--meta", &meta, "--timeout", "500ms", "--output", "json", "volume", "list"],
+    ] {
+        let o = ballastctl(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.starts_with(&format!("ballastctl: cluster unreachable: tried {a}, {b}: ")), "{err}");
+        assert!(err.to_lowercase().contains("connection refused"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(o.stdout.is_empty());
+    }
+    // BALLAST_META is the default member list.
+    let o = Command::new(env!("CARGO_BIN_EXE_ballastctl"))
+        .args(["--timeout", "500ms", "node", "list"])
+        .env("BALLAST_META", &a)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).starts_with(&format!("ballastctl: cluster unreachable: tried {a}: ")), "{}", stderr(&o));
+}
+
+#[test]
+fn argument_errors_exit_2_with_usage() {
+    for (args, expect) in [
+        (vec!["volume", "create", "x", "--size", "10XB"], "invalid size unit"),
+        (vec!["volume", "create", "x"], "--size"),
+        (vec!["volume", "grow", "x", "--size", "lots"], "invalid size"),
+        (vec!["what-if", "down"], "--node"),
+        (vec!["what-if", "down", "--node", "1", "--zone", "a"], "cannot be used with"),
+        (vec!["--output", "yaml", "status"], "possible values"),
+        (vec!["--timeout", "0s", "status"], "positive"),
+        (vec!["node", "cordon", "three"], "invalid digit"),
+        (vec!["frobnicate"], "unrecognized subcommand"),
+    ] {
+        let o = ballastctl(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expect), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn refusals_before_any_call_exit_1() {
+    // No server at this address: these must fail before trying to reach it.
+    let dead = dead_endpoint();
+    for (args, expect) in [
+        (
+            vec!["--meta", &dead, "volume", "delete", "pg"],
+            "ballastctl: refusing to delete volume \"pg\" without --yes\n",
+        ),
+        (
+            vec!["--meta", &dead, "--output", "json", "jobs", "--watch"],
+            "ballastctl: --watch draws progress for people; with --output json, poll `ballastctl jobs` instead\n",
+        ),
+        (
+            vec!["--meta", "meta-1", "status"],
+            "ballastctl: invalid metadata service endpoint \"meta-1\": no port (expected host:port)\n",
+        ),
+        (vec!["--meta", ",", "status"], "ballastctl: no metadata service endpoints given\n"),
+    ] {
+        let o = ballastctl(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        assert_eq!(stderr(&o), expect);
+    }
+}
+
+// ---- against a real cluster: one `ballast meta` member and three `ballast node`s ----
+
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `ballast ARGS` and returns it with the `addr=` of its first stdout line
+/// starting with `ready_prefix`.
+fn start_ballast(args: &[&str], ready_prefix: &str) -> (Proc, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ballast");
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc(child);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let line = loop {
+        let line = lines.next().expect("ballast exited before it was ready").unwrap();
+        if line.starts_with(ready_prefix) {
+            break line;
+        }
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")).expect("addr= in ready line").to_string();
+    (proc, addr)
+}
+
+fn ctl_json(meta: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--meta", meta, "--output", "json"];
+    all.extend_from_slice(args);
+    let o = ballastctl(&all);
+    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+#[test]
+fn end_to_end_against_a_real_meta_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta_dir = dir.path().join("meta");
+    let (_meta, meta) = start_ballast(
+        &[
+            "meta",
+            "--id",
+            "1",
+            "--data",
+            meta_dir.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--initial-members",
+            "1=127.0.0.1:0",
+        ],
+        "ready meta",
+    );
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        let data = dir.path().join(format!("node{id}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_ballast"))
+            .args(["node", "--id", &id.to_string(), "--zone", &format!("z{id}"), "--data", data.to_str().unwrap()])
+            .args(["--meta", &meta, "--capacity", "4G", "--no-direct-io"])
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ballast node");
+        nodes.push(Proc(child));
+    }
+    // Wait (no time limit asserted) until the three nodes registered and are up.
+    loop {
+        let s = ctl_json(&meta, &["status"]);
+        if s["nodes_up"] == 3 {
+            assert_eq!(s["leader"], 1);
+            assert_eq!(s["members"][0]["voter"], true);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let list = ctl_json(&meta, &["node", "list"]);
+    let zones: Vec<&str> = list["nodes"].as_array().unwrap().iter().map(|n| n["zone"].as_str().unwrap()).collect();
+    assert_eq!(zones, ["z1", "z2", "z3"]);
+
+    let create = ["volume", "create", "pg", "--size", "256MiB", "--chunk-size", "64MiB"];
+    let v = ctl_json(&meta, &create);
+    assert_eq!((v["name"].as_str(), v["size_bytes"].as_u64()), (Some("pg"), Some(256 << 20)));
+    assert_eq!((v["replicas"].as_u64(), v["min_in_sync"].as_u64()), (Some(3), Some(2)));
+    // Same parameters again: the same volume.
+    assert_eq!(ctl_json(&meta, &create)["id"], v["id"]);
+    assert_eq!(ctl_json(&meta, &["volume", "list"])["volumes"][0]["name"], "pg");
+
+    let l = ctl_json(&meta, &["volume", "inspect", "pg"]);
+    assert_eq!(l["health"]["chunks"], 4);
+    assert_eq!(l["health"]["chunks_full"], 4);
+    assert_eq!(l["health"]["replicas_in_sync"], 12);
+    for z in l["zones"].as_array().unwrap() {
+        assert_eq!(z["in_sync"], 4, "one replica of every chunk per zone: {z}");
+    }
+    let o = ballastctl(&["--meta", &meta, "volume", "inspect", "pg", "--chunks", "1"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Size         256 MiB in 4 chunks of 64 MiB\n"), "{text}");
+    assert!(text.contains("\nCHUNK  VERSION  REPLICAS\n0 "), "{text}");
+    assert!(text.ends_with("... 3 more chunks (--chunks N shows more)\n"), "{text}");
+
+    let w = ctl_json(&meta, &["what-if", "down", "--zone", "z1"]);
+    assert_eq!(w["volumes"][0]["chunks_degraded"], 4);
+    assert_eq!(w["volumes"][0]["chunks_unwritable"], 0);
+    assert_eq!(ctl_json(&meta, &["node", "cordon", "3"])["state"], "cordoned");
+    assert_eq!(ctl_json(&meta, &["node", "uncordon", "3"])["state"], "up");
+    assert_eq!(ctl_json(&meta, &["volume", "grow", "pg", "--size", "512MiB"])["size_bytes"], 512u64 << 20);
+    assert!(ctl_json(&meta, &["jobs", "--all"])["jobs"].is_array());
+
+    let o = ballastctl(&["--meta", &meta, "volume", "inspect", "missing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "ballastctl: volume \"missing\" not found\n");
+
+    assert_eq!(ctl_json(&meta, &["volume", "delete", "pg", "--yes"])["deleted"], "pg");
+    assert_eq!(ctl_json(&meta, &["volume", "list"])["volumes"], serde_json::json!([]));
+}
