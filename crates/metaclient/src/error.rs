@@ -79,7 +79,7 @@ impl fmt::Display for StatusText<'_> {
 /// full round, back off and go round again).
 ///
 /// Retryable: UNAVAILABLE (no leader, no quorum, connection refused),
-/// DEADLINE_EXCEEDED, and any status the client library made up from a local
+/// DEADLINE_EXCEEDED, CANCELLED, and any status the client library made up from a local
 /// transport failure (it carries the failure as its source; a member's own
 /// answer never does), e.g. a connection reset mid-call.
 ///
@@ -90,8 +90,10 @@ impl fmt::Display for StatusText<'_> {
 pub(crate) fn is_retryable(status: &tonic::Status) -> bool {
     use tonic::Code;
     match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded => true,
-        Code::Unknown | Code::Cancelled | Code::Internal => status.source().is_some(),
+        // CANCELLED: the call's stream was reset (e.g. the member, or the leader
+        // it proxied to, died mid-call).
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => true,
+        Code::Unknown | Code::Internal => status.source().is_some(),
         Code::Ok
         | Code::InvalidArgument
         | Code::NotFound

@@ -203,6 +203,22 @@ impl Core {
     }
 }
 
+/// A proxied call's failure as this member reports it: the leader's own answer
+/// passes through; a failure to reach it (or it dying mid-call) is UNAVAILABLE,
+/// which clients retry.
+fn proxy_status(s: Status) -> Status {
+    use std::error::Error;
+    match s.code() {
+        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Internal if s.source().is_some() => {
+            Status::unavailable(format!("the leader did not answer ({}); retry", s.message()))
+        }
+        tonic::Code::Cancelled => {
+            Status::unavailable(format!("the call to the leader was cancelled ({}); retry", s.message()))
+        }
+        _ => s,
+    }
+}
+
 /// Proxies the call to the leader when this member does not lead.
 macro_rules! forward {
     ($core:expr, $req:ident, $client:ident, $method:ident) => {
@@ -211,7 +227,7 @@ macro_rules! forward {
             Route::Leader(ch) => {
                 let mut fwd = Request::new($req.into_inner());
                 fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-                return $client::new(ch).$method(fwd).await;
+                return $client::new(ch).$method(fwd).await.map_err(proxy_status);
             }
         }
     };
