@@ -86,9 +86,10 @@ pub struct NodeArgs {
     /// Heartbeat interval.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub heartbeat: std::time::Duration,
-    /// Throttle for each copy job (bytes per second, e.g. 200M); default unthrottled.
-    #[arg(long, value_parser = parse_size)]
-    pub copy_rate: Option<u64>,
+    /// Throttle for each copy job (bytes per second, e.g. 200M; 0: unthrottled), so
+    /// that rebuilds leave client I/O its latency.
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    pub copy_rate: u64,
     /// Use buffered I/O instead of O_DIRECT.
     #[arg(long)]
     pub no_direct_io: bool,
@@ -184,6 +185,11 @@ pub struct DevArgs {
     /// Also export on this unix socket.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// First of three loopback ports for the meta members on the first run
+    /// (ballastctl's default endpoint is 127.0.0.1:7400); 0 picks free ports. Later
+    /// runs reuse the recorded ports.
+    #[arg(long, default_value_t = 7400)]
+    pub meta_port: u16,
     /// Volume name (the NBD export name).
     #[arg(long, default_value = "vol0")]
     pub name: String,

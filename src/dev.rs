@@ -40,7 +40,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
 
     // Three meta members on the addresses recorded at the first run.
     let members_file = meta_dir.join("members");
-    let listeners = bind_members(&members_file).await?;
+    let listeners = bind_members(&members_file, a.meta_port).await?;
     let members: BTreeMap<u64, String> =
         listeners.iter().map(|(id, l)| Ok((*id, l.local_addr()?.to_string()))).collect::<std::io::Result<_>>()?;
     let mut metas = Vec::new();
@@ -76,7 +76,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             addr,
             capacity: node::fs_capacity(&disk)?,
             heartbeat: Duration::from_secs(1),
-            copy_rate: None,
+            copy_rate: Some(128 << 20),
             gc_every: Duration::from_secs(30),
         };
         // Registered (with this run's port) before the volume is attached.
@@ -151,9 +151,9 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
 }
 
 /// Binds the three meta listeners: the addresses in `file` when it exists (they
-/// are part of the Raft membership and cannot change), else three free loopback
-/// ports, which are then recorded.
-async fn bind_members(file: &Path) -> anyhow::Result<Vec<(u64, TcpListener)>> {
+/// are part of the Raft membership and cannot change), else `base`..`base+2`
+/// when free (any free ports otherwise), which are then recorded.
+async fn bind_members(file: &Path, base: u16) -> anyhow::Result<Vec<(u64, TcpListener)>> {
     let mut out = Vec::new();
     match std::fs::read_to_string(file) {
         Ok(text) => {
@@ -169,8 +169,28 @@ async fn bind_members(file: &Path) -> anyhow::Result<Vec<(u64, TcpListener)>> {
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            for id in 1..=3u64 {
-                out.push((id, TcpListener::bind("127.0.0.1:0").await.context("bind a meta listener")?));
+            // ballastctl's default endpoint is 127.0.0.1:7400: take 7400-7402 when
+            // they are free, so that it talks to this cluster without flags.
+            if base != 0 {
+                for id in 1..=3u64 {
+                    match TcpListener::bind(("127.0.0.1", base.saturating_add(id as u16 - 1))).await {
+                        Ok(l) => out.push((id, l)),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if out.len() < 3 {
+                if base != 0 {
+                    tracing::warn!(
+                        base,
+                        "meta ports {base}-{} are not all free; using other ports (give ballastctl --meta)",
+                        base.saturating_add(2)
+                    );
+                }
+                out.clear();
+                for id in 1..=3u64 {
+                    out.push((id, TcpListener::bind("127.0.0.1:0").await.context("bind a meta listener")?));
+                }
             }
             let text: Vec<String> =
                 out.iter().map(|(id, l)| Ok(format!("{id}={}", l.local_addr()?))).collect::<std::io::Result<_>>()?;

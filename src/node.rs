@@ -78,7 +78,7 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
         addr,
         capacity,
         heartbeat: a.heartbeat,
-        copy_rate: a.copy_rate,
+        copy_rate: (a.copy_rate > 0).then_some(a.copy_rate),
         gc_every: Duration::from_secs(30),
     };
     info!(node = a.id, zone = %a.zone, %addr, capacity, "storage node serving");

@@ -102,7 +102,17 @@ impl Drop for Mounted {
 fn start_dev(data: &Path) -> (Proc, String) {
     let mut dev = Proc::spawn(
         "dev",
-        &["dev", "--data", data.to_str().expect("utf8 path"), "--nbd", "127.0.0.1:0", "--size", "512M"],
+        &[
+            "dev",
+            "--data",
+            data.to_str().expect("utf8 path"),
+            "--nbd",
+            "127.0.0.1:0",
+            "--meta-port",
+            "0",
+            "--size",
+            "512M",
+        ],
     );
     let uri = dev.wait_value("ready nbd", "uri");
     (dev, uri)

@@ -355,6 +355,11 @@ fn meta_leader_killed_during_creates_while_fio_verifies() {
         vols["volumes"].as_array().expect("volumes").iter().map(|v| v["name"].as_str().expect("name")).collect();
     for n in &created {
         assert!(names.contains(&n.as_str()), "{n} missing after leader kills: {names:?}");
+        // All or nothing: every chunk of a created volume is placed.
+        let l = c.inspect(n);
+        let chunks = l["chunks"].as_array().expect("chunks");
+        assert_eq!(chunks.len(), 8, "{l}");
+        assert!(chunks.iter().all(|ch| ch["replicas"].as_array().map(Vec::len) == Some(3)), "{l}");
     }
     let s = ctl(&meta, &["status"]);
     assert_eq!(s["members"].as_array().map(Vec::len), Some(3), "{s}");
@@ -384,4 +389,56 @@ fn stale_front_end_cannot_write_after_a_newer_attach() {
     // Nothing the stale front end attempted reached any replica.
     let l = c.inspect("pg");
     assert!(healthy(&l), "fencing must not eject replicas: {l}");
+}
+
+#[test]
+fn meta_member_added_and_removed_while_running() {
+    let mut c = Cluster::start("meta-members", &[(1, "z1"), (2, "z2"), (3, "z3")]);
+    let meta = c.meta();
+    c.create_volume("before", "64M", "16M", "2");
+    // A fourth member starts empty (no --initial-members) and is added as a
+    // learner, then a voter; it catches up from the leader.
+    let addr4 = free_addr();
+    let data4 = c.path("meta4");
+    let mut m4 = Proc::spawn(
+        "meta4",
+        &[
+            "meta",
+            "--id",
+            "4",
+            "--data",
+            data4.to_str().expect("utf8"),
+            "--listen",
+            &addr4,
+            "--raft-heartbeat-ms",
+            "100",
+            "--election-ms",
+            "500",
+        ],
+    );
+    m4.wait_for("ready meta", Duration::from_secs(30));
+    let s = ctl(&meta, &["member", "add", "4", &addr4]);
+    let voters = |s: &Value| s["members"].as_array().expect("members").iter().filter(|m| m["voter"] == true).count();
+    assert_eq!(voters(&s), 4, "{s}");
+    wait_until("member 4 has the volume", Duration::from_secs(30), || {
+        let v = ctl(&addr4, &["volume", "list"]);
+        v["volumes"].as_array().is_some_and(|v| v.iter().any(|x| x["name"] == "before"))
+    });
+    // Remove whichever member leads now; the others elect a new leader and go on.
+    let leader = ctl(&meta, &["status"])["leader"].as_u64().expect("leader");
+    let all = format!("{meta},{addr4}");
+    let s = ctl(&all, &["member", "remove", &leader.to_string()]);
+    assert_eq!(voters(&s), 3, "{s}");
+    let i = c.members.iter().position(|m| m.0 == leader);
+    if let Some(i) = i {
+        if let Some(mut p) = c.members[i].2.take() {
+            p.kill();
+        }
+    } else {
+        m4.kill();
+    }
+    c.create_volume("after", "64M", "16M", "2");
+    let s = ctl(&all, &["status"]);
+    assert_ne!(s["leader"].as_u64(), Some(leader), "{s}");
+    assert_eq!(s["volumes"].as_u64(), Some(2), "{s}");
 }

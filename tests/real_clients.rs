@@ -18,6 +18,8 @@ fn start_dev(tag: &str, extra: &[&str]) -> (tempfile::TempDir, Proc, String, Str
         data.to_str().expect("utf8 path"),
         "--nbd",
         "127.0.0.1:0",
+        "--meta-port",
+        "0",
         "--socket",
         sock.to_str().expect("utf8 path"),
         "--size",
@@ -151,7 +153,7 @@ fn dev_restart_keeps_data_and_stops_cleanly() {
     let dir = data_dir("dev-restart");
     let data = dir.path().join("data");
     let data = data.to_str().expect("utf8");
-    let args = ["dev", "--data", data, "--nbd", "127.0.0.1:0", "--size", "128M"];
+    let args = ["dev", "--data", data, "--nbd", "127.0.0.1:0", "--meta-port", "0", "--size", "128M"];
     let mut dev = Proc::spawn("dev-1", &args);
     let uri = dev.wait_value("ready nbd", "uri");
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x5a 3M 5M", "-c", "flush"]);

@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 #[command(name = "ballastctl", version, about = "Operate a Ballast cluster through its metadata service")]
 struct Cli {
     /// Metadata service members (comma-separated host:port); any one answering is enough.
-    #[arg(long, global = true, env = "BALLAST_META", default_value = "127.0.0.1:7400")]
+    #[arg(long, visible_alias = "endpoint", global = true, env = "BALLAST_META", default_value = "127.0.0.1:7400")]
     meta: String,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]

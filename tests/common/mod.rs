@@ -56,7 +56,7 @@ impl Proc {
     pub fn spawn(name: &str, args: &[&str]) -> Proc {
         let mut cmd = Command::new(ballast_bin());
         cmd.args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
