@@ -35,6 +35,7 @@ pub fn config(a: &MetaArgs) -> MetaConfig {
             heartbeat_ms: a.raft_heartbeat_ms,
             election_min_ms: a.election_ms,
             election_max_ms: a.election_ms * 2,
+            ..RaftTiming::default()
         },
         detector: Detector { suspect_after: a.suspect_after, down_after: a.down_after, ..Detector::default() },
     }

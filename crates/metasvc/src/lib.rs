@@ -52,11 +52,13 @@ pub struct RaftTiming {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// Log entries between snapshots (older entries are then purged).
+    pub snapshot_logs: u64,
 }
 
 impl Default for RaftTiming {
     fn default() -> Self {
-        RaftTiming { heartbeat_ms: 250, election_min_ms: 1000, election_max_ms: 2000 }
+        RaftTiming { heartbeat_ms: 250, election_min_ms: 1000, election_max_ms: 2000, snapshot_logs: 2000 }
     }
 }
 
@@ -130,8 +132,8 @@ pub async fn start_on(cfg: MetaConfig, listener: tokio::net::TcpListener) -> Res
         election_timeout_max: cfg.raft.election_max_ms,
         // The state is small (a TiB volume is 16 Ki chunk entries); snapshot often
         // enough that a restarted or new member catches up from a snapshot.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(2000),
-        max_in_snapshot_log_to_keep: 500,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs.max(1)),
+        max_in_snapshot_log_to_keep: cfg.raft.snapshot_logs / 4,
         ..openraft::Config::default()
     }
     .validate()
@@ -171,7 +173,7 @@ pub async fn start_on(cfg: MetaConfig, listener: tokio::net::TcpListener) -> Res
 /// A free-port-friendly default for tests and `ballast dev`.
 pub fn fast_timing() -> (RaftTiming, Detector) {
     (
-        RaftTiming { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1000 },
+        RaftTiming { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1000, snapshot_logs: 2000 },
         Detector {
             suspect_after: Duration::from_secs(2),
             down_after: Duration::from_secs(6),

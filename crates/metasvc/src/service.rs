@@ -97,6 +97,11 @@ impl Core {
         Core { id, raft, sm, soft: Arc::new(Soft::default()), leader_channel: Arc::new(Mutex::new(None)) }
     }
 
+    /// This member's Raft metrics (term, leader, log, snapshot, membership).
+    pub fn metrics(&self) -> openraft::RaftMetrics<u64, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
     pub(crate) fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.id)
     }
