@@ -90,6 +90,10 @@ pub struct NodeArgs {
     /// that rebuilds leave client I/O its latency.
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     pub copy_rate: u64,
+    /// How often to look for chunk replicas meta no longer lists here (deleted
+    /// volumes, replaced replicas); one is deleted after two looks agree.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub gc_every: std::time::Duration,
     /// Use buffered I/O instead of O_DIRECT.
     #[arg(long)]
     pub no_direct_io: bool,

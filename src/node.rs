@@ -79,7 +79,7 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
         capacity,
         heartbeat: a.heartbeat,
         copy_rate: (a.copy_rate > 0).then_some(a.copy_rate),
-        gc_every: Duration::from_secs(30),
+        gc_every: a.gc_every,
     };
     info!(node = a.id, zone = %a.zone, %addr, capacity, "storage node serving");
     println!("ready node id={} addr={bound}", a.id);

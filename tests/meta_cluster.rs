@@ -134,6 +134,8 @@ impl Cluster {
             "20G",
             "--heartbeat",
             "300ms",
+            "--gc-every",
+            "1s",
         ]
         .map(String::from);
         let mut p = Proc::spawn(&format!("node{id}"), &args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -389,6 +391,16 @@ fn stale_front_end_cannot_write_after_a_newer_attach() {
     // Nothing the stale front end attempted reached any replica.
     let l = c.inspect("pg");
     assert!(healthy(&l), "fencing must not eject replicas: {l}");
+
+    // Deleting the volume reclaims its chunk files on every node.
+    let chunk_files = |c: &Cluster| -> usize {
+        (1..=3).map(|n| std::fs::read_dir(c.path(&format!("node{n}")).join("chunks")).map_or(0, |d| d.count())).sum()
+    };
+    assert!(chunk_files(&c) > 0);
+    drop(_old);
+    drop(_new);
+    ctl(&c.meta(), &["volume", "delete", "pg", "--yes"]);
+    wait_until("chunk files reclaimed", Duration::from_secs(30), || chunk_files(&c) == 0);
 }
 
 #[test]
