@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use ballast_types::units::{parse_duration, parse_size};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
@@ -211,37 +212,6 @@ pub struct DevArgs {
     pub min_in_sync: Option<usize>,
 }
 
-/// Parses sizes like `4096`, `64K`, `64M`, `1G`, `1GiB`, `2T` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected e.g. 1G, 64M, 4096"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}: use K, M, G or T")),
-    };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} overflows"))
-}
-
-/// Parses durations like `5s`, `500ms`, `2m`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 5s, 500ms"))?;
-    Ok(match unit {
-        "ms" => std::time::Duration::from_millis(n),
-        "s" | "" => std::time::Duration::from_secs(n),
-        "m" => std::time::Duration::from_secs(n * 60),
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s or m")),
-    })
-}
-
 fn parse_node(s: &str) -> Result<NodeSpec, String> {
     let mut it = s.splitn(3, '=');
     let (Some(id), Some(zone), Some(addr)) = (it.next(), it.next(), it.next()) else {
@@ -259,27 +229,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("G").is_err());
-        assert!(parse_size("99999999999T").is_err());
-    }
-
-    #[test]
     fn nodes() {
         let n = parse_node("2=zone-b=127.0.0.1:7002").unwrap();
         assert_eq!((n.id, n.zone.as_str()), (2, "zone-b"));
         assert!(parse_node("2=zone-b").is_err());
         assert!(parse_node("x=z=127.0.0.1:1").is_err());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(std::time::Duration::from_millis(500)));
-        assert!(parse_duration("5h").is_err());
     }
 
     #[test]

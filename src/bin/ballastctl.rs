@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ballast_metaclient::{parse_endpoints, pb, MetaClient, MetaClientOptions};
+use ballast_types::units::{parse_duration, parse_size};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
@@ -881,42 +882,6 @@ fn what_if_table(r: &pb::WhatIfResponse) -> String {
 
 // ---- units ---------------------------------------------------------------------
 
-/// Bytes, or a whole number with a binary unit: KiB, MiB, GiB, TiB (K/M/G/T and
-/// KB/MB/GB/TB are the same binary units, as for `ballast volume create`).
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected bytes or e.g. 10GiB, 64MiB"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}: use KiB, MiB, GiB or TiB")),
-    };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
-}
-
-/// `5s`, `500ms`, `2m`; a plain number is seconds. Must be positive.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 15s, 500ms, 2m"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s or m")),
-    };
-    if d.is_zero() {
-        return Err("the timeout must be positive".into());
-    }
-    Ok(d)
-}
-
 /// `0 B`, `512 B`, `4 KiB`, `1.5 GiB`: the largest unit that keeps the number ≥ 1,
 /// one decimal when it is not whole.
 fn format_size(bytes: u64) -> String {
@@ -951,20 +916,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_with_binary_units_and_refuse_junk() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("10GiB"), Ok(10 << 30));
-        assert_eq!(parse_size("64 MiB"), Ok(64 << 20));
-        assert_eq!(parse_size("1tib"), Ok(1 << 40));
-        assert_eq!(parse_size("8K"), Ok(8 << 10));
-        assert!(parse_size("10XB").unwrap_err().contains("invalid size unit"));
-        assert!(parse_size("GiB").unwrap_err().contains("invalid size"));
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("1.5GiB").is_err());
-        assert!(parse_size("99999999999TiB").unwrap_err().contains("too large"));
-    }
-
-    #[test]
     fn sizes_format_human_readable() {
         assert_eq!(format_size(0), "0 B");
         assert_eq!(format_size(512), "512 B");
@@ -973,16 +924,6 @@ mod tests {
         assert_eq!(format_size(3 << 29), "1.5 GiB");
         assert_eq!(format_size((10 << 30) - 1), "10 GiB");
         assert_eq!(format_size(1 << 40), "1 TiB");
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5h").is_err());
     }
 
     #[test]

@@ -163,6 +163,13 @@ impl Core {
             .ok_or_else(|| Status::not_found(format!("volume {name_or_id:?} not found")))
     }
 
+    async fn layout_reply(&self, id: VolumeId) -> Result<pb::VolumeLayout, Status> {
+        let seen = self.last_seen();
+        self.read(|s| s.volumes.get(&id).map(|v| convert::layout(s, v, &seen)))
+            .await
+            .ok_or_else(|| Status::not_found(format!("volume {id} not found")))
+    }
+
     async fn volume_reply(&self, id: VolumeId) -> Result<pb::Volume, Status> {
         self.read(|s| s.volumes.get(&id).map(convert::volume))
             .await
@@ -339,24 +346,14 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         let Response::Epoch(epoch) = self.0.write(Command::Attach { volume, node }).await? else {
             return Err(Status::internal("attach returned no epoch"));
         };
-        let seen = self.0.last_seen();
-        let layout = self
-            .0
-            .read(|s| s.volumes.get(&volume).map(|v| convert::layout(s, v, &seen)))
-            .await
-            .ok_or_else(|| Status::not_found(format!("volume {volume} deleted during attach")))?;
+        let layout = self.0.layout_reply(volume).await?;
         info!(%volume, %node, %epoch, "volume attached");
         Ok(Reply::new(pb::AttachResponse { epoch: epoch.0, layout: Some(layout) }))
     }
 
     async fn get_layout(&self, req: Request<pb::GetLayoutRequest>) -> Result<Reply<pb::VolumeLayout>, Status> {
         let id = VolumeId(req.into_inner().volume);
-        let seen = self.0.last_seen();
-        self.0
-            .read(|s| s.volumes.get(&id).map(|v| convert::layout(s, v, &seen)))
-            .await
-            .map(Reply::new)
-            .ok_or_else(|| Status::not_found(format!("volume {id} not found")))
+        self.0.layout_reply(id).await.map(Reply::new)
     }
 
     async fn eject(&self, req: Request<pb::EjectRequest>) -> Result<Reply<pb::Chunk>, Status> {
@@ -516,12 +513,7 @@ impl pb::admin_server::Admin for AdminSvc {
 
     async fn inspect_volume(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Reply<pb::VolumeLayout>, Status> {
         let id = self.0.volume_id(&req.into_inner().volume).await?;
-        let seen = self.0.last_seen();
-        self.0
-            .read(|s| s.volumes.get(&id).map(|v| convert::layout(s, v, &seen)))
-            .await
-            .map(Reply::new)
-            .ok_or_else(|| Status::not_found(format!("volume {id} not found")))
+        self.0.layout_reply(id).await.map(Reply::new)
     }
 
     async fn grow_volume(&self, req: Request<pb::GrowVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {

@@ -86,8 +86,7 @@ async fn snapshots_catch_up_a_new_member_and_a_restart_keeps_state() {
     }
     let status = client.status().await.expect("status");
     assert!(status.applied_index >= 63, "{status:?}");
-    let leader =
-        members.iter().find(|m| m.core.metrics().current_leader == Some(m.id)).expect("a leader");
+    let leader = members.iter().find(|m| m.core.metrics().current_leader == Some(m.id)).expect("a leader");
     let m = leader.core.metrics();
     assert!(m.snapshot.is_some_and(|s| s.index >= 20), "no snapshot taken: {:?}", m.snapshot);
     assert!(m.purged.is_some(), "log not purged after snapshots");

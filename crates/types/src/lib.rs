@@ -5,6 +5,8 @@
 //! The wire widths are fixed here too (`VolumeId` is 64 bits on the wire, `ChunkIdx`
 //! 32 bits), so the codec and the on-disk formats agree by construction.
 
+pub mod units;
+
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
