@@ -83,13 +83,21 @@ pub fn plan_jobs(state: &MetaState, limits: JobLimits) -> Vec<Command> {
                 None
             };
             if let Some(cmd) = cmd {
-                let Command::StartJob { target, .. } = &cmd else { continue };
+                let Command::StartJob { target, kind, .. } = &cmd else { continue };
                 let n = per_target.entry(*target).or_default();
                 if *n >= limits.max_per_target {
                     continue;
                 }
                 *n += 1;
                 active += 1;
+                // A new replica reserves its chunk on the target (as `apply` will),
+                // so later placements in this round see the space as taken: a
+                // nearly full node is not chosen for more chunks than it can hold.
+                if *kind == JobKind::Rebuild {
+                    if let Some(t) = map.as_mut().and_then(|m| m.nodes.iter_mut().find(|n| n.id == *target)) {
+                        t.used += v.chunk_size;
+                    }
+                }
                 out.push(cmd);
             }
         }

@@ -11,6 +11,10 @@
 //! - a chunk's `version` increases on every change to its replica set;
 //! - a volume's `epoch` only increases; each attach raises it by one;
 //! - each node's `allocated` is the chunk size times the replicas it holds;
+//! - a chunk has at most one active job, whose target is its only rebuilding
+//!   member; it holds the volume's `replicas` members, one more during a rebuild;
+//! - `layout_gen` rises with every chunk version change; `acked_gen <= layout_gen`;
+//! - at most [`FINISHED_JOBS_KEPT`] finished jobs are kept;
 //! - a failed command changes nothing.
 
 use std::collections::BTreeMap;
@@ -397,6 +401,8 @@ impl MetaState {
                     j.state = JobState::Failed;
                     j.error = Some("volume deleted".into());
                 }
+                // The jobs it failed count against the finished jobs kept.
+                self.trim_finished_jobs();
                 let mut reclaim: BTreeMap<NodeId, Vec<ChunkIdx>> = BTreeMap::new();
                 for (i, c) in v.chunks.iter().enumerate() {
                     for r in &c.replicas {
@@ -504,6 +510,15 @@ impl MetaState {
         target: NodeId,
         replaces: Option<NodeId>,
     ) -> Result<Response, MetaError> {
+        // A rebuild swaps one member for a new one and a resync swaps none, so the
+        // chunk is back at the volume's replica count when the job is done.
+        match (kind, replaces) {
+            (JobKind::Rebuild, None) => return Err(invalid("replaces", "a rebuild must name the replica it replaces")),
+            (JobKind::Resync, Some(r)) => {
+                return Err(invalid("replaces", format!("a resync replaces no replica, not {r}")));
+            }
+            _ => {}
+        }
         let tn = self.nodes.get(&target).ok_or(MetaError::UnknownNode(target))?;
         if tn.state != NodeState::Up {
             return Err(MetaError::Conflict(format!("target {target} is {:?}, not up", tn.state)));
@@ -571,13 +586,20 @@ impl MetaState {
             let j = self.jobs.get_mut(&id).ok_or(MetaError::UnknownJob(id))?;
             j.state = JobState::Failed;
             j.error = Some("volume deleted".into());
+            self.trim_finished_jobs();
             return Ok(Response::Done);
         };
         let chunk_size = v.chunk_size;
-        let c = v.chunks.get_mut(job.chunk.0 as usize).ok_or(MetaError::UnknownChunk { volume: job.volume, chunk: job.chunk })?;
+        let c = v
+            .chunks
+            .get_mut(job.chunk.0 as usize)
+            .ok_or(MetaError::UnknownChunk { volume: job.volume, chunk: job.chunk })?;
         let target_rebuilding = c.replicas.iter().any(|r| r.node == job.target && r.role == Role::Rebuilding);
         if ok && !target_rebuilding {
-            return Err(MetaError::Conflict(format!("job {id}: {} is no longer rebuilding chunk {}", job.target, job.chunk)));
+            return Err(MetaError::Conflict(format!(
+                "job {id}: {} is no longer rebuilding chunk {}",
+                job.target, job.chunk
+            )));
         }
         let mut released = Vec::new();
         if ok {

@@ -1,12 +1,19 @@
 //! The state machine under random command sequences: invariants after every
-//! step, failed commands change nothing, replay is deterministic, snapshots
-//! round-trip.
+//! step, per-command postconditions, failed commands change nothing, replay is
+//! deterministic, snapshots round-trip.
+//!
+//! Random commands alone rarely hit a chunk at its current version, so the
+//! sequences interleave "driver" steps that read the state first, the way the
+//! leader and the front ends do: the rebuild scheduler (`plan_jobs`, every
+//! planned job applied), job completions (ok or failed), layout acks, ejects
+//! and job starts aimed at real chunks.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
+use ballast_meta::plan::{plan_jobs, JobLimits};
 use ballast_meta::state::*;
-use ballast_types::{ChunkIdx, NodeId, VolumeId, Zone};
+use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId, Zone};
 use proptest::prelude::*;
 
 const CHUNK: u64 = 4 << 20;
@@ -15,6 +22,22 @@ fn addr(i: u64) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7000 + i as u16))
 }
 
+fn arb_node_state() -> impl Strategy<Value = NodeState> {
+    prop_oneof![
+        Just(NodeState::Up),
+        Just(NodeState::Down),
+        Just(NodeState::Cordoned),
+        Just(NodeState::Draining),
+        Just(NodeState::Suspect),
+    ]
+}
+
+fn arb_kind() -> impl Strategy<Value = JobKind> {
+    prop_oneof![Just(JobKind::Rebuild), Just(JobKind::Resync)]
+}
+
+/// A command as a client, a node or a confused leader might send it: ids and
+/// versions at random, so most of the job commands fail (and must change nothing).
 fn arb_command() -> impl Strategy<Value = Command> {
     let node = 1u64..8;
     let vol = 1u64..5;
@@ -22,26 +45,180 @@ fn arb_command() -> impl Strategy<Value = Command> {
         3 => (node.clone(), 0u8..4, 1u64..64).prop_map(|(id, z, gib)| Command::RegisterNode {
             id: NodeId(id), addr: addr(id), zone: Zone(format!("z{z}")), capacity: gib << 30, now_ms: 0 }),
         1 => (node.clone(), 0u64..1000).prop_map(|(id, t)| Command::Heartbeat { id: NodeId(id), reported_used: 0, now_ms: t }),
-        1 => (node.clone(), prop_oneof![Just(NodeState::Up), Just(NodeState::Down), Just(NodeState::Cordoned), Just(NodeState::Draining), Just(NodeState::Suspect)])
-            .prop_map(|(id, state)| Command::SetNodeState { id: NodeId(id), state }),
+        2 => (node.clone(), arb_node_state()).prop_map(|(id, state)| Command::SetNodeState { id: NodeId(id), state }),
         3 => (0u8..4, 1u64..40, 1usize..=4, 1usize..=4).prop_map(|(n, chunks, replicas, min)| Command::CreateVolume {
             name: format!("vol{n}"), size: chunks * CHUNK - 4096 * (chunks % 2), chunk_size: CHUNK, replicas, min_in_sync: min, zones: vec![] }),
         1 => (vol.clone(), 1u64..60).prop_map(|(v, chunks)| Command::GrowVolume { volume: VolumeId(v), size: chunks * CHUNK }),
         1 => vol.clone().prop_map(|v| Command::DeleteVolume { volume: VolumeId(v) }),
         2 => (vol.clone(), node.clone()).prop_map(|(v, n)| Command::Attach { volume: VolumeId(v), node: NodeId(n) }),
-        4 => (vol, 0u32..40, 1u64..4, node).prop_map(|(v, c, version, n)| Command::Eject {
+        2 => (vol.clone(), 0u32..40, 1u64..4, node.clone()).prop_map(|(v, c, version, n)| Command::Eject {
             volume: VolumeId(v), chunk: ChunkIdx(c), version, node: NodeId(n) }),
+        1 => (vol.clone(), 0u64..4, 0u64..12).prop_map(|(v, e, gen)| Command::AckLayout {
+            volume: VolumeId(v), epoch: Epoch(e), gen }),
+        1 => (vol.clone(), 0u64..4).prop_map(|(v, e)| Command::Detach { volume: VolumeId(v), epoch: Epoch(e) }),
+        1 => (vol, 0u32..40, 1u64..6, arb_kind(), node.clone(), prop::option::of(node.clone()))
+            .prop_map(|(v, c, version, kind, t, r)| Command::StartJob {
+                volume: VolumeId(v), chunk: ChunkIdx(c), version, kind, target: NodeId(t), replaces: r.map(NodeId) }),
+        1 => (0u64..20, any::<bool>()).prop_map(|(job, ok)| Command::FinishJob {
+            job, ok, error: (!ok).then(|| "random".into()), blocks_copied: 0 }),
+        1 => node.prop_map(|id| Command::RemoveNode { id: NodeId(id) }),
     ]
 }
 
+/// One step of a run. `Raw` sends a command as generated; the others read the
+/// current state to build commands that are plausible (`Plan` and `Finish`
+/// must succeed).
+#[derive(Clone, Debug)]
+enum Step {
+    Raw(Command),
+    /// The leader's scheduler round: every `StartJob` of `plan_jobs` applied in order.
+    Plan {
+        max_active: usize,
+        max_per_target: usize,
+    },
+    /// The `pick`-th active job ends, ok or failed.
+    Finish {
+        pick: usize,
+        ok: bool,
+    },
+    /// The attached front end of the `pick`-th volume writes with its newest layout.
+    Ack {
+        pick: usize,
+    },
+    /// The front end ejects a member (in-sync or rebuilding) of a chunk at its current version.
+    Eject {
+        vol: usize,
+        chunk: usize,
+        member: usize,
+    },
+    /// A job start on a real chunk at its current version; kind, target and replaced member at random.
+    Start {
+        vol: usize,
+        chunk: usize,
+        kind: JobKind,
+        target: u64,
+        replaces: Option<usize>,
+    },
+}
+
+fn arb_step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        8 => arb_command().prop_map(Step::Raw),
+        3 => (1usize..20, 1usize..5).prop_map(|(max_active, max_per_target)| Step::Plan { max_active, max_per_target }),
+        3 => (any::<usize>(), prop::bool::weighted(0.7)).prop_map(|(pick, ok)| Step::Finish { pick, ok }),
+        1 => any::<usize>().prop_map(|pick| Step::Ack { pick }),
+        2 => (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(vol, chunk, member)| Step::Eject { vol, chunk, member }),
+        2 => (any::<usize>(), any::<usize>(), arb_kind(), 1u64..8, prop::option::of(any::<usize>()))
+            .prop_map(|(vol, chunk, kind, target, replaces)| Step::Start { vol, chunk, kind, target, replaces }),
+    ]
+}
+
+fn nth_volume(s: &MetaState, pick: usize) -> Option<&Volume> {
+    (!s.volumes.is_empty()).then(|| s.volumes.values().nth(pick % s.volumes.len())).flatten()
+}
+
+/// The commands a step sends on state `s`, and whether each of them must succeed.
+fn resolve(s: &MetaState, step: &Step) -> (Vec<Command>, bool) {
+    match step {
+        Step::Raw(cmd) => (vec![cmd.clone()], false),
+        Step::Plan { max_active, max_per_target } => {
+            let limits = JobLimits { max_active: *max_active, max_per_target: *max_per_target };
+            (plan_jobs(s, limits), true)
+        }
+        Step::Finish { pick, ok } => {
+            let active: Vec<u64> = s.jobs.values().filter(|j| j.is_active()).map(|j| j.id).collect();
+            let cmds = if active.is_empty() {
+                vec![]
+            } else {
+                vec![Command::FinishJob {
+                    job: active[pick % active.len()],
+                    ok: *ok,
+                    error: (!ok).then(|| "copy failed".into()),
+                    blocks_copied: 7,
+                }]
+            };
+            (cmds, true)
+        }
+        Step::Ack { pick } => {
+            let cmds = nth_volume(s, *pick)
+                .map(|v| Command::AckLayout { volume: v.id, epoch: v.epoch, gen: v.layout_gen })
+                .into_iter()
+                .collect();
+            (cmds, true)
+        }
+        Step::Eject { vol, chunk, member } => {
+            let cmd = nth_volume(s, *vol).and_then(|v| {
+                let i = chunk % v.chunks.len();
+                let c = &v.chunks[i];
+                let members: Vec<NodeId> =
+                    c.replicas.iter().filter(|r| r.role != Role::Ejected).map(|r| r.node).collect();
+                (!members.is_empty()).then(|| Command::Eject {
+                    volume: v.id,
+                    chunk: ChunkIdx(i as u32),
+                    version: c.version,
+                    node: members[member % members.len()],
+                })
+            });
+            (cmd.into_iter().collect(), false)
+        }
+        Step::Start { vol, chunk, kind, target, replaces } => {
+            let cmd = nth_volume(s, *vol).map(|v| {
+                let i = chunk % v.chunks.len();
+                let c = &v.chunks[i];
+                Command::StartJob {
+                    volume: v.id,
+                    chunk: ChunkIdx(i as u32),
+                    version: c.version,
+                    kind: *kind,
+                    target: NodeId(*target),
+                    replaces: replaces.map(|r| c.replicas[r % c.replicas.len()].node),
+                }
+            });
+            (cmd.into_iter().collect(), false)
+        }
+    }
+}
+
+fn role_of(c: &ChunkEntry, node: NodeId) -> Option<Role> {
+    c.replicas.iter().find(|r| r.node == node).map(|r| r.role)
+}
+
+/// Invariants of any reachable state.
 fn check_invariants(s: &MetaState) {
     let mut allocated: BTreeMap<NodeId, u64> = BTreeMap::new();
+    let active: Vec<&Job> = s.jobs.values().filter(|j| j.is_active()).collect();
+    let mut active_per_chunk: BTreeMap<(VolumeId, ChunkIdx), &Job> = BTreeMap::new();
+    for j in &active {
+        let prev = active_per_chunk.insert((j.volume, j.chunk), j);
+        assert!(prev.is_none(), "two active jobs on chunk {} of {}", j.chunk, j.volume);
+        let v = s.volumes.get(&j.volume).unwrap_or_else(|| panic!("active job {} on a deleted volume", j.id));
+        let c = &v.chunks[j.chunk.0 as usize];
+        assert_eq!(role_of(c, j.target), Some(Role::Rebuilding), "job {}: target is not rebuilding", j.id);
+        assert!(j.gen <= v.layout_gen, "job {}: gen from the future", j.id);
+        match j.kind {
+            JobKind::Rebuild => {
+                let r = j.replaces.unwrap_or_else(|| panic!("rebuild job {} replaces nothing", j.id));
+                assert!(role_of(c, r).is_some() && r != j.target, "job {}: replaced member {r} gone", j.id);
+            }
+            JobKind::Resync => assert_eq!(j.replaces, None, "resync job {} replaces a member", j.id),
+        }
+    }
     for v in s.volumes.values() {
         assert_eq!(v.chunks.len() as u64, v.size.div_ceil(v.chunk_size), "{}: chunk count", v.name);
+        assert!(v.acked_gen <= v.layout_gen, "{}: acked_gen {} > layout_gen {}", v.name, v.acked_gen, v.layout_gen);
         for (i, c) in v.chunks.iter().enumerate() {
+            let job = active_per_chunk.get(&(v.id, ChunkIdx(i as u32)));
             assert!(c.in_sync().count() >= v.min_in_sync, "{} chunk {i}: below min in-sync", v.name);
-            assert_eq!(c.replicas.len(), v.replicas, "{} chunk {i}: replica count", v.name);
+            let extra = usize::from(job.is_some_and(|j| j.kind == JobKind::Rebuild));
+            assert_eq!(c.replicas.len(), v.replicas + extra, "{} chunk {i}: replica count ({job:?})", v.name);
+            let distinct: BTreeSet<NodeId> = c.replicas.iter().map(|r| r.node).collect();
+            assert_eq!(distinct.len(), c.replicas.len(), "{} chunk {i}: a node twice", v.name);
+            // Rebuilding members are exactly the targets of active jobs.
+            let rebuilding: Vec<NodeId> =
+                c.replicas.iter().filter(|r| r.role == Role::Rebuilding).map(|r| r.node).collect();
+            assert_eq!(rebuilding, job.map(|j| j.target).into_iter().collect::<Vec<_>>(), "{} chunk {i}", v.name);
             for r in &c.replicas {
+                assert!(s.nodes.contains_key(&r.node), "{} chunk {i}: replica on a removed node", v.name);
                 *allocated.entry(r.node).or_default() += v.chunk_size;
             }
         }
@@ -49,57 +226,139 @@ fn check_invariants(s: &MetaState) {
     for n in s.nodes.values() {
         assert_eq!(n.allocated, allocated.get(&n.id).copied().unwrap_or(0), "node {} allocation", n.id.0);
     }
+    let finished = s.jobs.values().filter(|j| !j.is_active()).count();
+    assert!(finished <= FINISHED_JOBS_KEPT, "{finished} finished jobs kept");
+    assert!(s.jobs.keys().all(|&id| id < s.next_job), "job id not below next_job");
+}
+
+/// What one applied command may and must have changed.
+fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result<Response, MetaError>) {
+    let Ok(resp) = res else {
+        assert_eq!(after, before, "failed {cmd:?} changed the state");
+        return;
+    };
+    for (id, v) in &after.volumes {
+        let Some(b) = before.volumes.get(id) else { continue };
+        assert!(v.epoch >= b.epoch, "{}: epoch went back", v.name);
+        assert!(v.layout_gen >= b.layout_gen, "{}: layout_gen went back", v.name);
+        let mut changed = v.chunks.len() != b.chunks.len();
+        for (i, (c, cb)) in v.chunks.iter().zip(&b.chunks).enumerate() {
+            assert!(c.version >= cb.version, "{} chunk {i}: version went back", v.name);
+            if c.replicas != cb.replicas {
+                assert!(c.version > cb.version, "{} chunk {i}: set changed at the same version", v.name);
+            }
+            changed |= c.version != cb.version;
+        }
+        if changed {
+            assert!(v.layout_gen > b.layout_gen, "{}: layout changed without a new layout_gen ({cmd:?})", v.name);
+        }
+    }
+    match (cmd, resp) {
+        (Command::Attach { volume, .. }, Response::Epoch(e)) => {
+            assert_eq!(e.0, before.volumes[volume].epoch.0 + 1);
+            assert_eq!(after.volumes[volume].acked_gen, after.volumes[volume].layout_gen);
+        }
+        (Command::StartJob { volume, chunk, version, kind, target, replaces }, Response::Job(id)) => {
+            let j = &after.jobs[id];
+            assert!(j.is_active() && !before.jobs.contains_key(id));
+            assert_eq!((j.volume, j.chunk, j.kind, j.target, j.replaces), (*volume, *chunk, *kind, *target, *replaces));
+            let v = &after.volumes[volume];
+            assert_eq!(j.gen, v.layout_gen, "a job's gen is the layout that made its target a write target");
+            assert_eq!(v.chunks[chunk.0 as usize].version, version + 1);
+            assert_eq!(after.nodes[target].state, NodeState::Up, "job on a target that is not up");
+        }
+        (Command::FinishJob { job, ok, error, blocks_copied }, Response::Done) => {
+            let j = &before.jobs[job];
+            assert!(j.is_active(), "finished an inactive job");
+            if let Some(done) = after.jobs.get(job) {
+                let state = if *ok { JobState::Done } else { JobState::Failed };
+                assert_eq!((done.state, &done.error, done.blocks_copied), (state, error, *blocks_copied));
+            }
+            if let Some(v) = after.volumes.get(&j.volume) {
+                let c = &v.chunks[j.chunk.0 as usize];
+                match (ok, j.kind) {
+                    (true, _) => {
+                        assert_eq!(role_of(c, j.target), Some(Role::InSync), "done target not in sync");
+                        if let Some(old) = j.replaces.filter(|&o| o != j.target) {
+                            assert_eq!(role_of(c, old), None, "replaced member {old} still in the set");
+                        }
+                    }
+                    (false, JobKind::Rebuild) => assert_eq!(role_of(c, j.target), None, "failed rebuild kept target"),
+                    (false, JobKind::Resync) => {
+                        assert_eq!(role_of(c, j.target), Some(Role::Ejected), "failed resync target not ejected")
+                    }
+                }
+            }
+        }
+        (Command::Eject { volume, chunk, node, .. }, Response::Chunk(c)) => {
+            assert_eq!(c, &after.volumes[volume].chunks[chunk.0 as usize], "eject answers the current set");
+            let was = role_of(&before.volumes[volume].chunks[chunk.0 as usize], *node);
+            if c.version != before.volumes[volume].chunks[chunk.0 as usize].version {
+                // Ejected: it leaves the set; a rebuilding target fails its job.
+                assert_ne!(role_of(c, *node), Some(Role::InSync));
+                assert_ne!(role_of(c, *node), Some(Role::Rebuilding));
+                if was == Some(Role::Rebuilding) {
+                    assert!(after.active_job(*volume, *chunk).is_none(), "ejected target's job still active");
+                }
+            }
+        }
+        (Command::DeleteVolume { volume }, Response::Reclaim(_)) => {
+            assert!(!after.jobs.values().any(|j| j.is_active() && j.volume == *volume));
+        }
+        (Command::RemoveNode { id }, Response::Done) => assert!(!after.nodes.contains_key(id)),
+        _ => {}
+    }
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
 
     #[test]
     fn invariants_hold_and_failures_change_nothing(
         setup in prop::collection::vec((1u64..8, 0u8..4), 3..8),
-        rest in prop::collection::vec(arb_command(), 1..60),
+        steps in prop::collection::vec(arb_step(), 1..120),
     ) {
         // A few nodes first, so most runs have volumes to work on.
-        let mut cmds: Vec<Command> = setup
-            .into_iter()
-            .map(|(id, z)| Command::RegisterNode {
-                id: NodeId(id), addr: addr(id), zone: Zone(format!("z{z}")), capacity: 1 << 40, now_ms: 0 })
-            .collect();
-        cmds.extend(rest);
         let mut s = MetaState::new(11);
-        let mut epochs: BTreeMap<VolumeId, u64> = BTreeMap::new();
-        let mut versions: BTreeMap<(VolumeId, usize), u64> = BTreeMap::new();
-        for cmd in &cmds {
-            let before = s.clone();
-            match s.apply(cmd) {
-                Ok(Response::Epoch(e)) => {
-                    let Command::Attach { volume, .. } = cmd else { panic!("epoch from {cmd:?}") };
-                    let prev = epochs.insert(*volume, e.0).unwrap_or(0);
-                    prop_assert_eq!(e.0, before.volumes[volume].epoch.0 + 1);
-                    prop_assert!(e.0 > prev || before.volumes.get(volume).is_some_and(|v| v.epoch.0 < e.0));
+        let mut log: Vec<Command> = Vec::new();
+        let setup = setup.into_iter().map(|(id, z)| Step::Raw(Command::RegisterNode {
+            id: NodeId(id), addr: addr(id), zone: Zone(format!("z{z}")), capacity: 1 << 40, now_ms: 0 }));
+        let mut outcomes: BTreeMap<&'static str, usize> = BTreeMap::new();
+        for step in setup.chain(steps) {
+            let (cmds, must_succeed) = resolve(&s, &step);
+            for cmd in cmds {
+                let before = s.clone();
+                let res = s.apply(&cmd);
+                if must_succeed {
+                    prop_assert!(res.is_ok(), "{:?} from {:?} failed: {:?}", cmd, step, res);
                 }
-                Ok(_) => {}
-                Err(_) => prop_assert_eq!(&s, &before, "failed {:?} changed the state", cmd),
+                let what = match (&cmd, &res) {
+                    (Command::StartJob { kind: JobKind::Rebuild, .. }, Ok(_)) => "rebuild started",
+                    (Command::StartJob { kind: JobKind::Resync, .. }, Ok(_)) => "resync started",
+                    (Command::StartJob { .. }, Err(_)) => "start refused",
+                    (Command::FinishJob { ok: true, .. }, Ok(_)) => "job done",
+                    (Command::FinishJob { ok: false, .. }, Ok(_)) => "job failed",
+                    (_, Ok(_)) => "other ok",
+                    (_, Err(_)) => "other refused",
+                };
+                *outcomes.entry(what).or_default() += 1;
+                check_step(&before, &s, &cmd, &res);
+                check_invariants(&s);
+                log.push(cmd);
             }
-            for v in s.volumes.values() {
-                for (i, c) in v.chunks.iter().enumerate() {
-                    let prev = versions.insert((v.id, i), c.version);
-                    if let Some(p) = prev {
-                        // A deleted and recreated volume gets a new id, so ids are not reused.
-                        prop_assert!(c.version >= p, "chunk version went back");
-                    }
-                }
-            }
-            check_invariants(&s);
         }
-        // Determinism: replaying the log gives the same state; snapshots round-trip.
+        // Captured unless --nocapture: how much of the job machinery the run reached.
+        println!("{outcomes:?}");
+        // Determinism: replaying the log gives the same state; snapshots round-trip
+        // and plan the same jobs.
         let mut replay = MetaState::new(11);
-        for cmd in &cmds {
+        for cmd in &log {
             let _ = replay.apply(cmd);
         }
         prop_assert_eq!(&replay, &s);
         let snap = serde_json::to_vec(&s).expect("snapshot");
         let back: MetaState = serde_json::from_slice(&snap).expect("restore");
+        prop_assert_eq!(plan_jobs(&back, JobLimits::default()), plan_jobs(&s, JobLimits::default()));
         prop_assert_eq!(back, s);
     }
 }
@@ -182,4 +441,147 @@ fn attach_bumps_the_epoch_and_eject_respects_min_in_sync() {
     let Ok(Response::Reclaim(r)) = s.apply(&Command::DeleteVolume { volume: id }) else { panic!("delete") };
     assert_eq!(r.len(), 3, "every replica node reclaims");
     assert!(s.nodes.values().all(|n| n.allocated == 0));
+}
+
+fn start(
+    volume: VolumeId,
+    chunk: u32,
+    version: u64,
+    kind: JobKind,
+    target: NodeId,
+    replaces: Option<NodeId>,
+) -> Command {
+    Command::StartJob { volume, chunk: ChunkIdx(chunk), version, kind, target, replaces }
+}
+
+fn finish(job: u64, ok: bool) -> Command {
+    Command::FinishJob { job, ok, error: (!ok).then(|| "copy failed".into()), blocks_copied: 0 }
+}
+
+/// A node of the test cluster that holds no replica of the chunk, in the zone of `like`.
+fn spare_in_zone_of(s: &MetaState, c: &ChunkEntry, like: NodeId) -> NodeId {
+    let zone = &s.nodes[&like].zone;
+    *s.nodes
+        .values()
+        .find(|n| &n.zone == zone && role_of(c, n.id).is_none())
+        .map(|n| &n.id)
+        .expect("a spare node in the zone")
+}
+
+#[test]
+fn job_lifecycle_rebuild_resync_and_their_failures() {
+    let mut s = three_zones();
+    let Response::Volume(id) = s.apply(&create("v", 4 * CHUNK, 3, 2)).expect("create") else { panic!() };
+    let c0 = s.volumes[&id].chunks[0].clone();
+    let old = c0.replicas[0].node;
+    let new = spare_in_zone_of(&s, &c0, old);
+
+    // The job's shape is checked: a rebuild replaces one member, a resync none.
+    let bad = s.apply(&start(id, 0, 1, JobKind::Rebuild, new, None));
+    assert!(matches!(bad, Err(MetaError::InvalidArgument { ref param, .. }) if param == "replaces"), "{bad:?}");
+    let bad = s.apply(&start(id, 0, 1, JobKind::Resync, old, Some(old)));
+    assert!(matches!(bad, Err(MetaError::InvalidArgument { ref param, .. }) if param == "replaces"), "{bad:?}");
+    // Stale version, a target already in the set, a target not up: refused.
+    assert!(matches!(s.apply(&start(id, 0, 7, JobKind::Rebuild, new, Some(old))), Err(MetaError::Conflict(_))));
+    let member = c0.replicas[1].node;
+    assert!(matches!(s.apply(&start(id, 0, 1, JobKind::Rebuild, member, Some(old))), Err(MetaError::Conflict(_))));
+    s.apply(&Command::SetNodeState { id: new, state: NodeState::Cordoned }).expect("cordon");
+    assert!(matches!(s.apply(&start(id, 0, 1, JobKind::Rebuild, new, Some(old))), Err(MetaError::Conflict(_))));
+    s.apply(&Command::SetNodeState { id: new, state: NodeState::Up }).expect("uncordon");
+
+    // Rebuild: the target writes from the job's gen on; the job may copy once the
+    // attached front end acked that layout.
+    let e = match s.apply(&Command::Attach { volume: id, node: NodeId(1) }) {
+        Ok(Response::Epoch(e)) => e,
+        other => panic!("attach: {other:?}"),
+    };
+    let (new_alloc, old_alloc) = (s.nodes[&new].allocated, s.nodes[&old].allocated);
+    let Ok(Response::Job(j)) = s.apply(&start(id, 0, 1, JobKind::Rebuild, new, Some(old))) else { panic!("start") };
+    assert!(matches!(s.apply(&start(id, 0, 2, JobKind::Rebuild, new, Some(old))), Err(MetaError::Conflict(_))));
+    let job = s.jobs[&j].clone();
+    assert_eq!((job.gen, s.volumes[&id].layout_gen), (2, 2), "attach acked gen 1, the start made gen 2");
+    assert!(!s.job_ready(&job), "front end still writes with gen 1");
+    s.apply(&Command::AckLayout { volume: id, epoch: Epoch(e.0 - 1), gen: 2 }).expect("stale ack");
+    assert!(!s.job_ready(&job), "an older attachment does not speak for the writes");
+    s.apply(&Command::AckLayout { volume: id, epoch: e, gen: 9 }).expect("future ack");
+    assert_eq!(s.volumes[&id].acked_gen, 1, "a gen that does not exist yet is not acked");
+    s.apply(&Command::AckLayout { volume: id, epoch: e, gen: 2 }).expect("ack");
+    assert!(s.job_ready(&job));
+    assert_eq!(s.nodes[&new].allocated, new_alloc + CHUNK, "the target reserves the chunk from the start");
+    s.apply(&finish(j, true)).expect("finish");
+    assert_eq!(s.nodes[&old].allocated, old_alloc - CHUNK, "the replaced member releases it at the end");
+    let c = &s.volumes[&id].chunks[0];
+    assert_eq!((role_of(c, new), role_of(c, old), c.replicas.len()), (Some(Role::InSync), None, 3));
+    assert_eq!(s.jobs[&j].state, JobState::Done);
+    assert!(matches!(s.apply(&finish(j, true)), Err(MetaError::Conflict(_))), "finished twice");
+    assert_eq!(s.apply(&finish(999, true)), Err(MetaError::UnknownJob(999)));
+
+    // A rebuild whose target the front end ejects fails; the partial replica leaves.
+    s.apply(&Command::Detach { volume: id, epoch: Epoch(e.0 - 1) }).expect("stale detach");
+    assert_eq!(s.volumes[&id].attached_to, Some(NodeId(1)), "a stale detach keeps the lease");
+    s.apply(&Command::Detach { volume: id, epoch: e }).expect("detach");
+    assert_eq!(s.volumes[&id].attached_to, None);
+    let c1 = s.volumes[&id].chunks[1].clone();
+    let (old1, new1) = (c1.replicas[0].node, spare_in_zone_of(&s, &c1, c1.replicas[0].node));
+    let new1_alloc = s.nodes[&new1].allocated;
+    let Ok(Response::Job(j1)) = s.apply(&start(id, 1, 1, JobKind::Rebuild, new1, Some(old1))) else { panic!() };
+    assert!(s.job_ready(&s.jobs[&j1]), "no front end attached: ready at once");
+    let Ok(Response::Chunk(after)) =
+        s.apply(&Command::Eject { volume: id, chunk: ChunkIdx(1), version: 2, node: new1 })
+    else {
+        panic!("eject")
+    };
+    assert_eq!((after.version, role_of(&after, new1), after.replicas.len()), (4, None, 3));
+    assert_eq!(s.jobs[&j1].state, JobState::Failed);
+    assert_eq!(s.nodes[&new1].allocated, new1_alloc, "the failed target releases its reservation");
+
+    // Resync: an ejected member comes back in place; failed, it stays ejected.
+    let c2 = s.volumes[&id].chunks[2].clone();
+    let y = c2.replicas[2].node;
+    s.apply(&Command::Eject { volume: id, chunk: ChunkIdx(2), version: 1, node: y }).expect("eject");
+    let Ok(Response::Job(j2)) = s.apply(&start(id, 2, 2, JobKind::Resync, y, None)) else { panic!() };
+    s.apply(&finish(j2, false)).expect("fail");
+    assert_eq!(role_of(&s.volumes[&id].chunks[2], y), Some(Role::Ejected));
+    let Ok(Response::Job(j3)) = s.apply(&start(id, 2, 4, JobKind::Resync, y, None)) else { panic!() };
+    s.apply(&finish(j3, true)).expect("done");
+    let c2 = &s.volumes[&id].chunks[2];
+    assert_eq!((c2.in_sync().count(), c2.replicas.len(), c2.version), (3, 3, 6));
+    check_invariants(&s);
+
+    // A node is forgotten only once it holds nothing.
+    assert!(matches!(s.apply(&Command::RemoveNode { id: new }), Err(MetaError::NodeInUse { .. })));
+    s.apply(&Command::DeleteVolume { volume: id }).expect("delete");
+    s.apply(&Command::RemoveNode { id: new }).expect("remove");
+    assert_eq!(s.apply(&Command::RemoveNode { id: new }), Err(MetaError::UnknownNode(new)));
+    check_invariants(&s);
+}
+
+#[test]
+fn finished_jobs_stay_bounded_when_a_delete_fails_active_jobs() {
+    let mut s = three_zones();
+    let Response::Volume(id) = s.apply(&create("v", 8 * CHUNK, 3, 2)).expect("create") else { panic!() };
+    // One chunk resynced over and over: more finished jobs than are kept.
+    for _ in 0..FINISHED_JOBS_KEPT + 10 {
+        let c = s.volumes[&id].chunks[0].clone();
+        let y = c.replicas[0].node;
+        s.apply(&Command::Eject { volume: id, chunk: ChunkIdx(0), version: c.version, node: y }).expect("eject");
+        let Ok(Response::Job(j)) = s.apply(&start(id, 0, c.version + 1, JobKind::Resync, y, None)) else { panic!() };
+        s.apply(&finish(j, true)).expect("finish");
+    }
+    assert_eq!(s.jobs.len(), FINISHED_JOBS_KEPT);
+    // Active jobs on other chunks fail with the volume.
+    let mut active = Vec::new();
+    for chunk in 1..4u32 {
+        let c = s.volumes[&id].chunks[chunk as usize].clone();
+        let y = c.replicas[0].node;
+        s.apply(&Command::Eject { volume: id, chunk: ChunkIdx(chunk), version: 1, node: y }).expect("eject");
+        let Ok(Response::Job(j)) = s.apply(&start(id, chunk, 2, JobKind::Resync, y, None)) else { panic!() };
+        active.push(j);
+    }
+    s.apply(&Command::DeleteVolume { volume: id }).expect("delete");
+    assert_eq!(s.jobs.len(), FINISHED_JOBS_KEPT, "finished jobs kept after a delete");
+    for j in active {
+        assert_eq!((s.jobs[&j].state, s.jobs[&j].error.as_deref()), (JobState::Failed, Some("volume deleted")));
+    }
+    check_invariants(&s);
 }
