@@ -128,7 +128,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let nbd = NbdListeners::bind(Some(a.nbd), a.socket.as_deref(), false).await?;
     let (volume, membership) =
         export::attach_meta(meta.clone(), &a.name, ballast_types::NodeId(1), Duration::from_secs(5)).await?;
-    let follow = tokio::spawn(export::follow_layout(volume.clone(), membership, Duration::from_secs(1), stop.clone()));
+    let follow = tokio::spawn(export::follow_layout(volume.clone(), membership, export::LAYOUT_POLL, stop.clone()));
     print_banner(&a.data, &endpoints, &volume, &nbd)?;
     nbd.announce(volume.name())?;
     nbd.serve(volume.clone(), stop, Duration::from_secs(10)).await?;

@@ -59,6 +59,11 @@ pub async fn attach_meta(
     Ok((volume, membership))
 }
 
+/// How often an attached front end asks meta for a newer layout. A copy job waits
+/// for the front end to acknowledge its target, so this bounds that wait; the
+/// poll is a local read on any member.
+pub const LAYOUT_POLL: Duration = Duration::from_millis(250);
+
 /// Follows the volume's layout while it is attached: every `every`, fetches it
 /// from meta, installs a newer generation into the front end (which returns only
 /// once writes go to the new targets, see `Volume::apply_layout`), and then
@@ -240,7 +245,7 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
             };
             let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
             let (volume, membership) = attach_meta(meta.clone(), name, NodeId(node), a.io_timeout).await?;
-            let follow = tokio::spawn(follow_layout(volume.clone(), membership, Duration::from_secs(1), stop.clone()));
+            let follow = tokio::spawn(follow_layout(volume.clone(), membership, LAYOUT_POLL, stop.clone()));
             listeners.announce(volume.name())?;
             listeners.serve(volume.clone(), stop, Duration::from_secs(30)).await?;
             let _ = follow.await;

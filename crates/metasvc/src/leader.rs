@@ -103,7 +103,17 @@ async fn round(core: &Core, d: &Detector, since: Instant) -> Result<(), tonic::S
             .await?;
     }
     let starts = core.read(|s| plan::plan_jobs(s, d.limits)).await;
+    // A target must be heard from lately: a node that just died is still "up"
+    // until `suspect_after`, and a copy onto it would only fail and churn the
+    // layout.
+    let fresh = d.suspect_after.min(Duration::from_secs(3)) / 2;
     for cmd in starts {
+        if let Command::StartJob { target, .. } = &cmd {
+            let heard = seen.get(target).copied().map_or(since, |t| t.max(since));
+            if now.saturating_duration_since(heard) > fresh {
+                continue;
+            }
+        }
         if let Command::StartJob { volume, chunk, kind, target, replaces, .. } = &cmd {
             info!(%volume, %chunk, ?kind, %target, replaces = ?replaces, "starting copy job");
         }
