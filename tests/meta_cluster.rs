@@ -352,11 +352,22 @@ fn meta_leader_killed_during_creates_while_fio_verifies() {
     }
     let out = fio.join().expect("fio thread");
     assert!(out.status.success(), "fio verify failed during leader kills: {}", String::from_utf8_lossy(&out.stdout));
-    let vols = ctl(&meta, &["volume", "list"]);
-    let names: Vec<&str> =
-        vols["volumes"].as_array().expect("volumes").iter().map(|v| v["name"].as_str().expect("name")).collect();
+    // Admin reads go to the leader, so every acknowledged create is listed (a new
+    // leader may need a moment to apply what it committed).
+    let listed = |c: &Cluster| -> Vec<String> {
+        let vols = ctl(&c.meta(), &["volume", "list"]);
+        vols["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .map(|v| v["name"].as_str().expect("name").to_string())
+            .collect()
+    };
+    wait_until("every created volume listed", Duration::from_secs(10), || {
+        let names = listed(&c);
+        created.iter().all(|n| names.contains(n))
+    });
     for n in &created {
-        assert!(names.contains(&n.as_str()), "{n} missing after leader kills: {names:?}");
         // All or nothing: every chunk of a created volume is placed.
         let l = c.inspect(n);
         let chunks = l["chunks"].as_array().expect("chunks");

@@ -245,6 +245,20 @@ macro_rules! forward {
     };
 }
 
+/// Admin reads go to the leader too when there is one, so that an operator sees
+/// their own writes (`volume create` then `volume list`) even when the member
+/// they reach has just restarted and lags. Without a leader the member answers
+/// from its own state rather than fail.
+macro_rules! forward_read {
+    ($core:expr, $req:ident, $client:ident, $method:ident) => {
+        if let Ok(Route::Leader(ch)) = $core.route(&$req) {
+            let mut fwd = Request::new($req.into_inner());
+            fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            return $client::new(ch).$method(fwd).await.map_err(proxy_status);
+        }
+    };
+}
+
 // ------------------------------------------------------------------ Raft
 
 pub struct RaftSvc(pub(crate) Core);
@@ -440,6 +454,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Reply<pb::ListNodesResponse>, Status> {
+        forward_read!(self.0, _req, AdminClient, list_nodes);
         let seen = self.0.last_seen();
         let used = self.0.soft.used.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut nodes: Vec<pb::Node> =
@@ -507,11 +522,13 @@ impl pb::admin_server::Admin for AdminSvc {
         &self,
         _req: Request<pb::ListVolumesRequest>,
     ) -> Result<Reply<pb::ListVolumesResponse>, Status> {
+        forward_read!(self.0, _req, AdminClient, list_volumes);
         let volumes = self.0.read(|s| s.volumes.values().map(convert::volume).collect()).await;
         Ok(Reply::new(pb::ListVolumesResponse { volumes }))
     }
 
     async fn inspect_volume(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Reply<pb::VolumeLayout>, Status> {
+        forward_read!(self.0, req, AdminClient, inspect_volume);
         let id = self.0.volume_id(&req.into_inner().volume).await?;
         self.0.layout_reply(id).await.map(Reply::new)
     }
@@ -540,6 +557,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Reply<pb::ListJobsResponse>, Status> {
+        forward_read!(self.0, req, AdminClient, list_jobs);
         let all = req.into_inner().all;
         let (seen, progress) = (self.0.last_seen(), self.0.progress());
         let jobs = self
@@ -556,6 +574,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn what_if(&self, req: Request<pb::WhatIfRequest>) -> Result<Reply<pb::WhatIfResponse>, Status> {
+        forward_read!(self.0, req, AdminClient, what_if);
         let failure = match req.into_inner().target {
             Some(pb::what_if_request::Target::Node(n)) => Failure::Node(node_id("node", n)?),
             Some(pb::what_if_request::Target::Zone(z)) if !z.is_empty() => Failure::Zone(Zone(z)),
