@@ -231,16 +231,18 @@ fn proxy_status(s: Status) -> Status {
     }
 }
 
+/// The call as this member proxies it: the same message, marked [`FORWARDED`].
+fn marked<T>(req: Request<T>) -> Request<T> {
+    let mut fwd = Request::new(req.into_inner());
+    fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    fwd
+}
+
 /// Proxies the call to the leader when this member does not lead.
 macro_rules! forward {
     ($core:expr, $req:ident, $client:ident, $method:ident) => {
-        match $core.route(&$req)? {
-            Route::Local => {}
-            Route::Leader(ch) => {
-                let mut fwd = Request::new($req.into_inner());
-                fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-                return $client::new(ch).$method(fwd).await.map_err(proxy_status);
-            }
+        if let Route::Leader(ch) = $core.route(&$req)? {
+            return $client::new(ch).$method(marked($req)).await.map_err(proxy_status);
         }
     };
 }
@@ -252,9 +254,7 @@ macro_rules! forward {
 macro_rules! forward_read {
     ($core:expr, $req:ident, $client:ident, $method:ident) => {
         if let Ok(Route::Leader(ch)) = $core.route(&$req) {
-            let mut fwd = Request::new($req.into_inner());
-            fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-            return $client::new(ch).$method(fwd).await.map_err(proxy_status);
+            return $client::new(ch).$method(marked($req)).await.map_err(proxy_status);
         }
     };
 }
