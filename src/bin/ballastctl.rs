@@ -131,6 +131,10 @@ struct CreateArgs {
     /// Zones to place replicas in (comma-separated) [default: any].
     #[arg(long, value_delimiter = ',')]
     zones: Vec<String>,
+    /// `required`: never two replicas of a chunk in one zone (creation fails when
+    /// zones run short); `preferred`: as even as the zones allow.
+    #[arg(long, default_value = "preferred", value_parser = ["preferred", "required"])]
+    zone_spread: String,
 }
 
 #[derive(Args, Debug)]
@@ -296,6 +300,11 @@ async fn volume(client: &MetaClient, out: Output, cmd: VolumeCommand) -> anyhow:
                 replicas: a.replicas.unwrap_or(0),
                 min_in_sync: a.min_in_sync.unwrap_or(0),
                 zones: a.zones,
+                zone_spread: if a.zone_spread == "required" {
+                    pb::ZoneSpread::Required
+                } else {
+                    pb::ZoneSpread::Preferred
+                } as i32,
             };
             let v = client.create_volume(req).await?;
             emit(out, volume_json(&v), || volumes_table(std::slice::from_ref(&v)))
@@ -500,6 +509,8 @@ fn volume_json(v: &pb::Volume) -> Value {
         "replicas": v.replicas,
         "min_in_sync": v.min_in_sync,
         "zones": v.zones,
+        "zone_spread": spread_text(v.zone_spread),
+        "published_node": v.published_node,
         "epoch": v.epoch,
         "attached_to": v.attached_to,
         "layout_gen": v.layout_gen,
@@ -694,6 +705,13 @@ fn volumes_table(vols: &[pb::Volume]) -> String {
     t.render()
 }
 
+fn spread_text(z: i32) -> &'static str {
+    match pb::ZoneSpread::try_from(z) {
+        Ok(pb::ZoneSpread::Required) => "required",
+        _ => "preferred",
+    }
+}
+
 fn zones_text(z: &[String]) -> String {
     if z.is_empty() {
         "any".into()
@@ -789,8 +807,17 @@ fn inspect_text(l: &pb::VolumeLayout, max_chunks: Option<usize>) -> String {
         pairs.push(("Size", format!("{size} in {} chunks of {}", l.chunks.len(), format_size(v.chunk_size_bytes))));
         pairs.push((
             "Replication",
-            format!("{} replicas per chunk, min-in-sync {}, zones {}", v.replicas, v.min_in_sync, zones_text(&v.zones)),
+            format!(
+                "{} replicas per chunk, min-in-sync {}, zones {} (spread {})",
+                v.replicas,
+                v.min_in_sync,
+                zones_text(&v.zones),
+                spread_text(v.zone_spread)
+            ),
         ));
+        if v.published_node != 0 {
+            pairs.push(("Published", format!("to node {}", v.published_node)));
+        }
         pairs.push((
             "Attached",
             if v.attached_to == 0 {

@@ -154,7 +154,11 @@ pub struct Volume<M: Membership, R: ReplicaIo> {
     id: VolumeId,
     name: String,
     epoch: Epoch,
-    size: u64,
+    /// Bytes served. Only grows (a layout with a larger size, see
+    /// `apply_layout`). Invariant: every chunk below `size` has its state in
+    /// `chunks` before `size` is raised (release store, acquire loads), so an
+    /// in-range request always finds its chunks.
+    size: AtomicU64,
     chunk_size: u64,
     min_in_sync: AtomicUsize,
     local_node: Option<NodeId>,
@@ -166,7 +170,8 @@ pub struct Volume<M: Membership, R: ReplicaIo> {
     connect: Connector<R>,
     /// One `apply_layout` at a time.
     reconfigure: AsyncMutex<()>,
-    chunks: Vec<ChunkState>,
+    /// Index = chunk index; appended to (never removed from) when the volume grows.
+    chunks: boxcar::Vec<ChunkState>,
     /// Counter half of the next write's Seq; the epoch half is this attachment's.
     next_seq: AtomicU64,
     stopped: AtomicBool,
@@ -226,7 +231,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             id: volume,
             name: layout.name.clone(),
             epoch,
-            size: layout.size,
+            size: AtomicU64::new(layout.size),
             chunk_size: layout.chunk_size,
             min_in_sync: AtomicUsize::new(layout.min_in_sync),
             local_node: options.local_node,
@@ -237,7 +242,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             )),
             connect: Box::new(connect),
             reconfigure: AsyncMutex::new(()),
-            chunks: layout.chunks.into_iter().map(ChunkState::new).collect(),
+            chunks: layout.chunks.into_iter().map(ChunkState::new).collect::<boxcar::Vec<_>>(),
             next_seq: AtomicU64::new(1),
             stopped: AtomicBool::new(false),
             inflight: Semaphore::new(max_inflight as usize),
@@ -312,9 +317,11 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     /// the caller must apply a newer layout before it relies on the guarantee
     /// below for them;
     /// a layout of another volume, or one with a different chunk size or a
-    /// smaller size, is an error and changes nothing. A larger size is not
-    /// served until the next attach (the chunks beyond this attachment's size
-    /// are ignored).
+    /// smaller size, is an error and changes nothing. A larger size (the volume
+    /// grew) is served once this returns: the new chunks' nodes are connected
+    /// and told the epoch like any new member, then their states are added, and
+    /// only then is the size raised. Only a volume of whole chunks grows (a
+    /// replica's chunk file has the chunk's length from its creation).
     ///
     /// Nodes the new sets name that this volume has no connection to (or whose
     /// address changed) are connected with the attach-time connector and told
@@ -348,16 +355,17 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         if layout.chunk_size != self.chunk_size {
             return bad(format!("chunk size changed from {} to {}", self.chunk_size, layout.chunk_size));
         }
-        if layout.size < self.size {
-            return bad(format!("size shrank from {} to {}", self.size, layout.size));
+        let size = self.size.load(Ordering::Acquire);
+        if layout.size < size {
+            return bad(format!("size shrank from {size} to {}", layout.size));
+        }
+        if layout.size > size && !size.is_multiple_of(self.chunk_size) {
+            return bad(format!("grew from {size} bytes, not a whole number of {}-byte chunks", self.chunk_size));
         }
         if self.is_stopped() {
             return Err(FrontendError::Stopped(self.id));
         }
         let _one_layout_at_a_time = self.reconfigure.lock().await;
-        if layout.size > self.size {
-            info!(volume = %self.id, size = self.size, new_size = layout.size, "volume grew: the new size is served from the next attach");
-        }
         if layout.min_in_sync != self.min_in_sync() {
             info!(volume = %self.id, from = self.min_in_sync(), to = layout.min_in_sync, "min-in-sync changed");
             self.min_in_sync.store(layout.min_in_sync, Ordering::Relaxed);
@@ -367,7 +375,12 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         //    chunk's locks before the swap (an ejection may have moved on).
         let mut changed: Vec<(ChunkIdx, ReplicaSet)> = Vec::new();
         let mut outdated: Vec<ChunkIdx> = Vec::new();
-        for (i, (state, next)) in self.chunks.iter().zip(&layout.chunks).enumerate() {
+        let have = self.chunks.count();
+        // The chunks a growth added (under `reconfigure`: nothing else appends).
+        let mut added: Vec<(ChunkIdx, ReplicaSet)> =
+            layout.chunks.iter().enumerate().skip(have).map(|(i, c)| (ChunkIdx(i as u32), c.clone())).collect();
+        for (i, next) in layout.chunks.iter().enumerate().take(have) {
+            let state = &self.chunks[i];
             let behind = state.membership.lock().await.behind;
             match compare(next, &state.snapshot(), behind) {
                 Verdict::Install => changed.push((ChunkIdx(i as u32), next.clone())),
@@ -375,7 +388,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                 Verdict::Outdated => outdated.push(ChunkIdx(i as u32)),
             }
         }
-        if changed.is_empty() && outdated.is_empty() {
+        if changed.is_empty() && outdated.is_empty() && added.is_empty() {
             return Ok(0);
         }
 
@@ -383,7 +396,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         //    any set names them.
         let nodes = self.nodes();
         let mut fresh: Vec<NodeConn<R>> = Vec::new();
-        for (_, set) in &changed {
+        for (_, set) in changed.iter().chain(&added) {
             for n in set.write_targets() {
                 let Some(replica) = layout.node(n) else { continue }; // validated: cannot happen
                 let known = nodes.get(&n).is_some_and(|c| c.replica.addr == replica.addr);
@@ -423,7 +436,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
 
         // 3. Eject the nodes that could not take the epoch from the new sets,
         //    durably, before they are installed (no write waits for them).
-        for (chunk, set) in &mut changed {
+        for (chunk, set) in changed.iter_mut().chain(added.iter_mut()) {
             for &(node, reason) in &unreachable {
                 if set.is_member(node) {
                     *set = self.membership.eject(self.id, *chunk, set.version, node, reason).await?;
@@ -463,6 +476,18 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             state.install(installed.set);
             count += 1;
         }
+
+        // 5. Growth: the new chunks' states, then the size that reaches them.
+        if !added.is_empty() {
+            let n = added.len() as u64;
+            for (chunk, set) in added {
+                let at = self.chunks.push(ChunkState::new(set));
+                debug_assert_eq!(at, chunk.0 as usize, "chunk states are appended in index order");
+            }
+            self.size.store(layout.size, Ordering::Release);
+            info!(volume = %self.id, from = size, to = layout.size, chunks = self.chunks.count(), "volume grew: serving the new size");
+            count += n;
+        }
         if !outdated.is_empty() {
             warn!(volume = %self.id, chunks = ?outdated, "layout outdated for some chunks: a newer layout must be applied");
             return Err(FrontendError::LayoutOutdated { volume: self.id, chunks: outdated, installed: count });
@@ -476,7 +501,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
 
     fn chunk_len(&self, chunk: ChunkIdx) -> u64 {
         let start = u64::from(chunk.0) * self.chunk_size;
-        self.chunk_size.min(self.size - start)
+        self.chunk_size.min(self.size.load(Ordering::Acquire).saturating_sub(start))
     }
 
     fn next_seq(&self) -> Seq {
@@ -527,7 +552,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        check_range(offset, len, self.size, BLOCK_SIZE, u64::from(self.max_request()))
+        check_range(offset, len, self.size(), BLOCK_SIZE, u64::from(self.max_request()))
     }
 
     // ---- membership changes -------------------------------------------------
@@ -581,7 +606,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
 
     /// Ejects `node` from every chunk whose set (in sync or rebuilding) holds it.
     async fn eject_everywhere(&self, node: NodeId, reason: EjectReason) -> Result<(), FrontendError> {
-        for (i, c) in self.chunks.iter().enumerate() {
+        for (i, c) in self.chunks.iter() {
             if c.snapshot().is_member(node) {
                 self.eject(ChunkIdx(i as u32), node, reason).await?;
             }
@@ -607,7 +632,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             }
             WritePlan::Fail(WriteFailure::Invalid(m)) => {
                 warn!(volume = %self.id, chunk = chunk.0, message = %m, "replica rejected a request as invalid");
-                Err(BlockError::OutOfRange { offset: u64::from(chunk.0) * self.chunk_size, len: 0, size: self.size })
+                Err(BlockError::OutOfRange { offset: u64::from(chunk.0) * self.chunk_size, len: 0, size: self.size() })
             }
             WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining, rebuilding_failed }) => {
                 let min = self.min_in_sync();
@@ -683,7 +708,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     /// `rebuilding` also those rebuilding one.
     fn holders(&self, rebuilding: bool) -> BTreeSet<NodeId> {
         let mut s = BTreeSet::new();
-        for c in &self.chunks {
+        for (_, c) in self.chunks.iter() {
             let set = c.snapshot();
             s.extend(set.in_sync.iter().copied());
             if rebuilding {
@@ -1003,7 +1028,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                 }
                 Reaction::Invalid(m) => {
                     warn!(volume = %self.id, chunk = p.chunk.0, message = %m, "replica rejected a read as invalid");
-                    return Err(BlockError::OutOfRange { offset: p.offset, len: p.len, size: self.size });
+                    return Err(BlockError::OutOfRange { offset: p.offset, len: p.len, size: self.size() });
                 }
                 Reaction::Missing => missing = true,
                 Reaction::Repair => {
@@ -1214,7 +1239,7 @@ fn validate_layout(volume: VolumeId, l: &VolumeLayout) -> Result<(), FrontendErr
 /// (backpressure), split at chunk boundaries, pieces in parallel.
 impl<M: Membership, R: ReplicaIo> BlockDev for Volume<M, R> {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn block_size(&self) -> u32 {

@@ -12,7 +12,8 @@ use ballast_blockdev::{conformance, BlockDev, BlockError};
 use ballast_chunkstore::{ChunkStore, StoreOptions};
 use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
 use ballast_frontend::{
-    tcp_connector, EjectReason, FrontendError, Membership, StaticConfig, StaticMembership, Volume, VolumeOptions,
+    tcp_connector, EjectReason, FrontendError, Membership, ReplicaSet, StaticConfig, StaticMembership, Volume,
+    VolumeOptions,
 };
 use ballast_replica::{ClientOptions, ReplicaClient, ReplicaServer, ServerOptions};
 use ballast_types::{ChunkId, ChunkIdx, Epoch, NodeId, Seq, VolumeId, Zone};
@@ -526,4 +527,54 @@ async fn apply_layout_waits_for_writes_to_the_old_set_and_later_writes_reach_the
     for i in 0..=RACING + 16 {
         assert_eq!(v.read(block(i), 4096).await.unwrap(), expect(i), "write {i}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_grows_while_attached() {
+    let nodes = vec![start_node().await, start_node().await];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.toml");
+    let m = Arc::new(StaticMembership::create(&path, config(&nodes, 2 * MIB, MIB, 2)).unwrap());
+    let v = attach_with(m.clone(), 1).await;
+    v.write(MIB, pattern(4096, 1), false).await.unwrap();
+    let beyond = v.write(3 * MIB, pattern(4096, 2), false).await;
+    assert!(matches!(beyond, Err(BlockError::OutOfRange { .. })), "{beyond:?}");
+
+    // The provider grew the volume to 4 chunks: the new ones are placed on the
+    // same nodes (a fresh set at version 1).
+    let mut grown = m.layout().await;
+    grown.size = 4 * MIB;
+    let fresh = ReplicaSet { version: 1, in_sync: vec![NodeId(1), NodeId(2)], rebuilding: vec![], ejected: vec![] };
+    grown.chunks.extend([fresh.clone(), fresh]);
+    assert_eq!(v.apply_layout(&grown).await.unwrap(), 2, "two chunks added");
+    assert_eq!(v.size(), 4 * MIB);
+    assert_eq!(v.apply_layout(&grown).await.unwrap(), 0, "applied once");
+    v.write(3 * MIB, pattern(4096, 2), false).await.unwrap();
+    v.flush().await.unwrap();
+    assert_eq!(v.read(3 * MIB, 4096).await.unwrap(), pattern(4096, 2));
+    assert_eq!(v.read(MIB, 4096).await.unwrap(), pattern(4096, 1), "old data kept");
+    assert_eq!(v.read(2 * MIB, 4096).await.unwrap(), Bytes::from(vec![0u8; 4096]), "new space reads zeroes");
+    for n in &nodes {
+        assert_eq!(stored(&direct(n.addr), 3, 0, 4096, v.epoch()).await.unwrap(), pattern(4096, 2));
+    }
+    // Shrinking is refused and changes nothing.
+    let mut shrunk = grown.clone();
+    shrunk.size = 3 * MIB;
+    shrunk.chunks.truncate(3);
+    assert!(matches!(v.apply_layout(&shrunk).await, Err(FrontendError::Layout { .. })));
+    assert_eq!(v.size(), 4 * MIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_with_a_partial_last_chunk_does_not_grow() {
+    let nodes = vec![start_node().await];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vol.toml");
+    let m = Arc::new(StaticMembership::create(&path, config(&nodes, MIB + 8192, MIB, 1)).unwrap());
+    let v = attach_with(m.clone(), 1).await;
+    let mut grown = m.layout().await;
+    grown.size = 3 * MIB;
+    grown.chunks.push(ReplicaSet { version: 1, in_sync: vec![NodeId(1)], rebuilding: vec![], ejected: vec![] });
+    assert!(matches!(v.apply_layout(&grown).await, Err(FrontendError::Layout { .. })));
+    assert_eq!(v.size(), MIB + 8192);
 }

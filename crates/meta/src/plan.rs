@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use ballast_placement::{self as placement, ChunkKey, Request};
 use ballast_types::{ChunkIdx, NodeId, VolumeId, Zone};
 
-use crate::state::{ChunkEntry, Command, JobKind, MetaState, NodeState, Role, Volume};
+use crate::state::{ChunkEntry, Command, JobKind, MetaState, NodeState, Role, Volume, VolumeSpec};
 
 /// Limits of the rebuild scheduler: copies compete with client I/O, so only so
 /// many run at once, in total and per target node. Spreading them over many
@@ -69,7 +69,7 @@ pub fn plan_jobs(state: &MetaState, limits: JobLimits) -> Vec<Command> {
             }) {
                 let map = map.get_or_insert_with(|| state.cluster_map());
                 let current: Vec<NodeId> = c.replicas.iter().map(|r| r.node).collect();
-                let req = Request { replicas: current.len(), chunk_size: v.chunk_size, zones: v.zones.clone() };
+                let req = Request { replicas: current.len(), ..VolumeSpec::of(v).placement_request() };
                 let key = ChunkKey { volume: v.id, chunk };
                 match placement::replace(map, key, &req, &current, failed.node) {
                     Ok(set) => set

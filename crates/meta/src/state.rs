@@ -15,6 +15,10 @@
 //!   member; it holds the volume's `replicas` members, one more during a rebuild;
 //! - `layout_gen` rises with every chunk version change; `acked_gen <= layout_gen`;
 //! - at most [`FINISHED_JOBS_KEPT`] finished jobs are kept;
+//! - a volume is published to at most one node (single-node-writer), and only
+//!   an unpublished volume can be deleted;
+//! - a volume with `zone_spread: required` never has two replicas of a chunk in
+//!   one zone;
 //! - a failed command changes nothing.
 
 use std::collections::BTreeMap;
@@ -96,6 +100,14 @@ pub struct Volume {
     pub min_in_sync: usize,
     /// Zones the volume may use (empty: any).
     pub zones: Vec<Zone>,
+    /// Whether two replicas of a chunk may share a zone when zones run short.
+    #[serde(default)]
+    pub zone_spread: ZoneSpread,
+    /// The node a container orchestrator published the volume to (CSI
+    /// ControllerPublish): the one node allowed to stage it. Independent of
+    /// `attached_to`, which is the front end that actually holds the epoch.
+    #[serde(default)]
+    pub published_to: Option<NodeId>,
     pub epoch: Epoch,
     /// The node whose front end holds the attach lease, if any.
     pub attached_to: Option<NodeId>,
@@ -116,6 +128,25 @@ impl Volume {
     /// Chunks with fewer in-sync replicas than the volume's replication factor.
     pub fn degraded_chunks(&self) -> usize {
         self.chunks.iter().filter(|c| c.in_sync().count() < self.replicas).count()
+    }
+}
+
+/// How strictly a volume's replicas are kept in distinct zones (placement's
+/// [`placement::Spread`], stored with the volume so rebuilds keep it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ZoneSpread {
+    #[default]
+    Preferred,
+    Required,
+}
+
+impl From<ZoneSpread> for placement::Spread {
+    fn from(z: ZoneSpread) -> Self {
+        match z {
+            ZoneSpread::Preferred => placement::Spread::Preferred,
+            ZoneSpread::Required => placement::Spread::Required,
+        }
     }
 }
 
@@ -193,6 +224,8 @@ pub enum Command {
         replicas: usize,
         min_in_sync: usize,
         zones: Vec<Zone>,
+        #[serde(default)]
+        zone_spread: ZoneSpread,
     },
     GrowVolume {
         volume: VolumeId,
@@ -249,6 +282,17 @@ pub enum Command {
     RemoveNode {
         id: NodeId,
     },
+    /// Publishes the volume to `node` (CSI ControllerPublish). Idempotent for the
+    /// same node; refused while it is published to another.
+    Publish {
+        volume: VolumeId,
+        node: NodeId,
+    },
+    /// Withdraws the publication if it is to `node` (None: whichever node).
+    Unpublish {
+        volume: VolumeId,
+        node: Option<NodeId>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,6 +332,8 @@ pub enum MetaError {
     Conflict(String),
     #[error("node {node} still holds {replicas} chunk replicas: drain it first")]
     NodeInUse { node: NodeId, replicas: usize },
+    #[error("volume {volume} is published to node {node}")]
+    Published { volume: VolumeId, node: NodeId },
 }
 
 impl From<PlacementError> for MetaError {
@@ -391,11 +437,23 @@ impl MetaState {
                 self.nodes.get_mut(id).ok_or(MetaError::UnknownNode(*id))?.state = *state;
                 Ok(Response::Done)
             }
-            Command::CreateVolume { name, size, chunk_size, replicas, min_in_sync, zones } => {
-                self.create_volume(name, *size, *chunk_size, *replicas, *min_in_sync, zones)
+            Command::CreateVolume { name, size, chunk_size, replicas, min_in_sync, zones, zone_spread } => {
+                let spec = VolumeSpec {
+                    size: *size,
+                    chunk_size: *chunk_size,
+                    replicas: *replicas,
+                    min_in_sync: *min_in_sync,
+                    zones: zones.clone(),
+                    zone_spread: *zone_spread,
+                };
+                self.create_volume(name, spec)
             }
             Command::GrowVolume { volume, size } => self.grow_volume(*volume, *size),
             Command::DeleteVolume { volume } => {
+                let v = self.volumes.get(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                if let Some(node) = v.published_to {
+                    return Err(MetaError::Published { volume: *volume, node });
+                }
                 let v = self.volumes.remove(volume).ok_or(MetaError::UnknownVolume(*volume))?;
                 for j in self.jobs.values_mut().filter(|j| j.is_active() && j.volume == *volume) {
                     j.state = JobState::Failed;
@@ -498,6 +556,26 @@ impl MetaState {
                 self.nodes.remove(id);
                 Ok(Response::Done)
             }
+            Command::Publish { volume, node } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(MetaError::UnknownNode(*node));
+                }
+                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                match v.published_to {
+                    Some(other) if other != *node => Err(MetaError::Published { volume: *volume, node: other }),
+                    _ => {
+                        v.published_to = Some(*node);
+                        Ok(Response::Done)
+                    }
+                }
+            }
+            Command::Unpublish { volume, node } => {
+                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                if node.is_none() || v.published_to == *node {
+                    v.published_to = None;
+                }
+                Ok(Response::Done)
+            }
         }
     }
 
@@ -525,6 +603,23 @@ impl MetaState {
         }
         if self.active_job(volume, chunk).is_some() {
             return Err(MetaError::Conflict(format!("chunk {chunk} of volume {volume} already has an active job")));
+        }
+        // Required zone spread: the new member may share a zone only with the
+        // replica it replaces (it takes that one's place).
+        let v = self.volumes.get(&volume).ok_or(MetaError::UnknownVolume(volume))?;
+        if v.zone_spread == ZoneSpread::Required && kind == JobKind::Rebuild {
+            let c = v.chunks.get(chunk.0 as usize).ok_or(MetaError::UnknownChunk { volume, chunk })?;
+            let clash = c
+                .replicas
+                .iter()
+                .filter(|r| Some(r.node) != replaces && r.node != target)
+                .find(|r| self.nodes.get(&r.node).is_some_and(|n| n.zone == tn.zone));
+            if let Some(r) = clash {
+                return Err(MetaError::Conflict(format!(
+                    "volume {volume} requires zone spread: target {target} shares zone {} with replica {}",
+                    tn.zone, r.node
+                )));
+            }
         }
         let v = self.volumes.get_mut(&volume).ok_or(MetaError::UnknownVolume(volume))?;
         let chunk_size = v.chunk_size;
@@ -652,15 +747,8 @@ impl MetaState {
         }
     }
 
-    fn create_volume(
-        &mut self,
-        name: &str,
-        size: u64,
-        chunk_size: u64,
-        replicas: usize,
-        min_in_sync: usize,
-        zones: &[Zone],
-    ) -> Result<Response, MetaError> {
+    fn create_volume(&mut self, name: &str, spec: VolumeSpec) -> Result<Response, MetaError> {
+        let VolumeSpec { size, chunk_size, replicas, min_in_sync, ref zones, zone_spread } = spec;
         validate_name(name)?;
         validate_geometry(size, chunk_size)?;
         if !(1..=placement::MAX_REPLICAS).contains(&replicas) {
@@ -674,11 +762,12 @@ impl MetaState {
                 && v.chunk_size == chunk_size
                 && v.replicas == replicas
                 && v.min_in_sync == min_in_sync
-                && v.zones == zones;
+                && v.zones == *zones
+                && v.zone_spread == zone_spread;
             return if same { Ok(Response::Volume(v.id)) } else { Err(MetaError::NameTaken(name.to_string())) };
         }
         let id = VolumeId(self.next_volume);
-        let chunks = self.place_chunks(id, 0, size.div_ceil(chunk_size), chunk_size, replicas, zones)?;
+        let chunks = self.place_chunks(id, 0, size.div_ceil(chunk_size), &spec)?;
         self.next_volume += 1;
         self.volumes.insert(
             id,
@@ -690,6 +779,8 @@ impl MetaState {
                 replicas,
                 min_in_sync,
                 zones: zones.to_vec(),
+                zone_spread,
+                published_to: None,
                 epoch: Epoch(0),
                 attached_to: None,
                 chunks,
@@ -706,9 +797,17 @@ impl MetaState {
         if size < v.size {
             return Err(invalid("size", format!("{size} is smaller than the volume's {}", v.size)));
         }
+        // Replicas create a chunk's file at its length; a partial last chunk
+        // cannot become longer, so only a volume of whole chunks grows.
+        if size > v.size && !v.size.is_multiple_of(v.chunk_size) {
+            return Err(MetaError::Conflict(format!(
+                "volume {volume} is {} bytes, not a whole number of {}-byte chunks: it cannot grow",
+                v.size, v.chunk_size
+            )));
+        }
         let (have, want) = (v.chunks.len() as u64, size.div_ceil(v.chunk_size));
-        let (chunk_size, replicas, zones) = (v.chunk_size, v.replicas, v.zones.clone());
-        let added = self.place_chunks(volume, have, want, chunk_size, replicas, &zones)?;
+        let spec = VolumeSpec::of(v);
+        let added = self.place_chunks(volume, have, want, &spec)?;
         let v = self.volumes.get_mut(&volume).ok_or(MetaError::UnknownVolume(volume))?;
         v.chunks.extend(added);
         v.size = size;
@@ -722,15 +821,14 @@ impl MetaState {
         volume: VolumeId,
         from: u64,
         to: u64,
-        chunk_size: u64,
-        replicas: usize,
-        zones: &[Zone],
+        spec: &VolumeSpec,
     ) -> Result<Vec<ChunkEntry>, MetaError> {
+        let chunk_size = spec.chunk_size;
         if to > u64::from(u32::MAX) {
             return Err(invalid("size", format!("{to} chunks exceed the chunk index range")));
         }
         let mut map = self.cluster_map();
-        let req = Request { replicas, chunk_size, zones: zones.to_vec() };
+        let req = spec.placement_request();
         let mut out = Vec::with_capacity((to - from) as usize);
         for c in from..to {
             let set = placement::place(&map, ChunkKey { volume, chunk: ChunkIdx(c as u32) }, &req)?;
@@ -774,6 +872,40 @@ impl MetaState {
                     },
                 })
                 .collect(),
+        }
+    }
+}
+
+/// A volume's shape and placement rules: what creating it names and what every
+/// later placement of its chunks (growth, rebuilds) must respect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub size: u64,
+    pub chunk_size: u64,
+    pub replicas: usize,
+    pub min_in_sync: usize,
+    pub zones: Vec<Zone>,
+    pub zone_spread: ZoneSpread,
+}
+
+impl VolumeSpec {
+    pub fn of(v: &Volume) -> VolumeSpec {
+        VolumeSpec {
+            size: v.size,
+            chunk_size: v.chunk_size,
+            replicas: v.replicas,
+            min_in_sync: v.min_in_sync,
+            zones: v.zones.clone(),
+            zone_spread: v.zone_spread,
+        }
+    }
+
+    pub fn placement_request(&self) -> Request {
+        Request {
+            replicas: self.replicas,
+            chunk_size: self.chunk_size,
+            zones: self.zones.clone(),
+            spread: self.zone_spread.into(),
         }
     }
 }

@@ -28,6 +28,7 @@ fn create(s: &mut MetaState, name: &str, chunks: u64, replicas: usize, min: usiz
         replicas,
         min_in_sync: min,
         zones: zones.iter().map(|z| Zone(z.to_string())).collect(),
+        zone_spread: ZoneSpread::Preferred,
     };
     match s.apply(&cmd) {
         Ok(Response::Volume(id)) => id,
@@ -113,6 +114,7 @@ fn build(spec: &Spec) -> MetaState {
             replicas: *replicas,
             min_in_sync: 1 + min % replicas,
             zones,
+            zone_spread: if i % 2 == 0 { ZoneSpread::Preferred } else { ZoneSpread::Required },
         };
         // Too few nodes or zones for this one: the cluster simply has fewer volumes.
         let _ = s.apply(&cmd);

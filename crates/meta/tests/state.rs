@@ -46,8 +46,9 @@ fn arb_command() -> impl Strategy<Value = Command> {
             id: NodeId(id), addr: addr(id), zone: Zone(format!("z{z}")), capacity: gib << 30, now_ms: 0 }),
         1 => (node.clone(), 0u64..1000).prop_map(|(id, t)| Command::Heartbeat { id: NodeId(id), reported_used: 0, now_ms: t }),
         2 => (node.clone(), arb_node_state()).prop_map(|(id, state)| Command::SetNodeState { id: NodeId(id), state }),
-        3 => (0u8..4, 1u64..40, 1usize..=4, 1usize..=4).prop_map(|(n, chunks, replicas, min)| Command::CreateVolume {
-            name: format!("vol{n}"), size: chunks * CHUNK - 4096 * (chunks % 2), chunk_size: CHUNK, replicas, min_in_sync: min, zones: vec![] }),
+        3 => (0u8..4, 1u64..40, 1usize..=4, 1usize..=4, any::<bool>()).prop_map(|(n, chunks, replicas, min, strict)| Command::CreateVolume {
+            name: format!("vol{n}"), size: chunks * CHUNK - 4096 * (chunks % 2), chunk_size: CHUNK, replicas, min_in_sync: min, zones: vec![],
+            zone_spread: if strict { ZoneSpread::Required } else { ZoneSpread::Preferred } }),
         1 => (vol.clone(), 1u64..60).prop_map(|(v, chunks)| Command::GrowVolume { volume: VolumeId(v), size: chunks * CHUNK }),
         1 => vol.clone().prop_map(|v| Command::DeleteVolume { volume: VolumeId(v) }),
         2 => (vol.clone(), node.clone()).prop_map(|(v, n)| Command::Attach { volume: VolumeId(v), node: NodeId(n) }),
@@ -56,12 +57,14 @@ fn arb_command() -> impl Strategy<Value = Command> {
         1 => (vol.clone(), 0u64..4, 0u64..12).prop_map(|(v, e, gen)| Command::AckLayout {
             volume: VolumeId(v), epoch: Epoch(e), gen }),
         1 => (vol.clone(), 0u64..4).prop_map(|(v, e)| Command::Detach { volume: VolumeId(v), epoch: Epoch(e) }),
-        1 => (vol, 0u32..40, 1u64..6, arb_kind(), node.clone(), prop::option::of(node.clone()))
+        1 => (vol.clone(), 0u32..40, 1u64..6, arb_kind(), node.clone(), prop::option::of(node.clone()))
             .prop_map(|(v, c, version, kind, t, r)| Command::StartJob {
                 volume: VolumeId(v), chunk: ChunkIdx(c), version, kind, target: NodeId(t), replaces: r.map(NodeId) }),
         1 => (0u64..20, any::<bool>()).prop_map(|(job, ok)| Command::FinishJob {
             job, ok, error: (!ok).then(|| "random".into()), blocks_copied: 0 }),
-        1 => node.prop_map(|id| Command::RemoveNode { id: NodeId(id) }),
+        1 => node.clone().prop_map(|id| Command::RemoveNode { id: NodeId(id) }),
+        1 => (vol.clone(), node.clone()).prop_map(|(v, n)| Command::Publish { volume: VolumeId(v), node: NodeId(n) }),
+        1 => (vol, prop::option::of(node)).prop_map(|(v, n)| Command::Unpublish { volume: VolumeId(v), node: n.map(NodeId) }),
     ]
 }
 
@@ -217,6 +220,27 @@ fn check_invariants(s: &MetaState) {
             let rebuilding: Vec<NodeId> =
                 c.replicas.iter().filter(|r| r.role == Role::Rebuilding).map(|r| r.node).collect();
             assert_eq!(rebuilding, job.map(|j| j.target).into_iter().collect::<Vec<_>>(), "{} chunk {i}", v.name);
+            if v.zone_spread == ZoneSpread::Required {
+                // Every member but a rebuild's target (which may take the zone
+                // of the member it replaces) sits in a zone of its own.
+                let zones: Vec<&Zone> = c
+                    .replicas
+                    .iter()
+                    .filter(|r| r.role != Role::Rebuilding)
+                    .filter_map(|r| s.nodes.get(&r.node).map(|n| &n.zone))
+                    .collect();
+                let distinct: BTreeSet<&Zone> = zones.iter().copied().collect();
+                assert_eq!(distinct.len(), zones.len(), "{} chunk {i}: two replicas in one zone", v.name);
+                if let Some(j) = job.filter(|j| j.kind == JobKind::Rebuild) {
+                    let tz = &s.nodes[&j.target].zone;
+                    let clash = c
+                        .replicas
+                        .iter()
+                        .filter(|r| Some(r.node) != j.replaces && r.node != j.target)
+                        .any(|r| s.nodes.get(&r.node).is_some_and(|n| &n.zone == tz));
+                    assert!(!clash, "{} chunk {i}: rebuild target shares a zone", v.name);
+                }
+            }
             for r in &c.replicas {
                 assert!(s.nodes.contains_key(&r.node), "{} chunk {i}: replica on a removed node", v.name);
                 *allocated.entry(r.node).or_default() += v.chunk_size;
@@ -254,6 +278,11 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
         }
     }
     match (cmd, resp) {
+        (Command::Publish { volume, node }, _) => {
+            let prev = before.volumes[volume].published_to;
+            assert!(prev.is_none() || prev == Some(*node), "published over another node's publication");
+            assert_eq!(after.volumes[volume].published_to, Some(*node));
+        }
         (Command::Attach { volume, .. }, Response::Epoch(e)) => {
             assert_eq!(e.0, before.volumes[volume].epoch.0 + 1);
             assert_eq!(after.volumes[volume].acked_gen, after.volumes[volume].layout_gen);
@@ -303,6 +332,7 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
             }
         }
         (Command::DeleteVolume { volume }, Response::Reclaim(_)) => {
+            assert_eq!(before.volumes[volume].published_to, None, "deleted a published volume");
             assert!(!after.jobs.values().any(|j| j.is_active() && j.volume == *volume));
         }
         (Command::RemoveNode { id }, Response::Done) => assert!(!after.nodes.contains_key(id)),
@@ -374,7 +404,15 @@ fn three_zones() -> MetaState {
 }
 
 fn create(name: &str, size: u64, replicas: usize, min: usize) -> Command {
-    Command::CreateVolume { name: name.into(), size, chunk_size: CHUNK, replicas, min_in_sync: min, zones: vec![] }
+    Command::CreateVolume {
+        name: name.into(),
+        size,
+        chunk_size: CHUNK,
+        replicas,
+        min_in_sync: min,
+        zones: vec![],
+        zone_spread: ZoneSpread::Preferred,
+    }
 }
 
 #[test]
@@ -408,6 +446,7 @@ fn invalid_parameters_name_the_parameter() {
         replicas: 1,
         min_in_sync: 1,
         zones: vec![],
+        zone_spread: ZoneSpread::Preferred,
     };
     assert_eq!(param(s.apply(&odd)), "chunk_size");
     // Not enough zones/nodes: a placement error, nothing created.

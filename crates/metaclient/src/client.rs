@@ -283,6 +283,14 @@ impl MetaClient {
         self.admin("Admin.DeleteVolume", req, |mut c, r| async move { c.delete_volume(r).await }).await
     }
 
+    pub async fn publish_volume(&self, req: pb::PublishVolumeRequest) -> Result<pb::Volume, MetaClientError> {
+        self.admin("Admin.PublishVolume", req, |mut c, r| async move { c.publish_volume(r).await }).await
+    }
+
+    pub async fn unpublish_volume(&self, req: pb::UnpublishVolumeRequest) -> Result<pb::Volume, MetaClientError> {
+        self.admin("Admin.UnpublishVolume", req, |mut c, r| async move { c.unpublish_volume(r).await }).await
+    }
+
     pub async fn list_jobs(&self, req: pb::ListJobsRequest) -> Result<pb::ListJobsResponse, MetaClientError> {
         self.admin("Admin.ListJobs", req, |mut c, r| async move { c.list_jobs(r).await }).await
     }

@@ -63,6 +63,15 @@ pub(crate) fn volume(v: &state::Volume) -> pb::Volume {
         attached_to: v.attached_to.map_or(0, |n| n.0),
         layout_gen: v.layout_gen,
         degraded_chunks: v.degraded_chunks() as u32,
+        zone_spread: zone_spread(v.zone_spread) as i32,
+        published_node: v.published_to.map_or(0, |n| n.0),
+    }
+}
+
+pub(crate) fn zone_spread(z: state::ZoneSpread) -> pb::ZoneSpread {
+    match z {
+        state::ZoneSpread::Preferred => pb::ZoneSpread::Preferred,
+        state::ZoneSpread::Required => pb::ZoneSpread::Required,
     }
 }
 

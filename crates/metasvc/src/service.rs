@@ -18,7 +18,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ballast_meta::plan::{self, Failure};
 use ballast_meta::raft_store::{StateMachine, TypeConfig};
-use ballast_meta::state::{Command, MetaError, MetaState, NodeState, Response, DEFAULT_CHUNK_SIZE};
+use ballast_meta::state::{Command, MetaError, MetaState, NodeState, Response, ZoneSpread, DEFAULT_CHUNK_SIZE};
 use ballast_proto::v1 as pb;
 use ballast_proto::v1::admin_client::AdminClient;
 use ballast_proto::v1::node_api_client::NodeApiClient;
@@ -73,7 +73,8 @@ pub(crate) fn meta_status(e: MetaError) -> Status {
         MetaError::BelowMinInSync { .. }
         | MetaError::ZoneChange { .. }
         | MetaError::Conflict(_)
-        | MetaError::NodeInUse { .. } => Status::failed_precondition(msg),
+        | MetaError::NodeInUse { .. }
+        | MetaError::Published { .. } => Status::failed_precondition(msg),
     }
 }
 
@@ -503,6 +504,11 @@ impl pb::admin_server::Admin for AdminSvc {
         let min_in_sync = if r.min_in_sync == 0 { (replicas / 2 + 1).min(replicas) } else { r.min_in_sync as usize };
         let chunk_size = if r.chunk_size_bytes == 0 { DEFAULT_CHUNK_SIZE } else { r.chunk_size_bytes };
         let zones = r.zones.iter().map(|z| Zone(z.clone())).collect();
+        let zone_spread = match pb::ZoneSpread::try_from(r.zone_spread) {
+            Ok(pb::ZoneSpread::Preferred) => ZoneSpread::Preferred,
+            Ok(pb::ZoneSpread::Required) => ZoneSpread::Required,
+            Err(_) => return Err(Status::invalid_argument(format!("invalid zone_spread: {}", r.zone_spread))),
+        };
         let cmd = Command::CreateVolume {
             name: r.name.clone(),
             size: r.size_bytes,
@@ -510,6 +516,7 @@ impl pb::admin_server::Admin for AdminSvc {
             replicas,
             min_in_sync,
             zones,
+            zone_spread,
         };
         let Response::Volume(id) = self.0.write(cmd).await? else {
             return Err(Status::internal("create returned no volume"));
@@ -554,6 +561,28 @@ impl pb::admin_server::Admin for AdminSvc {
         let chunk_replicas = r.iter().map(|(_, c)| c.len() as u64).sum();
         info!(%volume, chunk_replicas, "volume deleted");
         Ok(Reply::new(pb::DeleteVolumeResponse { chunk_replicas }))
+    }
+
+    async fn publish_volume(&self, req: Request<pb::PublishVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {
+        forward!(self.0, req, AdminClient, publish_volume);
+        let r = req.into_inner();
+        let volume = self.0.volume_id(&r.volume).await?;
+        if r.node == 0 {
+            return Err(Status::invalid_argument("invalid node: 0 is not a node id"));
+        }
+        self.0.write(Command::Publish { volume, node: NodeId(r.node) }).await?;
+        info!(%volume, node = r.node, "volume published");
+        Ok(Reply::new(self.0.volume_reply(volume).await?))
+    }
+
+    async fn unpublish_volume(&self, req: Request<pb::UnpublishVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {
+        forward!(self.0, req, AdminClient, unpublish_volume);
+        let r = req.into_inner();
+        let volume = self.0.volume_id(&r.volume).await?;
+        let node = (r.node != 0).then_some(NodeId(r.node));
+        self.0.write(Command::Unpublish { volume, node }).await?;
+        info!(%volume, node = r.node, "volume unpublished");
+        Ok(Reply::new(self.0.volume_reply(volume).await?))
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Reply<pb::ListJobsResponse>, Status> {

@@ -19,7 +19,9 @@
 //! - while there are at least as many usable zones as replicas, at most one replica
 //!   per zone;
 //! - otherwise (fewer zones than replicas) distinct nodes, spread over as many
-//!   zones as possible: every zone gets one before any gets a second, and so on.
+//!   zones as possible: every zone gets one before any gets a second, and so on;
+//!   unless the request's [`Spread`] is `Required`, which refuses a set that would
+//!   put two replicas in one zone (a StorageClass's `zoneSpread: required`).
 //!
 //! # Invariants (property-tested in `tests/properties.rs`)
 //! - The result has `replicas` distinct, eligible nodes, or an error says why.
@@ -90,6 +92,18 @@ pub struct Request {
     /// When non-empty, only nodes in these zones are used (a StorageClass or
     /// topology constraint).
     pub zones: Vec<Zone>,
+    pub spread: Spread,
+}
+
+/// How strictly replicas are kept in distinct zones.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Spread {
+    /// One replica per zone while there are enough zones; otherwise as even as
+    /// possible (a zone may hold two).
+    #[default]
+    Preferred,
+    /// One replica per zone, always: too few usable zones is an error.
+    Required,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -100,6 +114,8 @@ pub enum PlacementError {
     NotEnoughNodes { need: usize, have: usize, chunk_size: u64, zones: Vec<Zone> },
     #[error("the replica to replace, {0}, is not in the replica set")]
     NotAReplica(NodeId),
+    #[error("zone spread is required: need {need} zones with a node that has {chunk_size} bytes free{}, found {have}", zone_note(.zones))]
+    NotEnoughZones { need: usize, have: usize, chunk_size: u64, zones: Vec<Zone> },
 }
 
 fn zone_note(zones: &[Zone]) -> String {
@@ -189,7 +205,7 @@ fn select(
     // pass takes one per zone in score order, later passes (only when there are
     // fewer zones than replicas) add a second, third ... so every zone is used
     // before any gets two more than another.
-    let passes = if zones.len() >= req.replicas { 1 } else { req.replicas };
+    let passes = if zones.len() >= req.replicas || req.spread == Spread::Required { 1 } else { req.replicas };
     for limit in 1..=passes {
         for (_, n) in &ranked {
             if chosen.len() == req.replicas {
@@ -201,6 +217,14 @@ fn select(
                 chosen.push(n.id);
             }
         }
+    }
+    if chosen.len() < req.replicas && req.spread == Spread::Required {
+        return Err(PlacementError::NotEnoughZones {
+            need: req.replicas,
+            have: count.values().filter(|&&c| c > 0).count(),
+            chunk_size: req.chunk_size,
+            zones: req.zones.clone(),
+        });
     }
     if chosen.len() < req.replicas {
         // Enough nodes but not enough zones for one replica per zone (kept replicas
@@ -249,7 +273,7 @@ mod tests {
     fn placement_is_stable_across_builds() {
         let map =
             ClusterMap { nodes: (1..=6).map(|i| node(i, ["a", "b", "c"][(i as usize - 1) % 3])).collect(), seed: 7 };
-        let req = Request { replicas: 3, chunk_size: 64 << 20, zones: vec![] };
+        let req = Request { replicas: 3, chunk_size: 64 << 20, zones: vec![], spread: Spread::Preferred };
         let got: Vec<Vec<u64>> = (0..4)
             .map(|c| {
                 place(&map, ChunkKey { volume: VolumeId(1), chunk: ChunkIdx(c) }, &req)
@@ -265,17 +289,41 @@ mod tests {
     const GOLDEN: [[u64; 3]; 4] = [[1, 2, 3], [2, 6, 4], [3, 4, 5], [1, 3, 5]];
 
     #[test]
+    fn required_spread_never_doubles_a_zone() {
+        // Four nodes in two zones: preferred spread takes 3 nodes over 2 zones,
+        // required spread refuses, and says how many zones it found.
+        let map = ClusterMap { nodes: vec![node(1, "a"), node(2, "a"), node(3, "b"), node(4, "b")], seed: 3 };
+        let preferred = Request { replicas: 3, chunk_size: 1 << 20, zones: vec![], spread: Spread::Preferred };
+        let required = Request { spread: Spread::Required, ..preferred.clone() };
+        for c in 0..32 {
+            let key = ChunkKey { volume: VolumeId(9), chunk: ChunkIdx(c) };
+            assert_eq!(place(&map, key, &preferred).expect("preferred").len(), 3);
+            let e = place(&map, key, &required).expect_err("two zones for three replicas");
+            assert!(matches!(e, PlacementError::NotEnoughZones { need: 3, have: 2, .. }), "{e}");
+            let two = place(&map, key, &Request { replicas: 2, ..required.clone() }).expect("two zones suffice");
+            let zones: HashSet<&Zone> = two.iter().map(|id| &map.nodes[id.0 as usize - 1].zone).collect();
+            assert_eq!(zones.len(), 2, "{two:?}");
+            // Replacing a replica keeps the rule: the new one must go to the failed one's zone.
+            let failed = two[0];
+            let next = replace(&map, key, &Request { replicas: 2, ..required.clone() }, &two, failed).expect("replace");
+            let zones: HashSet<&Zone> = next.iter().map(|id| &map.nodes[id.0 as usize - 1].zone).collect();
+            assert_eq!(zones.len(), 2, "{next:?}");
+        }
+    }
+
+    #[test]
     fn errors_name_what_is_missing() {
         let map = ClusterMap { nodes: vec![node(1, "a"), node(2, "b")], seed: 0 };
         let key = ChunkKey { volume: VolumeId(1), chunk: ChunkIdx(0) };
-        let req = Request { replicas: 3, chunk_size: 1 << 20, zones: vec![] };
+        let req = Request { replicas: 3, chunk_size: 1 << 20, zones: vec![], spread: Spread::Preferred };
         let e = place(&map, key, &req).expect_err("two nodes");
         assert!(matches!(e, PlacementError::NotEnoughNodes { need: 3, have: 2, .. }), "{e}");
         assert_eq!(place(&map, key, &Request { replicas: 0, ..req.clone() }), Err(PlacementError::InvalidReplicas(0)));
-        let only_c = Request { replicas: 1, chunk_size: 1 << 20, zones: vec![Zone("c".into())] };
+        let only_c =
+            Request { replicas: 1, chunk_size: 1 << 20, zones: vec![Zone("c".into())], spread: Spread::Preferred };
         let e = place(&map, key, &only_c).expect_err("no node in c");
         assert!(e.to_string().contains("in zones c"), "{e}");
-        let full = Request { replicas: 1, chunk_size: 2 << 40, zones: vec![] };
+        let full = Request { replicas: 1, chunk_size: 2 << 40, zones: vec![], spread: Spread::Preferred };
         assert!(place(&map, key, &full).is_err(), "no node has 2 TiB free");
         assert_eq!(replace(&map, key, &req, &[NodeId(1)], NodeId(9)), Err(PlacementError::NotAReplica(NodeId(9))));
     }

@@ -14,7 +14,7 @@ fn key(v: u64, c: u32) -> ChunkKey {
 }
 
 fn req(replicas: usize) -> Request {
-    Request { replicas, chunk_size: CHUNK, zones: vec![] }
+    Request { replicas, chunk_size: CHUNK, zones: vec![], spread: Spread::Preferred }
 }
 
 fn arb_state() -> impl Strategy<Value = NodeState> {
