@@ -28,8 +28,22 @@ pub enum Command {
     /// One member of the metadata service (openraft; nodes, volumes, placement, epochs, jobs).
     Meta(MetaArgs),
     /// A storage node: chunk store and replica server on one disk, registered with meta,
-    /// running the rebuild and resync jobs meta assigns to it.
+    /// running the rebuild and resync jobs meta assigns to it; with --csi-endpoint also
+    /// the CSI Node service (the kubelet stages and publishes volumes through it).
     Node(NodeArgs),
+    /// The CSI Controller service (with Identity) on a unix socket, for the
+    /// external-provisioner, -attacher and -resizer sidecars.
+    CsiController(CsiControllerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CsiControllerArgs {
+    /// The CSI socket, as the sidecars name it: unix:///csi/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub endpoint: String,
+    /// Meta members, comma-separated HOST:PORT.
+    #[arg(long, env = "BALLAST_META", default_value = "127.0.0.1:7400")]
+    pub meta: String,
 }
 
 #[derive(Args, Debug)]
@@ -63,12 +77,17 @@ pub struct MetaArgs {
 
 #[derive(Args, Debug)]
 pub struct NodeArgs {
-    /// This storage node's id (1 or more, unique in the cluster).
+    /// This storage node's id (1 or more, unique in the cluster). Default: the id
+    /// recorded in DATA/node-id, chosen at random on the first start.
     #[arg(long, env = "BALLAST_NODE_ID")]
-    pub id: u64,
+    pub id: Option<u64>,
     /// Its failure zone.
-    #[arg(long, env = "BALLAST_ZONE")]
-    pub zone: String,
+    #[arg(long, env = "BALLAST_ZONE", required_unless_present = "zone_file", conflicts_with = "zone_file")]
+    pub zone: Option<String>,
+    /// A file holding the zone (e.g. written by an init container from the
+    /// Kubernetes node's topology.kubernetes.io/zone label).
+    #[arg(long)]
+    pub zone_file: Option<PathBuf>,
     /// Disk directory holding the chunk store (created if missing).
     #[arg(long)]
     pub data: PathBuf,
@@ -98,6 +117,19 @@ pub struct NodeArgs {
     /// Use buffered I/O instead of O_DIRECT.
     #[arg(long)]
     pub no_direct_io: bool,
+    /// Serve the CSI Node service (and Identity) on this socket: unix:///csi/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub csi_endpoint: Option<String>,
+    /// Where the CSI Node service records staged volumes and mounts their FUSE
+    /// files (keep it on the host: a restarted node stages them again).
+    #[arg(long, default_value = "/var/lib/ballast/csi")]
+    pub csi_state: PathBuf,
+    /// The Kubernetes node this runs on (for logs).
+    #[arg(long, env = "NODE_NAME")]
+    pub csi_node_name: Option<String>,
+    /// Most volumes the CSI Node service stages at once (NodeGetInfo); 0: no limit.
+    #[arg(long, default_value_t = 64)]
+    pub csi_max_volumes: i64,
 }
 
 #[derive(Args, Debug)]
@@ -210,6 +242,10 @@ pub struct DevArgs {
     /// Fewest in-sync replicas (default: all), used when the volume is created.
     #[arg(long)]
     pub min_in_sync: Option<usize>,
+    /// Also serve CSI (Identity, Controller, and the Node service of node 1) on
+    /// this unix socket [default: DATA/csi.sock].
+    #[arg(long)]
+    pub csi_socket: Option<PathBuf>,
 }
 
 fn parse_node(s: &str) -> Result<NodeSpec, String> {

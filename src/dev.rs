@@ -27,7 +27,7 @@ use ballast_replica::{ReplicaServer, ServerOptions};
 use tokio::net::TcpListener;
 
 use crate::cli::DevArgs;
-use crate::export::{self, NbdListeners};
+use crate::export::NbdListeners;
 use crate::node::{self, AgentConfig};
 use crate::shutdown;
 
@@ -126,15 +126,52 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         }
         Err(e) => bail!("look up the dev volume: {e}"),
     }
+    // CSI for any CSI client on this machine: Identity, Controller, and the Node
+    // service of node 1 (zone-a), on one socket.
+    let csi_socket = a.csi_socket.clone().unwrap_or_else(|| a.data.join("csi.sock"));
+    let csi_socket =
+        std::path::absolute(&csi_socket).with_context(|| format!("CSI socket {}", csi_socket.display()))?;
+    let csi_node = ballast_csi::NodeService::new(
+        ballast_csi::NodeConfig {
+            node_id: 1,
+            zone: ZONES[0].to_string(),
+            state_dir: a.data.join("csi"),
+            max_volumes: 64,
+            io_timeout: Duration::from_secs(5),
+        },
+        meta.clone(),
+    )
+    .context("CSI node state")?;
+    let csi = {
+        let (node, socket, stop) = (csi_node.clone(), csi_socket.clone(), stop.clone());
+        let identity = ballast_csi::IdentityService::new(true, meta.clone());
+        let controller = ballast_csi::ControllerService::new(meta.clone());
+        tokio::spawn(async move {
+            node.recover(Duration::from_secs(30)).await;
+            ballast_csi::serve(&socket, identity, Some(controller), Some(node), shutdown::wait(stop)).await
+        })
+    };
+    println!("ready csi socket={}", csi_socket.display());
     let nbd = NbdListeners::bind(Some(a.nbd), a.socket.as_deref(), false).await?;
-    let (volume, membership) =
-        export::attach_meta(meta.clone(), &a.name, ballast_types::NodeId(1), Duration::from_secs(5)).await?;
-    let follow = tokio::spawn(export::follow_layout(volume.clone(), membership, export::LAYOUT_POLL, stop.clone()));
-    print_banner(&a.data, &endpoints, &volume, &nbd)?;
-    nbd.announce(volume.name())?;
-    nbd.serve(volume.clone(), stop, Duration::from_secs(10)).await?;
-    let _ = follow.await;
-    export::detach(&meta, &volume).await;
+    let attached = ballast_metaclient::AttachedVolume::attach(
+        meta.clone(),
+        &a.name,
+        ballast_types::NodeId(1),
+        Duration::from_secs(5),
+        ballast_metaclient::LAYOUT_POLL,
+    )
+    .await?;
+    print_banner(&a.data, &endpoints, attached.volume(), &nbd, &csi_socket)?;
+    nbd.announce(attached.volume().name())?;
+    nbd.serve(attached.volume().clone(), stop, Duration::from_secs(10)).await?;
+    attached.detach().await?;
+    match csi.await {
+        Ok(Err(e)) => tracing::warn!(error = %e, "CSI server ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "CSI task failed"),
+        Ok(Ok(())) => {}
+    }
+    // Volumes staged through CSI: flushed and detached while the nodes still run.
+    csi_node.shutdown().await;
     let _ = nodes_stop_tx.send(true);
 
     while let Some(r) = servers.join_next().await {
@@ -202,7 +239,13 @@ async fn bind_members(file: &Path, base: u16) -> anyhow::Result<Vec<(u64, TcpLis
     Ok(out)
 }
 
-fn print_banner(data: &Path, meta: &[String], volume: &export::MetaVolume, l: &NbdListeners) -> anyhow::Result<()> {
+fn print_banner(
+    data: &Path,
+    meta: &[String],
+    volume: &ballast_metaclient::MetaVolume,
+    l: &NbdListeners,
+    csi: &Path,
+) -> anyhow::Result<()> {
     let uri = match &l.tcp {
         Some(t) => format!("nbd://{}/{}", t.local_addr()?, volume.name()),
         None => String::new(),
@@ -220,6 +263,7 @@ fn print_banner(data: &Path, meta: &[String], volume: &export::MetaVolume, l: &N
     println!("          ballastctl --meta {meta} volume inspect {}", volume.name());
     println!("  try:    nbdinfo {uri}");
     println!("          qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
+    println!("  CSI:    unix://{} (Identity, Controller, Node of node 1)", csi.display());
     println!("  stop:   Ctrl-C");
     println!();
     Ok(())

@@ -10,9 +10,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
 use ballast_frontend::{tcp_connector, Membership, StaticConfig, StaticMembership, Volume, VolumeOptions};
-use ballast_metaclient::{MetaClient, MetaMembership};
+use ballast_metaclient::{AttachedVolume, MetaClient, LAYOUT_POLL};
 use ballast_nbd::{Export, NbdOptions, NbdServer};
-use ballast_proto::v1 as pb;
 use ballast_replica::{ClientOptions, ReplicaClient};
 use ballast_types::{NodeId, VolumeId, Zone};
 use tokio::net::{TcpListener, UnixListener};
@@ -22,8 +21,6 @@ use crate::shutdown;
 
 /// The front end as `ballast` runs it: static membership, TCP replica clients.
 pub type StaticVolume = Volume<StaticMembership, ReplicaClient>;
-/// The front end with the metadata service as its membership.
-pub type MetaVolume = Volume<Arc<MetaMembership>, ReplicaClient>;
 
 pub fn create_volume(a: VolumeCreateArgs) -> anyhow::Result<()> {
     let replicas = a.nodes.len();
@@ -41,80 +38,6 @@ pub fn create_volume(a: VolumeCreateArgs) -> anyhow::Result<()> {
     StaticMembership::create(&a.config, config).with_context(|| format!("create {}", a.config.display()))?;
     println!("created volume {} ({} bytes, {} replicas) in {}", a.name, a.size, replicas, a.config.display());
     Ok(())
-}
-
-/// Attaches volume `name` through the metadata service as node `node`.
-pub async fn attach_meta(
-    meta: MetaClient,
-    name: &str,
-    node: NodeId,
-    io_timeout: Duration,
-) -> anyhow::Result<(Arc<MetaVolume>, Arc<MetaMembership>)> {
-    let membership = Arc::new(MetaMembership::new(meta, name, node));
-    let id = membership.resolve_volume_id().await.with_context(|| format!("look up volume {name:?}"))?;
-    let client = ClientOptions { timeout: io_timeout, ..ClientOptions::default() };
-    let options = VolumeOptions { local_node: Some(node), io_timeout, ..VolumeOptions::default() };
-    let volume =
-        Volume::attach(membership.clone(), tcp_connector(client), id, options).await.context("attach volume")?;
-    Ok((volume, membership))
-}
-
-/// How often an attached front end asks meta for a newer layout. A copy job waits
-/// for the front end to acknowledge its target, so this bounds that wait; the
-/// poll is a local read on any member.
-pub const LAYOUT_POLL: Duration = Duration::from_millis(250);
-
-/// Follows the volume's layout while it is attached: every `every`, fetches it
-/// from meta, installs a newer generation into the front end (which returns only
-/// once writes go to the new targets, see `Volume::apply_layout`), and then
-/// acknowledges the generation, which lets meta's copy jobs start. Meta being
-/// unreachable only delays this; I/O goes on.
-pub async fn follow_layout(
-    volume: Arc<MetaVolume>,
-    membership: Arc<MetaMembership>,
-    every: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut applied = 0u64;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let (gen, layout) = match membership.layout().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "layout poll failed");
-                continue;
-            }
-        };
-        if gen <= applied {
-            continue;
-        }
-        match volume.apply_layout(&layout).await {
-            Ok(changed) => {
-                if changed > 0 {
-                    tracing::info!(gen, changed, "new layout installed");
-                }
-                match membership.ack_layout(volume.epoch(), gen).await {
-                    Ok(()) => applied = gen,
-                    Err(e) => tracing::warn!(gen, error = %e, "layout acknowledgement failed; retrying"),
-                }
-            }
-            Err(e) => tracing::warn!(gen, error = %e, "installing the new layout failed; retrying"),
-        }
-    }
-}
-
-/// Releases the attach lease after a clean stop (best effort: a lease left
-/// behind only delays copy jobs until the next attach).
-pub async fn detach(meta: &MetaClient, volume: &MetaVolume) {
-    let req = pb::DetachRequest { volume: volume.id().0, epoch: volume.epoch().0 };
-    if let Err(e) = meta.detach(req).await {
-        tracing::warn!(error = %e, "detach failed");
-    }
 }
 
 /// Attaches the volume described by `membership` with the given options.
@@ -244,12 +167,10 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
                 bail!("with --meta, give the volume name (--volume) and this node's id (--local-node)");
             };
             let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
-            let (volume, membership) = attach_meta(meta.clone(), name, NodeId(node), a.io_timeout).await?;
-            let follow = tokio::spawn(follow_layout(volume.clone(), membership, LAYOUT_POLL, stop.clone()));
-            listeners.announce(volume.name())?;
-            listeners.serve(volume.clone(), stop, Duration::from_secs(30)).await?;
-            let _ = follow.await;
-            detach(&meta, &volume).await;
+            let attached = AttachedVolume::attach(meta, name, NodeId(node), a.io_timeout, LAYOUT_POLL).await?;
+            listeners.announce(attached.volume().name())?;
+            listeners.serve(attached.volume().clone(), stop, Duration::from_secs(30)).await?;
+            attached.detach().await?;
             Ok(())
         }
         _ => bail!("give either --config FILE (a static volume) or --meta ENDPOINTS (the metadata service)"),

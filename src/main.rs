@@ -6,6 +6,7 @@
 //!   ballast export   --config FILE --nbd ADDR      volume front end + NBD export
 //!   ballast meta     --id N --data DIR --listen ADDR [--initial-members 1=A,2=B,3=C]
 //!   ballast node     --id N --zone Z --data DIR --meta ADDRS   storage node (replica + agent)
+//!   ballast csi-controller --endpoint unix:///csi/csi.sock --meta ADDRS   CSI Controller service
 //!   ballast dev      [--data DIR] [--nbd ADDR]     all of the above in one process, 3 zones
 //! ```
 //!
@@ -14,6 +15,7 @@
 //! This is the only place that installs a tracing subscriber and uses anyhow.
 
 mod cli;
+mod csi_controller;
 mod dev;
 mod export;
 mod meta;
@@ -32,7 +34,15 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // The CSI node serves FUSE volume files from these threads: they must not
+        // block in memory reclaim waiting on those very files' writeback. Needs
+        // CAP_SYS_RESOURCE; without it the flag is simply not set.
+        .on_thread_start(|| {
+            let _ = ballast_attach::set_io_flusher();
+        })
+        .build()?;
     rt.block_on(async move {
         match args.command {
             cli::Command::Replica(a) => replica::run(a).await,
@@ -41,6 +51,7 @@ fn main() -> anyhow::Result<()> {
             cli::Command::Dev(a) => dev::run(a).await,
             cli::Command::Meta(a) => meta::run(a).await,
             cli::Command::Node(a) => node::run(a).await,
+            cli::Command::CsiController(a) => csi_controller::run(a).await,
         }
     })
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ballast_chunkstore::{ChunkStore, StoreOptions};
+use ballast_csi::{IdentityService, NodeConfig, NodeService};
 use ballast_metaclient::MetaClient;
 use ballast_proto::v1 as pb;
 use ballast_replica::{ClientOptions, ReplicaClient, ReplicaServer, ServerOptions};
@@ -60,8 +61,60 @@ pub fn fs_capacity(dir: &std::path::Path) -> anyhow::Result<u64> {
     Ok(st.f_blocks as u64 * st.f_frsize as u64)
 }
 
+/// The node id: the flag, else the one recorded in `data/node-id`, else a new
+/// random one recorded there (written before the node first registers, so a
+/// restart keeps its identity and its replicas).
+fn node_id(flag: Option<u64>, data: &std::path::Path) -> anyhow::Result<u64> {
+    let path = data.join("node-id");
+    let recorded = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s.trim().parse::<u64>().with_context(|| format!("{} holds no node id", path.display()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    match (flag, recorded) {
+        (Some(f), Some(r)) if f != r => {
+            anyhow::bail!(
+                "--id {f} differs from the id {r} recorded in {}: this disk belongs to node {r}",
+                path.display()
+            )
+        }
+        (Some(0), _) => anyhow::bail!("--id must be 1 or more"),
+        (Some(f), _) => Ok(f),
+        (None, Some(r)) => Ok(r),
+        (None, None) => {
+            let mut b = [0u8; 4];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+                .context("read /dev/urandom")?;
+            // 1 ..= 2^31: readable in ballastctl, and collisions are for an
+            // operator's --id to settle (registering checks the zone).
+            let id = u64::from(u32::from_le_bytes(b) >> 1) + 1;
+            std::fs::create_dir_all(data).with_context(|| format!("create {}", data.display()))?;
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, format!("{id}\n")).with_context(|| format!("write {}", tmp.display()))?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).context("sync the node id")?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
+            info!(node = id, file = %path.display(), "new node id chosen");
+            Ok(id)
+        }
+    }
+}
+
+fn zone(a: &NodeArgs) -> anyhow::Result<String> {
+    let zone = match (&a.zone, &a.zone_file) {
+        (Some(z), _) => z.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("read the zone from {}", f.display()))?,
+        (None, None) => anyhow::bail!("give --zone or --zone-file"),
+    };
+    let zone = zone.trim().to_string();
+    anyhow::ensure!(!zone.is_empty(), "the zone is empty (a node without a zone label?)");
+    Ok(zone)
+}
+
 pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
+    let id = node_id(a.id, &a.data)?;
+    let zone = zone(&a)?;
     let opts = StoreOptions { direct_io: !a.no_direct_io, ..StoreOptions::default() };
     let store = ChunkStore::open(&a.data, opts).with_context(|| format!("open chunk store {}", a.data.display()))?;
     let listener = TcpListener::bind(a.listen).await.with_context(|| format!("listen on {}", a.listen))?;
@@ -73,21 +126,59 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     };
     let meta = MetaClient::new(ballast_metaclient::parse_endpoints(&a.meta)).context("meta endpoints")?;
     let cfg = AgentConfig {
-        id: a.id,
-        zone: a.zone.clone(),
+        id,
+        zone: zone.clone(),
         addr,
         capacity,
         heartbeat: a.heartbeat,
         copy_rate: (a.copy_rate > 0).then_some(a.copy_rate),
         gc_every: a.gc_every,
     };
-    info!(node = a.id, zone = %a.zone, %addr, capacity, "storage node serving");
-    println!("ready node id={} addr={bound}", a.id);
+    info!(node = id, zone = %zone, %addr, capacity, "storage node serving");
+    println!("ready node id={id} addr={bound}");
+    let csi = match &a.csi_endpoint {
+        Some(endpoint) => {
+            let socket = ballast_csi::parse_endpoint(endpoint).map_err(anyhow::Error::msg)?;
+            let cfg = NodeConfig {
+                node_id: id,
+                zone: zone.clone(),
+                state_dir: a.csi_state.clone(),
+                max_volumes: a.csi_max_volumes,
+                io_timeout: Duration::from_secs(5),
+            };
+            let service = NodeService::new(cfg, meta.clone())
+                .with_context(|| format!("CSI state directory {}", a.csi_state.display()))?;
+            let identity = IdentityService::new(false, meta.clone());
+            let (svc, stop) = (service.clone(), stop.clone());
+            info!(node = id, k8s_node = ?a.csi_node_name, socket = %socket.display(), "CSI node service");
+            println!("ready csi socket={}", socket.display());
+            let server = tokio::spawn(async move {
+                // Volumes staged before a restart come back first (meta may need a while).
+                svc.recover(Duration::from_secs(120)).await;
+                ballast_csi::serve(&socket, identity, None, Some(svc), shutdown::wait(stop)).await
+            });
+            Some((service, server))
+        }
+        None => None,
+    };
     let agent = tokio::spawn(agent(cfg, meta, store.clone(), stop.clone()));
-    ReplicaServer::new(store, ServerOptions::default())
-        .serve(listener, shutdown::wait(stop))
-        .await
-        .context("replica server")?;
+    // The replica server stops last: the volumes this node's CSI service staged
+    // may keep replicas here, and their final flush needs it.
+    let (replicas_stop, replicas_stopped) = watch::channel(false);
+    let replicas = tokio::spawn(
+        ReplicaServer::new(store, ServerOptions::default()).serve(listener, shutdown::wait(replicas_stopped)),
+    );
+    shutdown::wait(stop).await;
+    let mut result = Ok(());
+    if let Some((service, server)) = csi {
+        result = server.await.context("CSI task").and_then(|r| r.context("CSI server"));
+        // A clean stop unstages (flushes, releases leases); the records stay so
+        // the next start stages the same volumes again.
+        service.shutdown().await;
+    }
+    let _ = replicas_stop.send(true);
+    replicas.await.context("replica server task")?.context("replica server")?;
+    result?;
     let _ = agent.await;
     info!("storage node stopped");
     Ok(())

@@ -121,6 +121,7 @@ mod tests {
                 attached_to: 1,
                 layout_gen: 12,
                 degraded_chunks: 1,
+                ..Default::default()
             }),
             chunks: vec![
                 pb::Chunk {

@@ -11,11 +11,13 @@
 //! This crate links tonic but neither openraft nor the service itself, so
 //! storage nodes and tools use the metadata service without carrying it.
 
+mod attached;
 mod client;
 mod convert;
 mod error;
 mod membership;
 
+pub use attached::{detach_lease, follow_layout, AttachError, AttachedVolume, MetaVolume, LAYOUT_POLL};
 pub use client::{parse_endpoints, MetaClient, MetaClientOptions};
 pub use convert::{layout_from_proto, replica_from_proto, replica_set_from_proto, ConversionError};
 pub use error::MetaClientError;

@@ -81,6 +81,12 @@ impl Admin for Fixture {
     async fn delete_volume(&self, _: Request<pb::DeleteVolumeRequest>) -> Reply<pb::DeleteVolumeResponse> {
         unimplemented()
     }
+    async fn publish_volume(&self, _: Request<pb::PublishVolumeRequest>) -> Reply<pb::Volume> {
+        unimplemented()
+    }
+    async fn unpublish_volume(&self, _: Request<pb::UnpublishVolumeRequest>) -> Reply<pb::Volume> {
+        unimplemented()
+    }
     async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Reply<pb::ListJobsResponse> {
         unimplemented()
     }

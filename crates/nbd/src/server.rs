@@ -244,6 +244,47 @@ impl<B: BlockDev> NbdServer<B> {
         self.clone().connection(r, w, peer.to_string(), stop_rx).await
     }
 
+    /// The transmission flags export `name` is served with (what a handshake would
+    /// have sent), or None if there is no such export. Kernel NBD takes them as
+    /// NBD_ATTR_SERVER_FLAGS.
+    pub fn transmission_flags(&self, name: &str) -> Option<u16> {
+        self.find_export(name.as_bytes()).map(|i| self.shared.exports[i].flags)
+    }
+
+    /// The size export `name` is served with, or None if there is no such export.
+    pub fn export_size(&self, name: &str) -> Option<u64> {
+        self.find_export(name.as_bytes()).map(|i| self.shared.exports[i].size)
+    }
+
+    /// Serves an already-negotiated stream in the transmission phase, for export
+    /// `name` (the empty name: the first export). For the Linux kernel's NBD client
+    /// attached through netlink: it sends no handshake and starts with requests. Runs
+    /// until the peer sends NBD_CMD_DISC or closes the stream.
+    pub async fn serve_transmission<S>(&self, name: &str, stream: S) -> Result<(), NbdError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let idx =
+            self.find_export(name.as_bytes()).ok_or_else(|| NbdError::UnknownExport { name: name.to_string() })?;
+        let export = &self.shared.exports[idx];
+        let span = info_span!("nbd_conn", peer = "kernel", export = export.name.as_str());
+        let (r, w) = tokio::io::split(stream);
+        // A sender kept alive for the call, so the connection never sees a shutdown.
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        async move {
+            info!(size = export.size, read_only = export.read_only, "nbd transmission started without handshake");
+            let r = BufReader::with_capacity(64 << 10, r);
+            let result = self.transmission(idx, r, w, stop_rx).await;
+            match &result {
+                Ok(()) => info!("nbd client disconnected"),
+                Err(e) => warn!(reason = %e, "nbd connection closed by the server"),
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn serve_loop<F, Fut, R, W>(
         &self,
         accept: F,
@@ -906,5 +947,45 @@ mod tests {
         for (e, want) in cases {
             assert_eq!(nbd_errno(&e), want, "{e}");
         }
+    }
+
+    /// The kernel's side of a netlink-attached device: no handshake, requests at once.
+    #[tokio::test]
+    async fn transmission_without_handshake() {
+        use ballast_blockdev::MemDev;
+        let dev = Arc::new(MemDev::new(1 << 20, 4096));
+        let server = NbdServer::new(vec![Export::new("vol", dev.clone())], NbdOptions::default()).expect("server");
+        let flags = server.transmission_flags("vol").expect("flags");
+        assert_ne!(flags & proto::FLAG_SEND_FLUSH, 0);
+        assert_eq!(server.transmission_flags("nope"), None);
+        assert_eq!(server.export_size("vol"), Some(1 << 20));
+        let missing = server.serve_transmission("nope", tokio::io::duplex(64).0).await;
+        assert!(matches!(missing, Err(NbdError::UnknownExport { .. })));
+
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let serving = tokio::spawn({
+            let server = server.clone();
+            async move { server.serve_transmission("vol", theirs).await }
+        });
+        let (mut r, mut w) = tokio::io::split(ours);
+        let req = |cmd, cookie, offset, len| Request { flags: 0, cmd, cookie, offset, len }.encode();
+        let reply = async |r: &mut tokio::io::ReadHalf<tokio::io::DuplexStream>| {
+            let mut h = [0u8; proto::SIMPLE_REPLY_LEN];
+            r.read_exact(&mut h).await.expect("reply");
+            proto::decode_simple_reply(&h).expect("magic")
+        };
+        w.write_all(&req(proto::CMD_WRITE, 1, 8192, 4096)).await.expect("send");
+        w.write_all(&[7u8; 4096]).await.expect("send");
+        assert_eq!(reply(&mut r).await, (0, 1));
+        w.write_all(&req(proto::CMD_FLUSH, 2, 0, 0)).await.expect("send");
+        assert_eq!(reply(&mut r).await, (0, 2));
+        w.write_all(&req(proto::CMD_READ, 3, 8192, 4096)).await.expect("send");
+        assert_eq!(reply(&mut r).await, (0, 3));
+        let mut data = vec![0u8; 4096];
+        r.read_exact(&mut data).await.expect("data");
+        assert!(data.iter().all(|&b| b == 7));
+        assert_eq!(&dev.read(8192, 4096).await.expect("dev")[..], &data[..]);
+        w.write_all(&req(proto::CMD_DISC, 4, 0, 0)).await.expect("send");
+        serving.await.expect("join").expect("clean end");
     }
 }

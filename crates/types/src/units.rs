@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 /// Bytes, or a whole number with a binary unit: `4096`, `64K`, `64MiB`, `1G`,
-/// `10GiB`, `2T` (K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB are all binary).
+/// `10GiB`, `2T` (K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB are all binary), and
+/// Kubernetes' binary quantity suffixes `Ki`, `Mi`, `Gi`, `Ti` (StorageClasses).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -12,10 +13,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}: expected bytes or e.g. 10GiB, 64MiB"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
+        "k" | "kb" | "kib" | "ki" => 10,
+        "m" | "mb" | "mib" | "mi" => 20,
+        "g" | "gb" | "gib" | "gi" => 30,
+        "t" | "tb" | "tib" | "ti" => 40,
         other => return Err(format!("invalid size unit {other:?} in {s:?}: use KiB, MiB, GiB or TiB")),
     };
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("size {s:?} is too large"))
@@ -48,6 +49,7 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("64M"), Ok(64 << 20));
         assert_eq!(parse_size("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_size("64Mi"), Ok(64 << 20));
         assert_eq!(parse_size("64 MiB"), Ok(64 << 20));
         assert_eq!(parse_size("1tib"), Ok(1 << 40));
         assert!(parse_size("10XB").unwrap_err().contains("invalid size unit"));

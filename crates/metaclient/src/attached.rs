@@ -1,0 +1,153 @@
+//! A front end attached through the metadata service: the volume, the task that
+//! follows its layout, and a clean detach. `ballast export --meta`, `ballast dev`
+//! and the CSI node service all attach volumes this way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_frontend::{tcp_connector, FrontendError, Volume, VolumeOptions};
+use ballast_replica::{ClientOptions, ReplicaClient};
+use ballast_types::NodeId;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::{pb, MetaClient, MetaClientError, MetaMembership};
+
+/// The front end with the metadata service as its membership.
+pub type MetaVolume = Volume<Arc<MetaMembership>, ReplicaClient>;
+
+/// How often an attached front end asks meta for a newer layout. A copy job waits
+/// for the front end to acknowledge its target, so this bounds that wait; the
+/// poll is a local read on any member.
+pub const LAYOUT_POLL: Duration = Duration::from_millis(250);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("look up volume {name:?}: {source}")]
+    Lookup { name: String, source: MetaClientError },
+    #[error("attach volume {name:?}: {source}")]
+    Attach { name: String, source: FrontendError },
+}
+
+impl AttachError {
+    /// True when the volume does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, AttachError::Lookup { source, .. } if source.is_not_found())
+    }
+}
+
+/// An attached volume whose layout is followed until [`AttachedVolume::detach`].
+pub struct AttachedVolume {
+    volume: Arc<MetaVolume>,
+    membership: Arc<MetaMembership>,
+    meta: MetaClient,
+    stop: watch::Sender<bool>,
+    follower: JoinHandle<()>,
+}
+
+impl AttachedVolume {
+    /// Attaches volume `name` as node `node` (a new epoch: older front ends are
+    /// fenced) and starts following its layout every `poll`.
+    pub async fn attach(
+        meta: MetaClient,
+        name: &str,
+        node: NodeId,
+        io_timeout: Duration,
+        poll: Duration,
+    ) -> Result<AttachedVolume, AttachError> {
+        let membership = Arc::new(MetaMembership::new(meta.clone(), name, node));
+        let id = membership
+            .resolve_volume_id()
+            .await
+            .map_err(|source| AttachError::Lookup { name: name.to_string(), source })?;
+        let client = ClientOptions { timeout: io_timeout, ..ClientOptions::default() };
+        let options = VolumeOptions { local_node: Some(node), io_timeout, ..VolumeOptions::default() };
+        let volume = Volume::attach(membership.clone(), tcp_connector(client), id, options)
+            .await
+            .map_err(|source| AttachError::Attach { name: name.to_string(), source })?;
+        let (stop, stopped) = watch::channel(false);
+        let span = tracing::info_span!("follow_layout", volume = %id, epoch = %volume.epoch());
+        let follower = tokio::spawn(follow_layout(volume.clone(), membership.clone(), poll, stopped).instrument(span));
+        Ok(AttachedVolume { volume, membership, meta, stop, follower })
+    }
+
+    pub fn volume(&self) -> &Arc<MetaVolume> {
+        &self.volume
+    }
+
+    /// Fetches the layout now and installs it if newer (what the follower does
+    /// every poll): after a resize, the new size is served when this returns.
+    pub async fn refresh(&self) -> Result<u64, FrontendError> {
+        let (_, layout) = self.membership.layout().await?;
+        self.volume.apply_layout(&layout).await
+    }
+
+    /// Stops following, flushes, stops I/O and releases the attach lease (best
+    /// effort: a lease left behind only delays copy jobs until the next attach).
+    pub async fn detach(self) -> Result<(), ballast_blockdev::BlockError> {
+        let _ = self.stop.send(true);
+        let _ = self.follower.await;
+        // A server that already stopped the volume flushed it then.
+        let flushed = match self.volume.is_stopped() {
+            true => Ok(()),
+            false => ballast_blockdev::BlockDev::flush(&*self.volume).await,
+        };
+        self.volume.close();
+        detach_lease(&self.meta, &self.volume).await;
+        flushed
+    }
+}
+
+/// Releases the attach lease after a clean stop (best effort).
+pub async fn detach_lease(meta: &MetaClient, volume: &MetaVolume) {
+    let req = pb::DetachRequest { volume: volume.id().0, epoch: volume.epoch().0 };
+    match meta.detach(req).await {
+        Ok(_) => info!(volume = %volume.id(), epoch = %volume.epoch(), "detached"),
+        Err(e) => warn!(volume = %volume.id(), error = %e, "detach failed"),
+    }
+}
+
+/// Follows the volume's layout while it is attached: every `every`, fetches it
+/// from meta, installs a newer generation into the front end (which returns only
+/// once writes go to the new targets, see `Volume::apply_layout`), and then
+/// acknowledges the generation, which lets meta's copy jobs start. Meta being
+/// unreachable only delays this; I/O goes on.
+pub async fn follow_layout(
+    volume: Arc<MetaVolume>,
+    membership: Arc<MetaMembership>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut applied = 0u64;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let (gen, layout) = match membership.layout().await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, "layout poll failed");
+                continue;
+            }
+        };
+        if gen <= applied {
+            continue;
+        }
+        match volume.apply_layout(&layout).await {
+            Ok(changed) => {
+                if changed > 0 {
+                    info!(gen, changed, "new layout installed");
+                }
+                match membership.ack_layout(volume.epoch(), gen).await {
+                    Ok(()) => applied = gen,
+                    Err(e) => warn!(gen, error = %e, "layout acknowledgement failed; retrying"),
+                }
+            }
+            Err(e) => warn!(gen, error = %e, "installing the new layout failed; retrying"),
+        }
+    }
+}
