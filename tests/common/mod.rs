@@ -3,6 +3,8 @@
 //! fio). Every process is killed when its handle drops, also when a test panics.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

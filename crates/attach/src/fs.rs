@@ -14,7 +14,6 @@ use std::process::{Command, Stdio};
 use std::str::FromStr;
 use std::time::Duration;
 
-use nix::mount::{MntFlags, MsFlags};
 use tracing::{debug, info, warn};
 
 use crate::{AttachError, Result};
@@ -122,54 +121,55 @@ pub fn mkfs(dev: &Path, fs: FsType, extra: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Splits mount options into mount(2) flags and the filesystem's data string.
-fn parse_options(options: &[&str], read_only: bool) -> (MsFlags, String) {
-    let mut flags = MsFlags::empty();
-    let mut data: Vec<&str> = Vec::new();
-    for opt in options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
-        match opt {
-            "defaults" | "rw" => {}
-            "ro" => flags |= MsFlags::MS_RDONLY,
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            "sync" => flags |= MsFlags::MS_SYNCHRONOUS,
-            "dirsync" => flags |= MsFlags::MS_DIRSYNC,
-            "noatime" => flags |= MsFlags::MS_NOATIME,
-            "nodiratime" => flags |= MsFlags::MS_NODIRATIME,
-            "relatime" => flags |= MsFlags::MS_RELATIME,
-            "strictatime" => flags |= MsFlags::MS_STRICTATIME,
-            "lazytime" => flags |= MsFlags::MS_LAZYTIME,
-            other => data.push(other),
-        }
+/// The `-o` list for mount(8): the caller's options (comma lists allowed), and
+/// `ro` when asked; `defaults`/`rw` and empty entries dropped.
+fn option_list(options: &[&str], read_only: bool) -> String {
+    let mut out: Vec<&str> = options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .map(str::trim)
+        .filter(|o| !o.is_empty() && *o != "defaults" && *o != "rw")
+        .collect();
+    if read_only && !out.contains(&"ro") {
+        out.push("ro");
     }
-    if read_only {
-        flags |= MsFlags::MS_RDONLY;
-    }
-    (flags, data.join(","))
+    out.join(",")
 }
 
+// Mounts and unmounts run as mount(8)/umount(8) child processes, never as
+// syscalls in this process. A filesystem on a FUSE-backed loop device does I/O
+// to this very process while it mounts (xfs log recovery, ext4 journal replay)
+// and unmounts (final writeback): if this process were killed while one of its
+// own threads waits in the kernel for that I/O, the thread could never finish
+// (its server is gone) and the process could never fully exit, so its
+// /dev/fuse descriptors would stay open and the FUSE connection would never
+// abort: an unkillable process and a hung device until someone writes to
+// /sys/fs/fuse/connections/N/abort. A child waiting on that I/O holds no
+// /dev/fuse descriptor (they are close-on-exec): when this process dies the
+// connection aborts, the child's I/O fails and it exits.
+
 /// Mounts filesystem `fstype` from `dev` on `target` (which must exist). `options`
-/// are mount(8)-style (`noatime`, `discard`, `nouuid`, comma lists allowed): the VFS
-/// flags become mount(2) flags, the rest the filesystem's data string.
+/// are mount(8) options (`noatime`, `discard`, `nouuid`, comma lists allowed).
 pub fn mount(dev: &Path, target: &Path, fstype: FsType, options: &[&str], read_only: bool) -> Result<()> {
-    let (flags, data) = parse_options(options, read_only);
-    nix::mount::mount(Some(dev), target, Some(fstype.as_str()), flags, Some(data.as_str())).map_err(|e| {
-        AttachError::Mount {
-            source_path: dev.to_path_buf(),
-            target: target.to_path_buf(),
-            fstype: fstype.to_string(),
-            source: io::Error::from(e),
-        }
-    })?;
-    info!(dev = %dev.display(), target = %target.display(), fs = %fstype, read_only, options = %data, "mounted");
+    let opts = option_list(options, read_only);
+    let mut cmd = Command::new("mount");
+    cmd.arg("-t").arg(fstype.as_str());
+    if !opts.is_empty() {
+        cmd.arg("-o").arg(&opts);
+    }
+    cmd.arg(dev).arg(target);
+    let out = run("mount", &mut cmd)?;
+    if !out.status.success() {
+        return Err(failed("mount", target, &out));
+    }
+    info!(dev = %dev.display(), target = %target.display(), fs = %fstype, read_only, options = %opts, "mounted");
     Ok(())
 }
 
 /// Bind-mounts `src` on `target`. A missing target is created: a directory for a
 /// directory source, an empty file otherwise (raw block volumes bind the device node
-/// onto a file). Read-only needs a second, remounting call: MS_RDONLY is ignored on
-/// the first bind.
+/// onto a file). Read-only takes a second, remounting step (a first bind ignores
+/// `ro`); if that fails the bind is undone, never left writable.
 ///
 /// A read-only bind of a device node does not stop writes to the device (I/O on
 /// device nodes ignores the mount's flags): for a read-only raw block volume, bind a
@@ -193,19 +193,16 @@ pub fn bind_mount(src: &Path, target: &Path, read_only: bool) -> Result<()> {
                 .map_err(|e| io_err("create bind target", target, e))?;
         }
     }
-    let mount_err = |source: nix::errno::Errno| AttachError::Mount {
-        source_path: src.to_path_buf(),
-        target: target.to_path_buf(),
-        fstype: "bind".into(),
-        source: io::Error::from(source),
-    };
-    nix::mount::mount(Some(src), target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(mount_err)?;
+    let out = run("mount", Command::new("mount").arg("--bind").arg(src).arg(target))?;
+    if !out.status.success() {
+        return Err(failed("mount", target, &out));
+    }
     if read_only {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+        let out = run("mount", Command::new("mount").args(["-o", "remount,bind,ro"]).arg(target))?;
+        if !out.status.success() {
             // Never leave a writable bind where a read-only one was asked for.
-            let _ = nix::mount::umount2(target, MntFlags::MNT_DETACH);
-            return Err(mount_err(e));
+            let _ = run("umount", Command::new("umount").arg("-l").arg(target));
+            return Err(failed("mount", target, &out));
         }
     }
     info!(src = %src.display(), target = %target.display(), read_only, "bind mounted");
@@ -219,14 +216,14 @@ pub enum Unmounted {
     NotMounted,
     /// Every mount stacked on the target was unmounted.
     Unmounted,
-    /// Still busy after the retries: detached lazily (MNT_DETACH). The path is free,
-    /// but the filesystem lives on until its last user closes it, and so does its
-    /// device (a loop device then clears itself at that moment).
+    /// Still busy after the retries: detached lazily (`umount -l`). The path is
+    /// free, but the filesystem lives on until its last user closes it, and so
+    /// does its device (a loop device then clears itself at that moment).
     Lazy,
 }
 
 /// Unmounts `target`, every mount stacked on it included. Not a mount point: Ok.
-/// EBUSY is retried for about 5 s, then the mount is detached lazily, as a last
+/// A busy target is retried for about 5 s, then detached lazily, as a last
 /// resort (logged; see [`Unmounted::Lazy`]).
 pub fn unmount(target: &Path) -> Result<Unmounted> {
     let mut outcome = Unmounted::NotMounted;
@@ -240,32 +237,33 @@ pub fn unmount(target: &Path) -> Result<Unmounted> {
         }
         let mut busy_tries = 0;
         loop {
-            match nix::mount::umount2(target, MntFlags::empty()) {
-                Ok(()) => {
-                    if outcome == Unmounted::NotMounted {
-                        outcome = Unmounted::Unmounted;
-                    }
-                    break;
+            let out = run("umount", Command::new("umount").arg(target))?;
+            if out.status.success() {
+                if outcome == Unmounted::NotMounted {
+                    outcome = Unmounted::Unmounted;
                 }
-                // Gone between the check and the call.
-                Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => break,
-                Err(nix::errno::Errno::EBUSY) if busy_tries < 50 => {
-                    busy_tries += 1;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(nix::errno::Errno::EBUSY) => {
-                    warn!(target = %target.display(), "still busy after 5 s; detaching lazily");
-                    nix::mount::umount2(target, MntFlags::MNT_DETACH).map_err(|e| AttachError::Unmount {
-                        target: target.to_path_buf(),
-                        source: io::Error::from(e),
-                    })?;
-                    outcome = Unmounted::Lazy;
-                    break;
-                }
-                Err(e) => {
-                    return Err(AttachError::Unmount { target: target.to_path_buf(), source: io::Error::from(e) })
-                }
+                break;
             }
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if stderr.contains("not mounted") || stderr.contains("no mount point") {
+                // Gone between the check and the call.
+                break;
+            }
+            if !stderr.contains("busy") {
+                return Err(failed("umount", target, &out));
+            }
+            if busy_tries < 50 {
+                busy_tries += 1;
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            warn!(target = %target.display(), "still busy after 5 s; detaching lazily");
+            let out = run("umount", Command::new("umount").arg("-l").arg(target))?;
+            if !out.status.success() {
+                return Err(failed("umount", target, &out));
+            }
+            outcome = Unmounted::Lazy;
+            break;
         }
     }
     Err(AttachError::Unmount {
@@ -540,12 +538,12 @@ mod tests {
     }
 
     #[test]
-    fn mount_options_split_into_flags_and_data() {
-        let (flags, data) = parse_options(&["noatime,discard", "nodev", "defaults", "nouuid"], false);
-        assert_eq!(flags, MsFlags::MS_NOATIME | MsFlags::MS_NODEV);
-        assert_eq!(data, "discard,nouuid");
-        let (flags, data) = parse_options(&[], true);
-        assert_eq!(flags, MsFlags::MS_RDONLY);
-        assert_eq!(data, "");
+    fn mount_options_become_one_list() {
+        assert_eq!(
+            option_list(&["noatime,discard", "nodev", "defaults", "nouuid"], false),
+            "noatime,discard,nodev,nouuid"
+        );
+        assert_eq!(option_list(&[], true), "ro");
+        assert_eq!(option_list(&["ro", "rw"], true), "ro");
     }
 }
