@@ -51,7 +51,10 @@ impl ControllerService {
 /// The CSI view of a Ballast volume.
 fn csi_volume(v: &meta::Volume, fs_type: &str) -> pb::Volume {
     let mut volume_context = HashMap::new();
-    volume_context.insert(params::CONTEXT_FS_TYPE.to_string(), fs_type.to_string());
+    // Known only where the request named it (CreateVolume); meta does not keep it.
+    if !fs_type.is_empty() {
+        volume_context.insert(params::CONTEXT_FS_TYPE.to_string(), fs_type.to_string());
+    }
     volume_context.insert(params::REPLICAS.to_string(), v.replicas.to_string());
     pb::Volume {
         capacity_bytes: v.size_bytes as i64,

@@ -85,9 +85,9 @@ impl AttachedVolume {
 
     /// Stops following, flushes, stops I/O and releases the attach lease (best
     /// effort: a lease left behind only delays copy jobs until the next attach).
-    pub async fn detach(self) -> Result<(), ballast_blockdev::BlockError> {
+    pub async fn detach(mut self) -> Result<(), ballast_blockdev::BlockError> {
         let _ = self.stop.send(true);
-        let _ = self.follower.await;
+        let _ = (&mut self.follower).await;
         // A server that already stopped the volume flushed it then.
         let flushed = match self.volume.is_stopped() {
             true => Ok(()),
@@ -96,6 +96,15 @@ impl AttachedVolume {
         self.volume.close();
         detach_lease(&self.meta, &self.volume).await;
         flushed
+    }
+}
+
+/// Dropped without [`AttachedVolume::detach`] (a failed teardown): the follower
+/// stops, so nothing keeps the front end alive; its lease stays until the next
+/// attach (which fences it) or a detach.
+impl Drop for AttachedVolume {
+    fn drop(&mut self) {
+        self.follower.abort();
     }
 }
 
