@@ -1,0 +1,149 @@
+//! [`SimMembership`]: the front end's [`Membership`] backed by the real
+//! metadata state machine ([`MetaState::apply`]) held in-process, so epochs,
+//! ejections, versions and the min-in-sync rule are the production ones. What
+//! is simulated is only the service around it: commit latency, outages (every
+//! call fails with `Unavailable`) and lost replies (the command committed, the
+//! caller hears `Unavailable`).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ballast_frontend::{Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
+use ballast_meta::state::{ChunkEntry, Role, Volume as MetaVolume};
+use ballast_meta::{Command, MetaError, MetaState, Response};
+use ballast_types::{ChunkIdx, NodeId, VolumeId};
+
+use crate::replica::{lock, Shared};
+use crate::rng::SimRng;
+
+pub(crate) struct MetaInner {
+    pub state: MetaState,
+    /// Every call fails with `Unavailable` while set.
+    pub down: bool,
+    /// Probability that a committed command's reply is lost.
+    pub lost_reply: f64,
+    rng: SimRng,
+}
+
+/// The metadata service as the simulated front end sees it.
+#[derive(Clone)]
+pub struct SimMembership {
+    inner: Arc<Mutex<MetaInner>>,
+    world: Shared,
+    /// The node the front end attaches from.
+    node: NodeId,
+}
+
+impl SimMembership {
+    pub(crate) fn new(state: MetaState, lost_reply: f64, rng: SimRng, world: Shared, node: NodeId) -> SimMembership {
+        SimMembership { inner: Arc::new(Mutex::new(MetaInner { state, down: false, lost_reply, rng })), world, node }
+    }
+
+    pub(crate) fn inner(&self) -> MutexGuard<'_, MetaInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `cmd` through the state machine after a commit delay, with the
+    /// service's faults.
+    async fn commit(&self, what: &str, cmd: Command) -> Result<Response, MembershipError> {
+        let delay = {
+            let mut m = self.inner();
+            Duration::from_micros(m.rng.range(200, 3000))
+        };
+        tokio::time::sleep(delay).await;
+        let mut m = self.inner();
+        if m.down {
+            drop(m);
+            lock(&self.world).trace.event(format!("meta {what}: unavailable"));
+            return Err(MembershipError::Unavailable(format!("{what}: no leader")));
+        }
+        let r = m.state.apply(&cmd);
+        let lost = m.lost_reply;
+        let lost = r.is_ok() && m.rng.chance(lost);
+        drop(m);
+        let line = match &r {
+            Ok(Response::Epoch(e)) => format!("meta {what} -> {e}"),
+            Ok(Response::Chunk(c)) => format!("meta {what} -> v{} {:?}", c.version, roles(c)),
+            Ok(other) => format!("meta {what} -> {other:?}"),
+            Err(e) => format!("meta {what} -> Err({e})"),
+        };
+        lock(&self.world).trace.event(if lost { format!("{line} (reply lost)") } else { line });
+        if lost {
+            return Err(MembershipError::Unavailable(format!("{what}: leader lost before the reply")));
+        }
+        r.map_err(|e| match e {
+            MetaError::UnknownVolume(v) => MembershipError::UnknownVolume(v),
+            MetaError::UnknownChunk { volume, chunk } => MembershipError::UnknownChunk { volume, chunk },
+            MetaError::BelowMinInSync { chunk, node, remaining, min } => {
+                MembershipError::BelowMinInSync { chunk, node, remaining, min }
+            }
+            other => MembershipError::Unavailable(format!("{what}: {other}")),
+        })
+    }
+}
+
+fn roles(c: &ChunkEntry) -> Vec<(u64, &'static str)> {
+    c.replicas
+        .iter()
+        .map(|r| {
+            let role = match r.role {
+                Role::InSync => "in",
+                Role::Rebuilding => "rb",
+                Role::Ejected => "ej",
+            };
+            (r.node.0, role)
+        })
+        .collect()
+}
+
+/// One chunk entry as the front end's set (ejected replicas get
+/// [`EjectReason::ReplicaError`]: the state machine does not keep reasons).
+pub fn replica_set(c: &ChunkEntry) -> ReplicaSet {
+    let of = |role: Role| c.replicas.iter().filter(move |r| r.role == role).map(|r| r.node);
+    ReplicaSet {
+        version: c.version,
+        in_sync: of(Role::InSync).collect(),
+        rebuilding: of(Role::Rebuilding).collect(),
+        ejected: of(Role::Ejected).map(|n| (n, EjectReason::ReplicaError)).collect(),
+    }
+}
+
+/// A metadata volume as the front end's layout (nodes: every registered node).
+pub fn layout(state: &MetaState, v: &MetaVolume) -> VolumeLayout {
+    VolumeLayout {
+        volume: v.id,
+        name: v.name.clone(),
+        size: v.size,
+        chunk_size: v.chunk_size,
+        min_in_sync: v.min_in_sync,
+        nodes: state.nodes.values().map(|n| Replica { node: n.id, addr: n.addr, zone: n.zone.clone() }).collect(),
+        chunks: v.chunks.iter().map(replica_set).collect(),
+    }
+}
+
+impl Membership for SimMembership {
+    async fn attach(&self, volume: VolumeId) -> Result<Attachment, MembershipError> {
+        let epoch = match self.commit("attach", Command::Attach { volume, node: self.node }).await? {
+            Response::Epoch(e) => e,
+            other => return Err(MembershipError::Unavailable(format!("attach answered {other:?}"))),
+        };
+        let m = self.inner();
+        let v = m.state.volumes.get(&volume).ok_or(MembershipError::UnknownVolume(volume))?;
+        Ok(Attachment { epoch, layout: layout(&m.state, v) })
+    }
+
+    async fn eject(
+        &self,
+        volume: VolumeId,
+        chunk: ChunkIdx,
+        version: u64,
+        node: NodeId,
+        reason: EjectReason,
+    ) -> Result<ReplicaSet, MembershipError> {
+        let what = format!("eject {node} from {chunk} at v{version} ({reason})");
+        match self.commit(&what, Command::Eject { volume, chunk, version, node }).await? {
+            Response::Chunk(c) => Ok(replica_set(&c)),
+            other => Err(MembershipError::Unavailable(format!("eject answered {other:?}"))),
+        }
+    }
+}
