@@ -162,6 +162,13 @@ impl Chunk {
     }
 }
 
+/// How [`ChunkStore::begin_mutation`] ended.
+enum Mutation {
+    Staged(Arc<Chunk>, Hold),
+    Empty,
+    Superseded,
+}
+
 /// Blocks locked for a mutation (see `ChunkStore::lock_blocks`).
 struct Locked {
     c: Arc<Chunk>,
@@ -494,8 +501,24 @@ impl ChunkStore {
     /// The common start of every mutation (write, trim, write-zeroes): checks the
     /// request, takes the fence, the chunk's block range lock and its dirty mark,
     /// and stages each block's new context (`crc_of(i)` for the i-th block of the
-    /// range). Returns the chunk and the [`Hold`] to keep until the I/O is done, or
-    /// `None` for an empty range (nothing to do).
+    /// range). Returns the chunk and the [`Hold`] to keep until the I/O is done,
+    /// [`Mutation::Empty`] for an empty range, or [`Mutation::Superseded`] when a
+    /// block already holds a write at `seq` or newer (nothing staged then; the
+    /// caller applies the request block by block, see below).
+    ///
+    /// Invariant: a block's seq only ever grows. Every write, trim and zeroing of
+    /// a front end carries a fresh seq (its epoch, then a counter; epochs only
+    /// grow), so an incoming seq at or below a block's current one belongs to a
+    /// write that was overtaken: a request delayed in the network or in this
+    /// server's queue past the front end's deadline, arriving after a newer
+    /// write to the same block was acknowledged. Applying it would silently undo
+    /// that acknowledged write (the deterministic simulator, crates/sim, found
+    /// exactly this). Such a request keeps the newer blocks and applies only the
+    /// rest, decided per block under the range lock by the resync rule with
+    /// `protect_from = Seq::ZERO`. Replicas that receive overlapping writes in
+    /// different orders thereby also converge on the same (highest-seq) content.
+    /// The check is made here, under the exclusive range lock, so no newer write
+    /// can land between it and the staging.
     async fn begin_mutation(
         &self,
         id: ChunkId,
@@ -503,13 +526,16 @@ impl ChunkStore {
         len: u64,
         seq: Seq,
         crc_of: impl Fn(u32) -> u32,
-    ) -> Result<Option<(Arc<Chunk>, Hold)>> {
+    ) -> Result<Mutation> {
         let Some(l) = self.lock_blocks(id, offset, len, seq.epoch).await? else {
-            return Ok(None);
+            return Ok(Mutation::Empty);
         };
+        if (l.b0..l.b1).any(|b| l.c.ctx.current(b).is_some_and(|(current, _)| current >= seq)) {
+            return Ok(Mutation::Superseded);
+        }
         let writing = self.begin_write(&l.c).await?;
         let hold = stage(writing, l.b0, l.b1, &Arc::new(l.locks), |b| (seq, crc_of(b - l.b0)));
-        Ok(Some((l.c, hold)))
+        Ok(Mutation::Staged(l.c, hold))
     }
 
     /// Checks a mutation of [offset, +len) under fence epoch `epoch` and locks its
@@ -531,8 +557,15 @@ impl ChunkStore {
         let len = data.len() as u64;
         let bs = BLOCK_SIZE as usize;
         let crc_of = |i: u32| crc32fast::hash(&data[i as usize * bs..(i as usize + 1) * bs]);
-        let Some((c, hold)) = self.begin_mutation(id, offset, len, seq, crc_of).await? else {
-            return Ok(());
+        let (c, hold) = match self.begin_mutation(id, offset, len, seq, crc_of).await? {
+            Mutation::Staged(c, hold) => (c, hold),
+            Mutation::Empty => return Ok(()),
+            Mutation::Superseded => {
+                let blocks = vec![ResyncBlock::Data(seq); data.len() / bs];
+                let out = self.resync_inner(id, offset, &blocks, data, seq.epoch, Seq::ZERO).await?;
+                debug!(written = out.written, kept = out.skipped, "write older than some of its blocks: those kept");
+                return Ok(());
+            }
         };
         let buf = if aligned::is_aligned(data.as_ptr(), data.len()) {
             WriteBuf::Bytes(data)
@@ -593,8 +626,15 @@ impl ChunkStore {
 
     async fn punch(&self, op: &'static str, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
         let zero = layout::zero_block_crc();
-        let Some((c, hold)) = self.begin_mutation(id, offset, len, seq, |_| zero).await? else {
-            return Ok(());
+        let (c, hold) = match self.begin_mutation(id, offset, len, seq, |_| zero).await? {
+            Mutation::Staged(c, hold) => (c, hold),
+            Mutation::Empty => return Ok(()),
+            Mutation::Superseded => {
+                let blocks = vec![ResyncBlock::Zero(seq); (len / BLOCK_SIZE_U64) as usize];
+                let out = self.resync_inner(id, offset, &blocks, Bytes::new(), seq.epoch, Seq::ZERO).await?;
+                debug!(zeroed = out.zeroed, kept = out.skipped, "{op} older than some of its blocks: those kept");
+                return Ok(());
+            }
         };
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let o = (OpKind::Fallocate { mode }, &c.data, offset, len, hold);

@@ -61,10 +61,14 @@ async fn write_read_round_trip_and_contexts() {
     let t = s.context_table(id(0), BlockIdx(0), 3, E1).await.expect("ctx");
     assert_eq!(t[0], BlockContext { crc: crc32fast::hash(&data[..4096]), seq: seq(1) });
     assert_eq!(t[1], BlockContext { crc: crc32fast::hash(&odd), seq: seq(2) });
-    // Resync writes an older seq: the last write still is the current context.
-    s.write(id(0), 4096, odd.clone(), seq(1)).await.expect("older seq");
-    let t = s.context_table(id(0), BlockIdx(1), 1, E1).await.expect("ctx");
-    assert_eq!(t[0].seq, seq(1));
+    // A write older than the block (one overtaken on the way) succeeds but keeps
+    // the newer block: seqs only grow.
+    s.write(id(0), 0, pattern(0x77, 8192), seq(1)).await.expect("older seq");
+    let t = s.context_table(id(0), BlockIdx(0), 2, E1).await.expect("ctx");
+    assert_eq!(t[1].seq, seq(2), "the newer block is kept");
+    assert_eq!(s.read(id(0), 4096, 4096, E1).await.expect("read"), odd);
+    assert_eq!(t[0].seq, seq(1), "an equal seq is the same write again: kept too");
+    assert_eq!(s.read(id(0), 0, 4096, E1).await.expect("read"), data.slice(..4096));
 
     s.trim(id(0), 0, 8192, seq(3)).await.expect("trim");
     s.write_zeroes(id(0), 8192, 4096, seq(4)).await.expect("zeroes");

@@ -68,7 +68,8 @@ async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
     let mut counter = 0u64;
     for c in cmds {
         counter += 1;
-        // Seqs are not monotonic on purpose: resync writes older seqs.
+        // Seqs are not monotonic on purpose: a write overtaken on the way arrives
+        // with an older seq than the block's, and must keep the newer block.
         let seq = Seq::new(E, counter * 7 % 23);
         match c {
             Cmd::Write { block, n, fill } => {
@@ -76,10 +77,13 @@ async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
                 for b in block..block + n {
                     let bytes = block_bytes(fill, b);
                     buf.extend_from_slice(&bytes);
-                    model[b as usize] = ModelBlock { data: bytes, seq };
+                    if model[b as usize].seq < seq {
+                        model[b as usize] = ModelBlock { data: bytes, seq };
+                        // A write that changes nothing (every block newer) marks nothing.
+                        dirty = true;
+                    }
                 }
                 s.write(ID, block as u64 * BS as u64, Bytes::from(buf), seq).await.expect("write");
-                dirty = true;
             }
             Cmd::Trim { block, n } | Cmd::Zeroes { block, n } => {
                 let (off, len) = (block as u64 * BS as u64, n as u64 * BS as u64);
@@ -89,9 +93,11 @@ async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
                     s.write_zeroes(ID, off, len, seq).await.expect("zeroes");
                 }
                 for b in block..block + n {
-                    model[b as usize] = ModelBlock { data: vec![0; BS], seq };
+                    if model[b as usize].seq < seq {
+                        model[b as usize] = ModelBlock { data: vec![0; BS], seq };
+                        dirty = true;
+                    }
                 }
-                dirty = true;
             }
             Cmd::Read { block, n } => {
                 let got = s.read(ID, block as u64 * BS as u64, n * BS as u32, E).await.expect("read");

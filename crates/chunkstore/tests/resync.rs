@@ -1,5 +1,6 @@
 //! Conditional (resync) writes: a property test against an in-memory model of the
-//! rule, and a race of normal writes against resync writes of older seqs.
+//! rule (normal writes and trims follow it too: a block only moves to a newer
+//! seq), and a race of normal writes against resync writes of older seqs.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -124,7 +125,10 @@ async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
                 for b in block..block + n {
                     let bytes = block_bytes(tag, b);
                     buf.extend_from_slice(&bytes);
-                    model[b as usize] = ModelBlock { data: bytes, seq };
+                    // A block only moves to a newer seq: an overtaken write keeps it.
+                    if model[b as usize].seq < seq {
+                        model[b as usize] = ModelBlock { data: bytes, seq };
+                    }
                 }
                 s.write(ID, u64::from(block) * BS as u64, Bytes::from(buf), seq).await.expect("write");
             }
@@ -133,7 +137,9 @@ async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
                 let (off, len) = (u64::from(block) * BS as u64, u64::from(n) * BS as u64);
                 s.trim(ID, off, len, seq).await.expect("trim");
                 for b in block..block + n {
-                    model[b as usize] = ModelBlock { data: vec![0; BS], seq };
+                    if model[b as usize].seq < seq {
+                        model[b as usize] = ModelBlock { data: vec![0; BS], seq };
+                    }
                 }
             }
             Cmd::Resync { block, entries, protect_from } => {

@@ -269,7 +269,8 @@ async fn rebuilding_replica_gets_writes_but_no_reads_until_promoted() {
     assert_eq!(stored(&c3, 0, 0, 8192, epoch).await.unwrap(), vec![0u8; 8192]);
     // ... and trims and flushes too.
     let marker = pattern(4096, 99);
-    put(&c3, 0, 200 * 4096, marker.clone(), Seq::new(epoch, 1 << 40)).await;
+    // An early seq of this epoch: the front end's later trim (a newer seq) must replace it.
+    put(&c3, 0, 200 * 4096, marker.clone(), Seq::new(epoch, 1)).await;
     assert!(!c3.list_dirty(VOL, epoch).await.unwrap().is_empty());
     v.flush().await.unwrap();
     assert!(c3.list_dirty(VOL, epoch).await.unwrap().is_empty(), "the flush reached the rebuilding replica");

@@ -4,11 +4,9 @@
 //! cargo run --release -p ballast-sim --example explore -- --seeds 0..100000 [--fault-rate 1.5] [--steps 300]
 //! ```
 //!
-//! `--late-delivery` lets requests apply after the front end's deadline (the
-//! known violation, see the crate docs); `--max-failures` stops early.
-//!
-//! ```text
-//! ```
+//! `--no-late-delivery` makes a request slower than the front end's deadline
+//! vanish instead of applying late (late delivery is on by default: it is what
+//! a request stuck in a replica's queue does); `--max-failures` stops early.
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,20 +14,20 @@ use std::time::Instant;
 use ballast_sim::{replay_command, run_seed, FaultRates, SimConfig};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: explore --seeds A..B [--fault-rate F] [--steps N] [--max-failures K] [--late-delivery]");
+    eprintln!("usage: explore --seeds A..B [--fault-rate F] [--steps N] [--max-failures K] [--no-late-delivery]");
     ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (mut seeds, mut rate, mut steps, mut max_failures) = ((0u64, 1000u64), 1.0f64, 300usize, 20usize);
-    let mut late_delivery = false;
+    let mut late_delivery = true;
     let mut i = 0;
     while i < args.len() {
         let val = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
-            "--late-delivery" => {
-                late_delivery = true;
+            "--no-late-delivery" => {
+                late_delivery = false;
                 i += 1;
                 continue;
             }

@@ -62,18 +62,20 @@
 //! most one replica loses power at a time and reconciliation restores it)
 //! survives.
 //!
-//! # Known violation (found by this simulator; excluded from the CI set)
+//! # Found and fixed
 //!
-//! With [`FaultRates::late_delivery`] (a request may apply after the front
-//! end's deadline, as a request stuck in a replica's queue or disk does), an
-//! acknowledged, flushed write is lost: a write times out on an in-sync
-//! replica that cannot be ejected (it would leave fewer than min-in-sync, so
-//! the write fails instead); the next write to the same blocks is
-//! acknowledged by that replica; then the late request applies over it (the
-//! store applies writes in arrival order, not seq order), and reads from that
-//! replica return the older version. Seed 7 reproduces it (the `#[ignore]`d
-//! test `known_violation_late_write_after_timeout`). The CI set runs with
-//! `late_delivery` off: a request slower than the deadline is lost instead.
+//! With late delivery (a request may apply after the front end's deadline, as
+//! a request stuck in a replica's queue or disk does) the store used to lose an
+//! acknowledged, flushed write: a write timed out on an in-sync replica that
+//! could not be ejected (it would leave fewer than min-in-sync, so the write
+//! failed instead); the next write to the same blocks was acknowledged by that
+//! replica; then the late request applied over it, because the store applied
+//! writes in arrival order, and reads from that replica returned the older
+//! version. Seed 7 reproduced it. The store now keeps a block whose seq is at
+//! or above an incoming write's (`ChunkStore::begin_mutation`), the simulated
+//! replica follows the same rule, and seed 7 is a regression test
+//! (`late_write_after_timeout_keeps_the_newer_block`). Late delivery is on in
+//! the default fault rates.
 //!
 //! # Not modelled (yet)
 //!
@@ -126,9 +128,9 @@ pub struct FaultRates {
     /// and requests applied after their caller gave up).
     pub slow_delay_ms: u64,
     /// Whether a request whose delivery takes longer than the front end's
-    /// deadline still applies (after the caller gave up). Off by default:
-    /// with it, the front end loses acknowledged writes (see the crate docs,
-    /// "Known violation"); the CI seed set runs without it.
+    /// deadline still applies (after the caller gave up), as a request stuck in
+    /// a replica's queue does. On by default (see the crate docs, "Found and
+    /// fixed").
     pub late_delivery: bool,
     /// A committed metadata command's reply is lost.
     pub meta_lost_reply: f64,
@@ -198,7 +200,7 @@ impl Default for FaultRates {
             slow: 0.004,
             max_delay_ms: 3,
             slow_delay_ms: 1500,
-            late_delivery: false,
+            late_delivery: true,
             meta_lost_reply: 0.05,
             crash: 0.02,
             power_cut: 0.015,
@@ -266,8 +268,8 @@ pub fn replay_command(seed: u64, cfg: &SimConfig) -> String {
     if cfg.steps != d.steps {
         env += &format!(" BALLAST_SIM_STEPS={}", cfg.steps);
     }
-    if cfg.rates.late_delivery {
-        env += " BALLAST_SIM_LATE_DELIVERY=1";
+    if cfg.rates.late_delivery != d.rates.late_delivery {
+        env += if cfg.rates.late_delivery { " BALLAST_SIM_LATE_DELIVERY=1" } else { " BALLAST_SIM_LATE_DELIVERY=0" };
     }
     format!("{env} cargo test --release -p ballast-sim replay -- --nocapture")
 }
@@ -275,7 +277,7 @@ pub fn replay_command(seed: u64, cfg: &SimConfig) -> String {
 impl SimConfig {
     /// The configuration a replay command names: the defaults, overridden by
     /// `BALLAST_SIM_FAULT_RATE`, `BALLAST_SIM_STEPS` and
-    /// `BALLAST_SIM_LATE_DELIVERY=1`.
+    /// `BALLAST_SIM_LATE_DELIVERY` (`1` or `0`).
     pub fn from_env() -> SimConfig {
         let mut cfg = SimConfig::default();
         let var = |k: &str| std::env::var(k).ok();
@@ -285,7 +287,9 @@ impl SimConfig {
         if let Some(s) = var("BALLAST_SIM_STEPS").and_then(|v| v.parse().ok()) {
             cfg.steps = s;
         }
-        cfg.rates.late_delivery = var("BALLAST_SIM_LATE_DELIVERY").is_some_and(|v| v == "1");
+        if let Some(v) = var("BALLAST_SIM_LATE_DELIVERY") {
+            cfg.rates.late_delivery = v == "1";
+        }
         cfg
     }
 }

@@ -151,7 +151,14 @@ impl SimNode {
         let c = self.chunk_mut(id)?;
         in_range(c, offset, len)?;
         let first = (offset / BLOCK_SIZE_U64) as u32;
+        let mut applied = false;
         for i in 0..(len / BLOCK_SIZE_U64) as u32 {
+            // The store's rule: a block only moves to a newer seq; an overtaken
+            // (late) write keeps the newer blocks (ChunkStore::begin_mutation).
+            if c.block(first + i).ctx.seq >= seq {
+                continue;
+            }
+            applied = true;
             let blk = match data {
                 Some(d) => {
                     let bytes = d.slice(i as usize * BS..(i as usize + 1) * BS);
@@ -161,7 +168,7 @@ impl SimNode {
             };
             c.volatile.insert(first + i, blk);
         }
-        if len > 0 {
+        if applied {
             c.dirty = true;
         }
         Ok(())

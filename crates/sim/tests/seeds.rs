@@ -108,15 +108,11 @@ fn replay() {
 ///  12608ms read of block 57 from node-2 (in sync) -> version 2
 /// ```
 /// The timed-out replica stays in sync because ejecting it would go below
-/// min-in-sync (the failing write is refused instead), and the store applies
-/// writes in arrival order, not seq order (`ChunkStore::write` has no seq
-/// check; only `resync_write` refuses older seqs). Either the store refusing
-/// a write older than the block's current seq, or the front end never again
-/// reading from (or acknowledging with) a replica that timed out on a write,
-/// would close it.
+/// min-in-sync (the failing write is refused instead), and the store applied
+/// writes in arrival order. Fixed in the store: a block only moves to a newer
+/// seq, so the late 4.21 keeps block 57 at 4.22 (`ChunkStore::begin_mutation`).
 #[test]
-#[ignore = "known violation: late delivery of a timed-out write overwrites a newer acknowledged one"]
-fn known_violation_late_write_after_timeout() {
+fn late_write_after_timeout_keeps_the_newer_block() {
     let cfg = SimConfig { rates: FaultRates { late_delivery: true, ..FaultRates::default() }, ..SimConfig::default() };
     run_seed(7, &cfg).unwrap_or_else(|v| fail(&v));
 }
