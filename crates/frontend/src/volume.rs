@@ -8,7 +8,7 @@
 //! The layout can change while the volume is attached ([`Volume::apply_layout`]):
 //! the provider adds rebuilding replicas, promotes them, retires others.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -143,7 +143,10 @@ struct NodeConn<R> {
     io: R,
 }
 
-type NodeMap<R> = HashMap<NodeId, NodeConn<R>>;
+/// Ordered by node id: every walk over the nodes (announce at attach, ejections
+/// it leads to) happens in the same order on every run, which the deterministic
+/// simulator (crates/sim) relies on to replay a seed exactly.
+type NodeMap<R> = BTreeMap<NodeId, NodeConn<R>>;
 
 /// Makes the connection handle for a replica node (at attach, and for nodes a
 /// newer layout adds).

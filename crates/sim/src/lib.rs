@@ -43,10 +43,9 @@
 //! the state machine's `StartJob`, the front end follows the layout (the real
 //! `Volume::apply_layout`), an instantaneous copy of a healthy in-sync
 //! replica, `FinishJob`, the front end follows again: the simulator's
-//! stand-in for `ballast-resync`, which is not under test here. Announce requests are not subject to random
-//! network faults, because `Volume` sends them in `HashMap` order (which
-//! differs between processes) and the order of the ejections they cause
-//! would make a seed replay differently.
+//! stand-in for `ballast-resync`, which is not under test here. Announce
+//! requests get random faults like every other request (the front end walks its
+//! nodes in id order, so they replay exactly).
 //!
 //! # Invariant (checked after every read, and for every block at the end)
 //!

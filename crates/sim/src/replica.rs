@@ -353,26 +353,14 @@ impl SimReplica {
         SimReplica { node, world }
     }
 
-    /// Sends one request: `apply` runs on the node when (if) it arrives.
+    /// Sends one request: `apply` runs on the node when (if) it arrives, with
+    /// this request's fate (delay, loss of request or reply) drawn from the
+    /// node's random stream. Announces too: the front end walks its nodes in
+    /// id order, so their faults replay like any other request's.
     async fn rpc<T: std::fmt::Debug + Send + 'static>(
         &self,
         op: &'static str,
         what: String,
-        apply: impl FnOnce(&mut SimNode) -> Result<T, ReplicaError> + Send + 'static,
-    ) -> Result<T, ReplicaError> {
-        self.send(op, what, true, apply).await
-    }
-
-    /// `faulty == false`: the request is neither delayed nor dropped at random
-    /// and its delivery is not traced (crashes and partitions still apply).
-    /// Used for `announce_epoch`: the front end sends it to its node map in
-    /// `HashMap` order, which differs between processes, so random faults on
-    /// it (or trace lines in send order) would make a seed replay differently.
-    async fn send<T: std::fmt::Debug + Send + 'static>(
-        &self,
-        op: &'static str,
-        what: String,
-        faulty: bool,
         apply: impl FnOnce(&mut SimNode) -> Result<T, ReplicaError> + Send + 'static,
     ) -> Result<T, ReplicaError> {
         let node = self.node;
@@ -381,18 +369,10 @@ impl SimReplica {
             let rates = w.rates.clone();
             w.nodes.get_mut(&node).filter(|n| n.up).map(|n| (Fate::draw(&mut n.rng, &rates), n.incarnation))
         };
-        let Some((mut fate, incarnation)) = drawn else {
+        let Some((fate, incarnation)) = drawn else {
             tokio::time::sleep(Duration::from_micros(200)).await;
             return Err(ReplicaError::Transport(format!("connect to {node}: connection refused")));
         };
-        if !faulty {
-            fate = Fate {
-                request_delay: Duration::from_micros(100),
-                reply_delay: Duration::from_micros(100),
-                drop_request: false,
-                drop_reply: false,
-            };
-        }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let world = self.world.clone();
         tokio::spawn(async move {
@@ -402,16 +382,12 @@ impl SimReplica {
             let lost = fate.drop_request || expired;
             let Some(n) = w.nodes.get_mut(&node) else { return };
             if lost || !n.up || n.partitioned || n.incarnation != incarnation {
-                if faulty {
-                    let why = if lost { "dropped" } else { "undeliverable" };
-                    w.trace.event(format!("{node} {op} {what}: request {why}"));
-                }
+                let why = if lost { "dropped" } else { "undeliverable" };
+                w.trace.event(format!("{node} {op} {what}: request {why}"));
                 return;
             }
             let r = apply(n);
-            if faulty {
-                w.trace.event(format!("{node} {op} {what} -> {}", short(&r)));
-            }
+            w.trace.event(format!("{node} {op} {what} -> {}", short(&r)));
             let _ = tx.send(r);
         });
         let crashed = |w: &World| w.nodes.get(&node).is_none_or(|n| !n.up || n.incarnation != incarnation);
@@ -519,7 +495,7 @@ impl ReplicaIo for SimReplica {
     }
 
     async fn announce_epoch(&self, volume: VolumeId, epoch: Epoch) -> Result<Epoch, ReplicaError> {
-        self.send("announce_epoch", String::new(), false, move |n| n.announce(volume, epoch)).await
+        self.rpc("announce_epoch", format!("{epoch}"), move |n| n.announce(volume, epoch)).await
     }
 
     async fn list_dirty(&self, volume: VolumeId, epoch: Epoch) -> Result<Vec<ChunkIdx>, ReplicaError> {
