@@ -18,7 +18,9 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use crate::locks::VolumeLocks;
-use crate::params::{self, check_capabilities, check_capability, required, VolumeParams};
+use crate::params::{
+    self, capability_arg, check_capabilities, check_capability, required, required_capability, VolumeParams,
+};
 use crate::pb;
 use crate::pb::controller_service_capability::rpc::Type as Rpc;
 use crate::{meta_status, TOPOLOGY_ZONE};
@@ -174,9 +176,7 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let id = required("volume_id", &r.volume_id)?;
         let node_id = required("node_id", &r.node_id)?;
-        let cap =
-            r.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
-        check_capability(cap).map_err(|e| Status::invalid_argument(format!("volume_capability: {e}")))?;
+        required_capability("volume_capability", r.volume_capability.as_ref())?;
         let node = parse_node_id(node_id)?;
         let _busy = self.locks.lock(id)?;
         let req = meta::PublishVolumeRequest { volume: id.to_string(), node };
@@ -300,7 +300,7 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::GetCapacityResponse>, Status> {
         let r = req.into_inner();
         for c in &r.volume_capabilities {
-            check_capability(c).map_err(|e| Status::invalid_argument(format!("volume_capabilities: {e}")))?;
+            capability_arg("volume_capabilities", c)?;
         }
         let p = VolumeParams::parse(&r.parameters)?;
         let zone = r.accessible_topology.as_ref().and_then(|t| t.segments.get(TOPOLOGY_ZONE)).cloned();
@@ -352,7 +352,7 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let id = required("volume_id", &r.volume_id)?;
         if let Some(c) = &r.volume_capability {
-            check_capability(c).map_err(|e| Status::invalid_argument(format!("volume_capability: {e}")))?;
+            capability_arg("volume_capability", c)?;
         }
         let _busy = self.locks.lock(id)?;
         let v = self.existing(id).await?;

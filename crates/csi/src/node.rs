@@ -33,7 +33,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
 use crate::locks::VolumeLocks;
-use crate::params::{self, check_capability, required, Access};
+use crate::params::{self, required, required_capability, Access};
 use crate::pb;
 use crate::pb::node_service_capability::rpc::Type as Rpc;
 use crate::TOPOLOGY_ZONE;
@@ -220,9 +220,9 @@ impl NodeService {
         for e in entries.flatten() {
             let path = e.path();
             if path.extension().is_some_and(|x| x == "json") {
-                match std::fs::read(&path).map(|d| serde_json::from_slice::<StageRecord>(&d)) {
-                    Ok(Ok(r)) => records.push(r),
-                    Ok(Err(err)) => warn!(file = %path.display(), error = %err, "unreadable stage record; ignored"),
+                let read = std::fs::read(&path).map_err(|e| e.to_string());
+                match read.and_then(|d| serde_json::from_slice::<StageRecord>(&d).map_err(|e| e.to_string())) {
+                    Ok(r) => records.push(r),
                     Err(err) => warn!(file = %path.display(), error = %err, "unreadable stage record; ignored"),
                 }
             }
@@ -362,9 +362,7 @@ impl pb::node_server::Node for NodeService {
         let r = req.into_inner();
         let id = required("volume_id", &r.volume_id)?.to_string();
         let staging = PathBuf::from(required("staging_target_path", &r.staging_target_path)?);
-        let cap =
-            r.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
-        let access = check_capability(cap).map_err(|e| Status::invalid_argument(format!("volume_capability: {e}")))?;
+        let (cap, access) = required_capability("volume_capability", r.volume_capability.as_ref())?;
         let read_only = cap
             .access_mode
             .as_ref()
@@ -383,7 +381,8 @@ impl pb::node_server::Node for NodeService {
             }
         };
         let _busy = self.inner.locks.lock(&id)?;
-        if let Some(s) = self.inner.staged.lock().await.get(&id) {
+        let staged = self.inner.staged.lock().await;
+        if let Some(s) = staged.get(&id) {
             let same =
                 s.record.staging_path == staging && s.record.fs_type == fs_type && s.record.read_only == read_only;
             return if same {
@@ -396,9 +395,10 @@ impl pb::node_server::Node for NodeService {
             };
         }
         let max = self.inner.cfg.max_volumes;
-        if max > 0 && self.inner.staged.lock().await.len() as i64 >= max {
+        if max > 0 && staged.len() as i64 >= max {
             return Err(Status::resource_exhausted(format!("this node stages at most {max} volumes")));
         }
+        drop(staged);
         let record = StageRecord {
             volume_id: id.clone(),
             staging_path: staging,
@@ -454,9 +454,7 @@ impl pb::node_server::Node for NodeService {
         let id = required("volume_id", &r.volume_id)?.to_string();
         let staging = PathBuf::from(required("staging_target_path", &r.staging_target_path)?);
         let target = PathBuf::from(required("target_path", &r.target_path)?);
-        let cap =
-            r.volume_capability.as_ref().ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
-        let access = check_capability(cap).map_err(|e| Status::invalid_argument(format!("volume_capability: {e}")))?;
+        let (_, access) = required_capability("volume_capability", r.volume_capability.as_ref())?;
         let _busy = self.inner.locks.lock(&id)?;
         let mut staged = self.inner.staged.lock().await;
         let s = staged

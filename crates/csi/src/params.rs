@@ -213,12 +213,26 @@ pub fn check_capability(c: &pb::VolumeCapability) -> Result<Access, String> {
     }
 }
 
+/// Checks one capability of a request; InvalidArgument naming the field.
+pub fn capability_arg(field: &str, c: &pb::VolumeCapability) -> Result<Access, Status> {
+    check_capability(c).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+/// A capability the request must carry, checked; InvalidArgument naming the field.
+pub fn required_capability<'a>(
+    field: &str,
+    c: Option<&'a pb::VolumeCapability>,
+) -> Result<(&'a pb::VolumeCapability, Access), Status> {
+    let c = c.ok_or_else(|| Status::invalid_argument(format!("{field} is required")))?;
+    Ok((c, capability_arg(field, c)?))
+}
+
 /// Checks a request's capability list; InvalidArgument naming the field.
 pub fn check_capabilities(field: &str, caps: &[pb::VolumeCapability]) -> Result<Vec<Access>, Status> {
     if caps.is_empty() {
         return Err(Status::invalid_argument(format!("{field} is required")));
     }
-    caps.iter().map(|c| check_capability(c).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))).collect()
+    caps.iter().map(|c| capability_arg(field, c)).collect()
 }
 
 /// A request field that must be present and non-empty.
