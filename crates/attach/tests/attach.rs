@@ -37,6 +37,18 @@ fn can_attach(test: &str) -> bool {
     true
 }
 
+/// [`can_attach`], and the xfs tools (Debian's xfsprogs) for an xfs variant.
+fn can_attach_xfs(test: &str) -> bool {
+    if !can_attach(test) {
+        return false;
+    }
+    if !fs::have_tool("mkfs.xfs") {
+        println!("SKIP {test}: mkfs.xfs not installed (apt-get install xfsprogs)");
+        return false;
+    }
+    true
+}
+
 /// CAP_SYS_RESOURCE (bit 24) in the effective set: online ext4 resize needs it.
 fn has_cap_sys_resource() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -382,14 +394,9 @@ fn full_stack_ext4() {
 
 #[test]
 fn full_stack_xfs() {
-    if !can_attach("full_stack_xfs") {
-        return;
+    if can_attach_xfs("full_stack_xfs") {
+        full_stack(FsType::Xfs);
     }
-    if !fs::have_tool("mkfs.xfs") {
-        println!("SKIP full_stack_xfs: mkfs.xfs not installed (apt-get install xfsprogs)");
-        return;
-    }
-    full_stack(FsType::Xfs);
 }
 
 fn grow_mounted(fs_type: FsType) {
@@ -453,14 +460,9 @@ fn online_grow_ext4() {
 
 #[test]
 fn online_grow_xfs() {
-    if !can_attach("online_grow_xfs") {
-        return;
+    if can_attach_xfs("online_grow_xfs") {
+        grow_mounted(FsType::Xfs);
     }
-    if !fs::have_tool("mkfs.xfs") {
-        println!("SKIP online_grow_xfs: xfsprogs not installed");
-        return;
-    }
-    grow_mounted(FsType::Xfs);
 }
 
 #[test]
