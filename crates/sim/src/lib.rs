@@ -99,10 +99,9 @@
 //! and late delivery of the failing run) and the last trace lines.
 
 mod meta;
-pub mod pattern;
 mod replica;
-pub mod rng;
 mod sim;
+pub use ballast_verify::{pattern, rng};
 pub mod trace;
 
 use std::time::Duration;

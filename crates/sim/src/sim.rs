@@ -19,6 +19,7 @@ use crate::replica::{lock, Shared, SimNode, SimReplica, World};
 use crate::rng::SimRng;
 use crate::trace::Trace;
 use crate::{FaultRates, SimConfig, SimReport, Violation};
+use ballast_verify::BlockModel;
 
 type Vol = Volume<SimMembership, SimReplica>;
 
@@ -29,21 +30,6 @@ const BLOCKS: u64 = CHUNKS * CHUNK_SIZE / BLOCK_SIZE_U64;
 const MIN_IN_SYNC: usize = 2;
 /// The front end runs on node 1 (reads prefer it).
 const FRONTEND_NODE: NodeId = NodeId(1);
-
-/// What the checker knows about one volume block.
-#[derive(Clone, Debug, Default)]
-struct BlockModel {
-    /// Version of the last acknowledged write (0: none).
-    acked: u64,
-    /// Version of the last acknowledged write known flushed (for reports).
-    flushed: u64,
-    /// Highest version issued.
-    issued: u64,
-    /// Versions written (attempted) by a fenced front end: never to be seen.
-    forbidden: BTreeSet<u64>,
-    /// A write to the block is in flight (the workload never overlaps writes).
-    busy: bool,
-}
 
 /// How a node is faulty (at most one at a time).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -312,14 +298,7 @@ impl Sim {
                     if (first..first + count).any(|b| m[b as usize].busy) {
                         continue;
                     }
-                    (first..first + count)
-                        .map(|b| {
-                            let bm = &mut m[b as usize];
-                            bm.busy = true;
-                            bm.issued += 1;
-                            bm.issued
-                        })
-                        .collect::<Vec<u64>>()
+                    (first..first + count).map(|b| m[b as usize].issue()).collect::<Vec<u64>>()
                 };
                 self.trace(format!("op: write blocks {first}..+{count} versions {versions:?} fua={fua}"));
                 let mut buf = BytesMut::with_capacity((count * BLOCK_SIZE_U64) as usize);
@@ -370,13 +349,7 @@ impl Sim {
                 let mut m = self.model();
                 for (i, ver) in versions.iter().enumerate() {
                     let bm = &mut m[(first + i as u64) as usize];
-                    bm.busy = false;
-                    if r.is_ok() {
-                        bm.acked = *ver;
-                        if fua {
-                            bm.flushed = *ver;
-                        }
-                    }
+                    bm.completed(*ver, r.is_ok(), fua);
                 }
                 drop(m);
                 if r.is_ok() {
@@ -426,44 +399,7 @@ impl Sim {
     /// `floor` (the last acknowledged when the read started) or of a later
     /// issued write, and never a fenced front end's.
     fn check(&self, b: u64, floor: u64, seen: &Seen, what: &str) -> Result<(), Box<Violation>> {
-        let m = &self.model()[b as usize];
-        let expected = || {
-            let later = if m.issued > floor { format!(" or a later one up to {}", m.issued) } else { String::new() };
-            format!("version {floor}{later} (last acknowledged {}, last flushed {})", m.acked, m.flushed)
-        };
-        let Some(v) = seen.version() else {
-            return Err(self.violation(
-                format!("{what} returned data never written to this block"),
-                b,
-                expected(),
-                seen.to_string(),
-            ));
-        };
-        if m.forbidden.contains(&v) {
-            return Err(self.violation(
-                format!("{what} returned a fenced front end's write"),
-                b,
-                expected(),
-                seen.to_string(),
-            ));
-        }
-        if v < floor {
-            let kind = if v < m.flushed {
-                "an acknowledged, flushed write was lost"
-            } else {
-                "an acknowledged write was lost"
-            };
-            return Err(self.violation(format!("{what}: {kind}"), b, expected(), seen.to_string()));
-        }
-        if v > m.issued {
-            return Err(self.violation(
-                format!("{what} returned a version never issued"),
-                b,
-                expected(),
-                seen.to_string(),
-            ));
-        }
-        Ok(())
+        self.model()[b as usize].check(floor, seen, what).map_err(|m| self.violation(m.what, b, m.expected, m.got))
     }
 
     /// Front-end crash (or stall) and a new attach. A crash aborts a batch
