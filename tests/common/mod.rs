@@ -4,6 +4,10 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod disks;
+pub mod faultcluster;
+pub mod netns;
+pub mod workload;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -57,11 +61,17 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: &str, args: &[&str]) -> Proc {
         let mut cmd = Command::new(ballast_bin());
-        cmd.args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args);
+        Proc::spawn_cmd(name, cmd)
+    }
+
+    /// Like [`Proc::spawn`], for a prepared command (e.g. `ip netns exec NS ballast ...`,
+    /// which execs the program, so the pid is still the program's).
+    pub fn spawn_cmd(name: &str, mut cmd: Command) -> Proc {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()));
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
