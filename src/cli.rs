@@ -209,6 +209,8 @@ pub struct ExportArgs {
     /// Allow a non-loopback NBD address (the export is unauthenticated).
     #[arg(long)]
     pub allow_remote: bool,
+    #[command(flatten)]
+    pub scrub: crate::export::ScrubArgs,
 }
 
 #[derive(Args, Debug)]

@@ -160,7 +160,8 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         Duration::from_secs(5),
         ballast_metaclient::LAYOUT_POLL,
     )
-    .await?;
+    .await?
+    .with_scrub(ballast_metaclient::ScrubConfig::default());
     print_banner(&a.data, &endpoints, attached.volume(), &nbd, &csi_socket)?;
     nbd.announce(attached.volume().name())?;
     nbd.serve(attached.volume().clone(), stop, Duration::from_secs(10)).await?;

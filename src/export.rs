@@ -1,6 +1,8 @@
 //! `ballast volume create` and `ballast export`: a static volume definition, and a
 //! front end that attaches it (new epoch, fencing older front ends) and serves it
-//! over NBD until SIGINT/SIGTERM.
+//! over NBD until SIGINT/SIGTERM, scrubbing it on a schedule meanwhile (one
+//! `scrub pass volume=NAME bytes=N corrupt=N repaired=N unrepairable=N` line on
+//! stdout per pass).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,18 +11,90 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
-use ballast_frontend::{tcp_connector, Membership, StaticConfig, StaticMembership, Volume, VolumeOptions};
+use ballast_frontend::{
+    scrub_periodically, tcp_connector, Membership, ScrubConfig, ScrubReport, StaticConfig, StaticMembership, Volume,
+    VolumeOptions,
+};
 use ballast_metaclient::{AttachedVolume, MetaClient, LAYOUT_POLL};
 use ballast_nbd::{Export, NbdOptions, NbdServer};
 use ballast_replica::{ClientOptions, ReplicaClient};
+use ballast_types::units::{parse_duration, parse_size};
 use ballast_types::{NodeId, VolumeId, Zone};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
 
 use crate::cli::{ExportArgs, VolumeCreateArgs};
 use crate::shutdown;
 
 /// The front end as `ballast` runs it: static membership, TCP replica clients.
 pub type StaticVolume = Volume<StaticMembership, ReplicaClient>;
+
+/// `ballast export`'s scrub flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScrubArgs {
+    /// Time between scrub passes, which read every replica of every chunk and
+    /// rewrite corrupt blocks from a verified copy; the first pass runs one
+    /// interval after attach. E.g. 24h, 90m, 30s; 0 or off disables scrubbing.
+    #[arg(long = "scrub-interval", value_name = "DURATION", default_value = "24h", value_parser = parse_scrub_interval)]
+    pub interval: ScrubInterval,
+    /// Replica bytes a scrub pass reads per second (every copy counts), e.g. 64M;
+    /// 0 means no limit.
+    #[arg(long = "scrub-rate", value_name = "BYTES/s", default_value = "64M", value_parser = parse_size)]
+    pub rate: u64,
+}
+
+impl ScrubArgs {
+    /// The schedule to run, or None when scrubbing is off.
+    pub fn config(&self) -> Option<ScrubConfig> {
+        self.interval.0.map(|interval| ScrubConfig { interval, rate_bytes_per_sec: self.rate })
+    }
+}
+
+/// A scrub interval; None is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScrubInterval(pub Option<Duration>);
+
+/// `off` or `0` (no scrub), `Nh` (hours), or what [`parse_duration`] takes.
+pub fn parse_scrub_interval(s: &str) -> Result<ScrubInterval, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") || (!t.is_empty() && t.bytes().all(|b| b == b'0')) {
+        return Ok(ScrubInterval(None));
+    }
+    if let Some(hours) = t.strip_suffix('h') {
+        let n: u64 =
+            hours.trim().parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 24h, 90m, 30s"))?;
+        if n == 0 {
+            return Ok(ScrubInterval(None));
+        }
+        return Ok(ScrubInterval(Some(Duration::from_secs(n.saturating_mul(3600)))));
+    }
+    parse_duration(t).map(|d| ScrubInterval(Some(d)))
+}
+
+/// The stdout line `ballast export` prints after each scrub pass (test
+/// harnesses parse it).
+pub fn scrub_line(volume: &str, r: &ScrubReport) -> String {
+    format!(
+        "scrub pass volume={volume} bytes={} corrupt={} repaired={} unrepairable={}",
+        r.bytes_read, r.corrupt_pieces, r.repaired, r.unrepairable
+    )
+}
+
+/// Prints [`scrub_line`] for every report published on `reports`, until its
+/// sender is gone.
+fn print_scrub_reports(
+    volume: String,
+    mut reports: watch::Receiver<Option<ScrubReport>>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while reports.changed().await.is_ok() {
+            let report = reports.borrow_and_update().clone();
+            if let Some(r) = report {
+                println!("{}", scrub_line(&volume, &r));
+            }
+        }
+    })
+}
 
 pub fn create_volume(a: VolumeCreateArgs) -> anyhow::Result<()> {
     let replicas = a.nodes.len();
@@ -160,7 +234,26 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
             let membership = StaticMembership::load(config).with_context(|| format!("load {}", config.display()))?;
             let volume = attach(membership, a.local_node.map(NodeId), a.io_timeout).await?;
             listeners.announce(volume.name())?;
-            listeners.serve(volume, stop, Duration::from_secs(30)).await
+            let scrub = a.scrub.config().map(|config| {
+                let (reports, rx) = watch::channel(None);
+                let printer = print_scrub_reports(volume.name().to_string(), rx);
+                // Cut short when the shutdown starts, before the final flush.
+                let (v, stop) = (volume.clone(), stop.clone());
+                let scrubber = tokio::spawn(async move {
+                    tokio::select! {
+                        _ = scrub_periodically(v, config, reports) => {}
+                        _ = shutdown::wait(stop) => {}
+                    }
+                });
+                (scrubber, printer)
+            });
+            let served = listeners.serve(volume, stop, Duration::from_secs(30)).await;
+            if let Some((scrubber, printer)) = scrub {
+                scrubber.abort();
+                let _ = scrubber.await;
+                let _ = printer.await;
+            }
+            served
         }
         (None, Some(endpoints)) => {
             let (Some(name), Some(node)) = (&a.volume, a.local_node) else {
@@ -169,10 +262,65 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
             let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
             let attached = AttachedVolume::attach(meta, name, NodeId(node), a.io_timeout, LAYOUT_POLL).await?;
             listeners.announce(attached.volume().name())?;
+            let (attached, printer) = match a.scrub.config() {
+                Some(config) => {
+                    let attached = attached.with_scrub(config);
+                    let printer = print_scrub_reports(attached.volume().name().to_string(), attached.scrub_reports());
+                    (attached, Some(printer))
+                }
+                None => (attached, None),
+            };
             listeners.serve(attached.volume().clone(), stop, Duration::from_secs(30)).await?;
             attached.detach().await?;
+            if let Some(printer) = printer {
+                let _ = printer.await;
+            }
             Ok(())
         }
         _ => bail!("give either --config FILE (a static volume) or --meta ENDPOINTS (the metadata service)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrub_intervals() {
+        let p = |s| parse_scrub_interval(s).map(|i| i.0);
+        assert_eq!(p("24h"), Ok(Some(Duration::from_secs(24 * 3600))));
+        assert_eq!(p("90m"), Ok(Some(Duration::from_secs(90 * 60))));
+        assert_eq!(p("30s"), Ok(Some(Duration::from_secs(30))));
+        assert_eq!(p("500ms"), Ok(Some(Duration::from_millis(500))));
+        for off in ["0", "off", "OFF", "0h", "00"] {
+            assert_eq!(p(off), Ok(None), "{off}");
+        }
+        assert!(p("xh").is_err());
+        assert!(p("1d").is_err());
+        assert!(p("").is_err());
+    }
+
+    #[test]
+    fn scrub_flags_and_line() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(["ballast", "export", "--config", "v.toml"]).unwrap();
+        let crate::cli::Command::Export(a) = cli.command else { panic!("not export") };
+        assert_eq!(a.scrub.config(), Some(ScrubConfig::default()), "defaults: 24h at 64 MiB/s");
+        let cli = crate::cli::Cli::try_parse_from([
+            "ballast",
+            "export",
+            "--config",
+            "v.toml",
+            "--scrub-interval",
+            "off",
+            "--scrub-rate",
+            "8M",
+        ])
+        .unwrap();
+        let crate::cli::Command::Export(a) = cli.command else { panic!("not export") };
+        assert_eq!((a.scrub.config(), a.scrub.rate), (None, 8 << 20));
+
+        let r = ScrubReport { bytes_read: 7, corrupt_pieces: 3, repaired: 2, unrepairable: 1, ..Default::default() };
+        assert_eq!(scrub_line("pg-0", &r), "scrub pass volume=pg-0 bytes=7 corrupt=3 repaired=2 unrepairable=1");
     }
 }

@@ -150,7 +150,8 @@ impl NodeService {
                     } else {
                         Status::unavailable(format!("attach {id}: {e}"))
                     }
-                })?;
+                })?
+                .with_scrub(ballast_metaclient::ScrubConfig::default());
         let (volume, fuse_dir, rt) = (attached.volume().clone(), self.fuse_dir(&id), tokio::runtime::Handle::current());
         let read_only = record.read_only;
         let rec = record.clone();

@@ -7,6 +7,9 @@
 //!   replica (local first) with read repair, reconciles dirty chunks at attach,
 //!   and follows newer layouts while attached ([`Volume::apply_layout`]: new
 //!   rebuilding replicas, promotions, new nodes);
+//! - [`scrub`]: [`Volume::scrub`] reads every in-sync copy of every chunk and
+//!   rewrites corrupt pieces from a verified copy (the read-repair path), paced
+//!   to a byte rate; [`scrub_periodically`] runs passes on a schedule;
 //! - [`Membership`]: the two durable decisions it needs from the configuration
 //!   master (attach = bump the epoch; eject), and [`StaticMembership`], a
 //!   TOML-file implementation;
@@ -33,6 +36,7 @@ pub mod membership;
 pub mod policy;
 mod replica_client;
 pub mod replica_io;
+pub mod scrub;
 pub mod static_membership;
 mod volume;
 
@@ -41,6 +45,7 @@ use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};
 pub use membership::{Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
 pub use replica_client::tcp_connector;
 pub use replica_io::{ReplicaError, ReplicaIo};
+pub use scrub::{scrub_periodically, ScrubConfig, ScrubOptions, ScrubReport};
 pub use static_membership::{StaticConfig, StaticMembership};
 pub use volume::{Volume, VolumeOptions, VolumeStats};
 

@@ -67,10 +67,20 @@ pub struct VolumeStats {
     pub read_repairs: u64,
     pub reconciled_blocks: u64,
     pub errors: u64,
+    /// Scrub passes completed ([`Volume::scrub`]).
+    pub scrub_passes: u64,
+    /// Bytes the scrub read from replicas (every in-sync copy counts).
+    pub scrubbed_bytes: u64,
+    /// Corrupt piece copies the scrub found (one piece on one replica).
+    pub scrub_corrupt: u64,
+    /// Of those, rewritten from a verified copy.
+    pub scrub_repaired: u64,
+    /// Of those, left as they were: no verified copy, or the rewrite failed.
+    pub scrub_unrepairable: u64,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     reads: AtomicU64,
     writes: AtomicU64,
     bytes_read: AtomicU64,
@@ -82,13 +92,18 @@ struct Counters {
     read_repairs: AtomicU64,
     reconciled_blocks: AtomicU64,
     errors: AtomicU64,
+    pub(crate) scrub_passes: AtomicU64,
+    pub(crate) scrubbed_bytes: AtomicU64,
+    pub(crate) scrub_corrupt: AtomicU64,
+    pub(crate) scrub_repaired: AtomicU64,
+    pub(crate) scrub_unrepairable: AtomicU64,
 }
 
-fn bump(c: &AtomicU64, n: u64) {
+pub(crate) fn bump(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-struct ChunkState {
+pub(crate) struct ChunkState {
     /// The replica set this attachment uses: writes go to `in_sync` and
     /// `rebuilding`, reads to `in_sync`. Changed by ejections (members leave)
     /// and by [`Volume::apply_layout`] (members join, get promoted, retire).
@@ -100,8 +115,10 @@ struct ChunkState {
     /// what only those changes need.
     membership: AsyncMutex<SetControl>,
     /// Client writes (and trims, zeroes) hold it shared from before they look
-    /// at `set` until their replies are in; a read repair holds it exclusively,
-    /// so a repair can never write old data over a newer acknowledged write;
+    /// at `set` and take their seq until their replies are in; a repair (read
+    /// repair, scrub) holds it exclusively, so a repair can never write old
+    /// data over a newer acknowledged write, nor under a seq newer than a
+    /// write that waited for it;
     /// `apply_layout` holds it exclusively while it swaps in a new set.
     /// Lock order: `order`, then `membership`.
     order: AsyncRwLock<()>,
@@ -128,7 +145,7 @@ impl ChunkState {
         }
     }
 
-    fn snapshot(&self) -> Arc<ReplicaSet> {
+    pub(crate) fn snapshot(&self) -> Arc<ReplicaSet> {
         self.set.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
@@ -174,14 +191,14 @@ pub struct Volume<M: Membership, R: ReplicaIo> {
     /// One `apply_layout` at a time.
     reconfigure: AsyncMutex<()>,
     /// Index = chunk index; appended to (never removed from) when the volume grows.
-    chunks: boxcar::Vec<ChunkState>,
+    pub(crate) chunks: boxcar::Vec<ChunkState>,
     /// Counter half of the next write's Seq; the epoch half is this attachment's.
     next_seq: AtomicU64,
     stopped: AtomicBool,
     inflight: Semaphore,
     max_inflight: u32,
     rr: AtomicUsize,
-    stats: Counters,
+    pub(crate) stats: Counters,
 }
 
 /// Polls every future to completion concurrently on the current task (no
@@ -306,6 +323,11 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             read_repairs: l(&s.read_repairs),
             reconciled_blocks: l(&s.reconciled_blocks),
             errors: l(&s.errors),
+            scrub_passes: l(&s.scrub_passes),
+            scrubbed_bytes: l(&s.scrubbed_bytes),
+            scrub_corrupt: l(&s.scrub_corrupt),
+            scrub_repaired: l(&s.scrub_repaired),
+            scrub_unrepairable: l(&s.scrub_unrepairable),
         }
     }
 
@@ -498,11 +520,11 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         Ok(count)
     }
 
-    fn chunk_id(&self, chunk: ChunkIdx) -> ChunkId {
+    pub(crate) fn chunk_id(&self, chunk: ChunkIdx) -> ChunkId {
         ChunkId::new(self.id, chunk)
     }
 
-    fn chunk_len(&self, chunk: ChunkIdx) -> u64 {
+    pub(crate) fn chunk_len(&self, chunk: ChunkIdx) -> u64 {
         let start = u64::from(chunk.0) * self.chunk_size;
         self.chunk_size.min(self.size.load(Ordering::Acquire).saturating_sub(start))
     }
@@ -512,7 +534,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     }
 
     /// Runs one replica request under the volume's deadline.
-    async fn call<T>(
+    pub(crate) async fn call<T>(
         &self,
         op: &'static str,
         fut: impl Future<Output = Result<T, ReplicaError>>,
@@ -532,7 +554,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     }
 
     /// The connection to `node` (a clone: handles share their connections).
-    fn io(&self, node: NodeId) -> Result<R, ReplicaError> {
+    pub(crate) fn io(&self, node: NodeId) -> Result<R, ReplicaError> {
         let nodes = self.nodes.read().unwrap_or_else(|p| p.into_inner());
         nodes
             .get(&node)
@@ -540,7 +562,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             .ok_or_else(|| ReplicaError::Failed(format!("{node} is not in the volume's node list")))
     }
 
-    fn stop_fenced(&self, message: &str) {
+    pub(crate) fn stop_fenced(&self, message: &str) {
         if !self.stopped.swap(true, Ordering::AcqRel) {
             warn!(volume = %self.id, epoch = %self.epoch, %message, "fenced by a newer front end: volume stops serving");
         }
@@ -564,7 +586,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     /// returning Ok. Refuses (and ejects nobody) when fewer than min-in-sync
     /// in-sync replicas would remain; removing a rebuilding replica has no
     /// such limit.
-    async fn eject(&self, chunk: ChunkIdx, node: NodeId, reason: EjectReason) -> Result<(), FrontendError> {
+    pub(crate) async fn eject(&self, chunk: ChunkIdx, node: NodeId, reason: EjectReason) -> Result<(), FrontendError> {
         let state = &self.chunks[chunk.0 as usize];
         let mut control = state.membership.lock().await;
         for _ in 0..4 {
@@ -920,12 +942,19 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         r
     }
 
-    async fn write_piece(&self, p: policy::Piece, data: Bytes, seq: Seq, fua: bool) -> Result<(), BlockError> {
+    async fn write_piece(&self, p: policy::Piece, data: Bytes, fua: bool) -> Result<(), BlockError> {
         let state = &self.chunks[p.chunk.0 as usize];
         // Held from before the set is read until the replies are in and the
         // ejections committed: no repair meanwhile, and no set change by
         // apply_layout (its ordering guarantee rests on this).
         let _no_repair_or_set_change_meanwhile = state.order.read().await;
+        // Invariant: the seq is taken under the lock. A repair (exclusive)
+        // takes its fresh seq under the lock too, so the seqs of a chunk's
+        // writes and repairs are ordered as the writes are applied: a write that
+        // waited for a repair has a newer seq than the repair's rewrite, and
+        // replicas keep a block's newest seq (a write with an older seq than
+        // the block's is kept out), so the client's data is what stays.
+        let seq = self.next_seq();
         self.write_piece_locked(p, data, seq, fua).await
     }
 
@@ -971,9 +1000,11 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
 
     /// Trim or write-zeroes of one piece: no payload, a missing chunk already
     /// reads as zeros.
-    async fn zero_piece(&self, p: policy::Piece, seq: Seq, trim: bool, fua: bool) -> Result<(), BlockError> {
+    async fn zero_piece(&self, p: policy::Piece, trim: bool, fua: bool) -> Result<(), BlockError> {
         let state = &self.chunks[p.chunk.0 as usize];
         let _no_repair_or_set_change_meanwhile = state.order.read().await;
+        // Taken under the lock, as for writes (see `write_piece`).
+        let seq = self.next_seq();
         let set = state.snapshot();
         let id = self.chunk_id(p.chunk);
         let replies = join_all(set.write_targets().map(|node| async move {
@@ -1057,34 +1088,108 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         Err(BlockError::Io(format!("chunk {}: no replica could serve the read (last: {last})", p.chunk)))
     }
 
-    /// Read repair: holding the chunk exclusively (so no client write can land
-    /// between the re-read and the rewrite), re-reads the good copy and writes
-    /// it to every in-sync replica under a fresh seq — the corrupt ones get the
-    /// good data, all of them the same context (the original seq cannot be
-    /// reused: its epoch would be fenced as stale). A replica that fails the
-    /// rewrite is ejected by the ordinary write rules. Returns the data to serve.
-    async fn repair(&self, p: policy::Piece, good: NodeId, corrupt: Vec<NodeId>, first_read: Bytes) -> Bytes {
+    /// Read repair: the piece the read served from `good` is rewritten on
+    /// every replica from a verified copy (see
+    /// [`Volume::rewrite_from_verified_copy`], shared with the scrub). Returns
+    /// the data to serve: the rewritten content, or the first read's when no
+    /// copy verified again under the lock.
+    async fn repair(&self, p: policy::Piece, good: NodeId, mut corrupt: Vec<NodeId>, first_read: Bytes) -> Bytes {
+        match self.rewrite_from_verified_copy(p, Some(good), &mut corrupt).await {
+            Rewrite::Done { data, source } => {
+                bump(&self.stats.read_repairs, 1);
+                info!(volume = %self.id, chunk = p.chunk.0, corrupt = ?corrupt, offset = p.offset, len = p.len, %source, "read repair: corrupt copies rewritten");
+                data
+            }
+            Rewrite::WriteFailed { data, error } => {
+                warn!(volume = %self.id, chunk = p.chunk.0, corrupt = ?corrupt, %error, "read repair failed");
+                data
+            }
+            Rewrite::NoGoodCopy | Rewrite::Stopped => {
+                warn!(volume = %self.id, chunk = p.chunk.0, %good, corrupt = ?corrupt, "read repair skipped: no copy verified when re-read");
+                first_read
+            }
+        }
+    }
+
+    /// The one repair path (read repair and the scrub): holding the chunk's
+    /// `order` lock exclusively (so no client write is in flight on the chunk
+    /// and none can start until this returns), reads the piece from an in-sync
+    /// replica whose copy verifies — `preferred` first, then the others in set
+    /// order, skipping those in `corrupt` — and writes it to every in-sync and
+    /// rebuilding replica under a fresh seq: the corrupt ones get the good
+    /// data, all of them the same context (the original seq cannot be reused:
+    /// its epoch would be fenced as stale). A replica that fails the rewrite is
+    /// ejected by the ordinary write rules.
+    ///
+    /// Replicas found corrupt on the way are added to `corrupt`; a source that
+    /// fails otherwise is ejected like a failed read; one without the chunk is
+    /// no source (an in-sync copy that has data is preferred over none).
+    ///
+    /// INVARIANT (neither repair writes data no client wrote): the data written
+    /// is the current content of a verified in-sync copy, read and written
+    /// under the exclusive lock. With no write in flight, every in-sync copy
+    /// holds every acknowledged write, so the content is the latest
+    /// acknowledged one; the fresh seq is newer than any write acknowledged
+    /// before, and every later client write takes a newer seq still, so the
+    /// rewrite can neither overwrite a newer client write nor be overwritten by
+    /// an older one. With no verified copy, nothing is written.
+    pub(crate) async fn rewrite_from_verified_copy(
+        &self,
+        p: policy::Piece,
+        preferred: Option<NodeId>,
+        corrupt: &mut Vec<NodeId>,
+    ) -> Rewrite {
         let state = &self.chunks[p.chunk.0 as usize];
         let _exclusive = state.order.write().await;
         let id = self.chunk_id(p.chunk);
-        let Ok(io) = self.io(good) else { return first_read };
-        let data = match self.call("read", io.read(id, p.offset, p.len as u32, self.epoch)).await {
-            Ok(d) if d.len() as u64 == p.len => d,
-            other => {
-                warn!(volume = %self.id, chunk = p.chunk.0, %good, reply = ?other.map(|d| d.len()), "read repair skipped: could not re-read the good copy");
-                return first_read;
+        let set = state.snapshot();
+        let sources: Vec<NodeId> = preferred
+            .into_iter()
+            .chain(set.in_sync.iter().copied().filter(|n| Some(*n) != preferred))
+            .filter(|n| set.contains(*n))
+            .collect();
+        let mut found = None;
+        for node in sources {
+            if corrupt.contains(&node) {
+                continue;
             }
-        };
-        match self.write_piece_locked(p, data.clone(), self.next_seq(), false).await {
-            Ok(()) => {
-                bump(&self.stats.read_repairs, 1);
-                info!(volume = %self.id, chunk = p.chunk.0, corrupt = ?corrupt, offset = p.offset, len = p.len, source = %good, "read repair: corrupt copies rewritten");
-            }
-            Err(e) => {
-                warn!(volume = %self.id, chunk = p.chunk.0, corrupt = ?corrupt, error = %e, "read repair failed");
+            let r = match self.io(node) {
+                Ok(io) => self.call("read", io.read(id, p.offset, p.len as u32, self.epoch)).await,
+                Err(e) => Err(e),
+            };
+            let e = match r {
+                Ok(d) if d.len() as u64 == p.len => {
+                    found = Some((d, node));
+                    break;
+                }
+                Ok(d) => ReplicaError::Failed(format!("read returned {} bytes, asked {}", d.len(), p.len)),
+                Err(e) => e,
+            };
+            match classify(&e) {
+                Reaction::Stop(m) => {
+                    self.stop_fenced(&m);
+                    return Rewrite::Stopped;
+                }
+                Reaction::Repair => {
+                    warn!(volume = %self.id, chunk = p.chunk.0, %node, offset = p.offset, len = p.len, "checksum mismatch on a repair source: trying another replica");
+                    corrupt.push(node);
+                }
+                Reaction::Missing => {}
+                Reaction::Invalid(m) => {
+                    warn!(volume = %self.id, chunk = p.chunk.0, %node, message = %m, "replica rejected a repair read as invalid")
+                }
+                Reaction::Eject(reason) => {
+                    if let Err(err) = self.eject(p.chunk, node, reason).await {
+                        warn!(volume = %self.id, chunk = p.chunk.0, %node, error = %err, "could not eject a failed replica after a repair read error");
+                    }
+                }
             }
         }
-        data
+        let Some((data, source)) = found else { return Rewrite::NoGoodCopy };
+        match self.write_piece_locked(p, data.clone(), self.next_seq(), false).await {
+            Ok(()) => Rewrite::Done { data, source },
+            Err(error) => Rewrite::WriteFailed { data, error },
+        }
     }
 
     async fn do_read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
@@ -1115,11 +1220,12 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         self.check(offset, len)?;
         self.check_serving()?;
         let _permit = self.permits(len).await?;
-        let seq = self.next_seq();
+        // Each chunk's piece takes its seq under that chunk's lock (see
+        // `write_piece`): one seq per piece, the same on every replica.
         let pieces = policy::split(offset, len, self.chunk_size);
         let results = join_all(pieces.iter().map(|&p| {
             let slice = data.slice(p.buf_offset as usize..(p.buf_offset + p.len) as usize);
-            self.write_piece(p, slice, seq, fua).instrument(debug_span!("chunk", chunk = p.chunk.0))
+            self.write_piece(p, slice, fua).instrument(debug_span!("chunk", chunk = p.chunk.0))
         }))
         .await;
         results.into_iter().collect::<Result<(), BlockError>>()?;
@@ -1132,12 +1238,9 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         self.check(offset, len)?;
         self.check_serving()?;
         let _permit = self.permits(BLOCK_SIZE_U64).await?;
-        let seq = self.next_seq();
         let pieces = policy::split(offset, len, self.chunk_size);
         let results = join_all(
-            pieces
-                .iter()
-                .map(|&p| self.zero_piece(p, seq, trim, fua).instrument(debug_span!("chunk", chunk = p.chunk.0))),
+            pieces.iter().map(|&p| self.zero_piece(p, trim, fua).instrument(debug_span!("chunk", chunk = p.chunk.0))),
         )
         .await;
         results.into_iter().collect::<Result<(), BlockError>>()?;
@@ -1179,6 +1282,20 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         bump(&self.stats.flushes, 1);
         Ok(())
     }
+}
+
+/// What [`Volume::rewrite_from_verified_copy`] did.
+pub(crate) enum Rewrite {
+    /// Every write target acknowledged `data`, read from `source`, under a fresh seq.
+    Done { data: Bytes, source: NodeId },
+    /// A verified copy was read but the rewrite failed (the write rules ran:
+    /// failed replicas ejected, or too few left to acknowledge).
+    WriteFailed { data: Bytes, error: BlockError },
+    /// No in-sync replica outside the corrupt ones returned a verified copy:
+    /// nothing was written.
+    NoGoodCopy,
+    /// A newer front end fenced this one while a source was read: nothing was written.
+    Stopped,
 }
 
 /// What a layout's set means for the one a chunk uses.

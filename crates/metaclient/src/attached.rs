@@ -1,11 +1,13 @@
 //! A front end attached through the metadata service: the volume, the task that
-//! follows its layout, and a clean detach. `ballast export --meta`, `ballast dev`
+//! follows its layout, optionally the task that scrubs it, and a clean detach. `ballast export --meta`, `ballast dev`
 //! and the CSI node service all attach volumes this way.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_frontend::{tcp_connector, FrontendError, Volume, VolumeOptions};
+use ballast_frontend::{
+    scrub_periodically, tcp_connector, FrontendError, ScrubConfig, ScrubReport, Volume, VolumeOptions,
+};
 use ballast_replica::{ClientOptions, ReplicaClient};
 use ballast_types::NodeId;
 use tokio::sync::watch;
@@ -37,13 +39,18 @@ impl AttachError {
     }
 }
 
-/// An attached volume whose layout is followed until [`AttachedVolume::detach`].
+/// An attached volume whose layout is followed (and, with
+/// [`AttachedVolume::with_scrub`], which is scrubbed) until
+/// [`AttachedVolume::detach`].
 pub struct AttachedVolume {
     volume: Arc<MetaVolume>,
     membership: Arc<MetaMembership>,
     meta: MetaClient,
     stop: watch::Sender<bool>,
     follower: JoinHandle<()>,
+    scrubber: Option<JoinHandle<()>>,
+    /// The last scrub pass's report (None before the first one ends).
+    scrub_reports: watch::Sender<Option<ScrubReport>>,
 }
 
 impl AttachedVolume {
@@ -69,7 +76,34 @@ impl AttachedVolume {
         let (stop, stopped) = watch::channel(false);
         let span = tracing::info_span!("follow_layout", volume = %id, epoch = %volume.epoch());
         let follower = tokio::spawn(follow_layout(volume.clone(), membership.clone(), poll, stopped).instrument(span));
-        Ok(AttachedVolume { volume, membership, meta, stop, follower })
+        let (scrub_reports, _) = watch::channel(None);
+        Ok(AttachedVolume { volume, membership, meta, stop, follower, scrubber: None, scrub_reports })
+    }
+
+    /// Scrubs the volume on `config`'s schedule (see
+    /// [`ballast_frontend::scrub_periodically`]: first pass one interval from
+    /// now) until detach or drop; replaces a schedule started before. Each
+    /// pass's totals are logged (`scrub pass done volume=.. bytes=.. corrupt=..
+    /// repaired=.. unrepairable=..`) and kept: [`AttachedVolume::last_scrub`],
+    /// [`AttachedVolume::scrub_reports`].
+    pub fn with_scrub(mut self, config: ScrubConfig) -> Self {
+        if let Some(old) = self.scrubber.take() {
+            old.abort();
+        }
+        let span = tracing::info_span!("scrub_schedule", volume = %self.volume.id(), epoch = %self.volume.epoch());
+        let task = scrub_periodically(self.volume.clone(), config, self.scrub_reports.clone()).instrument(span);
+        self.scrubber = Some(tokio::spawn(task));
+        self
+    }
+
+    /// The report of the last completed scrub pass (None before the first).
+    pub fn last_scrub(&self) -> Option<ScrubReport> {
+        self.scrub_reports.borrow().clone()
+    }
+
+    /// Every scrub pass's report as it completes (`changed()` wakes once per pass).
+    pub fn scrub_reports(&self) -> watch::Receiver<Option<ScrubReport>> {
+        self.scrub_reports.subscribe()
     }
 
     pub fn volume(&self) -> &Arc<MetaVolume> {
@@ -83,11 +117,17 @@ impl AttachedVolume {
         self.volume.apply_layout(&layout).await
     }
 
-    /// Stops following, flushes, stops I/O and releases the attach lease (best
-    /// effort: a lease left behind only delays copy jobs until the next attach).
+    /// Stops following and scrubbing, flushes, stops I/O and releases the
+    /// attach lease (best effort: a lease left behind only delays copy jobs
+    /// until the next attach). A scrub pass is cut short between two requests;
+    /// a repair it had in flight only rewrote a piece with its current content.
     pub async fn detach(mut self) -> Result<(), ballast_blockdev::BlockError> {
         let _ = self.stop.send(true);
         let _ = (&mut self.follower).await;
+        if let Some(scrubber) = self.scrubber.take() {
+            scrubber.abort();
+            let _ = scrubber.await;
+        }
         // A server that already stopped the volume flushed it then.
         let flushed = match self.volume.is_stopped() {
             true => Ok(()),
@@ -100,11 +140,14 @@ impl AttachedVolume {
 }
 
 /// Dropped without [`AttachedVolume::detach`] (a failed teardown): the follower
-/// stops, so nothing keeps the front end alive; its lease stays until the next
-/// attach (which fences it) or a detach.
+/// and the scrubber stop, so nothing keeps the front end alive; its lease stays
+/// until the next attach (which fences it) or a detach.
 impl Drop for AttachedVolume {
     fn drop(&mut self) {
         self.follower.abort();
+        if let Some(scrubber) = &self.scrubber {
+            scrubber.abort();
+        }
     }
 }
 
@@ -135,6 +178,12 @@ pub async fn follow_layout(
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
+        }
+        // A stopped volume (closed, or fenced by a newer front end) serves
+        // nothing again: there is no layout left to follow.
+        if volume.is_stopped() {
+            info!("volume stopped: no longer following its layout");
+            return;
         }
         let (gen, layout) = match membership.layout().await {
             Ok(x) => x,

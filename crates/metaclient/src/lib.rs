@@ -18,6 +18,8 @@ mod error;
 mod membership;
 
 pub use attached::{detach_lease, follow_layout, AttachError, AttachedVolume, MetaVolume, LAYOUT_POLL};
+/// The scrub schedule [`AttachedVolume::with_scrub`] takes, and what a pass reports.
+pub use ballast_frontend::{ScrubConfig, ScrubReport};
 pub use client::{parse_endpoints, MetaClient, MetaClientOptions};
 pub use convert::{layout_from_proto, replica_from_proto, replica_set_from_proto, ConversionError};
 pub use error::MetaClientError;

@@ -171,11 +171,18 @@ impl FakeReplica {
             }
             let c = s.chunks.get_mut(&id).ok_or(ReplicaError::NoSuchChunk)?;
             Self::range(c, offset, len)?;
-            apply(c, offset, data, len as usize, seq);
             c.dirty = true;
-            let first = (offset / BS as u64) as u32;
-            for b in first..first + (len / BS as u64) as u32 {
-                s.corrupt.remove(&(id, b));
+            // As the chunk store: a block only moves to a newer seq; a write
+            // overtaken on the way succeeds but keeps the newer blocks.
+            let first = offset as usize / BS;
+            for b in first..first + len as usize / BS {
+                if c.ctx[b].seq >= seq {
+                    continue;
+                }
+                let at = b * BS;
+                let block = data.map(|d| &d[at - offset as usize..at - offset as usize + BS]);
+                apply(c, at as u64, block, BS, seq);
+                s.corrupt.remove(&(id, b as u32));
             }
             Ok(())
         })
