@@ -70,6 +70,11 @@ impl Run {
         self.client = Some(client);
     }
 
+    /// Waits for a stdout line of the current front end.
+    fn fe_wait(&mut self, needle: &str) -> String {
+        self.fe.as_mut().expect("front end").proc.wait_for(needle, Duration::from_secs(60))
+    }
+
     /// Lets the workload run for a while.
     fn run_for(&self, d: Duration) {
         std::thread::sleep(d);
@@ -77,10 +82,13 @@ impl Run {
 
     /// Stops the workload, waits for full redundancy (timed from `healed`),
     /// flushes, and checks every block and every in-sync copy.
-    fn finish(mut self, row: &mut Row, healed: Instant) {
-        self.w.stop();
+    fn finish(&mut self, row: &mut Row, healed: Instant) {
+        // Redundancy must come back while the workload keeps writing (copies
+        // race client writes), and stay full once it stops.
         self.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT);
         row.redundancy = Some(healed.elapsed());
+        self.w.stop();
+        self.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT);
         let client = self.client.clone().expect("a front end");
         if let Err(e) = self.c.rt.block_on(ballast_blockdev::BlockDev::flush(&*client)) {
             row.violations.push(format!("final flush failed with every fault healed: {e}"));
@@ -105,12 +113,18 @@ impl Run {
     }
 }
 
+/// Chunks of the volume with an in-sync replica on `node`.
+fn replicas_on(c: &FaultCluster, node: u64) -> usize {
+    c.in_sync(VOLUME).1.iter().filter(|(_, nodes)| nodes.contains(&node)).count()
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
 
-/// Random SIGKILLs of storage nodes under load, one at a time and then two
-/// in different zones at once; each restarted after a while.
+/// Random SIGKILLs of storage nodes under load, one at a time, a node paused
+/// with SIGSTOP, then two nodes in different zones killed at once; each
+/// restarted (or resumed) after a while.
 fn node_kills(row: &mut Row) {
     let mut r = Run::start("faults-kills", &[], 11);
     let mut rng = SimRng::new(11);
@@ -122,6 +136,12 @@ fn node_kills(row: &mut Row) {
         r.c.start_node(id);
         r.run_for(secs(1.5));
     }
+    // A stalled process (SIGSTOP): its replies stop, the front end's timeout
+    // ejects its replicas; resumed, it must catch up by resync, not by luck.
+    r.c.pause_node(3, true);
+    r.run_for(secs(3.0));
+    r.c.pause_node(3, false);
+    r.run_for(secs(1.5));
     // Two zones short at once: chunks there drop below min-in-sync, so writes
     // to them fail (unavailable) until one returns; nothing acknowledged may be lost.
     r.c.kill_node(1);
@@ -251,6 +271,7 @@ fn disk_eio(row: &mut Row) {
     let disks = [DiskKind::Plain, DiskKind::Plain, DiskKind::Faulty { mib: 256 }];
     let mut r = Run::start("faults-eio", &disks, 17);
     r.run_for(secs(3.0));
+    let before = replicas_on(&r.c, 3);
     r.c.disk(3).fail();
     r.c.faults += 1;
     let failed = Instant::now();
@@ -261,6 +282,7 @@ fn disk_eio(row: &mut Row) {
         nodes["nodes"][2]["state"], nodes["nodes"][2]["disk"]
     ));
     r.finish(row, failed);
+    row.notes.push(format!("in-sync replicas on node 3: {before} before, {} after", replicas_on(&r.c, 3)));
 }
 
 /// One node's filesystem fills up under load: writes there get ENOSPC, its
@@ -270,13 +292,14 @@ fn disk_full(row: &mut Row) {
     let disks = [DiskKind::Plain, DiskKind::Plain, DiskKind::Plain, DiskKind::Plain, DiskKind::Small { mib: 256 }];
     let mut r = Run::start("faults-full", &disks, 18);
     r.run_for(secs(3.0));
+    let before = replicas_on(&r.c, 5);
     let taken = r.c.disk(5).fill();
     r.c.faults += 1;
     let full = Instant::now();
     row.notes.push(format!("filler took {} MiB", taken >> 20));
     r.run_for(secs(5.0));
     r.finish(row, full);
-    // (The disk is unfilled and unmounted with the cluster.)
+    row.notes.push(format!("in-sync replicas on node 5: {before} before, {} after", replicas_on(&r.c, 5)));
 }
 
 /// Bytes flipped in chunk files on random in-sync replicas: a read pass finds
@@ -308,16 +331,19 @@ fn bit_rot(row: &mut Row) {
     r.w.verify_all(&client);
     let (_, left) = r.c.verify_replicas(&r.w, VOLUME, CHUNK);
     row.notes.push(format!("{} flipped copies; {} left after a read pass", flipped.len(), left.len()));
-    // The scrub pass finds the rest.
-    let fe = r.fe.as_mut().expect("front end");
-    let line = fe.proc.wait_for("scrub pass", Duration::from_secs(60));
-    let line = if line.contains("corrupt=0 ") && !left.is_empty() {
-        // That pass started before the flips; the next one sees them.
-        fe.proc.wait_for("scrub pass", Duration::from_secs(60))
-    } else {
-        line
-    };
-    row.notes.push(format!("scrub: {}", line.trim()));
+    // The scrub finds the rest. A pass that began before the flips may miss
+    // some; wait for passes until every copy verifies (at most three).
+    let (mut found, mut repaired) = (0u64, 0u64);
+    for _ in 0..3 {
+        let line = r.fe_wait("scrub pass");
+        let num = |k: &str| common::field(&line, k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        found += num("corrupt");
+        repaired += num("repaired");
+        if r.c.verify_replicas(&r.w, VOLUME, CHUNK).1.is_empty() {
+            break;
+        }
+    }
+    row.notes.push(format!("the scrub found {found} corrupt 1 MiB pieces and repaired {repaired}"));
     r.w.resume();
     r.finish(row, rotted);
 }
@@ -374,6 +400,31 @@ fn table(rows: &[Row]) -> String {
     s
 }
 
+/// Namespaces, mounts and loop devices of this suite still present (must be
+/// none once a scenario's cluster is dropped).
+fn leftovers() -> Vec<String> {
+    let ours = format!("bl{}-", std::process::id());
+    let out = |p: &str, a: &[&str]| {
+        std::process::Command::new(p)
+            .args(a)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut left: Vec<String> =
+        out("ip", &["netns", "list"]).lines().filter(|l| l.starts_with(&ours)).map(|l| format!("netns {l}")).collect();
+    left.extend(
+        out("findmnt", &["-rn", "-o", "TARGET"])
+            .lines()
+            .filter(|l| l.contains("/test-data/faults-"))
+            .map(|l| format!("mount {l}")),
+    );
+    left.extend(
+        out("losetup", &["-a"]).lines().filter(|l| l.contains("/test-data/faults-")).map(|l| format!("loop {l}")),
+    );
+    left
+}
+
 #[test]
 fn fault_suite() {
     let disks = [DiskKind::Faulty { mib: 1 }, DiskKind::Small { mib: 1 }];
@@ -400,6 +451,10 @@ fn fault_suite() {
             row.error = Some(msg);
         }
         row.notes.push(format!("ran {:.0} s", t0.elapsed().as_secs_f64()));
+        let left = leftovers();
+        if !left.is_empty() {
+            row.error.get_or_insert(format!("teardown left behind: {left:?}"));
+        }
         eprintln!("=== scenario {name} done: {} violations, error {:?}", row.violations.len(), row.error);
         rows.push(row);
     }
