@@ -442,6 +442,25 @@ fn node_state(v: i32) -> String {
     }
 }
 
+/// A node's disk health; unspecified (a meta older than disk probing) is ok, as
+/// meta itself treats it.
+fn disk_health(v: i32) -> String {
+    match pb::DiskHealth::try_from(v) {
+        Ok(pb::DiskHealth::DiskOk | pb::DiskHealth::Unspecified) => "ok".into(),
+        Ok(pb::DiskHealth::DiskFull) => "full".into(),
+        Ok(pb::DiskHealth::DiskFailed) => "failed".into(),
+        Err(_) => format!("unknown({v})"),
+    }
+}
+
+/// The DISK column: the health, and why a failed disk failed.
+fn disk_cell(n: &pb::Node) -> String {
+    match disk_health(n.disk).as_str() {
+        "failed" if !n.disk_error.is_empty() => format!("failed: {}", n.disk_error.replace('\n', " ")),
+        h => h.to_string(),
+    }
+}
+
 fn role(v: i32) -> String {
     match pb::ReplicaRole::try_from(v) {
         Ok(pb::ReplicaRole::InSync) => "in-sync".into(),
@@ -497,6 +516,8 @@ fn node_json(n: &pb::Node) -> Value {
         "used_bytes": n.used_bytes,
         "state": node_state(n.state),
         "heartbeat_age_ms": n.heartbeat_age_ms,
+        "disk": disk_health(n.disk),
+        "disk_error": n.disk_error,
     })
 }
 
@@ -659,13 +680,14 @@ fn status_table(s: &pb::StatusResponse) -> String {
 }
 
 fn nodes_table(nodes: &[pb::Node]) -> String {
-    let mut t = Table::new(&["ID", "ZONE", "ADDRESS", "STATE", "CAPACITY", "ALLOCATED", "USED", "HEARTBEAT"]);
+    let mut t = Table::new(&["ID", "ZONE", "ADDRESS", "STATE", "DISK", "CAPACITY", "ALLOCATED", "USED", "HEARTBEAT"]);
     for n in nodes {
         t.row(vec![
             n.id.to_string(),
             n.zone.clone(),
             n.addr.clone(),
             node_state(n.state),
+            disk_cell(n),
             format_size(n.capacity_bytes),
             format_size(n.allocated_bytes),
             format_size(n.used_bytes),
@@ -1045,6 +1067,35 @@ mod tests {
         assert_eq!(keys, ["chunks", "health", "nodes", "volume", "zones"]);
         let n = node_json(&pb::Node { id: 2, state: pb::NodeState::Draining as i32, ..Default::default() });
         assert_eq!(n["state"], "draining");
+        assert_eq!((&n["disk"], &n["disk_error"]), (&json!("ok"), &json!("")), "unspecified is ok");
         assert_eq!(node_state(42), "unknown(42)");
+    }
+
+    #[test]
+    fn node_list_shows_disk_health() {
+        let node = |id, disk: pb::DiskHealth, error: &str| pb::Node {
+            id,
+            zone: "z1".into(),
+            state: pb::NodeState::Up as i32,
+            disk: disk as i32,
+            disk_error: error.into(),
+            ..Default::default()
+        };
+        let nodes = vec![
+            node(1, pb::DiskHealth::DiskOk, ""),
+            node(2, pb::DiskHealth::DiskFull, ""),
+            node(3, pb::DiskHealth::DiskFailed, "write DATA/.probe: Input/output error\n(os error 5)"),
+        ];
+        let text = nodes_table(&nodes);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].contains(" STATE  DISK "), "{text}");
+        assert!(lines[1].contains(" up     ok "), "{text}");
+        assert!(lines[2].contains(" up     full "), "{text}");
+        assert!(lines[3].contains(" up     failed: write DATA/.probe: Input/output error (os error 5) "), "{text}");
+        let j = node_json(&nodes[2]);
+        assert_eq!(j["disk"], "failed");
+        assert_eq!(j["disk_error"], "write DATA/.probe: Input/output error\n(os error 5)");
+        assert_eq!(node_json(&nodes[1])["disk"], "full");
+        assert_eq!(disk_health(9), "unknown(9)");
     }
 }

@@ -175,7 +175,18 @@ impl Drop for Disk {
         }
         let _ = run("losetup", &["-d", &self.loopdev]);
         if let Some(mut f) = self.faulty.take() {
-            let _ = run("fusermount3", &["-u", f.fuse_dir.to_str().expect("utf8")]);
+            // The loop device lets go of the FUSE file a moment after `losetup -d`
+            // (the kernel finishes the detach asynchronously): until then the FUSE
+            // mount is busy. Retry, then detach it lazily rather than leave it.
+            let fuse_dir = f.fuse_dir.to_str().expect("utf8").to_string();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !Command::new("fusermount3").args(["-u", "-q", &fuse_dir]).status().is_ok_and(|s| s.success()) {
+                if Instant::now() > deadline {
+                    let _ = run("umount", &["-l", &fuse_dir]);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
             for c in [&mut f.nbdfuse, &mut f.nbdkit] {
                 let _ = c.kill();
                 let _ = c.wait();

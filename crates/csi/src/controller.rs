@@ -308,6 +308,13 @@ impl pb::controller_server::Controller for ControllerService {
         let free: u64 = nodes
             .iter()
             .filter(|n| n.state == meta::NodeState::Up as i32)
+            // A full or failed disk takes no new replicas (meta's placement rule).
+            .filter(|n| {
+                matches!(
+                    meta::DiskHealth::try_from(n.disk),
+                    Ok(meta::DiskHealth::DiskOk | meta::DiskHealth::Unspecified)
+                )
+            })
             .filter(|n| zone.as_ref().is_none_or(|z| &n.zone == z))
             .map(|n| n.capacity_bytes.saturating_sub(n.allocated_bytes))
             .sum();

@@ -7,5 +7,5 @@
 pub mod plan;
 pub mod state;
 
-pub use state::{Command, MetaError, MetaState, Response, VolumeSpec, ZoneSpread};
+pub use state::{Command, DiskHealth, MetaError, MetaState, Response, VolumeSpec, ZoneSpread};
 pub mod raft_store;

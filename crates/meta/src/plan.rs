@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use ballast_placement::{self as placement, ChunkKey, Request};
 use ballast_types::{ChunkIdx, NodeId, VolumeId, Zone};
 
-use crate::state::{ChunkEntry, Command, JobKind, MetaState, NodeState, Role, Volume, VolumeSpec};
+use crate::state::{ChunkEntry, Command, DiskHealth, JobKind, MetaState, NodeState, Role, Volume, VolumeSpec};
 
 /// Limits of the rebuild scheduler: copies compete with client I/O, so only so
 /// many run at once, in total and per target node. Spreading them over many
@@ -30,21 +30,26 @@ impl Default for JobLimits {
 /// The jobs to start now, as `StartJob` commands, in a deterministic order.
 ///
 /// Per chunk without an active job, first match wins:
-/// 1. an ejected replica on an up node: resync it in place (only differing
-///    blocks are copied);
-/// 2. a replica on a down or draining node (or one gone from the map), or an
-///    ejected one on a cordoned node: rebuild onto a new node chosen by [`placement::replace`] (the
-///    zone rule, weighted by free space; the other replicas stay), which then
-///    replaces it.
+/// 1. an ejected replica on an up node whose disk is healthy: resync it in
+///    place (only differing blocks are copied);
+/// 2. a replica on a down or draining node, on a failed disk (its data is
+///    lost, whatever the node's state), or gone from the map; or an ejected one
+///    on a cordoned node or a full disk (it cannot be resynced where it is):
+///    rebuild onto a new node chosen by [`placement::replace`] (the zone rule,
+///    weighted by free space; the other replicas stay), which then replaces it.
 ///
-/// A chunk needs at least one in-sync replica to copy from.
+/// No job ever targets a node that is not up or whose disk is failed or full:
+/// placement sees such a node as down or cordoned (`MetaState::cluster_map`),
+/// and rule 1 requires a healthy disk.
+///
+/// A chunk needs at least one in-sync replica to copy from, not on a failed disk.
 pub fn plan_jobs(state: &MetaState, limits: JobLimits) -> Vec<Command> {
     let mut active = state.jobs.values().filter(|j| j.is_active()).count();
     let mut per_target: BTreeMap<NodeId, usize> = BTreeMap::new();
     for j in state.jobs.values().filter(|j| j.is_active()) {
         *per_target.entry(j.target).or_default() += 1;
     }
-    let node_state = |n: NodeId| state.nodes.get(&n).map(|n| n.state);
+    let node = |n: NodeId| state.nodes.get(&n);
     let mut map = None;
     let mut out = Vec::new();
     for v in state.volumes.values() {
@@ -53,19 +58,26 @@ pub fn plan_jobs(state: &MetaState, limits: JobLimits) -> Vec<Command> {
                 return out;
             }
             let chunk = ChunkIdx(i as u32);
-            if c.in_sync().next().is_none() || state.active_job(v.id, chunk).is_some() {
+            // A replica on a failed disk is no source: it is lost.
+            let source = c.in_sync().any(|n| node(n).is_none_or(|n| !n.disk.is_failed()));
+            if !source || state.active_job(v.id, chunk).is_some() {
                 continue;
             }
-            let resync =
-                c.replicas.iter().find(|r| r.role == Role::Ejected && node_state(r.node) == Some(NodeState::Up));
+            let resync = c
+                .replicas
+                .iter()
+                .find(|r| r.role == Role::Ejected && node(r.node).is_some_and(|n| n.accepts_replicas()));
             let cmd = if let Some(r) = resync {
                 Some(start(v, chunk, c, JobKind::Resync, r.node, None))
-            } else if let Some(failed) = c.replicas.iter().find(|r| {
-                let st = node_state(r.node);
-                matches!(st, None | Some(NodeState::Down | NodeState::Draining))
-                    // A suspect node may come back: its ejected replicas wait
-                    // for it (a resync copies far less than a rebuild).
-                    || (r.role == Role::Ejected && st == Some(NodeState::Cordoned))
+            } else if let Some(failed) = c.replicas.iter().find(|r| match node(r.node) {
+                None => true,
+                Some(n) => {
+                    matches!(n.state, NodeState::Down | NodeState::Draining)
+                        || n.disk.is_failed()
+                        // A suspect node may come back: its ejected replicas wait
+                        // for it (a resync copies far less than a rebuild).
+                        || (r.role == Role::Ejected && (n.state == NodeState::Cordoned || n.disk == DiskHealth::Full))
+                }
             }) {
                 let map = map.get_or_insert_with(|| state.cluster_map());
                 let current: Vec<NodeId> = c.replicas.iter().map(|r| r.node).collect();
@@ -139,7 +151,12 @@ pub struct Impact {
 /// Which volumes lose redundancy, writability or availability if `failure`
 /// happened now (counted against the current in-sync sets), and how many volumes
 /// are not affected at all.
+///
+/// An in-sync replica on a failed disk is already lost: it counts neither before
+/// nor after, so failing that node again affects nothing, and failing another
+/// node counts what is really left.
 pub fn what_if(state: &MetaState, failure: &Failure) -> (Vec<Impact>, usize) {
+    let alive = |n: &NodeId| !state.nodes.get(n).is_some_and(|node| node.disk.is_failed());
     let lost = |n: NodeId| match failure {
         Failure::Node(id) => n == *id,
         Failure::Zone(z) => state.nodes.get(&n).is_some_and(|node| &node.zone == z),
@@ -149,8 +166,8 @@ pub fn what_if(state: &MetaState, failure: &Failure) -> (Vec<Impact>, usize) {
     for v in state.volumes.values() {
         let mut imp = Impact { volume: v.id, name: v.name.clone(), degraded: 0, unwritable: 0, unavailable: 0 };
         for c in &v.chunks {
-            let before = c.in_sync().count();
-            let after = c.in_sync().filter(|n| !lost(*n)).count();
+            let before = c.in_sync().filter(alive).count();
+            let after = c.in_sync().filter(alive).filter(|n| !lost(*n)).count();
             if after == before {
                 continue;
             }

@@ -46,6 +46,50 @@ pub enum NodeState {
     Draining,
 }
 
+/// What a node's disk probe last reported (carried by its heartbeats).
+///
+/// Invariant (kept by `apply`, `cluster_map` and [`crate::plan::plan_jobs`]):
+/// - `Failed`: the node's replicas are lost. Placement never picks it (it maps
+///   to a down node), no job targets it (`StartJob` refuses it, and reporting
+///   the failure fails the jobs that did), and `plan_jobs` rebuilds each of its
+///   replicas elsewhere exactly as for a down node.
+/// - `Full`: no new replicas (placement sees it cordoned), no job targets it;
+///   its in-sync replicas stay, an ejected one is rebuilt elsewhere rather than
+///   resynced in place.
+/// - Either is cleared only by a heartbeat that reports a healthy disk (after an
+///   operator replaced the disk, or freed space, and the node probed again); its
+///   ejected replicas then resync in place as usual if they are still listed.
+///
+/// Independent of [`NodeState`]: a node with a failed disk still heartbeats, so
+/// the failure detector keeps it up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskHealth {
+    /// Also what a node too old to probe its disk reports.
+    #[default]
+    Ok,
+    Full,
+    Failed {
+        reason: String,
+    },
+}
+
+impl DiskHealth {
+    pub fn is_ok(&self) -> bool {
+        *self == DiskHealth::Ok
+    }
+
+    pub fn is_failed(&self) -> bool {
+        matches!(self, DiskHealth::Failed { .. })
+    }
+
+    /// Same variant (a failed disk's reason may change between probes without
+    /// being news).
+    pub fn same_kind(&self, other: &DiskHealth) -> bool {
+        std::mem::discriminant(self) == std::mem::discriminant(other)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub id: NodeId,
@@ -59,6 +103,23 @@ pub struct Node {
     pub state: NodeState,
     /// Leader's clock (ms since the epoch) at the last heartbeat.
     pub last_heartbeat_ms: u64,
+    /// Absent in logs and snapshots from before disk probing: healthy.
+    #[serde(default)]
+    pub disk: DiskHealth,
+}
+
+impl Node {
+    /// Whether it may receive a new replica or be a copy job's target: up, and
+    /// its disk neither failed nor full.
+    pub fn accepts_replicas(&self) -> bool {
+        self.state == NodeState::Up && self.disk.is_ok()
+    }
+
+    /// Whether it counts as up for the operator (`status`): up with a working
+    /// disk. A full disk still serves its replicas, so that node counts.
+    pub fn is_serving(&self) -> bool {
+        self.state == NodeState::Up && !self.disk.is_failed()
+    }
 }
 
 /// A replica's role in its chunk's set.
@@ -206,10 +267,14 @@ pub enum Command {
         capacity: u64,
         now_ms: u64,
     },
+    /// The node is alive and its disk probe found `disk` (entries from before
+    /// disk probing decode as healthy, which is what those nodes reported).
     Heartbeat {
         id: NodeId,
         reported_used: u64,
         now_ms: u64,
+        #[serde(default)]
+        disk: DiskHealth,
     },
     SetNodeState {
         id: NodeId,
@@ -416,13 +481,30 @@ impl MetaState {
                                 reported_used: 0,
                                 state: NodeState::Up,
                                 last_heartbeat_ms: *now_ms,
+                                disk: DiskHealth::Ok,
                             },
                         );
                     }
                 }
                 Ok(Response::Done)
             }
-            Command::Heartbeat { id, reported_used, now_ms } => {
+            Command::Heartbeat { id, reported_used, now_ms, disk } => {
+                if !self.nodes.contains_key(id) {
+                    return Err(MetaError::UnknownNode(*id));
+                }
+                if !disk.is_ok() {
+                    // No job targets a failed or full disk: the copy could not
+                    // land (and a rebuild elsewhere replaces what it would fill).
+                    let why = match disk {
+                        DiskHealth::Failed { reason } => format!("target disk failed: {reason}"),
+                        _ => "target disk full".to_string(),
+                    };
+                    let doomed: Vec<u64> =
+                        self.jobs.values().filter(|j| j.is_active() && j.target == *id).map(|j| j.id).collect();
+                    for job in doomed {
+                        self.finish_job(job, false, Some(why.clone()), 0)?;
+                    }
+                }
                 let n = self.nodes.get_mut(id).ok_or(MetaError::UnknownNode(*id))?;
                 n.reported_used = *reported_used;
                 n.last_heartbeat_ms = n.last_heartbeat_ms.max(*now_ms);
@@ -431,6 +513,7 @@ impl MetaState {
                 if n.state == NodeState::Suspect {
                     n.state = NodeState::Up;
                 }
+                n.disk = disk.clone();
                 Ok(Response::Done)
             }
             Command::SetNodeState { id, state } => {
@@ -600,6 +683,9 @@ impl MetaState {
         let tn = self.nodes.get(&target).ok_or(MetaError::UnknownNode(target))?;
         if tn.state != NodeState::Up {
             return Err(MetaError::Conflict(format!("target {target} is {:?}, not up", tn.state)));
+        }
+        if !tn.disk.is_ok() {
+            return Err(MetaError::Conflict(format!("target {target}'s disk is {:?}", tn.disk)));
         }
         if self.active_job(volume, chunk).is_some() {
             return Err(MetaError::Conflict(format!("chunk {chunk} of volume {volume} already has an active job")));
@@ -864,11 +950,15 @@ impl MetaState {
                     zone: n.zone.clone(),
                     capacity: n.capacity,
                     used: n.allocated,
-                    state: match n.state {
-                        NodeState::Up => placement::NodeState::Up,
-                        NodeState::Suspect | NodeState::Cordoned => placement::NodeState::Cordoned,
-                        NodeState::Draining => placement::NodeState::Draining,
-                        NodeState::Down => placement::NodeState::Down,
+                    // A failed disk is a down node (its replicas are lost); a
+                    // full one a cordoned node, unless it is leaving anyway.
+                    state: match (&n.disk, n.state) {
+                        (DiskHealth::Failed { .. }, _) | (_, NodeState::Down) => placement::NodeState::Down,
+                        (_, NodeState::Draining) => placement::NodeState::Draining,
+                        (DiskHealth::Full, _) | (_, NodeState::Suspect | NodeState::Cordoned) => {
+                            placement::NodeState::Cordoned
+                        }
+                        (DiskHealth::Ok, NodeState::Up) => placement::NodeState::Up,
                     },
                 })
                 .collect(),

@@ -49,8 +49,8 @@ fn zone_of(s: &MetaState, n: NodeId) -> Zone {
 #[derive(Clone, Debug)]
 struct Spec {
     zones: u8,
-    /// Per node: zone pick, small disk, state.
-    nodes: Vec<(u8, bool, NodeState)>,
+    /// Per node: zone pick, small disk, state, what its disk probe reports.
+    nodes: Vec<(u8, bool, NodeState, DiskHealth)>,
     /// Per volume: chunks, replicas, min-in-sync pick, restricted to two zones.
     volumes: Vec<(u64, usize, usize, bool)>,
     /// (volume, chunk, member) picks, ejected while every node is up.
@@ -73,10 +73,18 @@ fn arb_state() -> impl Strategy<Value = NodeState> {
     ]
 }
 
+fn arb_disk() -> impl Strategy<Value = DiskHealth> {
+    prop_oneof![
+        8 => Just(DiskHealth::Ok),
+        1 => Just(DiskHealth::Full),
+        1 => Just(DiskHealth::Failed { reason: "EIO".into() }),
+    ]
+}
+
 fn arb_spec() -> impl Strategy<Value = Spec> {
     (
         3u8..=4,
-        prop::collection::vec((any::<u8>(), prop::bool::weighted(0.15), arb_state()), 3..=12),
+        prop::collection::vec((any::<u8>(), prop::bool::weighted(0.15), arb_state(), arb_disk()), 3..=12),
         prop::collection::vec((1u64..24, 1usize..=3, any::<usize>(), prop::bool::weighted(0.2)), 1..=3),
         prop::collection::vec((any::<usize>(), any::<usize>(), any::<usize>()), 0..12),
         prop::option::of((1usize..12, 1usize..4)),
@@ -100,7 +108,7 @@ fn nth_volume(s: &MetaState, pick: usize) -> Option<&Volume> {
 
 fn build(spec: &Spec) -> MetaState {
     let mut s = MetaState::new(5);
-    for (i, (z, small, _)) in spec.nodes.iter().enumerate() {
+    for (i, (z, small, _, _)) in spec.nodes.iter().enumerate() {
         // A small disk has room for two chunks: placement must skip it when full.
         let capacity = if *small { 2 * CHUNK } else { 1 << 40 };
         register(&mut s, i as u64 + 1, &format!("z{}", z % spec.zones), capacity);
@@ -133,7 +141,13 @@ fn build(spec: &Spec) -> MetaState {
             s.apply(&cmd).expect("planned job starts");
         }
     }
-    for (i, (_, _, state)) in spec.nodes.iter().enumerate() {
+    // Disks fail or fill under running jobs (which end), then node states change
+    // (a heartbeat would bring a suspect node up).
+    for (i, (_, _, _, disk)) in spec.nodes.iter().enumerate() {
+        let hb = Command::Heartbeat { id: NodeId(i as u64 + 1), reported_used: 0, now_ms: 1, disk: disk.clone() };
+        s.apply(&hb).expect("heartbeat");
+    }
+    for (i, (_, _, state, _)) in spec.nodes.iter().enumerate() {
         s.apply(&Command::SetNodeState { id: NodeId(i as u64 + 1), state: *state }).expect("set state");
     }
     if let Some((v, c)) = spec.hollow {
@@ -158,7 +172,7 @@ fn eligible(s: &MetaState, v: &Volume, c: &ChunkEntry) -> Vec<NodeId> {
     s.nodes
         .values()
         .filter(|n| {
-            n.state == NodeState::Up
+            n.accepts_replicas()
                 && n.capacity.saturating_sub(n.allocated) >= v.chunk_size
                 && (v.zones.is_empty() || v.zones.contains(&n.zone))
                 && role_of(c, n.id).is_none()
@@ -195,11 +209,19 @@ fn check_plan(s: &MetaState, limits: JobLimits, plan: &[Command]) -> MetaState {
         let v = &s.volumes[volume];
         let c = &v.chunks[chunk.0 as usize];
         assert_eq!(*version, c.version);
-        assert!(c.in_sync().next().is_some(), "a job for chunk {chunk} with no in-sync source");
+        assert!(
+            c.in_sync().any(|n| !s.nodes[&n].disk.is_failed()),
+            "a job for chunk {chunk} with no in-sync source on a working disk"
+        );
         let tn = &s.nodes[target];
         assert_eq!(tn.state, NodeState::Up, "target {target} is not up");
+        assert_eq!(tn.disk, DiskHealth::Ok, "target {target}'s disk is not ok");
         let state_of = |n: NodeId| s.nodes.get(&n).map(|n| n.state);
-        let up_ejected = c.replicas.iter().any(|r| r.role == Role::Ejected && state_of(r.node) == Some(NodeState::Up));
+        let disk_of = |n: NodeId| s.nodes.get(&n).map(|n| n.disk.clone());
+        let up_ejected = c
+            .replicas
+            .iter()
+            .any(|r| r.role == Role::Ejected && s.nodes.get(&r.node).is_some_and(|n| n.accepts_replicas()));
         match kind {
             JobKind::Resync => {
                 assert_eq!(*replaces, None);
@@ -213,11 +235,13 @@ fn check_plan(s: &MetaState, limits: JobLimits, plan: &[Command]) -> MetaState {
                 assert!(v.zones.is_empty() || v.zones.contains(&tn.zone), "target outside the volume's zones");
                 let old = replaces.expect("a rebuild replaces a member");
                 let role = role_of(c, old).expect("replaced node is a member");
-                let st = state_of(old);
+                let (st, disk) = (state_of(old), disk_of(old));
                 assert!(
                     matches!(st, None | Some(NodeState::Down | NodeState::Draining))
-                        || (role == Role::Ejected && st == Some(NodeState::Cordoned)),
-                    "rebuild replaces {old}, which is {st:?} and {role:?}"
+                        || matches!(disk, Some(DiskHealth::Failed { .. }))
+                        || (role == Role::Ejected
+                            && (st == Some(NodeState::Cordoned) || disk == Some(DiskHealth::Full))),
+                    "rebuild replaces {old}, which is {st:?}, {disk:?} and {role:?}"
                 );
                 // The zone rule: with enough zones for one replica each (zones of
                 // the other members, and of nodes with room left), the new
@@ -272,9 +296,9 @@ proptest! {
         for v in s.volumes.values() {
             for (i, c) in v.chunks.iter().enumerate() {
                 let chunk = ChunkIdx(i as u32);
-                let wants = c.in_sync().next().is_some()
+                let wants = c.in_sync().any(|n| !s.nodes[&n].disk.is_failed())
                     && s.active_job(v.id, chunk).is_none()
-                    && c.replicas.iter().any(|r| r.role == Role::Ejected && s.nodes[&r.node].state == NodeState::Up);
+                    && c.replicas.iter().any(|r| r.role == Role::Ejected && s.nodes[&r.node].accepts_replicas());
                 let got = all.iter().any(|cmd| matches!(cmd,
                     Command::StartJob { volume, chunk: ch, kind: JobKind::Resync, .. } if *volume == v.id && *ch == chunk));
                 prop_assert_eq!(wants, got, "resync of chunk {} of {}", i, v.name);

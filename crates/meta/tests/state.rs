@@ -32,6 +32,14 @@ fn arb_node_state() -> impl Strategy<Value = NodeState> {
     ]
 }
 
+fn arb_disk() -> impl Strategy<Value = DiskHealth> {
+    prop_oneof![
+        4 => Just(DiskHealth::Ok),
+        1 => Just(DiskHealth::Full),
+        1 => prop_oneof![Just("EIO"), Just("EROFS")].prop_map(|r| DiskHealth::Failed { reason: r.into() }),
+    ]
+}
+
 fn arb_kind() -> impl Strategy<Value = JobKind> {
     prop_oneof![Just(JobKind::Rebuild), Just(JobKind::Resync)]
 }
@@ -44,7 +52,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
     prop_oneof![
         3 => (node.clone(), 0u8..4, 1u64..64).prop_map(|(id, z, gib)| Command::RegisterNode {
             id: NodeId(id), addr: addr(id), zone: Zone(format!("z{z}")), capacity: gib << 30, now_ms: 0 }),
-        1 => (node.clone(), 0u64..1000).prop_map(|(id, t)| Command::Heartbeat { id: NodeId(id), reported_used: 0, now_ms: t }),
+        2 => (node.clone(), 0u64..1000, arb_disk()).prop_map(|(id, t, disk)| Command::Heartbeat {
+            id: NodeId(id), reported_used: 0, now_ms: t, disk }),
         2 => (node.clone(), arb_node_state()).prop_map(|(id, state)| Command::SetNodeState { id: NodeId(id), state }),
         3 => (0u8..4, 1u64..40, 1usize..=4, 1usize..=4, any::<bool>()).prop_map(|(n, chunks, replicas, min, strict)| Command::CreateVolume {
             name: format!("vol{n}"), size: chunks * CHUNK - 4096 * (chunks % 2), chunk_size: CHUNK, replicas, min_in_sync: min, zones: vec![],
@@ -197,6 +206,8 @@ fn check_invariants(s: &MetaState) {
         let v = s.volumes.get(&j.volume).unwrap_or_else(|| panic!("active job {} on a deleted volume", j.id));
         let c = &v.chunks[j.chunk.0 as usize];
         assert_eq!(role_of(c, j.target), Some(Role::Rebuilding), "job {}: target is not rebuilding", j.id);
+        // A failed or full disk is never a copy's target.
+        assert_eq!(s.nodes[&j.target].disk, DiskHealth::Ok, "job {}: target's disk", j.id);
         assert!(j.gen <= v.layout_gen, "job {}: gen from the future", j.id);
         match j.kind {
             JobKind::Rebuild => {
@@ -295,6 +306,7 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
             assert_eq!(j.gen, v.layout_gen, "a job's gen is the layout that made its target a write target");
             assert_eq!(v.chunks[chunk.0 as usize].version, version + 1);
             assert_eq!(after.nodes[target].state, NodeState::Up, "job on a target that is not up");
+            assert!(after.nodes[target].accepts_replicas(), "job on a target whose disk is not ok");
         }
         (Command::FinishJob { job, ok, error, blocks_copied }, Response::Done) => {
             let j = &before.jobs[job];
@@ -336,6 +348,22 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
             assert!(!after.jobs.values().any(|j| j.is_active() && j.volume == *volume));
         }
         (Command::RemoveNode { id }, Response::Done) => assert!(!after.nodes.contains_key(id)),
+        (Command::Heartbeat { id, disk, .. }, Response::Done) => {
+            let n = &after.nodes[id];
+            assert_eq!(&n.disk, disk, "the heartbeat's disk health is recorded");
+            let b = &before.nodes[id];
+            let state = if b.state == NodeState::Suspect { NodeState::Up } else { b.state };
+            assert_eq!(n.state, state, "a heartbeat only brings a suspect node up");
+            if !disk.is_ok() {
+                assert!(!after.jobs.values().any(|j| j.is_active() && j.target == *id), "job left on a bad disk");
+                // Only its own jobs ended (finished ones may have been trimmed).
+                for (jid, j) in before.jobs.iter().filter(|(_, j)| j.is_active() && j.target != *id) {
+                    assert_eq!(after.jobs.get(jid), Some(j), "job {jid} of another node");
+                }
+            } else {
+                assert_eq!(after.jobs, before.jobs, "a healthy heartbeat touches no job");
+            }
+        }
         _ => {}
     }
 }
@@ -368,6 +396,8 @@ proptest! {
                     (Command::StartJob { .. }, Err(_)) => "start refused",
                     (Command::FinishJob { ok: true, .. }, Ok(_)) => "job done",
                     (Command::FinishJob { ok: false, .. }, Ok(_)) => "job failed",
+                    (Command::Heartbeat { disk: DiskHealth::Failed { .. }, .. }, Ok(_)) => "disk failed",
+                    (Command::Heartbeat { disk: DiskHealth::Full, .. }, Ok(_)) => "disk full",
                     (_, Ok(_)) => "other ok",
                     (_, Err(_)) => "other refused",
                 };

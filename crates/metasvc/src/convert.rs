@@ -17,8 +17,31 @@ pub(crate) fn node_state(s: NodeState) -> pb::NodeState {
     }
 }
 
+/// The disk health a heartbeat reports. UNSPECIFIED (a node older than disk
+/// probing) and unknown values are healthy: only a node that says its disk
+/// failed or filled up loses its replicas or its share of new ones.
+pub(crate) fn disk_health(disk: i32, error: &str) -> state::DiskHealth {
+    match pb::DiskHealth::try_from(disk) {
+        Ok(pb::DiskHealth::DiskFailed) => state::DiskHealth::Failed {
+            reason: if error.is_empty() { "unspecified disk error".to_string() } else { error.to_string() },
+        },
+        Ok(pb::DiskHealth::DiskFull) => state::DiskHealth::Full,
+        Ok(pb::DiskHealth::DiskOk | pb::DiskHealth::Unspecified) | Err(_) => state::DiskHealth::Ok,
+    }
+}
+
+/// The proto's disk health and error text.
+pub(crate) fn pb_disk_health(d: &state::DiskHealth) -> (pb::DiskHealth, String) {
+    match d {
+        state::DiskHealth::Ok => (pb::DiskHealth::DiskOk, String::new()),
+        state::DiskHealth::Full => (pb::DiskHealth::DiskFull, String::new()),
+        state::DiskHealth::Failed { reason } => (pb::DiskHealth::DiskFailed, reason.clone()),
+    }
+}
+
 /// `last_seen`: when this member (if leader) last heard from each node.
 pub(crate) fn node(n: &state::Node, last_seen: &HashMap<NodeId, Instant>) -> pb::Node {
+    let (disk, disk_error) = pb_disk_health(&n.disk);
     pb::Node {
         id: n.id.0,
         addr: n.addr.to_string(),
@@ -28,6 +51,8 @@ pub(crate) fn node(n: &state::Node, last_seen: &HashMap<NodeId, Instant>) -> pb:
         used_bytes: n.reported_used,
         state: node_state(n.state) as i32,
         heartbeat_age_ms: last_seen.get(&n.id).map_or(0, |t| t.elapsed().as_millis() as u64),
+        disk: disk as i32,
+        disk_error,
     }
 }
 
@@ -100,7 +125,13 @@ pub(crate) fn job(s: &MetaState, j: &state::Job, p: Progress, last_seen: &HashMa
     let c = v.and_then(|v| v.chunks.get(j.chunk.0 as usize));
     let sources = c
         .map(|c| {
-            c.in_sync().filter(|n| *n != j.target).filter_map(|n| s.nodes.get(&n)).map(|n| node(n, last_seen)).collect()
+            // A replica on a failed disk is lost: never a source.
+            c.in_sync()
+                .filter(|n| *n != j.target)
+                .filter_map(|n| s.nodes.get(&n))
+                .filter(|n| !n.disk.is_failed())
+                .map(|n| node(n, last_seen))
+                .collect()
         })
         .unwrap_or_default();
     let chunk_len = v.map_or(0, |v| v.chunk_size.min(v.size.saturating_sub(u64::from(j.chunk.0) * v.chunk_size)));

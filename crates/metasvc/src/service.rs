@@ -18,7 +18,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ballast_meta::plan::{self, Failure};
 use ballast_meta::raft_store::{StateMachine, TypeConfig};
-use ballast_meta::state::{Command, MetaError, MetaState, NodeState, Response, ZoneSpread, DEFAULT_CHUNK_SIZE};
+use ballast_meta::state::{
+    Command, DiskHealth, MetaError, MetaState, NodeState, Response, ZoneSpread, DEFAULT_CHUNK_SIZE,
+};
 use ballast_proto::v1 as pb;
 use ballast_proto::v1::admin_client::AdminClient;
 use ballast_proto::v1::node_api_client::NodeApiClient;
@@ -193,7 +195,9 @@ impl Core {
             .read(|s| {
                 (
                     s.nodes.len() as u32,
-                    s.nodes.values().filter(|n| n.state == NodeState::Up).count() as u32,
+                    // Up with a working disk: a node whose disk failed heartbeats
+                    // but serves nothing (a full one still serves its replicas).
+                    s.nodes.values().filter(|n| n.is_serving()).count() as u32,
                     s.volumes.len() as u32,
                     s.volumes.values().map(|v| v.degraded_chunks() as u32).sum(),
                     s.jobs.values().filter(|j| j.is_active()).count() as u32,
@@ -333,12 +337,24 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         forward!(self.0, req, NodeApiClient, heartbeat);
         let r = req.into_inner();
         let id = node_id("node", r.node)?;
-        let known = self.0.read(|s| s.nodes.contains_key(&id)).await;
-        if !known {
+        let disk = convert::disk_health(r.disk, &r.disk_error);
+        let Some(recorded) = self.0.read(|s| s.nodes.get(&id).map(|n| n.disk.clone())).await else {
             return Err(Status::not_found(format!("unknown node {id}: register first")));
-        }
+        };
+        // The node is alive even if recording its disk's news fails below.
         self.0.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
         self.0.soft.used.lock().unwrap_or_else(|p| p.into_inner()).insert(id, r.used_bytes);
+        // Heartbeats stay off the log; only a change of the disk's health goes
+        // through Raft (a failed disk's reason changing between probes is not
+        // one: the first reason stands until the disk is healthy again).
+        if !recorded.same_kind(&disk) {
+            match &disk {
+                DiskHealth::Ok => info!(node = %id, from = ?recorded, "node's disk is healthy again"),
+                DiskHealth::Full => warn!(node = %id, free_bytes = r.disk_free_bytes, "node's disk is full"),
+                DiskHealth::Failed { reason } => warn!(node = %id, %reason, "node's disk failed"),
+            }
+            self.0.write(Command::Heartbeat { id, reported_used: r.used_bytes, now_ms: now_ms(), disk }).await?;
+        }
         let (seen, progress) = (self.0.last_seen(), self.0.progress());
         let jobs = self
             .0
