@@ -157,6 +157,26 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
         self.entries(range)
     }
+
+    /// What replication sends after its prev log id `start - 1`.
+    ///
+    /// Invariant: an unbroken run that starts exactly at `start`, or nothing.
+    /// openraft 0.9 ships what this returns as the entries following prev
+    /// without checking that they start at prev + 1; a replication stream
+    /// that asks after a purge would otherwise send "prev 7, entries 18.."
+    /// and leave a hole in a follower's log, wedging it for good (found by
+    /// the simulator, crates/sim/src/raft.rs, seed 753). For nothing,
+    /// openraft sends a heartbeat, and then a snapshot once it sees the purge.
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let mut run = self.entries(start..end)?;
+        if run.first().is_some_and(|e| e.log_id.index != start) {
+            return Ok(Vec::new());
+        }
+        if let Some(gap) = run.windows(2).position(|w| w[1].log_id.index != w[0].log_id.index + 1) {
+            run.truncate(gap + 1);
+        }
+        Ok(run)
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
@@ -205,7 +225,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let tx = self.db.begin_write().map_err(|e| write_err(&e))?;
             {
                 let mut t = tx.open_table(LOG).map_err(|e| write_err(&e))?;
+                // Invariant: the log has no holes. Each entry must follow the
+                // last one (or the purge point): refusing a gap fails this
+                // member loudly now instead of leaving a log it can never
+                // apply (see `limited_get_log_entries`).
+                let mut last = match t.last().map_err(|e| write_err(&e))? {
+                    Some((k, _)) => Some(k.value()),
+                    None => get_json::<LogId<NodeId>>(&self.db, META, "purged")?.map(|l| l.index),
+                };
                 for e in entries {
+                    if let Some(l) = last {
+                        if e.log_id.index > l + 1 {
+                            return Err(write_err(&std::io::Error::other(format!(
+                                "append of log index {} after {l} would leave a hole",
+                                e.log_id.index
+                            ))));
+                        }
+                    }
+                    last = Some(e.log_id.index);
                     let bytes = serde_json::to_vec(&e).map_err(|err| write_err(&err))?;
                     t.insert(e.log_id.index, bytes.as_slice()).map_err(|err| write_err(&err))?;
                 }

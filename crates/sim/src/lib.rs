@@ -86,12 +86,22 @@
 //! (the copy is instantaneous, between batches); volume growth; meta
 //! leadership changes beyond outages and lost replies.
 //!
+//! # The metadata service's Raft layer
+//!
+//! [`raft`] runs three or five real openraft members over the real redb log
+//! store and state machine of `ballast-meta`, connected by a simulated network
+//! (delay, reordering, loss, partitions), with member crashes and restarts from
+//! their redb directories, and checks that no acknowledged write is lost and
+//! that the members' applied logs and states agree. See its docs for what
+//! replays exactly.
+//!
 //! # Commands
 //!
 //! ```text
 //! cargo test --release -p ballast-sim                  # the CI seed set
 //! BALLAST_SIM_SEED=1234 cargo test --release -p ballast-sim replay -- --nocapture
 //! cargo run --release -p ballast-sim --example explore -- --seeds 0..100000 [--fault-rate 1.5] [--steps 300] [--late-delivery]
+//! cargo run --release -p ballast-sim --example raft -- --seeds 0..2000 [--members 5] [--fault-rate 2]
 //! ```
 //!
 //! A violation's message names the seed, the step, the block, what was
@@ -99,6 +109,7 @@
 //! and late delivery of the failing run) and the last trace lines.
 
 mod meta;
+pub mod raft;
 mod replica;
 mod sim;
 pub use ballast_verify::{pattern, rng};
