@@ -96,16 +96,12 @@ impl Cluster {
             &addr,
             "--initial-members",
             &initial.join(","),
-            "--raft-heartbeat-ms",
-            "100",
-            "--election-ms",
-            "500",
-            "--suspect-after",
-            "1s",
             "--down-after",
             "8s",
         ]
         .map(String::from);
+        let mut args = args.to_vec();
+        args.extend(FAST_META.map(String::from));
         let mut p = Proc::spawn(&format!("meta{id}"), &args.iter().map(String::as_str).collect::<Vec<_>>());
         p.wait_for("ready meta", Duration::from_secs(30));
         self.members[i].2 = Some(p);

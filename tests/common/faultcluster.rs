@@ -157,16 +157,8 @@ impl FaultCluster {
         cmd.args(["meta", "--id", &id.to_string(), "--listen", &m.addr, "--initial-members", &initial.join(",")])
             .arg("--data")
             .arg(&data)
-            .args([
-                "--raft-heartbeat-ms",
-                "100",
-                "--election-ms",
-                "500",
-                "--suspect-after",
-                "1s",
-                "--down-after",
-                "12s",
-            ]);
+            .args(super::FAST_META)
+            .args(["--down-after", "12s"]);
         let mut p = Proc::spawn_cmd(&format!("meta{id}"), cmd);
         p.wait_for("ready meta", Duration::from_secs(30));
         self.metas[id as usize - 1].proc = Some(p);

@@ -15,6 +15,10 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// `ballast meta` timings for tests: fast heartbeats and elections, a node
+/// silent for a second is suspect (each harness picks its own --down-after).
+pub const FAST_META: [&str; 6] = ["--raft-heartbeat-ms", "100", "--election-ms", "500", "--suspect-after", "1s"];
+
 /// The `ballast` binary built for this test run.
 pub fn ballast_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ballast"))
