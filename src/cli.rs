@@ -110,6 +110,11 @@ pub struct NodeArgs {
     /// that rebuilds leave client I/O its latency.
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     pub copy_rate: u64,
+    /// Free space below which the disk counts as full: no new replicas here, and its
+    /// ejected replicas are rebuilt elsewhere (default: 1% of the filesystem, at
+    /// least 64M, at most 1G).
+    #[arg(long, value_parser = parse_size)]
+    pub disk_reserve: Option<u64>,
     /// How often to look for chunk replicas meta no longer lists here (deleted
     /// volumes, replaced replicas); one is deleted after two looks agree.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]

@@ -78,6 +78,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             heartbeat: Duration::from_secs(1),
             copy_rate: Some(128 << 20),
             gc_every: Duration::from_secs(30),
+            disk_reserve: None,
         };
         // Registered (with this run's port) before the volume is attached.
         let reg = pb::RegisterRequest {

@@ -52,6 +52,8 @@ pub struct AgentConfig {
     pub copy_rate: Option<u64>,
     /// How often to look for chunk replicas to reclaim.
     pub gc_every: Duration,
+    /// Free bytes below which the disk is full (None: the default rule, see `below_reserve`).
+    pub disk_reserve: Option<u64>,
 }
 
 /// Disk capacity of the filesystem holding `dir`.
@@ -90,9 +92,11 @@ fn fs_space(dir: &Path) -> std::io::Result<FsSpace> {
 const PROBE_LEN: usize = 4096;
 /// The probe's file, in the store's directory (beside `chunks/`, never in it).
 const PROBE_FILE: &str = ".probe";
-/// The least free space a node keeps: one default chunk. A filesystem over
-/// 6.4 GiB keeps 1% instead.
+/// The least free space a node keeps by default: one default chunk. A
+/// filesystem over 6.4 GiB keeps 1% instead, up to [`MAX_DISK_RESERVE`].
 const MIN_DISK_RESERVE: u64 = 64 << 20;
+/// The most a node keeps free by default (1% of a 10 TB disk would idle 100 GB).
+const MAX_DISK_RESERVE: u64 = 1 << 30;
 /// A probe that has not answered in this long counts as a failed disk: a
 /// database above us cannot wait that long for a write either.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,12 +133,12 @@ pub struct DiskReport {
     pub free_bytes: u64,
 }
 
-/// The space rule: full below the reserve (`reserve`, else the larger of
-/// [`MIN_DISK_RESERVE`] and 1% of the filesystem). A full disk stays full until
+/// The space rule: full below the reserve (`reserve`, else 1% of the
+/// filesystem clamped to [`MIN_DISK_RESERVE`]..=[`MAX_DISK_RESERVE`]). A full disk stays full until
 /// a quarter of the reserve more is free, so a disk hovering at the line does
 /// not flap (every flip is a Raft write and moves replicas).
 fn below_reserve(space: FsSpace, reserve: Option<u64>, was_full: bool) -> bool {
-    let reserve = reserve.unwrap_or_else(|| MIN_DISK_RESERVE.max(space.total / 100));
+    let reserve = reserve.unwrap_or_else(|| (space.total / 100).clamp(MIN_DISK_RESERVE, MAX_DISK_RESERVE));
     let line = if was_full { reserve.saturating_add(reserve / 4) } else { reserve };
     space.free < line
 }
@@ -380,6 +384,7 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
         heartbeat: a.heartbeat,
         copy_rate: (a.copy_rate > 0).then_some(a.copy_rate),
         gc_every: a.gc_every,
+        disk_reserve: a.disk_reserve,
     };
     info!(node = id, zone = %zone, %addr, capacity, "storage node serving");
     println!("ready node id={id} addr={bound}");
@@ -437,7 +442,7 @@ pub async fn agent(cfg: AgentConfig, meta: MetaClient, store: ChunkStore, mut st
     let mut registered = false;
     let mut gc = Gc::default();
     let mut last_gc = Instant::now();
-    let mut disk = DiskMonitor::new(DiskProbe::new(store.dir(), store.direct_io(), None), PROBE_TIMEOUT);
+    let mut disk = DiskMonitor::new(DiskProbe::new(store.dir(), store.direct_io(), cfg.disk_reserve), PROBE_TIMEOUT);
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -689,7 +694,7 @@ mod tests {
     }
 
     #[test]
-    fn reserve_is_64_mib_or_one_percent_with_hysteresis() {
+    fn reserve_is_one_percent_clamped_with_hysteresis() {
         const MIB: u64 = 1 << 20;
         let fs = |total, free| FsSpace { total, free };
         // A small filesystem keeps 64 MiB.
@@ -698,6 +703,9 @@ mod tests {
         // A large one keeps 1%: 100 GiB keeps 1 GiB.
         assert!(below_reserve(fs(100 << 30, (1 << 30) - 1), None, false));
         assert!(!below_reserve(fs(100 << 30, 1 << 30), None, false));
+        // ... and at most 1 GiB.
+        assert!(!below_reserve(fs(10 << 40, 1 << 30), None, false));
+        assert!(below_reserve(fs(10 << 40, (1 << 30) - 1), None, false));
         // An explicit reserve wins.
         assert!(!below_reserve(fs(100 << 30, 10 * MIB), Some(10 * MIB), false));
         assert!(below_reserve(fs(100 << 30, 10 * MIB - 1), Some(10 * MIB), false));

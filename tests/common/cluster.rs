@@ -128,6 +128,11 @@ impl Cluster {
             "300ms",
             "--gc-every",
             "1s",
+            // The nodes share the machine's disk and offer more than it has
+            // (--capacity): keep the full-disk line low, so a busy CI disk
+            // does not turn them all "full".
+            "--disk-reserve",
+            "16M",
         ]
         .map(String::from);
         let mut args = args.to_vec();

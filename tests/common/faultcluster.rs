@@ -171,7 +171,7 @@ impl FaultCluster {
         cmd.args(["node", "--id", &id.to_string(), "--zone", n.zone, "--listen", &n.addr, "--meta", &meta])
             .arg("--data")
             .arg(&n.data)
-            .args(["--capacity", "4G", "--heartbeat", "300ms", "--gc-every", "2s"]);
+            .args(["--capacity", "4G", "--heartbeat", "300ms", "--gc-every", "2s", "--disk-reserve", "16M"]);
         let mut p = Proc::spawn_cmd(&format!("node{id}"), cmd);
         p.wait_for("ready node", Duration::from_secs(30));
         self.nodes[id as usize - 1].proc = Some(p);
