@@ -92,6 +92,8 @@ fn fs_space(dir: &Path) -> std::io::Result<FsSpace> {
 const PROBE_LEN: usize = 4096;
 /// The probe's file, in the store's directory (beside `chunks/`, never in it).
 const PROBE_FILE: &str = ".probe";
+/// How long a heartbeat waits for this tick's probe before sending the last verdict.
+const PROBE_WAIT: Duration = Duration::from_millis(20);
 /// The least free space a node keeps by default: one default chunk. A
 /// filesystem over 6.4 GiB keeps 1% instead, up to [`MAX_DISK_RESERVE`].
 const MIN_DISK_RESERVE: u64 = 64 << 20;
@@ -469,9 +471,10 @@ pub async fn agent(cfg: AgentConfig, meta: MetaClient, store: ChunkStore, mut st
             }
         }
         let used = store.chunks().iter().map(|c| c.size).sum();
-        // Leave most of the tick to the heartbeat; a slow probe answers on a
-        // later tick (and a hung one fails after PROBE_TIMEOUT).
-        let disk_report = disk.check(cfg.heartbeat / 2).await;
+        // The heartbeat must not wait on the disk (a late heartbeat makes the
+        // node suspect): a probe that has not answered within a few ms reports
+        // on a later tick (and a hung one fails after PROBE_TIMEOUT).
+        let disk_report = disk.check(PROBE_WAIT.min(cfg.heartbeat / 2)).await;
         let (health, disk_error) = disk_report.verdict.to_pb();
         let req = pb::HeartbeatRequest {
             node: cfg.id,

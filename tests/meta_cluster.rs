@@ -183,7 +183,18 @@ fn meta_leader_killed_during_creates_while_fio_verifies() {
         // Writes reach a new leader through any member (ballastctl retries while
         // the election runs).
         let name = format!("c{round}");
-        c.create_volume(&name, "64M", "8M", "2");
+        // A node whose heartbeats were going to the killed leader may turn
+        // suspect for a moment (tests use a 1 s suspect timeout), so placement
+        // can briefly find too few nodes: retry that, and only that.
+        let create = ["volume", "create", &name, "--size", "64M", "--chunk-size", "8M", "--replicas", "3"];
+        let args = [&create[..], &["--min-in-sync", "2"]].concat();
+        wait_until("create accepted", Duration::from_secs(20), || {
+            let out =
+                run(ctl_bin().to_str().expect("utf8"), &[&["--meta", &meta, "--timeout", "30s"][..], &args].concat());
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() || err.contains("placement: need"), "create {name}: {err}");
+            out.status.success()
+        });
         created.push(name);
         c.start_member(i);
     }
