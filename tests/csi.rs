@@ -210,24 +210,11 @@ fn loops_under(dir: &Path) -> Vec<String> {
     out
 }
 
-/// The file contents this test writes: seeded, so they can be checked later.
-fn content(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn write_files(dir: &Path, seeds: std::ops::Range<u64>) {
     for s in seeds {
         let path = dir.join(format!("file{s}"));
         let mut f = std::fs::File::create(&path).expect("create a file");
-        f.write_all(&content(s, 512 * 1024 + s as usize * 4096)).expect("write");
+        f.write_all(&random_bytes(512 * 1024 + s as usize * 4096, s)).expect("write");
         f.sync_all().expect("fsync");
     }
     std::fs::File::open(dir).expect("open dir").sync_all().expect("fsync dir");
@@ -237,7 +224,7 @@ fn check_files(dir: &Path, seeds: std::ops::Range<u64>) {
     for s in seeds {
         let path = dir.join(format!("file{s}"));
         let got = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        assert!(got == content(s, 512 * 1024 + s as usize * 4096), "{} differs", path.display());
+        assert!(got == random_bytes(512 * 1024 + s as usize * 4096, s), "{} differs", path.display());
     }
 }
 
@@ -477,7 +464,7 @@ fn raw_block_volume_is_a_device_on_the_target() {
                 .custom_flags(libc_o_direct())
                 .open(&target)
                 .expect("open device");
-            let buf = aligned(content(7, 4 * MIB as usize));
+            let buf = aligned(random_bytes(4 * MIB as usize, 7));
             f.seek(SeekFrom::Start(100 * MIB)).expect("seek");
             f.write_all(&buf).expect("write");
             f.sync_all().expect("fsync");
@@ -506,7 +493,7 @@ fn raw_block_volume_is_a_device_on_the_target() {
         let mut f = std::fs::File::open(&target).expect("open device");
         f.seek(SeekFrom::Start(100 * MIB)).expect("seek");
         f.read_exact(&mut got).expect("read");
-        assert!(got == content(7, 4 * MIB as usize), "the pattern written on node 4 reads back on node 2");
+        assert!(got == random_bytes(4 * MIB as usize, 7), "the pattern written on node 4 reads back on node 2");
         drop(f);
         unstage_everything(&mut n2, "blk", &staging, &target).await;
     });

@@ -53,11 +53,16 @@ struct Run {
 
 impl Run {
     fn start(tag: &str, disks: &[DiskKind], seed: u64) -> Run {
+        Run::start_on(tag, disks, seed, "app1", "2s", &[])
+    }
+
+    /// Like [`Run::start`], with the front end on `app` with its own options.
+    fn start_on(tag: &str, disks: &[DiskKind], seed: u64, app: &str, io_timeout: &str, extra: &[&str]) -> Run {
         let c = FaultCluster::start(tag, disks);
         c.create_volume(VOLUME, MIB);
         let w = Workload::start(c.rt.handle(), MIB * 256, TASKS, seed);
         let mut r = Run { c, w, fe: None, client: None };
-        r.attach("app1", "2s", &[]);
+        r.attach(app, io_timeout, extra);
         r
     }
 
@@ -240,10 +245,7 @@ fn partitioned_old_frontend(row: &mut Row) {
 /// writes wait at most the I/O timeout for the slow replica, which is then
 /// ejected; p99 write latency stays bounded by the timeout.
 fn slow_replica(row: &mut Row) {
-    let mut r = Run::start("faults-slow", &[], 16);
-    r.w.set_client(None);
-    r.fe = None;
-    r.attach("app2", "1s", &[]);
+    let mut r = Run::start_on("faults-slow", &[], 16, "app2", "1s", &[]);
     r.run_for(secs(3.0));
     let base_from = Instant::now() - secs(2.0);
     let t_slow = Instant::now();
@@ -306,10 +308,8 @@ fn disk_full(row: &mut Row) {
 /// some (read repair), the scrub pass finds the rest; afterwards every copy on
 /// every replica verifies.
 fn bit_rot(row: &mut Row) {
-    let mut r = Run::start("faults-rot", &[], 19);
-    r.w.set_client(None);
-    r.fe = None;
-    r.attach("app2", "2s", &["--scrub-interval", "3s", "--scrub-rate", "256M"]);
+    let scrub = ["--scrub-interval", "3s", "--scrub-rate", "256M"];
+    let mut r = Run::start_on("faults-rot", &[], 19, "app2", "2s", &scrub);
     r.run_for(secs(4.0));
     r.w.pause();
     r.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT);

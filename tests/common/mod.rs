@@ -201,9 +201,14 @@ pub fn data_dir(tag: &str) -> tempfile::TempDir {
 
 /// A file of `len` pseudo-random bytes from `seed` (deterministic).
 pub fn random_file(path: &Path, len: usize, seed: u64) {
+    std::fs::write(path, random_bytes(len, seed)).expect("write random file");
+}
+
+/// `len` pseudo-random bytes from `seed` (deterministic: a test can check them later).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
     use rand::{RngCore, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut buf = vec![0u8; len];
     rng.fill_bytes(&mut buf);
-    std::fs::write(path, &buf).expect("write random file");
+    buf
 }

@@ -27,18 +27,31 @@ fn cluster(spread: ZoneSpread) -> (MetaState, VolumeId) {
         s.apply(&Command::RegisterNode { id: NodeId(i), addr: addr(i), zone, capacity: 1 << 40, now_ms: 0 })
             .expect("register");
     }
+    let id = create_volume(&mut s, "db", 64, 3, 2, spread);
+    (s, id)
+}
+
+/// Creates a volume of `chunks` chunks; panics unless it is placed.
+fn create_volume(
+    s: &mut MetaState,
+    name: &str,
+    chunks: u64,
+    replicas: usize,
+    min_in_sync: usize,
+    zone_spread: ZoneSpread,
+) -> VolumeId {
     let cmd = Command::CreateVolume {
-        name: "db".into(),
-        size: 64 * CHUNK,
+        name: name.into(),
+        size: chunks * CHUNK,
         chunk_size: CHUNK,
-        replicas: 3,
-        min_in_sync: 2,
+        replicas,
+        min_in_sync,
         zones: vec![],
-        zone_spread: spread,
+        zone_spread,
     };
     match s.apply(&cmd) {
-        Ok(Response::Volume(id)) => (s, id),
-        other => panic!("create: {other:?}"),
+        Ok(Response::Volume(id)) => id,
+        other => panic!("create {name}: {other:?}"),
     }
 }
 
@@ -183,16 +196,7 @@ fn a_failed_disk_is_refused_as_a_target_and_fails_the_jobs_it_had() {
 #[test]
 fn a_chunk_whose_only_in_sync_replica_is_on_a_failed_disk_has_no_source() {
     let (mut s, _) = cluster(ZoneSpread::Preferred);
-    let create = Command::CreateVolume {
-        name: "r2".into(),
-        size: 4 * CHUNK,
-        chunk_size: CHUNK,
-        replicas: 2,
-        min_in_sync: 1,
-        zones: vec![],
-        zone_spread: ZoneSpread::Preferred,
-    };
-    let Ok(Response::Volume(v)) = s.apply(&create) else { panic!("create") };
+    let v = create_volume(&mut s, "r2", 4, 2, 1, ZoneSpread::Preferred);
     let c0 = s.volumes[&v].chunks[0].clone();
     let (keep, other) = (c0.replicas[0].node, c0.replicas[1].node);
     eject(&mut s, v, 0, other);
@@ -276,16 +280,7 @@ fn a_heartbeat_brings_a_suspect_node_up_but_not_a_down_one_whatever_the_disk() {
     assert_eq!(state(1), Some(PlacementState::Down), "a failed disk is a down node to placement");
     assert_eq!(state(2), Some(PlacementState::Down));
     // A new volume lands on neither.
-    let create = Command::CreateVolume {
-        name: "new".into(),
-        size: 16 * CHUNK,
-        chunk_size: CHUNK,
-        replicas: 2,
-        min_in_sync: 1,
-        zones: vec![],
-        zone_spread: ZoneSpread::Preferred,
-    };
-    let Ok(Response::Volume(v)) = s.apply(&create) else { panic!("create") };
+    let v = create_volume(&mut s, "new", 16, 2, 1, ZoneSpread::Preferred);
     assert!(held_by(&s, v, NodeId(1)).is_empty() && held_by(&s, v, NodeId(2)).is_empty());
 }
 
