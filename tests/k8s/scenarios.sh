@@ -1,0 +1,220 @@
+# The end-to-end scenarios: Ballast as a user deploys and uses it.
+# shellcheck shell=bash
+#
+# Each scenario asserts (die) and adds a row to the table printed at the end:
+# what ran, what was checked, how long it took, and the result. A failed
+# scenario does not stop the ones after it; the run fails if any failed.
+
+W="$K8S/workloads"
+RESULTS=()
+NS=e2e
+
+row() { RESULTS+=("$(printf '%-2s | %-24s | %-78s | %6s | %s' "$@")"); }
+
+# ballastctl as the csi/README.md shows it: from a meta pod, through the client Service.
+ballastctl() {
+  local pod
+  pod=$(kc -n ballast-system get pods -l app.kubernetes.io/name=ballast-meta \
+    --field-selector=status.phase=Running -o jsonpath='{range .items[?(@.status.containerStatuses[0].ready==true)]}{.metadata.name}{"\n"}{end}' | head -1)
+  [ -n "$pod" ] || die "no ready meta pod for ballastctl"
+  kc -n ballast-system exec "$pod" -c meta -- ballastctl --meta ballast-meta-client:7400 "$@"
+}
+
+pod_node() { kc -n "$NS" get pod "$1" -o jsonpath='{.spec.nodeName}'; }
+node_zone() { kc get node "$1" -o jsonpath='{.metadata.labels.topology\.kubernetes\.io/zone}'; }
+pvc_volume() { kc -n "$NS" get pvc "$1" -o jsonpath='{.spec.volumeName}'; }
+in_pod() { local p=$1; shift; kc -n "$NS" exec "$p" -- sh -c "$*"; }
+
+# Files with checksums, fsynced (the data a database would have acknowledged).
+write_files() { # write_files POD DIR COUNT
+  in_pod "$1" "mkdir -p $2 && cd $2 && i=0 && while [ \$i -lt $3 ]; do i=\$((i+1)); dd if=/dev/urandom of=f\$i bs=256k count=8 conv=fsync 2>/dev/null || exit 1; done && sha256sum f* > SUMS && sync"
+}
+verify_files() { in_pod "$1" "cd $2 && sha256sum -c -s SUMS"; }
+
+# --- 1. deploy ---------------------------------------------------------------------
+deploy_ballast() {
+  local t0=$(date +%s) n drivers
+  kc apply -k "$ROOT/csi" >/dev/null
+  kc -n ballast-system rollout status statefulset/ballast-meta --timeout=300s >/dev/null \
+    || die "meta StatefulSet not ready"
+  kc -n ballast-system rollout status daemonset/ballast-node --timeout=300s >/dev/null \
+    || die "node DaemonSet not ready"
+  kc -n ballast-system rollout status deployment/ballast-csi-controller --timeout=300s >/dev/null \
+    || die "controller Deployment not ready"
+  # kubelet registered the driver on every node (the plugin registration socket).
+  for n in "${NODES[@]}"; do
+    wait_for 60 "csi.ballast.io registered on $n" csinode_has_driver "$n"
+  done
+  wait_for 60 "3 storage nodes in meta" storage_nodes_up 3
+  row 1 "deploy (kubectl apply -k)" "meta 3/3, node DaemonSet 3/3, controller 2/2 Ready; driver on 3 CSINodes; 3 storage nodes in meta" "$(($(date +%s) - t0))s" PASS
+}
+csinode_has_driver() { kc get csinode "$1" -o jsonpath='{.spec.drivers[*].name}' | grep -qw csi.ballast.io; }
+storage_nodes_up() { [ "$(ballastctl --output json node list | jq '[.[] | select(.state == "up")] | length')" -ge "$1" ]; }
+
+# --- 2. StatefulSet with volumeClaimTemplates ----------------------------------------
+scenario_statefulset() {
+  local t0=$(date +%s) i zones
+  kc apply -f "$W/namespace.yaml" -f "$W/statefulset.yaml" >/dev/null
+  kc -n "$NS" rollout status statefulset/web --timeout=300s >/dev/null || die "StatefulSet web not ready"
+  zones=$(for i in 0 1 2; do node_zone "$(pod_node web-$i)"; done | sort -u | wc -l)
+  [ "$zones" = 3 ] || die "web pods in $zones zones, want 3"
+  for i in 0 1 2; do
+    # fsGroup: the volume's root belongs to the pod's group, the files to its user.
+    [ "$(in_pod web-$i 'stat -c %g /data')" = 2000 ] || die "web-$i: /data not group 2000 (fsGroup)"
+    write_files web-$i /data/files 8
+  done
+  kc -n "$NS" delete pod web-0 web-1 web-2 --wait=true >/dev/null
+  kc -n "$NS" rollout status statefulset/web --timeout=300s >/dev/null || die "StatefulSet web not ready after delete"
+  for i in 0 1 2; do verify_files web-$i /data/files || die "web-$i: files do not verify"; done
+  for i in 0 1 2; do
+    [ "$(ballastctl --output json volume inspect "$(pvc_volume data-web-$i)" | jq -r '.zones | length')" -ge 3 ] \
+      || die "data-web-$i: replicas not in 3 zones"
+  done
+  row 2 "StatefulSet, 3 pods" "pods in 3 zones; fsGroup; 8 files/pod fsynced, pods deleted + back, sha256 ok; replicas in 3 zones" "$(($(date +%s) - t0))s" PASS
+}
+
+# --- 3. node loss ----------------------------------------------------------------------
+scenario_node_loss() {
+  local t0 node new zone_old zone_new t_run
+  node=$(pod_node web-0)
+  zone_old=$(node_zone "$node")
+  log "node loss: killing $node ($zone_old): kubelet, containerd, kube-proxy and every pod, SIGKILL"
+  t0=$(date +%s)
+  kill_node "$node"
+  # What an operator does for a node that is gone: force-delete its pods and
+  # mark it out of service (non-graceful node shutdown), so its volumes detach.
+  kc -n "$NS" delete pod web-0 --force --grace-period=0 >/dev/null 2>&1 || true
+  kc taint node "$node" node.kubernetes.io/out-of-service=nodeshutdown:NoExecute --overwrite >/dev/null
+  wait_for 300 "web-0 Running again" pod_running web-0
+  t_run=$(($(date +%s) - t0))
+  new=$(pod_node web-0)
+  zone_new=$(node_zone "$new")
+  [ "$new" != "$node" ] || die "web-0 came back on the dead node"
+  [ "$zone_new" != "$zone_old" ] || die "web-0 stayed in $zone_old"
+  wait_for 120 "web-0 ready" pod_ready web-0
+  verify_files web-0 /data/files || die "web-0: files do not verify after the move"
+  # The new attachment fenced the old one: the volume's epoch moved on, published to the new node.
+  row 3 "node loss ($node)" "SIGKILL node, force-delete pod + out-of-service taint; web-0 on $new ($zone_new); files ok" "${t_run}s" \
+    "PASS (kill -> Running ${t_run}s)"
+  LOST_NODE=$node
+}
+pod_running() { [ "$(kc -n "$NS" get pod "$1" -o jsonpath='{.status.phase}' 2>/dev/null)" = Running ]; }
+pod_ready() { [ "$(kc -n "$NS" get pod "$1" -o jsonpath='{.status.containerStatuses[0].ready}' 2>/dev/null)" = true ]; }
+
+# --- 4. online expansion ------------------------------------------------------------------
+scenario_expand() {
+  local t0=$(date +%s) before after
+  kc apply -f "$W/expand.yaml" >/dev/null
+  wait_for 240 "pod grow ready" pod_ready grow
+  before=$(in_pod grow "df -k /data | awk 'NR==2 {print \$2}'")
+  kc -n "$NS" patch pvc grow -p '{"spec":{"resources":{"requests":{"storage":"2Gi"}}}}' >/dev/null
+  wait_for 240 "filesystem in pod grow to grow" fs_grew grow "$before"
+  after=$(in_pod grow "df -k /data | awk 'NR==2 {print \$2}'")
+  # More than the old size fits now.
+  in_pod grow "dd if=/dev/zero of=/data/big bs=1M count=$((before / 1024 + 200)) conv=fsync 2>/dev/null" \
+    || die "could not write more than the old size after growing"
+  row 4 "online expansion" "PVC 1Gi -> 2Gi while mounted: df ${before}K -> ${after}K; wrote $((before / 1024 + 200)) MiB" "$(($(date +%s) - t0))s" PASS
+}
+fs_grew() { [ "$(in_pod "$1" "df -k /data | awk 'NR==2 {print \$2}'")" -gt $(($2 * 3 / 2)) ]; }
+
+# --- 5. raw block -----------------------------------------------------------------------
+scenario_block() {
+  local t0=$(date +%s)
+  kc apply -f "$W/block.yaml" >/dev/null
+  wait_for 240 "pod raw ready" pod_ready raw
+  in_pod raw 'dd if=/dev/urandom of=/tmp/pattern bs=1M count=16 2>/dev/null &&
+    dd if=/tmp/pattern of=/dev/xvda bs=1M oflag=direct conv=fsync 2>/dev/null &&
+    dd if=/dev/xvda of=/tmp/back bs=1M count=16 iflag=direct 2>/dev/null &&
+    [ "$(sha256sum < /tmp/pattern)" = "$(sha256sum < /tmp/back)" ]' || die "raw block read back differs"
+  row 5 "raw block (volumeMode Block)" "16 MiB written with O_DIRECT to /dev/xvda, read back with O_DIRECT, sha256 equal" "$(($(date +%s) - t0))s" PASS
+}
+
+# --- 6. delete --------------------------------------------------------------------------
+scenario_delete() {
+  local t0=$(date +%s) pv id stem
+  pv=$(pvc_volume raw)
+  id=$(ballastctl --output json volume inspect "$pv" | jq -r .id)
+  [ -n "$id" ] && [ "$id" != null ] || die "no Ballast volume for $pv"
+  wait_for 60 "chunk files of $pv on the nodes" chunk_files_present "$id"
+  kc -n "$NS" delete pod raw --wait=true >/dev/null
+  kc -n "$NS" delete pvc raw --wait=true >/dev/null
+  wait_for 120 "PV $pv gone" pv_gone "$pv"
+  ballastctl --output json volume list | jq -e --arg n "$pv" 'all(.[]; .name != $n)' >/dev/null \
+    || die "Ballast volume $pv still listed"
+  wait_for 180 "chunk files of volume $id reclaimed" chunk_files_gone "$id"
+  row 6 "delete" "PVC deleted: PV gone, volume gone from meta, its chunk files gone from every node" "$(($(date +%s) - t0))s" PASS
+}
+pv_gone() { ! kc get pv "$1" >/dev/null 2>&1; }
+chunk_stem() { printf 'v%016x-c' "$1"; }
+chunk_file_count() {
+  local n c=0
+  for n in "${NODES[@]}"; do
+    c=$((c + $(find "$STATE/$n/ballast/data" -name "$(chunk_stem "$1")*" 2>/dev/null | wc -l)))
+  done
+  echo $c
+}
+chunk_files_present() { [ "$(chunk_file_count "$1")" -gt 0 ]; }
+chunk_files_gone() { [ "$(chunk_file_count "$1")" = 0 ]; }
+
+# --- 7. restart of the Ballast node pod under a mounted volume -------------------------------
+scenario_node_pod_restart() {
+  local t0=$(date +%s) node pod errors stall
+  kc apply -f "$W/writer.yaml" >/dev/null
+  wait_for 240 "pod writer ready" pod_ready writer
+  sleep 5
+  node=$(pod_node writer)
+  pod=$(kc -n ballast-system get pods -l app.kubernetes.io/name=ballast-node --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}')
+  log "restarting $pod on $node under the writer pod"
+  kc -n ballast-system delete pod "$pod" --wait=true >/dev/null
+  kc -n ballast-system rollout status daemonset/ballast-node --timeout=300s >/dev/null || die "ballast-node not back"
+  sleep 15
+  # The writer logs one line per write: "ok SEQ MILLIS" or "err SEQ MILLIS".
+  kc -n "$NS" logs writer >"$STATE/writer.log" || true
+  errors=$(grep -c '^err' "$STATE/writer.log" || true)
+  stall=$(awk '$1 == "ok" { if (last) { gap = $3 - last; if (gap > max) max = gap } last = $3 } END { printf "%.1f", max / 1000 }' "$STATE/writer.log")
+  row 7 "ballast-node pod restart" "writer fsyncing every 100 ms while its node's ballast-node pod restarts: I/O errors and longest gap (measured)" "$(($(date +%s) - t0))s" \
+    "MEASURED: $errors failed writes, longest gap ${stall}s"
+  kc -n "$NS" delete pod writer --grace-period=0 --force >/dev/null 2>&1 || true
+}
+
+# --- 8. bad input ---------------------------------------------------------------------------
+scenario_bad_input() {
+  local t0=$(date +%s) before after
+  before=$(ballastctl --output json volume list | jq length)
+  kc apply -f "$W/bad-input.yaml" >/dev/null
+  wait_for 120 "ProvisioningFailed naming the parameter (bad-replicas)" event_says bad-replicas 'replicas'
+  wait_for 120 "ProvisioningFailed naming the parameter (bad-unknown)" event_says bad-unknown 'colour'
+  wait_for 120 "ProvisioningFailed for a PVC larger than the cluster" event_says too-large 'capacity\|space\|exhausted\|RESOURCE_EXHAUSTED'
+  for p in bad-replicas bad-unknown too-large; do
+    [ "$(kc -n "$NS" get pvc "$p" -o jsonpath='{.status.phase}')" = Pending ] || die "PVC $p not Pending"
+  done
+  after=$(ballastctl --output json volume list | jq length)
+  [ "$before" = "$after" ] || die "meta has $after volumes, had $before: something was half-created"
+  row 8 "bad input" "invalid/unknown StorageClass parameter and a 100Ti PVC: Pending, ProvisioningFailed names it; meta unchanged" "$(($(date +%s) - t0))s" PASS
+}
+event_says() {
+  kc -n "$NS" get events --field-selector "involvedObject.name=$1,reason=ProvisioningFailed" -o jsonpath='{.items[*].message}' | grep -qi "$2"
+}
+
+run_scenarios() {
+  local s failed=0 only=${1:-}
+  LOST_NODE=""
+  if [ "${#RESULTS[@]}" = 0 ] && [ -z "$only" ]; then :; fi
+  for s in scenario_statefulset scenario_node_loss scenario_expand scenario_block scenario_delete \
+           scenario_node_pod_restart scenario_bad_input; do
+    [ -z "$only" ] || [ "$s" = "scenario_$only" ] || continue
+    local t0=$(date +%s)
+    log "--- $s"
+    if ! ( set -e; "$s"; declare -p RESULTS >"$STATE/results.$s" ); then
+      failed=$((failed + 1))
+      row "!" "${s#scenario_}" "see the log above" "$(($(date +%s) - t0))s" FAIL
+    else
+      # shellcheck disable=SC1090
+      . "$STATE/results.$s"
+    fi
+  done
+  printf '\n%s\n' "Ballast on Kubernetes $K8S_VERSION: end-to-end scenarios"
+  printf '%-2s | %-24s | %-78s | %6s | %s\n' "#" scenario checked time result
+  printf '%s\n' "${RESULTS[@]}"
+  [ "$failed" = 0 ] || die "$failed scenario(s) failed"
+}
