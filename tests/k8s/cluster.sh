@@ -121,9 +121,24 @@ restore_sysctls() {
   rm -f "$saved"
 }
 
-# Directories this script creates outside $STATE (mount points of the node
-# mount namespaces), removed by `down` if empty.
-HOST_DIRS=(/var/lib/kubelet /var/lib/ballast)
+# Directories a node needs on the host: the mount points of the node mount
+# namespaces, and /lib/modules (the node plugin mounts it; this kernel has no
+# modules, so the directory may be missing). `up` creates the missing ones and
+# `down` removes those again.
+HOST_DIRS=(/var/lib/kubelet /var/lib/ballast /lib/modules)
+make_host_dirs() {
+  local d
+  for d in "${HOST_DIRS[@]}"; do
+    [ -d "$d" ] && continue
+    mkdir -p "$d"
+    echo "$d" >>"$STATE/host-dirs-created"
+  done
+}
+remove_host_dirs() {
+  local d
+  [ -f "$STATE/host-dirs-created" ] || return 0
+  while read -r d; do rmdir "$d" 2>/dev/null || log "could not remove $d"; done <"$STATE/host-dirs-created"
+}
 
 cgroup_dirs() { # every cgroup directory of node N, deepest first
   local c
@@ -288,7 +303,6 @@ EOF
 
 start_node() { # start_node N: the node's containerd, kubelet and kube-proxy (tests/k8s/node-boot.sh)
   local n=$1
-  mkdir -p "${HOST_DIRS[@]}"
   spawn "node-$n" "bk8s-$n" unshare --mount --propagation slave -- \
     bash "$K8S/node-boot.sh" "$n" "$STATE" "$BIN" "$IMAGES"
 }
@@ -306,6 +320,7 @@ cluster_up() {
   make_pki
   make_network
   make_cgroups
+  make_host_dirs
   start_control_plane
   for i in "${!NODES[@]}"; do
     n=${NODES[$i]}
@@ -411,7 +426,7 @@ cluster_down() {
     cgroup_dirs "$n" | while read -r f; do rmdir "$f" 2>/dev/null || true; done
   done
   restore_sysctls
-  for f in "${HOST_DIRS[@]}"; do rmdir "$f" 2>/dev/null || true; done
+  remove_host_dirs
   rm -rf "$STATE" 2>/dev/null || { sleep 1; rm -rf "$STATE" || log "could not remove $STATE"; }
   [ -n "$quiet" ] || check_clean
 }

@@ -37,8 +37,8 @@ deploy_ballast() {
   kc apply -k "$ROOT/csi" >/dev/null
   kc -n ballast-system rollout status statefulset/ballast-meta --timeout=300s >/dev/null \
     || die "meta StatefulSet not ready"
-  kc -n ballast-system rollout status daemonset/ballast-node --timeout=300s >/dev/null \
-    || die "node DaemonSet not ready"
+  # (OnDelete: no rollout status for it.)
+  wait_for 300 "node DaemonSet ready" daemonset_ready
   kc -n ballast-system rollout status deployment/ballast-csi-controller --timeout=300s >/dev/null \
     || die "controller Deployment not ready"
   # kubelet registered the driver on every node (the plugin registration socket).
@@ -47,6 +47,11 @@ deploy_ballast() {
   done
   wait_for 60 "3 storage nodes in meta" storage_nodes_up 3
   row 1 "deploy (kubectl apply -k)" "meta 3/3, node DaemonSet 3/3, controller 2/2 Ready; driver on 3 CSINodes; 3 storage nodes in meta" "$(($(date +%s) - t0))s" PASS
+}
+daemonset_ready() {
+  local s
+  s=$(kc -n ballast-system get daemonset ballast-node -o jsonpath='{.status.desiredNumberScheduled} {.status.numberReady}')
+  [ "${s% *}" -gt 0 ] && [ "${s% *}" = "${s#* }" ]
 }
 csinode_has_driver() { kc get csinode "$1" -o jsonpath='{.spec.drivers[*].name}' | grep -qw csi.ballast.io; }
 storage_nodes_up() { [ "$(ballastctl --output json node list | jq '[.[] | select(.state == "up")] | length')" -ge "$1" ]; }
@@ -166,7 +171,7 @@ scenario_node_pod_restart() {
   pod=$(kc -n ballast-system get pods -l app.kubernetes.io/name=ballast-node --field-selector "spec.nodeName=$node" -o jsonpath='{.items[0].metadata.name}')
   log "restarting $pod on $node under the writer pod"
   kc -n ballast-system delete pod "$pod" --wait=true >/dev/null
-  kc -n ballast-system rollout status daemonset/ballast-node --timeout=300s >/dev/null || die "ballast-node not back"
+  wait_for 300 "ballast-node back on $node" daemonset_ready
   sleep 15
   # The writer logs one line per write: "ok SEQ MILLIS" or "err SEQ MILLIS".
   kc -n "$NS" logs writer >"$STATE/writer.log" || true
