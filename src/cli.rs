@@ -30,7 +30,7 @@ pub enum Command {
     /// A storage node: chunk store and replica server on one disk, registered with meta,
     /// running the rebuild and resync jobs meta assigns to it; with --csi-endpoint also
     /// the CSI Node service (the kubelet stages and publishes volumes through it).
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// The CSI Controller service (with Identity) on a unix socket, for the
     /// external-provisioner, -attacher and -resizer sidecars.
     CsiController(CsiControllerArgs),
@@ -44,6 +44,11 @@ pub struct CsiControllerArgs {
     /// Meta members, comma-separated HOST:PORT.
     #[arg(long, env = "BALLAST_META", default_value = "127.0.0.1:7400")]
     pub meta: String,
+    /// Serve GET /healthz (the CSI socket answers; never waits for meta) and GET
+    /// /readyz (CSI Probe: meta answers too) over HTTP on this address, for the
+    /// kubelet's probes.
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -135,6 +140,20 @@ pub struct NodeArgs {
     /// Most volumes the CSI Node service stages at once (NodeGetInfo); 0: no limit.
     #[arg(long, default_value_t = 64)]
     pub csi_max_volumes: i64,
+    /// Register the CSI plugin with the kubelet, which reaches it at this path: the
+    /// CSI socket as the host sees it (/var/lib/kubelet/plugins/csi.ballast.io/csi.sock).
+    #[arg(long, requires_all = ["registration_dir", "csi_endpoint"])]
+    pub kubelet_registration_path: Option<PathBuf>,
+    /// The kubelet's plugin registration directory (the host's
+    /// /var/lib/kubelet/plugins_registry, as mounted here): csi.ballast.io-reg.sock is
+    /// created there once the CSI socket answers, and removed on shutdown.
+    #[arg(long, requires = "kubelet_registration_path")]
+    pub registration_dir: Option<PathBuf>,
+    /// Serve GET /healthz (the CSI socket answers; never waits for meta) and GET
+    /// /readyz (CSI Probe: meta answers too) over HTTP on this address, for the
+    /// kubelet's probes.
+    #[arg(long, requires = "csi_endpoint")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -277,6 +296,30 @@ mod tests {
         assert_eq!((n.id, n.zone.as_str()), (2, "zone-b"));
         assert!(parse_node("2=zone-b").is_err());
         assert!(parse_node("x=z=127.0.0.1:1").is_err());
+    }
+
+    #[test]
+    fn registration_flags_come_together_and_need_csi() {
+        let node = |extra: &[&str]| {
+            let mut args = vec!["ballast", "node", "--zone", "z", "--data", "/d"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let csi = ["--csi-endpoint", "unix:///csi/csi.sock"];
+        let path = ["--kubelet-registration-path", "/var/lib/kubelet/plugins/csi.ballast.io/csi.sock"];
+        let dir = ["--registration-dir", "/registration"];
+        let Command::Node(a) =
+            node(&[&csi[..], &path, &dir, &["--health-listen", "0.0.0.0:9818"]].concat()).expect("all flags").command
+        else {
+            panic!("not node")
+        };
+        assert_eq!(a.registration_dir.as_deref(), Some(std::path::Path::new("/registration")));
+        assert_eq!(a.health_listen, Some("0.0.0.0:9818".parse().unwrap()));
+        assert!(node(&[&csi[..], &path].concat()).is_err(), "--kubelet-registration-path without --registration-dir");
+        assert!(node(&[&csi[..], &dir].concat()).is_err(), "--registration-dir without --kubelet-registration-path");
+        assert!(node(&[&path[..], &dir].concat()).is_err(), "registration without --csi-endpoint");
+        assert!(node(&["--health-listen", "0.0.0.0:9818"]).is_err(), "health without --csi-endpoint");
+        assert!(node(&csi).is_ok(), "all optional");
     }
 
     #[test]

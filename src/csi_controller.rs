@@ -1,13 +1,14 @@
 //! `ballast csi-controller`: the CSI Controller and Identity services on a unix
 //! socket for the Kubernetes sidecars (external-provisioner, -attacher, -resizer).
 //! It keeps no state of its own: every call goes to the metadata service.
+//! `--health-listen` serves the kubelet's probes (src/health.rs).
 
 use anyhow::Context;
 use ballast_csi::{ControllerService, IdentityService};
 use ballast_metaclient::MetaClient;
 
 use crate::cli::CsiControllerArgs;
-use crate::shutdown;
+use crate::{health, shutdown};
 
 pub async fn run(a: CsiControllerArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
@@ -15,6 +16,27 @@ pub async fn run(a: CsiControllerArgs) -> anyhow::Result<()> {
     let meta = MetaClient::new(ballast_metaclient::parse_endpoints(&a.meta)).context("meta endpoints")?;
     let identity = IdentityService::new(true, meta.clone());
     let controller = ControllerService::new(meta);
+    let health = match a.health_listen {
+        Some(addr) => {
+            let listener = health::bind(addr).await?;
+            println!("ready health addr={}", listener.local_addr().context("health listener address")?);
+            Some(tokio::spawn(health::serve(listener, socket.clone(), shutdown::wait(stop.clone()))))
+        }
+        None => None,
+    };
     println!("ready csi socket={}", socket.display());
-    ballast_csi::serve(&socket, identity, Some(controller), None, shutdown::wait(stop)).await.context("CSI server")
+    let served =
+        ballast_csi::serve(&socket, identity, Some(controller), None, shutdown::wait(stop)).await.context("CSI server");
+    if let Some(task) = health {
+        if served.is_err() {
+            // The CSI server failed before any signal: the health server would
+            // wait for one forever.
+            task.abort();
+        }
+        match task.await {
+            Err(e) if e.is_cancelled() => {}
+            joined => joined.context("health endpoints task")?.context("health endpoints")?,
+        }
+    }
+    served
 }

@@ -6,9 +6,13 @@
 //!   ballast export   --config FILE --nbd ADDR      volume front end + NBD export
 //!   ballast meta     --id N --data DIR --listen ADDR [--initial-members 1=A,2=B,3=C]
 //!   ballast node     --id N --zone Z --data DIR --meta ADDRS   storage node (replica + agent)
+//!                    with --csi-endpoint also the CSI Node plugin (--registration-dir: registered with the kubelet)
 //!   ballast csi-controller --endpoint unix:///csi/csi.sock --meta ADDRS   CSI Controller service
 //!   ballast dev      [--data DIR] [--nbd ADDR]     all of the above in one process, 3 zones
 //! ```
+//!
+//! `ballast node` (with CSI) and `ballast csi-controller` serve the kubelet's
+//! probes, /healthz and /readyz, with `--health-listen ADDR` (src/health.rs).
 //!
 //! Readiness is printed on stdout as one line per listener (`ready replica addr=...`,
 //! `ready nbd uri=...`) so scripts and tests can wait for it; logs go to stderr.
@@ -18,6 +22,7 @@ mod cli;
 mod csi_controller;
 mod dev;
 mod export;
+mod health;
 mod meta;
 mod node;
 mod replica;
@@ -50,7 +55,7 @@ fn main() -> anyhow::Result<()> {
             cli::Command::Export(a) => export::run(a).await,
             cli::Command::Dev(a) => dev::run(a).await,
             cli::Command::Meta(a) => meta::run(a).await,
-            cli::Command::Node(a) => node::run(a).await,
+            cli::Command::Node(a) => node::run(*a).await,
             cli::Command::CsiController(a) => csi_controller::run(a).await,
         }
     })

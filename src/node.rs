@@ -11,6 +11,10 @@
 //! The data path never waits for meta: the replica server runs whether or not
 //! meta answers.
 //!
+//! With `--csi-endpoint` it is also the CSI Node plugin; `--registration-dir`
+//! registers that plugin with the kubelet (crates/csi/src/registration.rs) and
+//! `--health-listen` serves the kubelet's probes (src/health.rs).
+//!
 //! Every heartbeat carries the verdict of a disk probe ([`DiskProbe`], run by a
 //! [`DiskMonitor`] on its own thread): a node whose disk fails or fills up keeps
 //! heartbeating, and meta moves its replicas away instead of resyncing them in
@@ -26,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ballast_chunkstore::{ChunkStore, StoreOptions};
+use ballast_csi::registration::{self, RegistrationError, RegistrationService};
 use ballast_csi::{IdentityService, NodeConfig, NodeService};
 use ballast_metaclient::MetaClient;
 use ballast_proto::v1 as pb;
@@ -34,10 +39,10 @@ use ballast_resync::{resync_chunk, ResyncOptions};
 use ballast_types::{ChunkId, ChunkIdx, Epoch, VolumeId};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::cli::NodeArgs;
-use crate::shutdown;
+use crate::{health, shutdown};
 
 /// What the agent needs besides the store.
 #[derive(Clone, Debug)]
@@ -403,15 +408,52 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
             let service = NodeService::new(cfg, meta.clone())
                 .with_context(|| format!("CSI state directory {}", a.csi_state.display()))?;
             let identity = IdentityService::new(false, meta.clone());
-            let (svc, stop) = (service.clone(), stop.clone());
+            // Checked before anything is served: a bad flag fails the start.
+            let kubelet_reg = match (&a.registration_dir, &a.kubelet_registration_path) {
+                (Some(dir), Some(host_path)) => {
+                    anyhow::ensure!(
+                        dir.is_dir(),
+                        "--registration-dir {}: no such directory (mount the kubelet's plugins_registry there)",
+                        dir.display()
+                    );
+                    Some((dir.clone(), RegistrationService::new(host_path)?))
+                }
+                // clap: the two flags come together.
+                _ => None,
+            };
+            let health = match a.health_listen {
+                Some(addr) => Some(health::bind(addr).await?),
+                None => None,
+            };
+            let (svc, stop_csi) = (service.clone(), stop.clone());
             info!(node = id, k8s_node = ?a.csi_node_name, socket = %socket.display(), "CSI node service");
             println!("ready csi socket={}", socket.display());
+            let s = socket.clone();
             let server = tokio::spawn(async move {
                 // Volumes staged before a restart come back first (meta may need a while).
                 svc.recover(Duration::from_secs(120)).await;
-                ballast_csi::serve(&socket, identity, None, Some(svc), shutdown::wait(stop)).await
+                ballast_csi::serve(&s, identity, None, Some(svc), shutdown::wait(stop_csi)).await
             });
-            Some((service, server))
+            let registration = kubelet_reg.map(|(dir, reg)| {
+                let (s, stop) = (socket.clone(), stop.clone());
+                tokio::spawn(async move {
+                    // The kubelet calls NodeGetInfo on the CSI socket as soon as it
+                    // has read the registration: the registration socket appears
+                    // only once the CSI socket answers (after the recovery above).
+                    if !health::wait_for_csi(&s, stop.clone()).await {
+                        return Ok(());
+                    }
+                    info!(socket = %s.display(), "CSI socket answers: registering with the kubelet");
+                    registration::serve(&dir, reg, shutdown::wait(stop)).await
+                })
+            });
+            let health = health.map(|listener| {
+                if let Ok(addr) = listener.local_addr() {
+                    println!("ready health addr={addr}");
+                }
+                tokio::spawn(health::serve(listener, socket.clone(), shutdown::wait(stop.clone())))
+            });
+            Some(Csi { service, server, registration, health })
         }
         None => None,
     };
@@ -424,8 +466,24 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     );
     shutdown::wait(stop).await;
     let mut result = Ok(());
-    if let Some((service, server)) = csi {
+    if let Some(Csi { service, server, registration, health }) = csi {
         result = server.await.context("CSI task").and_then(|r| r.context("CSI server"));
+        // Neither ends the node when it fails (the data path goes on), but both
+        // are reported: unregistered, the kubelet cannot use this node's plugin.
+        if let Some(task) = registration {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "kubelet plugin registration failed"),
+                Err(e) => error!(error = %e, "kubelet plugin registration task"),
+            }
+        }
+        if let Some(task) = health {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = format!("{e:#}"), "health endpoints failed"),
+                Err(e) => error!(error = %e, "health endpoints task"),
+            }
+        }
         // A clean stop unstages (flushes, releases leases); the records stay so
         // the next start stages the same volumes again.
         service.shutdown().await;
@@ -438,6 +496,15 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The CSI side of a storage node: the node service, its server task, and
+/// (with their flags) the kubelet plugin registration and the health endpoints.
+struct Csi {
+    service: NodeService,
+    server: tokio::task::JoinHandle<Result<(), ballast_csi::ServeError>>,
+    registration: Option<tokio::task::JoinHandle<Result<(), RegistrationError>>>,
+    health: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
 /// Registers, then heartbeats until `stop`, starting each assigned job once.
 pub async fn agent(cfg: AgentConfig, meta: MetaClient, store: ChunkStore, mut stop: watch::Receiver<bool>) {
     let running: Arc<Mutex<HashSet<u64>>> = Arc::default();
@@ -448,9 +515,13 @@ pub async fn agent(cfg: AgentConfig, meta: MetaClient, store: ChunkStore, mut st
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // Biased, stop first: while meta is down a heartbeat outlasts the
+        // interval, so the next tick is always ready too, and an unbiased pick
+        // kept heartbeating after a stop, 15 s a round, past the pod's grace period.
         tokio::select! {
-            _ = tick.tick() => {}
+            biased;
             _ = stop.changed() => return,
+            _ = tick.tick() => {}
         }
         if !registered {
             let req = pb::RegisterRequest {

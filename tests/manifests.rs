@@ -1,10 +1,11 @@
 //! The Kubernetes deployment in csi/: every manifest against the Kubernetes API
 //! schemas (strict: an unknown or misspelt field is an error), and the
 //! cross-references between manifests that no schema can see: the driver name in
-//! the CSIDriver, the StorageClasses and the registrar's socket path; the
+//! the CSIDriver, the StorageClasses and the node plugin's kubelet registration
+//! (socket paths, plugins_registry); the health endpoints the probes call; the
 //! StorageClass parameters against what the CSI controller accepts; the meta
 //! member list in the meta StatefulSet and in every client; the kustomization
-//! against the files; pinned images.
+//! against the files; pinned images, the sidecar versions we build.
 //!
 //! The schema check runs `kubernetes-validate` (PyPI; it bundles the schemas and
 //! works offline). It is required, here as in CI:
@@ -22,10 +23,22 @@ use serde_norway::Value;
 /// the kubelet plugin directory.
 const DRIVER: &str = "csi.ballast.io";
 const NAMESPACE: &str = "ballast-system";
-/// Kubernetes versions the manifests must be valid for: the oldest supported,
-/// a middle one, and the newest the pinned kubernetes-validate ships (catches
-/// fields removed from the API).
-const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.33.0", "1.37.0"];
+/// Kubernetes versions the manifests must be valid for: the oldest supported
+/// (1.35: the node plugin reads its zone from the pod labels that
+/// PodTopologyLabelsAdmission copies from the node, beta and on by default
+/// since 1.35), the one the cluster tests run, and the newest the pinned
+/// kubernetes-validate ships (catches fields removed from the API).
+const KUBERNETES_VERSIONS: &[&str] = &["1.35.0", "1.36.0", "1.37.0"];
+/// The zone label Kubernetes puts on nodes (and, from 1.35, on their pods).
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The upstream sidecars and the versions the manifests run: the ones built
+/// for the cluster tests (from Go modules; v2.2.1 of the resizer is not served
+/// by the module proxy, v2.2.0 is).
+const SIDECARS: &[(&str, &str)] = &[
+    ("csi-provisioner", "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0"),
+    ("csi-attacher", "registry.k8s.io/sig-storage/csi-attacher:v4.12.0"),
+    ("csi-resizer", "registry.k8s.io/sig-storage/csi-resizer:v2.2.0"),
+];
 const INSTALL: &str = "python3 -m pip install kubernetes-validate==1.37.0";
 
 fn csi_dir() -> PathBuf {
@@ -433,7 +446,7 @@ fn storage_class_parameter_check_rejects_bad_values() {
 }
 
 #[test]
-fn node_plugin_socket_is_where_kubelet_and_the_registrar_expect() {
+fn node_plugin_socket_is_where_kubelet_expects_and_registered() {
     let objects = objects();
     let ds = find(&objects, "DaemonSet", "ballast-node");
     let plugin_dir = format!("/var/lib/kubelet/plugins/{DRIVER}");
@@ -468,19 +481,41 @@ fn node_plugin_socket_is_where_kubelet_and_the_registrar_expect() {
     let on_host = format!("{plugin_dir}/{file}");
     assert_eq!(on_host, format!("{plugin_dir}/csi.sock"));
 
-    let registrar = container(ds, "node-driver-registrar");
-    let rargs = argv(registrar);
-    assert_eq!(flag(&rargs, "--kubelet-registration-path").as_deref(), Some(on_host.as_str()));
-    let raddr = flag(&rargs, "--csi-address").expect("registrar --csi-address");
-    let rdir = mount_path(registrar).expect("registrar mounts socket-dir");
-    assert_eq!(raddr, format!("{rdir}/{file}"), "registrar --csi-address vs the socket");
-    let reg = mount(registrar, "registration-dir").expect("registrar mounts registration-dir");
-    assert_eq!(reg.get("mountPath").and_then(Value::as_str), Some("/registration"));
+    // `ballast node` registers itself with the kubelet: the registration
+    // socket goes into the kubelet's plugins_registry (mounted where
+    // --registration-dir says), and tells the kubelet the CSI socket's host path.
+    assert_eq!(
+        flag(&args, "--kubelet-registration-path").as_deref(),
+        Some(on_host.as_str()),
+        "--kubelet-registration-path must be the socket-dir hostPath + /{file}"
+    );
+    let reg_dir = flag(&args, "--registration-dir").expect("ballast node: --registration-dir");
+    let reg = mount(ballast, "registration-dir").expect("ballast mounts registration-dir");
+    assert_eq!(reg.get("mountPath").and_then(Value::as_str), Some(reg_dir.as_str()), "--registration-dir vs its mount");
+    assert_ne!(reg.get("readOnly").and_then(Value::as_bool), Some(true), "the registration socket is created there");
     assert_eq!(
         at(volume(ds, "registration-dir"), &["hostPath", "path"]).and_then(Value::as_str),
-        Some("/var/lib/kubelet/plugins_registry")
+        Some("/var/lib/kubelet/plugins_registry"),
+        "the kubelet's plugin watcher looks in plugins_registry"
     );
-    assert!(argv(container(ds, "liveness-probe")).iter().any(|a| *a == format!("--csi-address={rdir}/{file}")));
+    // No sidecars: nothing else registers the plugin or answers its probes.
+    let names: Vec<&str> = seq(ds.at(&["spec", "template", "spec", "containers"]), "containers")
+        .iter()
+        .map(|c| c.get("name").and_then(Value::as_str).unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["ballast"], "the node plugin pod runs only ballast");
+
+    // Liveness (and startup) on /healthz of --health-listen, which does not
+    // depend on meta; the port is the host's (hostNetwork).
+    let health = health_port(ballast, &args);
+    for probe in ["livenessProbe", "startupProbe"] {
+        assert_eq!(http_probe(ballast, probe, health), "/healthz", "node {probe}");
+    }
+    // The startup probe covers the recovery of staged volumes (up to 120 s)
+    // before the CSI socket is served.
+    let startup = |k: &str| at(ballast, &["startupProbe", k]).and_then(Value::as_u64);
+    let (period, failures) = (startup("periodSeconds").unwrap_or(10), startup("failureThreshold").unwrap_or(3));
+    assert!(period * failures >= 150, "startupProbe allows {}s, recovery may take 120s", period * failures);
 
     // Mounts made for kubelet must reach the host.
     let kubelet = mount(ballast, "kubelet-dir").expect("ballast mounts /var/lib/kubelet");
@@ -491,15 +526,90 @@ fn node_plugin_socket_is_where_kubelet_and_the_registrar_expect() {
     assert_eq!(ds.at(&["spec", "template", "spec", "hostNetwork"]).as_bool(), Some(true));
     assert_eq!(ds.at(&["spec", "template", "spec", "dnsPolicy"]).as_str(), Some("ClusterFirstWithHostNet"));
 
-    // The zone file the init containers write is the one `ballast node` reads.
+    // The zone file the init container writes is the one `ballast node` reads.
     let zone_file = flag(&args, "--zone-file").expect("--zone-file");
     let zone_dir = mount(ballast, "zone").and_then(|m| m.get("mountPath")).and_then(Value::as_str).expect("zone mount");
     assert_eq!(zone_file, format!("{zone_dir}/zone"));
-    assert!(argv(container(ds, "zone-file")).join(" ").contains(&format!("mv {zone_dir}/zone.tmp {zone_file}")));
+    let init = container(ds, "zone-file");
+    let script = argv(init).join(" ");
+    assert!(script.contains(&format!("mv {zone_dir}/zone.tmp {zone_file}")), "zone-file writes {zone_file}");
+    let init_dir = mount(init, "zone").and_then(|m| m.get("mountPath")).and_then(Value::as_str);
+    assert_eq!(init_dir, Some(zone_dir), "zone-file mounts the zone volume where ballast reads it");
+}
+
+#[test]
+fn node_zone_comes_from_the_pod_topology_label() {
+    let objects = objects();
+    let ds = find(&objects, "DaemonSet", "ballast-node");
+    // Only the zone-file init container: nothing that needs the API (kubectl).
+    let init: Vec<&str> = seq(ds.at(&["spec", "template", "spec", "initContainers"]), "initContainers")
+        .iter()
+        .map(|c| c.get("name").and_then(Value::as_str).unwrap_or(""))
+        .collect();
+    assert_eq!(init, ["zone-file"]);
+    let c = container(ds, "zone-file");
+    let env = seq(c.get("env").expect("zone-file env"), "env");
+    let zone = env.iter().find(|e| e.get("name").and_then(Value::as_str) == Some("ZONE")).expect("zone-file: env ZONE");
     assert_eq!(
-        flag(&argv(container(ds, "zone-label")), "--log-file").as_deref(),
-        Some(format!("{zone_dir}/zone.raw").as_str())
+        at(zone, &["valueFrom", "fieldRef", "fieldPath"]).and_then(Value::as_str),
+        Some(format!("metadata.labels['{ZONE_LABEL}']").as_str()),
+        "ZONE from the pod's copy of the node's zone label (downward API)"
     );
+    // It refuses an empty or odd zone, and says what to do.
+    let script = argv(c).join(" ");
+    assert!(script.contains(r#"case "$ZONE" in"#) && script.contains(r#"""|"#), "zone-file checks $ZONE");
+    assert!(script.contains("exit 1"), "zone-file fails without a zone");
+    for needle in [ZONE_LABEL, "Kubernetes 1.35", "kubectl label node", "delete pod"] {
+        assert!(script.contains(needle), "zone-file's error must mention {needle:?}");
+    }
+    for var in ["NODE_NAME", "POD_NAME", "POD_NAMESPACE"] {
+        assert!(
+            env.iter().any(|e| e.get("name").and_then(Value::as_str) == Some(var)),
+            "zone-file's message names ${var}: set it"
+        );
+    }
+
+    // So the node plugin needs no API access: no role bound to its account,
+    // and no token mounted.
+    let sa = find(&objects, "ServiceAccount", "ballast-node");
+    assert_eq!(sa.at(&["automountServiceAccountToken"]).as_bool(), Some(false));
+    for b in objects.iter().filter(|o| matches!(o.kind(), "RoleBinding" | "ClusterRoleBinding")) {
+        for s in b.value.get("subjects").and_then(Value::as_sequence).into_iter().flatten() {
+            assert_ne!(
+                s.get("name").and_then(Value::as_str),
+                Some("ballast-node"),
+                "{} {}: ballast-node needs no API access",
+                b.kind(),
+                b.name()
+            );
+        }
+    }
+}
+
+/// The port `--health-listen` binds, checked against the container's `healthz` port.
+fn health_port(c: &Value, args: &[String]) -> u64 {
+    let listen = flag(args, "--health-listen").expect("--health-listen");
+    let (_, port) = listen.rsplit_once(':').unwrap_or_else(|| panic!("--health-listen {listen}: HOST:PORT"));
+    let port: u64 = port.parse().unwrap_or_else(|_| panic!("--health-listen {listen}: bad port"));
+    let declared = seq(c.get("ports").expect("ports"), "ports")
+        .iter()
+        .find(|p| p.get("name").and_then(Value::as_str) == Some("healthz"))
+        .and_then(|p| p.get("containerPort"))
+        .and_then(Value::as_u64);
+    assert_eq!(declared, Some(port), "the healthz containerPort is the --health-listen port");
+    assert!(listen.starts_with("0.0.0.0:"), "--health-listen {listen}: the kubelet probes the pod IP");
+    port
+}
+
+/// The HTTP path of a container's probe, which must target `port` (by name or number).
+fn http_probe<'a>(c: &'a Value, probe: &str, port: u64) -> &'a str {
+    let get = at(c, &[probe, "httpGet"]).unwrap_or_else(|| panic!("{probe}: httpGet"));
+    match get.get("port") {
+        Some(Value::String(name)) => assert_eq!(name, "healthz", "{probe} port"),
+        Some(p) => assert_eq!(p.as_u64(), Some(port), "{probe} port"),
+        None => panic!("{probe}: no port"),
+    }
+    get.get("path").and_then(Value::as_str).unwrap_or_else(|| panic!("{probe}: path"))
 }
 
 #[test]
@@ -512,7 +622,14 @@ fn controller_sidecars_share_the_driver_socket() {
     let endpoint = flag(&args, "--endpoint").expect("csi-controller --endpoint");
     let socket = endpoint.strip_prefix("unix://").expect("unix:// endpoint");
     assert!(volume(d, "socket-dir").get("emptyDir").is_some(), "controller socket on an emptyDir");
-    for name in ["csi-provisioner", "csi-attacher", "csi-resizer", "liveness-probe"] {
+    let names: Vec<&str> = seq(d.at(&["spec", "template", "spec", "containers"]), "containers")
+        .iter()
+        .map(|c| c.get("name").and_then(Value::as_str).unwrap_or(""))
+        .collect();
+    let mut expected = vec!["ballast"];
+    expected.extend(SIDECARS.iter().map(|(name, _)| *name));
+    assert_eq!(names, expected, "ballast and the sidecars we build, nothing else");
+    for (name, _) in SIDECARS {
         let c = container(d, name);
         let sidecar = argv(c);
         assert_eq!(flag(&sidecar, "--csi-address").as_deref(), Some(socket), "{name} --csi-address");
@@ -521,10 +638,13 @@ fn controller_sidecars_share_the_driver_socket() {
             mount(ballast, "socket-dir").and_then(|m| m.get("mountPath")),
             "{name} mounts the socket where ballast creates it"
         );
-        if name != "liveness-probe" {
-            assert!(sidecar.iter().any(|a| a == "--leader-election"), "{name}: --leader-election (2 replicas)");
-        }
+        assert!(sidecar.iter().any(|a| a == "--leader-election"), "{name}: --leader-election (2 replicas)");
     }
+    // ballast answers the kubelet's probes itself: alive while its CSI socket
+    // answers, ready while meta answers too.
+    let port = health_port(ballast, &args);
+    assert_eq!(http_probe(ballast, "livenessProbe", port), "/healthz");
+    assert_eq!(http_probe(ballast, "readinessProbe", port), "/readyz");
     let provisioner = argv(container(d, "csi-provisioner"));
     for a in ["--feature-gates=Topology=true", "--extra-create-metadata", "--default-fstype=ext4"] {
         assert!(provisioner.iter().any(|x| x == a), "csi-provisioner: {a}");
@@ -622,7 +742,7 @@ fn images(v: &Value, out: &mut Vec<String>) {
 
 #[test]
 fn every_image_is_pinned() {
-    assert!(pinned("registry.k8s.io/sig-storage/livenessprobe:v2.19.0"));
+    assert!(pinned("registry.k8s.io/sig-storage/csi-resizer:v2.2.0"));
     assert!(pinned("localhost:5000/ballast:0.1.0"));
     assert!(!pinned("localhost:5000/ballast"));
     assert!(!pinned("postgres:latest"));
@@ -638,7 +758,23 @@ fn every_image_is_pinned() {
         }
     }
     assert!(all.iter().any(|i| i.starts_with("ghcr.io/ballast-io/ballast:")), "the ballast image is used");
-    assert!(all.iter().any(|i| i.contains("csi-node-driver-registrar")), "the registrar image is used");
+    // Outside the examples, ballast and the sidecars we build, at those versions.
+    let objects = objects();
+    let d = find(&objects, "Deployment", "ballast-csi-controller");
+    for (name, image) in SIDECARS {
+        assert_eq!(container(d, name).get("image").and_then(Value::as_str), Some(*image), "{name} image");
+    }
+    let mut deployed = Vec::new();
+    for o in objects.iter().filter(|o| !o.file.starts_with("examples")) {
+        images(&o.value, &mut deployed);
+    }
+    for image in deployed {
+        assert!(
+            image.starts_with("ghcr.io/ballast-io/ballast:") || SIDECARS.iter().any(|(_, i)| *i == image),
+            "image {image:?} is neither ballast nor a sidecar we build (node-driver-registrar, livenessprobe and \
+             kubectl cannot be built here: ballast does their jobs)"
+        );
+    }
 }
 
 /// The long flags `ballast SUBCOMMAND --help` documents; None without such a subcommand.

@@ -3,8 +3,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // (csi.proto imports google/protobuf/wrappers.proto).
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     let include = protoc_bin_vendored::include_path()?;
-    let proto = "../../proto/csi/v1/csi.proto";
-    println!("cargo:rerun-if-changed={proto}");
-    tonic_build::configure().compile_protos(&[proto], &["../../proto".into(), include])?;
+    // The CSI spec, and the kubelet's plugin registration API (`ballast node`
+    // registers itself with the kubelet: src/registration.rs).
+    let protos = ["../../proto/csi/v1/csi.proto", "../../proto/kubelet/pluginregistration/v1/api.proto"];
+    for proto in protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    tonic_build::configure().compile_protos(&protos, &["../../proto".into(), include])?;
     Ok(())
 }

@@ -25,6 +25,7 @@ pub mod identity;
 pub mod locks;
 pub mod node;
 pub mod params;
+pub mod registration;
 
 #[allow(clippy::all, missing_docs)]
 pub mod pb {

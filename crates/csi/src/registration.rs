@@ -1,0 +1,310 @@
+//! Kubelet plugin registration: how the kubelet learns that this node runs the
+//! `csi.ballast.io` driver and where its CSI socket is (the job the
+//! node-driver-registrar sidecar does for other drivers).
+//!
+//! ```text
+//!   kubelet plugin watcher ── inotify ──► <registration dir>/csi.ballast.io-reg.sock
+//!        │  GetInfo ─────────────────────► "CSIPlugin", csi.ballast.io, endpoint, ["1.0.0"]
+//!        │  NodeGetInfo on endpoint ─────► the CSI socket (node service)
+//!        └  NotifyRegistrationStatus ────► logged; visible through [`RegistrationService::state`]
+//! ```
+//!
+//! The kubelet calls NodeGetInfo on the endpoint right after GetInfo, and keeps
+//! calling GetInfo afterwards to check the plugin is alive: the caller starts
+//! [`serve`] only once the CSI socket answers, and it runs until shutdown.
+//! Removing the socket is the kubelet's cue to deregister the plugin, so
+//! [`serve`] removes it when it stops.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("pluginregistration");
+}
+
+/// The plugin type the kubelet hands to its CSI plugin handler.
+pub const PLUGIN_TYPE: &str = "CSIPlugin";
+/// CSI spec versions the node service implements (the kubelet needs a 1.x).
+pub const SUPPORTED_VERSIONS: &[&str] = &["1.0.0"];
+
+/// The registration socket in `dir` (the kubelet's `plugins_registry`), named
+/// `<driver>-reg.sock` as the kubelet's plugin watcher recommends.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(format!("{}-reg.sock", crate::DRIVER_NAME))
+}
+
+/// Where the socket is bound before it is renamed to [`socket_path`]: the
+/// kubelet's watcher ignores names starting with a dot.
+fn bind_path(dir: &Path) -> PathBuf {
+    dir.join(format!(".{}-reg.sock.tmp", crate::DRIVER_NAME))
+}
+
+/// What the kubelet last said about this plugin's registration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RegistrationState {
+    /// No NotifyRegistrationStatus yet.
+    Pending,
+    Registered,
+    /// The kubelet refused the plugin, with its error text (it retries
+    /// registration from GetInfo on its own).
+    Failed(String),
+}
+
+/// The Registration gRPC service. Clones share one state.
+#[derive(Clone)]
+pub struct RegistrationService {
+    endpoint: String,
+    state: Arc<watch::Sender<RegistrationState>>,
+}
+
+impl RegistrationService {
+    /// `kubelet_endpoint`: the CSI socket as the kubelet sees it on the host
+    /// (e.g. `/var/lib/kubelet/plugins/csi.ballast.io/csi.sock`), which is not
+    /// the path this process sees when it runs in a container.
+    pub fn new(kubelet_endpoint: &Path) -> Result<RegistrationService, RegistrationError> {
+        let endpoint = kubelet_endpoint
+            .to_str()
+            .filter(|p| kubelet_endpoint.is_absolute() && !p.is_empty())
+            .ok_or_else(|| RegistrationError::Endpoint(kubelet_endpoint.to_path_buf()))?
+            .to_string();
+        let (state, _) = watch::channel(RegistrationState::Pending);
+        Ok(RegistrationService { endpoint, state: Arc::new(state) })
+    }
+
+    /// The registration state, updated on every NotifyRegistrationStatus.
+    pub fn state(&self) -> watch::Receiver<RegistrationState> {
+        self.state.subscribe()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::registration_server::Registration for RegistrationService {
+    async fn get_info(&self, _req: Request<pb::InfoRequest>) -> Result<Response<pb::PluginInfo>, Status> {
+        Ok(Response::new(pb::PluginInfo {
+            r#type: PLUGIN_TYPE.to_string(),
+            name: crate::DRIVER_NAME.to_string(),
+            endpoint: self.endpoint.clone(),
+            supported_versions: SUPPORTED_VERSIONS.iter().map(|v| v.to_string()).collect(),
+        }))
+    }
+
+    async fn notify_registration_status(
+        &self,
+        req: Request<pb::RegistrationStatus>,
+    ) -> Result<Response<pb::RegistrationStatusResponse>, Status> {
+        let status = req.into_inner();
+        let state = if status.plugin_registered {
+            tracing::info!(driver = crate::DRIVER_NAME, endpoint = %self.endpoint, "registered with the kubelet");
+            RegistrationState::Registered
+        } else {
+            tracing::error!(
+                driver = crate::DRIVER_NAME,
+                endpoint = %self.endpoint,
+                error = %status.error,
+                "the kubelet refused the plugin registration"
+            );
+            RegistrationState::Failed(status.error)
+        };
+        // send_replace: the state is kept whether or not anyone watches it.
+        self.state.send_replace(state);
+        Ok(Response::new(pb::RegistrationStatusResponse {}))
+    }
+}
+
+/// Serves `service` on [`socket_path`]`(dir)` until `shutdown` resolves, then
+/// removes the socket (the kubelet deregisters the plugin).
+///
+/// The socket is bound under a dot name and renamed into place, so the name
+/// the kubelet watches never exists without a listener behind it, and a stale
+/// socket of an earlier run is replaced in one step. `dir` must exist (it is
+/// the kubelet's directory, mounted into the pod).
+pub async fn serve(
+    dir: &Path,
+    service: RegistrationService,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), RegistrationError> {
+    let path = socket_path(dir);
+    let tmp = bind_path(dir);
+    let socket_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e| RegistrationError::Socket(p, e)
+    };
+    if !dir.is_dir() {
+        return Err(RegistrationError::Socket(
+            dir.to_path_buf(),
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory (the kubelet's plugins_registry?)"),
+        ));
+    }
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(RegistrationError::Socket(tmp, e)),
+    }
+    let listener = tokio::net::UnixListener::bind(&tmp).map_err(socket_err(&tmp))?;
+    if let Err(e) = std::fs::rename(&tmp, &path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(RegistrationError::Socket(path, e));
+    }
+    tracing::info!(socket = %path.display(), endpoint = %service.endpoint, "kubelet plugin registration socket ready");
+    // Not yet for the kubelet itself: its plugin watcher dials this path with
+    // grpc-go's passthrough resolver and no authority override, so its
+    // `:authority` is the path percent-encoded (%2Fvar%2Flib%2Fkubelet%2F...),
+    // which h2 refuses; the CSI socket's authority relay (in progress) is to
+    // front this socket too.
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let served = tonic::transport::Server::builder()
+        .add_service(pb::registration_server::RegistrationServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "kubelet plugin registration socket removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(socket = %path.display(), error = %e, "cannot remove the registration socket"),
+    }
+    served.map_err(RegistrationError::Transport)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistrationError {
+    #[error("kubelet registration path {0:?}: expected an absolute path to the CSI socket on the host")]
+    Endpoint(PathBuf),
+    #[error("registration socket {0}: {1}")]
+    Socket(PathBuf, #[source] std::io::Error),
+    #[error("registration gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::pb::registration_client::RegistrationClient;
+    use super::*;
+    use tonic::transport::{Channel, Endpoint, Uri};
+
+    const HOST_SOCKET: &str = "/var/lib/kubelet/plugins/csi.ballast.io/csi.sock";
+
+    /// A gRPC channel over the unix socket at `path`, as the kubelet dials it.
+    async fn dial(path: &Path) -> Result<Channel, tonic::transport::Error> {
+        let p = path.to_path_buf();
+        Endpoint::try_from("http://registration.invalid")?
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let p = p.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
+                }
+            }))
+            .await
+    }
+
+    /// Waits for the socket to accept; only the final name is ever seen.
+    async fn wait_serving(dir: &Path) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if socket_path(dir).exists() {
+                return dial(&socket_path(dir)).await.expect("the socket exists, so something listens on it");
+            }
+            assert!(Instant::now() < deadline, "no registration socket in {}", dir.display());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn kubelet_gets_the_plugin_info_and_its_verdict_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stale socket file of a killed earlier run, and a half-done bind.
+        std::fs::write(socket_path(dir.path()), b"stale").unwrap();
+        std::fs::write(bind_path(dir.path()), b"stale").unwrap();
+
+        let service = RegistrationService::new(Path::new(HOST_SOCKET)).unwrap();
+        let mut state = service.state();
+        assert_eq!(*state.borrow(), RegistrationState::Pending);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let d = dir.path().to_path_buf();
+        let server = tokio::spawn(async move {
+            serve(&d, service, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+
+        // The stale file is replaced by a live socket: poll until the rename.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let channel = loop {
+            if let Ok(ch) = dial(&socket_path(dir.path())).await {
+                break ch;
+            }
+            assert!(Instant::now() < deadline, "the stale registration socket was not replaced");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(!bind_path(dir.path()).exists(), "the dot name is gone once the socket is in place");
+        let mut kubelet = RegistrationClient::new(channel);
+
+        let info = kubelet.get_info(pb::InfoRequest {}).await.unwrap().into_inner();
+        assert_eq!(info.r#type, "CSIPlugin");
+        assert_eq!(info.name, "csi.ballast.io");
+        assert_eq!(info.endpoint, HOST_SOCKET);
+        assert_eq!(info.supported_versions, ["1.0.0"]);
+
+        // A refusal is recorded with the kubelet's text...
+        let refused = "error updating CSINode object: timed out".to_string();
+        let status = pb::RegistrationStatus { plugin_registered: false, error: refused.clone() };
+        kubelet.notify_registration_status(status).await.unwrap();
+        assert!(state.has_changed().unwrap());
+        assert_eq!(*state.borrow_and_update(), RegistrationState::Failed(refused));
+        // ...and the kubelet's retry that succeeds replaces it.
+        let status = pb::RegistrationStatus { plugin_registered: true, error: String::new() };
+        kubelet.notify_registration_status(status).await.unwrap();
+        assert!(state.has_changed().unwrap());
+        assert_eq!(*state.borrow_and_update(), RegistrationState::Registered);
+        // The kubelet keeps checking the plugin with GetInfo after registering.
+        assert_eq!(kubelet.get_info(pb::InfoRequest {}).await.unwrap().into_inner().name, "csi.ballast.io");
+
+        drop(kubelet);
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+        assert!(!socket_path(dir.path()).exists(), "shutdown removes the socket: the kubelet deregisters");
+        assert!(!bind_path(dir.path()).exists());
+    }
+
+    #[tokio::test]
+    async fn serves_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..2 {
+            let service = RegistrationService::new(Path::new(HOST_SOCKET)).unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let d = dir.path().to_path_buf();
+            let server = tokio::spawn(async move {
+                serve(&d, service, async {
+                    let _ = stopped.await;
+                })
+                .await
+            });
+            let mut kubelet = RegistrationClient::new(wait_serving(dir.path()).await);
+            assert_eq!(kubelet.get_info(pb::InfoRequest {}).await.unwrap().into_inner().endpoint, HOST_SOCKET);
+            drop(kubelet);
+            stop.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+            assert!(!socket_path(dir.path()).exists());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_directory_or_a_relative_endpoint_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("plugins_registry");
+        let service = RegistrationService::new(Path::new(HOST_SOCKET)).unwrap();
+        let err = serve(&gone, service, std::future::pending()).await.unwrap_err();
+        assert!(matches!(&err, RegistrationError::Socket(p, _) if *p == gone), "{err}");
+        assert!(err.to_string().contains("plugins_registry"), "{err}");
+
+        for bad in ["csi.sock", ""] {
+            let err = RegistrationService::new(Path::new(bad)).err().expect(bad);
+            assert!(err.to_string().contains("absolute path"), "{err}");
+        }
+    }
+}
