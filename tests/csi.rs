@@ -13,7 +13,12 @@
 //!   from another node;
 //! - a node process SIGKILLed while a volume is staged and published: restarted,
 //!   it stages the volume again and the pod's target works again;
-//! - every error path the spec names, with its exact code.
+//! - topology: a requisite (one zone with `--strict-topology`) never narrows
+//!   placement, `zoneSpread: required` still spreads 3 replicas over 3 zones, the
+//!   volume is accessible from every zone; the `zones` parameter keeps replicas
+//!   to some zones;
+//! - every error path the spec names, with its exact code (and ListVolumes
+//!   refusing tokens it did not issue).
 //!
 //! Needs root (mount, loop devices, FUSE) and mkfs.xfs; prints SKIP otherwise.
 //! xfs because an ext4 filesystem grows online only with CAP_SYS_RESOURCE, which
@@ -144,6 +149,40 @@ fn block_cap() -> pb::VolumeCapability {
 
 fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
     kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// A CreateVolume topology requirement over Ballast's zone key.
+fn requisite(requisite: &[&str], preferred: &[&str]) -> pb::TopologyRequirement {
+    let topo = |z: &&str| pb::Topology { segments: params(&[("topology.ballast.io/zone", z)]) };
+    pb::TopologyRequirement {
+        requisite: requisite.iter().map(topo).collect(),
+        preferred: preferred.iter().map(topo).collect(),
+    }
+}
+
+/// The zones a volume says it is accessible from, in order.
+fn topology_zones(v: &pb::Volume) -> Vec<String> {
+    v.accessible_topology
+        .iter()
+        .map(|t| {
+            assert_eq!(t.segments.len(), 1, "one key per segment: {t:?}");
+            t.segments["topology.ballast.io/zone"].clone()
+        })
+        .collect()
+}
+
+/// Per chunk of `volume`, the zones of its replicas.
+fn replica_zones(c: &Cluster, volume: &str) -> Vec<Vec<&'static str>> {
+    let zone = |id: u64| NODES.iter().find(|(n, _)| *n == id).map(|(_, z)| *z).expect("a known node");
+    c.inspect(volume)["chunks"]
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .map(|ch| {
+            let replicas = ch["replicas"].as_array().expect("replicas");
+            replicas.iter().map(|r| zone(r["node"].as_u64().expect("node id"))).collect()
+        })
+        .collect()
 }
 
 fn create_req(name: &str, bytes: i64, cap: pb::VolumeCapability, p: &[(&str, &str)]) -> pb::CreateVolumeRequest {
@@ -609,6 +648,8 @@ fn every_error_path_answers_with_the_spec_code() {
             ("minInSync", "3"),
             ("chunkSize", "3k"),
             ("zoneSpread", "x"),
+            ("zones", "z1,,z2"),
+            ("zones", ""),
             ("colour", "blue"),
             ("csi.storage.k8s.io/fstype", "ntfs"),
         ] {
@@ -642,13 +683,11 @@ fn every_error_path_answers_with_the_spec_code() {
             })),
         });
         assert_eq!(code(ctl.create_volume(clone).await), Code::InvalidArgument);
-        let mut zoned = create_req("zoned", 64 * MIB as i64, mount_cap(""), &[("replicas", "1")]);
-        zoned.accessibility_requirements = Some(pb::TopologyRequirement {
-            requisite: vec![pb::Topology { segments: params(&[("topology.ballast.io/zone", "z2")]) }],
-            preferred: vec![],
-        });
+        // Replicas kept to z2 by the StorageClass; the requisite (z1) does not move them.
+        let mut zoned = create_req("zoned", 64 * MIB as i64, mount_cap(""), &[("replicas", "1"), ("zones", "z2")]);
+        zoned.accessibility_requirements = Some(requisite(&["z1"], &["z1"]));
         let v = ctl.create_volume(zoned).await.expect("zoned create").into_inner().volume.expect("volume");
-        assert_eq!(v.accessible_topology[0].segments["topology.ballast.io/zone"], "z2");
+        assert_eq!(topology_zones(&v), ["z1", "z2", "z3"], "reachable from every zone");
         let layout = c.inspect("zoned");
         assert!(
             layout["chunks"].as_array().expect("chunks").iter().all(|ch| ch["replicas"][0]["node"].as_u64() == Some(2)),
@@ -761,23 +800,45 @@ fn every_error_path_answers_with_the_spec_code() {
             token = page.next_token;
         }
         assert_eq!(names, ["list-a", "list-b", "list-c", "zoned"]);
-        assert_eq!(
-            code(ctl.list_volumes(pb::ListVolumesRequest { max_entries: 2, starting_token: "$$$".into() }).await),
-            Code::Aborted
-        );
+        // Only tokens the plugin issued: not a volume name (what tokens used to be),
+        // nor an issued one cut short or edited, nor garbage.
+        let issued = ctl
+            .list_volumes(pb::ListVolumesRequest { max_entries: 1, starting_token: String::new() })
+            .await
+            .expect("list")
+            .into_inner()
+            .next_token;
+        let edited = format!("{}{}", &issued[..issued.len() - 1], if issued.ends_with('0') { '1' } else { '0' });
+        for forged in ["$$$", "list-a", "zoned", &issued[..issued.len() - 1], &edited, &issued.to_uppercase()] {
+            assert_eq!(
+                code(ctl.list_volumes(pb::ListVolumesRequest { max_entries: 2, starting_token: forged.into() }).await),
+                Code::Aborted,
+                "{forged:?}"
+            );
+        }
+        let rest = ctl
+            .list_volumes(pb::ListVolumesRequest { max_entries: 0, starting_token: issued })
+            .await
+            .expect("an issued token")
+            .into_inner();
+        let rest: Vec<&str> =
+            rest.entries.iter().map(|e| e.volume.as_ref().expect("volume").volume_id.as_str()).collect();
+        assert_eq!(rest, ["list-b", "list-c", "zoned"]);
         assert_eq!(
             code(ctl.list_volumes(pb::ListVolumesRequest { max_entries: -1, starting_token: String::new() }).await),
             Code::InvalidArgument
         );
-        let cap = ctl
-            .get_capacity(pb::GetCapacityRequest {
-                parameters: params(&[("replicas", "2")]),
-                accessible_topology: Some(pb::Topology { segments: params(&[("topology.ballast.io/zone", "z1")]) }),
-                ..Default::default()
-            })
-            .await
-            .expect("capacity")
-            .into_inner();
+        // Capacity: the topology does not narrow it (replicas go to every zone), the
+        // zones parameter does. Four nodes of 20G.
+        let capacity = |p: &[(&str, &str)], zone: &str| pb::GetCapacityRequest {
+            parameters: params(p),
+            accessible_topology: Some(pb::Topology { segments: params(&[("topology.ballast.io/zone", zone)]) }),
+            ..Default::default()
+        };
+        let cap = ctl.get_capacity(capacity(&[("replicas", "2")], "z3")).await.expect("capacity").into_inner();
+        assert!(cap.available_capacity > 30 << 30 && cap.available_capacity <= 40 << 30, "{cap:?}");
+        let only_z3 = capacity(&[("replicas", "1"), ("zones", "z3")], "z1");
+        let cap = ctl.get_capacity(only_z3).await.expect("capacity").into_inner();
         assert!(cap.available_capacity > 0 && cap.available_capacity <= 20 << 30, "{cap:?}");
         assert_eq!(
             code(
@@ -843,5 +904,126 @@ fn every_error_path_answers_with_the_spec_code() {
         .await
         .expect("unstage what was never staged: OK");
         assert!(mounts_under(&c.path("csi-state1")).is_empty(), "a failed stage leaves no FUSE mount");
+    });
+}
+
+/// CreateVolume as the external-provisioner calls it with WaitForFirstConsumer:
+/// the requisite is where the volume must be reachable from (with
+/// `--strict-topology`, just the selected node's zone, as NodeGetInfo reported
+/// it), which never limits where meta puts the replicas; the StorageClass's
+/// `zones` does. The volume is accessible from every zone, so its PV's node
+/// affinity lets the pod move to another zone.
+#[test]
+fn topology_says_where_a_volume_is_reachable_from_and_zones_where_it_lives() {
+    let test = "topology_says_where_a_volume_is_reachable_from_and_zones_where_it_lives";
+    if skip(test) {
+        return;
+    }
+    let c = start_cluster("csi-topology");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut d = Driver::connect(&c).await;
+        let all = ["z1", "z2", "z3"];
+        let spread = [("replicas", "3"), ("zoneSpread", "required"), ("chunkSize", "16Mi")];
+        let spread_over_three = |c: &Cluster, name: &str| {
+            let chunks = replica_zones(c, name);
+            assert_eq!(chunks.len(), 4, "64 MiB in 16 MiB chunks");
+            for zones in chunks {
+                let distinct: std::collections::BTreeSet<&str> = zones.iter().copied().collect();
+                assert_eq!((zones.len(), distinct.len()), (3, 3), "{name}: one replica per zone: {zones:?}");
+            }
+        };
+
+        // --strict-topology: the requisite is the pod's node's topology, verbatim.
+        let ni = d.node(4).node_get_info(pb::NodeGetInfoRequest {}).await.expect("NodeGetInfo").into_inner();
+        let node_topology = ni.accessible_topology.expect("NodeGetInfo reports a topology");
+        assert_eq!(node_topology.segments, params(&[("topology.ballast.io/zone", "z1")]));
+        let mut strict = create_req("pvc-strict", 64 * MIB as i64, mount_cap(""), &spread);
+        strict.accessibility_requirements =
+            Some(pb::TopologyRequirement { requisite: vec![node_topology.clone()], preferred: vec![node_topology] });
+        let v = d
+            .controller
+            .create_volume(strict.clone())
+            .await
+            .expect("strict topology")
+            .into_inner()
+            .volume
+            .expect("volume");
+        assert_eq!(topology_zones(&v), all, "accessible from every zone, not only the pod's");
+        spread_over_three(&c, "pvc-strict");
+        // A retry after the scheduler picked a node elsewhere is the same volume.
+        strict.accessibility_requirements = Some(requisite(&["z3"], &["z3"]));
+        let again =
+            d.controller.create_volume(strict).await.expect("retry, another zone").into_inner().volume.expect("volume");
+        assert_eq!((again.volume_id.as_str(), topology_zones(&again)), ("pvc-strict", all.map(String::from).to_vec()));
+
+        // Without --strict-topology: every zone with nodes, the selected one first.
+        let mut loose = create_req("pvc-loose", 64 * MIB as i64, mount_cap(""), &spread);
+        loose.accessibility_requirements = Some(requisite(&["z2", "z1", "z3"], &["z2", "z1", "z3"]));
+        let v = d.controller.create_volume(loose).await.expect("loose topology").into_inner().volume.expect("volume");
+        assert_eq!(topology_zones(&v), all);
+        spread_over_three(&c, "pvc-loose");
+        // A zone the CO has a node of this plugin in that meta has no storage node in
+        // is reachable too (over the network), and must be among the answer.
+        let mut new_zone = create_req("pvc-z9", 64 * MIB as i64, mount_cap(""), &spread);
+        new_zone.accessibility_requirements = Some(requisite(&["z9"], &[]));
+        let v = d.controller.create_volume(new_zone).await.expect("requisite z9").into_inner().volume.expect("volume");
+        assert_eq!(topology_zones(&v), ["z1", "z2", "z3", "z9"]);
+        spread_over_three(&c, "pvc-z9");
+        // A requisite without Ballast's key cannot be met.
+        let mut foreign = create_req("pvc-foreign", 64 * MIB as i64, mount_cap(""), &spread);
+        foreign.accessibility_requirements = Some(pb::TopologyRequirement {
+            requisite: vec![pb::Topology { segments: params(&[("topology.kubernetes.io/zone", "z1")]) }],
+            preferred: vec![],
+        });
+        assert_eq!(code(d.controller.create_volume(foreign).await), Code::InvalidArgument);
+
+        // `zones` keeps the replicas to z1 and z2 (never z3's node 3), one per zone;
+        // the volume is still reachable from z3.
+        let kept = [("replicas", "2"), ("zoneSpread", "required"), ("chunkSize", "16Mi"), ("zones", "z2, z1")];
+        let mut req = create_req("pvc-kept", 64 * MIB as i64, mount_cap(""), &kept);
+        req.accessibility_requirements = Some(requisite(&["z3"], &["z3"]));
+        let v =
+            d.controller.create_volume(req.clone()).await.expect("zones z1,z2").into_inner().volume.expect("volume");
+        assert_eq!(topology_zones(&v), all);
+        for zones in replica_zones(&c, "pvc-kept") {
+            let mut zones = zones.clone();
+            zones.sort();
+            assert_eq!(zones, ["z1", "z2"]);
+        }
+        let same = [("replicas", "2"), ("zoneSpread", "required"), ("chunkSize", "16Mi"), ("zones", "z1,z2")];
+        d.controller
+            .create_volume(create_req("pvc-kept", 64 * MIB as i64, mount_cap(""), &same))
+            .await
+            .expect("the same zones in another order: the same volume");
+        let other = [("replicas", "2"), ("zoneSpread", "required"), ("chunkSize", "16Mi"), ("zones", "z1,z3")];
+        assert_eq!(
+            code(d.controller.create_volume(create_req("pvc-kept", 64 * MIB as i64, mount_cap(""), &other)).await),
+            Code::AlreadyExists
+        );
+        let got = d
+            .controller
+            .controller_get_volume(pb::ControllerGetVolumeRequest { volume_id: "pvc-kept".into() })
+            .await
+            .expect("ControllerGetVolume")
+            .into_inner();
+        assert_eq!(topology_zones(got.volume.as_ref().expect("volume")), all);
+        // Two replicas in distinct zones with only z3 allowed: refused, and the
+        // message says which zones it looked in.
+        let one_zone = [("replicas", "2"), ("zoneSpread", "required"), ("zones", "z3")];
+        let e = d
+            .controller
+            .create_volume(create_req("pvc-one-zone", 64 * MIB as i64, mount_cap(""), &one_zone))
+            .await
+            .expect_err("one zone for two replicas");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("z3"), "{}", e.message());
+        let e = d
+            .controller
+            .create_volume(create_req("pvc-bad-zones", 64 * MIB as i64, mount_cap(""), &[("zones", "z1,")]))
+            .await
+            .expect_err("an empty entry");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("zones"), "{}", e.message());
     });
 }

@@ -7,6 +7,11 @@
 //! | ControllerPublish | Admin.PublishVolume: the one node allowed to stage it | NOT_FOUND, FAILED_PRECONDITION |
 //! | ControllerUnpublish | Admin.UnpublishVolume | INVALID_ARGUMENT |
 //! | ControllerExpandVolume | Admin.GrowVolume (whole chunks) | NOT_FOUND, OUT_OF_RANGE, RESOURCE_EXHAUSTED |
+//! | ListVolumes | Admin.ListVolumes, paged by name | ABORTED (a token it did not issue), INVALID_ARGUMENT |
+//!
+//! Topology: a volume is reachable over the network from every zone, so it is
+//! accessible from all of them (CreateVolume's requisite is satisfied, never a
+//! placement constraint); the StorageClass's `zones` decides where replicas live.
 //!
 //! A missing volume on delete or unpublish is success (idempotency). Every call
 //! on a volume holds its [`VolumeLocks`] entry: a concurrent one gets ABORTED.
@@ -48,10 +53,14 @@ impl ControllerService {
     async fn existing(&self, name: &str) -> Result<meta::Volume, Status> {
         self.find(name).await?.ok_or_else(|| Status::not_found(format!("volume {name} does not exist")))
     }
+
+    async fn nodes(&self) -> Result<Vec<meta::Node>, Status> {
+        Ok(self.meta.list_nodes().await.map_err(|e| meta_status("list nodes", e))?.nodes)
+    }
 }
 
-/// The CSI view of a Ballast volume.
-fn csi_volume(v: &meta::Volume, fs_type: &str) -> pb::Volume {
+/// The CSI view of a Ballast volume, accessible from `zones` (see [`accessible_zones`]).
+fn csi_volume(v: &meta::Volume, fs_type: &str, zones: &BTreeSet<String>) -> pb::Volume {
     let mut volume_context = HashMap::new();
     // Known only where the request named it (CreateVolume); meta does not keep it.
     if !fs_type.is_empty() {
@@ -63,21 +72,27 @@ fn csi_volume(v: &meta::Volume, fs_type: &str) -> pb::Volume {
         volume_id: v.name.clone(),
         volume_context,
         content_source: None,
-        // Restricted volumes are reachable from the zones they were placed in; a
-        // Ballast volume is network-attached, so an unrestricted one from anywhere.
-        accessible_topology: v
-            .zones
+        accessible_topology: zones
             .iter()
             .map(|z| pb::Topology { segments: HashMap::from([(TOPOLOGY_ZONE.to_string(), z.clone())]) })
             .collect(),
     }
 }
 
-/// The zones a CreateVolume's requisite topology allows (empty: any). A
-/// topology naming none of Ballast's keys is refused: it cannot be satisfied.
-fn requisite_zones(req: Option<&pb::TopologyRequirement>) -> Result<Vec<String>, Status> {
+/// The zones a CreateVolume's topology requirement names: every requisite zone,
+/// then the preferred ones. A requisite topology without Ballast's key is refused
+/// (INVALID_ARGUMENT): no answer could say the volume is accessible from it.
+///
+/// These zones never restrict placement. A requisite says where the volume must
+/// be accessible *from*, and a Ballast volume is reachable over the network from
+/// every node with the plugin; the external-provisioner's `--strict-topology`
+/// sends exactly one zone, the selected node's, which with `zoneSpread: required`
+/// and 3 replicas would otherwise never be satisfiable. Restricting where
+/// replicas live is the StorageClass parameter `zones`.
+fn requested_zones(req: Option<&pb::TopologyRequirement>) -> Result<BTreeSet<String>, Status> {
     let mut zones = BTreeSet::new();
-    for t in req.map(|r| r.requisite.as_slice()).unwrap_or_default() {
+    let Some(req) = req else { return Ok(zones) };
+    for t in &req.requisite {
         match t.segments.get(TOPOLOGY_ZONE) {
             Some(z) if !z.is_empty() => {
                 zones.insert(z.clone());
@@ -90,7 +105,67 @@ fn requisite_zones(req: Option<&pb::TopologyRequirement>) -> Result<Vec<String>,
             }
         }
     }
-    Ok(zones.into_iter().collect())
+    zones.extend(req.preferred.iter().filter_map(|t| t.segments.get(TOPOLOGY_ZONE)).filter(|z| !z.is_empty()).cloned());
+    Ok(zones)
+}
+
+/// The zones a volume is accessible from, as its `accessible_topology`: every zone
+/// the cluster has a storage node in (in any state: a zone whose nodes are down
+/// now is still one a pod may be scheduled in later), plus the zones the request
+/// named (`requested`), which the CO took from the nodes running this plugin.
+///
+/// Every zone, not only the requisite's: Kubernetes turns accessible_topology into
+/// the PV's node affinity, which never changes afterwards. Listing only the
+/// selected node's zone (all a strict-topology requisite holds) would pin the
+/// volume's pod to that zone for good, so a StatefulSet pod could not move to
+/// another zone after its node or its zone is lost, although its data is there.
+/// The spec allows it: with more accessible topologies than requisite ones, all
+/// the requisite ones must be among them (they are) and the rest may be any.
+/// A zone added to the cluster later is not in the affinity of older volumes.
+fn accessible_zones(nodes: &[meta::Node], requested: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut zones: BTreeSet<String> = nodes.iter().map(|n| n.zone.clone()).filter(|z| !z.is_empty()).collect();
+    zones.extend(requested.iter().cloned());
+    zones
+}
+
+/// Tag of a ListVolumes token, and the version of its format.
+const TOKEN_TAG: &str = "1";
+
+/// The ListVolumes token that resumes after the volume `last`:
+/// `1.<name in hex>.<check>`, the check a 64-bit FNV-1a hash of the tag and the
+/// name. It holds no state of this process, so any controller replica (and one
+/// restarted between pages) takes it; the check tells tokens this plugin issued
+/// from garbage, truncated or edited ones, which the spec wants ABORTED. (It is no
+/// secret: there is nothing to protect, a token only says where a listing resumes.)
+fn page_token(last: &str) -> String {
+    let hex: String = last.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{TOKEN_TAG}.{hex}.{:016x}", token_check(last))
+}
+
+/// The volume name a token from [`page_token`] resumes after; None for any
+/// string it did not produce.
+fn parse_page_token(token: &str) -> Option<String> {
+    let mut parts = token.split('.');
+    let (Some(TOKEN_TAG), Some(hex), Some(check), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    if hex.is_empty() || hex.len() % 2 != 0 || check.len() != 16 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect();
+    let name = String::from_utf8(bytes?).ok()?;
+    // Lower-case hex only, as issued: one token per position.
+    let issued = hex.bytes().chain(check.bytes()).all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    (issued && u64::from_str_radix(check, 16).ok()? == token_check(&name)).then_some(name)
+}
+
+fn token_check(name: &str) -> u64 {
+    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+    let input = b"ballast-csi-list-volumes\0".iter().chain(TOKEN_TAG.as_bytes()).chain(b"\0").chain(name.as_bytes());
+    input.fold(FNV_OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
 }
 
 fn parse_node_id(node_id: &str) -> Result<u64, Status> {
@@ -120,17 +195,19 @@ impl pb::controller_server::Controller for ControllerService {
         }
         let p = VolumeParams::parse(&r.parameters)?;
         let size = params::create_size(r.capacity_range.as_ref(), p.chunk_size)?;
-        let zones = requisite_zones(r.accessibility_requirements.as_ref())?;
+        let requested = requested_zones(r.accessibility_requirements.as_ref())?;
         let _busy = self.locks.lock(name)?;
+        let zones = accessible_zones(&self.nodes().await?, &requested);
 
         // Same name: the same volume if compatible (a retry), else ALREADY_EXISTS.
+        // The topology requirement is not compared: it does not shape the volume,
+        // and a retry after the scheduler picked another node names another zone.
         if let Some(v) = self.find(name).await? {
             let (required, limit) = r.capacity_range.map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
             let fits = v.size_bytes as i64 >= required && (limit == 0 || v.size_bytes as i64 <= limit);
-            let same_zones = zones.is_empty() || v.zones == zones;
-            if fits && p.matches(&v) && same_zones {
+            if fits && p.matches(&v) {
                 return Ok(Response::new(pb::CreateVolumeResponse {
-                    volume: Some(csi_volume(&v, p.fs_type.as_str())),
+                    volume: Some(csi_volume(&v, p.fs_type.as_str(), &zones)),
                 }));
             }
             return Err(Status::already_exists(format!(
@@ -144,12 +221,12 @@ impl pb::controller_server::Controller for ControllerService {
             chunk_size_bytes: p.chunk_size,
             replicas: p.replicas,
             min_in_sync: p.min_in_sync,
-            zones,
+            zones: p.zones.clone(),
             zone_spread: p.zone_spread as i32,
         };
         let v = self.meta.create_volume(req).await.map_err(|e| meta_status("create the volume", e))?;
-        info!(volume = %v.name, size = v.size_bytes, replicas = v.replicas, "volume created");
-        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(csi_volume(&v, p.fs_type.as_str())) }))
+        info!(volume = %v.name, size = v.size_bytes, replicas = v.replicas, zones = ?v.zones, "volume created");
+        Ok(Response::new(pb::CreateVolumeResponse { volume: Some(csi_volume(&v, p.fs_type.as_str(), &zones)) }))
     }
 
     #[instrument(skip_all, fields(volume = %req.get_ref().volume_id))]
@@ -252,8 +329,9 @@ impl pb::controller_server::Controller for ControllerService {
         }))
     }
 
-    /// Pages through volumes in name order; the token is the last name of the
-    /// previous page, so deletes between pages never skip or repeat a volume.
+    /// Pages through volumes in name order; the token names the last volume of
+    /// the previous page (see [`page_token`]), so deletes between pages never skip
+    /// or repeat a volume. A token this plugin did not issue is ABORTED.
     async fn list_volumes(
         &self,
         req: Request<pb::ListVolumesRequest>,
@@ -262,25 +340,27 @@ impl pb::controller_server::Controller for ControllerService {
         if r.max_entries < 0 {
             return Err(Status::invalid_argument("max_entries must not be negative"));
         }
-        let token_ok = r.starting_token.is_empty()
-            || (r.starting_token.len() <= 128
-                && r.starting_token.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')));
-        if !token_ok {
-            return Err(Status::aborted(format!(
-                "starting_token {:?} is not one this plugin issued",
-                r.starting_token
-            )));
-        }
+        let after = match r.starting_token.as_str() {
+            "" => None,
+            t => Some(
+                parse_page_token(t)
+                    .ok_or_else(|| Status::aborted(format!("starting_token {t:?} is not one this plugin issued")))?,
+            ),
+        };
         let mut volumes = self.meta.list_volumes().await.map_err(|e| meta_status("list volumes", e))?.volumes;
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
+        let zones = accessible_zones(&self.nodes().await?, &BTreeSet::new());
         let rest: Vec<&meta::Volume> =
-            volumes.iter().filter(|v| r.starting_token.is_empty() || v.name > r.starting_token).collect();
+            volumes.iter().filter(|v| after.as_ref().is_none_or(|after| v.name > *after)).collect();
         let take = if r.max_entries == 0 { rest.len() } else { (r.max_entries as usize).min(rest.len()) };
-        let next_token = if take < rest.len() { rest[take - 1].name.clone() } else { String::new() };
+        let next_token = match take.checked_sub(1).and_then(|last| rest.get(last)) {
+            Some(last) if take < rest.len() => page_token(&last.name),
+            _ => String::new(),
+        };
         let entries = rest[..take]
             .iter()
             .map(|v| pb::list_volumes_response::Entry {
-                volume: Some(csi_volume(v, "")),
+                volume: Some(csi_volume(v, "", &zones)),
                 status: Some(pb::list_volumes_response::VolumeStatus {
                     published_node_ids: (v.published_node != 0)
                         .then(|| v.published_node.to_string())
@@ -293,7 +373,9 @@ impl pb::controller_server::Controller for ControllerService {
     }
 
     /// Bytes a new volume of these parameters could get: the free space of the
-    /// up nodes (in the topology's zone, when given) divided by the replicas.
+    /// up nodes in the zones its replicas may use (the `zones` parameter; all by
+    /// default) divided by the replicas. The topology does not narrow it: a volume
+    /// accessible from one zone still places its replicas in all of them.
     async fn get_capacity(
         &self,
         req: Request<pb::GetCapacityRequest>,
@@ -303,8 +385,7 @@ impl pb::controller_server::Controller for ControllerService {
             capability_arg("volume_capabilities", c)?;
         }
         let p = VolumeParams::parse(&r.parameters)?;
-        let zone = r.accessible_topology.as_ref().and_then(|t| t.segments.get(TOPOLOGY_ZONE)).cloned();
-        let nodes = self.meta.list_nodes().await.map_err(|e| meta_status("list nodes", e))?.nodes;
+        let nodes = self.nodes().await?;
         let free: u64 = nodes
             .iter()
             .filter(|n| n.state == meta::NodeState::Up as i32)
@@ -315,7 +396,7 @@ impl pb::controller_server::Controller for ControllerService {
                     Ok(meta::DiskHealth::DiskOk | meta::DiskHealth::Unspecified)
                 )
             })
-            .filter(|n| zone.as_ref().is_none_or(|z| &n.zone == z))
+            .filter(|n| p.zones.is_empty() || p.zones.contains(&n.zone))
             .map(|n| n.capacity_bytes.saturating_sub(n.allocated_bytes))
             .sum();
         let available = free / u64::from(p.replicas);
@@ -385,8 +466,9 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::ControllerGetVolumeResponse>, Status> {
         let id = required("volume_id", &req.get_ref().volume_id)?;
         let v = self.existing(id).await?;
+        let zones = accessible_zones(&self.nodes().await?, &BTreeSet::new());
         Ok(Response::new(pb::ControllerGetVolumeResponse {
-            volume: Some(csi_volume(&v, "")),
+            volume: Some(csi_volume(&v, "", &zones)),
             status: Some(pb::controller_get_volume_response::VolumeStatus {
                 published_node_ids: (v.published_node != 0).then(|| v.published_node.to_string()).into_iter().collect(),
                 volume_condition: Some(pb::VolumeCondition {
@@ -399,5 +481,76 @@ impl pb::controller_server::Controller for ControllerService {
                 }),
             }),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zone(z: &str) -> pb::Topology {
+        pb::Topology { segments: HashMap::from([(TOPOLOGY_ZONE.to_string(), z.to_string())]) }
+    }
+
+    fn node(id: u64, zone: &str) -> meta::Node {
+        meta::Node { id, zone: zone.into(), ..Default::default() }
+    }
+
+    #[test]
+    fn page_tokens_round_trip_and_refuse_what_was_not_issued() {
+        for name in ["a", "pvc-0f3c", "list.b_c-9", &"x".repeat(128)] {
+            let t = page_token(name);
+            assert_eq!(parse_page_token(&t).as_deref(), Some(name), "{t}");
+        }
+        let t = page_token("pvc-1");
+        let (head, check) = t.rsplit_once('.').expect("three parts");
+        let flipped = format!("{head}.{}", if check.starts_with('0') { "1" } else { "0" }.to_owned() + &check[1..]);
+        let forged_name =
+            format!("{TOKEN_TAG}.{}.{check}", "pvc-2".bytes().map(|b| format!("{b:02x}")).collect::<String>());
+        for bad in [
+            "",
+            "pvc-1", // a bare name: what the old tokens were
+            "$$$",
+            "1",
+            "1..0000000000000000", // no name
+            &t[..t.len() - 1],     // truncated
+            &format!("{t}.0"),     // a fourth part
+            &t.to_uppercase(),     // hex is issued lower-case
+            &t.replacen("1.", "2.", 1),
+            &flipped,     // the check edited
+            &forged_name, // another name under this name's check
+            "1.+1.0000000000000000",
+            "1.ff.0000000000000000", // not UTF-8
+        ] {
+            assert_eq!(parse_page_token(bad), None, "{bad:?} must not be accepted");
+        }
+    }
+
+    #[test]
+    fn a_requisite_never_narrows_what_the_volume_is_accessible_from() {
+        let nodes = [node(1, "z1"), node(2, "z2"), node(3, "z3"), node(4, "z1")];
+        // --strict-topology: exactly the selected node's zone.
+        let strict = pb::TopologyRequirement { requisite: vec![zone("z2")], preferred: vec![zone("z2")] };
+        let requested = requested_zones(Some(&strict)).unwrap();
+        assert_eq!(requested, BTreeSet::from(["z2".to_string()]));
+        let all = BTreeSet::from(["z1", "z2", "z3"].map(String::from));
+        assert_eq!(accessible_zones(&nodes, &requested), all, "every zone, so the pod can move to another");
+        // A zone the CO knows a node with the plugin in, which meta has no storage node in (yet).
+        let wider = pb::TopologyRequirement { requisite: vec![zone("z1"), zone("z4")], preferred: vec![zone("z4")] };
+        let z = accessible_zones(&nodes, &requested_zones(Some(&wider)).unwrap());
+        assert!(z.is_superset(&BTreeSet::from(["z1".to_string(), "z4".to_string()])) && z.len() == 4, "{z:?}");
+        assert_eq!(accessible_zones(&nodes, &requested_zones(None).unwrap()), all);
+        // A requisite without Ballast's key cannot be satisfied.
+        let other = pb::TopologyRequirement {
+            requisite: vec![pb::Topology {
+                segments: HashMap::from([("topology.kubernetes.io/zone".into(), "z1".into())]),
+            }],
+            preferred: vec![],
+        };
+        assert_eq!(requested_zones(Some(&other)).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let v = meta::Volume { name: "v".into(), replicas: 3, zones: vec!["z1".into()], ..Default::default() };
+        let topo: Vec<String> =
+            csi_volume(&v, "", &all).accessible_topology.iter().map(|t| t.segments[TOPOLOGY_ZONE].clone()).collect();
+        assert_eq!(topo, ["z1", "z2", "z3"], "a volume whose replicas are kept to z1 is still reachable from all");
     }
 }

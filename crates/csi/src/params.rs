@@ -18,6 +18,8 @@ pub const REPLICAS: &str = "replicas";
 pub const MIN_IN_SYNC: &str = "minInSync";
 pub const CHUNK_SIZE: &str = "chunkSize";
 pub const ZONE_SPREAD: &str = "zoneSpread";
+/// The zones replicas may be placed in (comma-separated); absent: any zone.
+pub const ZONES: &str = "zones";
 /// The external-provisioner passes the StorageClass's fsType under this key.
 pub const FS_TYPE: &str = "csi.storage.k8s.io/fstype";
 /// Volume-context key for the filesystem type, read back by NodeStage.
@@ -36,6 +38,10 @@ pub struct VolumeParams {
     pub min_in_sync: u32,
     pub chunk_size: u64,
     pub zone_spread: meta::ZoneSpread,
+    /// The only zones replicas may be placed in, sorted and without duplicates
+    /// (meta keeps them as given and compares them on a retry); empty: any zone.
+    /// Where replicas live only: the volume is reachable from every zone.
+    pub zones: Vec<String>,
     pub fs_type: FsType,
 }
 
@@ -50,12 +56,12 @@ impl VolumeParams {
     /// StorageClass never silently falls back to a default.
     pub fn parse(parameters: &HashMap<String, String>) -> Result<VolumeParams, Status> {
         for key in parameters.keys() {
-            let known = matches!(key.as_str(), REPLICAS | MIN_IN_SYNC | CHUNK_SIZE | ZONE_SPREAD)
+            let known = matches!(key.as_str(), REPLICAS | MIN_IN_SYNC | CHUNK_SIZE | ZONE_SPREAD | ZONES)
                 || key.starts_with("csi.storage.k8s.io/");
             if !known {
                 return Err(invalid(
                     key,
-                    "unknown parameter (known: replicas, minInSync, chunkSize, zoneSpread, csi.storage.k8s.io/fstype)",
+                    "unknown parameter (known: replicas, minInSync, chunkSize, zoneSpread, zones, csi.storage.k8s.io/fstype)",
                 ));
             }
         }
@@ -92,11 +98,17 @@ impl VolumeParams {
             Some("required") => meta::ZoneSpread::Required,
             Some(v) => return Err(invalid(ZONE_SPREAD, format!("{v:?} is neither \"required\" nor \"preferred\""))),
         };
+        // Not through `get`: a `zones` that names no zone is a mistake to report,
+        // not "any zone" (which is what leaving the parameter out says).
+        let zones = match parameters.get(ZONES) {
+            None => Vec::new(),
+            Some(v) => parse_zones(v)?,
+        };
         let fs_type = match get(FS_TYPE) {
             None => FsType::Ext4,
             Some(v) => parse_fs_type(FS_TYPE, v)?,
         };
-        Ok(VolumeParams { replicas, min_in_sync, chunk_size, zone_spread, fs_type })
+        Ok(VolumeParams { replicas, min_in_sync, chunk_size, zone_spread, zones, fs_type })
     }
 
     /// Whether an existing volume was made with these parameters (CreateVolume's
@@ -106,7 +118,45 @@ impl VolumeParams {
             && v.min_in_sync == self.min_in_sync
             && v.chunk_size_bytes == self.chunk_size
             && v.zone_spread == self.zone_spread as i32
+            && v.zones == self.zones
     }
+}
+
+/// The `zones` parameter: comma-separated zone names (spaces around a name are
+/// ignored), sorted and deduplicated. Every name must be a valid CSI topology
+/// segment value, the form NodeGetInfo reports a zone in (and Kubernetes'
+/// `topology.kubernetes.io/zone` label has): 1 to 63 characters of
+/// `[A-Za-z0-9._-]`, beginning and ending with a letter or digit. An empty entry
+/// (`"a,,b"`, a trailing comma, an empty value) is refused.
+pub fn parse_zones(v: &str) -> Result<Vec<String>, Status> {
+    let mut zones = std::collections::BTreeSet::new();
+    for (i, z) in v.split(',').map(str::trim).enumerate() {
+        if z.is_empty() {
+            return Err(invalid(
+                ZONES,
+                format!("{v:?}: entry {} is empty (expected zone names, comma-separated)", i + 1),
+            ));
+        }
+        if !is_segment_value(z) {
+            return Err(invalid(
+                ZONES,
+                format!("{z:?} is not a zone name (1 to 63 of A-Z a-z 0-9 . _ -, a letter or digit first and last)"),
+            ));
+        }
+        zones.insert(z.to_string());
+    }
+    Ok(zones.into_iter().collect())
+}
+
+/// A CSI topology segment value (the spec's rule, which is also that of a
+/// Kubernetes label value, minus the empty one).
+fn is_segment_value(s: &str) -> bool {
+    let b = s.as_bytes();
+    let edge = |c: &u8| c.is_ascii_alphanumeric();
+    (1..=63).contains(&b.len())
+        && b.first().is_some_and(edge)
+        && b.last().is_some_and(edge)
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 pub fn parse_fs_type(param: &str, v: &str) -> Result<FsType, Status> {
@@ -286,6 +336,31 @@ mod tests {
         names_param(VolumeParams::parse(&params(&[("chunkSize", "lots")])), "chunkSize");
         names_param(VolumeParams::parse(&params(&[("zoneSpread", "always")])), "zoneSpread");
         names_param(VolumeParams::parse(&params(&[("csi.storage.k8s.io/fstype", "btrfs")])), "fstype");
+        for bad in ["", " ", ",", "z1,", ",z1", "z1,,z2", "z1, ,z2", "-z1", "z1-", "zone a", "z/1", &"z".repeat(64)] {
+            names_param(VolumeParams::parse(&params(&[("zones", bad)])), "zones");
+        }
+    }
+
+    #[test]
+    fn zones_are_sorted_and_deduplicated() {
+        assert!(VolumeParams::parse(&HashMap::new()).unwrap().zones.is_empty(), "absent: any zone");
+        let p = VolumeParams::parse(&params(&[("zones", " zone-b ,zone-a,zone-b,us-east-1.c_2")])).unwrap();
+        assert_eq!(p.zones, ["us-east-1.c_2", "zone-a", "zone-b"].map(String::from));
+        assert_eq!(parse_zones("a").unwrap(), ["a"]);
+        assert_eq!(parse_zones(&"z".repeat(63)).unwrap(), ["z".repeat(63)]);
+        // A retry with the zones in another order is the same volume.
+        let v = meta::Volume {
+            replicas: p.replicas,
+            min_in_sync: p.min_in_sync,
+            chunk_size_bytes: p.chunk_size,
+            zone_spread: p.zone_spread as i32,
+            zones: vec!["us-east-1.c_2".into(), "zone-a".into(), "zone-b".into()],
+            ..Default::default()
+        };
+        assert!(p.matches(&v));
+        assert!(VolumeParams::parse(&params(&[("zones", "zone-b,us-east-1.c_2,zone-a")])).unwrap().matches(&v));
+        assert!(!VolumeParams::parse(&params(&[("zones", "zone-a,zone-b")])).unwrap().matches(&v));
+        assert!(!VolumeParams::parse(&HashMap::new()).unwrap().matches(&v), "unrestricted is another volume");
     }
 
     fn range(required: i64, limit: i64) -> pb::CapacityRange {
