@@ -150,12 +150,12 @@ pub async fn serve(
         return Err(RegistrationError::Socket(path, e));
     }
     tracing::info!(socket = %path.display(), endpoint = %service.endpoint, "kubelet plugin registration socket ready");
-    // Not yet for the kubelet itself: its plugin watcher dials this path with
-    // grpc-go's passthrough resolver and no authority override, so its
-    // `:authority` is the path percent-encoded (%2Fvar%2Flib%2Fkubelet%2F...),
-    // which h2 refuses; the CSI socket's authority relay (in progress) is to
-    // front this socket too.
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // The kubelet's plugin watcher dials this path with grpc-go's passthrough
+    // resolver and no authority override, so its `:authority` is the path
+    // percent-encoded (%2Fvar%2Flib%2Fkubelet%2F...), which h2 refuses: every
+    // connection goes through the CSI socket's authority relay.
+    use tokio_stream::StreamExt;
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener).map(|c| c.map(crate::Relayed::start));
     let served = tonic::transport::Server::builder()
         .add_service(pb::registration_server::RegistrationServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown)
@@ -269,6 +269,100 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
         assert!(!socket_path(dir.path()).exists(), "shutdown removes the socket: the kubelet deregisters");
         assert!(!bind_path(dir.path()).exists());
+    }
+
+    /// The `:authority` grpc-go sends for a passthrough dial of `path`, as the
+    /// kubelet's plugin watcher dials (grpc-go's `encodeAuthority`: everything
+    /// but unreserved, sub-delims and `:[]@` percent-encoded).
+    fn grpc_go_authority(path: &Path) -> String {
+        let mut out = String::new();
+        for b in path.to_str().unwrap().bytes() {
+            if b.is_ascii_alphanumeric() || b"-_.~!$&'()*+,;=:[]@".contains(&b) {
+                out.push(b as char);
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        out
+    }
+
+    /// One unary call over a hand-written HTTP/2 connection (h2's own client
+    /// cannot send an authority `http` does not parse): the response's header
+    /// fields (headers and trailers) and its DATA bytes.
+    async fn raw_call(socket: &Path, authority: &str, path: &str) -> (Vec<(String, String)>, Vec<u8>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sock = tokio::net::UnixStream::connect(socket).await.unwrap();
+        let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+            let len = (payload.len() as u32).to_be_bytes();
+            let mut f = vec![len[1], len[2], len[3], kind, flags];
+            f.extend_from_slice(&stream.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        };
+        let fields: [(&[u8], &[u8]); 6] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path.as_bytes()),
+            (b":authority", authority.as_bytes()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+        ];
+        let block = loona_hpack::Encoder::new().encode(fields);
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+        out.extend(frame(0x1, 0x4, 1, &block)); // HEADERS, END_HEADERS
+        out.extend(frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0])); // DATA, END_STREAM: an empty message
+        sock.write_all(&out).await.unwrap();
+        let mut decoder = loona_hpack::Decoder::new();
+        let (mut fields, mut data) = (Vec::new(), Vec::new());
+        loop {
+            let mut head = [0u8; 9];
+            sock.read_exact(&mut head).await.unwrap();
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags, stream) = (head[3], head[4], u32::from_be_bytes([head[5], head[6], head[7], head[8]]));
+            let mut payload = vec![0; len];
+            sock.read_exact(&mut payload).await.unwrap();
+            match kind {
+                0x0 if stream == 1 => data.extend_from_slice(&payload),
+                0x1 if stream == 1 => fields.extend(decoder.decode(&payload).unwrap().into_iter().map(|(n, v)| {
+                    (String::from_utf8_lossy(&n).into_owned(), String::from_utf8_lossy(&v).into_owned())
+                })),
+                0x3 => panic!("RST_STREAM: error code {payload:?} (authority {authority:?})"),
+                0x4 if flags & 0x1 == 0 => sock.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap(), // SETTINGS ACK
+                0x7 => panic!("GOAWAY: {payload:?}"),
+                _ => {}
+            }
+            if stream == 1 && matches!(kind, 0x0 | 0x1) && flags & 0x1 != 0 {
+                return (fields, data);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn kubelet_authority_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = RegistrationService::new(Path::new(HOST_SOCKET)).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let d = dir.path().to_path_buf();
+        let server = tokio::spawn(async move {
+            serve(&d, service, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        drop(wait_serving(dir.path()).await);
+        let socket = socket_path(dir.path());
+        let authority = grpc_go_authority(&socket);
+        assert!(authority.starts_with("%2F") && !authority.contains('/'), "{authority}");
+        let (fields, data) = raw_call(&socket, &authority, "/pluginregistration.Registration/GetInfo").await;
+        let field = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        assert_eq!(field(":status"), Some("200"), "{fields:?}");
+        assert_eq!(field("grpc-status"), Some("0"), "{fields:?}");
+        // A gRPC message: 1 byte flag, 4 bytes length, then the PluginInfo.
+        let info = <pb::PluginInfo as prost::Message>::decode(data.get(5..).unwrap()).unwrap();
+        assert_eq!((info.r#type.as_str(), info.endpoint.as_str()), ("CSIPlugin", HOST_SOCKET));
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
     }
 
     #[tokio::test]
