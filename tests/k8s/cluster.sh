@@ -11,6 +11,8 @@ spawn() {
   mkdir -p "$STATE/pids" "$STATE/logs"
   nsenter --net="/run/netns/$ns" "$@" >>"$STATE/logs/$name.log" 2>&1 &
   echo $! >"$STATE/pids/$name"
+  # Killed by `down` or a scenario: no job report from bash.
+  disown $!
 }
 
 wait_for() { # wait_for SECONDS WHAT CMD...

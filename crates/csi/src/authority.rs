@@ -4,8 +4,10 @@
 //! authority and resets the stream with PROTOCOL_ERROR when that fails (h2's
 //! `server::Peer::convert_poll_message`, through `http::uri::Authority`, which
 //! refuses a `%` outside the userinfo and any `/`). Over a unix socket there is no
-//! host to name, and clients differ: the kubelet, the sidecars and grpc-go send
-//! `localhost`, gRPC C-core (Python's grpcio, Ruby, C++) since 1.57 the socket path
+//! host to name, and clients differ: the kubelet's CSI client and the sidecars
+//! send `localhost` (their dialers set it), the kubelet's plugin watcher (a
+//! grpc-go passthrough dial of the registration socket, no override) the path
+//! percent-encoded (`%2Fvar%2Flib%2Fkubelet%2F...`), gRPC C-core (Python's grpcio, Ruby, C++) since 1.57 the socket path
 //! percent-encoded (`%2Fcsi%2Fcsi.sock`), grpc-java the bare path. h2 has no
 //! option to tolerate it (hyperium/h2#487 is still open), so [`relay`] sits
 //! between the socket and h2: it copies every frame byte for byte, except that it

@@ -1,6 +1,7 @@
 //! The Ballast CSI driver (CSI spec v1.x): Identity, Controller and Node services
 //! over gRPC on a unix socket, the way the kubelet and the Kubernetes sidecars
-//! (external-provisioner, -attacher, -resizer, node-driver-registrar) call them.
+//! (external-provisioner, -attacher, -resizer) call them; the kubelet also finds the
+//! driver through [`registration`], its plugin registration service.
 //!
 //! ```text
 //!   external-provisioner ─ CreateVolume/DeleteVolume ─┐
@@ -108,9 +109,10 @@ pub async fn serve(
     served.map_err(ServeError::Transport)
 }
 
-/// A CSI connection as tonic sees it: h2's end of an in-process pipe whose other
-/// end a task relays to the client's socket ([`authority::relay`] one way, a
-/// plain copy the other), with the client's unix peer info.
+/// A connection to the CSI or the plugin registration socket as tonic sees it:
+/// h2's end of an in-process pipe whose other end a task relays to the client's
+/// socket ([`authority::relay`] one way, a plain copy the other), with the
+/// client's unix peer info.
 struct Relayed {
     io: tokio::io::DuplexStream,
     info: tonic::transport::server::UdsConnectInfo,

@@ -560,6 +560,15 @@ impl MetaState {
                     return Err(MetaError::UnknownNode(*node));
                 }
                 let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                // Invariant: a volume published to a node (CSI ControllerPublish,
+                // the single-node writer) is attached by that node only. A node
+                // coming back after its pod moved elsewhere must not re-attach
+                // the volume from its stage records: the new epoch would fence
+                // the front end the pod now uses. Unpublished volumes (exports
+                // outside CSI) stay free to attach anywhere.
+                if let Some(other) = v.published_to.filter(|p| p != node) {
+                    return Err(MetaError::Published { volume: *volume, node: other });
+                }
                 v.epoch = Epoch(v.epoch.0 + 1);
                 v.attached_to = Some(*node);
                 // The new front end starts from the current layout.

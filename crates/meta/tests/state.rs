@@ -294,7 +294,9 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
             assert!(prev.is_none() || prev == Some(*node), "published over another node's publication");
             assert_eq!(after.volumes[volume].published_to, Some(*node));
         }
-        (Command::Attach { volume, .. }, Response::Epoch(e)) => {
+        (Command::Attach { volume, node }, Response::Epoch(e)) => {
+            let published = before.volumes[volume].published_to;
+            assert!(published.is_none() || published == Some(*node), "attached by a node the volume is not published to");
             assert_eq!(e.0, before.volumes[volume].epoch.0 + 1);
             assert_eq!(after.volumes[volume].acked_gen, after.volumes[volume].layout_gen);
         }
@@ -510,6 +512,30 @@ fn attach_bumps_the_epoch_and_eject_respects_min_in_sync() {
     let Ok(Response::Reclaim(r)) = s.apply(&Command::DeleteVolume { volume: id }) else { panic!("delete") };
     assert_eq!(r.len(), 3, "every replica node reclaims");
     assert!(s.nodes.values().all(|n| n.allocated == 0));
+}
+
+/// Found under a real Kubernetes: a node that came back after its pod had moved
+/// re-attached the volume from its stage records and fenced the new node's
+/// front end (the pod there got EIO). A published volume is attached by the node
+/// it is published to, and by no other.
+#[test]
+fn a_published_volume_is_attached_only_by_its_node() {
+    let mut s = three_zones();
+    let Response::Volume(id) = s.apply(&create("v", CHUNK, 3, 2)).expect("create") else { panic!() };
+    let (old, new) = (NodeId(1), NodeId(2));
+    s.apply(&Command::Publish { volume: id, node: old }).expect("publish");
+    s.apply(&Command::Attach { volume: id, node: old }).expect("attach on the node it is published to");
+    // The old node is lost: the CO unpublishes it and publishes the new one.
+    s.apply(&Command::Unpublish { volume: id, node: Some(old) }).expect("unpublish");
+    s.apply(&Command::Publish { volume: id, node: new }).expect("publish elsewhere");
+    let Ok(Response::Epoch(e)) = s.apply(&Command::Attach { volume: id, node: new }) else { panic!("attach new") };
+    let before = s.clone();
+    assert_eq!(s.apply(&Command::Attach { volume: id, node: old }), Err(MetaError::Published { volume: id, node: new }));
+    assert_eq!(s, before, "a refused attach changes nothing");
+    assert_eq!((s.volumes[&id].epoch, s.volumes[&id].attached_to), (e, Some(new)));
+    // Unpublished again, any node may attach (exports outside CSI).
+    s.apply(&Command::Unpublish { volume: id, node: None }).expect("unpublish all");
+    assert!(matches!(s.apply(&Command::Attach { volume: id, node: old }), Ok(Response::Epoch(_))));
 }
 
 fn start(
