@@ -385,14 +385,42 @@ node_pids() {
 }
 
 kill_node() { # kill_node N: SIGKILL every process of the node, as a power cut would
-  local n=$1 tries=0 pids
+  local n=$1 tries=0 pids conns
+  conns=$(node_fuse_connections "$n")
   while pids=$(node_pids "$n" | sort -u) && [ -n "$pids" ]; do
     # shellcheck disable=SC2086
     kill -9 $pids 2>/dev/null || true
     tries=$((tries + 1))
-    [ $tries -lt 50 ] || { log "node $n: processes left: $pids"; return 1; }
+    # A power cut also ends the node's kernel state, which here is the host's:
+    # its FUSE connections. A killed FUSE server with a thread waiting on I/O
+    # through its own mount (a loop device over its file) cannot exit until
+    # the connection is aborted, and such a connection left behind blocks
+    # every sync(2) on the machine. Abort them once the easy kills are done.
+    [ $tries = 10 ] && abort_fuse_connections $conns
+    [ $tries -lt 100 ] || { log "node $n: processes left: $pids"; return 1; }
     sleep 0.1
   done
+  abort_fuse_connections $conns
+}
+
+# The FUSE connections (device minors) of the mounts node N's processes see.
+node_fuse_connections() {
+  local p
+  for p in $(node_pids "$1" | sort -u); do
+    grep -h ' - fuse' "/proc/$p/mountinfo" 2>/dev/null | awk '{split($3, d, ":"); print d[2]}' || true
+  done | sort -u
+}
+
+abort_fuse_connections() {
+  local c mounted=""
+  [ $# -gt 0 ] || return 0
+  if ! grep -q ' /sys/fs/fuse/connections ' /proc/mounts; then
+    mount -t fusectl none /sys/fs/fuse/connections && mounted=1
+  fi
+  for c in "$@"; do
+    [ -e "/sys/fs/fuse/connections/$c/abort" ] && echo 1 >"/sys/fs/fuse/connections/$c/abort" 2>/dev/null || true
+  done
+  [ -z "$mounted" ] || umount /sys/fs/fuse/connections
 }
 
 cluster_down() {
@@ -424,8 +452,15 @@ cluster_down() {
   fi
   for n in "${NODES[@]}"; do ip netns delete "bk8s-$n" 2>/dev/null || true; done
   ip netns delete "$HUB_NS" 2>/dev/null || true
-  for n in "${NODES[@]}"; do
-    cgroup_dirs "$n" | while read -r f; do rmdir "$f" 2>/dev/null || true; done
+  # A cgroup goes once its last task has exited (a killed process may take a
+  # moment): retry for a few seconds.
+  local tries
+  for tries in $(seq 1 20); do
+    for n in "${NODES[@]}"; do
+      cgroup_dirs "$n" | while read -r f; do rmdir "$f" 2>/dev/null || true; done
+    done
+    ls -d /sys/fs/cgroup/*/bk8s-* >/dev/null 2>&1 || break
+    sleep 0.5
   done
   restore_sysctls
   remove_host_dirs

@@ -7,7 +7,10 @@ STATE="${BALLAST_K8S_STATE:-/var/tmp/ballast-k8s}"
 BIN="$BALLAST_CACHE/k8s/bin"
 IMAGES="$BALLAST_CACHE/k8s/images"
 
-# Go: one module and build cache for everything, outside the checkout.
+# Go: one module and build cache for everything, outside the checkout. (The
+# machines have Go 1.26 in /usr/local/go.)
+case ":$PATH:" in *:/usr/local/go/bin:*) ;; *) PATH="$PATH:/usr/local/go/bin" ;; esac
+command -v go >/dev/null || { echo "k8s-e2e: needs Go 1.26 (go on PATH or in /usr/local/go)" >&2; exit 1; }
 export GOMODCACHE="$BALLAST_CACHE/go/mod" GOCACHE="$BALLAST_CACHE/go/build"
 export GOFLAGS=-buildvcs=false GOTOOLCHAIN=local CGO_ENABLED=0
 

@@ -147,6 +147,10 @@ impl NodeService {
                 .map_err(|e| {
                     if e.is_not_found() {
                         Status::not_found(format!("volume {id} does not exist"))
+                    } else if e.is_refused() {
+                        // Published to another node (this node's pod moved on):
+                        // a stage here must not fence that node's front end.
+                        Status::failed_precondition(format!("attach {id}: {e}"))
                     } else {
                         Status::unavailable(format!("attach {id}: {e}"))
                     }

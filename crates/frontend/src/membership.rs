@@ -151,6 +151,10 @@ pub enum MembershipError {
     Io { op: &'static str, path: String, source: std::io::Error },
     #[error("membership service unavailable: {0}")]
     Unavailable(String),
+    /// A definite no that retrying will not change (an attach by a node the
+    /// volume is not published to): the change was not made.
+    #[error("membership service refused: {0}")]
+    Refused(String),
 }
 
 /// The configuration master as seen by a volume's front end.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_frontend::{
-    scrub_periodically, tcp_connector, FrontendError, ScrubConfig, ScrubReport, Volume, VolumeOptions,
+    scrub_periodically, tcp_connector, FrontendError, MembershipError, ScrubConfig, ScrubReport, Volume, VolumeOptions,
 };
 use ballast_replica::{ClientOptions, ReplicaClient};
 use ballast_types::NodeId;
@@ -36,6 +36,12 @@ impl AttachError {
     /// True when the volume does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, AttachError::Lookup { source, .. } if source.is_not_found())
+    }
+
+    /// True when meta refused the attach for good (the volume is published to
+    /// another node): retrying will not help.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, AttachError::Attach { source: FrontendError::Membership(MembershipError::Refused(_)), .. })
     }
 }
 

@@ -169,6 +169,8 @@ impl Membership for MetaMembership {
 /// - FAILED_PRECONDITION on an eject → [`MembershipError::BelowMinInSync`], with
 ///   `remaining` and `min` parsed from the service's message ("... would leave
 ///   1 in-sync replicas, below the minimum of 2"); 0 when absent.
+/// - FAILED_PRECONDITION on anything else (an attach while the volume is
+///   published to another node) → [`MembershipError::Refused`].
 /// - Unreachable and every other status → [`MembershipError::Unavailable`] with
 ///   the full message (the trait has no closer variant; the front end treats
 ///   them alike: the change was not made).
@@ -187,6 +189,9 @@ pub fn membership_error(err: MetaClientError, volume: VolumeId, eject: Option<(C
                 remaining: number_after(message, "would leave ").unwrap_or(0),
                 min: number_after(message, "minimum of ").unwrap_or(0),
             }
+        }
+        (MetaClientError::Status { code: tonic::Code::FailedPrecondition, message, .. }, None) => {
+            MembershipError::Refused(message.clone())
         }
         _ => MembershipError::Unavailable(err.to_string()),
     }
