@@ -258,9 +258,18 @@ mod tests {
             MembershipError::Unavailable(m) => assert_eq!(m, "cluster unreachable: tried a:1: connection refused"),
             other => panic!("{other:?}"),
         }
-        // FAILED_PRECONDITION outside an eject is not about min-in-sync.
-        let e = membership_error(status(tonic::Code::FailedPrecondition, "stale epoch"), VolumeId(1), None);
-        assert!(matches!(e, MembershipError::Unavailable(ref m) if m == "stale epoch"), "{e:?}");
+    }
+
+    #[test]
+    fn failed_precondition_outside_an_eject_is_a_refusal() {
+        // Not about min-in-sync: a definite no (an attach while the volume is
+        // published to another node), which the CSI node answers as such.
+        let e = membership_error(
+            status(tonic::Code::FailedPrecondition, "volume vol-1 is published to node node-7"),
+            VolumeId(1),
+            None,
+        );
+        assert!(matches!(e, MembershipError::Refused(ref m) if m == "volume vol-1 is published to node node-7"), "{e:?}");
     }
 
     #[test]
