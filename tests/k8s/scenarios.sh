@@ -84,6 +84,36 @@ scenario_statefulset() {
   row 2 "StatefulSet, 3 pods" "pods in 3 zones; fsGroup; 8 files/pod fsynced, pods deleted + back, sha256 ok; replicas in 3 zones" "$(($(date +%s) - t0))s" PASS
 }
 
+# --- 2b. the same with external-provisioner --strict-topology ---------------------
+# With strict topology the provisioner sends only the selected node's zone as
+# the requisite: Ballast must still spread replicas over three zones, and the PV
+# must still be usable from every zone.
+scenario_strict_topology() {
+  local t0=$(date +%s) idx zones i
+  idx=$(kc -n ballast-system get deployment ballast-csi-controller -o jsonpath='{range .spec.template.spec.containers[*]}{.name}{"\n"}{end}' | grep -n '^csi-provisioner$' | cut -d: -f1)
+  [ -n "$idx" ] || die "no csi-provisioner container in the controller"
+  kc apply -f "$W/namespace.yaml" >/dev/null
+  kc -n ballast-system patch deployment ballast-csi-controller --type=json \
+    -p "[{\"op\": \"add\", \"path\": \"/spec/template/spec/containers/$((idx - 1))/args/-\", \"value\": \"--strict-topology\"}]" >/dev/null
+  kc -n ballast-system rollout status deployment/ballast-csi-controller --timeout=300s >/dev/null || die "controller not ready with --strict-topology"
+  sed -e 's/\bweb\b/strict/g' "$W/statefulset.yaml" | kc apply -f - >/dev/null
+  wait_for 300 "StatefulSet strict ready" sts_ready strict 3
+  for i in 0 1 2; do
+    write_files strict-$i /data/files 2
+    verify_files strict-$i /data/files || die "strict-$i: files do not verify"
+    zones=$(kc get pv "$(pvc_volume data-strict-$i)" -o jsonpath='{.spec.nodeAffinity.required.nodeSelectorTerms[*].matchExpressions[*].values[*]}' | wc -w)
+    [ "$zones" = 3 ] || die "data-strict-$i: PV usable from $zones zones, want 3"
+    [ "$(ballastctl --output json volume inspect "$(pvc_volume data-strict-$i)" | jq '[.zones[] | select(.in_sync > 0)] | length')" -ge 3 ] \
+      || die "data-strict-$i: replicas not in 3 zones"
+  done
+  kc -n "$NS" delete statefulset/strict service/strict --wait=true >/dev/null
+  kc -n "$NS" delete pvc data-strict-0 data-strict-1 data-strict-2 --wait=true >/dev/null
+  # Back to the controller as deployed.
+  kc apply -k "$ROOT/csi" >/dev/null
+  kc -n ballast-system rollout status deployment/ballast-csi-controller --timeout=300s >/dev/null || die "controller not ready as deployed"
+  row 2b "--strict-topology" "provisioner with strict topology (requisite = one zone): 3 pods provisioned, replicas in 3 zones, PVs usable from 3 zones" "$(($(date +%s) - t0))s" PASS
+}
+
 # --- 3. node loss ----------------------------------------------------------------------
 scenario_node_loss() {
   local t0 node new zone_old zone_new t_run vol epoch0 epoch1
@@ -238,7 +268,7 @@ event_says() {
 run_scenarios() {
   local s failed=0 only=${1:-}
   LOST_NODE=""
-  for s in scenario_statefulset scenario_expand scenario_block scenario_delete scenario_node_pod_restart \
+  for s in scenario_statefulset scenario_strict_topology scenario_expand scenario_block scenario_delete scenario_node_pod_restart \
            scenario_node_loss scenario_bad_input; do
     [ -z "$only" ] || [ "$s" = "scenario_$only" ] || continue
     local t0=$(date +%s)
