@@ -296,7 +296,10 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
         }
         (Command::Attach { volume, node }, Response::Epoch(e)) => {
             let published = before.volumes[volume].published_to;
-            assert!(published.is_none() || published == Some(*node), "attached by a node the volume is not published to");
+            assert!(
+                published.is_none() || published == Some(*node),
+                "attached by a node the volume is not published to"
+            );
             assert_eq!(e.0, before.volumes[volume].epoch.0 + 1);
             assert_eq!(after.volumes[volume].acked_gen, after.volumes[volume].layout_gen);
         }
@@ -530,7 +533,10 @@ fn a_published_volume_is_attached_only_by_its_node() {
     s.apply(&Command::Publish { volume: id, node: new }).expect("publish elsewhere");
     let Ok(Response::Epoch(e)) = s.apply(&Command::Attach { volume: id, node: new }) else { panic!("attach new") };
     let before = s.clone();
-    assert_eq!(s.apply(&Command::Attach { volume: id, node: old }), Err(MetaError::Published { volume: id, node: new }));
+    assert_eq!(
+        s.apply(&Command::Attach { volume: id, node: old }),
+        Err(MetaError::Published { volume: id, node: new })
+    );
     assert_eq!(s, before, "a refused attach changes nothing");
     assert_eq!((s.volumes[&id].epoch, s.volumes[&id].attached_to), (e, Some(new)));
     // Unpublished again, any node may attach (exports outside CSI).

@@ -269,7 +269,10 @@ mod tests {
             VolumeId(1),
             None,
         );
-        assert!(matches!(e, MembershipError::Refused(ref m) if m == "volume vol-1 is published to node node-7"), "{e:?}");
+        assert!(
+            matches!(e, MembershipError::Refused(ref m) if m == "volume vol-1 is published to node node-7"),
+            "{e:?}"
+        );
     }
 
     #[test]
