@@ -48,12 +48,18 @@ pub async fn dial(path: &Path) -> Result<Channel, tonic::transport::Error> {
         .await
 }
 
+/// An Identity client on the CSI socket, or why it could not connect.
+async fn identity(socket: &Path) -> Result<IdentityClient<Channel>, String> {
+    let channel = dial(socket).await.map_err(|e| format!("CSI socket {}: {e}", socket.display()))?;
+    Ok(IdentityClient::new(channel))
+}
+
 /// Liveness: the CSI server on `socket` accepts a connection and answers
 /// GetPluginInfo as this driver, within [`LIVE_TIMEOUT`]. No meta involved.
 pub async fn live(socket: &Path) -> Result<(), String> {
     let check = async {
-        let channel = dial(socket).await.map_err(|e| format!("CSI socket {}: {e}", socket.display()))?;
-        let info = IdentityClient::new(channel)
+        let info = identity(socket)
+            .await?
             .get_plugin_info(pb::GetPluginInfoRequest {})
             .await
             .map_err(|s| format!("CSI GetPluginInfo: {}", s.message()))?
@@ -72,8 +78,8 @@ pub async fn live(socket: &Path) -> Result<(), String> {
 /// ready, as the spec says), within [`READY_TIMEOUT`].
 pub async fn ready(socket: &Path) -> Result<(), String> {
     let check = async {
-        let channel = dial(socket).await.map_err(|e| format!("CSI socket {}: {e}", socket.display()))?;
-        let probe = IdentityClient::new(channel)
+        let probe = identity(socket)
+            .await?
             .probe(pb::ProbeRequest {})
             .await
             .map_err(|s| format!("CSI Probe: {}", s.message()))?

@@ -213,6 +213,32 @@ mod tests {
         }
     }
 
+    /// A registration server of a test, serving in `dir` until [`Running::stop`].
+    struct Running {
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<Result<(), RegistrationError>>,
+    }
+
+    impl Running {
+        fn start(dir: &Path, service: RegistrationService) -> Self {
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let d = dir.to_path_buf();
+            let server = tokio::spawn(async move {
+                serve(&d, service, async {
+                    let _ = stopped.await;
+                })
+                .await
+            });
+            Running { stop, server }
+        }
+
+        /// Stops the server and waits (30 s at most) for a clean end.
+        async fn stop(self) {
+            self.stop.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(30), self.server).await.unwrap().unwrap().unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn kubelet_gets_the_plugin_info_and_its_verdict_is_recorded() {
         let dir = tempfile::tempdir().unwrap();
@@ -223,14 +249,7 @@ mod tests {
         let service = RegistrationService::new(Path::new(HOST_SOCKET)).unwrap();
         let mut state = service.state();
         assert_eq!(*state.borrow(), RegistrationState::Pending);
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let d = dir.path().to_path_buf();
-        let server = tokio::spawn(async move {
-            serve(&d, service, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
+        let server = Running::start(dir.path(), service);
 
         // The stale file is replaced by a live socket: poll until the rename.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -265,8 +284,7 @@ mod tests {
         assert_eq!(kubelet.get_info(pb::InfoRequest {}).await.unwrap().into_inner().name, "csi.ballast.io");
 
         drop(kubelet);
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+        server.stop().await;
         assert!(!socket_path(dir.path()).exists(), "shutdown removes the socket: the kubelet deregisters");
         assert!(!bind_path(dir.path()).exists());
     }
@@ -342,14 +360,7 @@ mod tests {
     async fn kubelet_authority_is_served() {
         let dir = tempfile::tempdir().unwrap();
         let service = RegistrationService::new(Path::new(HOST_SOCKET)).unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let d = dir.path().to_path_buf();
-        let server = tokio::spawn(async move {
-            serve(&d, service, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
+        let server = Running::start(dir.path(), service);
         drop(wait_serving(dir.path()).await);
         let socket = socket_path(dir.path());
         let authority = grpc_go_authority(&socket);
@@ -361,8 +372,7 @@ mod tests {
         // A gRPC message: 1 byte flag, 4 bytes length, then the PluginInfo.
         let info = <pb::PluginInfo as prost::Message>::decode(data.get(5..).unwrap()).unwrap();
         assert_eq!((info.r#type.as_str(), info.endpoint.as_str()), ("CSIPlugin", HOST_SOCKET));
-        stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+        server.stop().await;
     }
 
     #[tokio::test]
@@ -370,19 +380,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for _ in 0..2 {
             let service = RegistrationService::new(Path::new(HOST_SOCKET)).unwrap();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let d = dir.path().to_path_buf();
-            let server = tokio::spawn(async move {
-                serve(&d, service, async {
-                    let _ = stopped.await;
-                })
-                .await
-            });
+            let server = Running::start(dir.path(), service);
             let mut kubelet = RegistrationClient::new(wait_serving(dir.path()).await);
             assert_eq!(kubelet.get_info(pb::InfoRequest {}).await.unwrap().into_inner().endpoint, HOST_SOCKET);
             drop(kubelet);
-            stop.send(()).unwrap();
-            tokio::time::timeout(Duration::from_secs(30), server).await.unwrap().unwrap().unwrap();
+            server.stop().await;
             assert!(!socket_path(dir.path()).exists());
         }
     }
