@@ -1,0 +1,126 @@
+//! The agent loop: registration with meta, then a heartbeat every interval,
+//! each carrying the disk's verdict and answered with the jobs to run.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ballast_chunkstore::ChunkStore;
+use ballast_metaclient::MetaClient;
+use ballast_proto::v1 as pb;
+use tokio::sync::watch;
+use tracing::{info, warn, Instrument};
+
+use crate::disk::{DiskMonitor, DiskProbe, PROBE_TIMEOUT, PROBE_WAIT};
+use crate::gc;
+use crate::jobs::Jobs;
+
+/// What the agent needs besides the store.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub id: u64,
+    pub zone: String,
+    /// The replica server's address as others reach it.
+    pub addr: SocketAddr,
+    pub capacity: u64,
+    pub heartbeat: Duration,
+    /// Copy throttle per job (bytes/s); None: unthrottled.
+    pub copy_rate: Option<u64>,
+    /// How often to look for chunk replicas to reclaim.
+    pub gc_every: Duration,
+    /// Free bytes below which the disk is full (None: the default rule: 1% of
+    /// the filesystem, at least 64 MiB, at most 1 GiB).
+    pub disk_reserve: Option<u64>,
+}
+
+/// Registers, then heartbeats until `stop`, starting each assigned job once.
+/// Garbage collection runs beside it on a task of its own, stopped by the same
+/// `stop`; this returns once both have stopped.
+pub async fn agent(cfg: AgentConfig, meta: MetaClient, store: ChunkStore, stop: watch::Receiver<bool>) {
+    let registered = Arc::new(AtomicBool::new(false));
+    let gc = tokio::spawn(
+        gc::run(cfg.clone(), meta.clone(), store.clone(), registered.clone(), stop.clone()).in_current_span(),
+    );
+    heartbeat(cfg, meta, store, registered, stop).await;
+    if let Err(e) = gc.await {
+        warn!(error = %e, "the garbage collection task failed");
+    }
+}
+
+/// The heartbeat loop.
+///
+/// Invariants:
+/// - a heartbeat goes out every `cfg.heartbeat` while meta answers: nothing
+///   else the node does waits in this loop. The disk probe gets at most
+///   [`PROBE_WAIT`] (a slow one reports on a later tick, a hung one fails after
+///   [`PROBE_TIMEOUT`]), copy jobs run on tasks of their own, and so does
+///   garbage collection (a late heartbeat makes the node suspect);
+/// - `registered` is true from a successful registration until meta answers a
+///   heartbeat with "unknown node", which makes the next tick register again;
+/// - `stop` wins over a due tick (see the `select!`).
+async fn heartbeat(
+    cfg: AgentConfig,
+    meta: MetaClient,
+    store: ChunkStore,
+    registered: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let jobs = Jobs::default();
+    let mut disk = DiskMonitor::new(DiskProbe::new(store.dir(), store.direct_io(), cfg.disk_reserve), PROBE_TIMEOUT);
+    let mut tick = tokio::time::interval(cfg.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Biased, stop first: while meta is down a heartbeat outlasts the
+        // interval, so the next tick is always ready too, and an unbiased pick
+        // kept heartbeating after a stop, 15 s a round, past the pod's grace period.
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if !registered.load(Ordering::Acquire) {
+            let req = pb::RegisterRequest {
+                node: cfg.id,
+                addr: cfg.addr.to_string(),
+                zone: cfg.zone.clone(),
+                capacity_bytes: cfg.capacity,
+            };
+            match meta.register(req).await {
+                Ok(_) => {
+                    info!(node = cfg.id, "registered with meta");
+                    registered.store(true, Ordering::Release);
+                }
+                Err(e) => {
+                    warn!(error = %e, "register with meta failed; retrying");
+                    continue;
+                }
+            }
+        }
+        let used = store.chunks().iter().map(|c| c.size).sum();
+        // The heartbeat must not wait on the disk (a late heartbeat makes the
+        // node suspect): a probe that has not answered within a few ms reports
+        // on a later tick (and a hung one fails after PROBE_TIMEOUT).
+        let disk_report = disk.check(PROBE_WAIT.min(cfg.heartbeat / 2)).await;
+        let (health, disk_error) = disk_report.verdict.to_pb();
+        let req = pb::HeartbeatRequest {
+            node: cfg.id,
+            used_bytes: used,
+            disk: health as i32,
+            disk_error,
+            disk_free_bytes: disk_report.free_bytes,
+        };
+        match meta.heartbeat(req).await {
+            Ok(r) => {
+                for job in r.jobs {
+                    jobs.start(&cfg, &meta, job);
+                }
+            }
+            Err(e) if e.is_not_found() => {
+                warn!("meta does not know this node; registering again");
+                registered.store(false, Ordering::Release);
+            }
+            Err(e) => warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
