@@ -1,8 +1,11 @@
 //! Command-line arguments of every subcommand (clap derive).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use ballast_frontend::ScrubConfig;
 use ballast_types::units::{parse_duration, parse_size};
 use clap::{Args, Parser, Subcommand};
 
@@ -22,8 +25,10 @@ pub enum Command {
     Volume(VolumeCommand),
     /// Attach a volume (new epoch, fencing older front ends) and export it over NBD.
     Export(ExportArgs),
-    /// A whole local cluster in one process: three replica servers in three zones on
-    /// file-backed disks, one volume, exported over NBD.
+    /// The embedded default: a whole local cluster in one process. Three meta members
+    /// (Raft), three storage nodes in three zones on file-backed disks (chunk store,
+    /// replica server, agent), a volume attached through meta and exported over NBD,
+    /// and the CSI services on a unix socket. Kept across runs in --data.
     Dev(DevArgs),
     /// One member of the metadata service (openraft; nodes, volumes, placement, epochs, jobs).
     Meta(MetaArgs),
@@ -64,7 +69,7 @@ pub struct MetaArgs {
     pub listen: SocketAddr,
     /// A new cluster's voting members as ID=HOST:PORT,...; the lowest id initializes
     /// it. Leave out to join an existing cluster (`ballastctl member add`).
-    #[arg(long, value_parser = crate::meta::parse_members)]
+    #[arg(long, value_parser = parse_members)]
     pub initial_members: Option<std::collections::BTreeMap<u64, String>>,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 250)]
@@ -234,12 +239,12 @@ pub struct ExportArgs {
     #[arg(long)]
     pub allow_remote: bool,
     #[command(flatten)]
-    pub scrub: crate::export::ScrubArgs,
+    pub scrub: ScrubArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct DevArgs {
-    /// Data directory: three disks, the volume file (kept across runs).
+    /// Data directory: the meta members' Raft logs and the three nodes' disks (kept across runs).
     #[arg(long, default_value = "ballast-dev")]
     pub data: PathBuf,
     /// NBD listen address (loopback).
@@ -286,6 +291,65 @@ fn parse_node(s: &str) -> Result<NodeSpec, String> {
     })
 }
 
+/// Parses `1=host:port,2=host:port,...`.
+pub fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, String> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) =
+            part.split_once('=').ok_or_else(|| format!("invalid member {part:?}: expected ID=HOST:PORT"))?;
+        let id: u64 = id.parse().map_err(|_| format!("invalid member id {id:?} in {part:?}"))?;
+        if id == 0 || addr.is_empty() || !addr.contains(':') {
+            return Err(format!("invalid member {part:?}: ids start at 1, the address is HOST:PORT"));
+        }
+        if out.insert(id, addr.to_string()).is_some() {
+            return Err(format!("member {id} given twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// `ballast export`'s scrub flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScrubArgs {
+    /// Time between scrub passes, which read every replica of every chunk and
+    /// rewrite corrupt blocks from a verified copy; the first pass runs one
+    /// interval after attach. E.g. 24h, 90m, 30s; 0 or off disables scrubbing.
+    #[arg(long = "scrub-interval", value_name = "DURATION", default_value = "24h", value_parser = parse_scrub_interval)]
+    pub interval: ScrubInterval,
+    /// Replica bytes a scrub pass reads per second (every copy counts), e.g. 64M;
+    /// 0 means no limit.
+    #[arg(long = "scrub-rate", value_name = "BYTES/s", default_value = "64M", value_parser = parse_size)]
+    pub rate: u64,
+}
+
+impl ScrubArgs {
+    /// The schedule to run, or None when scrubbing is off.
+    pub fn config(&self) -> Option<ScrubConfig> {
+        self.interval.0.map(|interval| ScrubConfig { interval, rate_bytes_per_sec: self.rate })
+    }
+}
+
+/// A scrub interval; None is off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScrubInterval(pub Option<Duration>);
+
+/// `off` or `0` (no scrub), `Nh` (hours), or what [`parse_duration`] takes.
+pub fn parse_scrub_interval(s: &str) -> Result<ScrubInterval, String> {
+    let t = s.trim();
+    if t.eq_ignore_ascii_case("off") || (!t.is_empty() && t.bytes().all(|b| b == b'0')) {
+        return Ok(ScrubInterval(None));
+    }
+    if let Some(hours) = t.strip_suffix('h') {
+        let n: u64 =
+            hours.trim().parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 24h, 90m, 30s"))?;
+        if n == 0 {
+            return Ok(ScrubInterval(None));
+        }
+        return Ok(ScrubInterval(Some(Duration::from_secs(n.saturating_mul(3600)))));
+    }
+    parse_duration(t).map(|d| ScrubInterval(Some(d)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,5 +390,29 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn members() {
+        let m = parse_members("1=127.0.0.1:7400, 2=h:7401").unwrap();
+        assert_eq!(m.get(&2).map(String::as_str), Some("h:7401"));
+        assert!(parse_members("0=h:1").is_err());
+        assert!(parse_members("1=h:1,1=h:2").is_err());
+        assert!(parse_members("1:h:1").is_err());
+    }
+
+    #[test]
+    fn scrub_intervals() {
+        let p = |s| parse_scrub_interval(s).map(|i| i.0);
+        assert_eq!(p("24h"), Ok(Some(Duration::from_secs(24 * 3600))));
+        assert_eq!(p("90m"), Ok(Some(Duration::from_secs(90 * 60))));
+        assert_eq!(p("30s"), Ok(Some(Duration::from_secs(30))));
+        assert_eq!(p("500ms"), Ok(Some(Duration::from_millis(500))));
+        for off in ["0", "off", "OFF", "0h", "00"] {
+            assert_eq!(p(off), Ok(None), "{off}");
+        }
+        assert!(p("xh").is_err());
+        assert!(p("1d").is_err());
+        assert!(p("").is_err());
     }
 }

@@ -22,13 +22,13 @@ use anyhow::{bail, Context};
 use ballast_chunkstore::{ChunkStore, StoreOptions};
 use ballast_metaclient::MetaClient;
 use ballast_metasvc::{Detector, MetaConfig, RaftTiming};
+use ballast_node::{agent, fs_capacity, AgentConfig};
 use ballast_proto::v1 as pb;
 use ballast_replica::{ReplicaServer, ServerOptions};
 use tokio::net::TcpListener;
 
 use crate::cli::DevArgs;
 use crate::export::NbdListeners;
-use crate::node::{self, AgentConfig};
 use crate::shutdown;
 
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
@@ -74,7 +74,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             id,
             zone: zone.to_string(),
             addr,
-            capacity: node::fs_capacity(&disk)?,
+            capacity: fs_capacity(&disk)?,
             heartbeat: Duration::from_secs(1),
             copy_rate: Some(128 << 20),
             gc_every: Duration::from_secs(30),
@@ -90,7 +90,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         meta.register(reg).await.with_context(|| format!("register node {id} with meta"))?;
         tracing::info!(node = id, zone, %addr, disk = %disk.display(), direct_io = store.direct_io(), "storage node serving");
         println!("ready node id={id} zone={zone} addr={addr} data={}", disk.display());
-        tokio::spawn(node::agent(cfg, meta.clone(), store.clone(), nodes_stop.clone()));
+        tokio::spawn(agent(cfg, meta.clone(), store.clone(), nodes_stop.clone()));
         let stop = nodes_stop.clone();
         servers.spawn(async move {
             ReplicaServer::new(store, ServerOptions::default()).serve(listener, shutdown::wait(stop)).await
@@ -154,15 +154,15 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     };
     println!("ready csi socket={}", csi_socket.display());
     let nbd = NbdListeners::bind(Some(a.nbd), a.socket.as_deref(), false).await?;
-    let attached = ballast_metaclient::AttachedVolume::attach(
+    let attached = ballast_metavolume::AttachedVolume::attach(
         meta.clone(),
         &a.name,
         ballast_types::NodeId(1),
         Duration::from_secs(5),
-        ballast_metaclient::LAYOUT_POLL,
+        ballast_metavolume::LAYOUT_POLL,
     )
     .await?
-    .with_scrub(ballast_metaclient::ScrubConfig::default());
+    .with_scrub(ballast_metavolume::ScrubConfig::default());
     print_banner(&a.data, &endpoints, attached.volume(), &nbd, &csi_socket)?;
     nbd.announce(attached.volume().name())?;
     nbd.serve(attached.volume().clone(), stop, Duration::from_secs(10)).await?;
@@ -197,7 +197,7 @@ async fn bind_members(file: &Path, base: u16) -> anyhow::Result<Vec<(u64, TcpLis
     let mut out = Vec::new();
     match std::fs::read_to_string(file) {
         Ok(text) => {
-            let members = crate::meta::parse_members(text.trim()).map_err(anyhow::Error::msg)?;
+            let members = crate::cli::parse_members(text.trim()).map_err(anyhow::Error::msg)?;
             for (id, addr) in members {
                 let l = TcpListener::bind(&addr).await.with_context(|| {
                     format!(
@@ -244,7 +244,7 @@ async fn bind_members(file: &Path, base: u16) -> anyhow::Result<Vec<(u64, TcpLis
 fn print_banner(
     data: &Path,
     meta: &[String],
-    volume: &ballast_metaclient::MetaVolume,
+    volume: &ballast_metavolume::MetaVolume,
     l: &NbdListeners,
     csi: &Path,
 ) -> anyhow::Result<()> {

@@ -12,13 +12,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
 use ballast_frontend::{
-    scrub_periodically, tcp_connector, Membership, ScrubConfig, ScrubReport, StaticConfig, StaticMembership, Volume,
+    scrub_periodically, tcp_connector, Membership, ScrubReport, StaticConfig, StaticMembership, Volume,
     VolumeOptions,
 };
-use ballast_metaclient::{AttachedVolume, MetaClient, LAYOUT_POLL};
+use ballast_metaclient::MetaClient;
+use ballast_metavolume::{AttachedVolume, LAYOUT_POLL};
 use ballast_nbd::{Export, NbdOptions, NbdServer};
 use ballast_replica::{ClientOptions, ReplicaClient};
-use ballast_types::units::{parse_duration, parse_size};
 use ballast_types::{NodeId, VolumeId, Zone};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -28,48 +28,6 @@ use crate::shutdown;
 
 /// The front end as `ballast` runs it: static membership, TCP replica clients.
 pub type StaticVolume = Volume<StaticMembership, ReplicaClient>;
-
-/// `ballast export`'s scrub flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ScrubArgs {
-    /// Time between scrub passes, which read every replica of every chunk and
-    /// rewrite corrupt blocks from a verified copy; the first pass runs one
-    /// interval after attach. E.g. 24h, 90m, 30s; 0 or off disables scrubbing.
-    #[arg(long = "scrub-interval", value_name = "DURATION", default_value = "24h", value_parser = parse_scrub_interval)]
-    pub interval: ScrubInterval,
-    /// Replica bytes a scrub pass reads per second (every copy counts), e.g. 64M;
-    /// 0 means no limit.
-    #[arg(long = "scrub-rate", value_name = "BYTES/s", default_value = "64M", value_parser = parse_size)]
-    pub rate: u64,
-}
-
-impl ScrubArgs {
-    /// The schedule to run, or None when scrubbing is off.
-    pub fn config(&self) -> Option<ScrubConfig> {
-        self.interval.0.map(|interval| ScrubConfig { interval, rate_bytes_per_sec: self.rate })
-    }
-}
-
-/// A scrub interval; None is off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ScrubInterval(pub Option<Duration>);
-
-/// `off` or `0` (no scrub), `Nh` (hours), or what [`parse_duration`] takes.
-pub fn parse_scrub_interval(s: &str) -> Result<ScrubInterval, String> {
-    let t = s.trim();
-    if t.eq_ignore_ascii_case("off") || (!t.is_empty() && t.bytes().all(|b| b == b'0')) {
-        return Ok(ScrubInterval(None));
-    }
-    if let Some(hours) = t.strip_suffix('h') {
-        let n: u64 =
-            hours.trim().parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 24h, 90m, 30s"))?;
-        if n == 0 {
-            return Ok(ScrubInterval(None));
-        }
-        return Ok(ScrubInterval(Some(Duration::from_secs(n.saturating_mul(3600)))));
-    }
-    parse_duration(t).map(|d| ScrubInterval(Some(d)))
-}
 
 /// The stdout line `ballast export` prints after each scrub pass (test
 /// harnesses parse it).
@@ -286,22 +244,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn scrub_intervals() {
-        let p = |s| parse_scrub_interval(s).map(|i| i.0);
-        assert_eq!(p("24h"), Ok(Some(Duration::from_secs(24 * 3600))));
-        assert_eq!(p("90m"), Ok(Some(Duration::from_secs(90 * 60))));
-        assert_eq!(p("30s"), Ok(Some(Duration::from_secs(30))));
-        assert_eq!(p("500ms"), Ok(Some(Duration::from_millis(500))));
-        for off in ["0", "off", "OFF", "0h", "00"] {
-            assert_eq!(p(off), Ok(None), "{off}");
-        }
-        assert!(p("xh").is_err());
-        assert!(p("1d").is_err());
-        assert!(p("").is_err());
-    }
-
-    #[test]
     fn scrub_flags_and_line() {
+        use ballast_frontend::ScrubConfig;
         use clap::Parser;
         let cli = crate::cli::Cli::try_parse_from(["ballast", "export", "--config", "v.toml"]).unwrap();
         let crate::cli::Command::Export(a) = cli.command else { panic!("not export") };

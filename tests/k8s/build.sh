@@ -60,8 +60,13 @@ build_go() {
 }
 
 build_rust() {
-  log "building Ballast (cargo build --release --bins)"
-  (cd "$ROOT" && cargo build --release --bins -q)
+  # The same build as ./scripts/test's `cargo test --release --workspace` (same
+  # feature set, so after the cargo tests this compiles nothing): the cluster runs the
+  # very binaries the other suites tested. `cargo build --release --bins` would
+  # resolve features without the dev-dependencies and recompile tokio and everything
+  # above it.
+  log "building Ballast (cargo test --release --workspace --no-run)"
+  (cd "$ROOT" && cargo test --release --workspace --no-run -q)
 }
 
 # The image tag a manifest in csi/ names for an image repository.

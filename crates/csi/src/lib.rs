@@ -31,7 +31,7 @@ pub mod node;
 pub mod params;
 pub mod registration;
 
-#[allow(clippy::all, missing_docs)]
+#[allow(clippy::all, missing_docs, unused_qualifications)] // generated
 pub mod pb {
     tonic::include_proto!("csi.v1");
 }

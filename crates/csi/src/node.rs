@@ -26,7 +26,8 @@ use std::time::Duration;
 use ballast_attach::fs::{self, FsType};
 use ballast_attach::{find_by_backing_file, FuseFile, LoopDevice, LoopOptions};
 use ballast_blockdev::BlockDev;
-use ballast_metaclient::{AttachedVolume, MetaClient, LAYOUT_POLL};
+use ballast_metaclient::MetaClient;
+use ballast_metavolume::{AttachedVolume, LAYOUT_POLL};
 use ballast_types::NodeId;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -155,7 +156,7 @@ impl NodeService {
                         Status::unavailable(format!("attach {id}: {e}"))
                     }
                 })?
-                .with_scrub(ballast_metaclient::ScrubConfig::default());
+                .with_scrub(ballast_metavolume::ScrubConfig::default());
         let (volume, fuse_dir, rt) = (attached.volume().clone(), self.fuse_dir(&id), tokio::runtime::Handle::current());
         let read_only = record.read_only;
         let rec = record.clone();

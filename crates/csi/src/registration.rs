@@ -21,7 +21,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-#[allow(clippy::all, missing_docs)]
+#[allow(clippy::all, missing_docs, unused_qualifications)] // generated
 pub mod pb {
     tonic::include_proto!("pluginregistration");
 }

@@ -16,7 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_frontend::{Membership, MembershipError};
-use ballast_metaclient::{pb, MetaClient, MetaClientError, MetaClientOptions, MetaMembership};
+use ballast_metaclient::{pb, MetaClient, MetaClientError, MetaClientOptions};
+use ballast_metavolume::MetaMembership;
 use ballast_proto::v1::admin_server::{Admin, AdminServer};
 use ballast_proto::v1::node_api_server::{NodeApi, NodeApiServer};
 use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};

@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::{pb, MetaClient, MetaClientError, MetaMembership};
+use ballast_metaclient::{pb, MetaClient, MetaClientError};
+
+use crate::MetaMembership;
 
 /// The front end with the metadata service as its membership.
 pub type MetaVolume = Volume<Arc<MetaMembership>, ReplicaClient>;

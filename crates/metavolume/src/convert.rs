@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use ballast_frontend::{EjectReason, Replica, ReplicaSet, VolumeLayout};
-use ballast_proto::v1 as pb;
+use ballast_metaclient::pb;
 use ballast_types::{NodeId, VolumeId, Zone};
 
 /// A layout message the front end cannot use.

@@ -5,13 +5,12 @@
 use std::sync::Mutex;
 
 use ballast_frontend::{Attachment, EjectReason, Membership, MembershipError, ReplicaSet, VolumeLayout};
-use ballast_proto::v1 as pb;
+use ballast_metaclient::pb;
 use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};
 use tracing::{info, info_span, Instrument};
 
-use crate::client::MetaClient;
+use ballast_metaclient::{MetaClient, MetaClientError};
 use crate::convert::{layout_from_proto, replica_set_from_proto};
-use crate::error::MetaClientError;
 
 /// The metadata service as one volume's membership provider.
 pub struct MetaMembership {
