@@ -2,12 +2,22 @@
 //! few TCP connections. I/O path: no blocking calls, no info logs per request.
 //!
 //! ```text
-//!  caller ─► call() ─► pick connection (round robin, connect lazily)
+//!  caller ─► call() ─► pick connection (round robin, connect lazily: one
+//!                 │    connect task per slot, every caller waits for it)
 //!                 │    register req id → oneshot in `pending`
 //!                 │    frame ─► mpsc ─► writer task ─► writev(socket)
-//!                 └─ await oneshot (bounded by the request timeout)
+//!                 └─ await oneshot
+//!                      (connect wait + exchange: bounded by the request timeout)
 //!  reader task ◄─ socket: decode frame, take `pending[req id]`, complete it
 //! ```
+//!
+//! A slot with no live connection gets ONE connect attempt, in a task of its
+//! own (bounded by `connect_timeout`); every request that picks the slot
+//! meanwhile waits for that attempt, never longer than its own deadline, and
+//! they all get its outcome. So N requests to a black-holed replica fail
+//! together within one request timeout, instead of taking turns at the
+//! connect one after another; a caller that gives up (or is dropped) does not
+//! cancel the attempt for the others.
 //!
 //! A connection that fails (EOF, I/O error, malformed frame) or on which a request
 //! times out is marked dead and closed: every request in flight on it fails with
@@ -29,7 +39,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tracing::{debug, trace, warn, Instrument};
 
 use crate::io::{write_frames, MAX_BATCH};
@@ -82,9 +93,11 @@ impl ClientError {
 pub struct ClientOptions {
     /// TCP connections to pipeline over, used round robin. Default 2.
     pub connections: usize,
-    /// Time from sending a request to its response before `Timeout`. Default 5 s.
+    /// Time from a call to its response before it fails: waiting for a
+    /// connection counts (a connect still going at the deadline fails the call
+    /// with `Connect`), and an exchange past it fails with `Timeout`. Default 5 s.
     pub timeout: Duration,
-    /// Time allowed to establish a connection. Default 2 s.
+    /// Time one connect attempt may take. Default 2 s.
     pub connect_timeout: Duration,
 }
 
@@ -110,9 +123,38 @@ impl std::fmt::Debug for ReplicaClient {
 struct ClientInner {
     addr: SocketAddr,
     opts: ClientOptions,
-    slots: Vec<tokio::sync::Mutex<Option<Conn>>>,
+    /// Short critical sections only (never held across an await).
+    slots: Vec<StdMutex<Slot>>,
     next_slot: AtomicUsize,
     next_id: AtomicU64,
+}
+
+/// One connection slot.
+enum Slot {
+    /// No connection, no attempt: the next request starts one.
+    Empty,
+    /// A connect task is running; its outcome is published here (`None` until
+    /// it ends), and the task has set the slot to `Ready` or `Empty` by then.
+    Connecting(watch::Receiver<Option<Result<Conn, ConnectFailure>>>),
+    /// A connection (maybe dead: the next request then starts an attempt).
+    Ready(Conn),
+}
+
+/// A failed connect, shared by every request that waited for it.
+#[derive(Clone, Debug)]
+struct ConnectFailure {
+    kind: std::io::ErrorKind,
+    message: String,
+}
+
+impl ConnectFailure {
+    fn of(e: &std::io::Error) -> ConnectFailure {
+        ConnectFailure { kind: e.kind(), message: e.to_string() }
+    }
+
+    fn error(&self, addr: SocketAddr) -> ClientError {
+        ClientError::Connect { addr, source: std::io::Error::new(self.kind, self.message.clone()) }
+    }
 }
 
 /// One live connection: the way to its writer task and the table its reader completes.
@@ -126,7 +168,7 @@ struct ConnShared {
     state: StdMutex<ConnState>,
     /// Becomes true once the connection is abandoned; its reader and writer
     /// tasks watch it and drop their halves of the socket, which closes it.
-    closed: tokio::sync::watch::Sender<bool>,
+    closed: watch::Sender<bool>,
 }
 
 struct ConnState {
@@ -187,7 +229,7 @@ const MAX_RANGE_PER_FRAME: u64 = 1 << 30;
 impl ReplicaClient {
     pub fn new(addr: SocketAddr, opts: ClientOptions) -> ReplicaClient {
         let n = opts.connections.max(1);
-        let slots = (0..n).map(|_| tokio::sync::Mutex::new(None)).collect();
+        let slots = (0..n).map(|_| StdMutex::new(Slot::Empty)).collect();
         ReplicaClient {
             inner: Arc::new(ClientInner {
                 addr,
@@ -386,7 +428,9 @@ impl ReplicaClient {
     async fn call_inner(&self, header: Header, payload: Bytes) -> Result<Frame, ClientError> {
         let op = header.op;
         let id = header.request_id;
-        let conn = self.connection().await?;
+        // One deadline for the whole call, the wait for a connection included.
+        let deadline = Instant::now() + self.inner.opts.timeout;
+        let conn = self.connection(deadline).await?;
         let (tx, rx) = oneshot::channel();
         {
             let mut st = conn.shared.lock();
@@ -407,7 +451,7 @@ impl ReplicaClient {
                 Err(_) => Err(ClientError::Disconnected),
             }
         };
-        let resp = match tokio::time::timeout(self.inner.opts.timeout, exchange).await {
+        let resp = match tokio::time::timeout_at(deadline, exchange).await {
             Ok(r) => r?,
             Err(_) => {
                 // A peer that does not answer in time may never answer (paused,
@@ -424,46 +468,88 @@ impl ReplicaClient {
         }
     }
 
-    /// A live connection from the next slot, opening one if the slot is empty or dead.
-    async fn connection(&self) -> Result<Conn, ClientError> {
+    /// A live connection from the next slot. A slot without one gets a single
+    /// connect attempt (see the module docs), which this call waits for until
+    /// `deadline` at most.
+    async fn connection(&self, deadline: Instant) -> Result<Conn, ClientError> {
         let n = self.inner.slots.len();
         let idx = self.inner.next_slot.fetch_add(1, Ordering::Relaxed) % n;
-        let mut slot = self.inner.slots[idx].lock().await;
-        if let Some(c) = slot.as_ref() {
-            if !c.shared.is_dead() {
-                return Ok(c.clone());
-            }
-        }
-        let conn = self.connect().await?;
-        *slot = Some(conn.clone());
-        Ok(conn)
-    }
-
-    async fn connect(&self) -> Result<Conn, ClientError> {
-        let addr = self.inner.addr;
-        let stream = match tokio::time::timeout(self.inner.opts.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(ClientError::Connect { addr, source }),
-            Err(_) => {
-                return Err(ClientError::Connect {
-                    addr,
-                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-                })
+        let mut rx = {
+            let mut slot = self.inner.slots[idx].lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Slot::Ready(c) if !c.shared.is_dead() => return Ok(c.clone()),
+                Slot::Connecting(rx) => rx.clone(),
+                Slot::Ready(_) | Slot::Empty => {
+                    let (tx, rx) = watch::channel(None);
+                    *slot = Slot::Connecting(rx.clone());
+                    tokio::spawn(connect_slot(self.inner.clone(), idx, tx));
+                    rx
+                }
             }
         };
-        // Small frames must not wait for Nagle: latency is the product.
-        stream.set_nodelay(true).map_err(|source| ClientError::Connect { addr, source })?;
-        debug!(peer = %addr, "connected to replica");
-        let (r, w) = stream.into_split();
-        let shared = Arc::new(ConnShared {
-            state: StdMutex::new(ConnState { dead: false, pending: HashMap::new() }),
-            closed: tokio::sync::watch::Sender::new(false),
-        });
-        let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(write_loop(w, rx, shared.clone(), addr));
-        tokio::spawn(read_loop(r, shared.clone(), addr));
-        Ok(Conn { tx, shared })
+        let addr = self.inner.addr;
+        let waited = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some))
+            .await
+            .map(|r| r.map(|outcome| outcome.clone()));
+        match waited {
+            Ok(Ok(Some(Ok(c)))) => Ok(c),
+            Ok(Ok(Some(Err(f)))) => Err(f.error(addr)),
+            Ok(Ok(None)) => Err(ClientError::Disconnected),
+            // The connect task is gone without an outcome (its runtime is
+            // shutting down).
+            Ok(Err(_)) => Err(ClientError::Connect {
+                addr,
+                source: std::io::Error::new(std::io::ErrorKind::Interrupted, "connect attempt abandoned"),
+            }),
+            Err(_) => {
+                debug!(peer = %addr, "no connection within the request timeout");
+                Err(ClientError::Connect {
+                    addr,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no connection within the request timeout",
+                    ),
+                })
+            }
+        }
     }
+}
+
+/// One connect attempt for slot `idx`: installs its outcome in the slot (a
+/// connection, or empty again so the next request tries anew), then tells the
+/// requests waiting for it.
+async fn connect_slot(inner: Arc<ClientInner>, idx: usize, tx: watch::Sender<Option<Result<Conn, ConnectFailure>>>) {
+    let outcome = connect(inner.addr, inner.opts.connect_timeout).await.map_err(|e| ConnectFailure::of(&e));
+    if let Err(f) = &outcome {
+        debug!(peer = %inner.addr, error = %f.message, "connect to replica failed");
+    }
+    {
+        let mut slot = inner.slots[idx].lock().unwrap_or_else(|p| p.into_inner());
+        *slot = match &outcome {
+            Ok(c) => Slot::Ready(c.clone()),
+            Err(_) => Slot::Empty,
+        };
+    }
+    tx.send_replace(Some(outcome));
+}
+
+async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<Conn, std::io::Error> {
+    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+        Ok(r) => r?,
+        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
+    };
+    // Small frames must not wait for Nagle: latency is the product.
+    stream.set_nodelay(true)?;
+    debug!(peer = %addr, "connected to replica");
+    let (r, w) = stream.into_split();
+    let shared = Arc::new(ConnShared {
+        state: StdMutex::new(ConnState { dead: false, pending: HashMap::new() }),
+        closed: watch::Sender::new(false),
+    });
+    let (tx, rx) = mpsc::channel(1024);
+    tokio::spawn(write_loop(w, rx, shared.clone(), addr));
+    tokio::spawn(read_loop(r, shared.clone(), addr));
+    Ok(Conn { tx, shared })
 }
 
 async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, shared: Arc<ConnShared>, peer: SocketAddr) {

@@ -303,7 +303,7 @@ async fn pipelined_requests_complete_by_request_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_times_out_on_a_silent_server() {
-    common::init_tracing();
+    init_tracing();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     // Accepts and reads, never answers; reports each connection the client closes.
@@ -342,7 +342,7 @@ async fn client_times_out_on_a_silent_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_requests_fail_when_the_connection_drops() {
-    common::init_tracing();
+    init_tracing();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     // Reads one request's bytes, then hangs up.
