@@ -70,7 +70,7 @@ pub struct MetaArgs {
     /// A new cluster's voting members as ID=HOST:PORT,...; the lowest id initializes
     /// it. Leave out to join an existing cluster (`ballastctl member add`).
     #[arg(long, value_parser = parse_members)]
-    pub initial_members: Option<std::collections::BTreeMap<u64, String>>,
+    pub initial_members: Option<BTreeMap<u64, String>>,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 250)]
     pub raft_heartbeat_ms: u64,
@@ -79,10 +79,10 @@ pub struct MetaArgs {
     pub election_ms: u64,
     /// A storage node silent this long is suspect (no new replicas on it).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub suspect_after: std::time::Duration,
+    pub suspect_after: Duration,
     /// A storage node silent this long is down (its replicas are rebuilt elsewhere).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub down_after: std::time::Duration,
+    pub down_after: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -115,7 +115,7 @@ pub struct NodeArgs {
     pub capacity: Option<u64>,
     /// Heartbeat interval.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    pub heartbeat: std::time::Duration,
+    pub heartbeat: Duration,
     /// Throttle for each copy job (bytes per second, e.g. 200M; 0: unthrottled), so
     /// that rebuilds leave client I/O its latency.
     #[arg(long, default_value = "128M", value_parser = parse_size)]
@@ -128,7 +128,7 @@ pub struct NodeArgs {
     /// How often to look for chunk replicas meta no longer lists here (deleted
     /// volumes, replaced replicas); one is deleted after two looks agree.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    pub gc_every: std::time::Duration,
+    pub gc_every: Duration,
     /// Use buffered I/O instead of O_DIRECT.
     #[arg(long)]
     pub no_direct_io: bool,
@@ -234,7 +234,7 @@ pub struct ExportArgs {
     pub local_node: Option<u64>,
     /// Per-replica I/O timeout before the replica is ejected, e.g. 5s, 500ms.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub io_timeout: std::time::Duration,
+    pub io_timeout: Duration,
     /// Allow a non-loopback NBD address (the export is unauthenticated).
     #[arg(long)]
     pub allow_remote: bool,

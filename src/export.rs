@@ -136,7 +136,7 @@ impl NbdListeners {
     pub async fn serve<M: Membership>(
         self,
         volume: Arc<Volume<M, ReplicaClient>>,
-        stop: tokio::sync::watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
         grace: Duration,
     ) -> anyhow::Result<()> {
         let name = volume.name().to_string();

@@ -222,7 +222,7 @@ impl Genl {
                 libc::SOL_SOCKET,
                 libc::SO_RCVTIMEO,
                 &tv as *const libc::timeval as *const libc::c_void,
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                size_of::<libc::timeval>() as libc::socklen_t,
             );
         }
         Ok(Genl { fd, seq: 1 })
@@ -245,7 +245,7 @@ impl Genl {
                 msg.len(),
                 0,
                 &addr as *const libc::sockaddr_nl as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
             )
         };
         if sent < 0 {

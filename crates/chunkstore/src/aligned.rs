@@ -18,6 +18,7 @@ pub struct AlignedBuf {
 
 // SAFETY: the buffer is uniquely owned heap memory; no interior sharing.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only read the buffer (`&self` methods never write).
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {

@@ -25,6 +25,8 @@ pub struct CtxMap {
 
 // SAFETY: the mapping is plain shared memory; access discipline is documented above.
 unsafe impl Send for CtxMap {}
+// SAFETY: `&self` writes are volatile byte copies into shared memory, never through a
+// Rust reference, and writers of one block are serialized by the chunk's range lock (above).
 unsafe impl Sync for CtxMap {}
 
 impl CtxMap {

@@ -24,8 +24,9 @@ fn disk_dir() -> tempfile::TempDir {
 
 fn fs_type(path: &std::path::Path) -> i64 {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
-    // SAFETY: statfs into a zeroed struct.
+    // SAFETY: statfs is plain old data; all zeroes is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a pointer to a live statfs.
     assert_eq!(unsafe { libc::statfs(c.as_ptr(), &mut st) }, 0);
     st.f_type as i64
 }
