@@ -6,7 +6,9 @@
 //! the same log on every member, so every member holds the same state; a snapshot
 //! is the serde serialisation of [`MetaState`].
 //!
-//! Invariants kept by `apply` (checked after every step in `tests/state.rs`):
+//! Invariants kept by `apply` (the structural ones are
+//! [`MetaState::check_invariants`], checked after every step in `tests/state.rs`
+//! and after every command by both simulators):
 //! - every chunk's in-sync set has at least the volume's `min_in_sync` members;
 //! - a chunk's `version` increases on every change to its replica set;
 //! - a volume's `epoch` only increases; each attach raises it by one;
@@ -19,7 +21,8 @@
 //!   an unpublished volume can be deleted;
 //! - a volume with `zone_spread: required` never has two replicas of a chunk in
 //!   one zone;
-//! - a failed command changes nothing.
+//! - a failed command changes nothing: every check of a command comes before
+//!   its first change (see `Eject`, and `finishable` for the jobs a command ends).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -499,21 +502,28 @@ impl MetaState {
                         DiskHealth::Failed { reason } => format!("target disk failed: {reason}"),
                         _ => "target disk full".to_string(),
                     };
-                    let doomed: Vec<u64> =
-                        self.jobs.values().filter(|j| j.is_active() && j.target == *id).map(|j| j.id).collect();
-                    for job in doomed {
-                        self.finish_job(job, false, Some(why.clone()), 0)?;
+                    // Every job is checked before the first one ends: a failed
+                    // command changes nothing.
+                    let doomed = self
+                        .jobs
+                        .values()
+                        .filter(|j| j.is_active() && j.target == *id)
+                        .map(|j| self.finishable(j.id, false))
+                        .collect::<Result<Vec<Job>, MetaError>>()?;
+                    for job in &doomed {
+                        self.finish_checked(job, false, Some(why.clone()), 0);
                     }
                 }
-                let n = self.nodes.get_mut(id).ok_or(MetaError::UnknownNode(*id))?;
-                n.reported_used = *reported_used;
-                n.last_heartbeat_ms = n.last_heartbeat_ms.max(*now_ms);
-                // A suspect node that speaks again is up; a down one stays down
-                // until an explicit state change (its replicas are being rebuilt).
-                if n.state == NodeState::Suspect {
-                    n.state = NodeState::Up;
+                if let Some(n) = self.nodes.get_mut(id) {
+                    n.reported_used = *reported_used;
+                    n.last_heartbeat_ms = n.last_heartbeat_ms.max(*now_ms);
+                    // A suspect node that speaks again is up; a down one stays down
+                    // until an explicit state change (its replicas are being rebuilt).
+                    if n.state == NodeState::Suspect {
+                        n.state = NodeState::Up;
+                    }
+                    n.disk = disk.clone();
                 }
-                n.disk = disk.clone();
                 Ok(Response::Done)
             }
             Command::SetNodeState { id, state } => {
@@ -576,12 +586,9 @@ impl MetaState {
                 Ok(Response::Epoch(v.epoch))
             }
             Command::Eject { volume, chunk, version, node } => {
-                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
-                let min = v.min_in_sync;
-                let c = v
-                    .chunks
-                    .get_mut(chunk.0 as usize)
-                    .ok_or(MetaError::UnknownChunk { volume: *volume, chunk: *chunk })?;
+                let v = self.volumes.get(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                let c =
+                    v.chunks.get(chunk.0 as usize).ok_or(MetaError::UnknownChunk { volume: *volume, chunk: *chunk })?;
                 let role = c.replicas.iter().find(|r| r.node == *node).map(|r| r.role);
                 if c.version != *version || !matches!(role, Some(Role::InSync | Role::Rebuilding)) {
                     // Someone changed the set first: the caller decides from it.
@@ -590,26 +597,45 @@ impl MetaState {
                 // A rebuilding member is not counted towards min-in-sync.
                 if role == Some(Role::InSync) {
                     let remaining = c.in_sync().count() - 1;
-                    if remaining < min {
-                        return Err(MetaError::BelowMinInSync { chunk: *chunk, node: *node, remaining, min });
+                    if remaining < v.min_in_sync {
+                        return Err(MetaError::BelowMinInSync {
+                            chunk: *chunk,
+                            node: *node,
+                            remaining,
+                            min: v.min_in_sync,
+                        });
                     }
                 }
-                for r in &mut c.replicas {
+                // A rebuilding target that fails a write fails its job; ending
+                // that job is checked here too.
+                let job = match role {
+                    Some(Role::Rebuilding) => {
+                        self.active_job(*volume, *chunk).map(|j| self.finishable(j.id, false)).transpose()?
+                    }
+                    _ => None,
+                };
+                // Invariant: every check comes before the first change, and
+                // nothing below fails, so a refused eject changes nothing (on
+                // every member alike).
+                let mut ejected = c.clone();
+                for r in &mut ejected.replicas {
                     if r.node == *node {
                         r.role = Role::Ejected;
                     }
                 }
-                c.version += 1;
-                let mut out = c.clone();
-                v.layout_gen += 1;
-                // A rebuilding target that fails a write fails its job.
-                if role == Some(Role::Rebuilding) {
-                    if let Some(id) = self.active_job(*volume, *chunk).map(|j| j.id) {
-                        self.finish_job(id, false, Some("target ejected by the front end".into()), 0)?;
-                        out = self.volumes[volume].chunks[chunk.0 as usize].clone();
+                ejected.version += 1;
+                if let Some(v) = self.volumes.get_mut(volume) {
+                    v.layout_gen += 1;
+                    if let Some(c) = v.chunks.get_mut(chunk.0 as usize) {
+                        *c = ejected.clone();
                     }
                 }
-                Ok(Response::Chunk(out))
+                if let Some(job) = &job {
+                    self.finish_checked(job, false, Some("target ejected by the front end".into()), 0);
+                }
+                // The set after the eject and the end of its job.
+                let now = self.volumes.get(volume).and_then(|v| v.chunks.get(chunk.0 as usize));
+                Ok(Response::Chunk(now.cloned().unwrap_or(ejected)))
             }
             Command::AckLayout { volume, epoch, gen } => {
                 let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
@@ -767,69 +793,90 @@ impl MetaState {
     }
 
     fn finish_job(&mut self, id: u64, ok: bool, error: Option<String>, blocks: u64) -> Result<Response, MetaError> {
-        let job = self.jobs.get(&id).ok_or(MetaError::UnknownJob(id))?.clone();
+        let job = self.finishable(id, ok)?;
+        self.finish_checked(&job, ok, error, blocks);
+        Ok(Response::Done)
+    }
+
+    /// The checks of ending job `id` (`ok`: done, else failed), changing
+    /// nothing: what [`Self::finish_checked`] then applies without failing.
+    /// Commands that end jobs on the way (an eject, a heartbeat reporting a bad
+    /// disk) check them all before they change anything.
+    fn finishable(&self, id: u64, ok: bool) -> Result<Job, MetaError> {
+        let job = self.jobs.get(&id).ok_or(MetaError::UnknownJob(id))?;
         if !job.is_active() {
             return Err(MetaError::Conflict(format!("job {id} is not active")));
         }
+        // A job whose volume was deleted under it just fails.
+        if let Some(v) = self.volumes.get(&job.volume) {
+            let c = v
+                .chunks
+                .get(job.chunk.0 as usize)
+                .ok_or(MetaError::UnknownChunk { volume: job.volume, chunk: job.chunk })?;
+            let target_rebuilding = c.replicas.iter().any(|r| r.node == job.target && r.role == Role::Rebuilding);
+            if ok && !target_rebuilding {
+                return Err(MetaError::Conflict(format!(
+                    "job {id}: {} is no longer rebuilding chunk {}",
+                    job.target, job.chunk
+                )));
+            }
+        }
+        Ok(job.clone())
+    }
+
+    /// Ends a job [`Self::finishable`] accepted (on the same state). Never fails.
+    fn finish_checked(&mut self, job: &Job, ok: bool, error: Option<String>, blocks: u64) {
         let Some(v) = self.volumes.get_mut(&job.volume) else {
             // The volume was deleted under the job.
-            let j = self.jobs.get_mut(&id).ok_or(MetaError::UnknownJob(id))?;
-            j.state = JobState::Failed;
-            j.error = Some("volume deleted".into());
+            if let Some(j) = self.jobs.get_mut(&job.id) {
+                j.state = JobState::Failed;
+                j.error = Some("volume deleted".into());
+            }
             self.trim_finished_jobs();
-            return Ok(Response::Done);
+            return;
         };
         let chunk_size = v.chunk_size;
-        let c = v
-            .chunks
-            .get_mut(job.chunk.0 as usize)
-            .ok_or(MetaError::UnknownChunk { volume: job.volume, chunk: job.chunk })?;
-        let target_rebuilding = c.replicas.iter().any(|r| r.node == job.target && r.role == Role::Rebuilding);
-        if ok && !target_rebuilding {
-            return Err(MetaError::Conflict(format!(
-                "job {id}: {} is no longer rebuilding chunk {}",
-                job.target, job.chunk
-            )));
-        }
         let mut released = Vec::new();
-        if ok {
-            for r in &mut c.replicas {
-                if r.node == job.target {
-                    r.role = Role::InSync;
+        if let Some(c) = v.chunks.get_mut(job.chunk.0 as usize) {
+            if ok {
+                for r in &mut c.replicas {
+                    if r.node == job.target {
+                        r.role = Role::InSync;
+                    }
+                }
+                if let Some(old) = job.replaces {
+                    if old != job.target {
+                        c.replicas.retain(|r| r.node != old);
+                        released.push(old);
+                    }
+                }
+            } else if job.kind == JobKind::Rebuild {
+                // A partial new replica leaves the set; its node reclaims it later.
+                if c.replicas.iter().any(|r| r.node == job.target) {
+                    c.replicas.retain(|r| r.node != job.target);
+                    released.push(job.target);
+                }
+            } else {
+                for r in &mut c.replicas {
+                    if r.node == job.target {
+                        r.role = Role::Ejected;
+                    }
                 }
             }
-            if let Some(old) = job.replaces {
-                if old != job.target {
-                    c.replicas.retain(|r| r.node != old);
-                    released.push(old);
-                }
-            }
-        } else if job.kind == JobKind::Rebuild {
-            // A partial new replica leaves the set; its node reclaims it later.
-            if c.replicas.iter().any(|r| r.node == job.target) {
-                c.replicas.retain(|r| r.node != job.target);
-                released.push(job.target);
-            }
-        } else {
-            for r in &mut c.replicas {
-                if r.node == job.target {
-                    r.role = Role::Ejected;
-                }
-            }
+            c.version += 1;
+            v.layout_gen += 1;
         }
-        c.version += 1;
-        v.layout_gen += 1;
         for n in released {
             if let Some(n) = self.nodes.get_mut(&n) {
                 n.allocated = n.allocated.saturating_sub(chunk_size);
             }
         }
-        let j = self.jobs.get_mut(&id).ok_or(MetaError::UnknownJob(id))?;
-        j.state = if ok { JobState::Done } else { JobState::Failed };
-        j.error = error;
-        j.blocks_copied = blocks;
+        if let Some(j) = self.jobs.get_mut(&job.id) {
+            j.state = if ok { JobState::Done } else { JobState::Failed };
+            j.error = error;
+            j.blocks_copied = blocks;
+        }
         self.trim_finished_jobs();
-        Ok(Response::Done)
     }
 
     /// Keeps only the newest [`FINISHED_JOBS_KEPT`] finished jobs.

@@ -8,7 +8,7 @@
 //! planned job applied), job completions (ok or failed), layout acks, ejects
 //! and job starts aimed at real chunks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use ballast_meta::plan::{plan_jobs, JobLimits};
@@ -195,75 +195,12 @@ fn role_of(c: &ChunkEntry, node: NodeId) -> Option<Role> {
     c.replicas.iter().find(|r| r.node == node).map(|r| r.role)
 }
 
-/// Invariants of any reachable state.
+/// Invariants of any reachable state (`MetaState::check_invariants`, which
+/// the simulators check too).
 fn check_invariants(s: &MetaState) {
-    let mut allocated: BTreeMap<NodeId, u64> = BTreeMap::new();
-    let active: Vec<&Job> = s.jobs.values().filter(|j| j.is_active()).collect();
-    let mut active_per_chunk: BTreeMap<(VolumeId, ChunkIdx), &Job> = BTreeMap::new();
-    for j in &active {
-        let prev = active_per_chunk.insert((j.volume, j.chunk), j);
-        assert!(prev.is_none(), "two active jobs on chunk {} of {}", j.chunk, j.volume);
-        let v = s.volumes.get(&j.volume).unwrap_or_else(|| panic!("active job {} on a deleted volume", j.id));
-        let c = &v.chunks[j.chunk.0 as usize];
-        assert_eq!(role_of(c, j.target), Some(Role::Rebuilding), "job {}: target is not rebuilding", j.id);
-        // A failed or full disk is never a copy's target.
-        assert_eq!(s.nodes[&j.target].disk, DiskHealth::Ok, "job {}: target's disk", j.id);
-        assert!(j.gen <= v.layout_gen, "job {}: gen from the future", j.id);
-        match j.kind {
-            JobKind::Rebuild => {
-                let r = j.replaces.unwrap_or_else(|| panic!("rebuild job {} replaces nothing", j.id));
-                assert!(role_of(c, r).is_some() && r != j.target, "job {}: replaced member {r} gone", j.id);
-            }
-            JobKind::Resync => assert_eq!(j.replaces, None, "resync job {} replaces a member", j.id),
-        }
+    if let Err(e) = s.check_invariants() {
+        panic!("{e}");
     }
-    for v in s.volumes.values() {
-        assert_eq!(v.chunks.len() as u64, v.size.div_ceil(v.chunk_size), "{}: chunk count", v.name);
-        assert!(v.acked_gen <= v.layout_gen, "{}: acked_gen {} > layout_gen {}", v.name, v.acked_gen, v.layout_gen);
-        for (i, c) in v.chunks.iter().enumerate() {
-            let job = active_per_chunk.get(&(v.id, ChunkIdx(i as u32)));
-            assert!(c.in_sync().count() >= v.min_in_sync, "{} chunk {i}: below min in-sync", v.name);
-            let extra = usize::from(job.is_some_and(|j| j.kind == JobKind::Rebuild));
-            assert_eq!(c.replicas.len(), v.replicas + extra, "{} chunk {i}: replica count ({job:?})", v.name);
-            let distinct: BTreeSet<NodeId> = c.replicas.iter().map(|r| r.node).collect();
-            assert_eq!(distinct.len(), c.replicas.len(), "{} chunk {i}: a node twice", v.name);
-            // Rebuilding members are exactly the targets of active jobs.
-            let rebuilding: Vec<NodeId> =
-                c.replicas.iter().filter(|r| r.role == Role::Rebuilding).map(|r| r.node).collect();
-            assert_eq!(rebuilding, job.map(|j| j.target).into_iter().collect::<Vec<_>>(), "{} chunk {i}", v.name);
-            if v.zone_spread == ZoneSpread::Required {
-                // Every member but a rebuild's target (which may take the zone
-                // of the member it replaces) sits in a zone of its own.
-                let zones: Vec<&Zone> = c
-                    .replicas
-                    .iter()
-                    .filter(|r| r.role != Role::Rebuilding)
-                    .filter_map(|r| s.nodes.get(&r.node).map(|n| &n.zone))
-                    .collect();
-                let distinct: BTreeSet<&Zone> = zones.iter().copied().collect();
-                assert_eq!(distinct.len(), zones.len(), "{} chunk {i}: two replicas in one zone", v.name);
-                if let Some(j) = job.filter(|j| j.kind == JobKind::Rebuild) {
-                    let tz = &s.nodes[&j.target].zone;
-                    let clash = c
-                        .replicas
-                        .iter()
-                        .filter(|r| Some(r.node) != j.replaces && r.node != j.target)
-                        .any(|r| s.nodes.get(&r.node).is_some_and(|n| &n.zone == tz));
-                    assert!(!clash, "{} chunk {i}: rebuild target shares a zone", v.name);
-                }
-            }
-            for r in &c.replicas {
-                assert!(s.nodes.contains_key(&r.node), "{} chunk {i}: replica on a removed node", v.name);
-                *allocated.entry(r.node).or_default() += v.chunk_size;
-            }
-        }
-    }
-    for n in s.nodes.values() {
-        assert_eq!(n.allocated, allocated.get(&n.id).copied().unwrap_or(0), "node {} allocation", n.id.0);
-    }
-    let finished = s.jobs.values().filter(|j| !j.is_active()).count();
-    assert!(finished <= FINISHED_JOBS_KEPT, "{finished} finished jobs kept");
-    assert!(s.jobs.keys().all(|&id| id < s.next_job), "job id not below next_job");
 }
 
 /// What one applied command may and must have changed.
@@ -503,8 +440,8 @@ fn invalid_parameters_name_the_parameter() {
 fn attach_bumps_the_epoch_and_eject_respects_min_in_sync() {
     let mut s = three_zones();
     let Response::Volume(id) = s.apply(&create("v", CHUNK, 3, 2)).expect("create") else { panic!() };
-    assert_eq!(s.apply(&Command::Attach { volume: id, node: NodeId(1) }), Ok(Response::Epoch(ballast_types::Epoch(1))));
-    assert_eq!(s.apply(&Command::Attach { volume: id, node: NodeId(2) }), Ok(Response::Epoch(ballast_types::Epoch(2))));
+    assert_eq!(s.apply(&Command::Attach { volume: id, node: NodeId(1) }), Ok(Response::Epoch(Epoch(1))));
+    assert_eq!(s.apply(&Command::Attach { volume: id, node: NodeId(2) }), Ok(Response::Epoch(Epoch(2))));
     let set: Vec<NodeId> = s.volumes[&id].chunks[0].in_sync().collect();
     let eject = |node, version| Command::Eject { volume: id, chunk: ChunkIdx(0), version, node };
     let Ok(Response::Chunk(c)) = s.apply(&eject(set[0], 1)) else { panic!("eject") };
@@ -685,4 +622,102 @@ fn finished_jobs_stay_bounded_when_a_delete_fails_active_jobs() {
         assert_eq!((s.jobs[&j].state, s.jobs[&j].error.as_deref()), (JobState::Failed, Some("volume deleted")));
     }
     check_invariants(&s);
+}
+
+/// Issue 13, defect a: `Eject` validates everything (the chunk, min-in-sync,
+/// and ending a rebuilding target's job) before it changes anything, so a
+/// refused eject leaves the state byte for byte as it was, on every member.
+///
+/// The one error after the first change used to be ending the target's job
+/// (the role, the chunk version and `layout_gen` had changed already). Ending
+/// a job found active on the chunk fails only when the job table disagrees with
+/// itself, as in a corrupt snapshot: here, a job stored under another id than
+/// its own (which `check_invariants` names).
+#[test]
+fn a_refused_eject_changes_nothing() {
+    let mut s = three_zones();
+    let Response::Volume(id) = s.apply(&create("v", 2 * CHUNK, 3, 2)).expect("create") else { panic!() };
+    let c0 = s.volumes[&id].chunks[0].clone();
+    let (old, target) = (c0.replicas[0].node, spare_in_zone_of(&s, &c0, c0.replicas[0].node));
+    let Ok(Response::Job(j)) = s.apply(&start(id, 0, 1, JobKind::Rebuild, target, Some(old))) else { panic!() };
+    let eject = |chunk: u32, version, node| Command::Eject { volume: id, chunk: ChunkIdx(chunk), version, node };
+
+    let unchanged = |s: &mut MetaState, cmd: &Command| {
+        let before = s.clone();
+        let bytes = serde_json::to_vec(&before).expect("serialize");
+        let r = s.apply(cmd);
+        assert!(r.is_err(), "{cmd:?} must be refused: {r:?}");
+        assert_eq!(*s, before, "{cmd:?} refused with {r:?} changed the state");
+        assert_eq!(serde_json::to_vec(s).expect("serialize"), bytes, "{cmd:?}: not byte for byte the same");
+        r
+    };
+
+    // The ordinary refusals.
+    let c1: Vec<NodeId> = s.volumes[&id].chunks[1].in_sync().collect();
+    s.apply(&eject(1, 1, c1[0])).expect("first eject of chunk 1");
+    let r = unchanged(&mut s, &eject(1, 2, c1[1]));
+    assert!(matches!(r, Err(MetaError::BelowMinInSync { remaining: 1, min: 2, .. })), "{r:?}");
+    assert_eq!(unchanged(&mut s, &eject(9, 1, c1[1])), Err(MetaError::UnknownChunk { volume: id, chunk: ChunkIdx(9) }));
+    let r = unchanged(&mut s, &Command::Eject { volume: VolumeId(77), chunk: ChunkIdx(0), version: 1, node: old });
+    assert_eq!(r, Err(MetaError::UnknownVolume(VolumeId(77))));
+    check_invariants(&s);
+
+    // Ejecting the rebuild's target ends its job; a job that cannot be ended
+    // (stored under another id than its own) refuses the eject before any change.
+    let mut corrupt = s.clone();
+    let job = corrupt.jobs.remove(&j).expect("the job");
+    corrupt.jobs.insert(j + 100, job);
+    corrupt.next_job = j + 101;
+    let broken = corrupt.check_invariants().expect_err("a job under a foreign id");
+    assert_eq!(broken.invariant, ballast_meta::Invariant::JobIds, "{broken}");
+    let version = corrupt.volumes[&id].chunks[0].version;
+    assert_eq!(unchanged(&mut corrupt, &eject(0, version, target)), Err(MetaError::UnknownJob(j)));
+
+    // The same eject on the sound state succeeds and fails the job.
+    let Ok(Response::Chunk(c)) = s.apply(&eject(0, version, target)) else { panic!("eject the target") };
+    assert_eq!((c.version, role_of(&c, target), s.jobs[&j].state), (version + 2, None, JobState::Failed));
+    check_invariants(&s);
+}
+
+/// `check_invariants` names the invariant a state breaks.
+#[test]
+fn check_invariants_names_the_broken_invariant() {
+    use ballast_meta::Invariant;
+    let mut s = three_zones();
+    let Response::Volume(id) = s.apply(&create("v", 2 * CHUNK, 3, 2)).expect("create") else { panic!() };
+    s.check_invariants().expect("a reachable state");
+    let broken = |f: &dyn Fn(&mut MetaState)| {
+        let mut t = s.clone();
+        f(&mut t);
+        t.check_invariants().expect_err("broken on purpose").invariant
+    };
+    assert_eq!(
+        broken(&|t| {
+            t.volumes.get_mut(&id).unwrap().chunks.pop();
+        }),
+        Invariant::ChunkCount
+    );
+    assert_eq!(broken(&|t| t.volumes.get_mut(&id).unwrap().acked_gen = 99), Invariant::AckedGenNotAhead);
+    let demote = |t: &mut MetaState| {
+        for r in t.volumes.get_mut(&id).unwrap().chunks[0].replicas.iter_mut().take(2) {
+            r.role = Role::Ejected;
+        }
+    };
+    assert_eq!(broken(&demote), Invariant::MinInSync);
+    assert_eq!(broken(&|t| t.volumes.get_mut(&id).unwrap().chunks[0].replicas.truncate(2)), Invariant::ReplicaCount);
+    let twice = |t: &mut MetaState| {
+        let c = &mut t.volumes.get_mut(&id).unwrap().chunks[0];
+        c.replicas[1].node = c.replicas[0].node;
+    };
+    assert_eq!(broken(&twice), Invariant::DistinctNodes);
+    assert_eq!(
+        broken(&|t| t.volumes.get_mut(&id).unwrap().chunks[0].replicas[2].role = Role::Rebuilding),
+        Invariant::RebuildingIsJobTarget
+    );
+    assert_eq!(broken(&|t| t.nodes.get_mut(&NodeId(1)).unwrap().allocated += 1), Invariant::Allocation);
+    let forget = |t: &mut MetaState| {
+        let n = t.volumes[&id].chunks[0].replicas[0].node;
+        t.nodes.remove(&n);
+    };
+    assert_eq!(broken(&forget), Invariant::ReplicaOnKnownNode);
 }
