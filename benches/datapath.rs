@@ -22,14 +22,14 @@ mod fio;
 #[path = "loadgen.rs"]
 mod loadgen;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ballast_chunkstore::{ChunkStore, StoreOptions};
 use ballast_replica::{ClientOptions, ReplicaClient, ReplicaServer, ServerOptions};
+use ballast_testkit::{free_port, Proc, ProcOptions, StaticVolume};
 use ballast_types::{ChunkId, ChunkIdx, Epoch, Seq, VolumeId};
 use bytes::Bytes;
 use fio::{Measured, Target, Workload, WORKLOADS};
@@ -174,105 +174,31 @@ async fn bench_replica(client: &ReplicaClient, id: ChunkId, epoch: Epoch, w: &Wo
     Ok(m)
 }
 
-/// A child process killed on drop.
-struct Kid(Child);
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns `ballast ARGS` and returns it with the `key=` value of its first stdout
-/// line containing `needle`.
-fn spawn_ballast(args: &[&str], needle: &str, key: &str) -> Result<(Kid, String)> {
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("release").join("ballast");
-    if !bin.exists() {
-        bail!("{} missing: run `cargo build --release` first", bin.display());
-    }
-    let mut child = Command::new(&bin)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("spawn ballast")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let kid = Kid(child);
-    for line in lines.by_ref() {
-        let line = line?;
-        if line.contains(needle) {
-            let v = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
-                .context("no value")?
-                .to_string();
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return Ok((kid, v));
-        }
-    }
-    bail!("ballast {args:?} exited before printing {needle:?}")
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 fn nbd_section(dir: &Path, secs: u32, rows: &mut Vec<Row>) -> Result<()> {
+    // The processes' logs at warn level on the bench's stderr; stdout is not echoed.
+    let quiet = ProcOptions::default().rust_log("warn").echo(false);
     // qemu-nbd serving a file, as TOOLS.md describes the peer.
     if Command::new("qemu-nbd").arg("--version").output().is_ok() {
         let img = dir.join("qemu.img");
         std::fs::File::create(&img)?.set_len(SPAN)?;
         let port = free_port()?;
-        let kid = Kid(Command::new("qemu-nbd")
-            .args(["-f", "raw", "-t", "-e", "4", "--cache=none", "--aio=io_uring", "-b", "127.0.0.1", "-p"])
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["-f", "raw", "-t", "-e", "4", "--cache=none", "--aio=io_uring", "-b", "127.0.0.1", "-p"])
             .arg(port.to_string())
-            .arg(&img)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawn qemu-nbd")?);
+            .arg(&img);
+        let qemu_nbd = Proc::spawn_cmd_with("qemu-nbd", cmd, &quiet)?;
         let uri = format!("nbd://127.0.0.1:{port}/");
         wait_nbd(&uri)?;
         run_nbd_rows("qemu-nbd", &uri, secs, rows)?;
-        drop(kid);
+        drop(qemu_nbd);
     } else {
         eprintln!("SKIP qemu-nbd rows: qemu-nbd not installed");
     }
+    let size = SPAN.to_string();
     for (label, rf) in [("ballast rf1", 1usize), ("ballast rf3", 3)] {
-        let root = dir.join(format!("rf{rf}"));
-        let mut kids = Vec::new();
-        let mut nodes = Vec::new();
-        for z in 1..=rf {
-            let data = root.join(format!("zone-{z}"));
-            let (kid, addr) = spawn_ballast(
-                &["replica", "--data", data.to_str().context("utf8")?, "--listen", "127.0.0.1:0"],
-                "ready replica",
-                "addr",
-            )?;
-            kids.push(kid);
-            nodes.push(format!("{z}=zone-{z}={addr}"));
-        }
-        let config = root.join("vol.toml");
-        let size = SPAN.to_string();
-        let mut args =
-            vec!["volume", "create", "--config", config.to_str().context("utf8")?, "--name", "bench", "--size", &size];
-        for n in &nodes {
-            args.extend(["--node", n.as_str()]);
-        }
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target").join("release").join("ballast");
-        let st = Command::new(&bin).args(&args).stdout(Stdio::null()).status()?;
-        if !st.success() {
-            bail!("volume create failed");
-        }
-        let (kid, uri) = spawn_ballast(
-            &["export", "--config", config.to_str().context("utf8")?, "--nbd", "127.0.0.1:0"],
-            "ready nbd",
-            "uri",
-        )?;
-        kids.push(kid);
+        // rf replica processes and a volume file naming them, then its export.
+        let v = StaticVolume::start_in(&dir.join(format!("rf{rf}")), "bench", &size, rf, &[], quiet.clone())?;
+        let (_export, uri) = v.export("export", &[])?;
         run_nbd_rows(label, &uri, secs, rows)?;
     }
     Ok(())

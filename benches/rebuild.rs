@@ -35,14 +35,13 @@
 //! heartbeat, default 1s as in production), BENCH_LAT_SECONDS (10).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use ballast_testkit::ctl::{chunks, healthy, replicas_on};
+use ballast_testkit::{try_wait_until, Cluster, ProcOptions};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -53,7 +52,6 @@ const DOWN_AFTER: Duration = Duration::from_secs(3);
 /// The node the export runs on (reads prefer its replica); never the victim.
 const LOCAL_NODE: u64 = 1;
 const VOLUME: &str = "bench";
-const POLL: Duration = Duration::from_millis(250);
 /// How long a rebuild may take before the run is abandoned.
 const REBUILD_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -88,242 +86,36 @@ fn settings() -> Result<Settings> {
     Ok(Settings { dir, gib, nodes, rates, heartbeat, lat_seconds })
 }
 
-// ---- processes ----------------------------------------------------------------
+// ---- the cluster ------------------------------------------------------------------
 
-/// A child process, SIGKILLed and reaped on drop (also when the bench panics).
-/// Its stdout lines arrive on a channel; its stderr (tracing logs) goes to a file.
-struct Proc {
-    name: String,
-    child: Option<Child>,
-    lines: mpsc::Receiver<String>,
+/// Three meta members and N storage nodes (zones z1, z2, z3 round robin) in
+/// `dir`, each process logging to `dir/logs/<name>.log`; killed on drop.
+fn start_cluster(dir: &Path, nodes: usize, copy_rate: &str, heartbeat: &str) -> Result<Cluster> {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let zones: Vec<(u64, String)> = (1..=nodes as u64).map(|id| (id, format!("z{}", (id - 1) % 3 + 1))).collect();
+    let down_after = format!("{}s", DOWN_AFTER.as_secs());
+    let c = Cluster::builder("rebuild")
+        .dir(dir)
+        .nodes(&zones)
+        .meta_args(&["--suspect-after", SUSPECT_AFTER, "--down-after", &down_after])
+        .node_args(&["--capacity", "64G", "--heartbeat", heartbeat, "--copy-rate", copy_rate])
+        .procs(ProcOptions::log_files(&logs))
+        .start()?;
+    Ok(c)
 }
 
-impl Proc {
-    fn spawn(name: &str, prog: &Path, args: &[String], log: &Path) -> Result<Proc> {
-        let err = File::create(log).with_context(|| format!("create {}", log.display()))?;
-        let mut child = Command::new(prog)
-            .args(args)
-            .env("RUST_LOG", env_or("RUST_LOG", "info,openraft=warn"))
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(err))
-            .spawn()
-            .with_context(|| format!("spawn {name}"))?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Proc { name: name.to_string(), child: Some(child), lines: rx })
-    }
-
-    /// Waits for a stdout line containing `needle`.
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return Ok(line),
-                Ok(_) => {}
-                Err(_) => {
-                    let exit = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                    bail!("{}: no {needle:?} line within {timeout:?} (exit: {exit:?}; see its log)", self.name)
-                }
-            }
+/// Kills everything and deletes the data (the logs stay).
+fn teardown(c: Cluster, dir: &Path) -> Result<()> {
+    drop(c);
+    let logs = dir.join("logs");
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p != logs && p.is_dir() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
         }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn ballast() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_ballast"))
-}
-
-/// `ballastctl --meta M --output json ARGS`, parsed.
-fn ctl(meta: &str, args: &[&str]) -> Result<Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_ballastctl"))
-        .args(["--meta", meta, "--output", "json", "--timeout", "30s"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("run ballastctl")?;
-    if !out.status.success() {
-        bail!("ballastctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    serde_json::from_slice(&out.stdout).with_context(|| format!("ballastctl {args:?}: bad JSON"))
-}
-
-fn free_addr() -> Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("bind a loopback port")?;
-    Ok(l.local_addr()?.to_string())
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !f()? {
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(POLL);
     }
     Ok(())
-}
-
-/// Three meta members and N storage nodes; everything is killed on drop.
-struct Cluster {
-    dir: PathBuf,
-    logs: PathBuf,
-    meta: String,
-    members: Vec<Proc>,
-    nodes: BTreeMap<u64, Proc>,
-}
-
-impl Cluster {
-    fn start(dir: &Path, nodes: usize, copy_rate: &str, heartbeat: &str) -> Result<Cluster> {
-        let logs = dir.join("logs");
-        std::fs::create_dir_all(&logs)?;
-        let addrs: Vec<(u64, String)> = (1..=3).map(|id| free_addr().map(|a| (id, a))).collect::<Result<_>>()?;
-        let meta = addrs.iter().map(|(_, a)| a.as_str()).collect::<Vec<_>>().join(",");
-        let initial = addrs.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
-        let mut c = Cluster { dir: dir.to_path_buf(), logs, meta, members: Vec::new(), nodes: BTreeMap::new() };
-        for (id, addr) in &addrs {
-            let data = dir.join(format!("meta{id}"));
-            let args: Vec<String> = [
-                "meta",
-                "--id",
-                &id.to_string(),
-                "--data",
-                &data.to_string_lossy(),
-                "--listen",
-                addr,
-                "--initial-members",
-                &initial,
-                "--suspect-after",
-                SUSPECT_AFTER,
-                "--down-after",
-                &format!("{}s", DOWN_AFTER.as_secs()),
-            ]
-            .map(String::from)
-            .to_vec();
-            let name = format!("meta{id}");
-            c.members.push(Proc::spawn(&name, ballast(), &args, &c.logs.join(format!("{name}.log")))?);
-        }
-        for m in &mut c.members {
-            m.wait_for("ready meta", Duration::from_secs(30))?;
-        }
-        for id in 1..=nodes as u64 {
-            let zone = format!("z{}", (id - 1) % 3 + 1);
-            let data = dir.join(format!("node{id}"));
-            let args: Vec<String> = [
-                "node",
-                "--id",
-                &id.to_string(),
-                "--zone",
-                &zone,
-                "--data",
-                &data.to_string_lossy(),
-                "--meta",
-                &c.meta,
-                "--capacity",
-                "64G",
-                "--heartbeat",
-                heartbeat,
-                "--copy-rate",
-                copy_rate,
-            ]
-            .map(String::from)
-            .to_vec();
-            let name = format!("node{id}");
-            let mut p = Proc::spawn(&name, ballast(), &args, &c.logs.join(format!("{name}.log")))?;
-            p.wait_for("ready node", Duration::from_secs(30))?;
-            c.nodes.insert(id, p);
-        }
-        let meta = c.meta.clone();
-        wait_until("every storage node up", Duration::from_secs(60), || {
-            Ok(ctl(&meta, &["status"])?["nodes_up"].as_u64() == Some(nodes as u64))
-        })?;
-        Ok(c)
-    }
-
-    /// `ballast export` of the volume on the local node; returns it and its NBD URI.
-    fn export(&self) -> Result<(Proc, String)> {
-        let args: Vec<String> = [
-            "export",
-            "--meta",
-            &self.meta,
-            "--volume",
-            VOLUME,
-            "--local-node",
-            &LOCAL_NODE.to_string(),
-            "--nbd",
-            "127.0.0.1:0",
-        ]
-        .map(String::from)
-        .to_vec();
-        let mut p = Proc::spawn("export", ballast(), &args, &self.logs.join("export.log"))?;
-        let line = p.wait_for("ready nbd", Duration::from_secs(60))?;
-        let uri = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("uri="))
-            .with_context(|| format!("export: no uri= in {line:?}"))?
-            .to_string();
-        Ok((p, uri))
-    }
-
-    fn inspect(&self) -> Result<Value> {
-        ctl(&self.meta, &["volume", "inspect", VOLUME])
-    }
-
-    /// Kills everything and deletes the data (the logs stay).
-    fn teardown(mut self) -> Result<()> {
-        self.nodes.values_mut().for_each(Proc::kill);
-        self.members.iter_mut().for_each(Proc::kill);
-        for e in std::fs::read_dir(&self.dir)? {
-            let p = e?.path();
-            if p != self.logs && p.is_dir() {
-                std::fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
-            }
-        }
-        Ok(())
-    }
-}
-
-// ---- the layout -----------------------------------------------------------------
-
-fn chunks(layout: &Value) -> &[Value] {
-    layout["chunks"].as_array().map(Vec::as_slice).unwrap_or(&[])
-}
-
-fn replica_nodes(chunk: &Value) -> Vec<u64> {
-    chunk["replicas"].as_array().map(|r| r.iter().filter_map(|r| r["node"].as_u64()).collect()).unwrap_or_default()
-}
-
-fn replicas_on(layout: &Value, node: u64) -> usize {
-    chunks(layout).iter().filter(|c| replica_nodes(c).contains(&node)).count()
-}
-
-fn healthy(layout: &Value) -> bool {
-    let h = &layout["health"];
-    h["chunks_degraded"].as_u64() == Some(0)
-        && h["replicas_rebuilding"].as_u64() == Some(0)
-        && h["replicas_ejected"].as_u64() == Some(0)
 }
 
 // ---- fio ------------------------------------------------------------------------
@@ -541,7 +333,7 @@ fn timeline(logs: &Path, nodes: usize, kill_ms: u64) -> Timeline {
     if let (Some(first), Some(last)) = (tl.first_scheduled, spans.iter().map(|s| s.1).reduce(f64::max)) {
         tl.window = last - first;
     }
-    tl.layouts = log_lines(&logs.join("export.log"))
+    tl.layouts = log_lines(&logs.join(format!("export-{VOLUME}.log")))
         .iter()
         .filter(|(t, l)| after(*t) && l.contains("new layout installed"))
         .count();
@@ -603,25 +395,22 @@ fn run(s: &Settings, nodes: usize, rate: &str) -> Result<Row> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     eprintln!("== {nodes} nodes, --copy-rate {rate}: {}", dir.display());
-    let mut c = Cluster::start(&dir, nodes, rate, &s.heartbeat)?;
+    let mut c = start_cluster(&dir, nodes, rate, &s.heartbeat)?;
     let size = s.gib << 30;
-    ctl(
-        &c.meta,
-        &[
-            "volume",
-            "create",
-            VOLUME,
-            "--size",
-            &size.to_string(),
-            "--chunk-size",
-            &CHUNK.to_string(),
-            "--replicas",
-            &REPLICAS.to_string(),
-            "--min-in-sync",
-            "1",
-        ],
-    )?;
-    let (export, uri) = c.export()?;
+    c.ctl_json(&[
+        "volume",
+        "create",
+        VOLUME,
+        "--size",
+        &size.to_string(),
+        "--chunk-size",
+        &CHUNK.to_string(),
+        "--replicas",
+        &REPLICAS.to_string(),
+        "--min-in-sync",
+        "1",
+    ])?;
+    let (export, uri) = c.export_with(VOLUME, LOCAL_NODE, &[])?;
 
     let mut fill = fio_nbd(&uri);
     fill.args(["--name=fill", "--rw=write", "--bs=1M", "--iodepth=8"]).arg(format!("--size={size}"));
@@ -630,7 +419,7 @@ fn run(s: &Settings, nodes: usize, rate: &str) -> Result<Row> {
     let fill_mb_s = size as f64 / 1e6 / t.elapsed().as_secs_f64();
     eprintln!("   filled {} GiB at {fill_mb_s:.0} MB/s", s.gib);
 
-    let layout = c.inspect()?;
+    let layout = c.inspect(VOLUME)?;
     if !healthy(&layout) {
         bail!("volume not healthy after the fill: {}", layout["health"]);
     }
@@ -661,16 +450,14 @@ fn run(s: &Settings, nodes: usize, rate: &str) -> Result<Row> {
     eprintln!("   SIGKILL node {victim} ({lost} of {} chunks have a replica there)", chunks(&layout).len());
     let kill_ms = unix_ms();
     let killed = Instant::now();
-    if let Some(mut p) = c.nodes.remove(&victim) {
-        p.kill();
-    }
+    c.kill_node(victim)?;
     let mut detected: Option<Duration> = None;
     let mut max_running = 0;
-    let waited = wait_until("full redundancy", REBUILD_TIMEOUT, || {
-        let active = ctl(&c.meta, &["jobs"])?;
+    let waited = try_wait_until("full redundancy", REBUILD_TIMEOUT, || {
+        let active = c.ctl_json(&["jobs"])?;
         let running = active["jobs"].as_array().map_or(0, |j| j.iter().filter(|j| j["kind"] == "rebuild").count());
         max_running = max_running.max(running);
-        let l = c.inspect()?;
+        let l = c.inspect(VOLUME)?;
         if detected.is_none() && running > 0 {
             detected = Some(killed.elapsed());
         }
@@ -691,7 +478,7 @@ fn run(s: &Settings, nodes: usize, rate: &str) -> Result<Row> {
     let during = read_clat_log(&during_log)?;
     let detect_ms = kill_ms + detected.as_millis() as u64;
 
-    let jobs = ctl(&c.meta, &["jobs", "--all"])?;
+    let jobs = c.ctl_json(&["jobs", "--all"])?;
     let rebuilds: Vec<&Value> = jobs["jobs"]
         .as_array()
         .map(|j| j.iter().filter(|j| j["kind"] == "rebuild" && j["volume"].as_u64() == Some(volume_id)).collect())
@@ -757,7 +544,7 @@ fn run(s: &Settings, nodes: usize, rate: &str) -> Result<Row> {
         row.mb_s()
     );
     drop(export);
-    c.teardown()?;
+    teardown(c, &dir)?;
     Ok(row)
 }
 

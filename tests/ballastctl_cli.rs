@@ -1,51 +1,48 @@
 //! `ballastctl` as a process: exit codes and one-line messages for an unreachable
 //! cluster and for bad arguments.
 
-use std::process::{Command, Output};
+use std::path::Path;
+use std::time::Duration;
 
-fn ballastctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ballastctl"))
-        .args(args)
-        .env_remove("BALLAST_META")
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run ballastctl")
+use ballast_testkit::{free_addr, Ctl, CtlOutput, Proc, ProcOptions, Result};
+
+/// `ballastctl ARGS` exactly (no BALLAST_META, no RUST_LOG from the test's environment).
+fn ballastctl(args: &[&str]) -> CtlOutput {
+    Ctl::bare().and_then(|c| c.run(args)).expect("run ballastctl")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A port nothing listens on: bound, then released.
-fn dead_endpoint() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+#[test]
+fn the_kit_runs_the_binaries_cargo_built() {
+    // The kit finds them next to this test executable; cargo names them here.
+    let found = ballast_testkit::bin::ballast().expect("ballast");
+    assert_eq!(found, Path::new(env!("CARGO_BIN_EXE_ballast")));
+    let found = ballast_testkit::bin::ballastctl().expect("ballastctl");
+    assert_eq!(found, Path::new(env!("CARGO_BIN_EXE_ballastctl")));
 }
 
 #[test]
 fn unreachable_cluster_is_one_line_and_exit_1() {
-    let (a, b) = (dead_endpoint(), dead_endpoint());
+    // Ports nothing listens on: bound, then released.
+    let (a, b) = (free_addr().unwrap(), free_addr().unwrap());
     let meta = format!("{a},{b}");
     for args in [
         vec!["--meta", &meta, "--timeout", "500ms", "status"],
         vec!["--meta", &meta, "--timeout", "500ms", "--output", "json", "volume", "list"],
     ] {
         let o = ballastctl(&args);
-        assert_eq!(o.status.code(), Some(1), "{args:?}");
-        let err = stderr(&o);
+        assert_eq!(o.code(), Some(1), "{args:?}");
+        let err = &o.stderr;
         assert!(err.starts_with(&format!("ballastctl: cluster unreachable: tried {a}, {b}: ")), "{err}");
         assert!(err.to_lowercase().contains("connection refused"), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(o.stdout.is_empty());
     }
     // BALLAST_META is the default member list.
-    let o = Command::new(env!("CARGO_BIN_EXE_ballastctl"))
-        .args(["--timeout", "500ms", "node", "list"])
-        .env("BALLAST_META", &a)
-        .output()
-        .unwrap();
+    let o =
+        Ctl::bare().unwrap().command(&["--timeout", "500ms", "node", "list"]).env("BALLAST_META", &a).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).starts_with(&format!("ballastctl: cluster unreachable: tried {a}: ")), "{}", stderr(&o));
+    assert!(err.starts_with(&format!("ballastctl: cluster unreachable: tried {a}: ")), "{err}");
 }
 
 #[test]
@@ -62,15 +59,15 @@ fn argument_errors_exit_2_with_usage() {
         (vec!["frobnicate"], "unrecognized subcommand"),
     ] {
         let o = ballastctl(&args);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
-        assert!(stderr(&o).contains(expect), "{args:?}: {}", stderr(&o));
+        assert_eq!(o.code(), Some(2), "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains(expect), "{args:?}: {}", o.stderr);
     }
 }
 
 #[test]
 fn refusals_before_any_call_exit_1() {
     // No server at this address: these must fail before trying to reach it.
-    let dead = dead_endpoint();
+    let dead = free_addr().unwrap();
     for (args, expect) in [
         (
             vec!["--meta", &dead, "volume", "delete", "pg"],
@@ -87,63 +84,26 @@ fn refusals_before_any_call_exit_1() {
         (vec!["--meta", ",", "status"], "ballastctl: no metadata service endpoints given\n"),
     ] {
         let o = ballastctl(&args);
-        assert_eq!(o.status.code(), Some(1), "{args:?}");
-        assert_eq!(stderr(&o), expect);
+        assert_eq!(o.code(), Some(1), "{args:?}");
+        assert_eq!(o.stderr, expect);
     }
 }
 
 // ---- against a real cluster: one `ballast meta` member and three `ballast node`s ----
 
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `ballast ARGS` and returns it with the `addr=` of its first stdout line
-/// starting with `ready_prefix`.
-fn start_ballast(args: &[&str], ready_prefix: &str) -> (Proc, String) {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ballast"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn ballast");
-    let stdout = child.stdout.take().unwrap();
-    let proc = Proc(child);
-    let mut lines = std::io::BufReader::new(stdout).lines();
-    let line = loop {
-        let line = lines.next().expect("ballast exited before it was ready").unwrap();
-        if line.starts_with(ready_prefix) {
-            break line;
-        }
-    };
-    // Keep draining stdout so the child never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    let addr = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")).expect("addr= in ready line").to_string();
-    (proc, addr)
-}
-
 fn ctl_json(meta: &str, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--meta", meta, "--output", "json"];
-    all.extend_from_slice(args);
-    let o = ballastctl(&all);
-    assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+    // ballastctl's own retry timeout, as an operator runs it.
+    Ctl::new(meta).unwrap().timeout(None).json(args).unwrap_or_else(|e| panic!("{args:?}: {e}"))
 }
 
 #[test]
-fn end_to_end_against_a_real_meta_member() {
-    let dir = tempfile::tempdir().unwrap();
+fn end_to_end_against_a_real_meta_member() -> Result<()> {
+    let dir = tempfile::tempdir().expect("tempdir");
     let meta_dir = dir.path().join("meta");
-    let (_meta, meta) = start_ballast(
-        &[
+    let quiet = ProcOptions::quiet();
+    let mut meta_proc = Proc::spawn_with(
+        "meta",
+        [
             "meta",
             "--id",
             "1",
@@ -154,20 +114,16 @@ fn end_to_end_against_a_real_meta_member() {
             "--initial-members",
             "1=127.0.0.1:0",
         ],
-        "ready meta",
-    );
+        &quiet,
+    )?;
+    let meta = meta_proc.wait_value("ready meta", "addr")?;
     let mut nodes = Vec::new();
     for id in 1..=3 {
         let data = dir.path().join(format!("node{id}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_ballast"))
-            .args(["node", "--id", &id.to_string(), "--zone", &format!("z{id}"), "--data", data.to_str().unwrap()])
-            .args(["--meta", &meta, "--capacity", "4G", "--no-direct-io"])
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ballast node");
-        nodes.push(Proc(child));
+        let (id, zone) = (id.to_string(), format!("z{id}"));
+        let args = ["node", "--id", &id, "--zone", &zone, "--data", data.to_str().unwrap()];
+        let args = [&args[..], &["--meta", &meta, "--capacity", "4G", "--no-direct-io"]].concat();
+        nodes.push(Proc::spawn_with(&format!("node{id}"), &args, &quiet)?);
     }
     // Wait (no time limit asserted) until the three nodes registered and are up.
     loop {
@@ -177,7 +133,7 @@ fn end_to_end_against_a_real_meta_member() {
             assert_eq!(s["members"][0]["voter"], true);
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
     let list = ctl_json(&meta, &["node", "list"]);
     let zones: Vec<&str> = list["nodes"].as_array().unwrap().iter().map(|n| n["zone"].as_str().unwrap()).collect();
@@ -199,7 +155,7 @@ fn end_to_end_against_a_real_meta_member() {
         assert_eq!(z["in_sync"], 4, "one replica of every chunk per zone: {z}");
     }
     let o = ballastctl(&["--meta", &meta, "volume", "inspect", "pg", "--chunks", "1"]);
-    let text = String::from_utf8_lossy(&o.stdout);
+    let text = &o.stdout;
     assert!(text.contains("Size         256 MiB in 4 chunks of 64 MiB\n"), "{text}");
     assert!(text.contains("\nCHUNK  VERSION  REPLICAS\n0 "), "{text}");
     assert!(text.ends_with("... 3 more chunks (--chunks N shows more)\n"), "{text}");
@@ -213,9 +169,10 @@ fn end_to_end_against_a_real_meta_member() {
     assert!(ctl_json(&meta, &["jobs", "--all"])["jobs"].is_array());
 
     let o = ballastctl(&["--meta", &meta, "volume", "inspect", "missing"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert_eq!(stderr(&o), "ballastctl: volume \"missing\" not found\n");
+    assert_eq!(o.code(), Some(1));
+    assert_eq!(o.stderr, "ballastctl: volume \"missing\" not found\n");
 
     assert_eq!(ctl_json(&meta, &["volume", "delete", "pg", "--yes"])["deleted"], "pg");
     assert_eq!(ctl_json(&meta, &["volume", "list"])["volumes"], serde_json::json!([]));
+    Ok(())
 }

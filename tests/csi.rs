@@ -24,8 +24,6 @@
 //! xfs because an ext4 filesystem grows online only with CAP_SYS_RESOURCE, which
 //! some containers (this test machine's among them) do not grant.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -36,8 +34,7 @@ use ballast_csi::pb;
 use ballast_csi::pb::controller_client::ControllerClient;
 use ballast_csi::pb::identity_client::IdentityClient;
 use ballast_csi::pb::node_client::NodeClient;
-use common::cluster::*;
-use common::*;
+use ballast_testkit::{needs, random_bytes, run_ok, wait_until, Cluster, Proc};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
 
@@ -45,15 +42,11 @@ const MIB: u64 = 1 << 20;
 const NODES: [(u64, &str); 4] = [(1, "z1"), (2, "z2"), (3, "z3"), (4, "z1")];
 
 fn skip(test: &str) -> bool {
-    if !is_root() {
-        println!("SKIP {test}: needs root (mount, loop devices, FUSE)");
-        return true;
-    }
-    if !Path::new("/dev/fuse").exists() || !Path::new("/dev/loop-control").exists() {
-        println!("SKIP {test}: needs /dev/fuse and /dev/loop-control");
-        return true;
-    }
-    !require(test, &["mkfs.xfs", "xfs_growfs", "blkid"])
+    !needs(test)
+        .root("mount, loop devices, FUSE")
+        .paths(&["/dev/fuse", "/dev/loop-control"])
+        .tools(&["mkfs.xfs", "xfs_growfs", "blkid"])
+        .met()
 }
 
 fn socket(dir: &Path, id: u64) -> PathBuf {
@@ -70,6 +63,7 @@ fn start_cluster(tag: &str) -> Cluster {
             dir.join(format!("csi-state{id}")).display().to_string(),
         ]
     })
+    .expect("start the cluster")
 }
 
 /// A gRPC channel over a unix socket, once something accepts on it (a socket
@@ -106,12 +100,13 @@ impl Driver {
     async fn connect(c: &Cluster) -> Driver {
         let sock = c.path("csi-controller.sock");
         let endpoint = format!("unix://{}", sock.display());
-        let mut p = Proc::spawn("csi-controller", &["csi-controller", "--endpoint", &endpoint, "--meta", &c.meta()]);
-        p.wait_for("ready csi", Duration::from_secs(30));
+        let mut p = Proc::spawn("csi-controller", ["csi-controller", "--endpoint", &endpoint, "--meta", &c.meta()])
+            .expect("spawn csi-controller");
+        p.wait_for("ready csi", Duration::from_secs(30)).expect("csi-controller ready");
         let ch = channel(&sock).await;
         let mut nodes = HashMap::new();
         for (id, _) in NODES {
-            nodes.insert(id, NodeClient::new(channel(&socket(c.dir.path(), id)).await));
+            nodes.insert(id, NodeClient::new(channel(&socket(c.dir(), id)).await));
         }
         Driver {
             controller: ControllerClient::new(ch.clone()),
@@ -174,7 +169,7 @@ fn topology_zones(v: &pb::Volume) -> Vec<String> {
 /// Per chunk of `volume`, the zones of its replicas.
 fn replica_zones(c: &Cluster, volume: &str) -> Vec<Vec<&'static str>> {
     let zone = |id: u64| NODES.iter().find(|(n, _)| *n == id).map(|(_, z)| *z).expect("a known node");
-    c.inspect(volume)["chunks"]
+    c.inspect(volume).expect("volume inspect")["chunks"]
         .as_array()
         .expect("chunks")
         .iter()
@@ -268,7 +263,7 @@ fn check_files(dir: &Path, seeds: std::ops::Range<u64>) {
 }
 
 fn statvfs_bytes(path: &Path) -> u64 {
-    let out = run_ok("stat", &["-f", "-c", "%b %S", path.to_str().expect("utf8")]);
+    let out = run_ok("stat", &["-f", "-c", "%b %S", path.to_str().expect("utf8")]).expect("stat -f");
     let mut it = out.split_whitespace().map(|v| v.parse::<u64>().expect("number"));
     it.next().expect("blocks") * it.next().expect("block size")
 }
@@ -323,7 +318,7 @@ fn volume_lifecycle_through_csi_survives_a_lost_node_and_moves_between_nodes() {
         assert_eq!(again.volume_id, vol.volume_id);
         let bigger = create_req("pvc-life", 1024 * MIB as i64, mount_cap(""), &sc);
         assert_eq!(code(d.controller.create_volume(bigger).await), Code::AlreadyExists);
-        let layout = c.inspect("pvc-life");
+        let layout = c.inspect("pvc-life").expect("volume inspect");
         for chunk in layout["chunks"].as_array().expect("chunks") {
             let nodes: Vec<u64> = chunk["replicas"]
                 .as_array()
@@ -357,7 +352,8 @@ fn volume_lifecycle_through_csi_survives_a_lost_node_and_moves_between_nodes() {
         n1.node_stage_volume(stage_req("pvc-life", &staging1, mount_cap(""), &vol.volume_context))
             .await
             .expect("NodeStage retry");
-        let fstype = run_ok("findmnt", &["-n", "-o", "FSTYPE,SOURCE", staging1.to_str().expect("utf8")]);
+        let fstype =
+            run_ok("findmnt", &["-n", "-o", "FSTYPE,SOURCE", staging1.to_str().expect("utf8")]).expect("findmnt");
         assert!(fstype.starts_with("xfs") && fstype.contains("/dev/loop"), "staging mount: {fstype}");
         n1.node_publish_volume(publish_req("pvc-life", &staging1, &target1, mount_cap(""))).await.expect("NodePublish");
         n1.node_publish_volume(publish_req("pvc-life", &staging1, &target1, mount_cap("")))
@@ -366,7 +362,7 @@ fn volume_lifecycle_through_csi_survives_a_lost_node_and_moves_between_nodes() {
         write_files(&target1, 0..16);
 
         // A storage node holding a replica of every chunk dies; writes go on (2 of 3 in sync).
-        c.kill_node(3);
+        c.kill_node(3).expect("kill node 3");
         write_files(&target1, 16..32);
         check_files(&target1, 0..32);
         let stats = n1
@@ -464,7 +460,7 @@ fn volume_lifecycle_through_csi_survives_a_lost_node_and_moves_between_nodes() {
                 .map(|n| std::fs::read_dir(c.path(&format!("node{n}")).join("chunks")).map_or(0, |d| d.count()))
                 .sum()
         };
-        wait_until("chunk files reclaimed", Duration::from_secs(60), || chunk_files(&c) == 0);
+        wait_until("chunk files reclaimed", Duration::from_secs(60), || chunk_files(&c) == 0).unwrap();
     });
 }
 
@@ -495,7 +491,7 @@ fn raw_block_volume_is_a_device_on_the_target() {
         n4.node_stage_volume(stage_req("blk", &staging, block_cap(), &HashMap::new())).await.expect("stage");
         n4.node_publish_volume(publish_req("blk", &staging, &target, block_cap())).await.expect("publish");
         // The target is a block device of the volume's size; write through it (direct I/O).
-        let size = run_ok("blockdev", &["--getsize64", target.to_str().expect("utf8")]);
+        let size = run_ok("blockdev", &["--getsize64", target.to_str().expect("utf8")]).expect("blockdev");
         assert_eq!(size.trim(), (128 * MIB).to_string());
         {
             let mut f = std::fs::OpenOptions::new()
@@ -600,9 +596,9 @@ fn a_restarted_node_stages_its_volumes_again() {
         write_files(&target, 0..8);
 
         // The node process dies (its FUSE server with it) and comes back.
-        c.kill_node(2);
-        c.start_node(2);
-        let sock = socket(c.dir.path(), 2);
+        c.kill_node(2).expect("kill node 2");
+        c.start_node(2).expect("restart node 2");
+        let sock = socket(c.dir(), 2);
         let mut n2 = NodeClient::new(channel(&sock).await);
         // The target works again once the node has staged the volume again.
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -688,7 +684,7 @@ fn every_error_path_answers_with_the_spec_code() {
         zoned.accessibility_requirements = Some(requisite(&["z1"], &["z1"]));
         let v = ctl.create_volume(zoned).await.expect("zoned create").into_inner().volume.expect("volume");
         assert_eq!(topology_zones(&v), ["z1", "z2", "z3"], "reachable from every zone");
-        let layout = c.inspect("zoned");
+        let layout = c.inspect("zoned").expect("volume inspect");
         assert!(
             layout["chunks"].as_array().expect("chunks").iter().all(|ch| ch["replicas"][0]["node"].as_u64() == Some(2)),
             "placed in z2 only"

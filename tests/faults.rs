@@ -11,17 +11,16 @@
 //! Needs root, ip/tc, loop devices, mkfs.ext4, nbdkit and nbdfuse (CI has them);
 //! without them it prints a SKIP line naming what is missing.
 
-mod common;
-
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_nbd::NbdClient;
+use ballast_testkit::faultcluster::{unavailable, DiskKind, FaultCluster, FrontEnd};
+use ballast_testkit::netns::Dir;
+use ballast_testkit::workload::{connect, Workload};
+use ballast_testkit::{field, needs, Result};
 use ballast_verify::rng::SimRng;
-use common::faultcluster::{unavailable, DiskKind, FaultCluster, FrontEnd};
-use common::netns::Dir;
-use common::workload::{connect, Workload};
 
 const VOLUME: &str = "vol";
 const MIB: u64 = 64;
@@ -52,31 +51,32 @@ struct Run {
 }
 
 impl Run {
-    fn start(tag: &str, disks: &[DiskKind], seed: u64) -> Run {
+    fn start(tag: &str, disks: &[DiskKind], seed: u64) -> Result<Run> {
         Run::start_on(tag, disks, seed, "app1", "2s", &[])
     }
 
     /// Like [`Run::start`], with the front end on `app` with its own options.
-    fn start_on(tag: &str, disks: &[DiskKind], seed: u64, app: &str, io_timeout: &str, extra: &[&str]) -> Run {
-        let c = FaultCluster::start(tag, disks);
-        c.create_volume(VOLUME, MIB);
+    fn start_on(tag: &str, disks: &[DiskKind], seed: u64, app: &str, io_timeout: &str, extra: &[&str]) -> Result<Run> {
+        let c = FaultCluster::start(tag, disks)?;
+        c.create_volume(VOLUME, MIB)?;
         let w = Workload::start(c.rt.handle(), MIB * 256, TASKS, seed);
         let mut r = Run { c, w, fe: None, client: None };
-        r.attach(app, io_timeout, extra);
-        r
+        r.attach(app, io_timeout, extra)?;
+        Ok(r)
     }
 
     /// Starts a front end on `app` and points the workload at it.
-    fn attach(&mut self, app: &str, io_timeout: &str, extra: &[&str]) {
-        let fe = self.c.start_frontend(app, VOLUME, io_timeout, extra);
-        let client = connect(self.c.rt.handle(), &fe.sock);
+    fn attach(&mut self, app: &str, io_timeout: &str, extra: &[&str]) -> Result<()> {
+        let fe = self.c.start_frontend(app, VOLUME, io_timeout, extra)?;
+        let client = connect(self.c.rt.handle(), &fe.sock)?;
         self.w.set_client(Some(client.clone()));
         self.fe = Some(fe);
         self.client = Some(client);
+        Ok(())
     }
 
     /// Waits for a stdout line of the current front end.
-    fn fe_wait(&mut self, needle: &str) -> String {
+    fn fe_wait(&mut self, needle: &str) -> Result<String> {
         self.fe.as_mut().expect("front end").proc.wait_for(needle, Duration::from_secs(60))
     }
 
@@ -87,19 +87,19 @@ impl Run {
 
     /// Stops the workload, waits for full redundancy (timed from `healed`),
     /// flushes, and checks every block and every in-sync copy.
-    fn finish(&mut self, row: &mut Row, healed: Instant) {
+    fn finish(&mut self, row: &mut Row, healed: Instant) -> Result<()> {
         // Redundancy must come back while the workload keeps writing (copies
         // race client writes), and stay full once it stops.
-        self.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT);
+        self.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT)?;
         row.redundancy = Some(healed.elapsed());
         self.w.stop();
-        self.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT);
+        self.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT)?;
         let client = self.client.clone().expect("a front end");
         if let Err(e) = self.c.rt.block_on(ballast_blockdev::BlockDev::flush(&*client)) {
             row.violations.push(format!("final flush failed with every fault healed: {e}"));
         }
         row.blocks_verified = self.w.verify_all(&client);
-        let (copies, bad) = self.c.verify_replicas(&self.w, VOLUME, CHUNK);
+        let (copies, bad) = self.c.verify_replicas(&self.w, VOLUME, CHUNK)?;
         row.copies_verified = copies;
         row.violations.extend(bad);
         row.violations.extend(self.w.violations());
@@ -115,12 +115,13 @@ impl Run {
             k.flushes_ok.load(Relaxed),
             k.flushes_failed.load(Relaxed)
         ));
+        Ok(())
     }
 }
 
 /// Chunks of the volume with an in-sync replica on `node`.
-fn replicas_on(c: &FaultCluster, node: u64) -> usize {
-    c.in_sync(VOLUME).1.iter().filter(|(_, nodes)| nodes.contains(&node)).count()
+fn replicas_on(c: &FaultCluster, node: u64) -> Result<usize> {
+    Ok(c.in_sync(VOLUME)?.1.iter().filter(|(_, nodes)| nodes.contains(&node)).count())
 }
 
 fn secs(s: f64) -> Duration {
@@ -130,129 +131,129 @@ fn secs(s: f64) -> Duration {
 /// Random SIGKILLs of storage nodes under load, one at a time, a node paused
 /// with SIGSTOP, then two nodes in different zones killed at once; each
 /// restarted (or resumed) after a while.
-fn node_kills(row: &mut Row) {
-    let mut r = Run::start("faults-kills", &[], 11);
+fn node_kills(row: &mut Row) -> Result<()> {
+    let mut r = Run::start("faults-kills", &[], 11)?;
     let mut rng = SimRng::new(11);
     r.run_for(secs(2.0));
     for _ in 0..4 {
         let id = rng.range(1, 6);
-        r.c.kill_node(id);
+        r.c.kill_node(id)?;
         r.run_for(secs(2.5));
-        r.c.start_node(id);
+        r.c.start_node(id)?;
         r.run_for(secs(1.5));
     }
     // A stalled process (SIGSTOP): its replies stop, the front end's timeout
     // ejects its replicas; resumed, it must catch up by resync, not by luck.
-    r.c.pause_node(3, true);
+    r.c.pause_node(3, true)?;
     r.run_for(secs(3.0));
-    r.c.pause_node(3, false);
+    r.c.pause_node(3, false)?;
     r.run_for(secs(1.5));
     // Two zones short at once: chunks there drop below min-in-sync, so writes
     // to them fail (unavailable) until one returns; nothing acknowledged may be lost.
-    r.c.kill_node(1);
-    r.c.kill_node(4);
+    r.c.kill_node(1)?;
+    r.c.kill_node(4)?;
     r.run_for(secs(2.0));
-    r.c.start_node(4);
+    r.c.start_node(4)?;
     r.run_for(secs(1.0));
-    r.c.start_node(1);
+    r.c.start_node(1)?;
     let healed = Instant::now();
     r.run_for(secs(2.0));
-    r.finish(row, healed);
+    r.finish(row, healed)
 }
 
 /// A whole zone cut off both ways and healed; then one-way cuts (a zone that
 /// cannot send, a zone that cannot receive).
-fn zone_cut(row: &mut Row) {
-    let mut r = Run::start("faults-zone", &[], 12);
+fn zone_cut(row: &mut Row) -> Result<()> {
+    let mut r = Run::start("faults-zone", &[], 12)?;
     r.run_for(secs(2.0));
-    r.c.cut("z3", Dir::Both);
+    r.c.cut("z3", Dir::Both)?;
     r.run_for(secs(6.0));
-    r.c.heal("z3");
+    r.c.heal("z3")?;
     r.run_for(secs(3.0));
-    r.c.cut("z2", Dir::Out);
+    r.c.cut("z2", Dir::Out)?;
     r.run_for(secs(4.0));
-    r.c.heal("z2");
+    r.c.heal("z2")?;
     r.run_for(secs(2.0));
-    r.c.cut("z1", Dir::In);
+    r.c.cut("z1", Dir::In)?;
     r.run_for(secs(4.0));
-    r.c.heal("z1");
+    r.c.heal("z1")?;
     let healed = Instant::now();
     r.run_for(secs(2.0));
-    r.finish(row, healed);
+    r.finish(row, healed)
 }
 
 /// The meta leader SIGKILLed three times under load; in the second round a
 /// storage node dies too, so an ejection must commit through a new leader.
-fn meta_leader_kills(row: &mut Row) {
-    let mut r = Run::start("faults-meta", &[], 13);
+fn meta_leader_kills(row: &mut Row) -> Result<()> {
+    let mut r = Run::start("faults-meta", &[], 13)?;
     r.run_for(secs(2.0));
     for round in 0..3 {
-        let l = r.c.leader();
-        r.c.kill_meta(l);
+        let l = r.c.leader()?;
+        r.c.kill_meta(l)?;
         if round == 1 {
-            r.c.kill_node(6);
+            r.c.kill_node(6)?;
         }
         r.run_for(secs(2.0));
-        r.c.start_meta(l);
+        r.c.start_meta(l)?;
         if round == 1 {
-            r.c.start_node(6);
+            r.c.start_node(6)?;
         }
         r.run_for(secs(2.0));
-        let now = r.c.leader();
+        let now = r.c.leader()?;
         row.notes.push(format!("round {round}: leader {l} killed, new leader {now}"));
     }
     let healed = Instant::now();
-    r.finish(row, healed);
+    r.finish(row, healed)
 }
 
 /// The front end SIGKILLed mid-write; the volume attached again on another
 /// host, which reconciles the dirty chunks; the workload goes on there.
-fn frontend_crash_reattach(row: &mut Row) {
-    let mut r = Run::start("faults-fe", &[], 14);
+fn frontend_crash_reattach(row: &mut Row) -> Result<()> {
+    let mut r = Run::start("faults-fe", &[], 14)?;
     r.run_for(secs(3.0));
     r.w.set_client(None);
     if let Some(mut fe) = r.fe.take() {
         fe.proc.kill();
         r.c.faults += 1;
     }
-    r.attach("app2", "2s", &[]);
+    r.attach("app2", "2s", &[])?;
     r.run_for(secs(3.0));
     let healed = Instant::now();
-    r.finish(row, healed);
+    r.finish(row, healed)
 }
 
 /// The front end's host is partitioned; the volume is attached elsewhere (a
 /// new epoch); the partition heals and the old front end tries to write: every
 /// replica must refuse it, and none of its writes may ever be read.
-fn partitioned_old_frontend(row: &mut Row) {
-    let mut r = Run::start("faults-fence", &[], 15);
+fn partitioned_old_frontend(row: &mut Row) -> Result<()> {
+    let mut r = Run::start("faults-fence", &[], 15)?;
     r.run_for(secs(3.0));
     let old = r.fe.take().expect("front end");
     let old_client = r.client.clone().expect("client");
-    r.c.cut("app1", Dir::Both);
-    r.attach("app2", "2s", &[]);
+    r.c.cut("app1", Dir::Both)?;
+    r.attach("app2", "2s", &[])?;
     r.run_for(secs(3.0));
-    r.c.heal("app1");
+    r.c.heal("app1")?;
     let healed = Instant::now();
     let attempted = r.w.stale_writes(&old_client, 32, 15);
     row.notes.push(format!("old front end attempted {attempted} writes after the new attach; all refused"));
     r.run_for(secs(2.0));
     drop(old);
-    r.finish(row, healed);
+    r.finish(row, healed)
 }
 
 /// One zone's link slowed (every chunk has a replica behind it) under load:
 /// writes wait at most the I/O timeout for the slow replica, which is then
 /// ejected; p99 write latency stays bounded by the timeout.
-fn slow_replica(row: &mut Row) {
-    let mut r = Run::start_on("faults-slow", &[], 16, "app2", "1s", &[]);
+fn slow_replica(row: &mut Row) -> Result<()> {
+    let mut r = Run::start_on("faults-slow", &[], 16, "app2", "1s", &[])?;
     r.run_for(secs(3.0));
     let base_from = Instant::now() - secs(2.0);
     let t_slow = Instant::now();
-    r.c.slow("z3");
+    r.c.slow("z3")?;
     r.run_for(secs(8.0));
     let t_heal = Instant::now();
-    r.c.heal("z3");
+    r.c.heal("z3")?;
     let (p99_base, n_base) = r.w.write_latency(0.99, base_from, t_slow);
     let (p99, n) = r.w.write_latency(0.99, t_slow, t_heal);
     let (p50, _) = r.w.write_latency(0.50, t_slow, t_heal);
@@ -263,57 +264,59 @@ fn slow_replica(row: &mut Row) {
     // The bound is the design's, not a speed target: one timeout for the slow
     // replica, then the ejection (a meta commit) before the write completes.
     assert!(p99 <= secs(2.5), "p99 write latency {p99:?} with a slow replica exceeds the bound (io-timeout 1s)");
-    r.finish(row, t_heal);
+    r.finish(row, t_heal)
 }
 
 /// One node's disk starts failing every I/O with EIO under load: its replicas
 /// are ejected, the node reports the failed disk, and meta rebuilds them on
 /// another node of the same zone. Redundancy is timed from the failure.
-fn disk_eio(row: &mut Row) {
+fn disk_eio(row: &mut Row) -> Result<()> {
     let disks = [DiskKind::Plain, DiskKind::Plain, DiskKind::Faulty { mib: 256 }];
-    let mut r = Run::start("faults-eio", &disks, 17);
+    let mut r = Run::start("faults-eio", &disks, 17)?;
     r.run_for(secs(3.0));
-    let before = replicas_on(&r.c, 3);
-    r.c.disk(3).fail();
+    let before = replicas_on(&r.c, 3)?;
+    r.c.disk(3)?.fail()?;
     r.c.faults += 1;
     let failed = Instant::now();
     r.run_for(secs(5.0));
-    let nodes = r.c.ctl(&["node", "list"]);
+    let nodes = r.c.ctl(&["node", "list"])?;
     row.notes.push(format!(
         "node 3 after the failure: state {}, disk {}",
         nodes["nodes"][2]["state"], nodes["nodes"][2]["disk"]
     ));
-    r.finish(row, failed);
-    row.notes.push(format!("in-sync replicas on node 3: {before} before, {} after", replicas_on(&r.c, 3)));
+    r.finish(row, failed)?;
+    row.notes.push(format!("in-sync replicas on node 3: {before} before, {} after", replicas_on(&r.c, 3)?));
+    Ok(())
 }
 
 /// One node's filesystem fills up under load: writes there get ENOSPC, its
 /// replicas are ejected and rebuilt on the other node of its zone. Redundancy
 /// is timed from the moment the disk filled.
-fn disk_full(row: &mut Row) {
+fn disk_full(row: &mut Row) -> Result<()> {
     let disks = [DiskKind::Plain, DiskKind::Plain, DiskKind::Plain, DiskKind::Plain, DiskKind::Small { mib: 256 }];
-    let mut r = Run::start("faults-full", &disks, 18);
+    let mut r = Run::start("faults-full", &disks, 18)?;
     r.run_for(secs(3.0));
-    let before = replicas_on(&r.c, 5);
-    let taken = r.c.disk(5).fill();
+    let before = replicas_on(&r.c, 5)?;
+    let taken = r.c.disk(5)?.fill()?;
     r.c.faults += 1;
     let full = Instant::now();
     row.notes.push(format!("filler took {} MiB", taken >> 20));
     r.run_for(secs(5.0));
-    r.finish(row, full);
-    row.notes.push(format!("in-sync replicas on node 5: {before} before, {} after", replicas_on(&r.c, 5)));
+    r.finish(row, full)?;
+    row.notes.push(format!("in-sync replicas on node 5: {before} before, {} after", replicas_on(&r.c, 5)?));
+    Ok(())
 }
 
 /// Bytes flipped in chunk files on random in-sync replicas: a read pass finds
 /// some (read repair), the scrub pass finds the rest; afterwards every copy on
 /// every replica verifies.
-fn bit_rot(row: &mut Row) {
+fn bit_rot(row: &mut Row) -> Result<()> {
     let scrub = ["--scrub-interval", "3s", "--scrub-rate", "256M"];
-    let mut r = Run::start_on("faults-rot", &[], 19, "app2", "2s", &scrub);
+    let mut r = Run::start_on("faults-rot", &[], 19, "app2", "2s", &scrub)?;
     r.run_for(secs(4.0));
     r.w.pause();
-    r.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT);
-    let (vid, chunks) = r.c.in_sync(VOLUME);
+    r.c.wait_full_redundancy(VOLUME, REDUNDANCY_TIMEOUT)?;
+    let (vid, chunks) = r.c.in_sync(VOLUME)?;
     let written = r.w.written_blocks();
     let mut rng = SimRng::new(19);
     let per_chunk = CHUNK / 4096;
@@ -322,33 +325,33 @@ fn bit_rot(row: &mut Row) {
         let b = written[rng.below(written.len() as u64) as usize];
         let replicas = &chunks[(b / per_chunk) as usize].1;
         let node = replicas[rng.below(replicas.len() as u64) as usize];
-        r.c.flip_byte(node, vid, CHUNK, b, rng.below(4096));
+        r.c.flip_byte(node, vid, CHUNK, b, rng.below(4096))?;
         flipped.push((node, b));
     }
     let rotted = Instant::now();
     // Reads find the copies they happen to read.
     let client = r.client.clone().expect("client");
     r.w.verify_all(&client);
-    let (_, left) = r.c.verify_replicas(&r.w, VOLUME, CHUNK);
+    let (_, left) = r.c.verify_replicas(&r.w, VOLUME, CHUNK)?;
     row.notes.push(format!("{} flipped copies; {} left after a read pass", flipped.len(), left.len()));
     // The scrub finds the rest. A pass that began before the flips may miss
     // some; wait for passes until every copy verifies (at most three).
     let (mut found, mut repaired) = (0u64, 0u64);
     for _ in 0..3 {
-        let line = r.fe_wait("scrub pass");
-        let num = |k: &str| common::field(&line, k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let line = r.fe_wait("scrub pass")?;
+        let num = |k: &str| field(&line, k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         found += num("corrupt");
         repaired += num("repaired");
-        if r.c.verify_replicas(&r.w, VOLUME, CHUNK).1.is_empty() {
+        if r.c.verify_replicas(&r.w, VOLUME, CHUNK)?.1.is_empty() {
             break;
         }
     }
     row.notes.push(format!("the scrub found {found} corrupt 1 MiB pieces and repaired {repaired}"));
     r.w.resume();
-    r.finish(row, rotted);
+    r.finish(row, rotted)
 }
 
-type Scenario = (&'static str, fn(&mut Row));
+type Scenario = (&'static str, fn(&mut Row) -> Result<()>);
 
 const SCENARIOS: &[Scenario] = &[
     ("node-kills", node_kills),
@@ -428,8 +431,8 @@ fn leftovers() -> Vec<String> {
 #[test]
 fn fault_suite() {
     let disks = [DiskKind::Faulty { mib: 1 }, DiskKind::Small { mib: 1 }];
-    if let Some(why) = unavailable(&disks) {
-        eprintln!("SKIP fault_suite: {why} (CI runs as root with every tool installed by .ci/run)");
+    let ci = " (CI runs as root with every tool installed by .ci/run)";
+    if !needs("fault_suite").also(|| unavailable(&disks).map(|why| why + ci)).met() {
         return;
     }
     let only: Option<Vec<String>> =
@@ -442,13 +445,17 @@ fn fault_suite() {
         eprintln!("=== scenario {name}");
         let t0 = Instant::now();
         let mut row = Row { name, ..Row::default() };
-        if let Err(e) = std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut row))) {
-            let msg = e
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            row.error = Some(msg);
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(&mut row))) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => row.error = Some(e.to_string()),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panic".into());
+                row.error = Some(msg);
+            }
         }
         row.notes.push(format!("ran {:.0} s", t0.elapsed().as_secs_f64()));
         let left = leftovers();

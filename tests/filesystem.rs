@@ -8,13 +8,11 @@
 //! Needs root (loop devices, mount) and nbdfuse, losetup, mkfs.ext4, fusermount3;
 //! prints SKIP otherwise. Everything set up is torn down on drop, also on failure.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use ballast_testkit::{data_dir, needs, random_file, run, run_ok, wait_every, Error, Proc, Result};
 
 /// The volume attached as a mounted ext4 filesystem; unmounted, detached and
 /// unfused (in that order) when dropped.
@@ -28,7 +26,7 @@ struct Mounted {
 
 impl Mounted {
     /// Attaches `uri`; with `mkfs`, makes a new ext4 filesystem first.
-    fn attach(uri: &str, work: &Path, mkfs: bool) -> Mounted {
+    fn attach(uri: &str, work: &Path, mkfs: bool) -> Result<Mounted> {
         let fuse_dir = work.join("fuse");
         let mnt = work.join("mnt");
         std::fs::create_dir_all(&fuse_dir).expect("fuse dir");
@@ -43,36 +41,35 @@ impl Mounted {
             .arg(uri)
             .stdin(Stdio::null())
             .spawn()
-            .expect("spawn nbdfuse");
+            .map_err(Error::io("spawn nbdfuse"))?;
         let mut m = Mounted { fuse_dir, fuse: Some(child), loop_dev: None, mnt, mounted: false };
         // nbdfuse writes its pid file once it serves the file.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !pidfile.exists() {
-            assert!(Instant::now() < deadline, "nbdfuse did not become ready");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_every("nbdfuse to become ready", Duration::from_secs(20), Duration::from_millis(50), || {
+            Ok(pidfile.exists())
+        })?;
         let file = file.to_str().expect("utf8 path");
         // 4 KiB sectors: the export's minimum block size is 4096 (a block is the
         // unit of checksums), and nbdfuse refuses smaller requests.
         let dev =
-            run_ok("losetup", &["-f", "--show", "--direct-io=on", "--sector-size", "4096", file]).trim().to_string();
+            run_ok("losetup", &["-f", "--show", "--direct-io=on", "--sector-size", "4096", file])?.trim().to_string();
         m.loop_dev = Some(dev.clone());
         if mkfs {
-            run_ok("mkfs.ext4", &["-q", "-F", &dev]);
+            run_ok("mkfs.ext4", &["-q", "-F", &dev])?;
         }
-        run_ok("mount", &[&dev, m.mnt.to_str().expect("utf8 path")]);
+        run_ok("mount", &[&dev, m.mnt.to_str().expect("utf8 path")])?;
         m.mounted = true;
-        m
+        Ok(m)
     }
 }
 
 impl Mounted {
     /// Unmounts, then checks the filesystem read-only (e2fsck -fn must find nothing).
-    fn unmount_and_fsck(&mut self) {
-        run_ok("umount", &[self.mnt.to_str().expect("utf8 path")]);
+    fn unmount_and_fsck(&mut self) -> Result<()> {
+        run_ok("umount", &[self.mnt.to_str().expect("utf8 path")])?;
         self.mounted = false;
         let dev = self.loop_dev.clone().expect("loop device");
-        run_ok("e2fsck", &["-f", "-n", &dev]);
+        run_ok("e2fsck", &["-f", "-n", &dev])?;
+        Ok(())
     }
 }
 
@@ -99,7 +96,7 @@ impl Drop for Mounted {
     }
 }
 
-fn start_dev(data: &Path) -> (Proc, String) {
+fn start_dev(data: &Path) -> Result<(Proc, String)> {
     let mut dev = Proc::spawn(
         "dev",
         &[
@@ -113,49 +110,45 @@ fn start_dev(data: &Path) -> (Proc, String) {
             "--size",
             "512M",
         ],
-    );
-    let uri = dev.wait_value("ready nbd", "uri");
-    (dev, uri)
+    )?;
+    let uri = dev.wait_value("ready nbd", "uri")?;
+    Ok((dev, uri))
 }
 
 #[test]
-fn ext4_on_a_loop_device_survives_a_cluster_restart() {
-    let test = "ext4_on_a_loop_device_survives_a_cluster_restart";
-    if !is_root() {
-        eprintln!("SKIP {test}: needs root for loop devices and mount");
-        return;
+fn ext4_on_a_loop_device_survives_a_cluster_restart() -> Result<()> {
+    if !needs("ext4_on_a_loop_device_survives_a_cluster_restart")
+        .root("loop devices and mount")
+        .tools(&["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount", "fusermount3"])
+        .paths(&["/dev/fuse"])
+        .met()
+    {
+        return Ok(());
     }
-    if !require(test, &["nbdfuse", "losetup", "mkfs.ext4", "e2fsck", "mount", "umount", "fusermount3"]) {
-        return;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP {test}: /dev/fuse is missing");
-        return;
-    }
-    let dir = data_dir("ext4");
+    let dir = data_dir("ext4")?;
     let data = dir.path().join("data");
     let originals = dir.path().join("originals");
     std::fs::create_dir_all(&originals).expect("originals dir");
 
-    let (mut dev, uri) = start_dev(&data);
+    let (mut dev, uri) = start_dev(&data)?;
     {
-        let m = Mounted::attach(&uri, dir.path(), true);
+        let m = Mounted::attach(&uri, dir.path(), true)?;
         for i in 0..12u64 {
             let len = 4096 * (1 + i as usize * 37) + i as usize * 511; // unaligned tails too
             let src = originals.join(format!("f{i}"));
-            random_file(&src, len, 1000 + i);
+            random_file(&src, len, 1000 + i)?;
             std::fs::copy(&src, m.mnt.join(format!("f{i}"))).expect("copy into the filesystem");
         }
         std::fs::create_dir_all(m.mnt.join("dir/sub")).expect("mkdir");
         std::fs::write(m.mnt.join("dir/sub/small"), b"ballast").expect("small file");
-        run_ok("sync", &["-f", m.mnt.to_str().expect("utf8 path")]);
+        run_ok("sync", &["-f", m.mnt.to_str().expect("utf8 path")])?;
         // Dropping `m` unmounts (writing back everything) and detaches.
     }
-    assert!(dev.terminate(Duration::from_secs(20)).is_some_and(|s| s.success()), "dev did not stop cleanly");
+    assert!(dev.terminate(Duration::from_secs(20)).is_ok_and(|s| s.success()), "dev did not stop cleanly");
 
-    let (_dev, uri) = start_dev(&data);
-    let m = Mounted::attach(&uri, dir.path(), false);
-    run_ok("sync", &[]);
+    let (_dev, uri) = start_dev(&data)?;
+    let m = Mounted::attach(&uri, dir.path(), false)?;
+    run_ok("sync", &[])?;
     for i in 0..12u64 {
         let want = std::fs::read(originals.join(format!("f{i}"))).expect("original");
         let got = std::fs::read(m.mnt.join(format!("f{i}"))).expect("file after restart");
@@ -164,5 +157,5 @@ fn ext4_on_a_loop_device_survives_a_cluster_restart() {
     assert_eq!(std::fs::read(m.mnt.join("dir/sub/small")).expect("small"), b"ballast");
     // The filesystem is consistent, not just readable.
     let mut m = m;
-    m.unmount_and_fsck();
+    m.unmount_and_fsck()
 }

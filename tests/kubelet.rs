@@ -11,8 +11,6 @@
 //!   promptly, so the kubelet does not restart the plugins; and the node still
 //!   stops within its pod's grace period.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,8 +20,7 @@ use ballast_csi::pb;
 use ballast_csi::pb::identity_client::IdentityClient;
 use ballast_csi::registration::pb as regpb;
 use ballast_csi::registration::pb::registration_client::RegistrationClient;
-use common::cluster::*;
-use common::*;
+use ballast_testkit::{wait_until, Cluster, Proc, Result};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 const HOST_SOCKET: &str = "/var/lib/kubelet/plugins/csi.ballast.io/csi.sock";
@@ -69,12 +66,12 @@ fn wait_status(addr: SocketAddr, path: &str, status: u16, timeout: Duration) -> 
 }
 
 fn health_addr(p: &mut Proc) -> SocketAddr {
-    let addr = p.wait_value("ready health", "addr");
+    let addr = p.wait_value("ready health", "addr").expect("a ready health line");
     addr.parse().unwrap_or_else(|_| panic!("ready health addr={addr}"))
 }
 
 #[test]
-fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() {
+fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() -> Result<()> {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let mut c = Cluster::start_with("kubelet", &[(1, "z1")], |_, dir| {
         let registry = dir.join("plugins_registry");
@@ -86,14 +83,14 @@ fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() {
             format!("--registration-dir={}", registry.display()),
             "--health-listen=127.0.0.1:0".into(),
         ]
-    });
+    })?;
     let csi_socket = c.path("csi.sock");
     let reg_socket = c.path("plugins_registry").join("csi.ballast.io-reg.sock");
-    let node_health = health_addr(c.nodes[0].2.as_mut().expect("node 1 runs"));
+    let node_health = health_addr(c.node_proc(1).expect("node 1 runs"));
 
     // The registration socket appears, and by then the CSI socket answers
     // (the kubelet calls NodeGetInfo on it right after GetInfo).
-    wait_until("the registration socket", Duration::from_secs(60), || reg_socket.exists());
+    wait_until("the registration socket", Duration::from_secs(60), || reg_socket.exists())?;
     rt.block_on(async {
         let csi = dial(&csi_socket).await.expect("the CSI socket answers once the plugin is registered");
         let info = IdentityClient::new(csi).get_plugin_info(pb::GetPluginInfoRequest {}).await.expect("GetPluginInfo");
@@ -123,7 +120,7 @@ fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() {
             "--health-listen",
             "127.0.0.1:0",
         ],
-    );
+    )?;
     let ctl_health = health_addr(&mut controller);
 
     // Meta answers: alive and ready, both.
@@ -135,7 +132,7 @@ fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() {
 
     // Every meta member gone: not ready, and still alive, answered promptly.
     for m in &mut c.members {
-        if let Some(mut p) = m.2.take() {
+        if let Some(mut p) = m.proc.take() {
             p.kill();
         }
     }
@@ -156,7 +153,7 @@ fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() {
     // A clean stop removes the registration socket: the kubelet deregisters.
     controller.terminate(Duration::from_secs(60)).expect("the controller stops on SIGTERM");
     // ...within the pod's grace period (60 s in csi/node.yaml), meta down or not.
-    let node = c.nodes[0].2.as_mut().expect("node 1 runs");
+    let node = c.node_proc(1).expect("node 1 runs");
     let stopping = Instant::now();
     let status = node.terminate(Duration::from_secs(90)).expect("the node stops on SIGTERM");
     assert!(status.success(), "ballast node: {status}");
@@ -167,4 +164,5 @@ fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     assert!(leftovers.is_empty(), "left in the registration dir: {leftovers:?}");
+    Ok(())
 }

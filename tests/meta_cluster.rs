@@ -11,12 +11,10 @@
 //!   verifies data through the export (elections must not stall the data path);
 //! - a stale front end cannot write once a newer one has attached.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::cluster::*;
-use common::*;
+use ballast_testkit::ctl::{healthy, replicas_on};
+use ballast_testkit::{ctl, free_addr, require, run, try_wait_until, wait_until, Cluster, Proc, Result};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -27,7 +25,7 @@ fn qemu_io(uri: &str, cmds: &[String]) -> std::process::Output {
         args.push("-c".into());
         args.push(c.clone());
     }
-    run("qemu-io", &args.iter().map(String::as_str).collect::<Vec<_>>())
+    run("qemu-io", &args.iter().map(String::as_str).collect::<Vec<_>>()).expect("run qemu-io")
 }
 
 /// qemu-io prints "Pattern verification failed" and keeps its exit code 0 on
@@ -38,43 +36,26 @@ fn qemu_io_ok(uri: &str, cmds: &[String]) {
     assert!(out.status.success() && !text.contains("failed") && !text.contains("error"), "qemu-io {cmds:?}: {text}");
 }
 
-fn replicas_on(layout: &Value, node: u64) -> usize {
-    layout["chunks"]
-        .as_array()
-        .expect("chunks")
-        .iter()
-        .filter(|c| c["replicas"].as_array().expect("replicas").iter().any(|r| r["node"].as_u64() == Some(node)))
-        .count()
-}
-
-fn healthy(layout: &Value) -> bool {
-    let h = &layout["health"];
-    h["chunks_degraded"].as_u64() == Some(0)
-        && h["replicas_rebuilding"].as_u64() == Some(0)
-        && h["replicas_ejected"].as_u64() == Some(0)
-}
-
 #[test]
-fn storage_node_restart_resyncs_changed_blocks_and_loss_rebuilds_elsewhere() {
+fn storage_node_restart_resyncs_changed_blocks_and_loss_rebuilds_elsewhere() -> Result<()> {
     if !require("storage_node_restart_resyncs_changed_blocks_and_loss_rebuilds_elsewhere", &["qemu-io"]) {
-        return;
+        return Ok(());
     }
     // Zone z1 has two nodes, so a lost z3 node's chunks have somewhere to go
     // (distinct nodes once fewer zones than replicas are up).
-    let mut c = Cluster::start("meta-rebuild", &[(1, "z1"), (2, "z2"), (3, "z3"), (4, "z1")]);
-    let meta = c.meta();
-    c.create_volume("v", "256M", "16M", "2");
-    let (_export, uri) = c.export("v", 1);
+    let mut c = Cluster::start("meta-rebuild", &[(1, "z1"), (2, "z2"), (3, "z3"), (4, "z1")])?;
+    c.create_volume("v", "256M", "16M", "2")?;
+    let (_export, uri) = c.export("v", 1)?;
     let chunk = 16 * MIB;
     qemu_io_ok(&uri, &["write -P 0x11 0 256M".into(), "flush".into()]);
 
     // Node 2 (the only node of z2, so it holds every chunk) dies; four chunks are
     // written while it is away, then flushed (the flush, which must reach every
     // in-sync replica, ejects node 2 from every chunk); it comes back on its disk.
-    c.kill_node(2);
+    c.kill_node(2)?;
     let changed: Vec<String> = (0..4).map(|i| format!("write -P 0x22 {} 64k", i * chunk)).collect();
     qemu_io_ok(&uri, &[changed, vec!["flush".into()]].concat());
-    let l = c.inspect("v");
+    let l = c.inspect("v")?;
     assert_eq!(replicas_on(&l, 2), 16, "{l}");
     assert!(
         l["chunks"].as_array().expect("chunks").iter().all(|ch| ch["replicas"]
@@ -84,9 +65,9 @@ fn storage_node_restart_resyncs_changed_blocks_and_loss_rebuilds_elsewhere() {
             .any(|r| r["node"] == 2 && r["role"] != "in-sync")),
         "node 2 is out of every chunk's in-sync set: {l}"
     );
-    c.start_node(2);
-    wait_until("node 2 resynced", Duration::from_secs(90), || healthy(&c.inspect("v")));
-    let jobs = ctl(&meta, &["jobs", "--all"]);
+    c.start_node(2)?;
+    try_wait_until("node 2 resynced", Duration::from_secs(90), || Ok(healthy(&c.inspect("v")?)))?;
+    let jobs = c.ctl_json(&["jobs", "--all"])?;
     let done: Vec<&Value> = jobs["jobs"]
         .as_array()
         .expect("jobs")
@@ -104,12 +85,12 @@ fn storage_node_restart_resyncs_changed_blocks_and_loss_rebuilds_elsewhere() {
     // Node 3 (all of z3) is lost for good: after the down timeout its chunks are
     // rebuilt onto the z1 nodes, from several sources.
     let started = Instant::now();
-    c.kill_node(3);
-    wait_until("node 3's chunks rebuilt", Duration::from_secs(120), || {
-        let l = c.inspect("v");
-        replicas_on(&l, 3) == 0 && healthy(&l)
-    });
-    let jobs = ctl(&meta, &["jobs", "--all"]);
+    c.kill_node(3)?;
+    try_wait_until("node 3's chunks rebuilt", Duration::from_secs(120), || {
+        let l = c.inspect("v")?;
+        Ok(replicas_on(&l, 3) == 0 && healthy(&l))
+    })?;
+    let jobs = c.ctl_json(&["jobs", "--all"])?;
     let rebuilds: Vec<&Value> =
         jobs["jobs"].as_array().expect("jobs").iter().filter(|j| j["kind"] == "rebuild").collect();
     assert_eq!(rebuilds.len(), 16, "{jobs}");
@@ -117,7 +98,7 @@ fn storage_node_restart_resyncs_changed_blocks_and_loss_rebuilds_elsewhere() {
     targets.sort();
     targets.dedup();
     eprintln!("rebuild of 16 chunks onto nodes {targets:?} took {:?} (including the down timeout)", started.elapsed());
-    let l = c.inspect("v");
+    let l = c.inspect("v")?;
     for ch in l["chunks"].as_array().expect("chunks") {
         let nodes: Vec<u64> =
             ch["replicas"].as_array().expect("r").iter().map(|r| r["node"].as_u64().expect("n")).collect();
@@ -127,8 +108,8 @@ fn storage_node_restart_resyncs_changed_blocks_and_loss_rebuilds_elsewhere() {
 
     // Only node 4 left among the holders: every block must come from the copies
     // the rebuild and the first phase made, and be exactly what was written.
-    c.kill_node(1);
-    c.kill_node(2);
+    c.kill_node(1)?;
+    c.kill_node(2)?;
     let mut reads: Vec<String> = Vec::new();
     for i in 0..16u64 {
         let base = i * chunk;
@@ -140,17 +121,18 @@ fn storage_node_restart_resyncs_changed_blocks_and_loss_rebuilds_elsewhere() {
         }
     }
     qemu_io_ok(&uri, &reads);
+    Ok(())
 }
 
 #[test]
-fn meta_leader_killed_during_creates_while_fio_verifies() {
+fn meta_leader_killed_during_creates_while_fio_verifies() -> Result<()> {
     if !require("meta_leader_killed_during_creates_while_fio_verifies", &["fio"]) {
-        return;
+        return Ok(());
     }
-    let mut c = Cluster::start("meta-leader", &[(1, "z1"), (2, "z2"), (3, "z3")]);
-    let meta = c.meta();
-    c.create_volume("data", "128M", "8M", "2");
-    let (_export, uri) = c.export("data", 1);
+    let mut c = Cluster::start("meta-leader", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    let ctl = c.ctl()?;
+    c.create_volume("data", "128M", "8M", "2")?;
+    let (_export, uri) = c.export("data", 1)?;
     let uri_arg = format!("--uri={uri}");
     let fio = std::thread::spawn(move || {
         run(
@@ -175,11 +157,8 @@ fn meta_leader_killed_during_creates_while_fio_verifies() {
     });
     let mut created = Vec::new();
     for round in 0..4 {
-        let leader = ctl(&meta, &["status"])["leader"].as_u64().expect("leader");
-        let i = c.members.iter().position(|m| m.0 == leader).expect("leader is a member");
-        if let Some(mut p) = c.members[i].2.take() {
-            p.kill();
-        }
+        let leader = c.leader()?;
+        c.kill_member(leader)?;
         // Writes reach a new leader through any member (ballastctl retries while
         // the election runs).
         let name = format!("c{round}");
@@ -188,58 +167,57 @@ fn meta_leader_killed_during_creates_while_fio_verifies() {
         // can briefly find too few nodes: retry that, and only that.
         let create = ["volume", "create", &name, "--size", "64M", "--chunk-size", "8M", "--replicas", "3"];
         let args = [&create[..], &["--min-in-sync", "2"]].concat();
-        wait_until("create accepted", Duration::from_secs(20), || {
-            let out =
-                run(ctl_bin().to_str().expect("utf8"), &[&["--meta", &meta, "--timeout", "30s"][..], &args].concat());
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() || err.contains("placement: need"), "create {name}: {err}");
-            out.status.success()
-        });
+        try_wait_until("create accepted", Duration::from_secs(20), || {
+            let out = ctl.run(&args)?;
+            assert!(out.status.success() || out.stderr.contains("placement: need"), "create {name}: {}", out.stderr);
+            Ok(out.status.success())
+        })?;
         created.push(name);
-        c.start_member(i);
+        c.start_member(leader)?;
     }
-    let out = fio.join().expect("fio thread");
+    let out = fio.join().expect("fio thread")?;
     assert!(out.status.success(), "fio verify failed during leader kills: {}", String::from_utf8_lossy(&out.stdout));
     // Admin reads go to the leader, so every acknowledged create is listed (a new
     // leader may need a moment to apply what it committed).
-    let listed = |c: &Cluster| -> Vec<String> {
-        let vols = ctl(&c.meta(), &["volume", "list"]);
-        vols["volumes"]
+    let listed = |c: &Cluster| -> Result<Vec<String>> {
+        let vols = c.ctl_json(&["volume", "list"])?;
+        Ok(vols["volumes"]
             .as_array()
             .expect("volumes")
             .iter()
             .map(|v| v["name"].as_str().expect("name").to_string())
-            .collect()
+            .collect())
     };
-    wait_until("every created volume listed", Duration::from_secs(10), || {
-        let names = listed(&c);
-        created.iter().all(|n| names.contains(n))
-    });
+    try_wait_until("every created volume listed", Duration::from_secs(10), || {
+        let names = listed(&c)?;
+        Ok(created.iter().all(|n| names.contains(n)))
+    })?;
     for n in &created {
         // All or nothing: every chunk of a created volume is placed.
-        let l = c.inspect(n);
+        let l = c.inspect(n)?;
         let chunks = l["chunks"].as_array().expect("chunks");
         assert_eq!(chunks.len(), 8, "{l}");
         assert!(chunks.iter().all(|ch| ch["replicas"].as_array().map(Vec::len) == Some(3)), "{l}");
     }
-    let s = ctl(&meta, &["status"]);
+    let s = c.ctl_json(&["status"])?;
     assert_eq!(s["members"].as_array().map(Vec::len), Some(3), "{s}");
+    Ok(())
 }
 
 #[test]
-fn stale_front_end_cannot_write_after_a_newer_attach() {
+fn stale_front_end_cannot_write_after_a_newer_attach() -> Result<()> {
     if !require("stale_front_end_cannot_write_after_a_newer_attach", &["qemu-io"]) {
-        return;
+        return Ok(());
     }
-    let c = Cluster::start("meta-fence", &[(1, "z1"), (2, "z2"), (3, "z3")]);
-    c.create_volume("pg", "64M", "16M", "2");
-    let (_old, old_uri) = c.export("pg", 1);
+    let c = Cluster::start("meta-fence", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    c.create_volume("pg", "64M", "16M", "2")?;
+    let (_old, old_uri) = c.export("pg", 1)?;
     qemu_io_ok(&old_uri, &["write -P 0xaa 0 1M".into(), "flush".into()]);
-    let epoch_old = c.inspect("pg")["volume"]["epoch"].as_u64();
+    let epoch_old = c.inspect("pg")?["volume"]["epoch"].as_u64();
     // The volume moves to node 2 (a new attach: a higher epoch, announced to every
     // replica) while the old front end is still running.
-    let (_new, new_uri) = c.export("pg", 2);
-    assert!(c.inspect("pg")["volume"]["epoch"].as_u64() > epoch_old);
+    let (_new, new_uri) = c.export("pg", 2)?;
+    assert!(c.inspect("pg")?["volume"]["epoch"].as_u64() > epoch_old);
     let out = qemu_io(&old_uri, &["write -P 0xbb 0 1M".into(), "flush".into()]);
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
@@ -248,7 +226,7 @@ fn stale_front_end_cannot_write_after_a_newer_attach() {
     );
     qemu_io_ok(&new_uri, &["read -P 0xaa 0 1M".into()]);
     // Nothing the stale front end attempted reached any replica.
-    let l = c.inspect("pg");
+    let l = c.inspect("pg")?;
     assert!(healthy(&l), "fencing must not eject replicas: {l}");
 
     // Deleting the volume reclaims its chunk files on every node.
@@ -258,18 +236,19 @@ fn stale_front_end_cannot_write_after_a_newer_attach() {
     assert!(chunk_files(&c) > 0);
     drop(_old);
     drop(_new);
-    ctl(&c.meta(), &["volume", "delete", "pg", "--yes"]);
-    wait_until("chunk files reclaimed", Duration::from_secs(30), || chunk_files(&c) == 0);
+    c.ctl_json(&["volume", "delete", "pg", "--yes"])?;
+    wait_until("chunk files reclaimed", Duration::from_secs(30), || chunk_files(&c) == 0)?;
+    Ok(())
 }
 
 #[test]
-fn meta_member_added_and_removed_while_running() {
-    let mut c = Cluster::start("meta-members", &[(1, "z1"), (2, "z2"), (3, "z3")]);
+fn meta_member_added_and_removed_while_running() -> Result<()> {
+    let mut c = Cluster::start("meta-members", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
     let meta = c.meta();
-    c.create_volume("before", "64M", "16M", "2");
+    c.create_volume("before", "64M", "16M", "2")?;
     // A fourth member starts empty (no --initial-members) and is added as a
     // learner, then a voter; it catches up from the leader.
-    let addr4 = free_addr();
+    let addr4 = free_addr()?;
     let data4 = c.path("meta4");
     let mut m4 = Proc::spawn(
         "meta4",
@@ -286,30 +265,28 @@ fn meta_member_added_and_removed_while_running() {
             "--election-ms",
             "500",
         ],
-    );
-    m4.wait_for("ready meta", Duration::from_secs(30));
-    let s = ctl(&meta, &["member", "add", "4", &addr4]);
+    )?;
+    m4.wait_for("ready meta", Duration::from_secs(30))?;
+    let s = ctl(&meta, &["member", "add", "4", &addr4])?;
     let voters = |s: &Value| s["members"].as_array().expect("members").iter().filter(|m| m["voter"] == true).count();
     assert_eq!(voters(&s), 4, "{s}");
-    wait_until("member 4 has the volume", Duration::from_secs(30), || {
-        let v = ctl(&addr4, &["volume", "list"]);
-        v["volumes"].as_array().is_some_and(|v| v.iter().any(|x| x["name"] == "before"))
-    });
+    try_wait_until("member 4 has the volume", Duration::from_secs(30), || {
+        let v = ctl(&addr4, &["volume", "list"])?;
+        Ok(v["volumes"].as_array().is_some_and(|v| v.iter().any(|x| x["name"] == "before")))
+    })?;
     // Remove whichever member leads now; the others elect a new leader and go on.
-    let leader = ctl(&meta, &["status"])["leader"].as_u64().expect("leader");
+    let leader = c.leader()?;
     let all = format!("{meta},{addr4}");
-    let s = ctl(&all, &["member", "remove", &leader.to_string()]);
+    let s = ctl(&all, &["member", "remove", &leader.to_string()])?;
     assert_eq!(voters(&s), 3, "{s}");
-    let i = c.members.iter().position(|m| m.0 == leader);
-    if let Some(i) = i {
-        if let Some(mut p) = c.members[i].2.take() {
-            p.kill();
-        }
+    if c.members.iter().any(|m| m.id == leader) {
+        c.kill_member(leader)?;
     } else {
         m4.kill();
     }
-    c.create_volume("after", "64M", "16M", "2");
-    let s = ctl(&all, &["status"]);
+    c.create_volume("after", "64M", "16M", "2")?;
+    let s = ctl(&all, &["status"])?;
     assert_ne!(s["leader"].as_u64(), Some(leader), "{s}");
     assert_eq!(s["volumes"].as_u64(), Some(2), "{s}");
+    Ok(())
 }

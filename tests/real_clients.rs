@@ -2,14 +2,12 @@
 //! three-zone, replicas-3 volume in one process, exported on loopback TCP and a
 //! unix socket.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use ballast_testkit::{data_dir, random_file, require, run_ok, Proc, Result};
 
-fn start_dev(tag: &str, extra: &[&str]) -> (tempfile::TempDir, Proc, String, String) {
-    let dir = data_dir(tag);
+fn start_dev(tag: &str, extra: &[&str]) -> Result<(tempfile::TempDir, Proc, String, String)> {
+    let dir = data_dir(tag)?;
     let data = dir.path().join("data");
     let sock = dir.path().join("nbd.sock");
     let mut args = vec![
@@ -28,18 +26,18 @@ fn start_dev(tag: &str, extra: &[&str]) -> (tempfile::TempDir, Proc, String, Str
         "16M",
     ];
     args.extend_from_slice(extra);
-    let mut dev = Proc::spawn("dev", &args);
-    let uri = dev.wait_value("ready nbd", "uri");
+    let mut dev = Proc::spawn("dev", &args)?;
+    let uri = dev.wait_value("ready nbd", "uri")?;
     let unix_uri = format!("nbd+unix:///vol0?socket={}", sock.display());
-    (dir, dev, uri, unix_uri)
+    Ok((dir, dev, uri, unix_uri))
 }
 
 #[test]
-fn qemu_io_patterns_over_tcp_and_unix() {
+fn qemu_io_patterns_over_tcp_and_unix() -> Result<()> {
     if !require("qemu_io_patterns_over_tcp_and_unix", &["qemu-io"]) {
-        return;
+        return Ok(());
     }
-    let (_dir, _dev, uri, unix_uri) = start_dev("qemu-io", &[]);
+    let (_dir, _dev, uri, unix_uri) = start_dev("qemu-io", &[])?;
     run_ok(
         "qemu-io",
         &[
@@ -59,7 +57,7 @@ fn qemu_io_patterns_over_tcp_and_unix() {
             "-c",
             "flush",
         ],
-    );
+    )?;
     // Read back through the other transport (multi-connection consistency).
     let out = run_ok(
         "qemu-io",
@@ -78,34 +76,36 @@ fn qemu_io_patterns_over_tcp_and_unix() {
             "-c",
             "read -P 0 255M 1M", // never written
         ],
-    );
+    )?;
     assert!(!out.contains("Pattern verification failed"), "{out}");
+    Ok(())
 }
 
 #[test]
-fn qemu_img_convert_round_trip() {
+fn qemu_img_convert_round_trip() -> Result<()> {
     if !require("qemu_img_convert_round_trip", &["qemu-img"]) {
-        return;
+        return Ok(());
     }
-    let (dir, _dev, uri, _) = start_dev("qemu-img", &[]);
+    let (dir, _dev, uri, _) = start_dev("qemu-img", &[])?;
     let input = dir.path().join("in.raw");
     let output = dir.path().join("out.raw");
-    random_file(&input, 256 << 20, 7);
-    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", input.to_str().unwrap(), &uri]);
-    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, output.to_str().unwrap()]);
+    random_file(&input, 256 << 20, 7)?;
+    run_ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", input.to_str().unwrap(), &uri])?;
+    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, output.to_str().unwrap()])?;
     let a = std::fs::read(&input).expect("read input");
     let b = std::fs::read(&output).expect("read output");
     assert_eq!(a.len(), b.len());
     assert!(a == b, "round-tripped image differs");
+    Ok(())
 }
 
 #[test]
-fn nbdinfo_shows_size_and_flags() {
+fn nbdinfo_shows_size_and_flags() -> Result<()> {
     if !require("nbdinfo_shows_size_and_flags", &["nbdinfo"]) {
-        return;
+        return Ok(());
     }
-    let (_dir, _dev, uri, _) = start_dev("nbdinfo", &[]);
-    let json = run_ok("nbdinfo", &["--json", &uri]);
+    let (_dir, _dev, uri, _) = start_dev("nbdinfo", &[])?;
+    let json = run_ok("nbdinfo", &["--json", &uri])?;
     let v: serde_json::Value = serde_json::from_str(&json).expect("nbdinfo json");
     let e = &v["exports"][0];
     assert_eq!(e["export-size"].as_u64(), Some(256 << 20), "{json}");
@@ -114,14 +114,15 @@ fn nbdinfo_shows_size_and_flags() {
     }
     assert_eq!(e["is_read_only"].as_bool(), Some(false), "{json}");
     assert_eq!(e["block_size_minimum"].as_u64(), Some(4096), "{json}");
+    Ok(())
 }
 
 #[test]
-fn fio_randwrite_verify_multi_conn() {
+fn fio_randwrite_verify_multi_conn() -> Result<()> {
     if !require("fio_randwrite_verify_multi_conn", &["fio"]) {
-        return;
+        return Ok(());
     }
-    let (_dir, _dev, uri, _) = start_dev("fio", &[]);
+    let (_dir, _dev, uri, _) = start_dev("fio", &[])?;
     let uri_arg = format!("--uri={uri}");
     run_ok(
         "fio",
@@ -142,28 +143,30 @@ fn fio_randwrite_verify_multi_conn() {
             "--verify_fatal=1",
             "--fsync=64",
         ],
-    );
+    )?;
+    Ok(())
 }
 
 #[test]
-fn dev_restart_keeps_data_and_stops_cleanly() {
+fn dev_restart_keeps_data_and_stops_cleanly() -> Result<()> {
     if !require("dev_restart_keeps_data_and_stops_cleanly", &["qemu-io"]) {
-        return;
+        return Ok(());
     }
-    let dir = data_dir("dev-restart");
+    let dir = data_dir("dev-restart")?;
     let data = dir.path().join("data");
     let data = data.to_str().expect("utf8");
     let args = ["dev", "--data", data, "--nbd", "127.0.0.1:0", "--meta-port", "0", "--size", "128M"];
-    let mut dev = Proc::spawn("dev-1", &args);
-    let uri = dev.wait_value("ready nbd", "uri");
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x5a 3M 5M", "-c", "flush"]);
+    let mut dev = Proc::spawn("dev-1", &args)?;
+    let uri = dev.wait_value("ready nbd", "uri")?;
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x5a 3M 5M", "-c", "flush"])?;
     let st = dev.terminate(Duration::from_secs(30)).expect("dev stops on SIGTERM");
     assert!(st.success(), "dev exit status {st}");
 
-    let mut dev = Proc::spawn("dev-2", &args);
-    let uri = dev.wait_value("ready nbd", "uri");
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5a 3M 5M", "-c", "read -P 0 0 3M"]);
-    dev.signal(libc::SIGINT);
+    let mut dev = Proc::spawn("dev-2", &args)?;
+    let uri = dev.wait_value("ready nbd", "uri")?;
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5a 3M 5M", "-c", "read -P 0 0 3M"])?;
+    dev.signal(libc::SIGINT)?;
     let st = dev.terminate(Duration::from_secs(30)).expect("dev stops on SIGINT");
     assert!(st.success(), "dev exit status {st}");
+    Ok(())
 }

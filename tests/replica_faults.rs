@@ -2,86 +2,29 @@
 //! volume file, and a `ballast export` front end; replicas killed with SIGKILL while
 //! fio verifies, and bit rot on one replica's chunk file.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use ballast_testkit::{require, run, run_ok, Proc, Result, StaticVolume};
 
-struct Cluster {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    replicas: Vec<Proc>,
-    addrs: Vec<String>,
-    config: PathBuf,
+/// Three replica processes and one volume file `vol0` (replicas 3, the given min in-sync).
+fn start(tag: &str, size: &str, chunk: &str, min_in_sync: usize) -> Result<StaticVolume> {
+    StaticVolume::start(tag, "vol0", size, 3, &["--chunk-size", chunk, "--min-in-sync", &min_in_sync.to_string()])
 }
 
-impl Cluster {
-    /// Three replica processes, one volume file (replicas 3, given min in-sync).
-    fn start(tag: &str, size: &str, chunk: &str, min_in_sync: usize) -> Cluster {
-        let dir = data_dir(tag);
-        let root = dir.path().to_path_buf();
-        let mut replicas = Vec::new();
-        let mut addrs = Vec::new();
-        for z in 1..=3 {
-            let data = root.join(format!("zone-{z}"));
-            let mut p = Proc::spawn(
-                &format!("replica-{z}"),
-                &["replica", "--data", data.to_str().unwrap(), "--listen", "127.0.0.1:0"],
-            );
-            addrs.push(p.wait_value("ready replica", "addr"));
-            replicas.push(p);
-        }
-        let config = root.join("vol0.toml");
-        let nodes: Vec<String> =
-            addrs.iter().enumerate().map(|(i, a)| format!("{}=zone-{}={a}", i + 1, i + 1)).collect();
-        let min = min_in_sync.to_string();
-        let mut args = vec![
-            "volume",
-            "create",
-            "--config",
-            config.to_str().unwrap(),
-            "--name",
-            "vol0",
-            "--size",
-            size,
-            "--chunk-size",
-            chunk,
-            "--min-in-sync",
-            &min,
-        ];
-        for n in &nodes {
-            args.push("--node");
-            args.push(n);
-        }
-        let st = Command::new(ballast_bin()).args(&args).status().expect("volume create");
-        assert!(st.success(), "volume create failed");
-        Cluster { _dir: dir, root, replicas, addrs, config }
-    }
-
-    fn export(&self, name: &str, timeout: &str) -> (Proc, String) {
-        let mut p = Proc::spawn(
-            name,
-            &["export", "--config", self.config.to_str().unwrap(), "--nbd", "127.0.0.1:0", "--io-timeout", timeout],
-        );
-        let uri = p.wait_value("ready nbd", "uri");
-        (p, uri)
-    }
-
-    fn zone_dir(&self, z: usize) -> PathBuf {
-        self.root.join(format!("zone-{z}"))
-    }
+/// `ballast export` of the volume with the given I/O timeout; it and its NBD URI.
+fn export(c: &StaticVolume, name: &str, timeout: &str) -> Result<(Proc, String)> {
+    c.export(name, &["--io-timeout", timeout])
 }
 
 #[test]
-fn kill_replica_under_fio_verify() {
+fn kill_replica_under_fio_verify() -> Result<()> {
     if !require("kill_replica_under_fio_verify", &["fio"]) {
-        return;
+        return Ok(());
     }
-    let mut c = Cluster::start("kill-one", "256M", "16M", 2);
-    let (_fe, uri) = c.export("export", "3s");
+    let mut c = start("kill-one", "256M", "16M", 2)?;
+    let (_fe, uri) = export(&c, "export", "3s")?;
     let uri_arg = format!("--uri={uri}");
     // A write-then-verify job long enough to be mid-flight when the replica dies.
     let mut fio = Command::new("fio")
@@ -113,20 +56,21 @@ fn kill_replica_under_fio_verify() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "fio failed after a replica kill:\n{stdout}\n{stderr}");
     assert!(stdout.contains("err= 0"), "fio reported errors:\n{stdout}");
+    Ok(())
 }
 
 #[test]
-fn two_of_three_down_fails_cleanly_below_min_in_sync() {
+fn two_of_three_down_fails_cleanly_below_min_in_sync() -> Result<()> {
     if !require("two_of_three_down_fails_cleanly_below_min_in_sync", &["qemu-io"]) {
-        return;
+        return Ok(());
     }
-    let mut c = Cluster::start("kill-two", "64M", "16M", 2);
-    let (_fe, uri) = c.export("export", "2s");
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x11 0 4M", "-c", "flush"]);
+    let mut c = start("kill-two", "64M", "16M", 2)?;
+    let (_fe, uri) = export(&c, "export", "2s")?;
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x11 0 4M", "-c", "flush"])?;
     c.replicas[1].kill();
     c.replicas[2].kill();
     // The write cannot reach min in-sync = 2: it must fail, never be acknowledged.
-    let out = run("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x22 0 64k"]);
+    let out = run("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x22 0 64k"])?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(
         !out.status.success() || text.contains("failed") || text.contains("error"),
@@ -151,6 +95,7 @@ fn two_of_three_down_fails_cleanly_below_min_in_sync() {
             assert!(whole(0x11), "flushed block {i} lost on the surviving replica");
         }
     }
+    Ok(())
 }
 
 /// Flips bytes of block `block` of chunk 0 inside one replica's chunk data file.
@@ -179,15 +124,15 @@ fn find_chunk_file(dir: &Path) -> Option<PathBuf> {
 }
 
 #[test]
-fn bit_rot_on_one_replica_is_read_around_and_repaired() {
+fn bit_rot_on_one_replica_is_read_around_and_repaired() -> Result<()> {
     if !require("bit_rot_on_one_replica_is_read_around_and_repaired", &["qemu-io"]) {
-        return;
+        return Ok(());
     }
-    let mut c = Cluster::start("bitrot", "64M", "16M", 2);
+    let mut c = start("bitrot", "64M", "16M", 2)?;
     {
-        let (mut fe, uri) = c.export("export-1", "3s");
-        run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x77 0 1M", "-c", "flush"]);
-        fe.terminate(Duration::from_secs(20));
+        let (mut fe, uri) = export(&c, "export-1", "3s")?;
+        run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x77 0 1M", "-c", "flush"])?;
+        let _ = fe.terminate(Duration::from_secs(20));
     }
     // Rot block 5 on replicas 1 and 2 and leave replica 3 good: whichever copy the
     // front end reads first, it must end on the good one and repair the others.
@@ -196,20 +141,15 @@ fn bit_rot_on_one_replica_is_read_around_and_repaired() {
     flip_block(&c.zone_dir(1), 5);
     flip_block(&c.zone_dir(2), 5);
     for z in [1usize, 2] {
-        let data = c.zone_dir(z);
-        let addr = c.addrs[z - 1].clone();
-        let mut p =
-            Proc::spawn(&format!("replica-{z}b"), &["replica", "--data", data.to_str().unwrap(), "--listen", &addr]);
-        p.wait_for("ready replica", Duration::from_secs(30));
-        c.replicas[z - 1] = p;
+        c.restart_replica(z)?;
     }
-    let (mut fe, uri) = c.export("export-2", "3s");
+    let (mut fe, uri) = export(&c, "export-2", "3s")?;
     // Every read returns the good data although two of three copies are rotten.
     for _ in 0..3 {
-        run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x77 0 1M"]);
+        run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x77 0 1M"])?;
     }
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "flush"]);
-    fe.terminate(Duration::from_secs(20));
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "flush"])?;
+    let _ = fe.terminate(Duration::from_secs(20));
     // The rotten copies were rewritten: each replica now verifies block 5 by itself.
     for r in &mut c.replicas {
         r.kill();
@@ -224,18 +164,19 @@ fn bit_rot_on_one_replica_is_read_around_and_repaired() {
             .unwrap_or_else(|e| panic!("zone {z}: block 5 still bad after read repair: {e}"));
         assert!(got.iter().all(|&b| b == 0x77), "zone {z}: wrong data after repair");
     }
+    Ok(())
 }
 
 #[test]
-fn malformed_nbd_traffic_does_not_disturb_other_clients() {
+fn malformed_nbd_traffic_does_not_disturb_other_clients() -> Result<()> {
     if !require("malformed_nbd_traffic_does_not_disturb_other_clients", &["qemu-io"]) {
-        return;
+        return Ok(());
     }
     use std::io::{Read, Write};
-    let c = Cluster::start("malformed", "64M", "16M", 2);
-    let (_fe, uri) = c.export("export", "3s");
+    let c = start("malformed", "64M", "16M", 2)?;
+    let (_fe, uri) = export(&c, "export", "3s")?;
     let hostport = uri.trim_start_matches("nbd://").split('/').next().unwrap().to_string();
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x42 0 64k", "-c", "flush"]);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x42 0 64k", "-c", "flush"])?;
     let garbage: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\n\r\n".to_vec(),
         vec![0xff; 4096],
@@ -257,5 +198,6 @@ fn malformed_nbd_traffic_does_not_disturb_other_clients() {
             let _ = s.read(&mut sink);
         }
     }
-    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x42 0 64k", "-c", "read -P 0 64k 64k"]);
+    run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x42 0 64k", "-c", "read -P 0 64k 64k"])?;
+    Ok(())
 }

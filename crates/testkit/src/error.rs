@@ -64,12 +64,14 @@ impl fmt::Debug for Error {
 }
 
 impl Error {
-    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    /// For `map_err`: an [`Error::Io`] saying what failed (`.map_err(Error::io("spawn nbdfuse"))`).
+    pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let what = what.into();
         move |source| Error::Io { what, source }
     }
 
-    pub(crate) fn harness(msg: impl Into<String>) -> Error {
+    /// An [`Error::Harness`].
+    pub fn harness(msg: impl Into<String>) -> Error {
         Error::Harness(msg.into())
     }
 }
