@@ -1,7 +1,8 @@
 //! Prometheus metrics, the same way in every Ballast process.
 //!
-//! Each process builds one [`Registry`] at start, under the `ballast` prefix; each
-//! component registers its metric families into it (`register` functions in the
+//! Each process builds one [`Registry`] at start ([`registry`], which also carries
+//! the standard `process_*` metrics). Each component registers its metric families
+//! under the `ballast` prefix ([`ballast`]; the `register` functions live in the
 //! crates that record them) and keeps cheap handles (`Counter`, `Gauge`,
 //! `Histogram` are `Arc`s over atomics). The binary serves [`encode`]'s output on
 //! `/metrics` (`--metrics-listen ADDR`).
@@ -15,6 +16,9 @@
 //!   ([`prometheus_client::metrics::family::Family::remove`]), so a scrape shows
 //!   what exists now.
 
+mod process;
+
+pub use process::{parse_stat, ProcStat, ProcessCollector};
 pub use prometheus_client;
 pub use prometheus_client::metrics::counter::Counter;
 pub use prometheus_client::metrics::family::Family;
@@ -29,9 +33,19 @@ pub const PREFIX: &str = "ballast";
 /// `promtool check metrics` read it).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// A new registry for one process: every name under [`PREFIX`].
+/// A new registry for one process, with the standard `process_*` metrics
+/// ([`ProcessCollector`]). Components register under [`PREFIX`] through
+/// [`ballast`].
 pub fn registry() -> Registry {
-    Registry::with_prefix(PREFIX)
+    let mut r = Registry::default();
+    r.register_collector(Box::new(ProcessCollector));
+    r
+}
+
+/// The part of `registry` whose names start with `ballast_`: what components
+/// register into.
+pub fn ballast(registry: &mut Registry) -> &mut Registry {
+    registry.sub_registry_with_prefix(PREFIX)
 }
 
 /// Bucket bounds for I/O latencies in seconds: 16 µs to about 8.4 s, doubling
@@ -72,7 +86,8 @@ mod tests {
 
     #[test]
     fn names_are_prefixed_and_counters_end_in_total() {
-        let mut r = registry();
+        let mut root = registry();
+        let r = ballast(&mut root);
         let c = Counter::<u64>::default();
         r.register("frontend_writes", "Writes completed", c.clone());
         c.inc_by(3);
@@ -84,7 +99,7 @@ mod tests {
             h.clone(),
         );
         h.observe(0.001);
-        let text = encode(&r);
+        let text = encode(&root);
         assert!(text.contains("ballast_frontend_writes_total 3"), "{text}");
         assert!(text.contains("ballast_frontend_write_latency_seconds_count 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
