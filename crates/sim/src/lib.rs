@@ -61,6 +61,11 @@
 //! most one replica loses power at a time and reconciliation restores it)
 //! survives.
 //!
+//! The metadata state meanwhile keeps its own invariants: after every command
+//! applied ([`SimMembership`] and the resync driver), the run checks
+//! [`ballast_meta::MetaState::check_invariants`], as the meta crate's property
+//! tests and the Raft simulation do.
+//!
 //! # Found and fixed
 //!
 //! With late delivery (a request may apply after the front end's deadline, as

@@ -3,14 +3,15 @@
 //! ejections, versions and the min-in-sync rule are the production ones. What
 //! is simulated is only the service around it: commit latency, outages (every
 //! call fails with `Unavailable`) and lost replies (the command committed, the
-//! caller hears `Unavailable`).
+//! caller hears `Unavailable`). After every command the state's invariants
+//! are checked ([`MetaState::check_invariants`]).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ballast_frontend::{Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
 use ballast_meta::state::{ChunkEntry, Role, Volume as MetaVolume};
-use ballast_meta::{Command, MetaError, MetaState, Response};
+use ballast_meta::{Command, InvariantViolation, MetaError, MetaState, Response};
 use ballast_types::{ChunkIdx, NodeId, VolumeId};
 
 use crate::replica::{lock, Shared};
@@ -23,6 +24,24 @@ pub(crate) struct MetaInner {
     /// Probability that a committed command's reply is lost.
     pub lost_reply: f64,
     rng: SimRng,
+    /// The first broken [`MetaState`] invariant seen after a command (the
+    /// driver turns it into a violation at the end of the step).
+    pub broken: Option<(Command, InvariantViolation)>,
+}
+
+impl MetaInner {
+    /// Applies `cmd` to the state machine, then checks the state's invariants
+    /// ([`MetaState::check_invariants`]); the first broken one is kept in
+    /// `broken`.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Response, MetaError> {
+        let r = self.state.apply(cmd);
+        if self.broken.is_none() {
+            if let Err(e) = self.state.check_invariants() {
+                self.broken = Some((cmd.clone(), e));
+            }
+        }
+        r
+    }
 }
 
 /// The metadata service as the simulated front end sees it.
@@ -36,7 +55,11 @@ pub struct SimMembership {
 
 impl SimMembership {
     pub(crate) fn new(state: MetaState, lost_reply: f64, rng: SimRng, world: Shared, node: NodeId) -> SimMembership {
-        SimMembership { inner: Arc::new(Mutex::new(MetaInner { state, down: false, lost_reply, rng })), world, node }
+        SimMembership {
+            inner: Arc::new(Mutex::new(MetaInner { state, down: false, lost_reply, rng, broken: None })),
+            world,
+            node,
+        }
     }
 
     pub(crate) fn inner(&self) -> MutexGuard<'_, MetaInner> {
@@ -57,7 +80,7 @@ impl SimMembership {
             lock(&self.world).trace.event(format!("meta {what}: unavailable"));
             return Err(MembershipError::Unavailable(format!("{what}: no leader")));
         }
-        let r = m.state.apply(&cmd);
+        let r = m.apply(&cmd);
         let lost = m.lost_reply;
         let lost = r.is_ok() && m.rng.chance(lost);
         drop(m);

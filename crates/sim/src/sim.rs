@@ -187,8 +187,25 @@ impl Sim {
         while self.step < self.cfg.steps {
             self.step += 1;
             self.one_step().await?;
+            self.check_meta()?;
         }
-        self.finish().await
+        self.finish().await?;
+        self.check_meta()
+    }
+
+    /// The metadata state machine's invariants held after every command of
+    /// the step (checked by [`SimMembership`] as it applies them).
+    fn check_meta(&self) -> Result<(), Box<Violation>> {
+        let broken = self.meta.inner().broken.clone();
+        match broken {
+            None => Ok(()),
+            Some((cmd, e)) => Err(self.violation(
+                format!("metadata state invariant broken after {cmd:?}"),
+                0,
+                e.invariant.to_string(),
+                e.to_string(),
+            )),
+        }
     }
 
     /// One workload step: a fault, or a batch of client operations.
@@ -560,7 +577,7 @@ impl Sim {
         };
         let start =
             Command::StartJob { volume: self.volume, chunk, version, kind: JobKind::Resync, target, replaces: None };
-        let job = match self.meta.inner().state.apply(&start) {
+        let job = match self.meta.inner().apply(&start) {
             Ok(Response::Job(j)) => j,
             other => {
                 self.trace(format!("resync: start of {target} on chunk {chunk} refused: {other:?}"));
@@ -596,7 +613,7 @@ impl Sim {
             }
         }
         let finish = Command::FinishJob { job, ok, error: None, blocks_copied: 0 };
-        let done = self.meta.inner().state.apply(&finish);
+        let done = self.meta.inner().apply(&finish);
         self.trace(format!("resync: job {job} finished (ok={ok}): {done:?}"));
         if let Some(l) = follow(self) {
             match vol.apply_layout(&l).await {
