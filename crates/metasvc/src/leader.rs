@@ -20,10 +20,26 @@ use crate::service::Core;
 /// Failure detector and scheduler timing.
 #[derive(Clone, Copy, Debug)]
 pub struct Detector {
+    /// A node silent this long is suspect. Default 5 s.
     pub suspect_after: Duration,
+    /// A suspect node silent this long is down (its replicas are rebuilt
+    /// elsewhere). Default 30 s.
     pub down_after: Duration,
+    /// How often the leader looks: the detector's heartbeat, the granularity
+    /// at which silence is measured. Default 500 ms.
     pub tick: Duration,
     pub limits: JobLimits,
+}
+
+/// Failure detector timings out of order ([`Detector::validate`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DetectorError {
+    #[error("tick must be positive")]
+    ZeroTick,
+    #[error("tick ({tick:?}) must be shorter than suspect-after ({suspect_after:?})")]
+    TickNotBelowSuspect { tick: Duration, suspect_after: Duration },
+    #[error("suspect-after ({suspect_after:?}) must be shorter than down-after ({down_after:?})")]
+    SuspectNotBelowDown { suspect_after: Duration, down_after: Duration },
 }
 
 impl Default for Detector {
@@ -34,6 +50,27 @@ impl Default for Detector {
             tick: Duration::from_millis(500),
             limits: JobLimits::default(),
         }
+    }
+}
+
+impl Detector {
+    /// Checks `0 < tick < suspect_after < down_after`. A tick at or past
+    /// `suspect_after` could not tell a node a tick late from one that is
+    /// silent; a node must be suspect (no new replicas) before it is down
+    /// (its replicas rebuilt elsewhere). A zero tick would stop the leader's
+    /// loop at once (tokio refuses a zero interval).
+    pub fn validate(&self) -> Result<(), DetectorError> {
+        let Detector { tick, suspect_after, down_after, .. } = *self;
+        if tick.is_zero() {
+            return Err(DetectorError::ZeroTick);
+        }
+        if tick >= suspect_after {
+            return Err(DetectorError::TickNotBelowSuspect { tick, suspect_after });
+        }
+        if suspect_after >= down_after {
+            return Err(DetectorError::SuspectNotBelowDown { suspect_after, down_after });
+        }
+        Ok(())
     }
 }
 
@@ -125,4 +162,49 @@ async fn round(core: &Core, d: &Detector, since: Instant) -> Result<(), tonic::S
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn detector(tick_ms: u64, suspect_ms: u64, down_ms: u64) -> Detector {
+        Detector {
+            tick: Duration::from_millis(tick_ms),
+            suspect_after: Duration::from_millis(suspect_ms),
+            down_after: Duration::from_millis(down_ms),
+            ..Detector::default()
+        }
+    }
+
+    #[test]
+    fn ordered_timings_are_valid() {
+        Detector::default().validate().expect("the defaults");
+        crate::fast_timing().1.validate().expect("the test timings");
+        detector(1, 2, 3).validate().expect("strictly increasing");
+    }
+
+    #[test]
+    fn each_bad_ordering_is_refused() {
+        let ms = Duration::from_millis;
+        assert_eq!(detector(0, 2000, 6000).validate(), Err(DetectorError::ZeroTick));
+        // tick == suspect, tick > suspect (also past down)
+        assert_eq!(
+            detector(2000, 2000, 6000).validate(),
+            Err(DetectorError::TickNotBelowSuspect { tick: ms(2000), suspect_after: ms(2000) })
+        );
+        assert_eq!(
+            detector(7000, 2000, 6000).validate(),
+            Err(DetectorError::TickNotBelowSuspect { tick: ms(7000), suspect_after: ms(2000) })
+        );
+        // suspect == down, suspect > down
+        assert_eq!(
+            detector(200, 6000, 6000).validate(),
+            Err(DetectorError::SuspectNotBelowDown { suspect_after: ms(6000), down_after: ms(6000) })
+        );
+        assert_eq!(
+            detector(200, 6000, 2000).validate(),
+            Err(DetectorError::SuspectNotBelowDown { suspect_after: ms(6000), down_after: ms(2000) })
+        );
+    }
 }

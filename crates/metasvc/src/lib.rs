@@ -24,16 +24,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ballast_meta::raft_config;
 use ballast_meta::raft_store::{self, TypeConfig};
 use ballast_proto::v1::admin_server::AdminServer;
 use ballast_proto::v1::node_api_server::NodeApiServer;
 use ballast_proto::v1::raft_server::RaftServer;
-use openraft::{Raft, SnapshotPolicy};
+use openraft::Raft;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-pub use leader::Detector;
+/// Raft timing: defined with the one openraft configuration builder,
+/// [`ballast_meta::raft_config()`], which the Raft simulator runs too.
+pub use ballast_meta::RaftTiming;
+pub use leader::{Detector, DetectorError};
 pub use service::{Core, FORWARDED};
 
 /// The placement seed of every cluster: it must be the same on all members (the
@@ -44,21 +48,29 @@ pub const CLUSTER_SEED: u64 = 0x0ba1_1a57;
 pub enum MetaSvcError {
     #[error("meta member {id}: {what}: {message}")]
     Start { id: u64, what: &'static str, message: String },
+    /// The configuration is unusable ([`MetaConfig::validate`]): nothing was started.
+    #[error("meta member {id}: invalid configuration: {source}")]
+    Config {
+        id: u64,
+        #[source]
+        source: ConfigError,
+    },
 }
 
-/// Raft timing (milliseconds).
-#[derive(Clone, Copy, Debug)]
-pub struct RaftTiming {
-    pub heartbeat_ms: u64,
-    pub election_min_ms: u64,
-    pub election_max_ms: u64,
-    /// Log entries between snapshots (older entries are then purged).
-    pub snapshot_logs: u64,
+/// Why a [`MetaConfig`] is refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failure detector: {0}")]
+    Detector(#[from] DetectorError),
+    /// Raft's timings out of order (heartbeat < minimum election timeout <
+    /// maximum), as openraft checks them.
+    #[error("raft timing: {0}")]
+    Raft(Box<openraft::ConfigError>),
 }
 
-impl Default for RaftTiming {
-    fn default() -> Self {
-        RaftTiming { heartbeat_ms: 250, election_min_ms: 1000, election_max_ms: 2000, snapshot_logs: 2000 }
+impl From<openraft::ConfigError> for ConfigError {
+    fn from(e: openraft::ConfigError) -> Self {
+        ConfigError::Raft(Box::new(e))
     }
 }
 
@@ -76,6 +88,17 @@ pub struct MetaConfig {
     pub initial_members: BTreeMap<u64, String>,
     pub raft: RaftTiming,
     pub detector: Detector,
+}
+
+impl MetaConfig {
+    /// Checks the relations between the timings: the failure detector's
+    /// ([`Detector::validate`]) and Raft's. [`start`] and [`start_on`] call it
+    /// before anything else, so a bad configuration is an error at start.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.detector.validate()?;
+        raft_config(&self.raft)?;
+        Ok(())
+    }
 }
 
 /// A running member.
@@ -108,6 +131,7 @@ impl MetaHandle {
 /// cluster) initializes it.
 pub async fn start(cfg: MetaConfig) -> Result<MetaHandle, MetaSvcError> {
     let id = cfg.id;
+    cfg.validate().map_err(|source| MetaSvcError::Config { id, source })?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| MetaSvcError::Start {
         id,
         what: "listen",
@@ -124,20 +148,9 @@ pub async fn start_on(cfg: MetaConfig, listener: tokio::net::TcpListener) -> Res
     if id == 0 {
         return Err(err("id", &"member ids start at 1"));
     }
+    cfg.validate().map_err(|source| MetaSvcError::Config { id, source })?;
+    let config = raft_config(&cfg.raft).map_err(|e| err("raft config", &e))?;
     let (log, sm) = raft_store::open(&cfg.data_dir, CLUSTER_SEED).map_err(|e| err("open store", &e))?;
-    let config = openraft::Config {
-        cluster_name: "ballast".into(),
-        heartbeat_interval: cfg.raft.heartbeat_ms,
-        election_timeout_min: cfg.raft.election_min_ms,
-        election_timeout_max: cfg.raft.election_max_ms,
-        // The state is small (a TiB volume is 16 Ki chunk entries); snapshot often
-        // enough that a restarted or new member catches up from a snapshot.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.raft.snapshot_logs.max(1)),
-        max_in_snapshot_log_to_keep: cfg.raft.snapshot_logs / 4,
-        ..openraft::Config::default()
-    }
-    .validate()
-    .map_err(|e| err("raft config", &e))?;
     let raft = Raft::<TypeConfig>::new(id, Arc::new(config), network::NetworkFactory, log, sm.clone())
         .await
         .map_err(|e| err("start raft", &e))?;
@@ -173,7 +186,7 @@ pub async fn start_on(cfg: MetaConfig, listener: tokio::net::TcpListener) -> Res
 /// A free-port-friendly default for tests and `ballast dev`.
 pub fn fast_timing() -> (RaftTiming, Detector) {
     (
-        RaftTiming { heartbeat_ms: 100, election_min_ms: 500, election_max_ms: 1000, snapshot_logs: 2000 },
+        RaftTiming::fast(),
         Detector {
             suspect_after: Duration::from_secs(2),
             down_after: Duration::from_secs(6),
