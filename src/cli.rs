@@ -12,8 +12,28 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "ballast", version, about = "Replicated block storage for Kubernetes stateful pods")]
 pub struct Cli {
+    /// Log format on stderr: `text` (colours only when stderr is a terminal) or
+    /// `json` (one object per line, for log shippers).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "BALLAST_LOG_FORMAT")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `--metrics-listen`, shared by every long-running subcommand.
+#[derive(Args, Debug, Clone)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on `GET /metrics` at this address (e.g.
+    /// 0.0.0.0:9820; port 0 picks a free port, printed as `ready metrics addr=...`).
+    #[arg(long, value_name = "ADDR", env = "BALLAST_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,6 +74,8 @@ pub struct CsiControllerArgs {
     /// kubelet's probes.
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +105,8 @@ pub struct MetaArgs {
     /// A storage node silent this long is down (its replicas are rebuilt elsewhere).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub down_after: Duration,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -159,6 +183,8 @@ pub struct NodeArgs {
     /// kubelet's probes.
     #[arg(long, requires = "csi_endpoint")]
     pub health_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -173,6 +199,8 @@ pub struct ReplicaArgs {
     /// this happens automatically).
     #[arg(long)]
     pub no_direct_io: bool,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -240,6 +268,8 @@ pub struct ExportArgs {
     pub allow_remote: bool,
     #[command(flatten)]
     pub scrub: ScrubArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -277,6 +307,11 @@ pub struct DevArgs {
     /// this unix socket [default: DATA/csi.sock].
     #[arg(long)]
     pub csi_socket: Option<PathBuf>,
+    /// Prometheus metrics of the whole dev cluster on `GET /metrics`
+    /// [default: 127.0.0.1:(meta-port + 80), i.e. 127.0.0.1:7480; a free port
+    /// when --meta-port is 0].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_node(s: &str) -> Result<NodeSpec, String> {

@@ -8,7 +8,7 @@ use ballast_csi::{ControllerService, IdentityService};
 use ballast_metaclient::MetaClient;
 
 use crate::cli::CsiControllerArgs;
-use crate::{health, shutdown};
+use crate::{health, metrics, shutdown};
 
 pub async fn run(a: CsiControllerArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
@@ -24,9 +24,17 @@ pub async fn run(a: CsiControllerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let registry = ballast_metrics::registry();
+    let metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     println!("ready csi socket={}", socket.display());
     let served =
         ballast_csi::serve(&socket, identity, Some(controller), None, shutdown::wait(stop)).await.context("CSI server");
+    if let Some(m) = metrics {
+        if served.is_err() {
+            m.task.abort();
+        }
+        let _ = m.task.await;
+    }
     if let Some(task) = health {
         if served.is_err() {
             // The CSI server failed before any signal: the health server would

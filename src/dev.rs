@@ -29,12 +29,18 @@ use tokio::net::TcpListener;
 
 use crate::cli::DevArgs;
 use crate::export::NbdListeners;
-use crate::shutdown;
+use crate::{metrics, shutdown};
 
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 
 pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
+    let registry = ballast_metrics::registry();
+    let metrics_addr = a.metrics_listen.unwrap_or_else(|| {
+        let port = if a.meta_port == 0 { 0 } else { a.meta_port.saturating_add(80) };
+        std::net::SocketAddr::from(([127, 0, 0, 1], port))
+    });
+    let metrics = metrics::start(Some(metrics_addr), registry, stop.clone()).await?;
     let meta_dir = a.data.join("meta");
     std::fs::create_dir_all(&meta_dir).with_context(|| format!("create {}", meta_dir.display()))?;
 
@@ -163,7 +169,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     )
     .await?
     .with_scrub(ballast_metavolume::ScrubConfig::default());
-    print_banner(&a.data, &endpoints, attached.volume(), &nbd, &csi_socket)?;
+    print_banner(&a.data, &endpoints, attached.volume(), &nbd, &csi_socket, metrics.as_ref().map(|m| m.addr))?;
     nbd.announce(attached.volume().name())?;
     nbd.serve(attached.volume().clone(), stop, Duration::from_secs(10)).await?;
     attached.detach().await?;
@@ -247,6 +253,7 @@ fn print_banner(
     volume: &ballast_metavolume::MetaVolume,
     l: &NbdListeners,
     csi: &Path,
+    metrics: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     let uri = match &l.tcp {
         Some(t) => format!("nbd://{}/{}", t.local_addr()?, volume.name()),
@@ -266,6 +273,9 @@ fn print_banner(
     println!("  try:    nbdinfo {uri}");
     println!("          qemu-io -f raw {uri} -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'");
     println!("  CSI:    unix://{} (Identity, Controller, Node of node 1)", csi.display());
+    if let Some(addr) = metrics {
+        println!("  metrics: http://{addr}/metrics (Prometheus)");
+    }
     println!("  stop:   Ctrl-C");
     println!();
     Ok(())

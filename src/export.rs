@@ -12,8 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
 use ballast_frontend::{
-    scrub_periodically, tcp_connector, Membership, ScrubReport, StaticConfig, StaticMembership, Volume,
-    VolumeOptions,
+    scrub_periodically, tcp_connector, Membership, ScrubReport, StaticConfig, StaticMembership, Volume, VolumeOptions,
 };
 use ballast_metaclient::MetaClient;
 use ballast_metavolume::{AttachedVolume, LAYOUT_POLL};
@@ -24,7 +23,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
 use crate::cli::{ExportArgs, VolumeCreateArgs};
-use crate::shutdown;
+use crate::{metrics, shutdown};
 
 /// The front end as `ballast` runs it: static membership, TCP replica clients.
 pub type StaticVolume = Volume<StaticMembership, ReplicaClient>;
@@ -186,6 +185,8 @@ impl NbdListeners {
 
 pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
+    let registry = ballast_metrics::registry();
+    let _metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     let listeners = NbdListeners::bind(a.nbd, a.socket.as_deref(), a.allow_remote).await?;
     match (&a.config, &a.meta) {
         (Some(config), None) => {

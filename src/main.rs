@@ -24,21 +24,26 @@ mod dev;
 mod export;
 mod health;
 mod meta;
+mod metrics;
 mod node;
 mod replica;
 mod shutdown;
+
+use std::io::IsTerminal;
 
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     let args = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        // Colour codes only for a person at a terminal: a file, a pipe or the
+        // kubelet's log capture gets plain text.
+        cli::LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        cli::LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // The CSI node serves FUSE volume files from these threads: they must not

@@ -1,11 +1,10 @@
 //! `ballast meta`: one member of the metadata service until SIGINT/SIGTERM.
 
-
 use anyhow::Context;
 use ballast_metasvc::{Detector, MetaConfig, RaftTiming};
 
 use crate::cli::MetaArgs;
-use crate::shutdown;
+use crate::{metrics, shutdown};
 
 pub fn config(a: &MetaArgs) -> MetaConfig {
     MetaConfig {
@@ -30,7 +29,12 @@ pub async fn run(a: MetaArgs) -> anyhow::Result<()> {
     }
     let handle = ballast_metasvc::start(config(&a)).await.context("start meta member")?;
     println!("ready meta id={} addr={}", handle.id, handle.addr);
+    let registry = ballast_metrics::registry();
+    let metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     shutdown::wait(stop).await;
     handle.shutdown().await;
+    if let Some(m) = metrics {
+        let _ = m.task.await;
+    }
     Ok(())
 }

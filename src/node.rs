@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::cli::NodeArgs;
-use crate::{health, shutdown};
+use crate::{health, metrics, shutdown};
 
 /// The node id: the flag, else the one recorded in `data/node-id`, else a new
 /// random one recorded there (written before the node first registers, so a
@@ -77,6 +77,8 @@ fn zone(a: &NodeArgs) -> anyhow::Result<String> {
 
 pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
+    let registry = ballast_metrics::registry();
+    let _metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     let id = node_id(a.id, &a.data)?;
     let zone = zone(&a)?;
     let opts = StoreOptions { direct_io: !a.no_direct_io, ..StoreOptions::default() };

@@ -7,7 +7,7 @@ use ballast_replica::{ReplicaServer, ServerOptions};
 use tokio::net::TcpListener;
 
 use crate::cli::ReplicaArgs;
-use crate::shutdown;
+use crate::{metrics, shutdown};
 
 pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
@@ -18,10 +18,15 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data = %args.data.display(), direct_io = store.direct_io(), chunks = store.chunks().len(), "replica serving");
     println!("ready replica addr={addr} data={}", args.data.display());
+    let registry = ballast_metrics::registry();
+    let metrics = metrics::start(args.metrics.metrics_listen, registry, stop.clone()).await?;
     ReplicaServer::new(store, ServerOptions::default())
         .serve(listener, shutdown::wait(stop))
         .await
         .context("replica server")?;
+    if let Some(m) = metrics {
+        let _ = m.task.await;
+    }
     tracing::info!("replica stopped");
     Ok(())
 }
