@@ -330,7 +330,7 @@ impl pb::controller_server::Controller for ControllerService {
     }
 
     /// Pages through volumes in name order; the token names the last volume of
-    /// the previous page (see [`page_token`]), so deletes between pages never skip
+    /// the previous page (see `page_token`), so deletes between pages never skip
     /// or repeat a volume. A token this plugin did not issue is ABORTED.
     async fn list_volumes(
         &self,

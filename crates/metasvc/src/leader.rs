@@ -2,7 +2,7 @@
 //! scheduler.
 //!
 //! Failure detection is local to the leader: heartbeats update an in-memory
-//! clock ([`crate::service::Soft`]); only state *changes* go through Raft. A node
+//! clock (`service::Soft`); only state *changes* go through Raft. A node
 //! silent for `suspect_after` becomes suspect (no new replicas on it), for
 //! `down_after` down (its replicas are rebuilt elsewhere); a suspect or down node
 //! that speaks again is up. A new leader gives every node a full grace period

@@ -1,8 +1,8 @@
 //! The metadata service's Raft layer under the simulator: three (or five) real
-//! openraft 0.9 [`Raft`] instances over the REAL [`ballast_meta::raft_store`]
+//! openraft 0.9 [`Raft`](openraft::Raft) instances over the REAL [`ballast_meta::raft_store`]
 //! (a redb database per member in a temporary directory, the production
 //! `LogStore` and `StateMachine`, which apply commands with the real
-//! [`MetaState::apply`]), connected by an in-memory [`RaftNetworkFactory`]
+//! [`MetaState::apply`](ballast_meta::MetaState::apply)), connected by an in-memory [`RaftNetworkFactory`](openraft::RaftNetworkFactory)
 //! that carries every RPC through a simulated network, on a current-thread
 //! tokio runtime with paused time.
 //!
@@ -18,7 +18,7 @@
 //!   sometimes a majority (the cluster must then wait, and recover);
 //! - partitions: a random split of members and client, or the current leader
 //!   isolated from everyone; healed later;
-//! - the client (member id 0 on the network) proposes [`Command`]s to the
+//! - the client (member id 0 on the network) proposes [`Command`](ballast_meta::Command)s to the
 //!   member it believes leads, follows `ForwardToLeader`, moves on after a
 //!   timeout or a refused connection, and records each ACKNOWLEDGED write
 //!   (the log id and result openraft returned, as the client received them).
@@ -35,7 +35,7 @@
 //!    or an ejection's chunk version is not rolled back);
 //! 2. state machine safety: every member's committed (applied) log entries
 //!    agree index by index, and members at the same applied log id have the
-//!    same [`MetaState`] (compared by a hash of its JSON);
+//!    same [`MetaState`](ballast_meta::MetaState) (compared by a hash of its JSON);
 //! 3. leaders: openraft 0.9 (without its `single-term-leader` feature, as
 //!    ballast builds it) identifies a leader by `(term, node)` and by design
 //!    allows two leaders in one term, the later elected one winning (see its
@@ -44,8 +44,8 @@
 //!    leader holds a committed vote naming itself, and that every
 //!    AppendEntries carrying a committed leader id is sent by that node. Terms
 //!    with more than one leader are counted in the report, not failed;
-//! 4. the structural [`MetaState`] invariants, on every member's applied
-//!    state: [`MetaState::check_invariants`], the function the meta crate's
+//! 4. the structural [`MetaState`](ballast_meta::MetaState) invariants, on every member's applied
+//!    state: [`MetaState::check_invariants`](ballast_meta::MetaState::check_invariants), the function the meta crate's
 //!    property tests and the replication simulator check too.
 //!
 //! At the end every fault is healed, every member is up, loss stops, the
