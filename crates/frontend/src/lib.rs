@@ -28,7 +28,7 @@
 //!                                   └─ replica failed ─► Membership::eject (durable) ─► then ack
 //! ```
 //!
-//! The promise kept here (DESIGN "Replication protocol"): every acknowledged
+//! The promise kept here (docs/DESIGN.md, 5.2 "Replication protocol"): every acknowledged
 //! write is on every replica of the chunk's committed in-sync set, and that set
 //! never has fewer than min-in-sync members.
 

@@ -57,8 +57,8 @@ impl fmt::Display for EjectReason {
 /// - `in_sync`: replicas that hold every acknowledged write. Reads go to one of
 ///   them; every write, trim, write-zeroes and flush must succeed on all of them
 ///   (or they are ejected first) before it is acknowledged.
-/// - `rebuilding`: replicas being filled in by a background copy (DESIGN
-///   "Replication protocol" step 6: a resync after an eject, or a rebuild on a
+/// - `rebuilding`: replicas being filled in by a background copy (docs/DESIGN.md
+///   5.3 "Copy jobs": a resync after an eject, or a rebuild on a
 ///   new node). They receive every write, trim, write-zeroes and flush, but are
 ///   never read from, never count towards `min_in_sync`, and their failure never
 ///   fails a client request (they are ejected instead). The provider moves one

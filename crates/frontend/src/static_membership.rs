@@ -384,8 +384,8 @@ impl StaticMembership {
         Ok(())
     }
 
-    /// Adds `node` to `chunk` as a rebuilding replica (DESIGN "Replication
-    /// protocol" step 6), durably; returns the new set. The node must be known
+    /// Adds `node` to `chunk` as a rebuilding replica (docs/DESIGN.md, 5.3
+    /// "Copy jobs"), durably; returns the new set. The node must be known
     /// and not already a member (an ejected one may come back: a resync).
     pub async fn add_rebuilding(&self, chunk: ChunkIdx, node: NodeId) -> Result<ReplicaSet, MembershipError> {
         self.change(Change::Rebuild { chunk, node }).await

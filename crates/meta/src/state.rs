@@ -31,7 +31,7 @@ use ballast_placement::{self as placement, ChunkKey, ClusterMap, NodeInfo, Place
 use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId, Zone, BLOCK_SIZE};
 use serde::{Deserialize, Serialize};
 
-/// Default bytes per chunk (DESIGN.md, "Data model").
+/// Default bytes per chunk (docs/DESIGN.md, 1 "Vocabulary").
 pub const DEFAULT_CHUNK_SIZE: u64 = 64 << 20;
 
 /// A node's health and administrative state.

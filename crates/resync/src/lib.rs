@@ -1,5 +1,5 @@
-//! ballast-resync: the copy engine of rejoin and rebuild (DESIGN.md, replication
-//! protocol step 6). It fills a chunk replica that returns after an ejection
+//! ballast-resync: the copy engine of rejoin and rebuild (docs/DESIGN.md, 5.3 "Copy jobs:
+//! resync and rebuild end to end"). It fills a chunk replica that returns after an ejection
 //! (resync) or is new on another node (rebuild) from an in-sync source replica,
 //! WHILE the volume's front end keeps writing to it: the caller has already added
 //! the target to the chunk's write targets as "rebuilding" before calling

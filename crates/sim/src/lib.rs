@@ -1,5 +1,5 @@
 //! ballast-sim: a deterministic simulation of the replication protocol
-//! (DESIGN "Replication protocol", issue 6), explored by seed.
+//! (docs/DESIGN.md, 5.2 "Replication protocol"), explored by seed.
 //!
 //! # What is real, what is simulated
 //!

@@ -1,7 +1,7 @@
 //! What a checker knows about each block of a volume, and the rule a read is
 //! held to.
 //!
-//! The invariant (DESIGN "Invariants"): a read of block `b` returns `b`'s own
+//! The invariant (docs/DESIGN.md, 7 "Invariants"): a read of block `b` returns `b`'s own
 //! data at a version `v` with `floor <= v <= issued`, where `floor` is the last
 //! acknowledged write when the read started (Ballast acknowledges a write only
 //! once min-in-sync replicas hold it, so an acknowledged write survives even

@@ -1,6 +1,6 @@
 //! What attach does before any I/O is served: announce the epoch to every
 //! replica node (ejecting the unreachable ones), then reconcile the chunks a
-//! previous front end left dirty (DESIGN item 7).
+//! previous front end left dirty (docs/DESIGN.md, 5.2 step 7).
 
 use std::collections::BTreeSet;
 
@@ -84,7 +84,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         s
     }
 
-    /// DESIGN item 7: replicas keep a per-chunk dirty mark until a flush; the
+    /// docs/DESIGN.md, 5.2 step 7: replicas keep a per-chunk dirty mark until a flush; the
     /// chunks dirty anywhere are made identical on all in-sync replicas
     /// before any I/O is served.
     pub(super) async fn reconcile(&self) -> Result<(), FrontendError> {
