@@ -5,8 +5,9 @@
 //! the single io_uring (with its own thread) that all data I/O goes through.
 //!
 //! It must not depend on the network, on other Ballast crates beyond
-//! `ballast-types`, nor on tonic / openraft / redb: it is the bottom of the data
-//! path, and a metadata election must never be able to stall it.
+//! `ballast-types` and `ballast-metrics` (Prometheus counters: atomics), nor on
+//! tonic / openraft / redb: it is the bottom of the data path, and a metadata
+//! election must never be able to stall it.
 //!
 //! ```text
 //!   replica server (tokio tasks)
@@ -45,6 +46,7 @@
 mod aligned;
 mod ctxmap;
 pub mod layout;
+pub mod metrics;
 mod rangelock;
 mod ring;
 mod store;
@@ -53,6 +55,7 @@ use std::path::PathBuf;
 
 use ballast_types::{BlockIdx, ChunkId, Epoch, Seq, VolumeId};
 
+pub use metrics::{DiskMetrics, LatencyHistogram, StoreMetrics};
 pub use store::ChunkStore;
 
 /// How to open a store.
@@ -69,11 +72,14 @@ pub struct StoreOptions {
     /// to one core of CPU while such I/O goes on. Zero: never poll. Default: 500 µs
     /// (covers a device round trip plus the caller's turnaround).
     pub poll: std::time::Duration,
+    /// Where the store records its operations ([`StoreMetrics::disk`]); None:
+    /// no metrics. Default: None.
+    pub metrics: Option<DiskMetrics>,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { direct_io: true, queue_depth: 256, poll: std::time::Duration::from_micros(500) }
+        StoreOptions { direct_io: true, queue_depth: 256, poll: std::time::Duration::from_micros(500), metrics: None }
     }
 }
 

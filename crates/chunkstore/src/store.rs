@@ -21,6 +21,7 @@ use tracing::{debug, info, trace, warn, Instrument};
 use crate::aligned::{self, AlignedBuf};
 use crate::ctxmap::CtxMap;
 use crate::layout::{self, CtxHeader};
+use crate::metrics::{DiskMetrics, StoreOp};
 use crate::rangelock::{RangeGuard, RangeLocks};
 use crate::ring::{Done, Op, OpKind, Ring, WriteBuf};
 use crate::{ChunkInfo, ResyncBlock, ResyncOutcome, StoreError, StoreOptions};
@@ -52,6 +53,7 @@ struct Inner {
     volumes: RwLock<HashMap<VolumeId, Arc<VolumeFence>>>,
     /// Serializes chunk creation and deletion (file-system work, rare).
     admin: tokio::sync::Mutex<()>,
+    metrics: Option<DiskMetrics>,
 }
 
 /// A volume's announced epoch. Data ops hold `lock` shared across their I/O and
@@ -250,6 +252,11 @@ impl ChunkStore {
         let ring = Ring::start(opts.queue_depth, opts.poll, "ballast-uring")
             .map_err(|e| StoreError::io("start io_uring", &dir, e))?;
         let dirty = chunks.values().filter(|c| c.is_dirty()).count();
+        if let Some(m) = &opts.metrics {
+            for c in chunks.values() {
+                m.chunk(c.size, 1);
+            }
+        }
         info!(
             dir = %dir.display(), chunks = chunks.len(), dirty, volumes = volumes.len(),
             direct_io = direct, queue_depth = opts.queue_depth, "chunk store opened"
@@ -264,8 +271,22 @@ impl ChunkStore {
                 chunks: RwLock::new(chunks),
                 volumes: RwLock::new(volumes),
                 admin: tokio::sync::Mutex::new(()),
+                metrics: opts.metrics,
             }),
         })
+    }
+
+    /// When an operation starts, if it is measured.
+    fn started(&self) -> Option<std::time::Instant> {
+        self.inner.metrics.as_ref().map(|_| std::time::Instant::now())
+    }
+
+    /// Records the end of an operation [`ChunkStore::started`] timed; the
+    /// metrics when it succeeded (to count its bytes).
+    fn finished<T>(&self, op: StoreOp, started: Option<std::time::Instant>, r: &Result<T>) -> Option<&DiskMetrics> {
+        let (m, t) = (self.inner.metrics.as_ref()?, started?);
+        m.done(op, t, r);
+        r.is_ok().then_some(m)
     }
 
     /// Whether O_DIRECT is in effect for chunk data.
@@ -441,6 +462,13 @@ impl ChunkStore {
     /// Creates a chunk replica of `size` bytes (a multiple of 4096). Idempotent
     /// for the same size; `ChunkExists` if it exists with another size.
     pub async fn create_chunk(&self, id: ChunkId, size: u64, epoch: Epoch) -> Result<()> {
+        let t = self.started();
+        let r = self.create_inner(id, size, epoch).await;
+        self.finished(StoreOp::CreateChunk, t, &r);
+        r
+    }
+
+    async fn create_inner(&self, id: ChunkId, size: u64, epoch: Epoch) -> Result<()> {
         let _fence = self.fence(id.volume, epoch).await?;
         check_aligned(0, size)?;
         if size == 0 || size / BLOCK_SIZE_U64 > u32::MAX as u64 {
@@ -459,17 +487,30 @@ impl ChunkStore {
             .await
             .map_err(|_| StoreError::Shutdown)??;
         self.inner.chunks.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(chunk));
+        if let Some(m) = &self.inner.metrics {
+            m.chunk(size, 1);
+        }
         info!(chunk = %id, size, "chunk created");
         Ok(())
     }
 
     /// Deletes a chunk replica and its files. Idempotent.
     pub async fn delete_chunk(&self, id: ChunkId, epoch: Epoch) -> Result<()> {
+        let t = self.started();
+        let r = self.delete_inner(id, epoch).await;
+        self.finished(StoreOp::DeleteChunk, t, &r);
+        r
+    }
+
+    async fn delete_inner(&self, id: ChunkId, epoch: Epoch) -> Result<()> {
         let _fence = self.fence(id.volume, epoch).await?;
         let _admin = self.inner.admin.lock().await;
         let Some(c) = self.inner.chunks.write().unwrap_or_else(|p| p.into_inner()).remove(&id) else {
             return Ok(());
         };
+        if let Some(m) = &self.inner.metrics {
+            m.chunk(c.size, -1);
+        }
         let (data, ctx, dir) = (c.data_path.clone(), c.ctx_path.clone(), self.inner.chunks_dir.clone());
         // In-flight I/O holds the chunk (and its descriptors) until it completes.
         drop(c);
@@ -495,7 +536,12 @@ impl ChunkStore {
     /// [`ChunkStore::resync_write`], whose fence epoch is separate.)
     pub async fn write(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq) -> Result<()> {
         let span = tracing::debug_span!("chunk_write", volume = id.volume.0, chunk = id.chunk.0, offset, len = data.len(), %seq);
-        self.write_inner(id, offset, data, seq).instrument(span).await
+        let (t, len) = (self.started(), data.len() as u64);
+        let r = self.write_inner(id, offset, data, seq).instrument(span).await;
+        if let Some(m) = self.finished(StoreOp::Write, t, &r) {
+            m.written(len);
+        }
+        r
     }
 
     /// The common start of every mutation (write, trim, write-zeroes): checks the
@@ -581,7 +627,12 @@ impl ChunkStore {
     /// Reads `len` bytes at `offset`, every block verified against its contexts.
     pub async fn read(&self, id: ChunkId, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes> {
         let span = tracing::debug_span!("chunk_read", volume = id.volume.0, chunk = id.chunk.0, offset, len, %epoch);
-        self.read_inner(id, offset, len, epoch).instrument(span).await
+        let t = self.started();
+        let r = self.read_inner(id, offset, len, epoch).instrument(span).await;
+        if let Some(m) = self.finished(StoreOp::Read, t, &r) {
+            m.read(u64::from(len));
+        }
+        r
     }
 
     async fn read_inner(&self, id: ChunkId, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes> {
@@ -615,13 +666,19 @@ impl ChunkStore {
     pub async fn write_zeroes(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
         let span =
             tracing::debug_span!("chunk_write_zeroes", volume = id.volume.0, chunk = id.chunk.0, offset, len, %seq);
-        self.punch("write zeroes", id, offset, len, seq).instrument(span).await
+        let t = self.started();
+        let r = self.punch("write zeroes", id, offset, len, seq).instrument(span).await;
+        self.finished(StoreOp::WriteZeroes, t, &r);
+        r
     }
 
     /// Discards [offset, +len): afterwards it reads as zeros, with context `seq`.
     pub async fn trim(&self, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
         let span = tracing::debug_span!("chunk_trim", volume = id.volume.0, chunk = id.chunk.0, offset, len, %seq);
-        self.punch("trim", id, offset, len, seq).instrument(span).await
+        let t = self.started();
+        let r = self.punch("trim", id, offset, len, seq).instrument(span).await;
+        self.finished(StoreOp::Trim, t, &r);
+        r
     }
 
     async fn punch(&self, op: &'static str, id: ChunkId, offset: u64, len: u64, seq: Seq) -> Result<()> {
@@ -685,7 +742,12 @@ impl ChunkStore {
         let span = tracing::debug_span!(
             "chunk_resync_write", volume = id.volume.0, chunk = id.chunk.0, offset, blocks = blocks.len(), %epoch
         );
-        self.resync_inner(id, offset, blocks, data, epoch, protect_from).instrument(span).await
+        let t = self.started();
+        let r = self.resync_inner(id, offset, blocks, data, epoch, protect_from).instrument(span).await;
+        if let (Some(m), Ok(out)) = (self.finished(StoreOp::ResyncWrite, t, &r), &r) {
+            m.written(u64::from(out.written) * BLOCK_SIZE_U64);
+        }
+        r
     }
 
     async fn resync_inner(
@@ -800,25 +862,31 @@ impl ChunkStore {
     /// clears its dirty mark (unless writes started meanwhile).
     pub async fn flush_chunk(&self, id: ChunkId, epoch: Epoch) -> Result<()> {
         let span = tracing::debug_span!("chunk_flush", volume = id.volume.0, chunk = id.chunk.0, %epoch);
-        async {
+        let t = self.started();
+        let r = async {
             drop(self.fence(id.volume, epoch).await?);
             let c = self.chunk(id)?;
             self.flush_many(vec![c]).await
         }
         .instrument(span)
-        .await
+        .await;
+        self.finished(StoreOp::Flush, t, &r);
+        r
     }
 
     /// Flushes every dirty chunk of `volume` (all in parallel on the ring).
     pub async fn flush_volume(&self, volume: VolumeId, epoch: Epoch) -> Result<()> {
         let span = tracing::debug_span!("volume_flush", volume = volume.0, %epoch);
-        async {
+        let t = self.started();
+        let r = async {
             drop(self.fence(volume, epoch).await?);
             let list: Vec<Arc<Chunk>> = self.chunk_list().into_iter().filter(|c| c.id.volume == volume).collect();
             self.flush_many(list).await
         }
         .instrument(span)
-        .await
+        .await;
+        self.finished(StoreOp::Flush, t, &r);
+        r
     }
 
     async fn flush_many(&self, list: Vec<Arc<Chunk>>) -> Result<()> {
@@ -876,6 +944,19 @@ impl ChunkStore {
     /// reconciliation compare. A block with no usable slot reports
     /// `{crc: 0, seq: Seq::ZERO}`, which differs from every real context.
     pub async fn context_table(
+        &self,
+        id: ChunkId,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+    ) -> Result<Vec<BlockContext>> {
+        let t = self.started();
+        let r = self.context_table_inner(id, first, count, epoch).await;
+        self.finished(StoreOp::ContextTable, t, &r);
+        r
+    }
+
+    async fn context_table_inner(
         &self,
         id: ChunkId,
         first: BlockIdx,

@@ -144,7 +144,12 @@ async fn disk_full_reports_no_space_and_keeps_data() {
         }
     };
     let dir = fs.mnt.path().join("store");
-    let s = ChunkStore::open(&dir, StoreOptions::default()).expect("open");
+    let mut registry = ballast_metrics::registry();
+    let opts = StoreOptions {
+        metrics: Some(ballast_chunkstore::StoreMetrics::register(&mut registry).disk("1")),
+        ..StoreOptions::default()
+    };
+    let s = ChunkStore::open(&dir, opts).expect("open");
     s.announce_epoch(V, E).await.expect("announce");
     // A 64 MiB sparse chunk on a ~24 MiB filesystem: writes must run out of space.
     s.create_chunk(id(0), 64 << 20, E).await.expect("create");
@@ -172,6 +177,10 @@ async fn disk_full_reports_no_space_and_keeps_data() {
         "{err:?}"
     );
     assert!(!written.is_empty());
+    // The failed create and the failed write, as the metrics count them.
+    let text = ballast_metrics::encode(&registry);
+    assert!(text.contains("ballast_chunkstore_errors_total{node=\"1\",kind=\"no_space\"} 2\n"), "{text}");
+    assert!(text.contains("ballast_chunkstore_errors_total{node=\"1\",kind=\"io\"} 0\n"), "{text}");
     // Everything acknowledged still reads back, and the failed range reads without
     // a checksum error (old or new content).
     for (i, data) in &written {
