@@ -15,7 +15,9 @@
 //!   TOML-file implementation;
 //! - [`ReplicaIo`]: what it needs from a replica connection (implemented for
 //!   `ballast_replica::ReplicaClient`, and by fakes in tests);
-//! - [`policy`]: the decisions as pure functions.
+//! - [`policy`]: the decisions as pure functions;
+//! - [`metrics`]: [`VolumeMetrics`], the Prometheus series of each attached
+//!   volume (given through [`VolumeOptions::metrics`]).
 //!
 //! It must not depend on tonic, openraft or redb (a meta election must never
 //! stall I/O; the Raft-backed `Membership` lives in the binary), nor on the
@@ -33,6 +35,7 @@
 //! never has fewer than min-in-sync members.
 
 pub mod membership;
+pub mod metrics;
 pub mod policy;
 mod replica_client;
 pub mod replica_io;
@@ -43,6 +46,7 @@ mod volume;
 use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};
 
 pub use membership::{Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
+pub use metrics::{VolumeMetrics, VolumeSeries};
 pub use replica_client::tcp_connector;
 pub use replica_io::{ReplicaError, ReplicaIo};
 pub use scrub::{scrub_periodically, ScrubConfig, ScrubOptions, ScrubReport};

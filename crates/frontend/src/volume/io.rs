@@ -13,6 +13,7 @@ use tracing::{debug, debug_span, info, warn, Instrument};
 
 use super::{bump, io_err, join_all, Volume};
 use crate::membership::{EjectReason, Membership};
+use crate::metrics::IoOp;
 use crate::policy::{self, classify, plan_write, Reaction};
 use crate::replica_io::{ReplicaError, ReplicaIo};
 
@@ -24,9 +25,23 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         self.inflight.acquire_many(n).await.map_err(|_| BlockError::Shutdown)
     }
 
-    fn count_error<T>(&self, r: Result<T, BlockError>) -> Result<T, BlockError> {
+    /// Runs one client request: counts its error, and records it in the
+    /// volume's metrics when it has them (in flight while it runs, then its
+    /// latency or its error kind; a request dropped half-way leaves the
+    /// in-flight gauges too).
+    async fn served<T>(
+        &self,
+        op: IoOp,
+        payload: u64,
+        req: impl std::future::Future<Output = Result<T, BlockError>>,
+    ) -> Result<T, BlockError> {
+        let inflight = self.metrics.as_ref().map(|m| m.begin(payload));
+        let r = req.await;
         if r.is_err() {
             bump(&self.stats.errors, 1);
+        }
+        if let Some(m) = inflight {
+            m.done(op, &r);
         }
         r
     }
@@ -400,30 +415,26 @@ impl<M: Membership, R: ReplicaIo> BlockDev for Volume<M, R> {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
         let span = debug_span!("read", volume = %self.id, offset, len);
-        let r = self.do_read(offset, len).instrument(span).await;
-        self.count_error(r)
+        self.served(IoOp::Read, u64::from(len), self.do_read(offset, len).instrument(span)).await
     }
 
     async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), BlockError> {
         let span = debug_span!("write", volume = %self.id, offset, len = data.len(), fua);
-        let r = self.do_write(offset, data, fua).instrument(span).await;
-        self.count_error(r)
+        let len = data.len() as u64;
+        self.served(IoOp::Write, len, self.do_write(offset, data, fua).instrument(span)).await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        let r = self.do_flush().instrument(debug_span!("flush", volume = %self.id)).await;
-        self.count_error(r)
+        self.served(IoOp::Flush, 0, self.do_flush().instrument(debug_span!("flush", volume = %self.id))).await
     }
 
     async fn trim(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         let span = debug_span!("trim", volume = %self.id, offset, len);
-        let r = self.do_zero(offset, len, true, false).instrument(span).await;
-        self.count_error(r)
+        self.served(IoOp::Trim, 0, self.do_zero(offset, len, true, false).instrument(span)).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
         let span = debug_span!("write_zeroes", volume = %self.id, offset, len, fua);
-        let r = self.do_zero(offset, len, false, fua).instrument(span).await;
-        self.count_error(r)
+        self.served(IoOp::WriteZeroes, 0, self.do_zero(offset, len, false, fua).instrument(span)).await
     }
 }

@@ -193,6 +193,9 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                 debug_assert_eq!(at, chunk.0 as usize, "chunk states are appended in index order");
             }
             self.size.store(layout.size, Ordering::Release);
+            if let Some(m) = &self.metrics {
+                m.set_size(layout.size);
+            }
             info!(volume = %self.id, from = size, to = layout.size, chunks = self.chunks.count(), "volume grew: serving the new size");
             count += n;
         }

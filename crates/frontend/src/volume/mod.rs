@@ -38,6 +38,7 @@ use tokio::sync::{Mutex as AsyncMutex, Semaphore};
 use tracing::{info, warn};
 
 use crate::membership::{Membership, Replica, ReplicaSet};
+use crate::metrics::{self, VolumeMetrics, VolumeSeries};
 use crate::replica_io::{ReplicaError, ReplicaIo};
 use crate::FrontendError;
 
@@ -56,11 +57,20 @@ pub struct VolumeOptions {
     /// Bytes of client requests in flight at once; more wait (backpressure).
     /// Default: 64 MiB.
     pub max_inflight_bytes: usize,
+    /// The process's front-end metric families: the attach makes the volume's
+    /// series (label `volume`, its name) and closing it removes them (see
+    /// [`crate::metrics`]). None: no metrics. Default: None.
+    pub metrics: Option<VolumeMetrics>,
 }
 
 impl Default for VolumeOptions {
     fn default() -> Self {
-        VolumeOptions { local_node: None, io_timeout: Duration::from_secs(10), max_inflight_bytes: 64 << 20 }
+        VolumeOptions {
+            local_node: None,
+            io_timeout: Duration::from_secs(10),
+            max_inflight_bytes: 64 << 20,
+            metrics: None,
+        }
     }
 }
 
@@ -90,28 +100,52 @@ pub struct VolumeStats {
     pub scrub_unrepairable: u64,
 }
 
+/// The volume's counters. Those the metrics export are the metric series
+/// themselves (one atomic, counted once); the others are the volume's own.
 #[derive(Default)]
 pub(crate) struct Counters {
-    reads: AtomicU64,
-    writes: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    flushes: AtomicU64,
-    trims: AtomicU64,
-    write_zeroes: AtomicU64,
-    ejections: AtomicU64,
-    read_repairs: AtomicU64,
-    reconciled_blocks: AtomicU64,
-    errors: AtomicU64,
-    pub(crate) scrub_passes: AtomicU64,
-    pub(crate) scrubbed_bytes: AtomicU64,
-    pub(crate) scrub_corrupt: AtomicU64,
-    pub(crate) scrub_repaired: AtomicU64,
-    pub(crate) scrub_unrepairable: AtomicU64,
+    reads: Counter,
+    writes: Counter,
+    bytes_read: Counter,
+    bytes_written: Counter,
+    flushes: Counter,
+    trims: Counter,
+    write_zeroes: Counter,
+    ejections: Counter,
+    read_repairs: Counter,
+    reconciled_blocks: Counter,
+    errors: Counter,
+    pub(crate) scrub_passes: Counter,
+    pub(crate) scrubbed_bytes: Counter,
+    pub(crate) scrub_corrupt: Counter,
+    pub(crate) scrub_repaired: Counter,
+    pub(crate) scrub_unrepairable: Counter,
 }
 
-pub(crate) fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+impl Counters {
+    fn new(series: Option<&VolumeSeries>) -> Counters {
+        let Some(s) = series else { return Counters::default() };
+        Counters {
+            bytes_read: s.counter(metrics::C_READ_BYTES),
+            bytes_written: s.counter(metrics::C_WRITTEN_BYTES),
+            ejections: s.counter(metrics::C_EJECTIONS),
+            read_repairs: s.counter(metrics::C_READ_REPAIRS),
+            reconciled_blocks: s.counter(metrics::C_RECONCILED),
+            scrub_passes: s.counter(metrics::C_SCRUB_PASSES),
+            scrubbed_bytes: s.counter(metrics::C_SCRUB_BYTES),
+            scrub_corrupt: s.counter(metrics::C_SCRUB_CORRUPT),
+            scrub_repaired: s.counter(metrics::C_SCRUB_REPAIRED),
+            scrub_unrepairable: s.counter(metrics::C_SCRUB_UNREPAIRABLE),
+            ..Counters::default()
+        }
+    }
+}
+
+/// A prometheus-client counter: an `Arc<AtomicU64>`.
+type Counter = ballast_metrics::Counter;
+
+pub(crate) fn bump(c: &Counter, n: u64) {
+    c.inc_by(n);
 }
 
 /// A connection to one replica node, with the address it was made for.
@@ -159,6 +193,18 @@ pub struct Volume<M: Membership, R: ReplicaIo> {
     max_inflight: u32,
     rr: AtomicUsize,
     pub(crate) stats: Counters,
+    /// The volume's metric series (None: no metrics).
+    pub(crate) metrics: Option<VolumeSeries>,
+}
+
+/// A volume dropped without [`Volume::close`] (a failed attach, a failed
+/// teardown) takes its series with it too.
+impl<M: Membership, R: ReplicaIo> Drop for Volume<M, R> {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.remove();
+        }
+    }
 }
 
 /// Polls every future to completion concurrently on the current task (no
@@ -207,6 +253,11 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         validate_layout(volume, &layout)?;
         info!(volume = %volume, name = %layout.name, epoch = %epoch, chunks = layout.chunks.len(), "attaching volume");
         let max_inflight = options.max_inflight_bytes.clamp(BLOCK_SIZE as usize, u32::MAX as usize) as u32;
+        let metrics = options.metrics.as_ref().map(|m| m.volume(&layout.name));
+        if let Some(m) = &metrics {
+            m.set_epoch(epoch.0);
+            m.set_size(layout.size);
+        }
         let v = Volume {
             id: volume,
             name: layout.name.clone(),
@@ -228,7 +279,8 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             inflight: Semaphore::new(max_inflight as usize),
             max_inflight,
             rr: AtomicUsize::new(0),
-            stats: Counters::default(),
+            stats: Counters::new(metrics.as_ref()),
+            metrics,
         };
         v.announce().await?;
         v.reconcile().await?;
@@ -261,16 +313,28 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     }
 
     /// Stops serving: every later request fails with `Shutdown`. Call `flush`
-    /// first for a clean detach.
+    /// first for a clean detach. The volume's metric series are removed.
     pub fn close(&self) {
         if !self.stopped.swap(true, Ordering::AcqRel) {
             info!(volume = %self.id, epoch = %self.epoch, "volume closed");
+        }
+        if let Some(m) = &self.metrics {
+            m.remove();
+        }
+    }
+
+    /// Records the layout generation this front end writes with (the
+    /// `ballast_frontend_layout_generation` gauge; no-op without metrics). The
+    /// membership provider's generation: the front end itself does not have one.
+    pub fn set_layout_generation(&self, generation: u64) {
+        if let Some(m) = &self.metrics {
+            m.set_layout_generation(generation);
         }
     }
 
     pub fn stats(&self) -> VolumeStats {
         let s = &self.stats;
-        let l = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let l = |c: &Counter| c.get();
         VolumeStats {
             reads: l(&s.reads),
             writes: l(&s.writes),
