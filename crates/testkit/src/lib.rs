@@ -14,8 +14,8 @@
 //!   its own network namespace ([`netns::Net`]), nodes on [`disks::Disk`]s that
 //!   fill up or fail with EIO; [`workload::Workload`]: the verifiable NBD
 //!   workload checked against a per-block ledger.
-//! - [`Ctl`]: `ballastctl`, its JSON parsed; [`ctl`] reads volume layouts.
-//! - [`needs`]: root, tool and kernel-feature checks that print a SKIP line.
+//! - [`Ctl`]: `ballastctl`, its JSON parsed; [`mod@ctl`] reads volume layouts.
+//! - [`mod@needs`]: root, tool and kernel-feature checks that print a SKIP line.
 //! - [`wait_until`], [`free_addr`], [`run`], [`data_dir`], [`random_bytes`], ...
 //!
 //! Every fallible call returns [`Result`] with the kit's [`Error`]; the kit
