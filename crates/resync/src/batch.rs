@@ -80,7 +80,10 @@ impl Batch {
             };
             let data_blocks = plan.iter().filter(|(_, p)| matches!(p, Plan::Data { .. })).count();
             if let Some(t) = &self.throttle {
-                t.take(data_blocks as u64 * BLOCK_SIZE_U64).await;
+                if let Some(waited) = t.take(data_blocks as u64 * BLOCK_SIZE_U64).await {
+                    stats.throttle_waits += 1;
+                    stats.throttled += waited;
+                }
             }
             let data = self.read_runs(&plan).await?;
             // Invariant: a block is sent under the seq its data was written with.

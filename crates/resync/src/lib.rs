@@ -118,6 +118,11 @@ pub struct ResyncStats {
     pub blocks_busy: u64,
     /// Data bytes sent to the target (blocks offered, whether applied or not).
     pub bytes_copied: u64,
+    /// Copies the throttle held up ([`ResyncOptions::max_bytes_per_sec`]).
+    pub throttle_waits: u64,
+    /// Time they were held up, summed over the batches (which run
+    /// concurrently: the sum may exceed the wall time).
+    pub throttled: std::time::Duration,
 }
 
 impl ResyncStats {
@@ -129,6 +134,8 @@ impl ResyncStats {
         self.blocks_raced += o.blocks_raced;
         self.blocks_busy += o.blocks_busy;
         self.bytes_copied += o.bytes_copied;
+        self.throttle_waits += o.throttle_waits;
+        self.throttled += o.throttled;
     }
 }
 
@@ -308,6 +315,8 @@ async fn run(
         raced = total.blocks_raced,
         busy = total.blocks_busy,
         bytes = total.bytes_copied,
+        throttle_waits = total.throttle_waits,
+        throttled = ?total.throttled,
         "resync finished"
     );
     Ok(total)

@@ -28,9 +28,15 @@ impl Throttle {
         Throttle { rate, burst, state: Mutex::new(Bucket { tokens: burst, last: Instant::now() }) }
     }
 
-    /// Waits until `bytes` may be sent.
-    pub(crate) async fn take(&self, bytes: u64) {
-        let mut b = self.state.lock().await;
+    /// Waits until `bytes` may be sent. Returns how long the take was held
+    /// up (queued behind another taker's debt, or sleeping off its own), or
+    /// None when it went straight through.
+    pub(crate) async fn take(&self, bytes: u64) -> Option<Duration> {
+        let start = Instant::now();
+        let (mut b, mut held) = match self.state.try_lock() {
+            Ok(b) => (b, false),
+            Err(_) => (self.state.lock().await, true),
+        };
         let now = Instant::now();
         b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * self.rate).min(self.burst);
         b.last = now;
@@ -39,7 +45,9 @@ impl Throttle {
             tokio::time::sleep(Duration::from_secs_f64(-b.tokens / self.rate)).await;
             b.tokens = 0.0;
             b.last = Instant::now();
+            held = true;
         }
+        held.then(|| start.elapsed())
     }
 }
 
@@ -54,14 +62,16 @@ mod tests {
         let t = Throttle::new(1_000_000, 4096);
         let start = Instant::now();
         // The burst (100 kB) goes at once.
-        t.take(100_000).await;
+        assert_eq!(t.take(100_000).await, None, "not held up");
         assert_eq!(start.elapsed(), Duration::ZERO);
+        let mut held = Duration::ZERO;
         for _ in 0..100 {
-            t.take(100_000).await;
+            held += t.take(100_000).await.expect("every take after the burst waits");
         }
         let e = start.elapsed();
         assert!(e >= Duration::from_secs(10), "{e:?}");
         assert!(e < Duration::from_millis(10_100), "{e:?}");
+        assert_eq!(held, e, "all of it was spent waiting");
     }
 
     /// A take bigger than the burst is allowed (in debt), and paid for.

@@ -327,3 +327,26 @@ async fn invalid_arguments_are_refused_before_any_io() {
     src.stop().await;
     tgt.stop().await;
 }
+
+/// A throttled copy reports how often and how long the throttle held it up (the
+/// storage node's copy-throttle metrics); an unthrottled one never waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_copies_report_their_waits() {
+    let src = Node::start().await;
+    let tgt = Node::start().await;
+    src.attach(E1).await;
+    src.write(0, 200, Seq::new(E1, 1)).await;
+    // 800 KiB at 2 MiB/s, a tenth of a second's worth at once: about 0.3 s of waits.
+    let opts = ResyncOptions { max_bytes_per_sec: Some(2 << 20), ..small_batches() };
+    let started = std::time::Instant::now();
+    let stats = resync(&src, &tgt, E1, &opts).await;
+    assert_eq!(stats.blocks_copied, 200);
+    assert!(stats.throttle_waits >= 3, "{stats:?}");
+    assert!(stats.throttled >= std::time::Duration::from_millis(100), "{stats:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(250), "{:?}", started.elapsed());
+
+    let unthrottled = resync(&tgt, &src, E1, &small_batches()).await;
+    assert_eq!((unthrottled.throttle_waits, unthrottled.throttled), (0, std::time::Duration::ZERO));
+    src.stop().await;
+    tgt.stop().await;
+}
