@@ -35,12 +35,11 @@ const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 
 pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
-    let registry = ballast_metrics::registry();
+    let mut registry = ballast_metrics::registry();
     let metrics_addr = a.metrics_listen.unwrap_or_else(|| {
         let port = if a.meta_port == 0 { 0 } else { a.meta_port.saturating_add(80) };
         std::net::SocketAddr::from(([127, 0, 0, 1], port))
     });
-    let metrics = metrics::start(Some(metrics_addr), registry, stop.clone()).await?;
     let meta_dir = a.data.join("meta");
     std::fs::create_dir_all(&meta_dir).with_context(|| format!("create {}", meta_dir.display()))?;
 
@@ -61,6 +60,10 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         };
         metas.push(ballast_metasvc::start_on(cfg, l).await.with_context(|| format!("start meta member {id}"))?);
     }
+    // The three members' metrics, one family each with a series per `member`,
+    // registered before /metrics is served.
+    ballast_metasvc::register_metrics(&mut registry, &metas);
+    let metrics = metrics::start(Some(metrics_addr), registry, stop.clone()).await?;
     let endpoints: Vec<String> = members.values().cloned().collect();
     println!("ready meta endpoints={}", endpoints.join(","));
     let meta = MetaClient::new(endpoints.clone()).context("meta client")?;

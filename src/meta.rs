@@ -29,7 +29,8 @@ pub async fn run(a: MetaArgs) -> anyhow::Result<()> {
     }
     let handle = ballast_metasvc::start(config(&a)).await.context("start meta member")?;
     println!("ready meta id={} addr={}", handle.id, handle.addr);
-    let registry = ballast_metrics::registry();
+    let mut registry = ballast_metrics::registry();
+    handle.register_metrics(&mut registry);
     let metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     shutdown::wait(stop).await;
     handle.shutdown().await;

@@ -15,4 +15,7 @@ pub mod state;
 
 pub use invariants::{Invariant, InvariantViolation};
 pub use raft_config::{raft_config, RaftTiming};
-pub use state::{Command, DiskHealth, MetaError, MetaState, Response, VolumeSpec, ZoneSpread};
+pub use state::{
+    replica_live, ChunkHealth, Command, DiskHealth, MetaError, MetaState, Response, VolumeHealth, VolumeSpec,
+    ZoneSpread,
+};

@@ -9,7 +9,9 @@ use std::collections::BTreeMap;
 use ballast_placement::{self as placement, ChunkKey, Request};
 use ballast_types::{ChunkIdx, NodeId, VolumeId, Zone};
 
-use crate::state::{ChunkEntry, Command, DiskHealth, JobKind, MetaState, NodeState, Role, Volume, VolumeSpec};
+use crate::state::{
+    ChunkEntry, ChunkHealth, Command, DiskHealth, JobKind, MetaState, NodeState, Role, Volume, VolumeSpec,
+};
 
 /// Limits of the rebuild scheduler: copies compete with client I/O, so only so
 /// many run at once, in total and per target node. Spreading them over many
@@ -140,23 +142,25 @@ pub enum Failure {
 pub struct Impact {
     pub volume: VolumeId,
     pub name: String,
-    /// Chunks left with fewer in-sync replicas than configured (still writable).
+    /// Chunks left with fewer live replicas than configured (still writable).
     pub degraded: u32,
-    /// Chunks below min-in-sync: writes fail until a rebuild.
+    /// Chunks left below min-in-sync live replicas: writes fail until a rebuild.
     pub unwritable: u32,
-    /// Chunks with no in-sync replica left: data unavailable.
+    /// Chunks with no live replica left: data unavailable.
     pub unavailable: u32,
 }
 
 /// Which volumes lose redundancy, writability or availability if `failure`
-/// happened now (counted against the current in-sync sets), and how many volumes
-/// are not affected at all.
+/// happened now, and how many volumes are not affected at all.
 ///
-/// An in-sync replica on a failed disk is already lost: it counts neither before
-/// nor after, so failing that node again affects nothing, and failing another
-/// node counts what is really left.
+/// Counted from the cluster as it is now, by its live replicas
+/// ([`crate::state::replica_live`]): a replica on a node already down or
+/// suspect, on a failed disk, or not in sync counts neither before nor after.
+/// So failing a node that is already down affects nothing, and failing another
+/// counts what is really left: with node 3 down, losing node 1 leaves a chunk of
+/// three replicas one live replica, below min-in-sync 2 (unwritable). A chunk
+/// the failure leaves as it is (already degraded or not) is not counted.
 pub fn what_if(state: &MetaState, failure: &Failure) -> (Vec<Impact>, usize) {
-    let alive = |n: &NodeId| !state.nodes.get(n).is_some_and(|node| node.disk.is_failed());
     let lost = |n: NodeId| match failure {
         Failure::Node(id) => n == *id,
         Failure::Zone(z) => state.nodes.get(&n).is_some_and(|node| &node.zone == z),
@@ -166,17 +170,17 @@ pub fn what_if(state: &MetaState, failure: &Failure) -> (Vec<Impact>, usize) {
     for v in state.volumes.values() {
         let mut imp = Impact { volume: v.id, name: v.name.clone(), degraded: 0, unwritable: 0, unavailable: 0 };
         for c in &v.chunks {
-            let before = c.in_sync().filter(alive).count();
-            let after = c.in_sync().filter(alive).filter(|n| !lost(*n)).count();
+            let before = state.live_replicas(c).count();
+            let after = state.live_replicas(c).filter(|n| !lost(*n)).count();
             if after == before {
                 continue;
             }
-            if after == 0 {
-                imp.unavailable += 1;
-            } else if after < v.min_in_sync {
-                imp.unwritable += 1;
-            } else {
-                imp.degraded += 1;
+            match ChunkHealth::of(after, v.replicas, v.min_in_sync) {
+                ChunkHealth::Unavailable => imp.unavailable += 1,
+                ChunkHealth::BelowMinInSync => imp.unwritable += 1,
+                // It lost a live replica: degraded (Full only if it had more
+                // than configured, which a finished job never leaves).
+                ChunkHealth::Degraded | ChunkHealth::Full => imp.degraded += 1,
             }
         }
         if imp.degraded + imp.unwritable + imp.unavailable == 0 {

@@ -73,7 +73,8 @@ pub fn open(dir: &Path, seed: u64) -> Result<(LogStore, StateMachine), SErr> {
         tx.open_table(SNAP).map_err(|e| write_err(&e))?;
         tx.commit().map_err(|e| write_err(&e))?;
     }
-    let log = LogStore { db: db.clone() };
+    let committed: Option<LogId<NodeId>> = get_json::<Option<LogId<NodeId>>>(&db, META, "committed")?.flatten();
+    let log = LogStore { db: db.clone(), committed: Arc::new(AtomicU64::new(committed.map_or(0, |l| l.index + 1))) };
     let snapshot: Option<StoredSnapshot> = get_json(&db, SNAP, "current")?;
     let data = match &snapshot {
         Some(s) => serde_json::from_slice(&s.data).map_err(|e| read_sm_err(&e))?,
@@ -125,9 +126,20 @@ fn put_json<T: Serialize>(db: &Database, table: TableDefinition<&str, &[u8]>, ke
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The last committed index openraft saved, plus one (0: none yet); shared
+    /// by the clones, for [`LogStore::committed_index`].
+    committed: Arc<AtomicU64>,
 }
 
 impl LogStore {
+    /// The highest log index this member knows committed (openraft saves it on
+    /// every member, leader or follower, before applying up to it). None before
+    /// the first commit. A clone taken before the store went to openraft reads
+    /// it too (for metrics).
+    pub fn committed_index(&self) -> Option<u64> {
+        self.committed.load(Ordering::Relaxed).checked_sub(1)
+    }
+
     fn entries(&self, range: impl RangeBounds<u64>) -> Result<Vec<Entry<TypeConfig>>, SErr> {
         let tx = self.db.begin_read().map_err(|e| read_err(&e))?;
         let t = tx.open_table(LOG).map_err(|e| read_err(&e))?;
@@ -209,7 +221,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), SErr> {
-        put_json(&self.db, META, "committed", &committed)
+        put_json(&self.db, META, "committed", &committed)?;
+        self.committed.store(committed.map_or(0, |l| l.index + 1), Ordering::Relaxed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, SErr> {
@@ -315,6 +329,13 @@ impl StateMachine {
     /// Runs `f` on the current applied state (for reads served by this member).
     pub async fn read<T>(&self, f: impl FnOnce(&MetaState) -> T) -> T {
         f(&self.data.read().await.state)
+    }
+
+    /// [`Self::read`] without waiting, for callers that cannot await (a
+    /// metrics scrape): None while an apply or a snapshot install holds the
+    /// state (an apply holds it for the few microseconds of its commands).
+    pub fn try_read<T>(&self, f: impl FnOnce(&MetaState) -> T) -> Option<T> {
+        self.data.try_read().ok().map(|d| f(&d.state))
     }
 }
 

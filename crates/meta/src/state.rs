@@ -125,6 +125,92 @@ impl Node {
     }
 }
 
+/// Whether a chunk's replica is live: the one rule by which `status`, `volume
+/// inspect`, `what-if` and the metrics count a chunk's replicas.
+///
+/// Live means all of:
+/// - the replica is in the chunk's in-sync set (a rebuilding one is not whole
+///   yet, an ejected one is out of the set);
+/// - its node answers: up, cordoned or draining (an operator's cordon or drain
+///   stops new replicas, not I/O to the ones it holds). A suspect node has
+///   missed its heartbeats and may be gone; a down one is;
+/// - its disk has not failed (its replicas are lost). A full disk still
+///   serves the replicas it holds.
+///
+/// A replica on a node the state does not know is not live
+/// ([`MetaState::is_live`]).
+pub fn replica_live(role: Role, node: NodeState, disk: &DiskHealth) -> bool {
+    role == Role::InSync
+        && matches!(node, NodeState::Up | NodeState::Cordoned | NodeState::Draining)
+        && !disk.is_failed()
+}
+
+/// A chunk's redundancy, by its live replicas ([`replica_live`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChunkHealth {
+    /// As many live replicas as the volume's replication factor (or more).
+    Full,
+    /// Fewer live replicas than configured, at least min-in-sync: writable.
+    Degraded,
+    /// At least one live replica, fewer than min-in-sync: writes fail.
+    BelowMinInSync,
+    /// No live replica: the data cannot be read.
+    Unavailable,
+}
+
+impl ChunkHealth {
+    /// The health of a chunk with `live` live replicas in a volume of
+    /// `replicas` replicas per chunk and `min_in_sync`.
+    pub fn of(live: usize, replicas: usize, min_in_sync: usize) -> ChunkHealth {
+        if live == 0 {
+            ChunkHealth::Unavailable
+        } else if live < min_in_sync {
+            ChunkHealth::BelowMinInSync
+        } else if live < replicas {
+            ChunkHealth::Degraded
+        } else {
+            ChunkHealth::Full
+        }
+    }
+}
+
+/// A volume's chunks counted by [`ChunkHealth`]. The counts nest: every chunk
+/// below min-in-sync is also degraded, every unavailable one also below
+/// min-in-sync.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VolumeHealth {
+    pub chunks: usize,
+    /// Fewer live replicas than configured (including the two below).
+    pub degraded: usize,
+    /// Fewer live replicas than min-in-sync: writes fail (including the one below).
+    pub below_min_in_sync: usize,
+    /// No live replica.
+    pub unavailable: usize,
+}
+
+impl VolumeHealth {
+    pub fn add(&mut self, h: ChunkHealth) {
+        self.chunks += 1;
+        self.degraded += usize::from(h != ChunkHealth::Full);
+        self.below_min_in_sync += usize::from(h >= ChunkHealth::BelowMinInSync);
+        self.unavailable += usize::from(h == ChunkHealth::Unavailable);
+    }
+
+    /// Chunks with every replica live.
+    pub fn full(&self) -> usize {
+        self.chunks - self.degraded
+    }
+}
+
+impl std::ops::AddAssign for VolumeHealth {
+    fn add_assign(&mut self, o: VolumeHealth) {
+        self.chunks += o.chunks;
+        self.degraded += o.degraded;
+        self.below_min_in_sync += o.below_min_in_sync;
+        self.unavailable += o.unavailable;
+    }
+}
+
 /// A replica's role in its chunk's set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -186,13 +272,6 @@ pub struct Volume {
     /// target, i.e. `acked_gen >= job.gen` (or no front end is attached).
     #[serde(default)]
     pub acked_gen: u64,
-}
-
-impl Volume {
-    /// Chunks with fewer in-sync replicas than the volume's replication factor.
-    pub fn degraded_chunks(&self) -> usize {
-        self.chunks.iter().filter(|c| c.in_sync().count() < self.replicas).count()
-    }
 }
 
 /// How strictly a volume's replicas are kept in distinct zones (placement's
@@ -450,6 +529,40 @@ impl MetaState {
 
     pub fn volume_by_name(&self, name: &str) -> Option<&Volume> {
         self.volumes.values().find(|v| v.name == name)
+    }
+
+    /// Whether `r` is live ([`replica_live`]); a replica on an unknown node is not.
+    pub fn is_live(&self, r: &ChunkReplica) -> bool {
+        self.nodes.get(&r.node).is_some_and(|n| replica_live(r.role, n.state, &n.disk))
+    }
+
+    /// The nodes of the chunk's live replicas.
+    pub fn live_replicas<'a>(&'a self, c: &'a ChunkEntry) -> impl Iterator<Item = NodeId> + 'a {
+        c.replicas.iter().filter(|r| self.is_live(r)).map(|r| r.node)
+    }
+
+    /// The chunk's health in volume `v`, by its live replicas.
+    pub fn chunk_health(&self, v: &Volume, c: &ChunkEntry) -> ChunkHealth {
+        ChunkHealth::of(self.live_replicas(c).count(), v.replicas, v.min_in_sync)
+    }
+
+    /// Volume `v`'s chunks by health. `VolumeHealth::degraded` is what `status`,
+    /// `volume list` and the metrics call degraded chunks.
+    pub fn volume_health(&self, v: &Volume) -> VolumeHealth {
+        let mut h = VolumeHealth::default();
+        for c in &v.chunks {
+            h.add(self.chunk_health(v, c));
+        }
+        h
+    }
+
+    /// Every volume's chunks by health, summed.
+    pub fn cluster_health(&self) -> VolumeHealth {
+        let mut h = VolumeHealth::default();
+        for v in self.volumes.values() {
+            h += self.volume_health(v);
+        }
+        h
     }
 
     /// Applies one command. On error the state is unchanged.

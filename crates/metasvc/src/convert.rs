@@ -40,6 +40,36 @@ pub(crate) fn pb_disk_health(d: &state::DiskHealth) -> (pb::DiskHealth, String) 
 }
 
 /// `last_seen`: when this member (if leader) last heard from each node.
+/// A node state from the proto (None: unspecified or unknown).
+fn node_state_from_pb(s: i32) -> Option<NodeState> {
+    match pb::NodeState::try_from(s) {
+        Ok(pb::NodeState::Up) => Some(NodeState::Up),
+        Ok(pb::NodeState::Suspect) => Some(NodeState::Suspect),
+        Ok(pb::NodeState::Down) => Some(NodeState::Down),
+        Ok(pb::NodeState::Cordoned) => Some(NodeState::Cordoned),
+        Ok(pb::NodeState::Draining) => Some(NodeState::Draining),
+        Ok(pb::NodeState::Unspecified) | Err(_) => None,
+    }
+}
+
+/// Whether replica `r` of a chunk of layout `l` (as `Admin.InspectVolume`
+/// answers) is live, by the same rule the service counts with
+/// ([`ballast_meta::state::replica_live`]), judged from the layout's nodes. A
+/// replica whose node the layout does not list, or whose role or node state is
+/// unknown to this build, is not live. For clients that show a layout
+/// (`ballastctl volume inspect`).
+pub fn layout_replica_live(l: &pb::VolumeLayout, r: &pb::ChunkReplica) -> bool {
+    let role = match pb::ReplicaRole::try_from(r.role) {
+        Ok(pb::ReplicaRole::InSync) => Role::InSync,
+        Ok(pb::ReplicaRole::Rebuilding) => Role::Rebuilding,
+        Ok(pb::ReplicaRole::Ejected) => Role::Ejected,
+        Ok(pb::ReplicaRole::Unspecified) | Err(_) => return false,
+    };
+    let Some(n) = l.nodes.iter().find(|n| n.id == r.node) else { return false };
+    let Some(state) = node_state_from_pb(n.state) else { return false };
+    state::replica_live(role, state, &disk_health(n.disk, &n.disk_error))
+}
+
 pub(crate) fn node(n: &state::Node, last_seen: &HashMap<NodeId, Instant>) -> pb::Node {
     let (disk, disk_error) = pb_disk_health(&n.disk);
     pb::Node {
@@ -75,7 +105,8 @@ pub(crate) fn chunk(index: usize, c: &ChunkEntry) -> pb::Chunk {
     }
 }
 
-pub(crate) fn volume(v: &state::Volume) -> pb::Volume {
+/// `degraded_chunks` counts by the liveness rule (`MetaState::volume_health`).
+pub(crate) fn volume(s: &MetaState, v: &state::Volume) -> pb::Volume {
     pb::Volume {
         id: v.id.0,
         name: v.name.clone(),
@@ -87,7 +118,7 @@ pub(crate) fn volume(v: &state::Volume) -> pb::Volume {
         epoch: v.epoch.0,
         attached_to: v.attached_to.map_or(0, |n| n.0),
         layout_gen: v.layout_gen,
-        degraded_chunks: v.degraded_chunks() as u32,
+        degraded_chunks: s.volume_health(v).degraded as u32,
         zone_spread: zone_spread(v.zone_spread) as i32,
         published_node: v.published_to.map_or(0, |n| n.0),
     }
@@ -105,7 +136,7 @@ pub(crate) fn layout(s: &MetaState, v: &state::Volume, last_seen: &HashMap<NodeI
     ids.sort();
     ids.dedup();
     pb::VolumeLayout {
-        volume: Some(volume(v)),
+        volume: Some(volume(s, v)),
         chunks: v.chunks.iter().enumerate().map(|(i, c)| chunk(i, c)).collect(),
         nodes: ids.iter().filter_map(|id| s.nodes.get(id)).map(|n| node(n, last_seen)).collect(),
     }

@@ -15,6 +15,7 @@
 
 mod convert;
 pub mod leader;
+mod metrics;
 mod network;
 mod service;
 
@@ -37,6 +38,7 @@ use tracing::{info, warn};
 /// Raft timing: defined with the one openraft configuration builder,
 /// [`ballast_meta::raft_config()`], which the Raft simulator runs too.
 pub use ballast_meta::RaftTiming;
+pub use convert::layout_replica_live;
 pub use leader::{Detector, DetectorError};
 pub use service::{Core, FORWARDED};
 
@@ -127,6 +129,29 @@ impl MetaHandle {
     }
 }
 
+impl MetaHandle {
+    /// Registers this member's metrics (`ballast_meta_*`, each series labelled
+    /// `member="<id>"`) into `registry`, read at every scrape. Several members
+    /// in one process register together through [`register_metrics`] instead:
+    /// a family must appear once per exposition.
+    pub fn register_metrics(&self, registry: &mut ballast_metrics::Registry) {
+        register_metrics(registry, [self]);
+    }
+}
+
+/// Registers the metrics of `members` (the members one process runs) as one
+/// collector under `ballast_` in `registry`: each family once, a series per
+/// member labelled `member="<id>"`. Call once per process, before serving
+/// `/metrics`, and not under a registry that already labels `member`. The
+/// names, their meaning and the liveness rule the chunk counts follow are in
+/// the crate's `metrics` module.
+pub fn register_metrics<'a>(
+    registry: &mut ballast_metrics::Registry,
+    members: impl IntoIterator<Item = &'a MetaHandle>,
+) {
+    metrics::register(registry, members.into_iter().map(|m| m.core.clone()).collect());
+}
+
 /// Opens the member's store, starts Raft and the gRPC server, and (for a new
 /// cluster) initializes it.
 pub async fn start(cfg: MetaConfig) -> Result<MetaHandle, MetaSvcError> {
@@ -151,10 +176,10 @@ pub async fn start_on(cfg: MetaConfig, listener: tokio::net::TcpListener) -> Res
     cfg.validate().map_err(|source| MetaSvcError::Config { id, source })?;
     let config = raft_config(&cfg.raft).map_err(|e| err("raft config", &e))?;
     let (log, sm) = raft_store::open(&cfg.data_dir, CLUSTER_SEED).map_err(|e| err("open store", &e))?;
-    let raft = Raft::<TypeConfig>::new(id, Arc::new(config), network::NetworkFactory, log, sm.clone())
+    let raft = Raft::<TypeConfig>::new(id, Arc::new(config), network::NetworkFactory, log.clone(), sm.clone())
         .await
         .map_err(|e| err("start raft", &e))?;
-    let core = Core::new(id, raft.clone(), sm);
+    let core = Core::new(id, raft.clone(), sm, log);
 
     let addr = listener.local_addr().map_err(|e| err("listen", &e))?;
     let (stop, stop_rx) = watch::channel(false);

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ballast_meta::plan::{self, Failure};
-use ballast_meta::raft_store::{StateMachine, TypeConfig};
+use ballast_meta::raft_store::{LogStore, StateMachine, TypeConfig};
 use ballast_meta::state::{
     Command, DiskHealth, MetaError, MetaState, NodeState, Response, ZoneSpread, DEFAULT_CHUNK_SIZE,
 };
@@ -32,6 +32,7 @@ use tonic::{Request, Response as Reply, Status};
 use tracing::{debug, info, warn};
 
 use crate::convert::{self, Progress};
+use crate::metrics::Recorder;
 use crate::network;
 
 /// Metadata key set on a call a member proxied to the leader.
@@ -54,7 +55,10 @@ pub struct Core {
     pub(crate) id: u64,
     pub(crate) raft: Raft<TypeConfig>,
     pub(crate) sm: StateMachine,
+    /// A clone of the log store Raft writes (for its committed index).
+    pub(crate) log: LogStore,
     pub(crate) soft: Arc<Soft>,
+    pub(crate) recorder: Recorder,
     leader_channel: Arc<Mutex<Option<(u64, Channel)>>>,
 }
 
@@ -96,8 +100,16 @@ enum Route {
 }
 
 impl Core {
-    pub(crate) fn new(id: u64, raft: Raft<TypeConfig>, sm: StateMachine) -> Core {
-        Core { id, raft, sm, soft: Arc::new(Soft::default()), leader_channel: Arc::new(Mutex::new(None)) }
+    pub(crate) fn new(id: u64, raft: Raft<TypeConfig>, sm: StateMachine, log: LogStore) -> Core {
+        Core {
+            id,
+            raft,
+            sm,
+            log,
+            soft: Arc::new(Soft::default()),
+            recorder: Recorder::default(),
+            leader_channel: Arc::new(Mutex::new(None)),
+        }
     }
 
     /// This member's Raft metrics (term, leader, log, snapshot, membership).
@@ -144,7 +156,11 @@ impl Core {
     /// Proposes `cmd` and returns its committed result.
     pub(crate) async fn write(&self, cmd: Command) -> Result<Response, Status> {
         debug!(?cmd, "propose");
+        let started = Instant::now();
         let r = self.raft.client_write(cmd).await.map_err(write_status)?;
+        // openraft answers once the entry is applied here (the leader): the
+        // command's commit and apply latency, refused commands included.
+        self.recorder.apply.observe(started.elapsed().as_secs_f64());
         r.data.map_err(meta_status)
     }
 
@@ -174,7 +190,7 @@ impl Core {
     }
 
     async fn volume_reply(&self, id: VolumeId) -> Result<pb::Volume, Status> {
-        self.read(|s| s.volumes.get(&id).map(convert::volume))
+        self.read(|s| s.volumes.get(&id).map(|v| convert::volume(s, v)))
             .await
             .ok_or_else(|| Status::not_found(format!("volume {id} not found")))
     }
@@ -199,7 +215,9 @@ impl Core {
                     // but serves nothing (a full one still serves its replicas).
                     s.nodes.values().filter(|n| n.is_serving()).count() as u32,
                     s.volumes.len() as u32,
-                    s.volumes.values().map(|v| v.degraded_chunks() as u32).sum(),
+                    // By the liveness rule: a replica on a down or suspect
+                    // node or a failed disk is missing, as an ejected one is.
+                    s.cluster_health().degraded as u32,
                     s.jobs.values().filter(|j| j.is_active()).count() as u32,
                 )
             })
@@ -433,6 +451,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
             error,
             blocks_copied: r.blocks_copied,
         };
+        let kind = self.0.read(|s| s.jobs.get(&r.job).map(|j| j.kind)).await;
         match state {
             pb::JobState::Running => {
                 let mut p = self.0.soft.progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -446,11 +465,17 @@ impl pb::node_api_server::NodeApi for NodeSvc {
             }
             pb::JobState::Done => {
                 self.0.write(done(true, None)).await?;
+                if let Some(kind) = kind {
+                    self.0.recorder.job_finished(kind, r.blocks_copied);
+                }
                 self.0.soft.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.job);
                 info!(job = r.job, blocks = r.blocks_copied, "copy job done");
             }
             pb::JobState::Failed => {
                 self.0.write(done(false, Some(r.error.clone()))).await?;
+                if let Some(kind) = kind {
+                    self.0.recorder.job_finished(kind, r.blocks_copied);
+                }
                 self.0.soft.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&r.job);
                 warn!(job = r.job, error = %r.error, "copy job failed");
             }
@@ -546,7 +571,7 @@ impl pb::admin_server::Admin for AdminSvc {
         _req: Request<pb::ListVolumesRequest>,
     ) -> Result<Reply<pb::ListVolumesResponse>, Status> {
         forward_read!(self.0, _req, AdminClient, list_volumes);
-        let volumes = self.0.read(|s| s.volumes.values().map(convert::volume).collect()).await;
+        let volumes = self.0.read(|s| s.volumes.values().map(|v| convert::volume(s, v)).collect()).await;
         Ok(Reply::new(pb::ListVolumesResponse { volumes }))
     }
 

@@ -277,22 +277,28 @@ pub(crate) struct Health {
     /// Fewer than min-in-sync: writes fail until rebuilt.
     pub(crate) below_min: usize,
     pub(crate) in_sync: usize,
+    /// In-sync replicas that are not live: on a down or suspect node, or a failed disk.
+    pub(crate) not_live: usize,
     pub(crate) rebuilding: usize,
     pub(crate) ejected: usize,
 }
 
+/// Chunks are counted by their live replicas (the service's rule: in-sync, on
+/// a node that is not down or suspect, whose disk has not failed).
 pub(crate) fn health(l: &pb::VolumeLayout) -> Health {
     let (replicas, min) = l.volume.as_ref().map_or((0, 0), |v| (v.replicas as usize, v.min_in_sync as usize));
     let mut h = Health { chunks: l.chunks.len(), ..Health::default() };
     for c in &l.chunks {
         let count = |want: pb::ReplicaRole| c.replicas.iter().filter(|r| r.role == want as i32).count();
         let in_sync = count(pb::ReplicaRole::InSync);
+        let live = c.replicas.iter().filter(|r| ballast_metasvc::layout_replica_live(l, r)).count();
         h.in_sync += in_sync;
+        h.not_live += in_sync - live;
         h.rebuilding += count(pb::ReplicaRole::Rebuilding);
         h.ejected += count(pb::ReplicaRole::Ejected);
-        if in_sync < min {
+        if live < min {
             h.below_min += 1;
-        } else if in_sync < replicas {
+        } else if live < replicas {
             h.degraded += 1;
         } else {
             h.full += 1;
@@ -335,7 +341,13 @@ pub(crate) fn inspect_text(l: &pb::VolumeLayout, max_chunks: Option<usize>) -> S
         "Chunks",
         format!("{} fully replicated, {} degraded, {} below min-in-sync", h.full, h.degraded, h.below_min),
     ));
-    pairs.push(("Replicas", format!("{} in-sync, {} rebuilding, {} ejected", h.in_sync, h.rebuilding, h.ejected)));
+    let lost = if h.not_live == 0 {
+        String::new()
+    } else {
+        format!(" ({} on a down or suspect node or a failed disk)", h.not_live)
+    };
+    pairs
+        .push(("Replicas", format!("{} in-sync{lost}, {} rebuilding, {} ejected", h.in_sync, h.rebuilding, h.ejected)));
     let mut out = key_values(&pairs);
     out.push('\n');
     let mut t = Table::new(&["ZONE", "NODES", "IN-SYNC", "REBUILDING", "EJECTED"]);
@@ -491,6 +503,7 @@ pub(crate) mod tests {
                     id,
                     addr: format!("10.0.0.{id}:7001"),
                     zone: if id == 4 { "z1".into() } else { format!("z{id}") },
+                    state: pb::NodeState::Up as i32,
                     ..Default::default()
                 })
                 .collect(),
@@ -502,7 +515,16 @@ pub(crate) mod tests {
         let l = layout();
         assert_eq!(
             health(&l),
-            Health { chunks: 3, full: 1, degraded: 1, below_min: 1, in_sync: 6, rebuilding: 1, ejected: 3 }
+            Health {
+                chunks: 3,
+                full: 1,
+                degraded: 1,
+                below_min: 1,
+                in_sync: 6,
+                not_live: 0,
+                rebuilding: 1,
+                ejected: 3
+            }
         );
         let z = zone_spread(&l);
         assert_eq!(z[0], ZoneSpread { zone: "z1".into(), nodes: 2, in_sync: 3, rebuilding: 1, ejected: 0 });
@@ -514,6 +536,44 @@ pub(crate) mod tests {
         assert!(text.contains("\n1      3        1(in-sync) 2(in-sync) 4(rebuilding) 3(ejected)\n"), "{text}");
         assert!(text.ends_with("... 1 more chunks (--chunks N shows more)\n"), "{text}");
         assert!(!text.contains("2(ejected)"), "the third chunk is cut: {text}");
+        assert!(text.contains("\nReplicas     6 in-sync, 1 rebuilding, 3 ejected\n"), "{text}");
+    }
+
+    #[test]
+    fn inspect_counts_a_replica_on_a_down_node_as_missing() {
+        // Node 3 is down: its in-sync replica of chunk 0 is still listed in-sync,
+        // but the chunk has two live replicas, not three.
+        let mut l = layout();
+        l.nodes[2].state = pb::NodeState::Down as i32;
+        assert_eq!(
+            health(&l),
+            Health {
+                chunks: 3,
+                full: 0,
+                degraded: 2,
+                below_min: 1,
+                in_sync: 6,
+                not_live: 1,
+                rebuilding: 1,
+                ejected: 3
+            }
+        );
+        let text = inspect_text(&l, None);
+        assert!(text.contains("\nChunks       0 fully replicated, 2 degraded, 1 below min-in-sync\n"), "{text}");
+        let replicas =
+            "\nReplicas     6 in-sync (1 on a down or suspect node or a failed disk), 1 rebuilding, 3 ejected\n";
+        assert!(text.contains(replicas), "{text}");
+        // A suspect node and a failed disk count the same; cordoned and draining serve.
+        for (state, disk, full) in [
+            (pb::NodeState::Suspect, pb::DiskHealth::DiskOk, 0),
+            (pb::NodeState::Up, pb::DiskHealth::DiskFailed, 0),
+            (pb::NodeState::Cordoned, pb::DiskHealth::DiskFull, 1),
+            (pb::NodeState::Draining, pb::DiskHealth::DiskOk, 1),
+        ] {
+            l.nodes[2].state = state as i32;
+            l.nodes[2].disk = disk as i32;
+            assert_eq!(health(&l).full, full, "{state:?} {disk:?}");
+        }
     }
 
     #[test]
