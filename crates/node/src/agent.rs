@@ -15,6 +15,7 @@ use tracing::{info, warn, Instrument};
 use crate::disk::{DiskMonitor, DiskProbe, PROBE_TIMEOUT, PROBE_WAIT};
 use crate::gc;
 use crate::jobs::Jobs;
+use crate::metrics::NodeMetrics;
 
 /// What the agent needs besides the store.
 #[derive(Clone, Debug)]
@@ -32,6 +33,10 @@ pub struct AgentConfig {
     /// Free bytes below which the disk is full (None: the default rule: 1% of
     /// the filesystem, at least 64 MiB, at most 1 GiB).
     pub disk_reserve: Option<u64>,
+    /// The process's node metric families (see [`crate::metrics`]): the agent
+    /// records its disk, heartbeats and copy jobs under label `node` = `id`.
+    /// None: no metrics.
+    pub metrics: Option<NodeMetrics>,
 }
 
 /// Registers, then heartbeats until `stop`, starting each assigned job once.
@@ -68,6 +73,10 @@ async fn heartbeat(
 ) {
     let jobs = Jobs::default();
     let mut disk = DiskMonitor::new(DiskProbe::new(store.dir(), store.direct_io(), cfg.disk_reserve), PROBE_TIMEOUT);
+    let metrics = cfg.metrics.as_ref().map(|m| m.node(cfg.id));
+    if let Some(m) = &metrics {
+        m.capacity(cfg.capacity);
+    }
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -102,6 +111,9 @@ async fn heartbeat(
         // node suspect): a probe that has not answered within a few ms reports
         // on a later tick (and a hung one fails after PROBE_TIMEOUT).
         let disk_report = disk.check(PROBE_WAIT.min(cfg.heartbeat / 2)).await;
+        if let Some(m) = &metrics {
+            m.disk(&disk_report, used);
+        }
         let (health, disk_error) = disk_report.verdict.to_pb();
         let req = pb::HeartbeatRequest {
             node: cfg.id,
@@ -110,7 +122,11 @@ async fn heartbeat(
             disk_error,
             disk_free_bytes: disk_report.free_bytes,
         };
-        match meta.heartbeat(req).await {
+        let answer = meta.heartbeat(req).await;
+        if let Some(m) = &metrics {
+            m.heartbeat(answer.is_ok());
+        }
+        match answer {
             Ok(r) => {
                 for job in r.jobs {
                     jobs.start(&cfg, &meta, job);

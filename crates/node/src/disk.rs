@@ -98,11 +98,13 @@ impl DiskVerdict {
     }
 }
 
-/// One probe's verdict and the free space it saw (0 if statvfs failed).
+/// One probe's verdict and the space it saw (0 if statvfs failed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DiskReport {
     pub verdict: DiskVerdict,
     pub free_bytes: u64,
+    /// The filesystem's size.
+    pub total_bytes: u64,
 }
 
 /// The space rule: full below the reserve (`reserve`, else 1% of the
@@ -152,7 +154,7 @@ impl DiskProbe {
             Ok(s) => s,
             Err(e) => {
                 let verdict = DiskVerdict::Failed(format!("statvfs {}: {e}", self.dir.display()));
-                return DiskReport { verdict, free_bytes: 0 };
+                return DiskReport { verdict, free_bytes: 0, total_bytes: 0 };
             }
         };
         let verdict = match self.write_read(seq) {
@@ -162,7 +164,7 @@ impl DiskProbe {
             Ok(()) if below_reserve(space, self.reserve, was_full) => DiskVerdict::Full,
             Ok(()) => DiskVerdict::Ok,
         };
-        DiskReport { verdict, free_bytes: space.free }
+        DiskReport { verdict, free_bytes: space.free, total_bytes: space.total }
     }
 
     /// Write, fdatasync, read back, compare; an error names the step.
@@ -228,7 +230,7 @@ impl DiskMonitor {
             timeout,
             seq: 0,
             in_flight: None,
-            last: DiskReport { verdict: DiskVerdict::Ok, free_bytes: 0 },
+            last: DiskReport { verdict: DiskVerdict::Ok, free_bytes: 0, total_bytes: 0 },
         }
     }
 
@@ -269,6 +271,7 @@ impl DiskMonitor {
             Err(_) if started.elapsed() >= self.timeout => DiskReport {
                 verdict: DiskVerdict::Failed(format!("disk probe hung: no answer within {:?}", self.timeout)),
                 free_bytes: self.last.free_bytes,
+                total_bytes: self.last.total_bytes,
             },
             Err(_) => return self.last.clone(),
         };
@@ -379,7 +382,7 @@ mod tests {
     }
 
     fn report(verdict: DiskVerdict) -> DiskReport {
-        DiskReport { verdict, free_bytes: 1 << 30 }
+        DiskReport { verdict, free_bytes: 1 << 30, total_bytes: 1 << 31 }
     }
 
     #[tokio::test]

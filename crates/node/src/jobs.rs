@@ -64,6 +64,17 @@ pub async fn run_job(cfg: &AgentConfig, meta: &MetaClient, job: pb::Job) {
     };
     let _ = meta.report_job(report(pb::JobState::Running, 0, 0, String::new())).await;
     let last = Mutex::new(Instant::now());
+    let job_metrics = Mutex::new(cfg.metrics.as_ref().map(|m| m.node(cfg.id).job()));
+    let observe = |f: &mut dyn FnMut(&mut crate::metrics::JobMetrics)| {
+        if let Some(m) = job_metrics.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            f(m);
+        }
+    };
+    let finished = |done: bool| {
+        if let Some(m) = job_metrics.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            m.finished(done);
+        }
+    };
     let mut errors = Vec::new();
     for src in &job.sources {
         let Ok(addr) = src.addr.parse::<SocketAddr>() else {
@@ -71,7 +82,9 @@ pub async fn run_job(cfg: &AgentConfig, meta: &MetaClient, job: pb::Job) {
             continue;
         };
         let source = ReplicaClient::new(addr, copt.clone());
+        observe(&mut |m| m.attempt());
         let progress = |p: ballast_resync::Progress| {
+            observe(&mut |m| m.progress(&p.stats));
             // At most one progress report per second, sent without waiting.
             let mut l = last.lock().unwrap_or_else(|p| p.into_inner());
             if l.elapsed() >= Duration::from_secs(1) {
@@ -85,6 +98,8 @@ pub async fn run_job(cfg: &AgentConfig, meta: &MetaClient, job: pb::Job) {
         };
         match resync_chunk(&source, &target, id, job.chunk_len, epoch, &opts, progress).await {
             Ok(s) => {
+                observe(&mut |m| m.progress(&s));
+                finished(true);
                 info!(
                     source = src.id,
                     copied = s.blocks_copied,
@@ -111,5 +126,6 @@ pub async fn run_job(cfg: &AgentConfig, meta: &MetaClient, job: pb::Job) {
     if job.sources.is_empty() {
         errors.push("no in-sync source".into());
     }
+    finished(false);
     let _ = meta.report_job(report(pb::JobState::Failed, 0, 0, errors.join("; "))).await;
 }

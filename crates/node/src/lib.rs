@@ -34,7 +34,10 @@
 //! - [`jobs`] ([`run_job`]): copies one chunk from an in-sync source into this
 //!   node's replica and reports the outcome.
 //! - [`gc`] ([`Gc`]): deletes a replica meta no longer lists here once two
-//!   passes in a row agree.
+//!   passes in a row agree;
+//! - [`metrics`] ([`NodeMetrics`], given through [`AgentConfig::metrics`]): the
+//!   disk's health and space, heartbeats, copy jobs, their bytes and
+//!   throttle waits, as Prometheus series per node.
 //!
 //! The CLI flags and the wiring of a node (node id, zone, CSI) are the server
 //! binary's (`src/node.rs`); this crate is a library and reports errors as
@@ -44,8 +47,10 @@ pub mod agent;
 pub mod disk;
 pub mod gc;
 pub mod jobs;
+pub mod metrics;
 
 pub use agent::{agent, AgentConfig};
 pub use disk::{fs_capacity, CapacityError, DiskMonitor, DiskProbe, DiskReport, DiskVerdict, ProbeFn, PROBE_TIMEOUT};
 pub use gc::Gc;
 pub use jobs::run_job;
+pub use metrics::{NodeMetrics, NodeSeries};

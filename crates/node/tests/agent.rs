@@ -44,6 +44,9 @@ struct TestMeta {
     registers: Mutex<Vec<pb::RegisterRequest>>,
     heartbeats: Mutex<Vec<(Instant, pb::HeartbeatRequest)>>,
     layout_calls: Mutex<Vec<LayoutCall>>,
+    /// Jobs handed out with the next heartbeat's answer.
+    jobs: Mutex<Vec<pb::Job>>,
+    reports: Mutex<Vec<pb::ReportJobRequest>>,
 }
 
 impl TestMeta {
@@ -55,6 +58,8 @@ impl TestMeta {
             registers: Mutex::default(),
             heartbeats: Mutex::default(),
             layout_calls: Mutex::default(),
+            jobs: Mutex::default(),
+            reports: Mutex::default(),
         }
     }
 
@@ -78,7 +83,8 @@ impl NodeApi for TestMeta {
     }
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatResponse> {
         self.heartbeats.lock().unwrap().push((Instant::now(), req.into_inner()));
-        Ok(Response::new(pb::HeartbeatResponse::default()))
+        let jobs = std::mem::take(&mut *self.jobs.lock().unwrap());
+        Ok(Response::new(pb::HeartbeatResponse { jobs }))
     }
     async fn get_layout(&self, req: Request<pb::GetLayoutRequest>) -> Reply<pb::VolumeLayout> {
         let volume = req.into_inner().volume;
@@ -94,7 +100,8 @@ impl NodeApi for TestMeta {
             None => Err(Status::not_found(format!("volume vol-{volume} not found"))),
         }
     }
-    async fn report_job(&self, _: Request<pb::ReportJobRequest>) -> Reply<pb::ReportJobResponse> {
+    async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Reply<pb::ReportJobResponse> {
+        self.reports.lock().unwrap().push(req.into_inner());
         Ok(Response::new(pb::ReportJobResponse {}))
     }
     async fn attach(&self, _: Request<pb::AttachRequest>) -> Reply<pb::AttachResponse> {
@@ -147,6 +154,7 @@ fn config(heartbeat: Duration, gc_every: Duration) -> AgentConfig {
         copy_rate: None,
         gc_every,
         disk_reserve: Some(0),
+        metrics: None,
     }
 }
 
@@ -260,4 +268,123 @@ async fn gc_does_not_run_while_registration_is_refused() {
     assert!(meta.heartbeats.lock().unwrap().is_empty(), "no heartbeat before registration");
     stop_tx.send(true).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task).await.expect("the agent stops").unwrap();
+}
+
+/// The value of `series` (its name and labels, exactly as encoded).
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A replica server on `store`, on a loopback port.
+async fn replica_server(store: ChunkStore) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = ballast_replica::ReplicaServer::new(store, ballast_replica::ServerOptions::default());
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    addr
+}
+
+/// The agent's series after a heartbeat and a throttled copy job: the disk's
+/// health and space, the heartbeats, the job's bytes and throttle waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_heartbeats_and_copy_jobs_are_counted() {
+    const CHUNK_LEN: u64 = 4 << 20;
+    let epoch = Epoch(3);
+    let id = chunk(4, 0);
+    // The source: another node's replica server, with 3 MiB written.
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = replica_server(ChunkStore::open(src_dir.path(), StoreOptions::default()).unwrap()).await;
+    let client = ballast_replica::ReplicaClient::new(src, ballast_replica::ClientOptions::default());
+    client.announce_epoch(id.volume, epoch).await.unwrap();
+    client.create_chunk(id, CHUNK_LEN, epoch).await.unwrap();
+    let written = 3u64 << 20;
+    let data = bytes::Bytes::from(vec![0x3c; written as usize]);
+    client.write(id, 0, data, ballast_types::Seq::new(epoch, 1), true).await.unwrap();
+    // This node: its store behind its own replica server (the job writes through it).
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), &[chunk(9, 0)]).await;
+    let addr = replica_server(store.clone()).await;
+
+    let mut registry = ballast_metrics::registry();
+    let metrics = ballast_node::NodeMetrics::register(&mut registry);
+    let job = pb::Job {
+        id: 11,
+        kind: pb::JobKind::Rebuild as i32,
+        volume: id.volume.0,
+        chunk: id.chunk.0,
+        target: NODE,
+        sources: vec![pb::Node { id: 2, addr: src.to_string(), ..Default::default() }],
+        chunk_len: CHUNK_LEN,
+        epoch: epoch.0,
+        ..Default::default()
+    };
+    let (meta, meta_client) = serve(TestMeta { jobs: Mutex::new(vec![job]), ..TestMeta::new() }).await;
+    let cfg = AgentConfig {
+        addr,
+        // 8 MiB/s, 1 MiB at once (a batch): the copy is held up for about 0.25 s.
+        copy_rate: Some(8 << 20),
+        metrics: Some(metrics),
+        ..config(Duration::from_millis(100), Duration::from_secs(3600))
+    };
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(agent(cfg, meta_client, store.clone(), stop));
+    let done = || meta.reports.lock().unwrap().iter().any(|r| r.job == 11 && r.state == pb::JobState::Done as i32);
+    assert!(
+        wait_for(Duration::from_secs(20), done).await,
+        "the job never finished: {:?}",
+        meta.reports.lock().unwrap()
+    );
+    // One more heartbeat after the job, so that the allocation includes its chunk.
+    let beats = meta.heartbeats.lock().unwrap().len();
+    assert!(wait_for(Duration::from_secs(5), || meta.heartbeats.lock().unwrap().len() > beats + 1).await);
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+
+    let text = ballast_metrics::encode(&registry);
+    let n = "node=\"7\"";
+    for (series, v) in [
+        (format!("ballast_node_copy_jobs_total{{{n},result=\"done\"}}"), 1.0),
+        (format!("ballast_node_copy_jobs_total{{{n},result=\"failed\"}}"), 0.0),
+        (format!("ballast_node_copy_jobs_running{{{n}}}"), 0.0),
+        (format!("ballast_node_copy_bytes_total{{{n}}}"), written as f64),
+        (format!("ballast_node_disk_health{{{n},state=\"ok\"}}"), 1.0),
+        (format!("ballast_node_disk_health{{{n},state=\"full\"}}"), 0.0),
+        (format!("ballast_node_disk_health{{{n},state=\"failed\"}}"), 0.0),
+        (format!("ballast_node_disk_capacity_bytes{{{n}}}"), (1u64 << 30) as f64),
+        (format!("ballast_node_disk_allocated_bytes{{{n}}}"), ((64 << 10) + CHUNK_LEN) as f64),
+        (format!("ballast_node_heartbeats_total{{{n},result=\"failed\"}}"), 0.0),
+    ] {
+        assert_eq!(value(&text, &series), Some(v), "{series} in\n{text}");
+    }
+    let beats = value(&text, &format!("ballast_node_heartbeats_total{{{n},result=\"ok\"}}")).unwrap();
+    assert_eq!(beats as usize, meta.heartbeats.lock().unwrap().len(), "{text}");
+    let waits = value(&text, &format!("ballast_node_copy_throttle_waits_total{{{n}}}")).unwrap();
+    let waited = value(&text, &format!("ballast_node_copy_throttle_wait_seconds_total{{{n}}}")).unwrap();
+    assert!(waits >= 1.0 && waited > 0.05, "waits {waits}, {waited} s: {text}");
+    let free = value(&text, &format!("ballast_node_disk_free_bytes{{{n}}}")).unwrap();
+    let used = value(&text, &format!("ballast_node_disk_used_bytes{{{n}}}")).unwrap();
+    assert!(free > 0.0 && used > 0.0, "{text}");
+}
+
+/// A disk below its reserve shows as full.
+#[tokio::test]
+async fn a_full_disk_shows_in_the_health_gauge() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with(dir.path(), &[]).await;
+    let (meta, client) = serve(TestMeta::new()).await;
+    let mut registry = ballast_metrics::registry();
+    let cfg = AgentConfig {
+        disk_reserve: Some(u64::MAX),
+        metrics: Some(ballast_node::NodeMetrics::register(&mut registry)),
+        ..config(Duration::from_millis(50), Duration::from_secs(3600))
+    };
+    let (stop_tx, stop) = watch::channel(false);
+    let task = tokio::spawn(agent(cfg, client, store, stop));
+    let full = || meta.heartbeats.lock().unwrap().iter().any(|(_, h)| h.disk == pb::DiskHealth::DiskFull as i32);
+    assert!(wait_for(Duration::from_secs(10), full).await);
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+    let text = ballast_metrics::encode(&registry);
+    assert_eq!(value(&text, "ballast_node_disk_health{node=\"7\",state=\"full\"}"), Some(1.0), "{text}");
+    assert_eq!(value(&text, "ballast_node_disk_health{node=\"7\",state=\"ok\"}"), Some(0.0), "{text}");
 }
