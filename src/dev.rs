@@ -36,6 +36,8 @@ const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
     let mut registry = ballast_metrics::registry();
+    let store_metrics = ballast_chunkstore::StoreMetrics::register(&mut registry);
+    let node_metrics = ballast_node::NodeMetrics::register(&mut registry);
     let metrics_addr = a.metrics_listen.unwrap_or_else(|| {
         let port = if a.meta_port == 0 { 0 } else { a.meta_port.saturating_add(80) };
         std::net::SocketAddr::from(([127, 0, 0, 1], port))
@@ -75,8 +77,8 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     for (i, zone) in ZONES.iter().enumerate() {
         let id = i as u64 + 1;
         let disk = a.data.join(zone).join("disk0");
-        let store = ChunkStore::open(&disk, StoreOptions::default())
-            .with_context(|| format!("open chunk store {}", disk.display()))?;
+        let opts = StoreOptions { metrics: Some(store_metrics.disk(id.to_string())), ..StoreOptions::default() };
+        let store = ChunkStore::open(&disk, opts).with_context(|| format!("open chunk store {}", disk.display()))?;
         let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a replica listener on loopback")?;
         let addr = listener.local_addr()?;
         let cfg = AgentConfig {
@@ -88,6 +90,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             copy_rate: Some(128 << 20),
             gc_every: Duration::from_secs(30),
             disk_reserve: None,
+            metrics: Some(node_metrics.clone()),
         };
         // Registered (with this run's port) before the volume is attached.
         let reg = pb::RegisterRequest {

@@ -12,7 +12,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
 use ballast_frontend::{
-    scrub_periodically, tcp_connector, Membership, ScrubReport, StaticConfig, StaticMembership, Volume, VolumeOptions,
+    scrub_periodically, tcp_connector, Membership, ScrubReport, StaticConfig, StaticMembership, Volume, VolumeMetrics,
+    VolumeOptions,
 };
 use ballast_metaclient::MetaClient;
 use ballast_metavolume::{AttachedVolume, LAYOUT_POLL};
@@ -76,10 +77,11 @@ pub async fn attach(
     membership: StaticMembership,
     local_node: Option<NodeId>,
     io_timeout: Duration,
+    metrics: Option<VolumeMetrics>,
 ) -> anyhow::Result<Arc<StaticVolume>> {
     let id = membership.config().await.volume.id;
     let client = ClientOptions { timeout: io_timeout, ..ClientOptions::default() };
-    let options = VolumeOptions { local_node, io_timeout, ..VolumeOptions::default() };
+    let options = VolumeOptions { local_node, io_timeout, metrics, ..VolumeOptions::default() };
     Volume::attach(membership, tcp_connector(client), id, options).await.context("attach volume")
 }
 
@@ -185,13 +187,14 @@ impl NbdListeners {
 
 pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
-    let registry = ballast_metrics::registry();
+    let mut registry = ballast_metrics::registry();
+    let volume_metrics = VolumeMetrics::register(&mut registry);
     let _metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     let listeners = NbdListeners::bind(a.nbd, a.socket.as_deref(), a.allow_remote).await?;
     match (&a.config, &a.meta) {
         (Some(config), None) => {
             let membership = StaticMembership::load(config).with_context(|| format!("load {}", config.display()))?;
-            let volume = attach(membership, a.local_node.map(NodeId), a.io_timeout).await?;
+            let volume = attach(membership, a.local_node.map(NodeId), a.io_timeout, Some(volume_metrics)).await?;
             listeners.announce(volume.name())?;
             let scrub = a.scrub.config().map(|config| {
                 let (reports, rx) = watch::channel(None);

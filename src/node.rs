@@ -77,11 +77,14 @@ fn zone(a: &NodeArgs) -> anyhow::Result<String> {
 
 pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
-    let registry = ballast_metrics::registry();
+    let mut registry = ballast_metrics::registry();
+    let store_metrics = ballast_chunkstore::StoreMetrics::register(&mut registry);
+    let node_metrics = ballast_node::NodeMetrics::register(&mut registry);
     let _metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     let id = node_id(a.id, &a.data)?;
     let zone = zone(&a)?;
-    let opts = StoreOptions { direct_io: !a.no_direct_io, ..StoreOptions::default() };
+    let disk_metrics = Some(store_metrics.disk(id.to_string()));
+    let opts = StoreOptions { direct_io: !a.no_direct_io, metrics: disk_metrics, ..StoreOptions::default() };
     let store = ChunkStore::open(&a.data, opts).with_context(|| format!("open chunk store {}", a.data.display()))?;
     let listener = TcpListener::bind(a.listen).await.with_context(|| format!("listen on {}", a.listen))?;
     let bound = listener.local_addr()?;
@@ -100,6 +103,7 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
         copy_rate: (a.copy_rate > 0).then_some(a.copy_rate),
         gc_every: a.gc_every,
         disk_reserve: a.disk_reserve,
+        metrics: Some(node_metrics),
     };
     info!(node = id, zone = %zone, %addr, capacity, "storage node serving");
     println!("ready node id={id} addr={bound}");

@@ -11,14 +11,16 @@ use crate::{metrics, shutdown};
 
 pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
-    let opts = StoreOptions { direct_io: !args.no_direct_io, ..StoreOptions::default() };
+    let mut registry = ballast_metrics::registry();
+    // No node id here: the disk is named by the address it is served on.
+    let disk_metrics = Some(ballast_chunkstore::StoreMetrics::register(&mut registry).disk(args.listen.to_string()));
+    let opts = StoreOptions { direct_io: !args.no_direct_io, metrics: disk_metrics, ..StoreOptions::default() };
     let store =
         ChunkStore::open(&args.data, opts).with_context(|| format!("open chunk store {}", args.data.display()))?;
     let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data = %args.data.display(), direct_io = store.direct_io(), chunks = store.chunks().len(), "replica serving");
     println!("ready replica addr={addr} data={}", args.data.display());
-    let registry = ballast_metrics::registry();
     let metrics = metrics::start(args.metrics.metrics_listen, registry, stop.clone()).await?;
     ReplicaServer::new(store, ServerOptions::default())
         .serve(listener, shutdown::wait(stop))
