@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_frontend::{
-    scrub_periodically, tcp_connector, FrontendError, MembershipError, ScrubConfig, ScrubReport, Volume, VolumeOptions,
+    scrub_periodically, tcp_connector, FrontendError, MembershipError, ScrubConfig, ScrubReport, Volume, VolumeMetrics,
+    VolumeOptions,
 };
 use ballast_replica::{ClientOptions, ReplicaClient};
 use ballast_types::NodeId;
@@ -47,6 +48,25 @@ impl AttachError {
     }
 }
 
+/// How [`AttachedVolume::attach_with`] attaches.
+#[derive(Clone, Debug)]
+pub struct AttachOptions {
+    /// Per-replica I/O timeout of the front end. Default: 10 s.
+    pub io_timeout: Duration,
+    /// How often the layout is polled. Default: [`LAYOUT_POLL`].
+    pub poll: Duration,
+    /// The process's front-end metric families: the volume's series (label
+    /// `volume`, its name) exist from the attach to the detach, with the layout
+    /// generation the follower installed. None: no metrics. Default: None.
+    pub metrics: Option<VolumeMetrics>,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions { io_timeout: Duration::from_secs(10), poll: LAYOUT_POLL, metrics: None }
+    }
+}
+
 /// An attached volume whose layout is followed (and, with
 /// [`AttachedVolume::with_scrub`], which is scrubbed) until
 /// [`AttachedVolume::detach`].
@@ -63,7 +83,8 @@ pub struct AttachedVolume {
 
 impl AttachedVolume {
     /// Attaches volume `name` as node `node` (a new epoch: older front ends are
-    /// fenced) and starts following its layout every `poll`.
+    /// fenced) and starts following its layout every `poll`. No metrics; see
+    /// [`AttachedVolume::attach_with`].
     pub async fn attach(
         meta: MetaClient,
         name: &str,
@@ -71,13 +92,26 @@ impl AttachedVolume {
         io_timeout: Duration,
         poll: Duration,
     ) -> Result<AttachedVolume, AttachError> {
+        let options = AttachOptions { io_timeout, poll, metrics: None };
+        AttachedVolume::attach_with(meta, name, node, options).await
+    }
+
+    /// [`AttachedVolume::attach`] with `options` (the front end's metrics among
+    /// them: the detach removes the volume's series).
+    pub async fn attach_with(
+        meta: MetaClient,
+        name: &str,
+        node: NodeId,
+        options: AttachOptions,
+    ) -> Result<AttachedVolume, AttachError> {
+        let AttachOptions { io_timeout, poll, metrics } = options;
         let membership = Arc::new(MetaMembership::new(meta.clone(), name, node));
         let id = membership
             .resolve_volume_id()
             .await
             .map_err(|source| AttachError::Lookup { name: name.to_string(), source })?;
         let client = ClientOptions { timeout: io_timeout, ..ClientOptions::default() };
-        let options = VolumeOptions { local_node: Some(node), io_timeout, ..VolumeOptions::default() };
+        let options = VolumeOptions { local_node: Some(node), io_timeout, metrics, ..VolumeOptions::default() };
         let volume = Volume::attach(membership.clone(), tcp_connector(client), id, options)
             .await
             .map_err(|source| AttachError::Attach { name: name.to_string(), source })?;
@@ -125,8 +159,8 @@ impl AttachedVolume {
         self.volume.apply_layout(&layout).await
     }
 
-    /// Stops following and scrubbing, flushes, stops I/O and releases the
-    /// attach lease (best effort: a lease left behind only delays copy jobs
+    /// Stops following and scrubbing, flushes, stops I/O (the volume's metric
+    /// series go with it) and releases the attach lease (best effort: a lease left behind only delays copy jobs
     /// until the next attach). A scrub pass is cut short between two requests;
     /// a repair it had in flight only rewrote a piece with its current content.
     pub async fn detach(mut self) -> Result<(), ballast_blockdev::BlockError> {
@@ -209,7 +243,10 @@ pub async fn follow_layout(
                     info!(gen, changed, "new layout installed");
                 }
                 match membership.ack_layout(volume.epoch(), gen).await {
-                    Ok(()) => applied = gen,
+                    Ok(()) => {
+                        applied = gen;
+                        volume.set_layout_generation(gen);
+                    }
                     Err(e) => warn!(gen, error = %e, "layout acknowledgement failed; retrying"),
                 }
             }

@@ -16,7 +16,9 @@ mod attached;
 mod convert;
 mod membership;
 
-pub use attached::{detach_lease, follow_layout, AttachError, AttachedVolume, MetaVolume, LAYOUT_POLL};
+pub use attached::{detach_lease, follow_layout, AttachError, AttachOptions, AttachedVolume, MetaVolume, LAYOUT_POLL};
+/// The front end's metric families [`AttachOptions::metrics`] takes.
+pub use ballast_frontend::VolumeMetrics;
 /// The scrub schedule [`AttachedVolume::with_scrub`] takes, and what a pass reports.
 pub use ballast_frontend::{ScrubConfig, ScrubReport};
 pub use ballast_metaclient::MetaClient;

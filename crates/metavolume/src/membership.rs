@@ -9,8 +9,8 @@ use ballast_metaclient::pb;
 use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};
 use tracing::{info, info_span, Instrument};
 
-use ballast_metaclient::{MetaClient, MetaClientError};
 use crate::convert::{layout_from_proto, replica_set_from_proto};
+use ballast_metaclient::{MetaClient, MetaClientError};
 
 /// The metadata service as one volume's membership provider.
 pub struct MetaMembership {
