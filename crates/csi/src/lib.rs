@@ -27,6 +27,7 @@ mod authority;
 pub mod controller;
 pub mod identity;
 pub mod locks;
+pub mod metrics;
 pub mod node;
 pub mod params;
 pub mod registration;
@@ -43,6 +44,7 @@ use tonic::{Code, Status};
 
 pub use controller::ControllerService;
 pub use identity::IdentityService;
+pub use metrics::CsiMetrics;
 pub use node::{NodeConfig, NodeService};
 
 /// The driver's name (the CSIDriver object, StorageClass provisioner).
@@ -78,11 +80,25 @@ pub fn meta_status(what: &str, e: MetaClientError) -> Status {
 /// connection passes through the `authority` relay, so a client may send any
 /// `:authority` (h2 alone resets a request whose authority is no URI authority,
 /// such as the percent-encoded socket path gRPC C-core clients send).
+/// No metrics; see [`serve_with`].
 pub async fn serve(
     path: &Path,
     identity: IdentityService,
     controller: Option<ControllerService>,
     node: Option<NodeService>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    serve_with(path, identity, controller, node, None, shutdown).await
+}
+
+/// [`serve`], with every rpc recorded in `metrics` (by method and gRPC code,
+/// and its latency: [`metrics`]) when given.
+pub async fn serve_with(
+    path: &Path,
+    identity: IdentityService,
+    controller: Option<ControllerService>,
+    node: Option<NodeService>,
+    metrics: Option<CsiMetrics>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
     use pb::controller_server::ControllerServer;
@@ -100,6 +116,7 @@ pub async fn serve(
     let listener = tokio::net::UnixListener::bind(path).map_err(|e| ServeError::Socket(path.to_path_buf(), e))?;
     tracing::info!(socket = %path.display(), controller = controller.is_some(), node = node.is_some(), "CSI serving");
     let router = tonic::transport::Server::builder()
+        .layer(metrics::MetricsLayer::new(metrics))
         .add_service(IdentityServer::new(identity))
         .add_optional_service(controller.map(ControllerServer::new))
         .add_optional_service(node.map(NodeServer::new));

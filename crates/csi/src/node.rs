@@ -27,7 +27,7 @@ use ballast_attach::fs::{self, FsType};
 use ballast_attach::{find_by_backing_file, FuseFile, LoopDevice, LoopOptions};
 use ballast_blockdev::BlockDev;
 use ballast_metaclient::MetaClient;
-use ballast_metavolume::{AttachedVolume, LAYOUT_POLL};
+use ballast_metavolume::{AttachOptions, AttachedVolume, VolumeMetrics, LAYOUT_POLL};
 use ballast_types::NodeId;
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -51,6 +51,9 @@ pub struct NodeConfig {
     pub max_volumes: i64,
     /// Per-replica I/O timeout of the front ends this node runs.
     pub io_timeout: Duration,
+    /// The process's front-end metric families: each staged volume's series
+    /// (label `volume`) exist from NodeStage to NodeUnstage. None: no metrics.
+    pub volume_metrics: Option<VolumeMetrics>,
 }
 
 /// What is staged, as recorded on disk.
@@ -142,21 +145,22 @@ impl NodeService {
     async fn stage(&self, record: StageRecord) -> Result<Staged, Status> {
         let id = record.volume_id.clone();
         let cfg = &self.inner.cfg;
-        let attached =
-            AttachedVolume::attach(self.inner.meta.clone(), &id, NodeId(cfg.node_id), cfg.io_timeout, LAYOUT_POLL)
-                .await
-                .map_err(|e| {
-                    if e.is_not_found() {
-                        Status::not_found(format!("volume {id} does not exist"))
-                    } else if e.is_refused() {
-                        // Published to another node (this node's pod moved on):
-                        // a stage here must not fence that node's front end.
-                        Status::failed_precondition(format!("attach {id}: {e}"))
-                    } else {
-                        Status::unavailable(format!("attach {id}: {e}"))
-                    }
-                })?
-                .with_scrub(ballast_metavolume::ScrubConfig::default());
+        let options =
+            AttachOptions { io_timeout: cfg.io_timeout, poll: LAYOUT_POLL, metrics: cfg.volume_metrics.clone() };
+        let attached = AttachedVolume::attach_with(self.inner.meta.clone(), &id, NodeId(cfg.node_id), options)
+            .await
+            .map_err(|e| {
+                if e.is_not_found() {
+                    Status::not_found(format!("volume {id} does not exist"))
+                } else if e.is_refused() {
+                    // Published to another node (this node's pod moved on):
+                    // a stage here must not fence that node's front end.
+                    Status::failed_precondition(format!("attach {id}: {e}"))
+                } else {
+                    Status::unavailable(format!("attach {id}: {e}"))
+                }
+            })?
+            .with_scrub(ballast_metavolume::ScrubConfig::default());
         let (volume, fuse_dir, rt) = (attached.volume().clone(), self.fuse_dir(&id), tokio::runtime::Handle::current());
         let read_only = record.read_only;
         let rec = record.clone();
