@@ -24,11 +24,13 @@ pub async fn run(a: CsiControllerArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let registry = ballast_metrics::registry();
+    let mut registry = ballast_metrics::registry();
+    let csi_metrics = Some(ballast_csi::CsiMetrics::register(&mut registry));
     let metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     println!("ready csi socket={}", socket.display());
-    let served =
-        ballast_csi::serve(&socket, identity, Some(controller), None, shutdown::wait(stop)).await.context("CSI server");
+    let served = ballast_csi::serve_with(&socket, identity, Some(controller), None, csi_metrics, shutdown::wait(stop))
+        .await
+        .context("CSI server");
     if let Some(m) = metrics {
         if served.is_err() {
             m.task.abort();

@@ -38,6 +38,8 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let mut registry = ballast_metrics::registry();
     let store_metrics = ballast_chunkstore::StoreMetrics::register(&mut registry);
     let node_metrics = ballast_node::NodeMetrics::register(&mut registry);
+    let volume_metrics = ballast_metavolume::VolumeMetrics::register(&mut registry);
+    let csi_metrics = ballast_csi::CsiMetrics::register(&mut registry);
     let metrics_addr = a.metrics_listen.unwrap_or_else(|| {
         let port = if a.meta_port == 0 { 0 } else { a.meta_port.saturating_add(80) };
         std::net::SocketAddr::from(([127, 0, 0, 1], port))
@@ -151,6 +153,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             state_dir: a.data.join("csi"),
             max_volumes: 64,
             io_timeout: Duration::from_secs(5),
+            volume_metrics: Some(volume_metrics.clone()),
         },
         meta.clone(),
     )
@@ -161,20 +164,22 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         let controller = ballast_csi::ControllerService::new(meta.clone());
         tokio::spawn(async move {
             node.recover(Duration::from_secs(30)).await;
-            ballast_csi::serve(&socket, identity, Some(controller), Some(node), shutdown::wait(stop)).await
+            let metrics = Some(csi_metrics);
+            ballast_csi::serve_with(&socket, identity, Some(controller), Some(node), metrics, shutdown::wait(stop))
+                .await
         })
     };
     println!("ready csi socket={}", csi_socket.display());
     let nbd = NbdListeners::bind(Some(a.nbd), a.socket.as_deref(), false).await?;
-    let attached = ballast_metavolume::AttachedVolume::attach(
-        meta.clone(),
-        &a.name,
-        ballast_types::NodeId(1),
-        Duration::from_secs(5),
-        ballast_metavolume::LAYOUT_POLL,
-    )
-    .await?
-    .with_scrub(ballast_metavolume::ScrubConfig::default());
+    let options = ballast_metavolume::AttachOptions {
+        io_timeout: Duration::from_secs(5),
+        poll: ballast_metavolume::LAYOUT_POLL,
+        metrics: Some(volume_metrics),
+    };
+    let attached =
+        ballast_metavolume::AttachedVolume::attach_with(meta.clone(), &a.name, ballast_types::NodeId(1), options)
+            .await?
+            .with_scrub(ballast_metavolume::ScrubConfig::default());
     print_banner(&a.data, &endpoints, attached.volume(), &nbd, &csi_socket, metrics.as_ref().map(|m| m.addr))?;
     nbd.announce(attached.volume().name())?;
     nbd.serve(attached.volume().clone(), stop, Duration::from_secs(10)).await?;

@@ -16,7 +16,7 @@ use ballast_frontend::{
     VolumeOptions,
 };
 use ballast_metaclient::MetaClient;
-use ballast_metavolume::{AttachedVolume, LAYOUT_POLL};
+use ballast_metavolume::{AttachOptions, AttachedVolume, LAYOUT_POLL};
 use ballast_nbd::{Export, NbdOptions, NbdServer};
 use ballast_replica::{ClientOptions, ReplicaClient};
 use ballast_types::{NodeId, VolumeId, Zone};
@@ -222,7 +222,8 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
                 bail!("with --meta, give the volume name (--volume) and this node's id (--local-node)");
             };
             let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
-            let attached = AttachedVolume::attach(meta, name, NodeId(node), a.io_timeout, LAYOUT_POLL).await?;
+            let options = AttachOptions { io_timeout: a.io_timeout, poll: LAYOUT_POLL, metrics: Some(volume_metrics) };
+            let attached = AttachedVolume::attach_with(meta, name, NodeId(node), options).await?;
             listeners.announce(attached.volume().name())?;
             let (attached, printer) = match a.scrub.config() {
                 Some(config) => {

@@ -80,6 +80,8 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     let mut registry = ballast_metrics::registry();
     let store_metrics = ballast_chunkstore::StoreMetrics::register(&mut registry);
     let node_metrics = ballast_node::NodeMetrics::register(&mut registry);
+    let volume_metrics = ballast_metavolume::VolumeMetrics::register(&mut registry);
+    let csi_metrics = ballast_csi::CsiMetrics::register(&mut registry);
     let _metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     let id = node_id(a.id, &a.data)?;
     let zone = zone(&a)?;
@@ -116,6 +118,7 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
                 state_dir: a.csi_state.clone(),
                 max_volumes: a.csi_max_volumes,
                 io_timeout: Duration::from_secs(5),
+                volume_metrics: Some(volume_metrics),
             };
             let service = NodeService::new(cfg, meta.clone())
                 .with_context(|| format!("CSI state directory {}", a.csi_state.display()))?;
@@ -144,7 +147,8 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
             let server = tokio::spawn(async move {
                 // Volumes staged before a restart come back first (meta may need a while).
                 svc.recover(Duration::from_secs(120)).await;
-                ballast_csi::serve(&s, identity, None, Some(svc), shutdown::wait(stop_csi)).await
+                ballast_csi::serve_with(&s, identity, None, Some(svc), Some(csi_metrics), shutdown::wait(stop_csi))
+                    .await
             });
             let registration = kubelet_reg.map(|(dir, reg)| {
                 let (s, stop) = (socket.clone(), stop.clone());
