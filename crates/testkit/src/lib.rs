@@ -64,7 +64,7 @@ pub fn try_wait_until(what: &str, timeout: Duration, f: impl FnMut() -> Result<b
 
 /// [`try_wait_until`], checking every `every`.
 pub fn wait_every(what: &str, timeout: Duration, every: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + timeout;
+    let deadline = deadline(timeout);
     while !f()? {
         if Instant::now() >= deadline {
             return Err(Error::Timeout { what: what.into(), timeout });
@@ -72,6 +72,12 @@ pub fn wait_every(what: &str, timeout: Duration, every: Duration, mut f: impl Fn
         std::thread::sleep(every);
     }
     Ok(())
+}
+
+/// `timeout` from now, saturating (a timeout of `Duration::MAX` never ends).
+pub(crate) fn deadline(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 /// A free loopback address, `127.0.0.1:PORT` (bound to port 0 and released;
@@ -200,6 +206,7 @@ mod tests {
         .unwrap();
         assert_eq!(n, 3);
         let e = wait_until("never", Duration::from_millis(20), || false).unwrap_err();
+        let _ = deadline(Duration::MAX);
         assert!(matches!(e, Error::Timeout { .. }), "{e}");
         assert_eq!(e.to_string(), "timed out after 20ms waiting for never");
         let e = try_wait_until("a failing check", Duration::from_secs(5), || Err(Error::harness("broken")));

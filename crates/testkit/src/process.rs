@@ -150,7 +150,7 @@ impl Proc {
 
     /// Waits for a stdout line containing `needle`; returns the line.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline(timeout);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -217,7 +217,7 @@ impl Proc {
         unsafe {
             libc::kill(c.id() as i32, libc::SIGTERM);
         }
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::deadline(timeout);
         loop {
             if let Ok(Some(st)) = c.try_wait() {
                 return Ok(st);
