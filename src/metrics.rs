@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::extract::State;
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{ACCEPT, CONTENT_TYPE};
+use axum::http::HeaderMap;
 use axum::routing::get;
 use ballast_metrics::Registry;
 use tokio::net::TcpListener;
@@ -37,8 +38,19 @@ pub async fn serve(
     Ok((bound, task))
 }
 
-async fn scrape(State(registry): State<Arc<Registry>>) -> impl axum::response::IntoResponse {
-    ([(CONTENT_TYPE, ballast_metrics::CONTENT_TYPE)], ballast_metrics::encode(&registry))
+/// OpenMetrics to a scraper that accepts it (Prometheus asks for it first), the
+/// classic text format to anyone else (curl, `promtool check metrics`).
+async fn scrape(State(registry): State<Arc<Registry>>, headers: HeaderMap) -> impl axum::response::IntoResponse {
+    let openmetrics = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if openmetrics {
+        ([(CONTENT_TYPE, ballast_metrics::CONTENT_TYPE)], ballast_metrics::encode(&registry))
+    } else {
+        ([(CONTENT_TYPE, ballast_metrics::PROMETHEUS_CONTENT_TYPE)], ballast_metrics::encode_prometheus(&registry))
+    }
 }
 
 /// A running `/metrics` listener.

@@ -71,7 +71,21 @@ pub fn rpc_latency_histogram() -> Histogram {
     Histogram::new(rpc_latency_buckets())
 }
 
-/// The registry as OpenMetrics text (what `/metrics` answers).
+/// The content type of [`encode_prometheus`]'s output.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The registry in the classic Prometheus text format (0.0.4): what `/metrics`
+/// answers a client that does not ask for OpenMetrics (curl, `promtool check
+/// metrics`, older scrapers).
+pub fn encode_prometheus(registry: &Registry) -> String {
+    let mut out = String::new();
+    // As in `encode`: writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, registry);
+    out
+}
+
+/// The registry as OpenMetrics text (what `/metrics` answers a scraper that
+/// asks for it, as Prometheus does).
 pub fn encode(registry: &Registry) -> String {
     let mut out = String::new();
     // Writing into a String cannot fail; an error here would be a bug in a
@@ -103,6 +117,10 @@ mod tests {
         assert!(text.contains("ballast_frontend_writes_total 3"), "{text}");
         assert!(text.contains("ballast_frontend_write_latency_seconds_count 1"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+        let classic = encode_prometheus(&root);
+        assert!(classic.contains("# TYPE ballast_frontend_writes_total counter"), "{classic}");
+        assert!(classic.contains("ballast_frontend_writes_total 3"), "{classic}");
+        assert!(!classic.contains("# EOF"), "{classic}");
     }
 
     #[test]
