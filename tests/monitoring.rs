@@ -121,7 +121,8 @@ fn every_ballast_container_serves_the_port_the_pod_monitor_scrapes() {
                     .find(|p| p["name"].as_str() == Some(port))
                     .unwrap_or_else(|| panic!("{file}: container {:?} has no port {port:?}", c["name"]));
                 let number = metrics["containerPort"].as_u64().expect("containerPort");
-                let argv = serde_norway::to_string(&c["args"]).unwrap() + &serde_norway::to_string(&c["command"]).unwrap();
+                let argv =
+                    serde_norway::to_string(&c["args"]).unwrap() + &serde_norway::to_string(&c["command"]).unwrap();
                 assert!(
                     argv.contains(&format!("--metrics-listen=0.0.0.0:{number}"))
                         || argv.contains(&format!("--metrics-listen 0.0.0.0:{number}")),

@@ -156,13 +156,13 @@ fn dev_restart_keeps_data_and_stops_cleanly() -> Result<()> {
     let data = dir.path().join("data");
     let data = data.to_str().expect("utf8");
     let args = ["dev", "--data", data, "--nbd", "127.0.0.1:0", "--meta-port", "0", "--size", "128M"];
-    let mut dev = Proc::spawn("dev-1", &args)?;
+    let mut dev = Proc::spawn("dev-1", args)?;
     let uri = dev.wait_value("ready nbd", "uri")?;
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "write -P 0x5a 3M 5M", "-c", "flush"])?;
     let st = dev.terminate(Duration::from_secs(30)).expect("dev stops on SIGTERM");
     assert!(st.success(), "dev exit status {st}");
 
-    let mut dev = Proc::spawn("dev-2", &args)?;
+    let mut dev = Proc::spawn("dev-2", args)?;
     let uri = dev.wait_value("ready nbd", "uri")?;
     run_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x5a 3M 5M", "-c", "read -P 0 0 3M"])?;
     dev.signal(libc::SIGINT)?;
