@@ -16,11 +16,17 @@
 //! (BENCH_SECONDS=N per workload, default 3; BENCH_DIR to choose the filesystem,
 //! default target/bench-data; BENCH_ONLY=store,replica,nbd to pick sections; BENCH_POLL_US for the
 //! chunk store's ring poll budget).
+//!
+//! `BENCH_ONLY=volume` (not in the default set) is the cost of the data path's
+//! Prometheus metrics: a Volume over an in-process replica server with and
+//! without them, in alternating rounds (benches/metrics_cost.rs).
 
 #[path = "fio.rs"]
 mod fio;
 #[path = "loadgen.rs"]
 mod loadgen;
+#[path = "metrics_cost.rs"]
+mod metrics_cost;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -111,6 +117,11 @@ fn main() -> Result<()> {
         }
     }
 
+    if only.contains("volume") {
+        for (target, workload, m) in metrics_cost::run(&rt, &dir, secs)? {
+            rows.push(Row { target, workload, m });
+        }
+    }
     if only.contains("nbd") {
         nbd_section(&dir, secs, &mut rows)?;
     }

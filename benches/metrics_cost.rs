@@ -1,0 +1,150 @@
+//! What the data path's Prometheus metrics cost (issue 15: at most 2% of IOPS):
+//! a Volume over one in-process replica server on loopback (RF 1, so the front
+//! end's and the chunk store's share of the work is as large as it gets), once
+//! without metrics (`VolumeOptions::metrics` and `StoreOptions::metrics` None)
+//! and once with both, 4 KiB random writes and reads at QD32 through the
+//! in-process load generator. The two variants run in alternating rounds (off,
+//! on, then on, off, ...) so that drift on a shared machine falls on both; every
+//! run's IOPS is printed, then per workload the mean, the spread, and the ratio
+//! of the means. `BENCH_ONLY=volume` (rounds: `BENCH_ROUNDS`, default 4).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use ballast_blockdev::BlockDev;
+use ballast_chunkstore::{ChunkStore, StoreMetrics, StoreOptions};
+use ballast_frontend::static_membership::{NodeSpec, VolumeSpec};
+use ballast_frontend::{tcp_connector, StaticConfig, StaticMembership, Volume, VolumeMetrics, VolumeOptions};
+use ballast_replica::{ClientOptions, ReplicaClient, ReplicaServer, ServerOptions};
+use ballast_types::{NodeId, VolumeId, Zone};
+use bytes::Bytes;
+
+use crate::fio::{Measured, Workload};
+use crate::loadgen;
+
+/// Bytes the volume's workloads range over.
+const SPAN: u64 = 256 << 20;
+
+const WORKLOADS: [Workload; 2] = [
+    Workload { name: "4k randwrite qd32", rw: "randwrite", bs: 4096, qd: 32 },
+    Workload { name: "4k randread qd32", rw: "randread", bs: 4096, qd: 32 },
+];
+
+type Vol = Volume<Arc<StaticMembership>, ReplicaClient>;
+
+struct Variant {
+    label: &'static str,
+    volume: Arc<Vol>,
+    /// Kept for the runs (the metrics' families live in it).
+    _registry: Option<ballast_metrics::Registry>,
+    runs: Vec<Vec<f64>>,
+}
+
+async fn variant(dir: &Path, label: &'static str, metrics: bool) -> Result<Variant> {
+    let mut registry = metrics.then(ballast_metrics::registry);
+    let (store_metrics, volume_metrics) = match registry.as_mut() {
+        Some(r) => (Some(StoreMetrics::register(r).disk("1")), Some(VolumeMetrics::register(r))),
+        None => (None, None),
+    };
+    let store_dir = dir.join(label).join("store");
+    let store = ChunkStore::open(&store_dir, StoreOptions { metrics: store_metrics, ..StoreOptions::default() })?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(ReplicaServer::new(store, ServerOptions::default()).serve(listener, std::future::pending()));
+    let spec = VolumeSpec { id: VolumeId(1), name: label.into(), size: SPAN, chunk_size: 64 << 20, min_in_sync: 1 };
+    let node = NodeSpec { id: NodeId(1), zone: Zone("z1".into()), addr };
+    let config = dir.join(label).join("vol.toml");
+    let membership = Arc::new(StaticMembership::create(&config, StaticConfig::new(spec, vec![node], vec![NodeId(1)]))?);
+    let opts = VolumeOptions { local_node: Some(NodeId(1)), metrics: volume_metrics, ..VolumeOptions::default() };
+    let volume = Volume::attach(membership, tcp_connector(ClientOptions::default()), VolumeId(1), opts)
+        .await
+        .with_context(|| format!("attach the {label} volume"))?;
+    // Written once, so that reads find data.
+    let mib = Bytes::from(vec![0x5au8; 1 << 20]);
+    for off in (0..SPAN).step_by(1 << 20) {
+        volume.write(off, mib.clone(), false).await?;
+    }
+    volume.flush().await?;
+    Ok(Variant { label, volume, _registry: registry, runs: vec![Vec::new(); WORKLOADS.len()] })
+}
+
+async fn run_one(v: &Arc<Vol>, w: &Workload, secs: u32) -> Result<Measured> {
+    let data = Bytes::from((0..w.bs).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let (volume, write, len) = (v.clone(), w.is_write(), w.bs);
+    loadgen::run(w, SPAN, u64::from(secs), move |off| {
+        let (volume, data) = (volume.clone(), data.clone());
+        async move {
+            if write {
+                volume.write(off, data, false).await
+            } else {
+                volume.read(off, len).await.map(|_| ())
+            }
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("volume {}: {e}", w.name))
+}
+
+fn mean(xs: &[f64]) -> f64 {
+    xs.iter().sum::<f64>() / xs.len().max(1) as f64
+}
+
+/// Sample standard deviation relative to the mean.
+fn rel_sd(xs: &[f64]) -> f64 {
+    let m = mean(xs);
+    if xs.len() < 2 || m == 0.0 {
+        return 0.0;
+    }
+    (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1) as f64).sqrt() / m
+}
+
+/// Runs the comparison; returns one row per variant and workload (mean IOPS).
+pub fn run(rt: &tokio::runtime::Runtime, dir: &Path, secs: u32) -> Result<Vec<(&'static str, &'static str, Measured)>> {
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let mut variants = rt.block_on(async {
+        Ok::<_, anyhow::Error>([
+            variant(dir, "volume, no metrics", false).await?,
+            variant(dir, "volume, metrics", true).await?,
+        ])
+    })?;
+    let mut last: Vec<Vec<Measured>> = vec![Vec::new(); 2];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            for (k, w) in WORKLOADS.iter().enumerate() {
+                let m = rt.block_on(run_one(&variants[i].volume, w, secs))?;
+                eprintln!("round {round} {:<20} {:<18} {:>9.0} IOPS", variants[i].label, w.name, m.iops);
+                variants[i].runs[k].push(m.iops);
+                last[i].push(m);
+            }
+        }
+    }
+    println!();
+    println!("metrics cost: {rounds} alternating rounds of {secs} s per workload, RF 1 over loopback");
+    let mut rows = Vec::new();
+    for (k, w) in WORKLOADS.iter().enumerate() {
+        let (off, on) = (&variants[0].runs[k], &variants[1].runs[k]);
+        let runs = |xs: &[f64]| xs.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ");
+        println!(
+            "{:<18} no metrics: mean {:>8.0} (sd {:>4.1}%; {})  metrics: mean {:>8.0} (sd {:>4.1}%; {})  with/without {:.3}",
+            w.name,
+            mean(off),
+            rel_sd(off) * 100.0,
+            runs(off),
+            mean(on),
+            rel_sd(on) * 100.0,
+            runs(on),
+            mean(on) / mean(off),
+        );
+        for (i, v) in variants.iter().enumerate() {
+            // The table shows the mean IOPS with the last run's latencies.
+            let latest = last[i][last[i].len() - WORKLOADS.len() + k];
+            rows.push((v.label, w.name, Measured { iops: mean(&v.runs[k]), ..latest }));
+        }
+    }
+    for v in &variants {
+        v.volume.close();
+    }
+    Ok(rows)
+}
