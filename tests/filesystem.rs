@@ -99,7 +99,7 @@ impl Drop for Mounted {
 fn start_dev(data: &Path) -> Result<(Proc, String)> {
     let mut dev = Proc::spawn(
         "dev",
-        &[
+        [
             "dev",
             "--data",
             data.to_str().expect("utf8 path"),

@@ -111,7 +111,7 @@ fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() -> Result<(
     let ctl_socket = c.path("csi-controller.sock");
     let mut controller = Proc::spawn(
         "csi-controller",
-        &[
+        [
             "csi-controller",
             "--endpoint",
             &format!("unix://{}", ctl_socket.display()),

@@ -252,7 +252,7 @@ fn meta_member_added_and_removed_while_running() -> Result<()> {
     let data4 = c.path("meta4");
     let mut m4 = Proc::spawn(
         "meta4",
-        &[
+        [
             "meta",
             "--id",
             "4",
