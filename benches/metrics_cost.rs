@@ -7,6 +7,15 @@
 //! on, then on, off, ...) so that drift on a shared machine falls on both; every
 //! run's IOPS is printed, then per workload the mean, the spread, and the ratio
 //! of the means. `BENCH_ONLY=volume` (rounds: `BENCH_ROUNDS`, default 4).
+//!
+//! IOPS on a shared 2-core machine swing by several percent from run to run,
+//! more than the effect looked for, so two steadier figures come with them: the
+//! process's CPU time per I/O in each run (everything runs in this process:
+//! load generator, front end, replica server, chunk store ring), and the
+//! metrics' bookkeeping alone, emulated on the same handle types (the front
+//! end's in-flight gauges and latency histogram, the chunk store's histogram
+//! and bytes counter, clocks read as they are) by two threads sharing one set
+//! of handles, as the I/O path's tasks do.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +48,8 @@ struct Variant {
     /// Kept for the runs (the metrics' families live in it).
     _registry: Option<ballast_metrics::Registry>,
     runs: Vec<Vec<f64>>,
+    /// Process CPU microseconds per I/O, per run.
+    cpu_us: Vec<Vec<f64>>,
 }
 
 async fn variant(dir: &Path, label: &'static str, metrics: bool) -> Result<Variant> {
@@ -66,7 +77,50 @@ async fn variant(dir: &Path, label: &'static str, metrics: bool) -> Result<Varia
         volume.write(off, mib.clone(), false).await?;
     }
     volume.flush().await?;
-    Ok(Variant { label, volume, _registry: registry, runs: vec![Vec::new(); WORKLOADS.len()] })
+    let runs = vec![Vec::new(); WORKLOADS.len()];
+    Ok(Variant { label, volume, _registry: registry, cpu_us: runs.clone(), runs })
+}
+
+/// This process's CPU time so far (user + system), seconds.
+fn cpu_seconds() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|t| ballast_metrics::parse_stat(&t, ticks, 4096))
+        .map_or(0.0, |s| s.cpu_seconds)
+}
+
+/// CPU nanoseconds per request of the metrics' bookkeeping alone (see the
+/// module docs): two threads, one set of handles.
+fn bookkeeping_ns() -> f64 {
+    use ballast_chunkstore::LatencyHistogram;
+    use ballast_metrics::{Counter, Gauge};
+    const N: u64 = 2_000_000;
+    let (requests, bytes): (Gauge, Gauge) = (Gauge::default(), Gauge::default());
+    let (frontend, store, store_bytes): (_, _, Counter) =
+        (LatencyHistogram::io(), LatencyHistogram::io(), Counter::default());
+    let start = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let (requests, bytes, frontend, store, store_bytes) = (&requests, &bytes, &frontend, &store, &store_bytes);
+            s.spawn(move || {
+                for _ in 0..N {
+                    let t0 = std::time::Instant::now();
+                    requests.inc();
+                    bytes.inc_by(4096);
+                    let t1 = std::time::Instant::now();
+                    store.observe_since(t1);
+                    store_bytes.inc_by(4096);
+                    frontend.observe_since(t0);
+                    requests.dec();
+                    bytes.dec_by(4096);
+                }
+            });
+        }
+    });
+    // Two threads busy for the wall time: CPU time is twice it.
+    2.0 * start.elapsed().as_nanos() as f64 / (2 * N) as f64
 }
 
 async fn run_one(v: &Arc<Vol>, w: &Workload, secs: u32) -> Result<Measured> {
@@ -113,9 +167,17 @@ pub fn run(rt: &tokio::runtime::Runtime, dir: &Path, secs: u32) -> Result<Vec<(&
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for i in order {
             for (k, w) in WORKLOADS.iter().enumerate() {
+                let cpu = cpu_seconds();
                 let m = rt.block_on(run_one(&variants[i].volume, w, secs))?;
-                eprintln!("round {round} {:<20} {:<18} {:>9.0} IOPS", variants[i].label, w.name, m.iops);
+                // The load generator's warm-up second is not counted in IOPS but burns CPU:
+                // count its I/Os at the measured rate.
+                let cpu_us = (cpu_seconds() - cpu) * 1e6 / (m.iops * f64::from(secs + 1));
+                eprintln!(
+                    "round {round} {:<20} {:<18} {:>9.0} IOPS {:>6.1} CPU us/IO",
+                    variants[i].label, w.name, m.iops, cpu_us
+                );
                 variants[i].runs[k].push(m.iops);
+                variants[i].cpu_us[k].push(cpu_us);
                 last[i].push(m);
             }
         }
@@ -137,12 +199,36 @@ pub fn run(rt: &tokio::runtime::Runtime, dir: &Path, secs: u32) -> Result<Vec<(&
             runs(on),
             mean(on) / mean(off),
         );
+        let (off_cpu, on_cpu) = (&variants[0].cpu_us[k], &variants[1].cpu_us[k]);
+        let runs = |xs: &[f64]| xs.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(" ");
+        println!(
+            "{:<18} CPU us per I/O: no metrics {:.2} (sd {:.1}%; {})  metrics {:.2} (sd {:.1}%; {})  with/without {:.3}",
+            w.name,
+            mean(off_cpu),
+            rel_sd(off_cpu) * 100.0,
+            runs(off_cpu),
+            mean(on_cpu),
+            rel_sd(on_cpu) * 100.0,
+            runs(on_cpu),
+            mean(on_cpu) / mean(off_cpu),
+        );
         for (i, v) in variants.iter().enumerate() {
             // The table shows the mean IOPS with the last run's latencies.
             let latest = last[i][last[i].len() - WORKLOADS.len() + k];
-            rows.push((v.label, w.name, Measured { iops: mean(&v.runs[k]), ..latest }));
+            let iops = mean(&v.runs[k]);
+            rows.push((
+                v.label,
+                w.name,
+                Measured { iops, mib_s: iops * f64::from(w.bs) / f64::from(1 << 20), ..latest },
+            ));
         }
     }
+    let ns = bookkeeping_ns();
+    let per_io_us = mean(&variants[0].cpu_us.concat());
+    println!(
+        "metrics bookkeeping alone: {ns:.0} ns of CPU per request (front end + chunk store, 2 threads on one set of handles), {:.2}% of the {per_io_us:.1} us of CPU an I/O costs without metrics",
+        ns / (per_io_us * 1000.0) * 100.0
+    );
     for v in &variants {
         v.volume.close();
     }
