@@ -115,7 +115,8 @@ build_images() {
   for tool in mkfs.ext4 resize2fs e2fsck mkfs.xfs xfs_growfs losetup blkid findmnt mount umount fusermount3 modprobe; do
     tools+=("$(command -v "$tool")")
   done
-  rootfs_add_bin "$r" /usr/local/bin "$ROOT/target/release/ballast" "$ROOT/target/release/ballastctl"
+  local bin="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+  rootfs_add_bin "$r" /usr/local/bin "$bin/ballast" "$bin/ballastctl"
   # The image carries no debug info (a third of its size: slower imports on every node).
   strip --strip-debug "$r/usr/local/bin/ballast" "$r/usr/local/bin/ballastctl"
   rootfs_add_bin "$r" /usr/bin "${tools[@]}"
