@@ -25,7 +25,7 @@ use ballast_csi::pb;
 use ballast_csi::pb::identity_client::IdentityClient;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tracing::{info, warn};
 
 /// The longest `/healthz` waits for the CSI socket: well under the probes'
@@ -36,21 +36,9 @@ pub const LIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// client may try more than one member).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// A gRPC channel over the unix socket at `path`, connected (not lazily): a
-/// socket file nobody listens on is an error here.
-pub async fn dial(path: &Path) -> Result<Channel, tonic::transport::Error> {
-    let p = path.to_path_buf();
-    Endpoint::from_static("http://csi.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
-        }))
-        .await
-}
-
 /// An Identity client on the CSI socket, or why it could not connect.
 async fn identity(socket: &Path) -> Result<IdentityClient<Channel>, String> {
-    let channel = dial(socket).await.map_err(|e| format!("CSI socket {}: {e}", socket.display()))?;
+    let channel = ballast_csi::dial(socket).await.map_err(|e| format!("CSI socket {}: {e}", socket.display()))?;
     Ok(IdentityClient::new(channel))
 }
 

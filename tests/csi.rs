@@ -35,7 +35,7 @@ use ballast_csi::pb::controller_client::ControllerClient;
 use ballast_csi::pb::identity_client::IdentityClient;
 use ballast_csi::pb::node_client::NodeClient;
 use ballast_testkit::{needs, random_bytes, run_ok, wait_until, Cluster, Proc};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
@@ -71,16 +71,7 @@ fn start_cluster(tag: &str) -> Cluster {
 async fn channel(path: &Path) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let p = path.to_path_buf();
-        let connected = Endpoint::try_from("http://csi.invalid")
-            .expect("endpoint")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = p.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }))
-            .await;
+        let connected = ballast_csi::dial(path).await;
         match connected {
             Ok(ch) => return ch,
             Err(e) => assert!(Instant::now() < deadline, "nothing serves {}: {e}", path.display()),

@@ -13,7 +13,7 @@
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ballast_csi::pb;
@@ -21,22 +21,10 @@ use ballast_csi::pb::identity_client::IdentityClient;
 use ballast_csi::registration::pb as regpb;
 use ballast_csi::registration::pb::registration_client::RegistrationClient;
 use ballast_testkit::{wait_until, Cluster, Proc, Result};
-use tonic::transport::{Channel, Endpoint, Uri};
 
 const HOST_SOCKET: &str = "/var/lib/kubelet/plugins/csi.ballast.io/csi.sock";
 /// What csi/ gives the probes (timeoutSeconds): an answer must come well within it.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A connected gRPC channel over a unix socket, or the error.
-async fn dial(path: &Path) -> Result<Channel, tonic::transport::Error> {
-    let p = path.to_path_buf();
-    Endpoint::from_static("http://kubelet.invalid")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let p = p.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
-        }))
-        .await
-}
 
 /// `GET path` as the kubelet's HTTP prober sends it: status, body, time taken.
 fn get(addr: SocketAddr, path: &str) -> (u16, String, Duration) {
@@ -92,11 +80,11 @@ fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() -> Result<(
     // (the kubelet calls NodeGetInfo on it right after GetInfo).
     wait_until("the registration socket", Duration::from_secs(60), || reg_socket.exists())?;
     rt.block_on(async {
-        let csi = dial(&csi_socket).await.expect("the CSI socket answers once the plugin is registered");
+        let csi = ballast_csi::dial(&csi_socket).await.expect("the CSI socket answers once the plugin is registered");
         let info = IdentityClient::new(csi).get_plugin_info(pb::GetPluginInfoRequest {}).await.expect("GetPluginInfo");
         assert_eq!(info.into_inner().name, "csi.ballast.io");
 
-        let mut kubelet = RegistrationClient::new(dial(&reg_socket).await.expect("registration socket"));
+        let mut kubelet = RegistrationClient::new(ballast_csi::dial(&reg_socket).await.expect("registration socket"));
         let info = kubelet.get_info(regpb::InfoRequest {}).await.expect("GetInfo").into_inner();
         assert_eq!(
             (info.r#type.as_str(), info.name.as_str(), info.endpoint.as_str()),

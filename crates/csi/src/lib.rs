@@ -52,6 +52,19 @@ pub const DRIVER_NAME: &str = "csi.ballast.io";
 /// The topology segment key NodeGetInfo reports and CreateVolume reads.
 pub const TOPOLOGY_ZONE: &str = "topology.ballast.io/zone";
 
+/// A gRPC channel over the unix socket at `path`, connected now (not lazily):
+/// a socket file nobody listens on is an error. How the kubelet and the
+/// sidecars reach the driver; the health probes and the tests dial it so too.
+pub async fn dial(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let p = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://csi.invalid")
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = p.clone();
+            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+        }))
+        .await
+}
+
 /// A unix-socket endpoint as the sidecars name it: `unix:///csi/csi.sock` (also
 /// `unix:/path` and a plain absolute path).
 pub fn parse_endpoint(s: &str) -> Result<PathBuf, String> {

@@ -271,17 +271,7 @@ mod tests {
         while !path.exists() {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let p = path.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://csi.invalid")
-            .expect("endpoint")
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let p = p.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }))
-            .await
-            .expect("connect");
+        let channel = crate::dial(&path).await.expect("connect");
         let mut identity = IdentityClient::new(channel.clone());
         for _ in 0..2 {
             identity.get_plugin_info(crate::pb::GetPluginInfoRequest {}).await.expect("plugin info");

@@ -184,22 +184,10 @@ mod tests {
 
     use super::pb::registration_client::RegistrationClient;
     use super::*;
-    use tonic::transport::{Channel, Endpoint, Uri};
+    use crate::dial;
+    use tonic::transport::Channel;
 
     const HOST_SOCKET: &str = "/var/lib/kubelet/plugins/csi.ballast.io/csi.sock";
-
-    /// A gRPC channel over the unix socket at `path`, as the kubelet dials it.
-    async fn dial(path: &Path) -> Result<Channel, tonic::transport::Error> {
-        let p = path.to_path_buf();
-        Endpoint::try_from("http://registration.invalid")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let p = p.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?))
-                }
-            }))
-            .await
-    }
 
     /// Waits for the socket to accept; only the final name is ever seen.
     async fn wait_serving(dir: &Path) -> Channel {

@@ -24,6 +24,8 @@ use crate::{data_dir, free_addr, try_wait_until, utf8, Ctl, Error, Proc, ProcOpt
 pub struct Member {
     pub id: u64,
     pub addr: String,
+    /// Where it serves `/metrics` (with [`Builder::metrics`]).
+    pub metrics: Option<String>,
     /// None while it is killed.
     pub proc: Option<Proc>,
 }
@@ -34,6 +36,8 @@ pub struct Node {
     pub zone: String,
     /// Extra `ballast node` arguments (e.g. its CSI endpoint), kept for restarts.
     pub args: Vec<String>,
+    /// Where it serves `/metrics` (with [`Builder::metrics`]).
+    pub metrics: Option<String>,
     /// None while it is killed.
     pub proc: Option<Proc>,
 }
@@ -51,6 +55,7 @@ pub struct Builder {
     node_args: Vec<String>,
     extra: NodeExtra,
     procs: ProcOptions,
+    metrics: bool,
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -97,6 +102,14 @@ impl Builder {
         self
     }
 
+    /// Every member and node serves `/metrics` (`--metrics-listen`) on a
+    /// loopback port of its own, kept across restarts ([`Member::metrics`],
+    /// [`Node::metrics`]).
+    pub fn metrics(mut self) -> Self {
+        self.metrics = true;
+        self
+    }
+
     /// Starts the three members, then the nodes (each waited for its ready
     /// line), then waits until meta counts every node up.
     pub fn start(self) -> Result<Cluster> {
@@ -112,7 +125,8 @@ impl Builder {
         };
         let mut members = Vec::new();
         for id in 1..=3 {
-            members.push(Member { id, addr: free_addr()?, proc: None });
+            let metrics = if self.metrics { Some(free_addr()?) } else { None };
+            members.push(Member { id, addr: free_addr()?, metrics, proc: None });
         }
         let mut c = Cluster {
             members,
@@ -128,7 +142,8 @@ impl Builder {
         }
         for (id, zone) in &self.nodes {
             let args = (self.extra)(*id, &c.root);
-            c.nodes.push(Node { id: *id, zone: zone.clone(), args, proc: None });
+            let metrics = if self.metrics { Some(free_addr()?) } else { None };
+            c.nodes.push(Node { id: *id, zone: zone.clone(), args, metrics, proc: None });
             c.start_node(*id)?;
         }
         let ctl = c.ctl()?;
@@ -174,6 +189,7 @@ impl Cluster {
             ]),
             extra: Box::new(|_, _| Vec::new()),
             procs: ProcOptions::default(),
+            metrics: false,
         }
     }
 
@@ -240,6 +256,9 @@ impl Cluster {
             &initial.join(","),
         ]);
         args.extend(self.meta_args.iter().cloned());
+        if let Some(m) = &self.members[i].metrics {
+            args.extend(strings(&["--metrics-listen", m]));
+        }
         let mut p = Proc::spawn_with(&format!("meta{id}"), &args, &self.procs)?;
         p.wait_for("ready meta", Duration::from_secs(30))?;
         self.members[i].proc = Some(p);
@@ -271,6 +290,9 @@ impl Cluster {
             strings(&["node", "--id", &id.to_string(), "--zone", &n.zone, "--data", utf8(&data)?, "--meta", &meta]);
         args.extend(self.node_args.iter().cloned());
         args.extend(n.args.iter().cloned());
+        if let Some(m) = &n.metrics {
+            args.extend(strings(&["--metrics-listen", m]));
+        }
         let mut p = Proc::spawn_with(&format!("node{id}"), &args, &self.procs)?;
         p.wait_for("ready node", Duration::from_secs(30))?;
         self.nodes[i].proc = Some(p);

@@ -14,6 +14,8 @@
 //!   its own network namespace ([`netns::Net`]), nodes on [`disks::Disk`]s that
 //!   fill up or fail with EIO; [`workload::Workload`]: the verifiable NBD
 //!   workload checked against a per-block ledger.
+//! - [`prometheus::Prometheus`]: a real Prometheus scraping the test's
+//!   processes and evaluating rule files, asked through its HTTP API.
 //! - [`Ctl`]: `ballastctl`, its JSON parsed; [`mod@ctl`] reads volume layouts.
 //! - [`mod@needs`]: root, tool and kernel-feature checks that print a SKIP line.
 //! - [`wait_until`], [`free_addr`], [`run`], [`data_dir`], [`random_bytes`], ...
@@ -31,6 +33,7 @@ pub mod faultcluster;
 pub mod needs;
 pub mod netns;
 pub mod process;
+pub mod prometheus;
 pub mod replicas;
 pub mod workload;
 
