@@ -89,6 +89,43 @@ fn prometheus_operator_rules_are_the_rule_file() {
     let listed: Vec<&str> =
         kustomization["resources"].as_sequence().expect("resources").iter().filter_map(Value::as_str).collect();
     assert_eq!(listed, ["podmonitor.yaml", "prometheusrule.yaml"]);
+    let generated = &kustomization["configMapGenerator"][0];
+    assert_eq!(generated["files"][0].as_str(), Some("ballast.json=grafana-dashboard.json"));
+    assert_eq!(generated["options"]["labels"]["grafana_dashboard"].as_str(), Some("1"));
+}
+
+#[test]
+fn every_alert_has_a_runbook_in_the_csi_readme() {
+    let readme = std::fs::read_to_string(monitoring().join("../README.md")).expect("read csi/README.md");
+    let alerts = &readme[readme.find("### Alerts").expect("csi/README.md has an Alerts section")..];
+    let rules = yaml(&monitoring().join("rules.yml"));
+    for g in rules["groups"].as_sequence().expect("groups") {
+        for r in g["rules"].as_sequence().expect("rules") {
+            let name = r["alert"].as_str().expect("alert name");
+            assert!(alerts.contains(&format!("- **{name}**")), "csi/README.md, Alerts: no runbook for {name}");
+        }
+    }
+}
+
+#[test]
+fn the_grafana_dashboard_is_a_dashboard_on_a_prometheus_data_source() {
+    let text = std::fs::read_to_string(monitoring().join("grafana-dashboard.json")).expect("read the dashboard");
+    let d: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert_eq!(d["uid"].as_str(), Some("ballast-overview"));
+    let vars = d["templating"]["list"].as_array().expect("templating");
+    assert!(vars.iter().any(|v| v["type"] == "datasource" && v["query"] == "prometheus"));
+    let panels = d["panels"].as_array().expect("panels");
+    let mut ids = std::collections::BTreeSet::new();
+    for p in panels {
+        assert!(ids.insert(p["id"].as_u64().expect("panel id")), "duplicate panel id {}", p["id"]);
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"].as_str(), Some("${datasource}"), "panel {}", p["title"]);
+        assert!(p["description"].as_str().is_some_and(|s| !s.is_empty()), "panel {} explains nothing", p["title"]);
+        assert!(!p["targets"].as_array().expect("targets").is_empty(), "panel {} queries nothing", p["title"]);
+    }
+    // That every query evaluates and names existing metrics is tests/prometheus.rs.
 }
 
 #[test]

@@ -109,7 +109,8 @@ impl Prometheus {
     /// An API call's `data`, after checking `status` is `success`.
     fn api(&self, path: &str, query: &[(&str, &str)]) -> Result<Value> {
         let body = self.get(path, query)?;
-        let v: Value = serde_json::from_str(&body).map_err(|source| Error::Json { what: format!("prometheus {path}"), source })?;
+        let v: Value =
+            serde_json::from_str(&body).map_err(|source| Error::Json { what: format!("prometheus {path}"), source })?;
         if v["status"] != "success" {
             return Err(Error::harness(format!("prometheus {path} {query:?}: {v}")));
         }
