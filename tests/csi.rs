@@ -235,6 +235,29 @@ fn loops_under(dir: &Path) -> Vec<String> {
     out
 }
 
+/// When dropped (also when the test panics halfway), unmounts what is mounted
+/// under the cluster's directory, deepest first and lazily (a killed node's
+/// FUSE mounts no longer answer), and detaches the loop devices backed there:
+/// a failed test leaves no mount or loop device behind, and the cluster's
+/// directory can be removed after it. Declared after the cluster, so it runs
+/// first.
+struct Leftovers(PathBuf);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let mut mounts = mounts_under(&self.0);
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            eprintln!("cleanup: umount -l {m}");
+            let _ = std::process::Command::new("umount").args(["-l", &m]).status();
+        }
+        for l in loops_under(&self.0) {
+            eprintln!("cleanup: losetup -d /dev/{l}");
+            let _ = std::process::Command::new("losetup").args(["-d", &format!("/dev/{l}")]).status();
+        }
+    }
+}
+
 fn write_files(dir: &Path, seeds: std::ops::Range<u64>) {
     for s in seeds {
         let path = dir.join(format!("file{s}"));
@@ -281,6 +304,7 @@ fn volume_lifecycle_through_csi_survives_a_lost_node_and_moves_between_nodes() {
         return;
     }
     let mut c = start_cluster("csi-life");
+    let _leftovers = Leftovers(c.dir().to_path_buf());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut d = Driver::connect(&c).await;
@@ -462,6 +486,7 @@ fn raw_block_volume_is_a_device_on_the_target() {
         return;
     }
     let c = start_cluster("csi-block");
+    let _leftovers = Leftovers(c.dir().to_path_buf());
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         let mut d = Driver::connect(&c).await;
