@@ -55,6 +55,17 @@ pub struct Prometheus {
     _dir: tempfile::TempDir,
 }
 
+/// An HTTP client whose every request ends within 10 s (a hung endpoint fails
+/// the test instead of stalling it); 4xx and 5xx answers are returned, not
+/// errors, so their bodies (Prometheus's error messages) can be reported.
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
 fn job_yaml(j: &Job) -> String {
     let targets: Vec<String> = j.targets.iter().map(|t| format!("'{t}'")).collect();
     format!("  - job_name: '{}'\n    static_configs:\n      - targets: [{}]\n", j.name, targets.join(", "))
@@ -80,12 +91,7 @@ impl Prometheus {
             .arg(format!("--web.listen-address={addr}"))
             .arg("--log.level=warn");
         let proc = Proc::spawn_cmd_with("prometheus", cmd, &ProcOptions::default().echo(false))?;
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build()
-            .into();
-        let p = Prometheus { addr, agent, _proc: proc, _dir: dir };
+        let p = Prometheus { addr, agent: agent(), _proc: proc, _dir: dir };
         try_wait_until("prometheus ready", Duration::from_secs(60), || Ok(p.get("/-/ready", &[]).is_ok()))?;
         Ok(p)
     }
@@ -205,6 +211,11 @@ impl Prometheus {
 /// `promtool check metrics`) sends it: the classic text format.
 pub fn scrape(addr: &str) -> Result<String> {
     let url = format!("http://{addr}/metrics");
-    let mut resp = ureq::get(&url).call().map_err(|e| Error::harness(format!("GET {url}: {e}")))?;
-    resp.body_mut().read_to_string().map_err(|e| Error::harness(format!("GET {url}: {e}")))
+    let mut resp = agent().get(&url).call().map_err(|e| Error::harness(format!("GET {url}: {e}")))?;
+    let status = resp.status();
+    let body = resp.body_mut().read_to_string().map_err(|e| Error::harness(format!("GET {url}: {e}")))?;
+    if !status.is_success() {
+        return Err(Error::harness(format!("GET {url}: {status}: {body}")));
+    }
+    Ok(body)
 }
