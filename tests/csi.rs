@@ -89,11 +89,7 @@ struct Driver {
 
 impl Driver {
     async fn connect(c: &Cluster) -> Driver {
-        let sock = c.path("csi-controller.sock");
-        let endpoint = format!("unix://{}", sock.display());
-        let mut p = Proc::spawn("csi-controller", ["csi-controller", "--endpoint", &endpoint, "--meta", &c.meta()])
-            .expect("spawn csi-controller");
-        p.wait_for("ready csi", Duration::from_secs(30)).expect("csi-controller ready");
+        let (p, sock) = c.csi_controller(&[]).expect("csi-controller ready");
         let ch = channel(&sock).await;
         let mut nodes = HashMap::new();
         for (id, _) in NODES {

@@ -26,7 +26,7 @@ use ballast_csi::pb;
 use ballast_csi::pb::controller_client::ControllerClient;
 use ballast_csi::pb::identity_client::IdentityClient;
 use ballast_testkit::prometheus::{scrape, Job, Prometheus};
-use ballast_testkit::{free_addr, needs, run_ok, try_wait_until, Cluster, Proc, Result};
+use ballast_testkit::{free_addr, needs, run_ok, try_wait_until, Cluster, Result};
 use serde_json::Value;
 
 const MIB: f64 = 1048576.0;
@@ -156,21 +156,8 @@ fn a_real_prometheus_scrapes_every_process_and_the_alerts_follow_the_cluster() -
     c.create_volume("pv", "64M", "16M", "2")?;
     let export_metrics = free_addr()?;
     let (_export, uri) = c.export_with("pv", 2, &["--io-timeout", "2s", "--metrics-listen", &export_metrics])?;
-    let sock = c.path("csi-controller.sock");
     let csi_metrics = free_addr()?;
-    let mut csi = Proc::spawn(
-        "csi-controller",
-        [
-            "csi-controller",
-            "--endpoint",
-            &format!("unix://{}", sock.display()),
-            "--meta",
-            &c.meta(),
-            "--metrics-listen",
-            &csi_metrics,
-        ],
-    )?;
-    csi.wait_for("ready csi", Duration::from_secs(30))?;
+    let (_csi, sock) = c.csi_controller(&["--metrics-listen", &csi_metrics])?;
 
     let metas: Vec<String> = c.members.iter().map(|m| m.metrics.clone().expect("metrics")).collect();
     let nodes: Vec<String> = c.nodes.iter().map(|n| n.metrics.clone().expect("metrics")).collect();

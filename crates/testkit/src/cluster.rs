@@ -331,6 +331,20 @@ impl Cluster {
         Ok((p, uri))
     }
 
+    /// Starts `ballast csi-controller` on `DIR/csi-controller.sock` against
+    /// this cluster's meta, with `extra` arguments, and waits for its `ready
+    /// csi` line; returns it and its socket.
+    pub fn csi_controller(&self, extra: &[&str]) -> Result<(Proc, PathBuf)> {
+        let sock = self.path("csi-controller.sock");
+        let endpoint = format!("unix://{}", utf8(&sock)?);
+        let meta = self.meta();
+        let mut args = vec!["csi-controller", "--endpoint", &endpoint, "--meta", &meta];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn_with("csi-controller", &args, &self.procs)?;
+        p.wait_for("ready csi", Duration::from_secs(30))?;
+        Ok((p, sock))
+    }
+
     /// `volume create NAME --size --chunk-size --replicas 3 --min-in-sync`.
     pub fn create_volume(&self, name: &str, size: &str, chunk: &str, min_in_sync: &str) -> Result<Value> {
         self.ctl_json(&[
