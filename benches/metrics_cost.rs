@@ -13,9 +13,9 @@
 //! process's CPU time per I/O in each run (everything runs in this process:
 //! load generator, front end, replica server, chunk store ring), and the
 //! metrics' bookkeeping alone, emulated on the same handle types (the front
-//! end's in-flight gauges and latency histogram, the chunk store's histogram
-//! and bytes counter, clocks read as they are) by two threads sharing one set
-//! of handles, as the I/O path's tasks do.
+//! end's in-flight gauges, latency histogram and bytes counter, the chunk
+//! store's histogram and bytes counter, clocks read as they are) by two
+//! threads sharing one set of handles, as the I/O path's tasks do.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -94,31 +94,33 @@ fn cpu_seconds() -> f64 {
 /// CPU nanoseconds per request of the metrics' bookkeeping alone (see the
 /// module docs): two threads, one set of handles.
 fn bookkeeping_ns() -> f64 {
-    use ballast_chunkstore::LatencyHistogram;
-    use ballast_metrics::{Counter, Gauge};
+    use ballast_metrics::{InFlightGauge, LatencyHistogram, ShardedCounter};
     const N: u64 = 2_000_000;
-    let (requests, bytes): (Gauge, Gauge) = (Gauge::default(), Gauge::default());
-    let (frontend, store, store_bytes): (_, _, Counter) =
-        (LatencyHistogram::io(), LatencyHistogram::io(), Counter::default());
+    let (requests, bytes) = (InFlightGauge::default(), InFlightGauge::default());
+    let (frontend, store) = (LatencyHistogram::io(), LatencyHistogram::io());
+    let (frontend_bytes, store_bytes) = (ShardedCounter::default(), ShardedCounter::default());
     let start = std::time::Instant::now();
     std::thread::scope(|s| {
         for _ in 0..2 {
-            let (requests, bytes, frontend, store, store_bytes) = (&requests, &bytes, &frontend, &store, &store_bytes);
+            let h = (&requests, &bytes, &frontend, &store, &frontend_bytes, &store_bytes);
             s.spawn(move || {
+                let (requests, bytes, frontend, store, frontend_bytes, store_bytes) = h;
                 for _ in 0..N {
                     let t0 = std::time::Instant::now();
-                    requests.inc();
-                    bytes.inc_by(4096);
+                    requests.start(1);
+                    bytes.start(4096);
                     let t1 = std::time::Instant::now();
                     store.observe_since(t1);
                     store_bytes.inc_by(4096);
+                    frontend_bytes.inc_by(4096);
                     frontend.observe_since(t0);
-                    requests.dec();
-                    bytes.dec_by(4096);
+                    requests.finish(1);
+                    bytes.finish(4096);
                 }
             });
         }
     });
+    assert_eq!(frontend.count(), 2 * N);
     // Two threads busy for the wall time: CPU time is twice it.
     2.0 * start.elapsed().as_nanos() as f64 / (2 * N) as f64
 }

@@ -55,7 +55,7 @@ use std::path::PathBuf;
 
 use ballast_types::{BlockIdx, ChunkId, Epoch, Seq, VolumeId};
 
-pub use metrics::{DiskMetrics, LatencyHistogram, StoreMetrics};
+pub use metrics::{DiskMetrics, StoreMetrics};
 pub use store::ChunkStore;
 
 /// How to open a store.

@@ -3,9 +3,15 @@
 //! Each process builds one [`Registry`] at start ([`registry`], which also carries
 //! the standard `process_*` metrics). Each component registers its metric families
 //! under the `ballast` prefix ([`ballast`]; the `register` functions live in the
-//! crates that record them) and keeps cheap handles (`Counter`, `Gauge`,
-//! `Histogram` are `Arc`s over atomics). The binary serves [`encode`]'s output on
-//! `/metrics` (`--metrics-listen ADDR`).
+//! crates that record them) and keeps cheap handles. The binary serves
+//! [`encode`]'s output on `/metrics` (`--metrics-listen ADDR`).
+//!
+//! Two kinds of handle, by how often they are updated:
+//! - the control plane's (heartbeats, copy jobs, Raft, CSI calls): prometheus-
+//!   client's `Counter` and `Gauge` (one atomic each) and `Histogram` (a mutex);
+//! - the I/O path's, updated per request by every thread serving requests:
+//!   [`ShardedCounter`], [`InFlightGauge`] and [`LatencyHistogram`]
+//!   ([`sharded`]), one uncontended atomic add per update, summed at scrape.
 //!
 //! Conventions (Prometheus naming):
 //! - base units in the name: `_seconds`, `_bytes`; counters end in `_total`
@@ -17,8 +23,10 @@
 //!   what exists now.
 
 mod process;
+pub mod sharded;
 
 pub use process::{parse_stat, ProcStat, ProcessCollector};
+pub use sharded::{InFlightGauge, LatencyHistogram, ShardedCounter};
 pub use prometheus_client;
 pub use prometheus_client::metrics::counter::Counter;
 pub use prometheus_client::metrics::family::Family;

@@ -141,8 +141,9 @@ impl Counters {
     }
 }
 
-/// A prometheus-client counter: an `Arc<AtomicU64>`.
-type Counter = ballast_metrics::Counter;
+/// A counter every thread serving requests adds to, one shard per thread
+/// ([`ballast_metrics::ShardedCounter`]; the exported ones are the metric series).
+type Counter = ballast_metrics::ShardedCounter;
 
 pub(crate) fn bump(c: &Counter, n: u64) {
     c.inc_by(n);
