@@ -230,7 +230,9 @@ impl LatencyHistogram {
         bounds.dedup();
         let bounds_ns: Vec<u64> = bounds.iter().map(|b| (b * 1e9).round() as u64).collect();
         let slots = Slots::new(bounds.len() + 2);
-        LatencyHistogram { inner: Arc::new(HistogramInner { bounds: bounds.into(), bounds_ns: bounds_ns.into(), slots }) }
+        LatencyHistogram {
+            inner: Arc::new(HistogramInner { bounds: bounds.into(), bounds_ns: bounds_ns.into(), slots }),
+        }
     }
 
     /// A histogram with the I/O latency buckets of every Ballast process
@@ -335,7 +337,7 @@ mod tests {
                     for i in 0..1000u64 {
                         c.inc_by(2);
                         g.start(4096);
-                        h.observe(Duration::from_micros(if (i + t as u64) % 2 == 0 { 10 } else { 5000 }));
+                        h.observe(Duration::from_micros(if (i + t as u64).is_multiple_of(2) { 10 } else { 5000 }));
                         g.finish(4096);
                     }
                 });
