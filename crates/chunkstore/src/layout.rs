@@ -64,10 +64,42 @@
 //! ```
 //! Replaced crash-safely: write `*.tmp`, fsync, rename, fsync the directory.
 //!
+//! # Snapshot layers (`chunks/v{volume:016x}-c{chunk:08x}.l{epoch:016x}{counter:016x}.{data,ctx}`)
+//!
+//! A chunk replica is a stack of layers, each a data file and a context file in
+//! the formats above. A layer holds the block versions whose seq is above its
+//! *lower bound* (exclusive), written in its name; the base layer (lower bound
+//! `Seq::ZERO`) has the plain names above. The top layer is live: writes go to
+//! it. A block is *written* in a layer when its current slot is `Valid` (an
+//! empty or retracted slot is not); a block not written in a layer is read from
+//! the next layer down, and reads as zeros if written in none.
+//!
+//! A volume's snapshot cuts (below) decide when a layer is frozen: a write with
+//! seq `s` to a chunk whose live layer has lower bound `L` first freezes the live
+//! layer if some cut `C` has `L < C < s`, and starts a new live layer with lower
+//! bound the highest cut below `s`. So a layer never holds versions on both sides
+//! of a cut, and the view of a snapshot at cut `C` is the stack without the
+//! layers whose lower bound is `C` or more.
+//!
+//! # Cuts file (`snapshots/v{volume:016x}.cuts`)
+//!
+//! ```text
+//!      0      8  magic "BLSTCUT" 0x01
+//!      8      8  volume id
+//!     16      4  n: number of cuts (at most MAX_CUTS)
+//!     20      4  reserved, 0
+//!     24   16*n  cuts, ascending, distinct: seq.epoch u64 | seq.counter u64
+//! 24+16n      4  crc32 of bytes 0..24+16n
+//! 28+16n      4  reserved, 0
+//! ```
+//! Replaced crash-safely like the epoch file.
+//!
 //! # Store marker (`ballast-chunkstore`), 16 bytes
 //!
 //! ```text
-//!      0      8  magic "BLSTORE" 0x01
+//!      0      8  magic "BLSTORE" 0x01, or 0x02 once the store holds snapshot
+//!                layers or cuts (a binary without them refuses it, rather than
+//!                removing layer files it does not know)
 //!      8      4  block size (4096)
 //!     12      4  crc32 of bytes 0..12
 //! ```
@@ -77,6 +109,11 @@ use ballast_types::{le_u32, le_u64, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLO
 pub const CTX_MAGIC: [u8; 8] = *b"BLSTCTX\x01";
 pub const EPOCH_MAGIC: [u8; 8] = *b"BLSTEPO\x01";
 pub const STORE_MAGIC: [u8; 8] = *b"BLSTORE\x01";
+/// The marker of a store with snapshot layers or cuts.
+pub const STORE_MAGIC_V2: [u8; 8] = *b"BLSTORE\x02";
+pub const CUTS_MAGIC: [u8; 8] = *b"BLSTCUT\x01";
+/// Snapshot cuts a volume may have (Longhorn allows 250 snapshots per volume).
+pub const MAX_CUTS: usize = 256;
 
 /// Bytes before the first block context: one page, so the slot area is page aligned.
 pub const CTX_HEADER_LEN: usize = 4096;
@@ -244,17 +281,19 @@ pub fn decode_epoch_file(b: &[u8]) -> Result<(VolumeId, Epoch), &'static str> {
     Ok((VolumeId(le_u64(&b[8..16])), Epoch(le_u64(&b[16..24]))))
 }
 
-pub fn encode_store_marker() -> [u8; STORE_MARKER_LEN] {
+/// The store marker, version 1 or 2 (see the module docs).
+pub fn encode_store_marker(version: u8) -> [u8; STORE_MARKER_LEN] {
     let mut b = [0u8; STORE_MARKER_LEN];
-    b[0..8].copy_from_slice(&STORE_MAGIC);
+    b[0..8].copy_from_slice(if version >= 2 { &STORE_MAGIC_V2 } else { &STORE_MAGIC });
     b[8..12].copy_from_slice(&BLOCK_SIZE.to_le_bytes());
     let crc = crc32fast::hash(&b[0..12]);
     b[12..16].copy_from_slice(&crc.to_le_bytes());
     b
 }
 
-pub fn check_store_marker(b: &[u8]) -> Result<(), &'static str> {
-    if b.len() != STORE_MARKER_LEN || b[0..8] != STORE_MAGIC {
+/// Checks a store marker; its version (1, or 2 with snapshot layers).
+pub fn check_store_marker(b: &[u8]) -> Result<u8, &'static str> {
+    if b.len() != STORE_MARKER_LEN || (b[0..8] != STORE_MAGIC && b[0..8] != STORE_MAGIC_V2) {
         return Err("not a ballast chunk store of a supported version");
     }
     if crc32fast::hash(&b[0..12]) != le_u32(&b[12..16]) {
@@ -263,7 +302,105 @@ pub fn check_store_marker(b: &[u8]) -> Result<(), &'static str> {
     if le_u32(&b[8..12]) != BLOCK_SIZE {
         return Err("store block size differs");
     }
+    Ok(b[7])
+}
+
+/// Length of a cuts file with `n` cuts.
+pub fn cuts_file_len(n: usize) -> usize {
+    32 + 16 * n
+}
+
+/// The cuts file of `volume` (see the module docs). `cuts` ascending, distinct,
+/// at most [`MAX_CUTS`] (checked by the caller: [`check_cuts`]).
+pub fn encode_cuts_file(volume: VolumeId, cuts: &[Seq]) -> Vec<u8> {
+    let mut b = vec![0u8; cuts_file_len(cuts.len())];
+    b[0..8].copy_from_slice(&CUTS_MAGIC);
+    b[8..16].copy_from_slice(&volume.0.to_le_bytes());
+    b[16..20].copy_from_slice(&(cuts.len() as u32).to_le_bytes());
+    for (i, c) in cuts.iter().enumerate() {
+        let o = 24 + 16 * i;
+        b[o..o + 8].copy_from_slice(&c.epoch.0.to_le_bytes());
+        b[o + 8..o + 16].copy_from_slice(&c.counter.to_le_bytes());
+    }
+    let end = 24 + 16 * cuts.len();
+    let crc = crc32fast::hash(&b[0..end]);
+    b[end..end + 4].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Cuts must be ascending, distinct, above `Seq::ZERO` and at most [`MAX_CUTS`].
+pub fn check_cuts(cuts: &[Seq]) -> Result<(), &'static str> {
+    if cuts.len() > MAX_CUTS {
+        return Err("too many snapshot cuts");
+    }
+    if cuts.first().is_some_and(|c| *c == Seq::ZERO) {
+        return Err("a snapshot cut must be above seq 0");
+    }
+    if cuts.windows(2).any(|w| w[0] >= w[1]) {
+        return Err("snapshot cuts must be ascending and distinct");
+    }
     Ok(())
+}
+
+pub fn decode_cuts_file(b: &[u8]) -> Result<(VolumeId, Vec<Seq>), &'static str> {
+    if b.len() < cuts_file_len(0) || b[0..8] != CUTS_MAGIC {
+        return Err("bad magic or unsupported version");
+    }
+    let n = le_u32(&b[16..20]) as usize;
+    if n > MAX_CUTS || b.len() != cuts_file_len(n) {
+        return Err("cuts file length does not match its count");
+    }
+    let end = 24 + 16 * n;
+    if crc32fast::hash(&b[0..end]) != le_u32(&b[end..end + 4]) {
+        return Err("cuts file crc mismatch");
+    }
+    let cuts: Vec<Seq> = (0..n)
+        .map(|i| {
+            let o = 24 + 16 * i;
+            Seq::new(Epoch(le_u64(&b[o..o + 8])), le_u64(&b[o + 8..o + 16]))
+        })
+        .collect();
+    check_cuts(&cuts)?;
+    Ok((VolumeId(le_u64(&b[8..16])), cuts))
+}
+
+/// The cuts file's name for `volume`.
+pub fn cuts_file_name(volume: VolumeId) -> String {
+    format!("v{:016x}.cuts", volume.0)
+}
+
+pub fn parse_cuts_file_name(name: &str) -> Option<VolumeId> {
+    let v = name.strip_prefix('v')?.strip_suffix(".cuts")?;
+    if v.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(v, 16).ok().map(VolumeId)
+}
+
+/// The file stem of chunk `id`'s layer with lower bound `lower`: the chunk's
+/// stem for the base layer (`Seq::ZERO`), `{stem}.l{epoch:016x}{counter:016x}`
+/// for the others.
+pub fn layer_file_stem(id: ChunkId, lower: Seq) -> String {
+    if lower == Seq::ZERO {
+        chunk_file_stem(id)
+    } else {
+        format!("{}.l{:016x}{:016x}", chunk_file_stem(id), lower.epoch.0, lower.counter)
+    }
+}
+
+/// The chunk and lower bound a layer's file stem names.
+pub fn parse_layer_file_stem(stem: &str) -> Option<(ChunkId, Seq)> {
+    let Some((chunk, lower)) = stem.split_once(".l") else {
+        return parse_chunk_file_stem(stem).map(|id| (id, Seq::ZERO));
+    };
+    if lower.len() != 32 || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let seq = Seq::new(Epoch(u64::from_str_radix(&lower[..16], 16).ok()?), u64::from_str_radix(&lower[16..], 16).ok()?);
+    if seq == Seq::ZERO {
+        return None;
+    }
+    Some((parse_chunk_file_stem(chunk)?, seq))
 }
 
 /// File names, so the loader and the writer agree.
@@ -353,9 +490,65 @@ mod tests {
         let b = encode_epoch_file(VolumeId(9), Epoch(0x42));
         assert_eq!(hex(&b[0..24]), "424c535445504f0109000000000000004200000000000000");
         assert_eq!(decode_epoch_file(&b), Ok((VolumeId(9), Epoch(0x42))));
-        let m = encode_store_marker();
+        let m = encode_store_marker(1);
         assert_eq!(hex(&m[0..12]), "424c53544f52450100100000");
-        assert_eq!(check_store_marker(&m), Ok(()));
+        assert_eq!(check_store_marker(&m), Ok(1));
+        let m2 = encode_store_marker(2);
+        assert_eq!(hex(&m2[0..12]), "424c53544f52450200100000");
+        assert_eq!(check_store_marker(&m2), Ok(2));
+        let mut bad = m2;
+        bad[7] = 3;
+        assert!(check_store_marker(&bad).is_err());
+    }
+
+    #[test]
+    fn cuts_file_golden_bytes() {
+        let cuts = [Seq::new(Epoch(2), 0x10), Seq::new(Epoch(3), 1)];
+        let b = encode_cuts_file(VolumeId(7), &cuts);
+        assert_eq!(b.len(), 64);
+        assert_eq!(
+            hex(&b[0..56]),
+            concat!(
+                "424c53544355540107000000000000000200000000000000",
+                "02000000000000001000000000000000",
+                "03000000000000000100000000000000"
+            )
+        );
+        assert_eq!(&b[60..64], &[0, 0, 0, 0]);
+        assert_eq!(decode_cuts_file(&b), Ok((VolumeId(7), cuts.to_vec())));
+        assert_eq!(decode_cuts_file(&encode_cuts_file(VolumeId(7), &[])), Ok((VolumeId(7), vec![])));
+        let mut torn = b.clone();
+        torn[30] ^= 1;
+        assert_eq!(decode_cuts_file(&torn), Err("cuts file crc mismatch"));
+        assert!(decode_cuts_file(&b[..48]).is_err());
+        let unordered = encode_cuts_file(VolumeId(7), &[cuts[1], cuts[0]]);
+        assert_eq!(decode_cuts_file(&unordered), Err("snapshot cuts must be ascending and distinct"));
+        assert!(check_cuts(&[Seq::ZERO]).is_err());
+        assert!(check_cuts(&vec![Seq::new(Epoch(1), 1); 1][..]).is_ok());
+        let many: Vec<Seq> = (1..=MAX_CUTS as u64 + 1).map(|i| Seq::new(Epoch(1), i)).collect();
+        assert_eq!(check_cuts(&many), Err("too many snapshot cuts"));
+        assert_eq!(parse_cuts_file_name(&cuts_file_name(VolumeId(0xfe))), Some(VolumeId(0xfe)));
+        assert_eq!(cuts_file_name(VolumeId(0xfe)), "v00000000000000fe.cuts");
+    }
+
+    #[test]
+    fn layer_file_names() {
+        let id = ChunkId::new(VolumeId(0xabc), ChunkIdx(5));
+        assert_eq!(layer_file_stem(id, Seq::ZERO), "v0000000000000abc-c00000005");
+        let lower = Seq::new(Epoch(3), 0x2a);
+        let stem = layer_file_stem(id, lower);
+        assert_eq!(stem, "v0000000000000abc-c00000005.l0000000000000003000000000000002a");
+        assert_eq!(parse_layer_file_stem(&stem), Some((id, lower)));
+        assert_eq!(parse_layer_file_stem(&chunk_file_stem(id)), Some((id, Seq::ZERO)));
+        for bad in [
+            "v0000000000000abc-c00000005.l00000000000000030000000000002a",
+            "v0000000000000abc-c00000005.l0000000000000000000000000000000",
+            "v0000000000000abc-c00000005.l00000000000000000000000000000000",
+            "v0000000000000abc-c00000005.lzz00000000000003000000000000002a",
+            "v0000000000000abc.l0000000000000003000000000000002a",
+        ] {
+            assert_eq!(parse_layer_file_stem(bad), None, "{bad}");
+        }
     }
 
     #[test]

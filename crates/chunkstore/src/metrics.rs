@@ -269,6 +269,12 @@ impl DiskMetrics {
         self.inner.written_bytes.inc_by(bytes);
     }
 
+    /// A snapshot layer of `size` bytes appeared (`sign` 1) or went (-1): its
+    /// chunk's allocation grows by a chunk size, the chunk count stays.
+    pub(crate) fn layer(&self, size: u64, sign: i64) {
+        self.inner.allocated_bytes.inc_by(sign * i64::try_from(size).unwrap_or(i64::MAX));
+    }
+
     /// A chunk replica of `size` bytes appeared (`sign` 1) or went (-1).
     pub(crate) fn chunk(&self, size: u64, sign: i64) {
         self.inner.allocated_bytes.inc_by(sign * i64::try_from(size).unwrap_or(i64::MAX));

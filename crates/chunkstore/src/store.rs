@@ -26,12 +26,15 @@ use crate::rangelock::{RangeGuard, RangeLocks};
 use crate::ring::{Done, Op, OpKind, Ring, WriteBuf};
 use crate::{ChunkInfo, ResyncBlock, ResyncOutcome, StoreError, StoreOptions};
 
+mod snapshot;
+
 type Result<T> = std::result::Result<T, StoreError>;
 /// An operation for the ring: (what, file, offset, len, what to hold until done).
 type Req<'a> = (OpKind, &'a Arc<OwnedFd>, u64, u64, Hold);
 
 const CHUNKS_DIR: &str = "chunks";
 const EPOCHS_DIR: &str = "epochs";
+const SNAPSHOTS_DIR: &str = "snapshots";
 const MARKER: &str = "ballast-chunkstore";
 /// Recovery reads a dirty chunk in pieces of this many bytes.
 const SCAN_PIECE: u64 = 1 << 20;
@@ -47,10 +50,13 @@ struct Inner {
     dir: PathBuf,
     chunks_dir: PathBuf,
     epochs_dir: PathBuf,
+    snapshots_dir: PathBuf,
     direct: bool,
     ring: Ring,
     chunks: RwLock<HashMap<ChunkId, Arc<Chunk>>>,
     volumes: RwLock<HashMap<VolumeId, Arc<VolumeFence>>>,
+    /// Per volume with snapshots, its cuts, ascending (`snapshots/*.cuts`).
+    cuts: RwLock<HashMap<VolumeId, Arc<[Seq]>>>,
     /// Serializes chunk creation and deletion (file-system work, rare).
     admin: tokio::sync::Mutex<()>,
     metrics: Option<DiskMetrics>,
@@ -65,9 +71,20 @@ struct VolumeFence {
     current: AtomicU64,
 }
 
+/// One layer of a chunk replica (see layout.rs, "Snapshot layers"): the live
+/// (top) one is in the store's map; the frozen ones hang below it.
 struct Chunk {
     id: ChunkId,
     size: u64,
+    /// The layer holds block versions with seqs above this (exclusive).
+    lower: Seq,
+    /// The next layer down (frozen), if any. Changed only with the whole
+    /// chunk's range locked exclusively.
+    below: RwLock<Option<Arc<Chunk>>>,
+    /// Set when a newer layer replaced this one as the live layer: an
+    /// operation that locked this layer's blocks after that starts again
+    /// from the map.
+    retired: std::sync::atomic::AtomicBool,
     data: Arc<OwnedFd>,
     ctx_fd: Arc<OwnedFd>,
     ctx: CtxMap,
@@ -162,6 +179,42 @@ impl Chunk {
     fn is_dirty(&self) -> bool {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).dirty
     }
+
+    /// True if `block`'s current slot in this layer holds a written version
+    /// (not empty, not retracted): the layer answers for the block.
+    fn written(&self, block: u32) -> bool {
+        let (s0, s1) = self.ctx.slots(block);
+        layout::current_slot(&s0, &s1).is_some_and(|i| matches!([s0, s1][i], layout::Slot::Valid { .. }))
+    }
+
+    fn below(&self) -> Option<Arc<Chunk>> {
+        self.below.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// This layer and the ones below it, top first.
+    fn stack(self: &Arc<Self>) -> Vec<Arc<Chunk>> {
+        let mut out = vec![self.clone()];
+        while let Some(b) = out.last().and_then(|c| c.below()) {
+            out.push(b);
+        }
+        out
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+}
+
+/// Which layer of `stack` (top first) answers for `block`: the first in which
+/// it is written; None: written in none (it reads as zeros).
+fn owner(stack: &[Arc<Chunk>], block: u32) -> Option<usize> {
+    stack.iter().position(|l| l.written(block))
+}
+
+/// True if a mutation at `seq` of a layer with lower bound `lower` must first
+/// freeze it: some cut lies strictly between them.
+fn needs_freeze(cuts: &[Seq], lower: Seq, seq: Seq) -> bool {
+    cuts.iter().any(|c| lower < *c && *c < seq)
 }
 
 /// How [`ChunkStore::begin_mutation`] ended.
@@ -212,6 +265,21 @@ fn stage(
     Hold { writing: Some(writing), _locks: Some(locks.clone()) }
 }
 
+/// A mutation at `seq` belongs in the live layer `c` only if `seq` is above
+/// the layer's lower bound. Below it, it is older than a snapshot cut that froze
+/// the layer under it: the front end installs a cut only once no older write is
+/// in flight, so such a write is a delayed one, or a copy of versions of a
+/// frozen layer (copying snapshot layers: not built yet).
+fn below_live_layer(c: &Chunk, seq: Seq) -> Result<()> {
+    if c.lower == Seq::ZERO || seq > c.lower {
+        return Ok(());
+    }
+    Err(StoreError::InvalidRequest(format!(
+        "write at seq {seq} to chunk {} is not newer than its snapshot layer's lower bound {}",
+        c.id, c.lower
+    )))
+}
+
 fn check_aligned(offset: u64, len: u64) -> Result<()> {
     if !offset.is_multiple_of(BLOCK_SIZE_U64) || !len.is_multiple_of(BLOCK_SIZE_U64) {
         return Err(StoreError::Misaligned { offset, len });
@@ -239,7 +307,8 @@ impl ChunkStore {
         let dir = dir.as_ref().to_path_buf();
         let chunks_dir = dir.join(CHUNKS_DIR);
         let epochs_dir = dir.join(EPOCHS_DIR);
-        for d in [&dir, &chunks_dir, &epochs_dir] {
+        let snapshots_dir = dir.join(SNAPSHOTS_DIR);
+        for d in [&dir, &chunks_dir, &epochs_dir, &snapshots_dir] {
             fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
         }
         ensure_marker(&dir)?;
@@ -248,6 +317,7 @@ impl ChunkStore {
             warn!(dir = %dir.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
         }
         let volumes = load_epochs(&epochs_dir)?;
+        let cuts = load_cuts(&snapshots_dir)?;
         let chunks = load_chunks(&chunks_dir, direct)?;
         let ring = Ring::start(opts.queue_depth, opts.poll, "ballast-uring")
             .map_err(|e| StoreError::io("start io_uring", &dir, e))?;
@@ -255,6 +325,9 @@ impl ChunkStore {
         if let Some(m) = &opts.metrics {
             for c in chunks.values() {
                 m.chunk(c.size, 1);
+                for l in &c.stack()[1..] {
+                    m.layer(l.size, 1);
+                }
             }
         }
         info!(
@@ -266,10 +339,12 @@ impl ChunkStore {
                 dir,
                 chunks_dir,
                 epochs_dir,
+                snapshots_dir,
                 direct,
                 ring,
                 chunks: RwLock::new(chunks),
                 volumes: RwLock::new(volumes),
+                cuts: RwLock::new(cuts),
                 admin: tokio::sync::Mutex::new(()),
                 metrics: opts.metrics,
             }),
@@ -483,7 +558,10 @@ impl ChunkStore {
         }
         let dir = self.inner.chunks_dir.clone();
         let direct = self.inner.direct;
-        let chunk = tokio::task::spawn_blocking(move || create_chunk_files(&dir, id, size, direct))
+        // Every write it will get is newer than every cut known now (the front
+        // end installs a cut on every replica before its first write above it).
+        let lower = self.cuts(id.volume).last().copied().unwrap_or(Seq::ZERO);
+        let chunk = tokio::task::spawn_blocking(move || create_chunk_files(&dir, id, size, lower, direct))
             .await
             .map_err(|_| StoreError::Shutdown)??;
         self.inner.chunks.write().unwrap_or_else(|p| p.into_inner()).insert(id, Arc::new(chunk));
@@ -508,15 +586,22 @@ impl ChunkStore {
         let Some(c) = self.inner.chunks.write().unwrap_or_else(|p| p.into_inner()).remove(&id) else {
             return Ok(());
         };
+        let stack = c.stack();
         if let Some(m) = &self.inner.metrics {
             m.chunk(c.size, -1);
+            for l in &stack[1..] {
+                m.layer(l.size, -1);
+            }
         }
-        let (data, ctx, dir) = (c.data_path.clone(), c.ctx_path.clone(), self.inner.chunks_dir.clone());
+        // Top layer first: a layer below one whose files are gone would be
+        // taken for the live layer at the next open.
+        let files: Vec<(PathBuf, PathBuf)> = stack.iter().map(|l| (l.ctx_path.clone(), l.data_path.clone())).collect();
+        let dir = self.inner.chunks_dir.clone();
         // In-flight I/O holds the chunk (and its descriptors) until it completes.
-        drop(c);
+        drop((c, stack));
         tokio::task::spawn_blocking(move || -> Result<()> {
             // The ctx file goes first: a data file without one is removed at open.
-            for p in [&ctx, &data] {
+            for p in files.iter().flat_map(|(ctx, data)| [ctx, data]) {
                 match fs::remove_file(p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -573,9 +658,11 @@ impl ChunkStore {
         seq: Seq,
         crc_of: impl Fn(u32) -> u32,
     ) -> Result<Mutation> {
+        self.freeze_for(id, seq, seq.epoch).await?;
         let Some(l) = self.lock_blocks(id, offset, len, seq.epoch).await? else {
             return Ok(Mutation::Empty);
         };
+        below_live_layer(&l.c, seq)?;
         if (l.b0..l.b1).any(|b| l.c.ctx.current(b).is_some_and(|(current, _)| current >= seq)) {
             return Ok(Mutation::Superseded);
         }
@@ -589,14 +676,20 @@ impl ChunkStore {
     async fn lock_blocks(&self, id: ChunkId, offset: u64, len: u64, epoch: Epoch) -> Result<Option<Locked>> {
         check_aligned(offset, len)?;
         let fence = self.fence(id.volume, epoch).await?;
-        let c = self.chunk(id)?;
-        let (b0, b1) = check_range(&c, offset, len)?;
-        if len == 0 {
-            return Ok(None);
+        loop {
+            let c = self.chunk(id)?;
+            let (b0, b1) = check_range(&c, offset, len)?;
+            if len == 0 {
+                return Ok(None);
+            }
+            self.recovered(&c).await?;
+            let range = c.locks.lock(b0, b1, false).await;
+            if c.is_retired() {
+                // Frozen while we waited: the live layer is a new one.
+                continue;
+            }
+            return Ok(Some(Locked { c, b0, b1, locks: MutationLocks { _range: range, _fence: fence } }));
         }
-        self.recovered(&c).await?;
-        let range = c.locks.lock(b0, b1, false).await;
-        Ok(Some(Locked { c, b0, b1, locks: MutationLocks { _range: range, _fence: fence } }))
     }
 
     async fn write_inner(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq) -> Result<()> {
@@ -638,15 +731,16 @@ impl ChunkStore {
     async fn read_inner(&self, id: ChunkId, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes> {
         check_aligned(offset, len as u64)?;
         drop(self.fence(id.volume, epoch).await?);
-        let c = self.chunk(id)?;
-        let (b0, b1) = check_range(&c, offset, len as u64)?;
         if len == 0 {
+            check_range(&*self.chunk(id)?, offset, 0)?;
             return Ok(Bytes::new());
         }
-        self.recovered(&c).await?;
         // Shared: no write may change these blocks' slots between our read and
         // our verification.
-        let _range = c.locks.lock(b0, b1, true).await;
+        let (c, b0, b1, _range) = self.lock_shared(id, offset, len as u64).await?;
+        if c.below().is_some() {
+            return self.read_layers(&c.stack(), b0, b1).await;
+        }
         let o = (OpKind::Read(AlignedBuf::for_read(len as usize)), &c.data, offset, len as u64, Hold::none());
         let Done::Read(buf) = self.io("read", &c.data_path, o).await? else {
             return Err(StoreError::Shutdown);
@@ -768,9 +862,15 @@ impl ChunkStore {
             )));
         }
         let len = blocks.len() as u64 * BLOCK_SIZE_U64;
+        if let Some(newest) = blocks.iter().filter(|b| !matches!(b, ResyncBlock::Keep)).map(|b| b.seq()).max() {
+            self.freeze_for(id, newest, epoch).await?;
+        }
         let Some(Locked { c, b0, b1: _, locks }) = self.lock_blocks(id, offset, len, epoch).await? else {
             return Ok(ResyncOutcome::default());
         };
+        if let Some(oldest) = blocks.iter().filter(|b| !matches!(b, ResyncBlock::Keep)).map(|b| b.seq()).min() {
+            below_live_layer(&c, oldest)?;
+        }
         // Decide every block under the range lock; coalesce applied blocks into
         // runs of one kind, one I/O each.
         let mut out = ResyncOutcome::default();
@@ -964,17 +1064,13 @@ impl ChunkStore {
         epoch: Epoch,
     ) -> Result<Vec<BlockContext>> {
         drop(self.fence(id.volume, epoch).await?);
-        let c = self.chunk(id)?;
         let offset = first.0 as u64 * BLOCK_SIZE_U64;
-        let (b0, b1) = check_range(&c, offset, count as u64 * BLOCK_SIZE_U64)?;
-        self.recovered(&c).await?;
-        let _range = c.locks.lock(b0, b1, true).await;
-        Ok((b0..b1)
-            .map(|b| match c.ctx.current(b) {
-                Some((seq, crc)) => BlockContext { crc, seq },
-                None => BlockContext { crc: 0, seq: Seq::ZERO },
-            })
-            .collect())
+        let (c, b0, b1, _range) = self.lock_shared(id, offset, count as u64 * BLOCK_SIZE_U64).await?;
+        let stack = c.stack();
+        for l in &stack[1..] {
+            self.recovered(l).await?;
+        }
+        Ok((b0..b1).map(|b| snapshot::view_context(&stack, b)).collect())
     }
 
     /// Raises the volume's epoch to `epoch` (persisted crash-safely before it
@@ -1049,9 +1145,9 @@ fn ensure_marker(dir: &Path) -> Result<()> {
         Ok(mut f) => {
             let mut b = Vec::new();
             f.read_to_end(&mut b).map_err(|e| StoreError::io("read store marker", &p, e))?;
-            layout::check_store_marker(&b).map_err(|m| StoreError::io("open store", &p, invalid(m)))
+            layout::check_store_marker(&b).map(|_| ()).map_err(|m| StoreError::io("open store", &p, invalid(m)))
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => replace_file(dir, MARKER, &layout::encode_store_marker()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => replace_file(dir, MARKER, &layout::encode_store_marker(1)),
         Err(e) => Err(StoreError::io("open store marker", &p, e)),
     }
 }
@@ -1097,6 +1193,33 @@ fn probe_direct(dir: &Path) -> Result<bool> {
     Ok(ok)
 }
 
+fn load_cuts(dir: &Path) -> Result<HashMap<VolumeId, Arc<[Seq]>>> {
+    let mut out = HashMap::new();
+    for ent in fs::read_dir(dir).map_err(|e| StoreError::io("list snapshot cuts", dir, e))? {
+        let ent = ent.map_err(|e| StoreError::io("list snapshot cuts", dir, e))?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        let p = ent.path();
+        if name.ends_with(".tmp") {
+            let _ = fs::remove_file(&p);
+            continue;
+        }
+        let Some(volume) = layout::parse_cuts_file_name(&name) else {
+            warn!(path = %p.display(), "ignoring unknown file in snapshots directory");
+            continue;
+        };
+        let b = fs::read(&p).map_err(|e| StoreError::io("read snapshot cuts", &p, e))?;
+        let (v, cuts) =
+            layout::decode_cuts_file(&b).map_err(|m| StoreError::io("load snapshot cuts", &p, invalid(m)))?;
+        if v != volume {
+            return Err(StoreError::io("load snapshot cuts", &p, invalid("volume differs from file name")));
+        }
+        if !cuts.is_empty() {
+            out.insert(volume, cuts.into());
+        }
+    }
+    Ok(out)
+}
+
 fn load_epochs(dir: &Path) -> Result<HashMap<VolumeId, Arc<VolumeFence>>> {
     let mut out = HashMap::new();
     for ent in fs::read_dir(dir).map_err(|e| StoreError::io("list epochs", dir, e))? {
@@ -1137,7 +1260,7 @@ fn data_open_options(direct: bool) -> OpenOptions {
 }
 
 fn load_chunks(dir: &Path, direct: bool) -> Result<HashMap<ChunkId, Arc<Chunk>>> {
-    let mut out = HashMap::new();
+    let mut layers: HashMap<ChunkId, Vec<Seq>> = HashMap::new();
     let mut datas = Vec::new();
     for ent in fs::read_dir(dir).map_err(|e| StoreError::io("list chunks", dir, e))? {
         let ent = ent.map_err(|e| StoreError::io("list chunks", dir, e))?;
@@ -1147,19 +1270,37 @@ fn load_chunks(dir: &Path, direct: bool) -> Result<HashMap<ChunkId, Arc<Chunk>>>
             // A creation that never completed.
             let _ = fs::remove_file(&p);
         } else if let Some(stem) = name.strip_suffix(".ctx") {
-            let Some(id) = layout::parse_chunk_file_stem(stem) else {
+            let Some((id, lower)) = layout::parse_layer_file_stem(stem) else {
                 warn!(path = %p.display(), "ignoring unknown file in chunks directory");
                 continue;
             };
-            let c = open_chunk(dir, id, direct)?;
-            out.insert(id, Arc::new(c));
+            layers.entry(id).or_default().push(lower);
         } else if name.ends_with(".data") {
             datas.push((name, p));
         }
     }
+    let mut out = HashMap::new();
+    for (id, mut lowers) in layers {
+        // Bottom first; each layer hangs below the next one up.
+        lowers.sort();
+        let mut below: Option<Arc<Chunk>> = None;
+        for lower in lowers {
+            let c = open_chunk(dir, id, lower, direct)?;
+            if let Some(b) = &below {
+                b.retired.store(true, Ordering::Release);
+            }
+            *c.below.write().unwrap_or_else(|p| p.into_inner()) = below.take();
+            below = Some(Arc::new(c));
+        }
+        if let Some(top) = below {
+            // Layers share the top's range locks.
+            out.insert(id, top);
+        }
+    }
     for (name, p) in datas {
         let stem = name.trim_end_matches(".data");
-        let owned = layout::parse_chunk_file_stem(stem).is_some_and(|id| out.contains_key(&id));
+        let owned = layout::parse_layer_file_stem(stem)
+            .is_some_and(|(id, lower)| out.get(&id).is_some_and(|c| c.stack().iter().any(|l| l.lower == lower)));
         if !owned {
             // Its context file never got renamed into place (or was deleted first).
             info!(path = %p.display(), "removing data file of an incomplete chunk");
@@ -1169,13 +1310,13 @@ fn load_chunks(dir: &Path, direct: bool) -> Result<HashMap<ChunkId, Arc<Chunk>>>
     Ok(out)
 }
 
-fn paths(dir: &Path, id: ChunkId) -> (PathBuf, PathBuf) {
-    let stem = layout::chunk_file_stem(id);
+fn paths(dir: &Path, id: ChunkId, lower: Seq) -> (PathBuf, PathBuf) {
+    let stem = layout::layer_file_stem(id, lower);
     (dir.join(format!("{stem}.data")), dir.join(format!("{stem}.ctx")))
 }
 
-fn open_chunk(dir: &Path, id: ChunkId, direct: bool) -> Result<Chunk> {
-    let (data_path, ctx_path) = paths(dir, id);
+fn open_chunk(dir: &Path, id: ChunkId, lower: Seq, direct: bool) -> Result<Chunk> {
+    let (data_path, ctx_path) = paths(dir, id, lower);
     let ctx_file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -1198,10 +1339,11 @@ fn open_chunk(dir: &Path, id: ChunkId, direct: bool) -> Result<Chunk> {
     if data_len != h.chunk_size {
         return Err(StoreError::io("load chunk", &data_path, invalid("data file has the wrong length")));
     }
-    finish_chunk(id, h.chunk_size, data_file, ctx_file, data_path, ctx_path)
+    finish_chunk(id, h.chunk_size, lower, data_file, ctx_file, (data_path, ctx_path))
 }
 
-fn finish_chunk(id: ChunkId, size: u64, data: File, ctx: File, data_path: PathBuf, ctx_path: PathBuf) -> Result<Chunk> {
+fn finish_chunk(id: ChunkId, size: u64, lower: Seq, data: File, ctx: File, paths: (PathBuf, PathBuf)) -> Result<Chunk> {
+    let (data_path, ctx_path) = paths;
     let ctx_fd: OwnedFd = ctx.into();
     let blocks = (size / BLOCK_SIZE_U64) as u32;
     let map = CtxMap::map(&ctx_fd, layout::ctx_file_len(size) as usize, blocks)
@@ -1211,6 +1353,9 @@ fn finish_chunk(id: ChunkId, size: u64, data: File, ctx: File, data_path: PathBu
     Ok(Chunk {
         id,
         size,
+        lower,
+        below: RwLock::new(None),
+        retired: std::sync::atomic::AtomicBool::new(false),
         data: Arc::new(data.into()),
         ctx_fd: Arc::new(ctx_fd),
         ctx: map,
@@ -1225,8 +1370,8 @@ fn finish_chunk(id: ChunkId, size: u64, data: File, ctx: File, data_path: PathBu
 
 /// Creates a chunk's files. The context file is fully allocated here, so running
 /// out of space shows up now as `NoSpace` and never later as SIGBUS on the mapping.
-fn create_chunk_files(dir: &Path, id: ChunkId, size: u64, direct: bool) -> Result<Chunk> {
-    let (data_path, ctx_path) = paths(dir, id);
+fn create_chunk_files(dir: &Path, id: ChunkId, size: u64, lower: Seq, direct: bool) -> Result<Chunk> {
+    let (data_path, ctx_path) = paths(dir, id, lower);
     let tmp = ctx_path.with_extension("ctx.tmp");
     let ctx_len = layout::ctx_file_len(size);
     let ctx = OpenOptions::new()
@@ -1260,5 +1405,5 @@ fn create_chunk_files(dir: &Path, id: ChunkId, size: u64, direct: bool) -> Resul
     // The rename is the commit point: a chunk exists once its .ctx exists.
     fs::rename(&tmp, &ctx_path).map_err(|e| cleanup(StoreError::io("rename context file", &ctx_path, e)))?;
     fsync_dir(dir)?;
-    finish_chunk(id, size, data, ctx, data_path, ctx_path)
+    finish_chunk(id, size, lower, data, ctx, (data_path, ctx_path))
 }

@@ -26,13 +26,13 @@ mod process;
 pub mod sharded;
 
 pub use process::{parse_stat, ProcStat, ProcessCollector};
-pub use sharded::{InFlightGauge, LatencyHistogram, ShardedCounter};
 pub use prometheus_client;
 pub use prometheus_client::metrics::counter::Counter;
 pub use prometheus_client::metrics::family::Family;
 pub use prometheus_client::metrics::gauge::Gauge;
 pub use prometheus_client::metrics::histogram::Histogram;
 pub use prometheus_client::registry::Registry;
+pub use sharded::{InFlightGauge, LatencyHistogram, ShardedCounter};
 
 /// The prefix of every Ballast metric name.
 pub const PREFIX: &str = "ballast";

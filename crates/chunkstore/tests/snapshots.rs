@@ -1,0 +1,279 @@
+//! Snapshot layers: cuts, freezing at the first write above a cut, reads of
+//! every snapshot view and of the live view, across reopen; a property test
+//! against a model that keeps every version of every block.
+
+use std::path::Path;
+
+use ballast_chunkstore::{ChunkStore, StoreError, StoreOptions};
+use ballast_types::{BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId};
+use bytes::Bytes;
+use proptest::prelude::*;
+
+const BLOCKS: u32 = 16;
+const BS: usize = 4096;
+const V: VolumeId = VolumeId(1);
+const E: Epoch = Epoch(3);
+const ID: ChunkId = ChunkId { volume: V, chunk: ChunkIdx(0) };
+
+fn open(dir: &Path) -> ChunkStore {
+    ChunkStore::open(dir, StoreOptions { direct_io: true, queue_depth: 8, ..StoreOptions::default() }).expect("open")
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("chunkstore-snap").tempdir_in("/var/tmp").expect("tempdir")
+}
+
+fn pattern(fill: u8, block: u32) -> Vec<u8> {
+    (0..BS).map(|i| fill.wrapping_mul(13).wrapping_add(block as u8) ^ (i as u8).rotate_left(3)).collect()
+}
+
+fn seq(n: u64) -> Seq {
+    Seq::new(E, n)
+}
+
+async fn write(s: &ChunkStore, block: u32, fill: u8, at: u64) {
+    s.write(ID, block as u64 * BS as u64, Bytes::from(pattern(fill, block)), seq(at)).await.expect("write");
+}
+
+async fn read_live(s: &ChunkStore, block: u32) -> Vec<u8> {
+    s.read(ID, block as u64 * BS as u64, BS as u32, E).await.expect("read").to_vec()
+}
+
+async fn read_at(s: &ChunkStore, cut: Seq, block: u32) -> Vec<u8> {
+    s.read_snapshot(ID, cut, block as u64 * BS as u64, BS as u32, E).await.expect("read snapshot").to_vec()
+}
+
+fn layer_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir.join("chunks"))
+        .expect("list")
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".ctx")))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_keeps_what_was_there_at_its_cut() {
+    let dir = tempdir();
+    let s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    write(&s, 0, 1, 1).await;
+    write(&s, 1, 2, 2).await;
+    let c1 = seq(10);
+    s.set_cuts(V, E, &[c1]).await.expect("cut");
+    assert_eq!(layer_files(dir.path()), 1, "no layer until a write above the cut");
+    write(&s, 0, 3, 11).await;
+    s.trim(ID, BS as u64, BS as u64, seq(12)).await.expect("trim");
+    write(&s, 2, 4, 13).await;
+    assert_eq!(layer_files(dir.path()), 2, "one frozen layer, one live");
+    // Live: the new versions; the trimmed block reads zeros.
+    assert_eq!(read_live(&s, 0).await, pattern(3, 0));
+    assert_eq!(read_live(&s, 1).await, vec![0; BS]);
+    assert_eq!(read_live(&s, 2).await, pattern(4, 2));
+    // Snapshot: the versions at the cut; block 2 was never written then.
+    assert_eq!(read_at(&s, c1, 0).await, pattern(1, 0));
+    assert_eq!(read_at(&s, c1, 1).await, pattern(2, 1));
+    assert_eq!(read_at(&s, c1, 2).await, vec![0; BS]);
+    // A block written only below the live layer reads through it.
+    write(&s, 5, 9, 14).await;
+    let whole = s.read(ID, 0, 8 * BS as u32, E).await.expect("read range");
+    assert_eq!(&whole[5 * BS..6 * BS], &pattern(9, 5)[..]);
+    assert_eq!(&whole[..BS], &pattern(3, 0)[..]);
+    let ctx = s.context_table_at(ID, Some(c1), BlockIdx(0), 3, E).await.expect("contexts at cut");
+    assert_eq!(ctx.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![seq(1), seq(2), Seq::ZERO]);
+    let live = s.context_table(ID, BlockIdx(0), 3, E).await.expect("contexts");
+    assert_eq!(live.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![seq(11), seq(12), seq(13)]);
+
+    // Reopened: the same views, and the marker says version 2.
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(&*s.cuts(V), &[c1]);
+    assert_eq!(read_at(&s, c1, 0).await, pattern(1, 0));
+    assert_eq!(read_live(&s, 0).await, pattern(3, 0));
+    assert_eq!(read_live(&s, 5).await, pattern(9, 5));
+    let marker = std::fs::read(dir.path().join("ballast-chunkstore")).expect("marker");
+    assert_eq!(&marker[..8], b"BLSTORE\x02");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cuts_and_old_writes_are_refused_and_change_nothing() {
+    let dir = tempdir();
+    let s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    write(&s, 0, 1, 5).await;
+    let invalid = |r: Result<(), StoreError>| matches!(r, Err(StoreError::InvalidRequest(_)));
+    assert!(invalid(s.set_cuts(V, E, &[seq(9), seq(8)]).await), "unordered");
+    assert!(invalid(s.set_cuts(V, E, &[Seq::ZERO]).await), "zero");
+    assert!(matches!(s.set_cuts(V, Epoch(2), &[seq(9)]).await, Err(StoreError::Fenced { .. })));
+    s.set_cuts(V, E, &[seq(9)]).await.expect("cut");
+    assert!(invalid(s.set_cuts(V, E, &[seq(7), seq(9)]).await), "a new cut below an existing one");
+    write(&s, 0, 2, 20).await;
+    // A write below the live layer's lower bound (a delayed one) is refused.
+    let old = s.write(ID, BS as u64, Bytes::from(pattern(3, 1)), seq(6)).await;
+    assert!(matches!(old, Err(StoreError::InvalidRequest(_))), "{old:?}");
+    assert_eq!(read_live(&s, 1).await, vec![0; BS]);
+    assert!(matches!(s.read_snapshot(ID, seq(8), 0, BS as u32, E).await, Err(StoreError::InvalidRequest(_))));
+    assert_eq!(read_at(&s, seq(9), 0).await, pattern(1, 0));
+    // Removing the cut keeps the live data (the frozen layer stays below it).
+    s.set_cuts(V, E, &[]).await.expect("remove cut");
+    assert_eq!(read_live(&s, 0).await, pattern(2, 0));
+    assert!(s.cuts(V).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_created_after_a_cut_are_zero_in_it_and_deletion_removes_every_layer() {
+    let dir = tempdir();
+    let s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    s.set_cuts(V, E, &[seq(4)]).await.expect("cut");
+    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    write(&s, 3, 7, 5).await;
+    assert_eq!(layer_files(dir.path()), 1, "created above the cut: no layer to freeze");
+    assert_eq!(read_at(&s, seq(4), 3).await, vec![0; BS]);
+    s.set_cuts(V, E, &[seq(4), seq(6)]).await.expect("second cut");
+    write(&s, 3, 8, 7).await;
+    assert_eq!(read_at(&s, seq(6), 3).await, pattern(7, 3));
+    assert_eq!(read_live(&s, 3).await, pattern(8, 3));
+    assert_eq!(layer_files(dir.path()), 2);
+    s.delete_chunk(ID, E).await.expect("delete");
+    assert_eq!(layer_files(dir.path()), 0);
+    let data_files = std::fs::read_dir(dir.path().join("chunks")).expect("list").count();
+    assert_eq!(data_files, 0, "every layer's data file is gone too");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_racing_the_freeze_land_in_the_right_layer() {
+    // Many concurrent writes above the cut: the first freezes the layer, the
+    // others wait for it and go to the new live layer.
+    let dir = tempdir();
+    let s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    for b in 0..BLOCKS {
+        write(&s, b, 1, 1 + b as u64).await;
+    }
+    s.set_cuts(V, E, &[seq(100)]).await.expect("cut");
+    let mut tasks = Vec::new();
+    for b in 0..BLOCKS {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { write(&s, b, 2, 101 + b as u64).await }));
+    }
+    for t in tasks {
+        t.await.expect("join");
+    }
+    for b in 0..BLOCKS {
+        assert_eq!(read_at(&s, seq(100), b).await, pattern(1, b), "block {b} at the cut");
+        assert_eq!(read_live(&s, b).await, pattern(2, b), "block {b} live");
+    }
+    assert_eq!(layer_files(dir.path()), 2, "one freeze");
+}
+
+// ---- the property test ----------------------------------------------------
+
+#[derive(Clone, Debug)]
+enum Cmd {
+    Write { block: u32, n: u32, fill: u8 },
+    Trim { block: u32, n: u32 },
+    Cut,
+    DropOldestCut,
+    Reopen,
+}
+
+fn cmd() -> impl Strategy<Value = Cmd> {
+    let range = (0..BLOCKS).prop_flat_map(|b| (Just(b), 1..=(BLOCKS - b).min(6)));
+    prop_oneof![
+        6 => (range.clone(), any::<u8>()).prop_map(|((block, n), fill)| Cmd::Write { block, n, fill }),
+        1 => range.prop_map(|(block, n)| Cmd::Trim { block, n }),
+        2 => Just(Cmd::Cut),
+        1 => Just(Cmd::DropOldestCut),
+        1 => Just(Cmd::Reopen),
+    ]
+}
+
+/// Every version of every block: (seq, content; None = zeros).
+type Versions = Vec<Vec<(Seq, Option<Vec<u8>>)>>;
+
+fn view(model: &Versions, block: u32, at: Option<Seq>) -> Vec<u8> {
+    model[block as usize]
+        .iter()
+        .rev()
+        .find(|(s, _)| at.is_none_or(|c| *s <= c))
+        .and_then(|(_, d)| d.clone())
+        .unwrap_or_else(|| vec![0; BS])
+}
+
+async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
+    let dir = tempdir();
+    let mut s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    let mut model: Versions = vec![Vec::new(); BLOCKS as usize];
+    let mut cuts: Vec<Seq> = Vec::new();
+    let mut counter = 0u64;
+    for c in cmds {
+        counter += 1;
+        let at = seq(counter);
+        match c {
+            Cmd::Write { block, n, fill } => {
+                let mut buf = Vec::new();
+                for b in block..block + n {
+                    let p = pattern(fill, b);
+                    buf.extend_from_slice(&p);
+                    model[b as usize].push((at, Some(p)));
+                }
+                s.write(ID, block as u64 * BS as u64, Bytes::from(buf), at).await.expect("write");
+            }
+            Cmd::Trim { block, n } => {
+                for b in block..block + n {
+                    model[b as usize].push((at, None));
+                }
+                s.trim(ID, block as u64 * BS as u64, n as u64 * BS as u64, at).await.expect("trim");
+            }
+            Cmd::Cut => {
+                cuts.push(at);
+                s.set_cuts(V, E, &cuts).await.expect("set cuts");
+            }
+            Cmd::DropOldestCut => {
+                if !cuts.is_empty() {
+                    cuts.remove(0);
+                    s.set_cuts(V, E, &cuts).await.expect("set cuts");
+                }
+            }
+            Cmd::Reopen => {
+                drop(s);
+                s = open(dir.path());
+                prop_assert_eq!(&*s.cuts(V), &cuts[..]);
+            }
+        }
+        // Every view of every block, block by block and as one range.
+        for view_at in std::iter::once(None).chain(cuts.iter().copied().map(Some)) {
+            let got = match view_at {
+                None => s.read(ID, 0, BLOCKS * BS as u32, E).await,
+                Some(cut) => s.read_snapshot(ID, cut, 0, BLOCKS * BS as u32, E).await,
+            }
+            .expect("read");
+            let contexts = s.context_table_at(ID, view_at, BlockIdx(0), BLOCKS, E).await.expect("contexts");
+            for b in 0..BLOCKS {
+                let want = view(&model, b, view_at);
+                prop_assert!(got[b as usize * BS..][..BS] == want[..], "block {} at {:?} differs", b, view_at);
+                let want_seq = model[b as usize]
+                    .iter()
+                    .rev()
+                    .find(|(s, _)| view_at.is_none_or(|c| *s <= c))
+                    .map_or(Seq::ZERO, |(s, _)| *s);
+                prop_assert_eq!(contexts[b as usize].seq, want_seq, "seq of block {} at {:?}", b, view_at);
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_view_matches_the_model(cmds in proptest::collection::vec(cmd(), 1..40)) {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+        rt.block_on(run(cmds))?;
+    }
+}
