@@ -59,6 +59,8 @@ struct Inner {
     cuts: RwLock<HashMap<VolumeId, Arc<[Seq]>>>,
     /// Serializes chunk creation and deletion (file-system work, rare).
     admin: tokio::sync::Mutex<()>,
+    /// One merge of snapshot layers at a time (store/snapshot.rs).
+    merging: tokio::sync::Mutex<()>,
     metrics: Option<DiskMetrics>,
 }
 
@@ -346,6 +348,7 @@ impl ChunkStore {
                 volumes: RwLock::new(volumes),
                 cuts: RwLock::new(cuts),
                 admin: tokio::sync::Mutex::new(()),
+                merging: tokio::sync::Mutex::new(()),
                 metrics: opts.metrics,
             }),
         })
@@ -1284,8 +1287,11 @@ fn load_chunks(dir: &Path, direct: bool) -> Result<HashMap<ChunkId, Arc<Chunk>>>
         // Bottom first; each layer hangs below the next one up.
         lowers.sort();
         let mut below: Option<Arc<Chunk>> = None;
+        // Every layer of a chunk shares one set of range locks.
+        let locks = Arc::new(RangeLocks::default());
         for lower in lowers {
-            let c = open_chunk(dir, id, lower, direct)?;
+            let mut c = open_chunk(dir, id, lower, direct)?;
+            c.locks = locks.clone();
             if let Some(b) = &below {
                 b.retired.store(true, Ordering::Release);
             }

@@ -121,7 +121,7 @@ async fn bad_cuts_and_old_writes_are_refused_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunks_created_after_a_cut_are_zero_in_it_and_deletion_removes_every_layer() {
+async fn chunks_created_after_a_cut_are_absent_from_it_and_deletion_removes_every_layer() {
     let dir = tempdir();
     let s = open(dir.path());
     s.announce_epoch(V, E).await.expect("announce");
@@ -129,7 +129,8 @@ async fn chunks_created_after_a_cut_are_zero_in_it_and_deletion_removes_every_la
     s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
     write(&s, 3, 7, 5).await;
     assert_eq!(layer_files(dir.path()), 1, "created above the cut: no layer to freeze");
-    assert_eq!(read_at(&s, seq(4), 3).await, vec![0; BS]);
+    let absent = s.read_snapshot(ID, seq(4), 3 * BS as u64, BS as u32, E).await;
+    assert!(matches!(absent, Err(StoreError::NoSuchChunk(_))), "not held at the cut: {absent:?}");
     s.set_cuts(V, E, &[seq(4), seq(6)]).await.expect("second cut");
     write(&s, 3, 8, 7).await;
     assert_eq!(read_at(&s, seq(6), 3).await, pattern(7, 3));
@@ -166,6 +167,72 @@ async fn writes_racing_the_freeze_land_in_the_right_layer() {
         assert_eq!(read_live(&s, b).await, pattern(2, b), "block {b} live");
     }
     assert_eq!(layer_files(dir.path()), 2, "one freeze");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_snapshots_merges_their_layers_and_returns_the_space() {
+    let dir = tempdir();
+    let s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    for b in 0..BLOCKS {
+        write(&s, b, 1, 1 + b as u64).await;
+    }
+    // Three snapshots; between them, half the blocks overwritten each time.
+    let mut at = 100;
+    let mut cuts = Vec::new();
+    for round in 0..3u8 {
+        cuts.push(seq(at));
+        s.set_cuts(V, E, &cuts).await.expect("cut");
+        for b in (round as u32 % 2..BLOCKS).step_by(2) {
+            at += 1;
+            write(&s, b, 10 + round, at).await;
+        }
+        at += 10;
+    }
+    assert_eq!(layer_files(dir.path()), 4);
+    let views: Vec<Vec<Vec<u8>>> = {
+        let mut v = Vec::new();
+        for c in &cuts {
+            let mut blocks = Vec::new();
+            for b in 0..BLOCKS {
+                blocks.push(read_at(&s, *c, b).await);
+            }
+            v.push(blocks);
+        }
+        v
+    };
+    let live: Vec<Vec<u8>> = {
+        let mut l = Vec::new();
+        for b in 0..BLOCKS {
+            l.push(read_live(&s, b).await);
+        }
+        l
+    };
+    // The middle snapshot goes: its layer is merged up, the others read the same.
+    s.set_cuts(V, E, &[cuts[0], cuts[2]]).await.expect("drop the middle cut");
+    // Waits for the background merge (one at a time), or does it.
+    s.merge_layers(V).await.expect("merge");
+    assert_eq!(layer_files(dir.path()), 3);
+    for (i, c) in [(0, cuts[0]), (2, cuts[2])] {
+        for b in 0..BLOCKS {
+            assert_eq!(read_at(&s, c, b).await, views[i][b as usize], "block {b} of snapshot {i}");
+        }
+    }
+    // All of them go: one layer left, the live data unchanged, across reopen.
+    s.set_cuts(V, E, &[]).await.expect("drop every cut");
+    s.merge_layers(V).await.expect("merge");
+    assert_eq!(layer_files(dir.path()), 1);
+    for b in 0..BLOCKS {
+        assert_eq!(read_live(&s, b).await, live[b as usize], "live block {b}");
+    }
+    drop(s);
+    let s = open(dir.path());
+    for b in 0..BLOCKS {
+        assert_eq!(read_live(&s, b).await, live[b as usize], "live block {b} after reopen");
+    }
+    let data_files = std::fs::read_dir(dir.path().join("chunks")).expect("list").count();
+    assert_eq!(data_files, 2, "one data file and one context file");
 }
 
 // ---- the property test ----------------------------------------------------
@@ -240,6 +307,9 @@ async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
                 }
             }
             Cmd::Reopen => {
+                // Waits for a background merge (one runs at a time) before the
+                // store goes.
+                s.merge_layers(V).await.expect("merge");
                 drop(s);
                 s = open(dir.path());
                 prop_assert_eq!(&*s.cuts(V), &cuts[..]);

@@ -6,9 +6,14 @@
 //! layer's lower bound), so replicas that get the same writes and cuts hold
 //! the same versions in each view, whatever else differs between them.
 //!
-//! Not built yet: copying frozen layers in resync and rebuild, and merging a
-//! layer into the one above when the snapshots that read it are deleted (the
-//! space of a deleted snapshot is reclaimed when its chunk is deleted).
+//! A frozen layer that no remaining cut reads as its top layer (no cut lies
+//! between its lower bound and the lower bound of the layer above it) is
+//! merged into the layer above and removed: [`ChunkStore::merge_layers`],
+//! started in the background by `set_cuts` when cuts go, and when the same
+//! cuts are set again (a front end re-attaching), which finishes a merge that
+//! a crash interrupted.
+//!
+//! Not built yet: copying frozen layers in resync and rebuild.
 
 use super::*;
 
@@ -43,6 +48,7 @@ impl ChunkStore {
             )));
         }
         if added.is_empty() && old.len() == cuts.len() {
+            self.merge_in_background(volume);
             return Ok(());
         }
         if !added.is_empty() {
@@ -63,7 +69,133 @@ impl ChunkStore {
         } else {
             m.insert(volume, Arc::from(cuts.to_vec()));
         }
+        drop(m);
         info!(volume = volume.0, cuts = cuts.len(), added = added.len(), "snapshot cuts set");
+        if old.iter().any(|c| !cuts.contains(c)) {
+            self.merge_in_background(volume);
+        }
+        Ok(())
+    }
+
+    /// Runs [`ChunkStore::merge_layers`] for `volume` on its own task; a
+    /// failure is logged (the next `set_cuts` or open tries again).
+    pub(super) fn merge_in_background(&self, volume: VolumeId) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            match store.merge_layers(volume).await {
+                Ok(0) => {}
+                Ok(n) => info!(volume = volume.0, layers = n, "snapshot layers merged"),
+                Err(e) => warn!(volume = volume.0, error = %e, "merging snapshot layers failed"),
+            }
+        });
+    }
+
+    /// Merges every frozen layer of `volume`'s chunks that no cut reads as its
+    /// top layer into the layer above it, and removes it: its blocks that the
+    /// layer above does not have are copied up with their seqs (under the
+    /// chunk's range lock, so a client write that lands meanwhile wins), made
+    /// durable, then its files are deleted. Every view stays the same, and
+    /// the space of versions no view reads comes back. Returns the layers
+    /// removed. Idempotent: a crash half-way leaves the layer, with some of
+    /// its blocks also above; the next run finishes it.
+    pub async fn merge_layers(&self, volume: VolumeId) -> Result<u64> {
+        let _one = self.inner.merging.lock().await;
+        let ids: Vec<ChunkId> = self.chunk_list().iter().filter(|c| c.id.volume == volume).map(|c| c.id).collect();
+        let mut merged = 0;
+        for id in ids {
+            loop {
+                let cuts = self.cuts(volume);
+                let Some(top) = self.get(id) else { break };
+                let stack = top.stack();
+                let unread = (1..stack.len()).find(|&i| {
+                    let (x, above) = (stack[i].lower, stack[i - 1].lower);
+                    !cuts.iter().any(|c| x < *c && *c <= above)
+                });
+                let Some(i) = unread else { break };
+                self.merge_one(&stack[i - 1], &stack[i]).await?;
+                merged += 1;
+            }
+        }
+        Ok(merged)
+    }
+
+    /// Copies `x`'s blocks that `above` lacks into `above`, syncs it, unlinks
+    /// `x` from the stack and deletes its files.
+    async fn merge_one(&self, above: &Arc<Chunk>, x: &Arc<Chunk>) -> Result<()> {
+        const PIECE: u32 = 256;
+        let bs = BLOCK_SIZE as usize;
+        let blocks = (x.size / BLOCK_SIZE_U64) as u32;
+        self.recovered(x).await?;
+        self.recovered(above).await?;
+        let mut copied = 0u64;
+        let mut b0 = 0;
+        while b0 < blocks {
+            let b1 = (b0 + PIECE).min(blocks);
+            let fence = self.fence_of(x.id.volume).lock.clone().read_owned().await;
+            let top = self.chunk(x.id)?;
+            let range = top.locks.lock(b0, b1, false).await;
+            // Runs of blocks written below and not above, decided under the lock.
+            let mut runs: Vec<(u32, u32)> = Vec::new();
+            for b in b0..b1 {
+                if x.written(b) && !above.written(b) {
+                    match runs.last_mut() {
+                        Some(r) if r.1 == b => r.1 += 1,
+                        _ => runs.push((b, b + 1)),
+                    }
+                }
+            }
+            let locks = Arc::new(MutationLocks { _range: range, _fence: fence });
+            for (r0, r1) in runs {
+                let (off, n) = (r0 as u64 * BLOCK_SIZE_U64, (r1 - r0) as u64 * BLOCK_SIZE_U64);
+                let o = (OpKind::Read(AlignedBuf::for_read(n as usize)), &x.data, off, n, Hold::none());
+                let Done::Read(buf) = self.io("merge read", &x.data_path, o).await? else {
+                    return Err(StoreError::Shutdown);
+                };
+                let mut contexts = Vec::with_capacity((r1 - r0) as usize);
+                for (k, block) in buf.as_ref().chunks(bs).enumerate() {
+                    let b = r0 + k as u32;
+                    let crc = crc32fast::hash(block);
+                    if !x.ctx.verifies(b, crc) {
+                        warn!(chunk = %x.id, block = b, layer_above = %x.lower, "checksum mismatch while merging a snapshot layer");
+                        return Err(StoreError::ChecksumMismatch { id: x.id, block: BlockIdx(b) });
+                    }
+                    let (seq, _) = x.ctx.current(b).unwrap_or((Seq::ZERO, crc));
+                    contexts.push((seq, crc));
+                }
+                let writing = self.begin_write(above).await?;
+                let hold = stage(writing, r0, r1, &locks, |b| contexts[(b - r0) as usize]);
+                let o = (OpKind::Write(WriteBuf::Aligned(buf)), &above.data, off, n, hold);
+                self.io("merge write", &above.data_path, o).await?;
+                copied += u64::from(r1 - r0);
+            }
+            drop(locks);
+            b0 = b1;
+        }
+        // Durable above before the layer below goes: then every view reads the
+        // same from the stack without it.
+        self.flush_many(vec![above.clone()]).await?;
+        let all = above.locks.lock(0, blocks, false).await;
+        *above.below.write().unwrap_or_else(|p| p.into_inner()) = x.below();
+        drop(all);
+        let files = [x.ctx_path.clone(), x.data_path.clone()];
+        let dir = self.inner.chunks_dir.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            // The context file first: a data file without one is removed at open.
+            for p in &files {
+                match fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io("delete layer file", p, e)),
+                }
+            }
+            fsync_dir(&dir)
+        })
+        .await
+        .map_err(|_| StoreError::Shutdown)??;
+        if let Some(m) = &self.inner.metrics {
+            m.layer(x.size, -1);
+        }
+        info!(chunk = %x.id, layer_above = %x.lower, blocks_copied = copied, "snapshot layer merged into the one above");
         Ok(())
     }
 
@@ -119,8 +251,10 @@ impl ChunkStore {
 
     /// Reads `len` bytes at `offset` of chunk `id` as they were at snapshot
     /// `cut` (one of the volume's cuts), every block verified: the versions of
-    /// the layers whose lower bound is below the cut. A chunk created after the
-    /// cut reads as zeros.
+    /// the layers whose lower bound is below the cut. `NoSuchChunk` if this
+    /// replica did not hold the chunk at the cut (created after it): as for a
+    /// live read, the caller asks the other replicas, and reads zeros when none
+    /// held it.
     pub async fn read_snapshot(&self, id: ChunkId, cut: Seq, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes> {
         if !self.cuts(id.volume).contains(&cut) {
             return Err(StoreError::InvalidRequest(format!("volume {} has no snapshot cut {cut}", id.volume)));
@@ -129,6 +263,10 @@ impl ChunkStore {
         drop(self.fence(id.volume, epoch).await?);
         let (c, b0, b1, _range) = self.lock_shared(id, offset, len as u64).await?;
         let view: Vec<Arc<Chunk>> = c.stack().into_iter().skip_while(|l| l.lower >= cut).collect();
+        if view.is_empty() {
+            // Created after the cut: this replica did not hold the chunk then.
+            return Err(StoreError::NoSuchChunk(id));
+        }
         self.read_layers(&view, b0, b1).await
     }
 
