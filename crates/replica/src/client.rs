@@ -32,8 +32,8 @@ use std::time::Duration;
 
 use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
-    decode_chunk_list, decode_contexts, decode_resync_result, encode_resync_write, Decoder, Frame, Header, Op,
-    ResyncEntry, ResyncResult, Status, WireError, ALL_CHUNKS, CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
+    decode_chunk_list, decode_contexts, decode_resync_result, encode_cuts, encode_resync_write, Decoder, Frame, Header,
+    Op, ResyncEntry, ResyncResult, Status, WireError, ALL_CHUNKS, CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -379,6 +379,37 @@ impl ReplicaClient {
         let h = self.header(Op::ListDirty, volume, ALL_CHUNKS, epoch);
         let resp = self.call(h, Bytes::new()).await?;
         Ok(decode_chunk_list(&resp.payload)?)
+    }
+
+    /// Replaces the volume's snapshot cuts on this replica (SetCuts).
+    pub async fn set_cuts(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<(), ClientError> {
+        let mut h = self.header(Op::SetCuts, volume, ALL_CHUNKS, epoch);
+        h.length = u32::try_from(cuts.len()).unwrap_or(u32::MAX);
+        self.call(h, encode_cuts(cuts)).await.map(drop)
+    }
+
+    /// Reads `len` bytes at `offset` of the chunk's view at snapshot `cut`.
+    pub async fn read_snapshot(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        offset: u64,
+        len: u32,
+        epoch: Epoch,
+    ) -> Result<Bytes, ClientError> {
+        let mut h = self.header(Op::ReadSnapshot, id.volume, id.chunk, epoch);
+        h.offset = offset;
+        h.length = len;
+        let resp = self.call(h, encode_cuts(&[cut])).await?;
+        if resp.payload.len() != len as usize {
+            return Err(WireError::BadPayloadLength {
+                op: Op::ReadSnapshot,
+                expected: u64::from(len),
+                actual: resp.payload.len() as u64,
+            }
+            .into());
+        }
+        Ok(resp.payload)
     }
 
     /// A round trip that touches no state.

@@ -21,8 +21,9 @@ use std::time::Duration;
 use ballast_chunkstore::{ChunkStore, ResyncBlock, StoreError};
 use ballast_types::{BlockIdx, ChunkId, Epoch, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
-    decode_resync_write, encode_chunk_list, encode_contexts, encode_resync_result, Decoder, Frame, Header, Op,
-    ResyncKind, ResyncResult, Status, ALL_CHUNKS, CONTEXT_ENTRY_LEN, MAX_PAYLOAD, MAX_RESYNC_BLOCKS,
+    decode_cuts, decode_resync_write, encode_chunk_list, encode_contexts, encode_resync_result, Decoder, Frame, Header,
+    Op, ResyncKind, ResyncResult, Status, ALL_CHUNKS, CONTEXT_ENTRY_LEN, CUT_LEN, MAX_CUTS, MAX_PAYLOAD,
+    MAX_RESYNC_BLOCKS,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -266,9 +267,9 @@ impl ReplicaServer {
         }
         let id = ChunkId::new(h.volume, h.chunk);
         let store = &self.store;
-        // Every op but Write and ResyncWrite carries no payload; checked before any
-        // store call so a malformed request changes nothing.
-        if !matches!(h.op, Op::Write | Op::ResyncWrite) && !req.payload.is_empty() {
+        // Only Write, ResyncWrite, SetCuts and ReadSnapshot carry a payload;
+        // checked before any store call so a malformed request changes nothing.
+        if !matches!(h.op, Op::Write | Op::ResyncWrite | Op::SetCuts | Op::ReadSnapshot) && !req.payload.is_empty() {
             return Err(payload_mismatch(h, 0, req.payload.len()));
         }
         match h.op {
@@ -381,6 +382,39 @@ impl ReplicaServer {
                 }
                 let result = ResyncResult { written: out.written, zeroed: out.zeroed, skipped: out.skipped };
                 Ok(Reply { epoch: None, payload: encode_resync_result(&result) })
+            }
+            Op::SetCuts => {
+                if h.chunk != ALL_CHUNKS {
+                    return Err(Failure::bad_request("set cuts names a chunk; it applies to the whole volume".into()));
+                }
+                if h.length > MAX_CUTS || req.payload.len() != h.length as usize * CUT_LEN {
+                    return Err(payload_mismatch(
+                        h,
+                        u64::from(h.length.min(MAX_CUTS)) * CUT_LEN as u64,
+                        req.payload.len(),
+                    ));
+                }
+                let cuts = decode_cuts(h.op, &req.payload).map_err(|e| Failure::bad_request(e.to_string()))?;
+                store.set_cuts(h.volume, h.epoch, &cuts).await?;
+                Ok(Reply::empty())
+            }
+            Op::ReadSnapshot => {
+                if h.length > self.opts.max_payload {
+                    return Err(Failure::bad_request(format!(
+                        "read of {} bytes exceeds the maximum of {}",
+                        h.length, self.opts.max_payload
+                    )));
+                }
+                if req.payload.len() != CUT_LEN {
+                    return Err(payload_mismatch(h, CUT_LEN as u64, req.payload.len()));
+                }
+                let cut = decode_cuts(h.op, &req.payload)
+                    .map_err(|e| Failure::bad_request(e.to_string()))?
+                    .first()
+                    .copied()
+                    .ok_or_else(|| Failure::bad_request("read snapshot names no cut".into()))?;
+                let data = store.read_snapshot(id, cut, h.offset, h.length, h.epoch).await?;
+                Ok(Reply { epoch: None, payload: data })
             }
         }
     }

@@ -23,7 +23,7 @@
 //! off len field
 //!  0   4  magic          b"BLST"
 //!  4   1  version        1
-//!  5   1  op             Op (1..=12)
+//!  5   1  op             Op (1..=14)
 //!  6   1  flags          bit0 RESPONSE, bit1 FUA; every other bit must be 0
 //!  7   1  status         responses: Status code; requests: always 0
 //!  8   8  request id     chosen by the client, echoed in the response
@@ -84,10 +84,21 @@
 //! Response payload (Ok), 12 bytes: `written u32 | zeroed u32 | skipped u32`, the
 //! blocks the target wrote, punched, and left alone because its copy was newer.
 //!
-//! Version changelog: 1 — the initial format above; op 12 (ResyncWrite) added
-//! within version 1: it is additive (a replica that predates it answers nothing
-//! and closes the connection with `UnknownOp`, so a resync against it fails
-//! loudly, never silently).
+//! # SetCuts (op 13) and ReadSnapshot (op 14)
+//!
+//! A volume's snapshot cuts (the chunk store's snapshot layers). SetCuts
+//! replaces the volume's list of cuts on the replica: chunk index
+//! [`ALL_CHUNKS`], `length` = the number of cuts (at most [`MAX_CUTS`]),
+//! payload = the cuts, ascending, 16 bytes each (`seq.epoch u64 | seq.counter
+//! u64`, [`encode_cuts`]); `epoch` is the fence epoch. ReadSnapshot is a Read
+//! of the chunk's view at one cut: `offset` and `length` as for Read, payload =
+//! that one cut (16 bytes); the response payload is the data.
+//!
+//! Version changelog: 1 — the initial format above; op 12 (ResyncWrite), then
+//! ops 13 and 14 (SetCuts, ReadSnapshot) added within version 1: they are
+//! additive (a replica that predates them answers nothing and closes the
+//! connection with `UnknownOp`, so a request against it fails loudly, never
+//! silently).
 
 use ballast_types::{le_u32, le_u64, BlockContext, ChunkIdx, Epoch, Seq, VolumeId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -115,6 +126,10 @@ pub const RESYNC_ENTRY_LEN: usize = 24;
 pub const MAX_RESYNC_BLOCKS: u32 = 4096;
 /// Size of a ResyncWrite response payload.
 pub const RESYNC_RESULT_LEN: usize = 12;
+/// Size of one snapshot cut in a SetCuts or ReadSnapshot payload.
+pub const CUT_LEN: usize = 16;
+/// The most cuts a SetCuts may carry (the chunk store's limit too).
+pub const MAX_CUTS: u32 = 256;
 
 /// Everything that can be wrong with bytes on the wire, or with a frame's shape.
 /// Any of these on a connection means the peer cannot be trusted to stay in step:
@@ -176,10 +191,14 @@ pub enum Op {
     /// Conditionally apply a source replica's blocks with their original seqs
     /// (resync / rebuild); see the module docs for the payload.
     ResyncWrite = 12,
+    /// Replace the volume's snapshot cuts (payload: the cuts).
+    SetCuts = 13,
+    /// Read `length` bytes at `offset` as they were at a cut (payload: the cut).
+    ReadSnapshot = 14,
 }
 
 impl Op {
-    pub const ALL: [Op; 12] = [
+    pub const ALL: [Op; 14] = [
         Op::Write,
         Op::Read,
         Op::Flush,
@@ -192,6 +211,8 @@ impl Op {
         Op::AnnounceEpoch,
         Op::ListDirty,
         Op::ResyncWrite,
+        Op::SetCuts,
+        Op::ReadSnapshot,
     ];
 
     pub fn from_u8(v: u8) -> Result<Op, WireError> {
@@ -208,6 +229,8 @@ impl Op {
             10 => Op::AnnounceEpoch,
             11 => Op::ListDirty,
             12 => Op::ResyncWrite,
+            13 => Op::SetCuts,
+            14 => Op::ReadSnapshot,
             other => return Err(WireError::UnknownOp(other)),
         })
     }
@@ -231,6 +254,8 @@ impl Op {
             Op::AnnounceEpoch => "announce_epoch",
             Op::ListDirty => "list_dirty",
             Op::ResyncWrite => "resync_write",
+            Op::SetCuts => "set_cuts",
+            Op::ReadSnapshot => "read_snapshot",
         }
     }
 }
@@ -638,6 +663,36 @@ pub fn decode_contexts(mut payload: &[u8]) -> Result<Vec<BlockContext>, WireErro
         let epoch = payload.get_u64_le();
         let counter = payload.get_u64_le();
         out.push(BlockContext { crc, seq: Seq::new(Epoch(epoch), counter) });
+    }
+    Ok(out)
+}
+
+/// Encodes snapshot cuts for a SetCuts or ReadSnapshot payload: per cut 16
+/// bytes, `seq.epoch u64 | seq.counter u64`, little-endian.
+pub fn encode_cuts(cuts: &[Seq]) -> Bytes {
+    let mut b = BytesMut::with_capacity(cuts.len() * CUT_LEN);
+    for c in cuts {
+        b.put_u64_le(c.epoch.0);
+        b.put_u64_le(c.counter);
+    }
+    b.freeze()
+}
+
+/// Decodes the cuts of a SetCuts (`op`) or ReadSnapshot payload; its length
+/// must be a whole number of cuts.
+pub fn decode_cuts(op: Op, mut payload: &[u8]) -> Result<Vec<Seq>, WireError> {
+    if !payload.len().is_multiple_of(CUT_LEN) {
+        return Err(WireError::BadPayloadLength {
+            op,
+            expected: (payload.len() / CUT_LEN * CUT_LEN) as u64,
+            actual: payload.len() as u64,
+        });
+    }
+    let mut out = Vec::with_capacity(payload.len() / CUT_LEN);
+    while payload.has_remaining() {
+        let epoch = payload.get_u64_le();
+        let counter = payload.get_u64_le();
+        out.push(Seq::new(Epoch(epoch), counter));
     }
     Ok(out)
 }

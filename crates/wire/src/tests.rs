@@ -232,7 +232,35 @@ fn status_and_op_codes_round_trip() {
         assert_eq!(Op::from_u8(op.as_u8()), Ok(op));
     }
     assert_eq!(Op::from_u8(0), Err(WireError::UnknownOp(0)));
-    assert_eq!(Op::from_u8(13), Err(WireError::UnknownOp(13)));
+    assert_eq!(Op::from_u8(13), Ok(Op::SetCuts));
+    assert_eq!(Op::from_u8(14), Ok(Op::ReadSnapshot));
+    assert_eq!(Op::from_u8(15), Err(WireError::UnknownOp(15)));
+}
+
+/// The exact payload of a SetCuts with two cuts.
+#[test]
+fn golden_bytes_cuts() {
+    let cuts = [Seq::new(Epoch(2), 0x10), Seq::new(Epoch(3), 0x0102)];
+    let b = encode_cuts(&cuts);
+    #[rustfmt::skip]
+    let expected: [u8; 32] = [
+        2, 0, 0, 0, 0, 0, 0, 0,  0x10, 0, 0, 0, 0, 0, 0, 0,
+        3, 0, 0, 0, 0, 0, 0, 0,  0x02, 0x01, 0, 0, 0, 0, 0, 0,
+    ];
+    assert_eq!(&b[..], &expected[..]);
+    assert_eq!(decode_cuts(Op::SetCuts, &b), Ok(cuts.to_vec()));
+    assert_eq!(decode_cuts(Op::SetCuts, &[]), Ok(vec![]));
+    assert_eq!(
+        decode_cuts(Op::ReadSnapshot, &b[..20]),
+        Err(WireError::BadPayloadLength { op: Op::ReadSnapshot, expected: 16, actual: 20 })
+    );
+    let mut h = Header::request(Op::SetCuts, 1, VolumeId(4), ALL_CHUNKS, Epoch(3));
+    h.length = 2;
+    let f = Frame::new(h, b);
+    let mut wire = encoded(&f);
+    let back = Decoder::new().decode(&mut wire).expect("decode").expect("whole frame");
+    assert_eq!(back.header.op, Op::SetCuts);
+    assert_eq!(decode_cuts(Op::SetCuts, &back.payload), Ok(cuts.to_vec()));
 }
 
 #[test]
