@@ -69,6 +69,10 @@ pub enum FrontendError {
     Reconcile { chunk: ChunkIdx, message: String },
     #[error("{0} is stopped (closed, or fenced by a newer front end)")]
     Stopped(VolumeId),
+    /// The volume's snapshot cuts could not be installed at attach (a node
+    /// that failed could not be ejected either).
+    #[error("installing the snapshot cuts of {volume}: {message}")]
+    Snapshots { volume: VolumeId, message: String },
     /// A layout was applied, but for `chunks` an ejection had meanwhile
     /// committed a newer set naming members not installed yet: apply a newer
     /// layout. `installed` chunks did change.

@@ -11,7 +11,7 @@ use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
 
-use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId, Zone};
+use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId, Zone};
 use serde::{Deserialize, Serialize};
 
 /// A storage node that holds replicas of the volume's chunks.
@@ -134,6 +134,9 @@ impl VolumeLayout {
 pub struct Attachment {
     pub epoch: Epoch,
     pub layout: VolumeLayout,
+    /// The volume's snapshot cuts, ascending ([`Membership::set_snapshots`]):
+    /// the front end installs them on every replica node before its first write.
+    pub snapshots: Vec<Seq>,
 }
 
 /// Why a membership call failed.
@@ -176,6 +179,21 @@ pub trait Membership: Send + Sync + 'static {
         node: NodeId,
         reason: EjectReason,
     ) -> impl Future<Output = Result<ReplicaSet, MembershipError>> + Send;
+
+    /// Durably records the volume's snapshot cuts (all of them, ascending),
+    /// if the front end attached at `epoch` still holds the volume. The
+    /// default refuses: a provider that does not store snapshots.
+    fn set_snapshots(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        cuts: Vec<Seq>,
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send {
+        let _ = (epoch, cuts);
+        async move {
+            Err(MembershipError::Refused(format!("volume {volume}: this membership provider does not store snapshots")))
+        }
+    }
 }
 
 impl<M: Membership> Membership for std::sync::Arc<M> {
@@ -192,5 +210,14 @@ impl<M: Membership> Membership for std::sync::Arc<M> {
         reason: EjectReason,
     ) -> impl Future<Output = Result<ReplicaSet, MembershipError>> + Send {
         (**self).eject(volume, chunk, version, node, reason)
+    }
+
+    fn set_snapshots(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        cuts: Vec<Seq>,
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send {
+        (**self).set_snapshots(volume, epoch, cuts)
     }
 }

@@ -87,4 +87,17 @@ impl ReplicaIo for ReplicaClient {
     async fn ping(&self) -> Result<(), ReplicaError> {
         Ok(ReplicaClient::ping(self).await?)
     }
+    async fn set_cuts(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<(), ReplicaError> {
+        Ok(ReplicaClient::set_cuts(self, volume, epoch, cuts).await?)
+    }
+    async fn read_snapshot(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        offset: u64,
+        len: u32,
+        epoch: Epoch,
+    ) -> Result<Bytes, ReplicaError> {
+        Ok(ReplicaClient::read_snapshot(self, id, cut, offset, len, epoch).await?)
+    }
 }

@@ -107,4 +107,31 @@ pub trait ReplicaIo: Clone + Send + Sync + 'static {
         epoch: Epoch,
     ) -> impl Future<Output = Result<Vec<ChunkIdx>, ReplicaError>> + Send;
     fn ping(&self) -> impl Future<Output = Result<(), ReplicaError>> + Send;
+
+    /// Replaces the volume's snapshot cuts on the node (all of them,
+    /// ascending). The default refuses: a replica without snapshot layers.
+    fn set_cuts(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        cuts: &[Seq],
+    ) -> impl Future<Output = Result<(), ReplicaError>> + Send {
+        let _ = (volume, epoch, cuts);
+        async { Err(ReplicaError::Invalid("this replica has no snapshot layers".into())) }
+    }
+
+    /// Reads `len` bytes at `offset` of the chunk's view at snapshot `cut`;
+    /// `NoSuchChunk` when the node did not hold the chunk at the cut. The
+    /// default refuses, as for `set_cuts`.
+    fn read_snapshot(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        offset: u64,
+        len: u32,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<Bytes, ReplicaError>> + Send {
+        let _ = (id, cut, offset, len, epoch);
+        async { Err(ReplicaError::Invalid("this replica has no snapshot layers".into())) }
+    }
 }

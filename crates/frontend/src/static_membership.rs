@@ -56,7 +56,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use ballast_types::{is_block_aligned, ChunkIdx, Epoch, NodeId, VolumeId, Zone};
+use ballast_types::{is_block_aligned, ChunkIdx, Epoch, NodeId, Seq, VolumeId, Zone};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::info;
@@ -137,6 +137,9 @@ pub struct PersistedState {
     /// `ejected`. Default: none (files written before rebuilds existed).
     #[serde(default, rename = "change", skip_serializing_if = "Vec::is_empty")]
     pub changes: Vec<Change>,
+    /// The volume's snapshot cuts, ascending. Default: none.
+    #[serde(default, rename = "snapshot", skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<Seq>,
 }
 
 /// One recorded membership change of a chunk. Persisted (`op` names the
@@ -484,7 +487,29 @@ impl Membership for StaticMembership {
         persist_async(&self.path, &next).await?;
         *config = next;
         info!(volume = %volume, epoch = %config.state.epoch, "volume attached: epoch bumped");
-        Ok(Attachment { epoch: config.state.epoch, layout: config.layout() })
+        Ok(Attachment { epoch: config.state.epoch, layout: config.layout(), snapshots: config.state.snapshots.clone() })
+    }
+
+    async fn set_snapshots(&self, volume: VolumeId, epoch: Epoch, cuts: Vec<Seq>) -> Result<(), MembershipError> {
+        let mut config = self.config.lock().await;
+        if config.volume.id != volume {
+            return Err(MembershipError::UnknownVolume(volume));
+        }
+        if config.state.epoch != epoch {
+            return Err(MembershipError::Refused(format!(
+                "volume {volume} is attached at epoch {}, not {epoch}",
+                config.state.epoch
+            )));
+        }
+        if cuts.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(MembershipError::Refused("snapshot cuts must be ascending and distinct".into()));
+        }
+        let mut next = config.clone();
+        next.state.snapshots = cuts;
+        persist_async(&self.path, &next).await?;
+        *config = next;
+        info!(volume = %volume, snapshots = config.state.snapshots.len(), "snapshot cuts recorded (persisted)");
+        Ok(())
     }
 
     async fn eject(

@@ -130,7 +130,8 @@ impl Membership for MetaMembership {
         self.remember(volume);
         let epoch = Epoch(resp.epoch);
         info!(volume = %volume, name = %self.volume_name, epoch = %epoch, "attached through the metadata service");
-        Ok(Attachment { epoch, layout })
+        // Meta does not record snapshots yet (issue 14): none to install.
+        Ok(Attachment { epoch, layout, snapshots: Vec::new() })
     }
 
     async fn eject(

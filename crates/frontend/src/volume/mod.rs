@@ -22,6 +22,7 @@ mod chunk;
 mod io;
 mod layout;
 mod reconcile;
+mod snapshot;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -189,6 +190,9 @@ pub struct Volume<M: Membership, R: ReplicaIo> {
     pub(crate) chunks: boxcar::Vec<ChunkState>,
     /// Counter half of the next write's Seq; the epoch half is this attachment's.
     next_seq: AtomicU64,
+    /// The volume's snapshot cuts, ascending; held while a snapshot is taken
+    /// or deleted (one at a time).
+    snapshots: AsyncMutex<Vec<Seq>>,
     stopped: AtomicBool,
     inflight: Semaphore,
     max_inflight: u32,
@@ -250,7 +254,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         options: VolumeOptions,
     ) -> Result<Arc<Self>, FrontendError> {
         let attachment = membership.attach(volume).await?;
-        let (epoch, layout) = (attachment.epoch, attachment.layout);
+        let (epoch, layout, snapshots) = (attachment.epoch, attachment.layout, attachment.snapshots);
         validate_layout(volume, &layout)?;
         info!(volume = %volume, name = %layout.name, epoch = %epoch, chunks = layout.chunks.len(), "attaching volume");
         let max_inflight = options.max_inflight_bytes.clamp(BLOCK_SIZE as usize, u32::MAX as usize) as u32;
@@ -276,6 +280,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             reconfigure: AsyncMutex::new(()),
             chunks: layout.chunks.into_iter().map(ChunkState::new).collect::<boxcar::Vec<_>>(),
             next_seq: AtomicU64::new(1),
+            snapshots: AsyncMutex::new(snapshots),
             stopped: AtomicBool::new(false),
             inflight: Semaphore::new(max_inflight as usize),
             max_inflight,
@@ -284,6 +289,12 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             metrics,
         };
         v.announce().await?;
+        // Before any write of this attachment (reconciliation's too): every
+        // replica node knows the volume's snapshot cuts, so it keeps their views.
+        let cuts = v.snapshots.lock().await.clone();
+        if !cuts.is_empty() {
+            v.install_cuts(&cuts).await.map_err(|e| FrontendError::Snapshots { volume, message: e.to_string() })?;
+        }
         v.reconcile().await?;
         info!(volume = %volume, epoch = %epoch, "volume attached; serving I/O");
         Ok(Arc::new(v))

@@ -38,6 +38,12 @@ pub enum Event {
     Flush {
         node: NodeId,
     },
+    SetCuts {
+        node: NodeId,
+        cuts: Vec<Seq>,
+    },
+    /// The membership provider recorded the volume's snapshot cuts.
+    Snapshots(Vec<Seq>),
     Eject {
         node: NodeId,
         chunk: u32,
@@ -87,6 +93,8 @@ pub struct FakeState {
     pub corrupt: HashSet<(ChunkId, u32)>,
     /// The next read snapshots its data, signals `.0`, waits for `.1`, then replies.
     pub pause_next_read: Option<(Arc<Notify>, Arc<Notify>)>,
+    /// The next write signals `.0`, waits for `.1`, then applies and replies.
+    pub pause_next_write: Option<(Arc<Notify>, Arc<Notify>)>,
 }
 
 #[derive(Clone)]
@@ -203,8 +211,19 @@ fn apply(c: &mut FakeChunk, offset: u64, data: Option<&[u8]>, len: usize, seq: S
 impl ReplicaIo for FakeReplica {
     async fn write(&self, id: ChunkId, offset: u64, data: Bytes, seq: Seq, _fua: bool) -> Result<(), ReplicaError> {
         self.gate().await?;
+        if let Some((entered, release)) = self.with(|s| s.pause_next_write.take()) {
+            entered.notify_one();
+            release.notified().await;
+        }
         self.mutate(id, offset, Some(&data), data.len() as u64, seq)?;
         self.log.push(Event::Write { node: self.node, chunk: id.chunk.0, offset, len: data.len(), seq });
+        Ok(())
+    }
+
+    async fn set_cuts(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<(), ReplicaError> {
+        self.gate().await?;
+        self.with(|s| Self::check_epoch(s, volume, epoch))?;
+        self.log.push(Event::SetCuts { node: self.node, cuts: cuts.to_vec() });
         Ok(())
     }
 
@@ -343,6 +362,7 @@ pub struct FakeMembership {
     pub layout: Mutex<VolumeLayout>,
     pub epoch: Mutex<Epoch>,
     pub fail_eject: Mutex<bool>,
+    pub snapshots: Mutex<Vec<Seq>>,
     log: Log,
 }
 
@@ -352,6 +372,7 @@ impl FakeMembership {
             layout: Mutex::new(layout),
             epoch: Mutex::new(Epoch(0)),
             fail_eject: Mutex::new(false),
+            snapshots: Mutex::new(Vec::new()),
             log,
         })
     }
@@ -365,7 +386,17 @@ impl Membership for FakeMembership {
         }
         let mut e = self.epoch.lock().unwrap();
         e.0 += 1;
-        Ok(Attachment { epoch: *e, layout })
+        Ok(Attachment { epoch: *e, layout, snapshots: self.snapshots.lock().unwrap().clone() })
+    }
+
+    async fn set_snapshots(&self, _volume: VolumeId, epoch: Epoch, cuts: Vec<Seq>) -> Result<(), MembershipError> {
+        tokio::task::yield_now().await;
+        if *self.epoch.lock().unwrap() != epoch {
+            return Err(MembershipError::Refused("a newer front end attached".into()));
+        }
+        *self.snapshots.lock().unwrap() = cuts.clone();
+        self.log.push(Event::Snapshots(cuts));
+        Ok(())
     }
 
     async fn eject(

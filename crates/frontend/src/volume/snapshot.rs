@@ -1,0 +1,174 @@
+//! Crash-consistent snapshots of an attached volume (docs/DESIGN.md, 5.6).
+//!
+//! A snapshot is a seq cut `C`: it holds every write whose seq is below `C`
+//! and none above. [`Volume::snapshot`] takes one on a busy volume:
+//!
+//! 1. every chunk's `order` lock, exclusively, in chunk order: each client
+//!    write (and repair, and reconciliation write) holds its chunk's lock from
+//!    before it takes its seq until its replies are in, so once all are held no
+//!    write is in flight and every seq handed out so far belongs to a write
+//!    that has completed (acknowledged or failed);
+//! 2. the cut: the next seq, reserved, so every earlier write is below it and
+//!    every later one above;
+//! 3. the volume's cuts with the new one to every node holding an in-sync or
+//!    rebuilding replica (SetCuts; each makes the volume durable first). A node
+//!    that fails is ejected from every chunk first: it must not take a write
+//!    above the cut without knowing the cut;
+//! 4. the locks released: client I/O resumes (the stall is steps 1 to 3);
+//! 5. the cuts recorded by the membership provider. If that fails the
+//!    snapshot does not exist; the replicas' extra cut is dropped by the next
+//!    SetCuts.
+//!
+//! So every replica gets every write below the cut before the cut, and every
+//! write above it after: each freezes its layers at the same seq (the chunk
+//! store decides from seqs alone), and a snapshot holds, on every block, the
+//! last write acknowledged before [`Volume::snapshot`] was called, or one that
+//! was in flight then, never one issued after it returned: what a disk holds
+//! after a power cut.
+
+use std::time::Instant;
+
+use ballast_blockdev::BlockError;
+use ballast_types::{NodeId, Seq};
+use bytes::{Bytes, BytesMut};
+use tracing::{info, warn};
+
+use super::{io_err, join_all, Volume};
+use crate::membership::{EjectReason, Membership};
+use crate::policy::{self, classify, Reaction};
+use crate::replica_io::{ReplicaError, ReplicaIo};
+use crate::FrontendError;
+
+impl<M: Membership, R: ReplicaIo> Volume<M, R> {
+    /// The volume's snapshot cuts, ascending.
+    pub async fn snapshots(&self) -> Vec<Seq> {
+        self.snapshots.lock().await.clone()
+    }
+
+    /// Takes a crash-consistent snapshot (see the module docs) and returns its
+    /// cut. Client I/O stalls while every replica node learns the cut.
+    pub async fn snapshot(&self) -> Result<Seq, BlockError> {
+        self.check_serving()?;
+        let mut cuts = self.snapshots.lock().await;
+        let started = Instant::now();
+        let mut held = Vec::with_capacity(self.chunks.count());
+        for (_, c) in self.chunks.iter() {
+            held.push(c.order.write().await);
+        }
+        let drained = started.elapsed();
+        let cut = self.next_seq();
+        let mut next = cuts.clone();
+        next.push(cut);
+        let installed = self.install_cuts(&next).await;
+        drop(held);
+        let stall = started.elapsed();
+        installed?;
+        self.membership.set_snapshots(self.id, self.epoch, next.clone()).await.map_err(io_err)?;
+        *cuts = next;
+        info!(
+            volume = %self.id, %cut, snapshots = cuts.len(), drain_us = drained.as_micros() as u64,
+            stall_us = stall.as_micros() as u64, "snapshot taken"
+        );
+        Ok(cut)
+    }
+
+    /// Deletes the snapshot at `cut`: the replicas stop keeping its view, the
+    /// membership provider forgets it. Unknown cuts are a no-op.
+    pub async fn delete_snapshot(&self, cut: Seq) -> Result<(), BlockError> {
+        self.check_serving()?;
+        let mut cuts = self.snapshots.lock().await;
+        if !cuts.contains(&cut) {
+            return Ok(());
+        }
+        let next: Vec<Seq> = cuts.iter().copied().filter(|c| *c != cut).collect();
+        self.membership.set_snapshots(self.id, self.epoch, next.clone()).await.map_err(io_err)?;
+        *cuts = next;
+        // Best effort: a node that keeps the cut keeps a view nobody reads.
+        if let Err(e) = self.install_cuts(&cuts).await {
+            warn!(volume = %self.id, %cut, error = %e, "snapshot deleted; some replicas still keep its cut");
+        }
+        info!(volume = %self.id, %cut, snapshots = cuts.len(), "snapshot deleted");
+        Ok(())
+    }
+
+    /// Sends `cuts` to every node holding an in-sync or rebuilding replica;
+    /// a node that fails is ejected from every chunk (a node that did not get
+    /// the cuts must not take writes).
+    pub(super) async fn install_cuts(&self, cuts: &[Seq]) -> Result<(), BlockError> {
+        let holders: Vec<NodeId> = self.holders(true).into_iter().collect();
+        let replies = join_all(holders.iter().map(|&node| async move {
+            let r = match self.io(node) {
+                Ok(io) => self.call("set cuts", io.set_cuts(self.id, self.epoch, cuts)).await,
+                Err(e) => Err(e),
+            };
+            (node, r)
+        }))
+        .await;
+        for (node, reply) in replies {
+            let Err(e) = reply else { continue };
+            let reason = match classify(&e) {
+                Reaction::Stop(m) => {
+                    self.stop_fenced(&m);
+                    return Err(BlockError::Shutdown);
+                }
+                Reaction::Eject(reason) => reason,
+                Reaction::Invalid(_) | Reaction::Repair | Reaction::Missing => EjectReason::ReplicaError,
+            };
+            warn!(volume = %self.id, %node, error = %e, "a replica node did not take the snapshot cuts: ejecting it");
+            self.eject_everywhere(node, reason).await.map_err(|e: FrontendError| io_err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` of the snapshot at `cut`, from in-sync
+    /// replicas, every block verified by the replica. A chunk no in-sync
+    /// replica held at the cut reads as zeros.
+    pub async fn read_snapshot(&self, cut: Seq, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        self.check(offset, u64::from(len))?;
+        self.check_serving()?;
+        if !self.snapshots.lock().await.contains(&cut) {
+            return Err(BlockError::Io(format!("volume {} has no snapshot at {cut}", self.id)));
+        }
+        let pieces = policy::split(offset, u64::from(len), self.chunk_size);
+        let parts = join_all(pieces.iter().map(|&p| self.read_snapshot_piece(cut, p))).await;
+        let mut buf = BytesMut::with_capacity(len as usize);
+        for part in parts {
+            buf.extend_from_slice(&part?);
+        }
+        Ok(buf.freeze())
+    }
+
+    async fn read_snapshot_piece(&self, cut: Seq, p: policy::Piece) -> Result<Bytes, BlockError> {
+        let set = self.chunks[p.chunk.0 as usize].snapshot();
+        let id = self.chunk_id(p.chunk);
+        let order = policy::read_order(&set.in_sync, self.local_node, 0);
+        let (mut missing, mut last) = (false, String::new());
+        for node in order {
+            let r = match self.io(node) {
+                Ok(io) => {
+                    self.call("read snapshot", io.read_snapshot(id, cut, p.offset, p.len as u32, self.epoch)).await
+                }
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(d) if d.len() as u64 == p.len => return Ok(d),
+                Ok(d) => last = format!("{node}: read returned {} bytes, asked {}", d.len(), p.len),
+                Err(ReplicaError::NoSuchChunk) => missing = true,
+                Err(ReplicaError::Fenced(m)) => {
+                    self.stop_fenced(&m);
+                    return Err(BlockError::Shutdown);
+                }
+                // A snapshot's frozen layers are not repaired here (scrub of
+                // snapshot blocks: not built yet): try the next replica.
+                Err(e) => last = format!("{node}: {e}"),
+            }
+        }
+        if missing && last.is_empty() {
+            return Ok(Bytes::from(vec![0u8; p.len as usize]));
+        }
+        Err(BlockError::Io(format!(
+            "chunk {} at {cut}: no replica could serve the snapshot read (last: {last})",
+            p.chunk
+        )))
+    }
+}
