@@ -61,6 +61,8 @@ struct Inner {
     admin: tokio::sync::Mutex<()>,
     /// One merge of snapshot layers at a time (store/snapshot.rs).
     merging: tokio::sync::Mutex<()>,
+    /// The store marker says version 2 (snapshot layers).
+    marker_v2: std::sync::atomic::AtomicBool,
     metrics: Option<DiskMetrics>,
 }
 
@@ -174,8 +176,13 @@ impl Chunk {
         layout::current_slot(&s0, &s1)
     }
 
-    fn info(&self) -> ChunkInfo {
-        ChunkInfo { id: self.id, size: self.size, dirty: self.is_dirty() }
+    fn info(self: &Arc<Self>) -> ChunkInfo {
+        ChunkInfo { id: self.id, size: self.size, dirty: self.any_layer_dirty() }
+    }
+
+    /// True if this layer or one below it has writes not flushed yet.
+    fn any_layer_dirty(self: &Arc<Self>) -> bool {
+        self.stack().iter().any(|l| l.is_dirty())
     }
 
     fn is_dirty(&self) -> bool {
@@ -313,7 +320,7 @@ impl ChunkStore {
         for d in [&dir, &chunks_dir, &epochs_dir, &snapshots_dir] {
             fs::create_dir_all(d).map_err(|e| StoreError::io("create directory", d, e))?;
         }
-        ensure_marker(&dir)?;
+        let marker_version = ensure_marker(&dir)?;
         let direct = opts.direct_io && probe_direct(&chunks_dir)?;
         if opts.direct_io && !direct {
             warn!(dir = %dir.display(), "O_DIRECT refused by the filesystem; using buffered I/O");
@@ -323,7 +330,7 @@ impl ChunkStore {
         let chunks = load_chunks(&chunks_dir, direct)?;
         let ring = Ring::start(opts.queue_depth, opts.poll, "ballast-uring")
             .map_err(|e| StoreError::io("start io_uring", &dir, e))?;
-        let dirty = chunks.values().filter(|c| c.is_dirty()).count();
+        let dirty = chunks.values().filter(|c| c.any_layer_dirty()).count();
         if let Some(m) = &opts.metrics {
             for c in chunks.values() {
                 m.chunk(c.size, 1);
@@ -349,6 +356,7 @@ impl ChunkStore {
                 cuts: RwLock::new(cuts),
                 admin: tokio::sync::Mutex::new(()),
                 merging: tokio::sync::Mutex::new(()),
+                marker_v2: std::sync::atomic::AtomicBool::new(marker_version >= 2),
                 metrics: opts.metrics,
             }),
         })
@@ -383,7 +391,7 @@ impl ChunkStore {
         let mut out: Vec<ChunkIdx> = self
             .chunk_list()
             .into_iter()
-            .filter(|c| c.id.volume == volume && c.is_dirty())
+            .filter(|c| c.id.volume == volume && c.any_layer_dirty())
             .map(|c| c.id.chunk)
             .collect();
         out.sort();
@@ -968,8 +976,9 @@ impl ChunkStore {
         let t = self.started();
         let r = async {
             drop(self.fence(id.volume, epoch).await?);
+            // Every layer: a frozen one may hold writes not flushed yet.
             let c = self.chunk(id)?;
-            self.flush_many(vec![c]).await
+            self.flush_many(c.stack()).await
         }
         .instrument(span)
         .await;
@@ -983,7 +992,8 @@ impl ChunkStore {
         let t = self.started();
         let r = async {
             drop(self.fence(volume, epoch).await?);
-            let list: Vec<Arc<Chunk>> = self.chunk_list().into_iter().filter(|c| c.id.volume == volume).collect();
+            let list: Vec<Arc<Chunk>> =
+                self.chunk_list().into_iter().filter(|c| c.id.volume == volume).flat_map(|c| c.stack()).collect();
             self.flush_many(list).await
         }
         .instrument(span)
@@ -1142,15 +1152,18 @@ fn lock_data_file(f: &File, path: &Path) -> Result<()> {
     }
 }
 
-fn ensure_marker(dir: &Path) -> Result<()> {
+/// Checks the store marker (writing version 1 in a new store); its version.
+fn ensure_marker(dir: &Path) -> Result<u8> {
     let p = dir.join(MARKER);
     match File::open(&p) {
         Ok(mut f) => {
             let mut b = Vec::new();
             f.read_to_end(&mut b).map_err(|e| StoreError::io("read store marker", &p, e))?;
-            layout::check_store_marker(&b).map(|_| ()).map_err(|m| StoreError::io("open store", &p, invalid(m)))
+            layout::check_store_marker(&b).map_err(|m| StoreError::io("open store", &p, invalid(m)))
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => replace_file(dir, MARKER, &layout::encode_store_marker(1)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            replace_file(dir, MARKER, &layout::encode_store_marker(1)).map(|()| 1)
+        }
         Err(e) => Err(StoreError::io("open store marker", &p, e)),
     }
 }

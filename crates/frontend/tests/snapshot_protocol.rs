@@ -78,7 +78,7 @@ async fn the_cut_waits_for_writes_in_flight_and_later_writes_wait_for_the_cut() 
     assert!(set_cuts_at(&early, 1).is_empty(), "no replica hears of the cut while a write is in flight");
     release.notify_one();
     before.await.expect("join").expect("the write in flight completes");
-    let cut = snapshot.await.expect("join").expect("snapshot");
+    let cut = snapshot.await.expect("join").expect("snapshot").cut;
     during.await.expect("join").expect("the write issued during the drain completes");
     other.await.expect("join").expect("the write to the other chunk completes");
 
@@ -110,7 +110,7 @@ async fn a_replica_that_refuses_the_cut_is_ejected_before_io_resumes() {
     let v = attach(&c).await;
     v.write(0, Bytes::from(vec![1u8; 4096]), false).await.expect("write");
     c.replica(3).with(|s| s.fail_all = Some(ReplicaError::Failed("disk gone".into())));
-    let cut = v.snapshot().await.expect("snapshot with two of three replicas");
+    let cut = v.snapshot().await.expect("snapshot with two of three replicas").cut;
     for chunk in 0..2 {
         let set = v.replica_set(ballast_types::ChunkIdx(chunk)).expect("set");
         assert!(!set.is_member(NodeId(3)), "node 3 ejected from chunk {chunk}");

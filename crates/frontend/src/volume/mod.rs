@@ -24,6 +24,8 @@ mod layout;
 mod reconcile;
 mod snapshot;
 
+pub use snapshot::TakenSnapshot;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;

@@ -26,7 +26,7 @@
 //! was in flight then, never one issued after it returned: what a disk holds
 //! after a power cut.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ballast_blockdev::BlockError;
 use ballast_types::{NodeId, Seq};
@@ -39,15 +39,25 @@ use crate::policy::{self, classify, Reaction};
 use crate::replica_io::{ReplicaError, ReplicaIo};
 use crate::FrontendError;
 
+/// A snapshot just taken ([`Volume::snapshot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TakenSnapshot {
+    /// The snapshot's cut: it holds every write with a lower seq, none above.
+    pub cut: Seq,
+    /// How long client writes were held: the drain and the cut's installation
+    /// on every replica node (steps 1 to 3 of the module docs).
+    pub stall: Duration,
+}
+
 impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     /// The volume's snapshot cuts, ascending.
     pub async fn snapshots(&self) -> Vec<Seq> {
         self.snapshots.lock().await.clone()
     }
 
-    /// Takes a crash-consistent snapshot (see the module docs) and returns its
-    /// cut. Client I/O stalls while every replica node learns the cut.
-    pub async fn snapshot(&self) -> Result<Seq, BlockError> {
+    /// Takes a crash-consistent snapshot (see the module docs). Client writes
+    /// stall while every replica node learns the cut.
+    pub async fn snapshot(&self) -> Result<TakenSnapshot, BlockError> {
         self.check_serving()?;
         let mut cuts = self.snapshots.lock().await;
         let started = Instant::now();
@@ -69,7 +79,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             volume = %self.id, %cut, snapshots = cuts.len(), drain_us = drained.as_micros() as u64,
             stall_us = stall.as_micros() as u64, "snapshot taken"
         );
-        Ok(cut)
+        Ok(TakenSnapshot { cut, stall })
     }
 
     /// Deletes the snapshot at `cut`: the replicas stop keeping its view, the
