@@ -607,12 +607,20 @@ impl ChunkStore {
         // Top layer first: a layer below one whose files are gone would be
         // taken for the live layer at the next open.
         let files: Vec<(PathBuf, PathBuf)> = stack.iter().map(|l| (l.ctx_path.clone(), l.data_path.clone())).collect();
-        let dir = self.inner.chunks_dir.clone();
         // In-flight I/O holds the chunk (and its descriptors) until it completes.
         drop((c, stack));
+        // The ctx file goes first: a data file without one is removed at open.
+        self.remove_files(files.into_iter().flat_map(|(ctx, data)| [ctx, data]).collect()).await?;
+        info!(chunk = %id, "chunk deleted");
+        Ok(())
+    }
+
+    /// Deletes `files` in order (a missing one is fine) and syncs the chunks
+    /// directory.
+    async fn remove_files(&self, files: Vec<PathBuf>) -> Result<()> {
+        let dir = self.inner.chunks_dir.clone();
         tokio::task::spawn_blocking(move || -> Result<()> {
-            // The ctx file goes first: a data file without one is removed at open.
-            for p in files.iter().flat_map(|(ctx, data)| [ctx, data]) {
+            for p in &files {
                 match fs::remove_file(p) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -622,9 +630,7 @@ impl ChunkStore {
             fsync_dir(&dir)
         })
         .await
-        .map_err(|_| StoreError::Shutdown)??;
-        info!(chunk = %id, "chunk deleted");
-        Ok(())
+        .map_err(|_| StoreError::Shutdown)?
     }
 
     /// Writes `data` (whole blocks) at `offset` with sequence `seq`; `seq.epoch` is
@@ -1076,14 +1082,8 @@ impl ChunkStore {
         count: u32,
         epoch: Epoch,
     ) -> Result<Vec<BlockContext>> {
-        drop(self.fence(id.volume, epoch).await?);
-        let offset = first.0 as u64 * BLOCK_SIZE_U64;
-        let (c, b0, b1, _range) = self.lock_shared(id, offset, count as u64 * BLOCK_SIZE_U64).await?;
-        let stack = c.stack();
-        for l in &stack[1..] {
-            self.recovered(l).await?;
-        }
-        Ok((b0..b1).map(|b| snapshot::view_context(&stack, b)).collect())
+        // The live view: through every layer.
+        self.context_table_at(id, None, first, count, epoch).await
     }
 
     /// Raises the volume's epoch to `epoch` (persisted crash-safely before it

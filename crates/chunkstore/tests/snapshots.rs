@@ -23,6 +23,15 @@ fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("chunkstore-snap").tempdir_in("/var/tmp").expect("tempdir")
 }
 
+/// A new store with the volume announced at `E` and the chunk `ID` created.
+async fn fresh() -> (tempfile::TempDir, ChunkStore) {
+    let dir = tempdir();
+    let s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    (dir, s)
+}
+
 fn pattern(fill: u8, block: u32) -> Vec<u8> {
     (0..BS).map(|i| fill.wrapping_mul(13).wrapping_add(block as u8) ^ (i as u8).rotate_left(3)).collect()
 }
@@ -52,10 +61,7 @@ fn layer_files(dir: &Path) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_keeps_what_was_there_at_its_cut() {
-    let dir = tempdir();
-    let s = open(dir.path());
-    s.announce_epoch(V, E).await.expect("announce");
-    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    let (dir, s) = fresh().await;
     write(&s, 0, 1, 1).await;
     write(&s, 1, 2, 2).await;
     let c1 = seq(10);
@@ -96,10 +102,7 @@ async fn a_snapshot_keeps_what_was_there_at_its_cut() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_cuts_and_old_writes_are_refused_and_change_nothing() {
-    let dir = tempdir();
-    let s = open(dir.path());
-    s.announce_epoch(V, E).await.expect("announce");
-    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    let (_dir, s) = fresh().await;
     write(&s, 0, 1, 5).await;
     let invalid = |r: Result<(), StoreError>| matches!(r, Err(StoreError::InvalidRequest(_)));
     assert!(invalid(s.set_cuts(V, E, &[seq(9), seq(8)]).await), "unordered");
@@ -146,10 +149,7 @@ async fn chunks_created_after_a_cut_are_absent_from_it_and_deletion_removes_ever
 async fn writes_racing_the_freeze_land_in_the_right_layer() {
     // Many concurrent writes above the cut: the first freezes the layer, the
     // others wait for it and go to the new live layer.
-    let dir = tempdir();
-    let s = open(dir.path());
-    s.announce_epoch(V, E).await.expect("announce");
-    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    let (dir, s) = fresh().await;
     for b in 0..BLOCKS {
         write(&s, b, 1, 1 + b as u64).await;
     }
@@ -171,10 +171,7 @@ async fn writes_racing_the_freeze_land_in_the_right_layer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_snapshots_merges_their_layers_and_returns_the_space() {
-    let dir = tempdir();
-    let s = open(dir.path());
-    s.announce_epoch(V, E).await.expect("announce");
-    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    let (dir, s) = fresh().await;
     for b in 0..BLOCKS {
         write(&s, b, 1, 1 + b as u64).await;
     }
@@ -254,10 +251,7 @@ fn dirty_marks(dir: &Path) -> Vec<(String, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn freezing_leaves_the_layer_dirty_and_a_flush_syncs_it() {
-    let dir = tempdir();
-    let s = open(dir.path());
-    s.announce_epoch(V, E).await.expect("announce");
-    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    let (dir, s) = fresh().await;
     write(&s, 0, 1, 1).await;
     s.set_cuts(V, E, &[seq(10)]).await.expect("cut");
     write(&s, 1, 2, 11).await;
@@ -316,10 +310,7 @@ fn view(model: &Versions, block: u32, at: Option<Seq>) -> Vec<u8> {
 }
 
 async fn run(cmds: Vec<Cmd>) -> Result<(), TestCaseError> {
-    let dir = tempdir();
-    let mut s = open(dir.path());
-    s.announce_epoch(V, E).await.expect("announce");
-    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    let (dir, mut s) = fresh().await;
     let mut model: Versions = vec![Vec::new(); BLOCKS as usize];
     let mut cuts: Vec<Seq> = Vec::new();
     let mut counter = 0u64;

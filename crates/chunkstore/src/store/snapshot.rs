@@ -185,21 +185,8 @@ impl ChunkStore {
         let all = above.locks.lock(0, blocks, false).await;
         *above.below.write().unwrap_or_else(|p| p.into_inner()) = x.below();
         drop(all);
-        let files = [x.ctx_path.clone(), x.data_path.clone()];
-        let dir = self.inner.chunks_dir.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
-            // The context file first: a data file without one is removed at open.
-            for p in &files {
-                match fs::remove_file(p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(StoreError::io("delete layer file", p, e)),
-                }
-            }
-            fsync_dir(&dir)
-        })
-        .await
-        .map_err(|_| StoreError::Shutdown)??;
+        // The context file first: a data file without one is removed at open.
+        self.remove_files(vec![x.ctx_path.clone(), x.data_path.clone()]).await?;
         if let Some(m) = &self.inner.metrics {
             m.layer(x.size, -1);
         }
