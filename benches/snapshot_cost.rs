@@ -99,7 +99,7 @@ pub fn run(rt: &tokio::runtime::Runtime, dir: &Path, secs: u32) -> Result<Vec<(&
         let quiet = writes(&v, secs).await?;
 
         let stop = Arc::new(AtomicBool::new(false));
-        let took: Arc<Mutex<Vec<(Duration, Duration)>>> = Arc::new(Mutex::new(Vec::new()));
+        let took: Arc<Mutex<Vec<(Duration, Duration, Duration)>>> = Arc::new(Mutex::new(Vec::new()));
         let taker = tokio::spawn({
             let (v, stop, took) = (v.clone(), stop.clone(), took.clone());
             async move {
@@ -107,7 +107,7 @@ pub fn run(rt: &tokio::runtime::Runtime, dir: &Path, secs: u32) -> Result<Vec<(&
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     let t = Instant::now();
                     let s = v.snapshot().await?;
-                    took.lock().unwrap_or_else(|p| p.into_inner()).push((t.elapsed(), s.stall));
+                    took.lock().unwrap_or_else(|p| p.into_inner()).push((t.elapsed(), s.stall, s.drain));
                 }
                 Ok::<_, anyhow::Error>(())
             }
@@ -116,7 +116,9 @@ pub fn run(rt: &tokio::runtime::Runtime, dir: &Path, secs: u32) -> Result<Vec<(&
         stop.store(true, Ordering::Relaxed);
         taker.await??;
         let took = took.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let (mut calls, mut stalls): (Vec<Duration>, Vec<Duration>) = took.into_iter().unzip();
+        let mut calls: Vec<Duration> = took.iter().map(|t| t.0).collect();
+        let mut stalls: Vec<Duration> = took.iter().map(|t| t.1).collect();
+        let mut drains: Vec<Duration> = took.iter().map(|t| t.2).collect();
 
         // First write to each chunk after a snapshot, then the next one.
         v.snapshot().await?;
@@ -133,6 +135,7 @@ pub fn run(rt: &tokio::runtime::Runtime, dir: &Path, secs: u32) -> Result<Vec<(&
         println!("snapshot cost: RF 3 over loopback, {} MiB volume in {} MiB chunks, {secs} s per run", SPAN >> 20, CHUNK >> 20);
         println!("snapshot() while writing 4k randwrite qd32: {}", summary(&mut calls));
         println!("  of which writes stalled (drain + cut on every replica): {}", summary(&mut stalls));
+        println!("  of which the drain (writes in flight finishing): {}", summary(&mut drains));
         println!(
             "4k randwrite qd32: without snapshots {:.0} IOPS p50 {:.0} us p99 {:.0} us; with a snapshot every 500 ms {:.0} IOPS p50 {:.0} us p99 {:.0} us (IOPS ratio {:.3}, p99 ratio {:.2})",
             quiet.iops,

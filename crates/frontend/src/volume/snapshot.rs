@@ -3,11 +3,17 @@
 //! A snapshot is a seq cut `C`: it holds every write whose seq is below `C`
 //! and none above. [`Volume::snapshot`] takes one on a busy volume:
 //!
-//! 1. every chunk's `order` lock, exclusively, in chunk order: each client
-//!    write (and repair, and reconciliation write) holds its chunk's lock from
-//!    before it takes its seq until its replies are in, so once all are held no
-//!    write is in flight and every seq handed out so far belongs to a write
-//!    that has completed (acknowledged or failed);
+//! 1. every chunk's `order` lock, exclusively, all requested at once: each
+//!    client write (and repair, and reconciliation write) holds its chunk's
+//!    lock from before it takes its seq until its replies are in, so once all
+//!    are held no write is in flight and every seq handed out so far belongs
+//!    to a write that has completed (acknowledged or failed). Requested
+//!    together, the drain lasts as long as the slowest write in flight, not
+//!    the sum over the chunks (measured: 6.0 ms median one by one in chunk
+//!    order). No deadlock: whoever else takes an `order` lock holds one chunk's
+//!    at a time (a write's pieces each take their own and finish without the
+//!    others'), and a queued exclusive request holds up new shared ones, so
+//!    the drain cannot be starved;
 //! 2. the cut: the next seq, reserved, so every earlier write is below it and
 //!    every later one above;
 //! 3. the volume's cuts with the new one to every node holding an in-sync or
@@ -47,6 +53,8 @@ pub struct TakenSnapshot {
     /// How long client writes were held: the drain and the cut's installation
     /// on every replica node (steps 1 to 3 of the module docs).
     pub stall: Duration,
+    /// The part of `stall` spent waiting for writes in flight (step 1).
+    pub drain: Duration,
 }
 
 impl<M: Membership, R: ReplicaIo> Volume<M, R> {
@@ -61,10 +69,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         self.check_serving()?;
         let mut cuts = self.snapshots.lock().await;
         let started = Instant::now();
-        let mut held = Vec::with_capacity(self.chunks.count());
-        for (_, c) in self.chunks.iter() {
-            held.push(c.order.write().await);
-        }
+        let held = join_all(self.chunks.iter().map(|(_, c)| c.order.write())).await;
         let drained = started.elapsed();
         let cut = self.next_seq();
         let mut next = cuts.clone();
@@ -79,7 +84,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             volume = %self.id, %cut, snapshots = cuts.len(), drain_us = drained.as_micros() as u64,
             stall_us = stall.as_micros() as u64, "snapshot taken"
         );
-        Ok(TakenSnapshot { cut, stall })
+        Ok(TakenSnapshot { cut, stall, drain: drained })
     }
 
     /// Deletes the snapshot at `cut`: the replicas stop keeping its view, the
