@@ -3,9 +3,11 @@
 //! end's and the chunk store's share of the work is as large as it gets), once
 //! without metrics (`VolumeOptions::metrics` and `StoreOptions::metrics` None)
 //! and once with both, 4 KiB random writes and reads at QD32 through the
-//! in-process load generator. The two variants run in alternating rounds (off,
-//! on, then on, off, ...) so that drift on a shared machine falls on both; every
-//! run's IOPS is printed, then per workload the mean, the spread, and the ratio
+//! in-process load generator. Each variant has two volumes, set up in the
+//! order without, with, with, without (ABBA), and every round runs all four in
+//! alternating order, so that drift on a shared machine and whatever comes of
+//! being set up first or last fall on both variants; every run's IOPS is
+//! printed, then per workload the mean, the spread, and the ratio
 //! of the means. `BENCH_ONLY=volume` (rounds: `BENCH_ROUNDS`, default 4).
 //!
 //! IOPS on a shared 2-core machine swing by several percent from run to run,
@@ -17,12 +19,10 @@
 //! store's histogram and bytes counter, clocks read as they are) by two
 //! threads sharing one set of handles, as the I/O path's tasks do.
 //!
-//! `BENCH_AA=1` runs the same rounds with metrics off in both variants: the
-//! ratio it prints is the bench's own bias between its two volumes (the second
-//! is set up later, on another connection and files), to be subtracted from
-//! the real run's. Measured on the 2-core machine: 0.91-0.96 IOPS and 1.02-1.03
-//! CPU per I/O, as large as the metrics' effect, so the bookkeeping figure is
-//! the one to go by.
+//! `BENCH_AA=1` runs the same rounds with metrics off in all four volumes: the
+//! ratio it prints is the bench's own bias. With one volume per variant (set up
+//! one after the other) it was 0.91-0.96 IOPS and 1.02-1.03 CPU per I/O on the
+//! 2-core machine, as large as the metrics' effect; hence the ABBA setup.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -163,82 +163,98 @@ fn rel_sd(xs: &[f64]) -> f64 {
 }
 
 /// Runs the comparison; returns one row per variant and workload (mean IOPS).
+///
+/// Four volumes, set up in the order without, with, with, without metrics
+/// (ABBA): what comes of being set up first or last (files, connections) falls
+/// on both variants alike. Each round runs all four, in alternating order.
 pub fn run(rt: &tokio::runtime::Runtime, dir: &Path, secs: u32) -> Result<Vec<(&'static str, &'static str, Measured)>> {
     let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
-    let mut variants = rt.block_on(async {
-        Ok::<_, anyhow::Error>([
+    let on = std::env::var_os("BENCH_AA").is_none();
+    let mut volumes = rt.block_on(async {
+        Ok::<_, anyhow::Error>(vec![
             variant(dir, "volume, no metrics", false).await?,
-            variant(dir, "volume, metrics", std::env::var_os("BENCH_AA").is_none()).await?,
+            variant(dir, "volume, metrics", on).await?,
+            variant(dir, "volume, metrics (2)", on).await?,
+            variant(dir, "volume, no metrics (2)", false).await?,
         ])
     })?;
-    let mut last: Vec<Vec<Measured>> = vec![Vec::new(); 2];
+    let mut last: Vec<Vec<Measured>> = vec![Vec::new(); volumes.len()];
     for round in 0..rounds {
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let order = if round % 2 == 0 { [0, 1, 2, 3] } else { [3, 2, 1, 0] };
         for i in order {
             for (k, w) in WORKLOADS.iter().enumerate() {
                 let cpu = cpu_seconds();
-                let m = rt.block_on(run_one(&variants[i].volume, w, secs))?;
+                let m = rt.block_on(run_one(&volumes[i].volume, w, secs))?;
                 // The load generator's warm-up second is not counted in IOPS but burns CPU:
                 // count its I/Os at the measured rate.
                 let cpu_us = (cpu_seconds() - cpu) * 1e6 / (m.iops * f64::from(secs + 1));
                 eprintln!(
-                    "round {round} {:<20} {:<18} {:>9.0} IOPS {:>6.1} CPU us/IO",
-                    variants[i].label, w.name, m.iops, cpu_us
+                    "round {round} {:<22} {:<18} {:>9.0} IOPS {:>6.1} CPU us/IO",
+                    volumes[i].label, w.name, m.iops, cpu_us
                 );
-                variants[i].runs[k].push(m.iops);
-                variants[i].cpu_us[k].push(cpu_us);
+                volumes[i].runs[k].push(m.iops);
+                volumes[i].cpu_us[k].push(cpu_us);
                 last[i].push(m);
             }
         }
     }
+    // Per variant (index 0: without metrics, volumes 0 and 3; 1: with, 1 and 2).
+    let kinds: [(&'static str, [usize; 2]); 2] = [("volume, no metrics", [0, 3]), ("volume, metrics", [1, 2])];
+    // Workload k's IOPS (or CPU per I/O) of both volumes of variant `kind`.
+    let pooled = |cpu: bool, k: usize, kind: usize| -> Vec<f64> {
+        let of = |v: &Variant| if cpu { v.cpu_us[k].clone() } else { v.runs[k].clone() };
+        kinds[kind].1.iter().flat_map(|&i| of(&volumes[i])).collect()
+    };
     println!();
-    println!("metrics cost: {rounds} alternating rounds of {secs} s per workload, RF 1 over loopback");
+    println!(
+        "metrics cost: {rounds} alternating rounds of {secs} s per workload, RF 1 over loopback, 2 volumes per variant (ABBA)"
+    );
     let mut rows = Vec::new();
     for (k, w) in WORKLOADS.iter().enumerate() {
-        let (off, on) = (&variants[0].runs[k], &variants[1].runs[k]);
+        let (off, on) = (pooled(false, k, 0), pooled(false, k, 1));
         let runs = |xs: &[f64]| xs.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(" ");
         println!(
             "{:<18} no metrics: mean {:>8.0} (sd {:>4.1}%; {})  metrics: mean {:>8.0} (sd {:>4.1}%; {})  with/without {:.3}",
             w.name,
-            mean(off),
-            rel_sd(off) * 100.0,
-            runs(off),
-            mean(on),
-            rel_sd(on) * 100.0,
-            runs(on),
-            mean(on) / mean(off),
+            mean(&off),
+            rel_sd(&off) * 100.0,
+            runs(&off),
+            mean(&on),
+            rel_sd(&on) * 100.0,
+            runs(&on),
+            mean(&on) / mean(&off),
         );
-        let (off_cpu, on_cpu) = (&variants[0].cpu_us[k], &variants[1].cpu_us[k]);
+        let (off_cpu, on_cpu) = (pooled(true, k, 0), pooled(true, k, 1));
         let runs = |xs: &[f64]| xs.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(" ");
         println!(
             "{:<18} CPU us per I/O: no metrics {:.2} (sd {:.1}%; {})  metrics {:.2} (sd {:.1}%; {})  with/without {:.3}",
             w.name,
-            mean(off_cpu),
-            rel_sd(off_cpu) * 100.0,
-            runs(off_cpu),
-            mean(on_cpu),
-            rel_sd(on_cpu) * 100.0,
-            runs(on_cpu),
-            mean(on_cpu) / mean(off_cpu),
+            mean(&off_cpu),
+            rel_sd(&off_cpu) * 100.0,
+            runs(&off_cpu),
+            mean(&on_cpu),
+            rel_sd(&on_cpu) * 100.0,
+            runs(&on_cpu),
+            mean(&on_cpu) / mean(&off_cpu),
         );
-        for (i, v) in variants.iter().enumerate() {
+        for (kind, (label, ix)) in kinds.iter().enumerate() {
             // The table shows the mean IOPS with the last run's latencies.
-            let latest = last[i][last[i].len() - WORKLOADS.len() + k];
-            let iops = mean(&v.runs[k]);
+            let latest = last[ix[0]][last[ix[0]].len() - WORKLOADS.len() + k];
+            let iops = mean(&pooled(false, k, kind));
             rows.push((
-                v.label,
+                *label,
                 w.name,
                 Measured { iops, mib_s: iops * f64::from(w.bs) / f64::from(1 << 20), ..latest },
             ));
         }
     }
     let ns = bookkeeping_ns();
-    let per_io_us = mean(&variants[0].cpu_us.concat());
+    let per_io_us = mean(&volumes[0].cpu_us.concat());
     println!(
         "metrics bookkeeping alone: {ns:.0} ns of CPU per request (front end + chunk store, 2 threads on one set of handles), {:.2}% of the {per_io_us:.1} us of CPU an I/O costs without metrics",
         ns / (per_io_us * 1000.0) * 100.0
     );
-    for v in &variants {
+    for v in &volumes {
         v.volume.close();
     }
     Ok(rows)
