@@ -402,3 +402,56 @@ async fn connect_to_a_dead_port_fails_retryably() {
     assert!(err.is_retryable());
     let _ = ChunkId::new(VOL, ChunkIdx(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_ops_round_trip_and_malformed_ones_are_refused_without_effect() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Running::start(dir.path()).await;
+    let c = client(server.addr);
+    setup_chunk(&c).await;
+    let (old, new) = (pattern(31, BS), pattern(32, BS));
+    c.write(CHUNK, 0, old.clone(), Seq::new(E1, 1), false).await.expect("write");
+    let cut = Seq::new(E1, 5);
+    c.set_cuts(VOL, E1, &[cut]).await.expect("set cuts");
+    c.write(CHUNK, 0, new.clone(), Seq::new(E1, 6), false).await.expect("overwrite");
+    assert_eq!(c.read(CHUNK, 0, BS as u32, E1).await.expect("read"), new);
+    assert_eq!(c.read_snapshot(CHUNK, cut, 0, BS as u32, E1).await.expect("read snapshot"), old);
+
+    // Refused by the store: cuts out of order, a new cut below the existing
+    // one, a cut the volume does not have, a fenced epoch.
+    let unordered = c.set_cuts(VOL, E1, &[Seq::new(E1, 9), Seq::new(E1, 7)]).await;
+    assert_eq!(remote_status(unordered), Status::BadRequest);
+    assert_eq!(remote_status(c.set_cuts(VOL, E1, &[Seq::new(E1, 2), cut]).await), Status::BadRequest);
+    assert_eq!(remote_status(c.read_snapshot(CHUNK, Seq::new(E1, 4), 0, BS as u32, E1).await), Status::BadRequest);
+    assert_eq!(c.announce_epoch(VOL, E2).await.expect("announce"), E2);
+    assert_eq!(remote_status(c.set_cuts(VOL, E1, &[cut, Seq::new(E1, 8)]).await), Status::Fenced);
+
+    // Malformed frames: an error response each, the connection stays.
+    let mut s = TcpStream::connect(server.addr).await.expect("connect");
+    let cuts = ballast_wire::encode_cuts(&[cut, Seq::new(E2, 1)]);
+    let mut on_a_chunk = Header::request(Op::SetCuts, 1, VOL, CHUNK.chunk, E2);
+    on_a_chunk.length = 2;
+    let resp = round_trip(&mut s, &Frame::new(on_a_chunk, cuts.clone())).await;
+    assert_eq!(resp.header.status, Status::BadRequest, "{}", resp.error_message());
+    let mut short = Header::request(Op::SetCuts, 2, VOL, ballast_wire::ALL_CHUNKS, E2);
+    short.length = 3;
+    let resp = round_trip(&mut s, &Frame::new(short, cuts.clone())).await;
+    assert_eq!(resp.header.status, Status::BadRequest, "{}", resp.error_message());
+    let mut too_many = Header::request(Op::SetCuts, 3, VOL, ballast_wire::ALL_CHUNKS, E2);
+    too_many.length = ballast_wire::MAX_CUTS + 1;
+    let resp = round_trip(&mut s, &Frame::new(too_many, cuts.clone())).await;
+    assert_eq!(resp.header.status, Status::BadRequest, "{}", resp.error_message());
+    for (req, payload) in [(4, Bytes::new()), (5, cuts.slice(..20)), (6, cuts.clone())] {
+        let mut h = Header::request(Op::ReadSnapshot, req, VOL, CHUNK.chunk, E2);
+        h.length = BS as u32;
+        let resp = round_trip(&mut s, &Frame::new(h, payload)).await;
+        assert_eq!(resp.header.status, Status::BadRequest, "request {req}: {}", resp.error_message());
+    }
+    // Nothing changed: the one cut is still there and reads the same.
+    assert_eq!(c.read_snapshot(CHUNK, cut, 0, BS as u32, E2).await.expect("read snapshot"), old);
+    assert_eq!(c.read(CHUNK, 0, BS as u32, E2).await.expect("read"), new);
+    let mut ping = Header::request(Op::Ping, 7, VOL, CHUNK.chunk, E2);
+    ping.length = 0;
+    assert_eq!(round_trip(&mut s, &Frame::new(ping, Bytes::new())).await.header.status, Status::Ok);
+    server.stop().await;
+}
