@@ -313,11 +313,14 @@ impl ChunkStore {
         for l in view {
             self.recovered(l).await?;
         }
+        // Each block's layer, decided once; then one read per run of blocks
+        // from the same layer.
+        let owners: Vec<Option<usize>> = (b0..b1).map(|b| owner(view, b)).collect();
         let mut b = b0;
         while b < b1 {
-            let who = owner(view, b);
+            let who = owners[(b - b0) as usize];
             let mut end = b + 1;
-            while end < b1 && owner(view, end) == who {
+            while end < b1 && owners[(end - b0) as usize] == who {
                 end += 1;
             }
             if let Some(i) = who {
