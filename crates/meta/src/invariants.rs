@@ -12,6 +12,7 @@ use std::fmt;
 
 use ballast_types::{ChunkIdx, NodeId, VolumeId, Zone};
 
+use crate::snapshots::detached_cut;
 use crate::state::{ChunkEntry, DiskHealth, Job, JobKind, MetaState, Role, ZoneSpread, FINISHED_JOBS_KEPT};
 
 /// One invariant of [`MetaState`] (the list in `state.rs`'s module docs, as checks).
@@ -54,6 +55,12 @@ pub enum Invariant {
     FinishedJobsKept,
     /// Every job is stored under its own id, below `next_job`.
     JobIds,
+    /// A snapshot is stored under its own id, below `next_snapshot`, on an
+    /// existing volume, with a name no other snapshot has.
+    SnapshotRecord,
+    /// A ready snapshot's cut is at most its volume's epoch's end; a pending
+    /// one's volume is attached.
+    SnapshotCut,
 }
 
 impl Invariant {
@@ -77,6 +84,8 @@ impl Invariant {
             Invariant::Allocation => "allocation",
             Invariant::FinishedJobsKept => "finished-jobs-kept",
             Invariant::JobIds => "job-ids",
+            Invariant::SnapshotRecord => "snapshot-record",
+            Invariant::SnapshotCut => "snapshot-cut",
         }
     }
 }
@@ -230,6 +239,23 @@ impl MetaState {
         for (&key, j) in &s.jobs {
             ensure(key == j.id && key < s.next_job, Invariant::JobIds, || {
                 format!("job {} stored under id {key}, next_job {}", j.id, s.next_job)
+            })?;
+        }
+        let mut names = BTreeSet::new();
+        for (&key, snap) in &s.snapshots {
+            let v = s.volumes.get(&snap.volume);
+            ensure(
+                key == snap.id && key < s.next_snapshot && v.is_some() && names.insert(&snap.name),
+                Invariant::SnapshotRecord,
+                || format!("snapshot {snap:?} under id {key}, next_snapshot {}", s.next_snapshot),
+            )?;
+            let Some(v) = v else { continue };
+            let ok = match snap.cut {
+                Some(cut) => cut <= detached_cut(v.epoch),
+                None => v.attached_to.is_some(),
+            };
+            ensure(ok, Invariant::SnapshotCut, || {
+                format!("snapshot {} cut {:?}: volume {} at epoch {}, attached {:?}", snap.name, snap.cut, v.name, v.epoch, v.attached_to)
             })?;
         }
         Ok(())

@@ -11,11 +11,12 @@ pub mod invariants;
 pub mod plan;
 pub mod raft_config;
 pub mod raft_store;
+pub mod snapshots;
 pub mod state;
 
 pub use invariants::{Invariant, InvariantViolation};
 pub use raft_config::{raft_config, RaftTiming};
 pub use state::{
-    replica_live, ChunkHealth, Command, DiskHealth, MetaError, MetaState, Response, VolumeHealth, VolumeSpec,
+    replica_live, ChunkHealth, Command, Snapshot, DiskHealth, MetaError, MetaState, Response, VolumeHealth, VolumeSpec,
     ZoneSpread,
 };

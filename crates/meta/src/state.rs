@@ -19,6 +19,8 @@
 //! - at most [`FINISHED_JOBS_KEPT`] finished jobs are kept;
 //! - a volume is published to at most one node (single-node-writer), and only
 //!   an unpublished volume can be deleted;
+//! - a snapshot's volume exists, its name is unique, its cut is at most the
+//!   volume's epoch's end ([`crate::snapshots`]);
 //! - a volume with `zone_spread: required` never has two replicas of a chunk in
 //!   one zone;
 //! - a failed command changes nothing: every check of a command comes before
@@ -28,7 +30,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use ballast_placement::{self as placement, ChunkKey, ClusterMap, NodeInfo, PlacementError, Request};
-use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId, Zone, BLOCK_SIZE};
+use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId, Zone, BLOCK_SIZE};
+
+pub use crate::snapshots::Snapshot;
 use serde::{Deserialize, Serialize};
 
 /// Default bytes per chunk (docs/DESIGN.md, 1 "Vocabulary").
@@ -440,6 +444,27 @@ pub enum Command {
         volume: VolumeId,
         node: Option<NodeId>,
     },
+    /// Requests a snapshot of the volume: ready at once when it is detached,
+    /// else pending until the attached front end commits its cut. The same
+    /// name on the same volume again returns the existing one.
+    CreateSnapshot {
+        volume: VolumeId,
+        name: String,
+        now_ms: u64,
+    },
+    /// The front end attached at `epoch` installed `cut` on every replica
+    /// node: the listed snapshots, if still pending, take it.
+    CommitSnapshots {
+        volume: VolumeId,
+        epoch: Epoch,
+        snapshots: Vec<u64>,
+        cut: Seq,
+    },
+    /// Forgets the snapshot; the replicas drop its layers when the front end
+    /// (or the next attach) installs the remaining cuts.
+    DeleteSnapshot {
+        id: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -453,6 +478,8 @@ pub enum Response {
     Reclaim(Vec<(NodeId, Vec<ChunkIdx>)>),
     /// The id of a started job.
     Job(u64),
+    /// The snapshot made (or found again) by `CreateSnapshot`.
+    Snapshot(Snapshot),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
@@ -481,6 +508,11 @@ pub enum MetaError {
     NodeInUse { node: NodeId, replicas: usize },
     #[error("volume {volume} is published to node {node}")]
     Published { volume: VolumeId, node: NodeId },
+    #[error("snapshot {0} not found")]
+    UnknownSnapshot(String),
+    /// A volume's snapshots are layers of its chunks: they go first.
+    #[error("volume {volume} has {count} snapshots: delete them first")]
+    HasSnapshots { volume: VolumeId, count: usize },
 }
 
 impl From<PlacementError> for MetaError {
@@ -501,11 +533,16 @@ pub struct MetaState {
     pub jobs: BTreeMap<u64, Job>,
     #[serde(default)]
     pub next_job: u64,
+    /// Every volume's snapshots, by id ([`crate::snapshots`]).
+    #[serde(default)]
+    pub snapshots: BTreeMap<u64, Snapshot>,
+    #[serde(default)]
+    pub next_snapshot: u64,
 }
 
 impl MetaState {
     pub fn new(seed: u64) -> MetaState {
-        MetaState { seed, next_volume: 1, next_job: 1, ..MetaState::default() }
+        MetaState { seed, next_volume: 1, next_job: 1, next_snapshot: 1, ..MetaState::default() }
     }
 
     /// The volume by name, or by numeric id.
@@ -660,6 +697,10 @@ impl MetaState {
                 if let Some(node) = v.published_to {
                     return Err(MetaError::Published { volume: *volume, node });
                 }
+                let count = self.volume_snapshots(*volume).count();
+                if count > 0 {
+                    return Err(MetaError::HasSnapshots { volume: *volume, count });
+                }
                 let v = self.volumes.remove(volume).ok_or(MetaError::UnknownVolume(*volume))?;
                 for j in self.jobs.values_mut().filter(|j| j.is_active() && j.volume == *volume) {
                     j.state = JobState::Failed;
@@ -692,11 +733,14 @@ impl MetaState {
                 if let Some(other) = v.published_to.filter(|p| p != node) {
                     return Err(MetaError::Published { volume: *volume, node: other });
                 }
+                let old = v.epoch;
                 v.epoch = Epoch(v.epoch.0 + 1);
                 v.attached_to = Some(*node);
                 // The new front end starts from the current layout.
                 v.acked_gen = v.layout_gen;
-                Ok(Response::Epoch(v.epoch))
+                let epoch = v.epoch;
+                self.resolve_pending_snapshots(*volume, old);
+                Ok(Response::Epoch(epoch))
             }
             Command::Eject { volume, chunk, version, node } => {
                 let v = self.volumes.get(volume).ok_or(MetaError::UnknownVolume(*volume))?;
@@ -762,6 +806,7 @@ impl MetaState {
                 let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
                 if *epoch == v.epoch {
                     v.attached_to = None;
+                    self.resolve_pending_snapshots(*volume, *epoch);
                 }
                 Ok(Response::Done)
             }
@@ -807,6 +852,11 @@ impl MetaState {
                 }
                 Ok(Response::Done)
             }
+            Command::CreateSnapshot { volume, name, now_ms } => self.create_snapshot(*volume, name, *now_ms),
+            Command::CommitSnapshots { volume, epoch, snapshots, cut } => {
+                self.commit_snapshots(*volume, *epoch, snapshots, *cut)
+            }
+            Command::DeleteSnapshot { id } => self.delete_snapshot(*id),
         }
     }
 
@@ -1173,7 +1223,7 @@ fn invalid(param: &str, reason: impl Into<String>) -> MetaError {
     MetaError::InvalidArgument { param: param.to_string(), reason: reason.into() }
 }
 
-fn validate_name(name: &str) -> Result<(), MetaError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), MetaError> {
     let ok = !name.is_empty()
         && name.len() <= 128
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 
 use ballast_meta::plan::{plan_jobs, JobLimits};
 use ballast_meta::state::*;
-use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId, Zone};
+use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId, Zone};
 use proptest::prelude::*;
 
 const CHUNK: u64 = 4 << 20;
@@ -73,7 +73,13 @@ fn arb_command() -> impl Strategy<Value = Command> {
             job, ok, error: (!ok).then(|| "random".into()), blocks_copied: 0 }),
         1 => node.clone().prop_map(|id| Command::RemoveNode { id: NodeId(id) }),
         1 => (vol.clone(), node.clone()).prop_map(|(v, n)| Command::Publish { volume: VolumeId(v), node: NodeId(n) }),
-        1 => (vol, prop::option::of(node)).prop_map(|(v, n)| Command::Unpublish { volume: VolumeId(v), node: n.map(NodeId) }),
+        1 => (vol.clone(), prop::option::of(node)).prop_map(|(v, n)| Command::Unpublish { volume: VolumeId(v), node: n.map(NodeId) }),
+        2 => (vol.clone(), 0u8..5, 0u64..1000).prop_map(|(v, n, t)| Command::CreateSnapshot {
+            volume: VolumeId(v), name: format!("snap-{n}"), now_ms: t }),
+        1 => (0u64..8).prop_map(|id| Command::DeleteSnapshot { id }),
+        1 => (vol, 0u64..4, prop::collection::vec(0u64..8, 0..3), 0u64..4, 0u64..100).prop_map(|(v, e, snapshots, ce, c)| {
+            Command::CommitSnapshots { volume: VolumeId(v), epoch: Epoch(e), snapshots, cut: Seq::new(Epoch(ce), c) }
+        }),
     ]
 }
 
@@ -103,6 +109,12 @@ enum Step {
         chunk: usize,
         member: usize,
     },
+    /// The attached front end of the `pick`-th volume takes its pending
+    /// snapshots at a cut `advance` writes past its last one.
+    Commit {
+        pick: usize,
+        advance: u64,
+    },
     /// A job start on a real chunk at its current version; kind, target and replaced member at random.
     Start {
         vol: usize,
@@ -119,6 +131,7 @@ fn arb_step() -> impl Strategy<Value = Step> {
         3 => (1usize..20, 1usize..5).prop_map(|(max_active, max_per_target)| Step::Plan { max_active, max_per_target }),
         3 => (any::<usize>(), prop::bool::weighted(0.7)).prop_map(|(pick, ok)| Step::Finish { pick, ok }),
         1 => any::<usize>().prop_map(|pick| Step::Ack { pick }),
+        2 => (any::<usize>(), 1u64..50).prop_map(|(pick, advance)| Step::Commit { pick, advance }),
         2 => (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(vol, chunk, member)| Step::Eject { vol, chunk, member }),
         2 => (any::<usize>(), any::<usize>(), arb_kind(), 1u64..8, prop::option::of(any::<usize>()))
             .prop_map(|(vol, chunk, kind, target, replaces)| Step::Start { vol, chunk, kind, target, replaces }),
@@ -157,6 +170,15 @@ fn resolve(s: &MetaState, step: &Step) -> (Vec<Command>, bool) {
                 .into_iter()
                 .collect();
             (cmds, true)
+        }
+        Step::Commit { pick, advance } => {
+            let cmd = nth_volume(s, *pick).filter(|v| v.attached_to.is_some()).map(|v| {
+                let last = s.snapshot_cuts(v.id).last().copied().filter(|c| c.epoch == v.epoch);
+                let pending = s.volume_snapshots(v.id).filter(|x| x.cut.is_none()).map(|x| x.id).collect();
+                let cut = Seq::new(v.epoch, last.map_or(0, |c| c.counter) + advance);
+                Command::CommitSnapshots { volume: v.id, epoch: v.epoch, snapshots: pending, cut }
+            });
+            (cmd.into_iter().collect(), true)
         }
         Step::Eject { vol, chunk, member } => {
             let cmd = nth_volume(s, *vol).and_then(|v| {
@@ -223,6 +245,16 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
         }
         if changed {
             assert!(v.layout_gen > b.layout_gen, "{}: layout changed without a new layout_gen ({cmd:?})", v.name);
+        }
+    }
+    // A snapshot's cut, once set, never changes; it goes only with the snapshot.
+    for (id, b) in &before.snapshots {
+        match after.snapshots.get(id) {
+            Some(a) => {
+                assert!(b.cut.is_none() || a.cut == b.cut, "snapshot {} changed its cut ({cmd:?})", b.name);
+                assert_eq!((&a.name, a.volume), (&b.name, b.volume));
+            }
+            None => assert!(matches!(cmd, Command::DeleteSnapshot { id: d } if d == id), "snapshot {} lost", b.name),
         }
     }
     match (cmd, resp) {
@@ -340,6 +372,11 @@ proptest! {
                     (Command::FinishJob { ok: false, .. }, Ok(_)) => "job failed",
                     (Command::Heartbeat { disk: DiskHealth::Failed { .. }, .. }, Ok(_)) => "disk failed",
                     (Command::Heartbeat { disk: DiskHealth::Full, .. }, Ok(_)) => "disk full",
+                    (Command::CreateSnapshot { .. }, Ok(Response::Snapshot(x))) if x.cut.is_none() => "snapshot pending",
+                    (Command::CreateSnapshot { .. }, Ok(_)) => "snapshot ready at once",
+                    (Command::CommitSnapshots { .. }, Ok(_)) => "snapshot cut committed",
+                    (Command::CommitSnapshots { .. }, Err(_)) => "snapshot commit refused",
+                    (Command::DeleteSnapshot { .. }, Ok(_)) => "snapshot deleted",
                     (_, Ok(_)) => "other ok",
                     (_, Err(_)) => "other refused",
                 };
@@ -720,4 +757,91 @@ fn check_invariants_names_the_broken_invariant() {
         t.nodes.remove(&n);
     };
     assert_eq!(broken(&forget), Invariant::ReplicaOnKnownNode);
+}
+
+fn snapshot(s: &mut MetaState, volume: VolumeId, name: &str) -> Result<Snapshot, MetaError> {
+    match s.apply(&Command::CreateSnapshot { volume, name: name.into(), now_ms: 5 })? {
+        Response::Snapshot(snap) => Ok(snap),
+        other => panic!("create snapshot answered {other:?}"),
+    }
+}
+
+#[test]
+fn a_detached_volume_is_cut_at_its_epochs_end_at_once() {
+    let mut s = three_zones();
+    let Ok(Response::Volume(id)) = s.apply(&create("db", 64 << 20, 3, 2)) else { panic!("create") };
+    let never = snapshot(&mut s, id, "never-attached").expect("snapshot");
+    assert_eq!(never.cut, Some(Seq::new(Epoch(0), u64::MAX)));
+    s.apply(&Command::Attach { volume: id, node: NodeId(1) }).expect("attach");
+    s.apply(&Command::Detach { volume: id, epoch: Epoch(1) }).expect("detach");
+    let after = snapshot(&mut s, id, "after").expect("snapshot");
+    assert_eq!(after.cut, Some(Seq::new(Epoch(1), u64::MAX)));
+    assert_eq!(after.size, 64 << 20);
+    // A retry finds it; the name on another volume is taken; the volume keeps both.
+    assert_eq!(snapshot(&mut s, id, "after"), Ok(after.clone()));
+    let Ok(Response::Volume(other)) = s.apply(&create("other", 64 << 20, 3, 2)) else { panic!("create") };
+    assert_eq!(snapshot(&mut s, other, "after"), Err(MetaError::NameTaken("after".into())));
+    assert_eq!(s.snapshot_cuts(id), vec![Seq::new(Epoch(0), u64::MAX), Seq::new(Epoch(1), u64::MAX)]);
+    assert_eq!(s.find_snapshot("after").map(|x| x.id), Some(after.id));
+    assert_eq!(s.find_snapshot(&after.id.to_string()).map(|x| x.id), Some(after.id));
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn an_attached_volume_waits_for_its_front_end_to_commit_the_cut() {
+    let mut s = three_zones();
+    let Ok(Response::Volume(id)) = s.apply(&create("db", 64 << 20, 3, 2)) else { panic!("create") };
+    s.apply(&Command::Attach { volume: id, node: NodeId(1) }).expect("attach");
+    let a = snapshot(&mut s, id, "a").expect("snapshot");
+    let b = snapshot(&mut s, id, "b").expect("snapshot");
+    assert_eq!((a.cut, b.cut), (None, None), "pending while attached");
+    let commit = |epoch, ids: Vec<u64>, counter| Command::CommitSnapshots {
+        volume: id,
+        epoch: Epoch(epoch),
+        snapshots: ids,
+        cut: Seq::new(Epoch(epoch), counter),
+    };
+    // A front end fenced by a newer attach, or a cut of another epoch, commits nothing.
+    assert!(matches!(s.apply(&commit(0, vec![a.id], 10)), Err(MetaError::Conflict(_))));
+    let wrong_epoch = Command::CommitSnapshots {
+        volume: id,
+        epoch: Epoch(1),
+        snapshots: vec![a.id],
+        cut: Seq::new(Epoch(0), 10),
+    };
+    assert!(matches!(s.apply(&wrong_epoch), Err(MetaError::InvalidArgument { .. })));
+    // One cut serves the requests the front end saw; a later one stays pending.
+    s.apply(&commit(1, vec![a.id], 10)).expect("commit");
+    assert_eq!(s.snapshots[&a.id].cut, Some(Seq::new(Epoch(1), 10)));
+    assert_eq!(s.snapshots[&b.id].cut, None);
+    // Cuts only rise.
+    assert!(matches!(s.apply(&commit(1, vec![b.id], 10)), Err(MetaError::InvalidArgument { .. })));
+    // A new attach fences the front end: what it had not taken is cut at its epoch's end.
+    s.apply(&Command::Attach { volume: id, node: NodeId(2) }).expect("attach elsewhere");
+    assert_eq!(s.snapshots[&b.id].cut, Some(Seq::new(Epoch(1), u64::MAX)));
+    let c = snapshot(&mut s, id, "c").expect("snapshot");
+    s.apply(&Command::Detach { volume: id, epoch: Epoch(2) }).expect("detach");
+    assert_eq!(s.snapshots[&c.id].cut, Some(Seq::new(Epoch(2), u64::MAX)), "a detach cuts what is pending");
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_volume_with_snapshots_is_not_deleted_and_deleting_them_frees_it() {
+    let mut s = three_zones();
+    let Ok(Response::Volume(id)) = s.apply(&create("db", 64 << 20, 3, 2)) else { panic!("create") };
+    let a = snapshot(&mut s, id, "a").expect("snapshot");
+    let before = s.clone();
+    assert_eq!(s.apply(&Command::DeleteVolume { volume: id }), Err(MetaError::HasSnapshots { volume: id, count: 1 }));
+    assert_eq!(s, before, "a refused delete changes nothing");
+    s.apply(&Command::DeleteSnapshot { id: a.id }).expect("delete snapshot");
+    assert_eq!(s.apply(&Command::DeleteSnapshot { id: a.id }), Err(MetaError::UnknownSnapshot(a.id.to_string())));
+    assert!(matches!(s.apply(&Command::DeleteVolume { volume: id }), Ok(Response::Reclaim(_))));
+    assert_eq!(
+        s.apply(&Command::CreateSnapshot { volume: id, name: "late".into(), now_ms: 0 }),
+        Err(MetaError::UnknownVolume(id))
+    );
+    assert!(matches!(
+        s.apply(&Command::CreateSnapshot { volume: VolumeId(99), name: "bad name!".into(), now_ms: 0 }),
+        Err(MetaError::InvalidArgument { .. })
+    ));
 }

@@ -73,14 +73,15 @@ pub(crate) fn meta_status(e: MetaError) -> Status {
         MetaError::UnknownNode(_) | MetaError::UnknownVolume(_) | MetaError::UnknownChunk { .. } => {
             Status::not_found(msg)
         }
-        MetaError::UnknownJob(_) => Status::not_found(msg),
+        MetaError::UnknownJob(_) | MetaError::UnknownSnapshot(_) => Status::not_found(msg),
         MetaError::NameTaken(_) => Status::already_exists(msg),
         MetaError::Placement(_) => Status::resource_exhausted(msg),
         MetaError::BelowMinInSync { .. }
         | MetaError::ZoneChange { .. }
         | MetaError::Conflict(_)
         | MetaError::NodeInUse { .. }
-        | MetaError::Published { .. } => Status::failed_precondition(msg),
+        | MetaError::Published { .. }
+        | MetaError::HasSnapshots { .. } => Status::failed_precondition(msg),
     }
 }
 
