@@ -255,7 +255,10 @@ impl MetaState {
                 None => v.attached_to.is_some(),
             };
             ensure(ok, Invariant::SnapshotCut, || {
-                format!("snapshot {} cut {:?}: volume {} at epoch {}, attached {:?}", snap.name, snap.cut, v.name, v.epoch, v.attached_to)
+                format!(
+                    "snapshot {} cut {:?}: volume {} at epoch {}, attached {:?}",
+                    snap.name, snap.cut, v.name, v.epoch, v.attached_to
+                )
             })?;
         }
         Ok(())

@@ -17,6 +17,6 @@ pub mod state;
 pub use invariants::{Invariant, InvariantViolation};
 pub use raft_config::{raft_config, RaftTiming};
 pub use state::{
-    replica_live, ChunkHealth, Command, Snapshot, DiskHealth, MetaError, MetaState, Response, VolumeHealth, VolumeSpec,
+    replica_live, ChunkHealth, Command, DiskHealth, MetaError, MetaState, Response, Snapshot, VolumeHealth, VolumeSpec,
     ZoneSpread,
 };

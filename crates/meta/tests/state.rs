@@ -803,12 +803,8 @@ fn an_attached_volume_waits_for_its_front_end_to_commit_the_cut() {
     };
     // A front end fenced by a newer attach, or a cut of another epoch, commits nothing.
     assert!(matches!(s.apply(&commit(0, vec![a.id], 10)), Err(MetaError::Conflict(_))));
-    let wrong_epoch = Command::CommitSnapshots {
-        volume: id,
-        epoch: Epoch(1),
-        snapshots: vec![a.id],
-        cut: Seq::new(Epoch(0), 10),
-    };
+    let wrong_epoch =
+        Command::CommitSnapshots { volume: id, epoch: Epoch(1), snapshots: vec![a.id], cut: Seq::new(Epoch(0), 10) };
     assert!(matches!(s.apply(&wrong_epoch), Err(MetaError::InvalidArgument { .. })));
     // One cut serves the requests the front end saw; a later one stays pending.
     s.apply(&commit(1, vec![a.id], 10)).expect("commit");

@@ -295,6 +295,24 @@ impl MetaClient {
         self.admin("Admin.ListJobs", req, |mut c, r| async move { c.list_jobs(r).await }).await
     }
 
+    pub async fn create_snapshot(&self, req: pb::CreateSnapshotRequest) -> Result<pb::Snapshot, MetaClientError> {
+        self.admin("Admin.CreateSnapshot", req, |mut c, r| async move { c.create_snapshot(r).await }).await
+    }
+
+    pub async fn list_snapshots(
+        &self,
+        req: pb::ListSnapshotsRequest,
+    ) -> Result<pb::ListSnapshotsResponse, MetaClientError> {
+        self.admin("Admin.ListSnapshots", req, |mut c, r| async move { c.list_snapshots(r).await }).await
+    }
+
+    pub async fn delete_snapshot(
+        &self,
+        req: pb::DeleteSnapshotRequest,
+    ) -> Result<pb::DeleteSnapshotResponse, MetaClientError> {
+        self.admin("Admin.DeleteSnapshot", req, |mut c, r| async move { c.delete_snapshot(r).await }).await
+    }
+
     pub async fn what_if(&self, req: pb::WhatIfRequest) -> Result<pb::WhatIfResponse, MetaClientError> {
         self.admin("Admin.WhatIf", req, |mut c, r| async move { c.what_if(r).await }).await
     }
@@ -339,6 +357,13 @@ impl MetaClient {
 
     pub async fn detach(&self, req: pb::DetachRequest) -> Result<pb::DetachResponse, MetaClientError> {
         self.node_api("NodeApi.Detach", req, |mut c, r| async move { c.detach(r).await }).await
+    }
+
+    pub async fn commit_snapshots(
+        &self,
+        req: pb::CommitSnapshotsRequest,
+    ) -> Result<pb::CommitSnapshotsResponse, MetaClientError> {
+        self.node_api("NodeApi.CommitSnapshots", req, |mut c, r| async move { c.commit_snapshots(r).await }).await
     }
 }
 

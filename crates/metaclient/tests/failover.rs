@@ -91,6 +91,15 @@ impl Admin for Fixture {
     async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Reply<pb::ListJobsResponse> {
         unimplemented()
     }
+    async fn create_snapshot(&self, _: Request<pb::CreateSnapshotRequest>) -> Reply<pb::Snapshot> {
+        unimplemented()
+    }
+    async fn list_snapshots(&self, _: Request<pb::ListSnapshotsRequest>) -> Reply<pb::ListSnapshotsResponse> {
+        unimplemented()
+    }
+    async fn delete_snapshot(&self, _: Request<pb::DeleteSnapshotRequest>) -> Reply<pb::DeleteSnapshotResponse> {
+        unimplemented()
+    }
     async fn what_if(&self, _: Request<pb::WhatIfRequest>) -> Reply<pb::WhatIfResponse> {
         unimplemented()
     }
@@ -105,6 +114,7 @@ impl Admin for Fixture {
 fn fixture_layout(id: u64) -> pb::VolumeLayout {
     let in_sync = |node| pb::ChunkReplica { node, role: pb::ReplicaRole::InSync as i32 };
     pb::VolumeLayout {
+        snapshots: vec![],
         volume: Some(pb::Volume {
             id,
             name: "pg".into(),
@@ -162,6 +172,9 @@ impl NodeApi for Fixture {
         Ok(Response::new(pb::AckLayoutResponse {}))
     }
     async fn report_job(&self, _: Request<pb::ReportJobRequest>) -> Reply<pb::ReportJobResponse> {
+        unimplemented()
+    }
+    async fn commit_snapshots(&self, _: Request<pb::CommitSnapshotsRequest>) -> Reply<pb::CommitSnapshotsResponse> {
         unimplemented()
     }
     async fn detach(&self, _: Request<pb::DetachRequest>) -> Reply<pb::DetachResponse> {

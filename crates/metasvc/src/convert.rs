@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use ballast_meta::state::{self, ChunkEntry, JobKind, JobState, MetaState, NodeState, Role};
 use ballast_proto::v1 as pb;
-use ballast_types::NodeId;
+use ballast_types::{NodeId, Seq};
 
 pub(crate) fn node_state(s: NodeState) -> pb::NodeState {
     match s {
@@ -139,6 +139,24 @@ pub(crate) fn layout(s: &MetaState, v: &state::Volume, last_seen: &HashMap<NodeI
         volume: Some(volume(s, v)),
         chunks: v.chunks.iter().enumerate().map(|(i, c)| chunk(i, c)).collect(),
         nodes: ids.iter().filter_map(|id| s.nodes.get(id)).map(|n| node(n, last_seen)).collect(),
+        snapshots: s.volume_snapshots(v.id).map(|x| snapshot(s, x)).collect(),
+    }
+}
+
+pub(crate) fn seq(q: Seq) -> pb::Seq {
+    pb::Seq { epoch: q.epoch.0, counter: q.counter }
+}
+
+pub(crate) fn snapshot(s: &MetaState, x: &state::Snapshot) -> pb::Snapshot {
+    pb::Snapshot {
+        id: x.id,
+        name: x.name.clone(),
+        volume: x.volume.0,
+        volume_name: s.volumes.get(&x.volume).map(|v| v.name.clone()).unwrap_or_default(),
+        size_bytes: x.size,
+        created_ms: x.created_ms,
+        ready: x.cut.is_some(),
+        cut: x.cut.map(seq),
     }
 }
 

@@ -24,7 +24,7 @@ use ballast_meta::state::{
 use ballast_proto::v1 as pb;
 use ballast_proto::v1::admin_client::AdminClient;
 use ballast_proto::v1::node_api_client::NodeApiClient;
-use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId, Zone};
+use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId, Zone};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, Raft};
 use tonic::transport::Channel;
@@ -442,6 +442,21 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         Ok(Reply::new(pb::DetachResponse {}))
     }
 
+    async fn commit_snapshots(
+        &self,
+        req: Request<pb::CommitSnapshotsRequest>,
+    ) -> Result<Reply<pb::CommitSnapshotsResponse>, Status> {
+        forward!(self.0, req, NodeApiClient, commit_snapshots);
+        let r = req.into_inner();
+        let volume = VolumeId(r.volume);
+        let cut = r.cut.ok_or_else(|| Status::invalid_argument("invalid cut: missing"))?;
+        let cut = Seq::new(Epoch(cut.epoch), cut.counter);
+        let cmd = Command::CommitSnapshots { volume, epoch: Epoch(r.epoch), snapshots: r.snapshots.clone(), cut };
+        self.0.write(cmd).await?;
+        info!(%volume, epoch = r.epoch, %cut, snapshots = ?r.snapshots, "snapshot cut committed");
+        Ok(Reply::new(pb::CommitSnapshotsResponse {}))
+    }
+
     async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Result<Reply<pb::ReportJobResponse>, Status> {
         forward!(self.0, req, NodeApiClient, report_job);
         let r = req.into_inner();
@@ -642,6 +657,59 @@ impl pb::admin_server::Admin for AdminSvc {
             })
             .await;
         Ok(Reply::new(pb::ListJobsResponse { jobs }))
+    }
+
+    async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Reply<pb::Snapshot>, Status> {
+        forward!(self.0, req, AdminClient, create_snapshot);
+        let r = req.into_inner();
+        let volume = self.0.volume_id(&r.volume).await?;
+        let cmd = Command::CreateSnapshot { volume, name: r.name.clone(), now_ms: now_ms() };
+        let Response::Snapshot(snap) = self.0.write(cmd).await? else {
+            return Err(Status::internal("create snapshot returned no snapshot"));
+        };
+        info!(%volume, snapshot = %snap.name, id = snap.id, ready = snap.is_ready(), "snapshot requested");
+        Ok(Reply::new(self.0.read(|s| convert::snapshot(s, &snap)).await))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Reply<pb::ListSnapshotsResponse>, Status> {
+        forward_read!(self.0, req, AdminClient, list_snapshots);
+        let r = req.into_inner();
+        let volume = match r.volume.is_empty() {
+            true => None,
+            false => Some(self.0.volume_id(&r.volume).await?),
+        };
+        let snapshots = self
+            .0
+            .read(|s| {
+                let one = (!r.snapshot.is_empty()).then(|| s.find_snapshot(&r.snapshot).map(|x| x.id));
+                s.snapshots
+                    .values()
+                    .filter(|x| volume.is_none_or(|v| x.volume == v))
+                    .filter(|x| one.is_none_or(|id| id == Some(x.id)))
+                    .map(|x| convert::snapshot(s, x))
+                    .collect()
+            })
+            .await;
+        Ok(Reply::new(pb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Reply<pb::DeleteSnapshotResponse>, Status> {
+        forward!(self.0, req, AdminClient, delete_snapshot);
+        let name = req.into_inner().snapshot;
+        let id = self
+            .0
+            .read(|s| s.find_snapshot(&name).map(|x| x.id))
+            .await
+            .ok_or_else(|| meta_status(MetaError::UnknownSnapshot(name.clone())))?;
+        self.0.write(Command::DeleteSnapshot { id }).await?;
+        info!(snapshot = %name, id, "snapshot deleted");
+        Ok(Reply::new(pb::DeleteSnapshotResponse {}))
     }
 
     async fn what_if(&self, req: Request<pb::WhatIfRequest>) -> Result<Reply<pb::WhatIfResponse>, Status> {

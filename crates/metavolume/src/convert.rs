@@ -109,6 +109,7 @@ mod tests {
     fn sample() -> pb::VolumeLayout {
         use pb::ReplicaRole::*;
         pb::VolumeLayout {
+            snapshots: vec![],
             volume: Some(pb::Volume {
                 id: 7,
                 name: "pg".into(),

@@ -113,6 +113,9 @@ impl NodeApi for TestMeta {
     async fn ack_layout(&self, _: Request<pb::AckLayoutRequest>) -> Reply<pb::AckLayoutResponse> {
         Err(Status::unimplemented("the agent does not ack layouts"))
     }
+    async fn commit_snapshots(&self, _: Request<pb::CommitSnapshotsRequest>) -> Reply<pb::CommitSnapshotsResponse> {
+        Err(Status::unimplemented("not part of this fixture"))
+    }
     async fn detach(&self, _: Request<pb::DetachRequest>) -> Reply<pb::DetachResponse> {
         Err(Status::unimplemented("the agent does not detach"))
     }
@@ -229,6 +232,7 @@ async fn gc_reclaims_a_replica_only_when_two_passes_agree() {
     let store = store_with(dir.path(), &[chunk(1, 0), chunk(1, 1), chunk(2, 0)]).await;
     let replica = |node| pb::ChunkReplica { node, role: pb::ReplicaRole::InSync as i32 };
     let layout = pb::VolumeLayout {
+        snapshots: vec![],
         volume: Some(pb::Volume { id: 1, name: "pg".into(), ..Default::default() }),
         chunks: vec![
             pb::Chunk { index: 0, version: 1, replicas: vec![replica(NODE), replica(2)] },

@@ -476,6 +476,7 @@ pub(crate) mod tests {
         let r = |node, role: pb::ReplicaRole| pb::ChunkReplica { node, role: role as i32 };
         use pb::ReplicaRole::*;
         pb::VolumeLayout {
+            snapshots: vec![],
             volume: Some(pb::Volume {
                 id: 3,
                 name: "pg".into(),
