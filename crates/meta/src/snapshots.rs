@@ -14,7 +14,7 @@
 //! - the volume is attached: the record is pending (`cut: None`) until the
 //!   attached front end, which sees it in the layout it polls, drains its
 //!   writes, installs a new cut on every replica node and commits it
-//!   ([`Command::CommitSnapshots`], refused unless the committer still holds
+//!   ([`crate::state::Command::CommitSnapshots`], refused unless the committer still holds
 //!   the epoch). One cut may serve several requests that were pending when
 //!   the front end began: each holds every write acknowledged before it was
 //!   requested;

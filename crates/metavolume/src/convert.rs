@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use ballast_frontend::{EjectReason, Replica, ReplicaSet, VolumeLayout};
 use ballast_metaclient::pb;
-use ballast_types::{NodeId, VolumeId, Zone};
+use ballast_types::{Epoch, NodeId, Seq, VolumeId, Zone};
 
 /// A layout message the front end cannot use.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -59,6 +59,19 @@ pub fn replica_from_proto(node: &pb::Node) -> Result<Replica, ConversionError> {
 /// The message's chunk list must be in index order from 0 (the front end
 /// indexes its chunk map by position); the front end checks the rest (chunk
 /// count against the size, in-sync sets against min-in-sync, known nodes).
+/// The ready snapshots' distinct cuts in a layout, ascending: what the
+/// volume's replicas must keep.
+pub fn snapshot_cuts_from_proto(layout: &pb::VolumeLayout) -> Vec<Seq> {
+    let cuts: std::collections::BTreeSet<Seq> = layout
+        .snapshots
+        .iter()
+        .filter(|s| s.ready)
+        .filter_map(|s| s.cut.as_ref())
+        .map(|c| Seq::new(Epoch(c.epoch), c.counter))
+        .collect();
+    cuts.into_iter().collect()
+}
+
 pub fn layout_from_proto(layout: &pb::VolumeLayout) -> Result<(u64, VolumeLayout), ConversionError> {
     let v = layout.volume.as_ref().ok_or(ConversionError::MissingVolume)?;
     let chunks = layout
@@ -200,6 +213,28 @@ mod tests {
         assert_eq!(
             layout_from_proto(&m).unwrap_err(),
             ConversionError::UnknownRole { chunk: 2, node: NodeId(1), role: 9 }
+        );
+    }
+
+    #[test]
+    fn snapshot_cuts_are_the_ready_ones_distinct_and_ascending() {
+        let snap = |id, ready, cut: Option<(u64, u64)>| pb::Snapshot {
+            id,
+            ready,
+            cut: cut.map(|(epoch, counter)| pb::Seq { epoch, counter }),
+            ..Default::default()
+        };
+        let mut m = sample();
+        m.snapshots = vec![
+            snap(1, true, Some((2, u64::MAX))),
+            snap(2, true, Some((1, 40))),
+            snap(3, false, None),
+            snap(4, true, Some((1, 40))),
+        ];
+        assert_eq!(
+            snapshot_cuts_from_proto(&m),
+            vec![Seq::new(Epoch(1), 40), Seq::new(Epoch(2), u64::MAX)],
+            "pending skipped, a cut shared by two snapshots kept once"
         );
     }
 }

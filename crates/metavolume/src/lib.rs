@@ -22,5 +22,7 @@ pub use ballast_frontend::VolumeMetrics;
 /// The scrub schedule [`AttachedVolume::with_scrub`] takes, and what a pass reports.
 pub use ballast_frontend::{ScrubConfig, ScrubReport};
 pub use ballast_metaclient::MetaClient;
-pub use convert::{layout_from_proto, replica_from_proto, replica_set_from_proto, ConversionError};
+pub use convert::{
+    layout_from_proto, replica_from_proto, replica_set_from_proto, snapshot_cuts_from_proto, ConversionError,
+};
 pub use membership::{membership_error, MetaMembership};

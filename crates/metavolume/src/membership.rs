@@ -9,7 +9,7 @@ use ballast_metaclient::pb;
 use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};
 use tracing::{info, info_span, Instrument};
 
-use crate::convert::{layout_from_proto, replica_set_from_proto};
+use crate::convert::{layout_from_proto, replica_set_from_proto, snapshot_cuts_from_proto};
 use ballast_metaclient::{MetaClient, MetaClientError};
 
 /// The metadata service as one volume's membership provider.
@@ -120,6 +120,10 @@ impl Membership for MetaMembership {
         let layout = resp.layout.as_ref().ok_or_else(|| {
             MembershipError::Unavailable(format!("attach of {:?}: answer without a layout", self.volume_name))
         })?;
+        // The ready snapshots' cuts, installed on every replica node before
+        // the first write (a snapshot of a detached volume, or one cut when
+        // the previous front end went away, exists only in meta until then).
+        let snapshots = snapshot_cuts_from_proto(layout);
         let (_gen, layout) = layout_from_proto(layout)
             .map_err(|e| MembershipError::Unavailable(format!("volume {volume} layout: {e}")))?;
         if layout.volume != volume {
@@ -130,8 +134,7 @@ impl Membership for MetaMembership {
         self.remember(volume);
         let epoch = Epoch(resp.epoch);
         info!(volume = %volume, name = %self.volume_name, epoch = %epoch, "attached through the metadata service");
-        // Meta does not record snapshots yet (issue 14): none to install.
-        Ok(Attachment { epoch, layout, snapshots: Vec::new() })
+        Ok(Attachment { epoch, layout, snapshots })
     }
 
     async fn eject(
