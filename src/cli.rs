@@ -249,8 +249,13 @@ pub struct ExportArgs {
     #[arg(long, env = "BALLAST_META")]
     pub meta: Option<String>,
     /// The volume's name (with --meta).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "snapshot")]
     pub volume: Option<String>,
+    /// Export this snapshot instead, read-only, under its own name (with --meta):
+    /// read from the replicas without attaching the volume, whose front end
+    /// keeps writing undisturbed.
+    #[arg(long, requires = "meta")]
+    pub snapshot: Option<String>,
     /// NBD listen address on loopback (port 0 picks a free port).
     #[arg(long)]
     pub nbd: Option<SocketAddr>,

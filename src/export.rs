@@ -16,7 +16,7 @@ use ballast_frontend::{
     VolumeOptions,
 };
 use ballast_metaclient::MetaClient;
-use ballast_metavolume::{AttachOptions, AttachedVolume, LAYOUT_POLL};
+use ballast_metavolume::{AttachOptions, AttachedVolume, SnapshotDevice, LAYOUT_POLL};
 use ballast_nbd::{Export, NbdOptions, NbdServer};
 use ballast_replica::{ClientOptions, ReplicaClient};
 use ballast_types::{NodeId, VolumeId, Zone};
@@ -133,21 +133,34 @@ impl NbdListeners {
     }
 
     /// Serves `volume` until `stop` turns true, then lets connections finish their
-    /// in-flight requests (bounded by `grace`).
+    /// in-flight requests (bounded by `grace`), flushes and closes it.
     pub async fn serve<M: Membership>(
         self,
         volume: Arc<Volume<M, ReplicaClient>>,
         stop: watch::Receiver<bool>,
         grace: Duration,
     ) -> anyhow::Result<()> {
-        let name = volume.name().to_string();
-        let server = Arc::new(
-            NbdServer::new(
-                vec![Export::new(name.clone(), volume.clone()).with_description("ballast volume")],
-                NbdOptions::default(),
-            )
-            .context("nbd server")?,
-        );
+        let export = Export::new(volume.name().to_string(), volume.clone()).with_description("ballast volume");
+        self.serve_export(export, stop, grace).await?;
+        // Everything acknowledged is on every in-sync replica already; a final flush
+        // makes it durable there too, so a clean stop leaves no dirty chunk behind.
+        use ballast_blockdev::BlockDev;
+        if let Err(e) = volume.flush().await {
+            tracing::warn!(error = %e, "final flush failed");
+        }
+        volume.close();
+        Ok(())
+    }
+
+    /// Serves one export until `stop` turns true, then lets connections finish
+    /// their in-flight requests (bounded by `grace`).
+    pub async fn serve_export<B: ballast_blockdev::BlockDev>(
+        self,
+        export: Export<B>,
+        stop: watch::Receiver<bool>,
+        grace: Duration,
+    ) -> anyhow::Result<()> {
+        let server = Arc::new(NbdServer::new(vec![export], NbdOptions::default()).context("nbd server")?);
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(l) = self.tcp {
             let (s, stop) = (server.clone(), stop.clone());
@@ -174,13 +187,6 @@ impl NbdListeners {
         if let Some(p) = socket {
             let _ = std::fs::remove_file(p);
         }
-        // Everything acknowledged is on every in-sync replica already; a final flush
-        // makes it durable there too, so a clean stop leaves no dirty chunk behind.
-        use ballast_blockdev::BlockDev;
-        if let Err(e) = volume.flush().await {
-            tracing::warn!(error = %e, "final flush failed");
-        }
-        volume.close();
         Ok(())
     }
 }
@@ -216,6 +222,17 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
                 let _ = printer.await;
             }
             served
+        }
+        (None, Some(endpoints)) if a.snapshot.is_some() => {
+            let name = a.snapshot.as_deref().unwrap_or_default();
+            let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
+            let client = ClientOptions { timeout: a.io_timeout, ..ClientOptions::default() };
+            let dev = SnapshotDevice::open(meta, name, client).await?;
+            let description = format!("ballast snapshot of {} at {}", dev.volume_name(), dev.cut());
+            let export =
+                Export::new(dev.name().to_string(), Arc::new(dev)).with_description(description).read_only(true);
+            listeners.announce(&export.name)?;
+            listeners.serve_export(export, stop, Duration::from_secs(30)).await
         }
         (None, Some(endpoints)) => {
             let (Some(name), Some(node)) = (&a.volume, a.local_node) else {

@@ -420,17 +420,28 @@ fn volume_lifecycle_through_csi_survives_a_lost_node_and_moves_between_nodes() {
         check_files(&target2, 0..32);
 
         // Expansion: controller (meta grows the volume), then node (front end, loop, xfs).
+        // With z3's only node gone (once meta notices), new chunks cannot have
+        // their three replicas in three zones: RESOURCE_EXHAUSTED, nothing grown.
+        let expand = pb::ControllerExpandVolumeRequest {
+            volume_id: "pvc-life".into(),
+            capacity_range: Some(pb::CapacityRange { required_bytes: 1024 * MIB as i64, limit_bytes: 0 }),
+            volume_capability: Some(mount_cap("")),
+        };
+        let ctl = c.ctl().expect("ctl");
+        ballast_testkit::try_wait_until("meta notices node 3 is gone", Duration::from_secs(30), || {
+            Ok(ctl.json(&["status"])?["nodes_up"].as_u64() == Some(3))
+        })
+        .expect("node 3 no longer up");
+        let refused = d.controller.controller_expand_volume(expand.clone()).await;
+        assert_eq!(code(refused), Code::ResourceExhausted, "a required zone spread with a zone lost");
+        assert_eq!(c.inspect("pvc-life").expect("inspect")["volume"]["size_bytes"], 512 * MIB, "nothing grown");
+        c.start_node(3).expect("restart node 3");
+        ballast_testkit::try_wait_until("node 3 back up", Duration::from_secs(30), || {
+            Ok(ctl.json(&["status"])?["nodes_up"].as_u64() == Some(4))
+        })
+        .expect("node 3 up");
         let before = statvfs_bytes(&target2);
-        let exp = d
-            .controller
-            .controller_expand_volume(pb::ControllerExpandVolumeRequest {
-                volume_id: "pvc-life".into(),
-                capacity_range: Some(pb::CapacityRange { required_bytes: 1024 * MIB as i64, limit_bytes: 0 }),
-                volume_capability: Some(mount_cap("")),
-            })
-            .await
-            .expect("ControllerExpandVolume")
-            .into_inner();
+        let exp = d.controller.controller_expand_volume(expand).await.expect("ControllerExpandVolume").into_inner();
         assert_eq!(exp.capacity_bytes, 1024 * MIB as i64);
         assert!(exp.node_expansion_required);
         let nexp = n2

@@ -8,6 +8,14 @@
 //! | ControllerUnpublish | Admin.UnpublishVolume | INVALID_ARGUMENT |
 //! | ControllerExpandVolume | Admin.GrowVolume (whole chunks) | NOT_FOUND, OUT_OF_RANGE, RESOURCE_EXHAUSTED |
 //! | ListVolumes | Admin.ListVolumes, paged by name | ABORTED (a token it did not issue), INVALID_ARGUMENT |
+//! | CreateSnapshot | Admin.CreateSnapshot; waits up to [`SNAPSHOT_READY_WAIT`] for the cut | INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS |
+//! | DeleteSnapshot | Admin.DeleteSnapshot (every replica reclaims its layers) | INVALID_ARGUMENT |
+//! | ListSnapshots | Admin.ListSnapshots, ready ones only, paged by name | ABORTED, INVALID_ARGUMENT |
+//!
+//! A snapshot's CSI id is its Ballast name (unique in the cluster), its
+//! `ready_to_use` whether meta has its cut: a snapshot of an attached volume
+//! is pending until the volume's front end takes it (within a layout poll), and
+//! the CO calls CreateSnapshot again until it is ready, as the spec has it.
 //!
 //! Topology: a volume is reachable over the network from every zone, so it is
 //! accessible from all of them (CreateVolume's requisite is satisfied, never a
@@ -17,6 +25,7 @@
 //! on a volume holds its [`VolumeLocks`] entry: a concurrent one gets ABORTED.
 
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 
 use ballast_metaclient::{pb as meta, MetaClient};
 use tonic::{Request, Response, Status};
@@ -128,23 +137,93 @@ fn accessible_zones(nodes: &[meta::Node], requested: &BTreeSet<String>) -> BTree
     zones
 }
 
-/// Tag of a ListVolumes token, and the version of its format.
-const TOKEN_TAG: &str = "1";
+/// How long CreateSnapshot waits for an attached volume's front end to take a
+/// pending snapshot before answering `ready_to_use: false` (the CO asks again).
+/// A few layout polls: most snapshots are ready in the first answer.
+pub const SNAPSHOT_READY_WAIT: Duration = Duration::from_secs(2);
+const SNAPSHOT_READY_POLL: Duration = Duration::from_millis(100);
 
-/// The ListVolumes token that resumes after the volume `last`:
-/// `1.<name in hex>.<check>`, the check a 64-bit FNV-1a hash of the tag and the
-/// name. It holds no state of this process, so any controller replica (and one
-/// restarted between pages) takes it; the check tells tokens this plugin issued
-/// from garbage, truncated or edited ones, which the spec wants ABORTED. (It is no
-/// secret: there is nothing to protect, a token only says where a listing resumes.)
-fn page_token(last: &str) -> String {
-    let hex: String = last.bytes().map(|b| format!("{b:02x}")).collect();
-    format!("{TOKEN_TAG}.{hex}.{:016x}", token_check(last))
+/// The CSI view of a Ballast snapshot: its id is its name.
+fn csi_snapshot(s: &meta::Snapshot) -> pb::Snapshot {
+    pb::Snapshot {
+        size_bytes: i64::try_from(s.size_bytes).unwrap_or(i64::MAX),
+        snapshot_id: s.name.clone(),
+        source_volume_id: s.volume_name.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: i64::try_from(s.created_ms / 1000).unwrap_or(i64::MAX),
+            nanos: (s.created_ms % 1000) as i32 * 1_000_000,
+        }),
+        ready_to_use: s.ready,
+        group_snapshot_id: String::new(),
+    }
 }
 
-/// The volume name a token from [`page_token`] resumes after; None for any
-/// string it did not produce.
-fn parse_page_token(token: &str) -> Option<String> {
+/// VolumeSnapshotClass parameters: Ballast has none of its own; the keys the
+/// external-snapshotter adds (`csi.storage.k8s.io/*`, with
+/// `--extra-create-metadata` the VolumeSnapshot's name and namespace) are
+/// accepted, any other is refused, as for a StorageClass.
+fn check_snapshot_parameters(parameters: &HashMap<String, String>) -> Result<(), Status> {
+    match parameters.keys().find(|k| !k.starts_with("csi.storage.k8s.io/")) {
+        Some(k) => Err(Status::invalid_argument(format!(
+            "invalid parameter {k}: unknown parameter (Ballast snapshots take no parameters)"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Tags of the list tokens, and the version of their format: one per listing,
+/// so a ListVolumes token is no ListSnapshots token.
+const TOKEN_TAG: &str = "1";
+const VOLUMES: &str = "ballast-csi-list-volumes";
+const SNAPSHOTS: &str = "ballast-csi-list-snapshots";
+
+/// The token that resumes a listing (`kind`: [`VOLUMES`] or [`SNAPSHOTS`])
+/// after the name `last`: `1.<name in hex>.<check>`, the check a 64-bit FNV-1a
+/// hash of the listing, the tag and the name. It holds no state of this
+/// process, so any controller replica (and one restarted between pages) takes
+/// it; the check tells tokens this plugin issued from garbage, truncated or
+/// edited ones, which the spec wants ABORTED. (It is no secret: there is
+/// nothing to protect, a token only says where a listing resumes.)
+fn page_token(kind: &str, last: &str) -> String {
+    let hex: String = last.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{TOKEN_TAG}.{hex}.{:016x}", token_check(kind, last))
+}
+
+/// The `starting_token` of a listing: None when empty, the name to resume
+/// after, or ABORTED for a token [`page_token`] did not issue for `kind`.
+fn starting_after(kind: &str, token: &str) -> Result<Option<String>, Status> {
+    match token {
+        "" => Ok(None),
+        t => parse_page_token(kind, t)
+            .map(Some)
+            .ok_or_else(|| Status::aborted(format!("starting_token {t:?} is not one this plugin issued"))),
+    }
+}
+
+/// One page of `items` (sorted by `name`) after `after`: at most
+/// `max_entries` of them (0: all), and the next token (empty at the end).
+fn page<'a, T>(
+    kind: &str,
+    items: &'a [T],
+    name: impl Fn(&T) -> &str,
+    after: Option<&str>,
+    max_entries: i32,
+) -> Result<(Vec<&'a T>, String), Status> {
+    if max_entries < 0 {
+        return Err(Status::invalid_argument("max_entries must not be negative"));
+    }
+    let rest: Vec<&T> = items.iter().filter(|x| after.is_none_or(|after| name(x) > after)).collect();
+    let take = if max_entries == 0 { rest.len() } else { (max_entries as usize).min(rest.len()) };
+    let next_token = match take.checked_sub(1).and_then(|last| rest.get(last)) {
+        Some(last) if take < rest.len() => page_token(kind, name(last)),
+        _ => String::new(),
+    };
+    Ok((rest[..take].to_vec(), next_token))
+}
+
+/// The name a token from [`page_token`] resumes after; None for any string
+/// it did not produce for `kind`.
+fn parse_page_token(kind: &str, token: &str) -> Option<String> {
     let mut parts = token.split('.');
     let (Some(TOKEN_TAG), Some(hex), Some(check), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -158,13 +237,13 @@ fn parse_page_token(token: &str) -> Option<String> {
     let name = String::from_utf8(bytes?).ok()?;
     // Lower-case hex only, as issued: one token per position.
     let issued = hex.bytes().chain(check.bytes()).all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
-    (issued && u64::from_str_radix(check, 16).ok()? == token_check(&name)).then_some(name)
+    (issued && u64::from_str_radix(check, 16).ok()? == token_check(kind, &name)).then_some(name)
 }
 
-fn token_check(name: &str) -> u64 {
+fn token_check(kind: &str, name: &str) -> u64 {
     const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-    let input = b"ballast-csi-list-volumes\0".iter().chain(TOKEN_TAG.as_bytes()).chain(b"\0").chain(name.as_bytes());
+    let input = kind.as_bytes().iter().chain(b"\0").chain(TOKEN_TAG.as_bytes()).chain(b"\0").chain(name.as_bytes());
     input.fold(FNV_OFFSET, |h, &b| (h ^ u64::from(b)).wrapping_mul(FNV_PRIME))
 }
 
@@ -337,27 +416,12 @@ impl pb::controller_server::Controller for ControllerService {
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        if r.max_entries < 0 {
-            return Err(Status::invalid_argument("max_entries must not be negative"));
-        }
-        let after = match r.starting_token.as_str() {
-            "" => None,
-            t => Some(
-                parse_page_token(t)
-                    .ok_or_else(|| Status::aborted(format!("starting_token {t:?} is not one this plugin issued")))?,
-            ),
-        };
+        let after = starting_after(VOLUMES, &r.starting_token)?;
         let mut volumes = self.meta.list_volumes().await.map_err(|e| meta_status("list volumes", e))?.volumes;
         volumes.sort_by(|a, b| a.name.cmp(&b.name));
         let zones = accessible_zones(&self.nodes().await?, &BTreeSet::new());
-        let rest: Vec<&meta::Volume> =
-            volumes.iter().filter(|v| after.as_ref().is_none_or(|after| v.name > *after)).collect();
-        let take = if r.max_entries == 0 { rest.len() } else { (r.max_entries as usize).min(rest.len()) };
-        let next_token = match take.checked_sub(1).and_then(|last| rest.get(last)) {
-            Some(last) if take < rest.len() => page_token(&last.name),
-            _ => String::new(),
-        };
-        let entries = rest[..take]
+        let (taken, next_token) = page(VOLUMES, &volumes, |v| v.name.as_str(), after.as_deref(), r.max_entries)?;
+        let entries = taken
             .iter()
             .map(|v| pb::list_volumes_response::Entry {
                 volume: Some(csi_volume(v, "", &zones)),
@@ -407,6 +471,78 @@ impl pb::controller_server::Controller for ControllerService {
         }))
     }
 
+    #[instrument(skip_all, fields(name = %req.get_ref().name, volume = %req.get_ref().source_volume_id))]
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::CreateSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        let name = required("name", &r.name)?;
+        let volume = required("source_volume_id", &r.source_volume_id)?;
+        check_snapshot_parameters(&r.parameters)?;
+        let _busy = self.locks.lock(&format!("snapshot/{name}"))?;
+        let req = meta::CreateSnapshotRequest { volume: volume.to_string(), name: name.to_string() };
+        let mut snap = self.meta.create_snapshot(req).await.map_err(|e| match e.code() {
+            // The name is another volume's snapshot.
+            Some(tonic::Code::AlreadyExists) => {
+                Status::already_exists(format!("snapshot {name} exists for another source volume"))
+            }
+            _ => meta_status("create the snapshot", e),
+        })?;
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_READY_WAIT;
+        while !snap.ready && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(SNAPSHOT_READY_POLL).await;
+            let req = meta::ListSnapshotsRequest { volume: String::new(), snapshot: name.to_string() };
+            let list = self.meta.list_snapshots(req).await.map_err(|e| meta_status("look up the snapshot", e))?;
+            match list.snapshots.into_iter().find(|s| s.name == name) {
+                Some(now) => snap = now,
+                None => return Err(Status::aborted(format!("snapshot {name} was deleted while being created"))),
+            }
+        }
+        info!(snapshot = %snap.name, volume = %snap.volume_name, ready = snap.ready, "snapshot created");
+        Ok(Response::new(pb::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&snap)) }))
+    }
+
+    #[instrument(skip_all, fields(snapshot = %req.get_ref().snapshot_id))]
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let id = required("snapshot_id", &req.get_ref().snapshot_id)?.to_string();
+        let _busy = self.locks.lock(&format!("snapshot/{id}"))?;
+        match self.meta.delete_snapshot(meta::DeleteSnapshotRequest { snapshot: id.clone() }).await {
+            Ok(_) => info!(snapshot = %id, "snapshot deleted"),
+            // Already gone: deleting is idempotent.
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(meta_status("delete the snapshot", e)),
+        }
+        Ok(Response::new(pb::DeleteSnapshotResponse {}))
+    }
+
+    /// Ready snapshots only (the spec: none that is not cut yet), by name,
+    /// paged as ListVolumes is. An unknown source volume or snapshot id lists
+    /// nothing.
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        let r = req.into_inner();
+        let after = starting_after(SNAPSHOTS, &r.starting_token)?;
+        let req = meta::ListSnapshotsRequest { volume: r.source_volume_id.clone(), snapshot: r.snapshot_id.clone() };
+        let mut snaps = match self.meta.list_snapshots(req).await {
+            Ok(l) => l.snapshots,
+            Err(e) if e.is_not_found() => vec![],
+            Err(e) => return Err(meta_status("list snapshots", e)),
+        };
+        // By name, not by numeric id: the CSI id is the name.
+        snaps.retain(|s| s.ready && (r.snapshot_id.is_empty() || s.name == r.snapshot_id));
+        snaps.sort_by(|a, b| a.name.cmp(&b.name));
+        let (taken, next_token) = page(SNAPSHOTS, &snaps, |s| s.name.as_str(), after.as_deref(), r.max_entries)?;
+        let entries =
+            taken.into_iter().map(|s| pb::list_snapshots_response::Entry { snapshot: Some(csi_snapshot(s)) }).collect();
+        Ok(Response::new(pb::ListSnapshotsResponse { entries, next_token }))
+    }
+
     async fn controller_get_capabilities(
         &self,
         _req: Request<pb::ControllerGetCapabilitiesRequest>,
@@ -425,6 +561,8 @@ impl pb::controller_server::Controller for ControllerService {
             Rpc::ExpandVolume,
             Rpc::GetVolume,
             Rpc::SingleNodeMultiWriter,
+            Rpc::CreateDeleteSnapshot,
+            Rpc::ListSnapshots,
         ]
         .into_iter()
         .map(rpc)
@@ -499,10 +637,11 @@ mod tests {
     #[test]
     fn page_tokens_round_trip_and_refuse_what_was_not_issued() {
         for name in ["a", "pvc-0f3c", "list.b_c-9", &"x".repeat(128)] {
-            let t = page_token(name);
-            assert_eq!(parse_page_token(&t).as_deref(), Some(name), "{t}");
+            let t = page_token(VOLUMES, name);
+            assert_eq!(parse_page_token(VOLUMES, &t).as_deref(), Some(name), "{t}");
+            assert_eq!(parse_page_token(SNAPSHOTS, &t), None, "a volume token is no snapshot token");
         }
-        let t = page_token("pvc-1");
+        let t = page_token(VOLUMES, "pvc-1");
         let (head, check) = t.rsplit_once('.').expect("three parts");
         let flipped = format!("{head}.{}", if check.starts_with('0') { "1" } else { "0" }.to_owned() + &check[1..]);
         let forged_name =
@@ -522,8 +661,57 @@ mod tests {
             "1.+1.0000000000000000",
             "1.ff.0000000000000000", // not UTF-8
         ] {
-            assert_eq!(parse_page_token(bad), None, "{bad:?} must not be accepted");
+            assert_eq!(parse_page_token(VOLUMES, bad), None, "{bad:?} must not be accepted");
         }
+    }
+
+    #[test]
+    fn pages_resume_after_the_last_name_and_end_with_an_empty_token() {
+        let names = ["a", "b", "c", "d", "e"];
+        let mut seen = vec![];
+        let mut after: Option<String> = None;
+        loop {
+            let (taken, next) = page(SNAPSHOTS, &names, |n| n, after.as_deref(), 2).unwrap();
+            seen.extend(taken.into_iter().copied());
+            if next.is_empty() {
+                break;
+            }
+            after = Some(starting_after(SNAPSHOTS, &next).unwrap().expect("a token names where to resume"));
+        }
+        assert_eq!(seen, names);
+        let (all, next) = page(SNAPSHOTS, &names, |n| n, None, 0).unwrap();
+        assert_eq!((all.len(), next.as_str()), (5, ""), "max_entries 0: no limit");
+        assert_eq!(page(SNAPSHOTS, &names, |n| n, None, -1).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(starting_after(SNAPSHOTS, "garbage").unwrap_err().code(), tonic::Code::Aborted);
+        assert_eq!(starting_after(SNAPSHOTS, "").unwrap(), None);
+    }
+
+    #[test]
+    fn snapshot_parameters_are_the_snapshotters_own_only() {
+        let ok = HashMap::from([("csi.storage.k8s.io/volumesnapshot/name".to_string(), "s".to_string())]);
+        assert!(check_snapshot_parameters(&ok).is_ok());
+        let bad = HashMap::from([("incremental".to_string(), "true".to_string())]);
+        let e = check_snapshot_parameters(&bad).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("incremental"), "{}", e.message());
+    }
+
+    #[test]
+    fn a_snapshot_is_named_by_its_ballast_name_with_its_creation_time() {
+        let s = meta::Snapshot {
+            id: 7,
+            name: "snapshot-1".into(),
+            volume: 3,
+            volume_name: "pvc-1".into(),
+            size_bytes: 1 << 30,
+            created_ms: 1_700_000_000_123,
+            ready: true,
+            cut: Some(meta::Seq { epoch: 2, counter: 9 }),
+        };
+        let c = csi_snapshot(&s);
+        assert_eq!((c.snapshot_id.as_str(), c.source_volume_id.as_str()), ("snapshot-1", "pvc-1"));
+        assert_eq!((c.size_bytes, c.ready_to_use), (1 << 30, true));
+        assert_eq!(c.creation_time, Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 123_000_000 }));
     }
 
     #[test]

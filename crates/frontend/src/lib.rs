@@ -51,7 +51,7 @@ pub use replica_client::tcp_connector;
 pub use replica_io::{ReplicaError, ReplicaIo};
 pub use scrub::{scrub_periodically, ScrubConfig, ScrubOptions, ScrubReport};
 pub use static_membership::{StaticConfig, StaticMembership};
-pub use volume::{TakenSnapshot, Volume, VolumeOptions, VolumeStats};
+pub use volume::{join_all, TakenSnapshot, Volume, VolumeOptions, VolumeStats};
 
 /// Why attaching or reconfiguring a volume failed. (Block I/O errors are
 /// [`ballast_blockdev::BlockError`]s.)

@@ -21,6 +21,16 @@
 //! - the front end went away first (a new attach, or a detach): the pending
 //!   records take `(old epoch, u64::MAX)`, for the same reason as above.
 //!
+//! Every change to a volume's snapshots (a request, a commit, a delete, pending
+//! ones cut at an epoch's end) raises the volume's `layout_gen`, as a change to
+//! its chunks does: the front end polls layouts from any member, which may lag,
+//! and a layout at generation `g` shows every snapshot change up to `g`. So a
+//! front end that committed a cut at generation `g` (the commit answers it)
+//! and later polls a layout at `g` or above without that cut knows the
+//! snapshot was deleted, and only then drops the cut from the replicas. A
+//! lagging member's older layout, which does not show the cut yet, never makes
+//! it drop one.
+//!
 //! Invariants ([`MetaState::check_invariants`] checks them):
 //! - a snapshot's volume exists (a volume with snapshots cannot be deleted:
 //!   its snapshots are layers of its chunks, see [`MetaError::HasSnapshots`]);
@@ -102,6 +112,7 @@ impl MetaState {
         self.next_snapshot = id + 1;
         let s = Snapshot { id, name: name.to_string(), volume, size: v.size, created_ms: now_ms, cut };
         self.snapshots.insert(id, s.clone());
+        self.bump_layout_gen(volume);
         Ok(Response::Snapshot(s))
     }
 
@@ -141,12 +152,21 @@ impl MetaState {
                 s.size = size;
             }
         }
-        Ok(Response::Done)
+        Ok(Response::LayoutGen(self.bump_layout_gen(volume)))
     }
 
     pub(crate) fn delete_snapshot(&mut self, id: u64) -> Result<Response, MetaError> {
-        self.snapshots.remove(&id).ok_or(MetaError::UnknownSnapshot(id.to_string()))?;
+        let s = self.snapshots.remove(&id).ok_or(MetaError::UnknownSnapshot(id.to_string()))?;
+        self.bump_layout_gen(s.volume);
         Ok(Response::Done)
+    }
+
+    /// Raises the volume's `layout_gen` (see the module docs) and returns it.
+    fn bump_layout_gen(&mut self, volume: VolumeId) -> u64 {
+        self.volumes.get_mut(&volume).map_or(0, |v| {
+            v.layout_gen += 1;
+            v.layout_gen
+        })
     }
 
     /// The front end at the volume's current epoch is going away (a new attach
@@ -154,9 +174,14 @@ impl MetaState {
     /// epoch's end.
     pub(crate) fn resolve_pending_snapshots(&mut self, volume: VolumeId, epoch: Epoch) {
         let size = self.volumes.get(&volume).map_or(0, |v| v.size);
+        let mut changed = false;
         for s in self.snapshots.values_mut().filter(|s| s.volume == volume && s.cut.is_none()) {
             s.cut = Some(detached_cut(epoch));
             s.size = size;
+            changed = true;
+        }
+        if changed {
+            self.bump_layout_gen(volume);
         }
     }
 }

@@ -15,7 +15,8 @@
 //! - each node's `allocated` is the chunk size times the replicas it holds;
 //! - a chunk has at most one active job, whose target is its only rebuilding
 //!   member; it holds the volume's `replicas` members, one more during a rebuild;
-//! - `layout_gen` rises with every chunk version change; `acked_gen <= layout_gen`;
+//! - `layout_gen` rises with every chunk version change and every change to the
+//!   volume's snapshots; `acked_gen <= layout_gen`;
 //! - at most [`FINISHED_JOBS_KEPT`] finished jobs are kept;
 //! - a volume is published to at most one node (single-node-writer), and only
 //!   an unpublished volume can be deleted;
@@ -267,8 +268,8 @@ pub struct Volume {
     pub attached_to: Option<NodeId>,
     /// Index = chunk index.
     pub chunks: Vec<ChunkEntry>,
-    /// Increments on every change to a chunk's replica set or to the size; the
-    /// attached front end polls it.
+    /// Increments on every change to a chunk's replica set, to the size or to
+    /// the volume's snapshots; the attached front end polls it.
     #[serde(default)]
     pub layout_gen: u64,
     /// The highest `layout_gen` the attached front end (at `epoch`) reported it
@@ -480,6 +481,8 @@ pub enum Response {
     Job(u64),
     /// The snapshot made (or found again) by `CreateSnapshot`.
     Snapshot(Snapshot),
+    /// The volume's `layout_gen` after the change (`CommitSnapshots`).
+    LayoutGen(u64),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]

@@ -257,6 +257,16 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
             None => assert!(matches!(cmd, Command::DeleteSnapshot { id: d } if d == id), "snapshot {} lost", b.name),
         }
     }
+    // A change to a volume's snapshots is a new layout generation: the front
+    // end, polling any member, tells a deleted snapshot from a lagging member's
+    // view by it.
+    for (id, v) in &after.volumes {
+        let Some(b) = before.volumes.get(id) else { continue };
+        let snaps = |s: &MetaState| s.volume_snapshots(*id).map(|x| (x.id, x.cut)).collect::<Vec<_>>();
+        if snaps(before) != snaps(after) {
+            assert!(v.layout_gen > b.layout_gen, "{}: snapshots changed without a new layout_gen ({cmd:?})", v.name);
+        }
+    }
     match (cmd, resp) {
         (Command::Publish { volume, node }, _) => {
             let prev = before.volumes[volume].published_to;

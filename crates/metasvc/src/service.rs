@@ -452,9 +452,11 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         let cut = r.cut.ok_or_else(|| Status::invalid_argument("invalid cut: missing"))?;
         let cut = Seq::new(Epoch(cut.epoch), cut.counter);
         let cmd = Command::CommitSnapshots { volume, epoch: Epoch(r.epoch), snapshots: r.snapshots.clone(), cut };
-        self.0.write(cmd).await?;
-        info!(%volume, epoch = r.epoch, %cut, snapshots = ?r.snapshots, "snapshot cut committed");
-        Ok(Reply::new(pb::CommitSnapshotsResponse {}))
+        let Response::LayoutGen(layout_gen) = self.0.write(cmd).await? else {
+            return Err(Status::internal("CommitSnapshots: unexpected response from the state machine"));
+        };
+        info!(%volume, epoch = r.epoch, %cut, snapshots = ?r.snapshots, layout_gen, "snapshot cut committed");
+        Ok(Reply::new(pb::CommitSnapshotsResponse { layout_gen }))
     }
 
     async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Result<Reply<pb::ReportJobResponse>, Status> {

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use ballast_metaclient::{pb, MetaClient, MetaClientError};
 
-use crate::MetaMembership;
+use crate::{LayoutSnapshots, MetaMembership};
 
 /// The front end with the metadata service as its membership.
 pub type MetaVolume = Volume<Arc<MetaMembership>, ReplicaClient>;
@@ -205,8 +205,9 @@ pub async fn detach_lease(meta: &MetaClient, volume: &MetaVolume) {
 /// Follows the volume's layout while it is attached: every `every`, fetches it
 /// from meta, installs a newer generation into the front end (which returns only
 /// once writes go to the new targets, see `Volume::apply_layout`), and then
-/// acknowledges the generation, which lets meta's copy jobs start. Meta being
-/// unreachable only delays this; I/O goes on.
+/// acknowledges the generation, which lets meta's copy jobs start. Then the
+/// snapshots the layout shows ([`sync_snapshots`]). Meta being unreachable only
+/// delays this; I/O goes on.
 pub async fn follow_layout(
     volume: Arc<MetaVolume>,
     membership: Arc<MetaMembership>,
@@ -227,7 +228,7 @@ pub async fn follow_layout(
             info!("volume stopped: no longer following its layout");
             return;
         }
-        let (gen, layout) = match membership.layout().await {
+        let (gen, layout, snapshots) = match membership.layout_and_snapshots().await {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "layout poll failed");
@@ -235,6 +236,7 @@ pub async fn follow_layout(
             }
         };
         if gen <= applied {
+            sync_snapshots(&volume, &membership, gen, &snapshots).await;
             continue;
         }
         match volume.apply_layout(&layout).await {
@@ -251,6 +253,32 @@ pub async fn follow_layout(
                 }
             }
             Err(e) => warn!(gen, error = %e, "installing the new layout failed; retrying"),
+        }
+        // After the layout: a new cut also goes to a new rebuild target.
+        sync_snapshots(&volume, &membership, gen, &snapshots).await;
+    }
+}
+
+/// Brings the volume's snapshot cuts in line with a layout at generation
+/// `gen` (see [`MetaMembership::plan_snapshots`]): drops the cuts of deleted
+/// snapshots (their space is reclaimed on every replica), then takes one
+/// snapshot for every pending request. A failure is retried at the next poll.
+pub async fn sync_snapshots(volume: &MetaVolume, membership: &MetaMembership, gen: u64, shown: &LayoutSnapshots) {
+    let kept = volume.snapshots().await;
+    let plan = membership.plan_snapshots(gen, shown, &kept);
+    for cut in plan.drop {
+        match volume.delete_snapshot(cut).await {
+            Ok(()) => info!(%cut, gen, "snapshot deleted in meta: its cut dropped from the replicas"),
+            Err(e) => warn!(%cut, error = %e, "dropping a deleted snapshot's cut failed; retrying"),
+        }
+    }
+    if plan.take {
+        match volume.snapshot().await {
+            Ok(t) => info!(
+                cut = %t.cut, requests = ?shown.pending, stall_us = t.stall.as_micros() as u64,
+                "snapshot taken for meta's pending requests"
+            ),
+            Err(e) => warn!(requests = ?shown.pending, error = %e, "taking a requested snapshot failed; retrying"),
         }
     }
 }

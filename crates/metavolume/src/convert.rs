@@ -54,24 +54,11 @@ pub fn replica_from_proto(node: &pb::Node) -> Result<Replica, ConversionError> {
 }
 
 /// A volume layout message as the front end's [`VolumeLayout`], with the
-/// volume's layout generation (bumped on every replica-set or size change).
+/// volume's layout generation (bumped on every replica-set, size or snapshot change).
 ///
 /// The message's chunk list must be in index order from 0 (the front end
 /// indexes its chunk map by position); the front end checks the rest (chunk
 /// count against the size, in-sync sets against min-in-sync, known nodes).
-/// The ready snapshots' distinct cuts in a layout, ascending: what the
-/// volume's replicas must keep.
-pub fn snapshot_cuts_from_proto(layout: &pb::VolumeLayout) -> Vec<Seq> {
-    let cuts: std::collections::BTreeSet<Seq> = layout
-        .snapshots
-        .iter()
-        .filter(|s| s.ready)
-        .filter_map(|s| s.cut.as_ref())
-        .map(|c| Seq::new(Epoch(c.epoch), c.counter))
-        .collect();
-    cuts.into_iter().collect()
-}
-
 pub fn layout_from_proto(layout: &pb::VolumeLayout) -> Result<(u64, VolumeLayout), ConversionError> {
     let v = layout.volume.as_ref().ok_or(ConversionError::MissingVolume)?;
     let chunks = layout
@@ -99,6 +86,30 @@ pub fn layout_from_proto(layout: &pb::VolumeLayout) -> Result<(u64, VolumeLayout
             chunks,
         },
     ))
+}
+
+/// A volume's snapshots as a layout message shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LayoutSnapshots {
+    /// The ids of the requests the attached front end has not taken yet.
+    pub pending: Vec<u64>,
+    /// The ready snapshots' distinct cuts, ascending: what the volume's
+    /// replicas must keep.
+    pub cuts: Vec<Seq>,
+}
+
+/// The snapshots in a layout message (a ready snapshot without a cut is
+/// ignored: it cannot name what to keep).
+pub fn snapshots_from_proto(layout: &pb::VolumeLayout) -> LayoutSnapshots {
+    let pending = layout.snapshots.iter().filter(|s| !s.ready).map(|s| s.id).collect();
+    let cuts: std::collections::BTreeSet<Seq> = layout
+        .snapshots
+        .iter()
+        .filter(|s| s.ready)
+        .filter_map(|s| s.cut.as_ref())
+        .map(|c| Seq::new(Epoch(c.epoch), c.counter))
+        .collect();
+    LayoutSnapshots { pending, cuts: cuts.into_iter().collect() }
 }
 
 #[cfg(test)]
@@ -217,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_cuts_are_the_ready_ones_distinct_and_ascending() {
+    fn snapshots_are_pending_ids_and_ready_cuts_distinct_and_ascending() {
         let snap = |id, ready, cut: Option<(u64, u64)>| pb::Snapshot {
             id,
             ready,
@@ -231,10 +242,12 @@ mod tests {
             snap(3, false, None),
             snap(4, true, Some((1, 40))),
         ];
+        let got = snapshots_from_proto(&m);
+        assert_eq!(got.pending, vec![3]);
         assert_eq!(
-            snapshot_cuts_from_proto(&m),
+            got.cuts,
             vec![Seq::new(Epoch(1), 40), Seq::new(Epoch(2), u64::MAX)],
-            "pending skipped, a cut shared by two snapshots kept once"
+            "a cut shared by two snapshots kept once"
         );
     }
 }

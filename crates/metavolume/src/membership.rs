@@ -1,16 +1,59 @@
 //! [`MetaMembership`]: the front end's [`Membership`] backed by the metadata
 //! service. One per attached volume: it attaches by the volume's NAME on behalf
 //! of the local node and remembers the volume id the service answers with.
+//!
+//! Snapshots: meta holds the records; the front end takes the pending ones
+//! and keeps exactly the ready ones' cuts on the replicas. The layout poll
+//! ([`crate::follow_layout`]) asks [`MetaMembership::plan_snapshots`] what to
+//! do with the snapshots a polled layout shows, and then calls the volume's
+//! `snapshot` / `delete_snapshot`, which come back here through
+//! [`Membership::set_snapshots`]:
+//! - a new cut is committed with the requests it serves (NodeApi.CommitSnapshots);
+//! - a cut is dropped only when the plan allowed it: a layout at or above the
+//!   generation at which meta had the cut no longer shows it, so the snapshot
+//!   was deleted, not merely unseen by a lagging member (meta raises the
+//!   generation on every snapshot change);
+//! - a commit whose answer was lost (meta unreachable, a timeout) may have
+//!   been applied: its cut is kept as if committed, and dropped only once a
+//!   layout shows it and later one no longer does (or at the next attach,
+//!   which installs exactly meta's cuts). Dropping it early could lose a
+//!   snapshot meta calls ready; keeping it costs only space.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use ballast_frontend::{Attachment, EjectReason, Membership, MembershipError, ReplicaSet, VolumeLayout};
 use ballast_metaclient::pb;
-use ballast_types::{ChunkIdx, Epoch, NodeId, VolumeId};
-use tracing::{info, info_span, Instrument};
+use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId};
+use tracing::{info, info_span, warn, Instrument};
 
-use crate::convert::{layout_from_proto, replica_set_from_proto, snapshot_cuts_from_proto};
+use crate::convert::{layout_from_proto, replica_set_from_proto, snapshots_from_proto, LayoutSnapshots};
 use ballast_metaclient::{MetaClient, MetaClientError};
+
+/// What the front end knows of its volume's snapshots in meta.
+#[derive(Debug, Default)]
+struct SnapshotSync {
+    /// Per cut the front end keeps: the layout generation from which meta's
+    /// layouts show it; `u64::MAX` while a commit's outcome is unknown.
+    known: BTreeMap<Seq, u64>,
+    /// The highest layout generation planned from: an older layout (a lagging
+    /// member's) is not planned from.
+    seen_gen: u64,
+    /// The pending requests the next new cut serves.
+    serving: Vec<u64>,
+    /// The cuts the last plan found deleted in meta.
+    deletable: Vec<Seq>,
+}
+
+/// What to do with the snapshots a polled layout shows
+/// ([`MetaMembership::plan_snapshots`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotPlan {
+    /// Take a snapshot: requests are pending (the volume's `snapshot`).
+    pub take: bool,
+    /// Cuts whose snapshots were all deleted (the volume's `delete_snapshot`).
+    pub drop: Vec<Seq>,
+}
 
 /// The metadata service as one volume's membership provider.
 pub struct MetaMembership {
@@ -21,12 +64,19 @@ pub struct MetaMembership {
     /// A name re-used by a new volume after a delete gets a new id; the id
     /// pins this provider to the volume it first saw.
     volume_id: Mutex<Option<VolumeId>>,
+    snapshots: Mutex<SnapshotSync>,
 }
 
 impl MetaMembership {
     /// `volume_name`: the volume to attach; `node`: the node this front end runs on.
     pub fn new(client: MetaClient, volume_name: impl Into<String>, node: NodeId) -> Self {
-        MetaMembership { client, volume_name: volume_name.into(), node, volume_id: Mutex::new(None) }
+        MetaMembership {
+            client,
+            volume_name: volume_name.into(),
+            node,
+            volume_id: Mutex::new(None),
+            snapshots: Mutex::new(SnapshotSync::default()),
+        }
     }
 
     pub fn volume_name(&self) -> &str {
@@ -77,6 +127,11 @@ impl MetaMembership {
     /// The current layout and its generation (NodeApi.GetLayout, served by any
     /// member from its own copy: it may lag the leader by a heartbeat).
     pub async fn layout(&self) -> Result<(u64, VolumeLayout), MembershipError> {
+        self.layout_and_snapshots().await.map(|(gen, layout, _)| (gen, layout))
+    }
+
+    /// [`MetaMembership::layout`] with the volume's snapshots.
+    pub async fn layout_and_snapshots(&self) -> Result<(u64, VolumeLayout, LayoutSnapshots), MembershipError> {
         let id = self.resolve_volume_id().await.map_err(|e| membership_error(e, VolumeId(0), None))?;
         let layout = self
             .client
@@ -84,7 +139,40 @@ impl MetaMembership {
             .instrument(info_span!("meta_get_layout", volume = %id))
             .await
             .map_err(|e| membership_error(e, id, None))?;
-        layout_from_proto(&layout).map_err(|e| MembershipError::Unavailable(format!("volume {id} layout: {e}")))
+        let snapshots = snapshots_from_proto(&layout);
+        let (gen, layout) =
+            layout_from_proto(&layout).map_err(|e| MembershipError::Unavailable(format!("volume {id} layout: {e}")))?;
+        Ok((gen, layout, snapshots))
+    }
+
+    /// What to do about the snapshots a layout at generation `gen` shows,
+    /// given the cuts the volume keeps (see the module docs). Remembers the
+    /// pending requests a new cut serves and the cuts that may be dropped.
+    pub fn plan_snapshots(&self, gen: u64, shown: &LayoutSnapshots, kept: &[Seq]) -> SnapshotPlan {
+        let mut sync = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        if gen < sync.seen_gen {
+            // A lagging member's layout: older than what was planned from.
+            return SnapshotPlan::default();
+        }
+        sync.seen_gen = gen;
+        for cut in &shown.cuts {
+            // Shown: its commit was applied (a lost answer is resolved here).
+            match sync.known.get_mut(cut) {
+                Some(from) => *from = (*from).min(gen),
+                None if kept.contains(cut) => {
+                    sync.known.insert(*cut, gen);
+                }
+                None => warn!(volume = self.volume_name, %cut, "meta shows a snapshot cut the front end does not keep"),
+            }
+        }
+        let drop: Vec<Seq> = kept
+            .iter()
+            .copied()
+            .filter(|c| !shown.cuts.contains(c) && sync.known.get(c).is_some_and(|from| *from <= gen))
+            .collect();
+        sync.deletable = drop.clone();
+        sync.serving = shown.pending.clone();
+        SnapshotPlan { take: !shown.pending.is_empty(), drop }
     }
 
     /// Tells the service that the attached front end (at `epoch`) now writes
@@ -123,8 +211,8 @@ impl Membership for MetaMembership {
         // The ready snapshots' cuts, installed on every replica node before
         // the first write (a snapshot of a detached volume, or one cut when
         // the previous front end went away, exists only in meta until then).
-        let snapshots = snapshot_cuts_from_proto(layout);
-        let (_gen, layout) = layout_from_proto(layout)
+        let snapshots = snapshots_from_proto(layout).cuts;
+        let (gen, layout) = layout_from_proto(layout)
             .map_err(|e| MembershipError::Unavailable(format!("volume {volume} layout: {e}")))?;
         if layout.volume != volume {
             // The name now belongs to another volume. The attach raised that
@@ -132,6 +220,11 @@ impl Membership for MetaMembership {
             return Err(MembershipError::UnknownVolume(volume));
         }
         self.remember(volume);
+        *self.snapshots.lock().unwrap_or_else(|p| p.into_inner()) = SnapshotSync {
+            known: snapshots.iter().map(|c| (*c, gen)).collect(),
+            seen_gen: gen,
+            ..SnapshotSync::default()
+        };
         let epoch = Epoch(resp.epoch);
         info!(volume = %volume, name = %self.volume_name, epoch = %epoch, "attached through the metadata service");
         Ok(Attachment { epoch, layout, snapshots })
@@ -162,6 +255,71 @@ impl Membership for MetaMembership {
         }
         replica_set_from_proto(&answer)
             .map_err(|e| MembershipError::Unavailable(format!("eject from chunk {chunk}: {e}")))
+    }
+
+    /// `cuts` is what the volume keeps from now on: the ones kept so far, plus
+    /// a new cut (committed with the pending requests it serves), or minus
+    /// cuts the last [`MetaMembership::plan_snapshots`] found deleted.
+    async fn set_snapshots(&self, volume: VolumeId, epoch: Epoch, cuts: Vec<Seq>) -> Result<(), MembershipError> {
+        let (added, serving) = {
+            let sync = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+            let added: Vec<Seq> = cuts.iter().copied().filter(|c| !sync.known.contains_key(c)).collect();
+            let dropped = sync.known.keys().filter(|c| !cuts.contains(c));
+            if let Some(cut) = dropped.clone().find(|c| !sync.deletable.contains(c)) {
+                return Err(MembershipError::Refused(format!(
+                    "volume {volume}: snapshot cut {cut} is still in meta; delete the snapshot there (Admin.DeleteSnapshot)"
+                )));
+            }
+            (added, sync.serving.clone())
+        };
+        let cut = match added[..] {
+            [] => {
+                let mut sync = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+                sync.known.retain(|c, _| cuts.contains(c));
+                return Ok(());
+            }
+            [cut] if !serving.is_empty() => cut,
+            [_] => {
+                return Err(MembershipError::Refused(format!(
+                    "volume {volume}: snapshots of a volume attached through meta are requested there \
+                     (Admin.CreateSnapshot); the front end takes them from its layout"
+                )))
+            }
+            _ => return Err(MembershipError::Refused(format!("volume {volume}: one new snapshot cut at a time"))),
+        };
+        let span = info_span!("meta_commit_snapshots", volume = %volume, epoch = %epoch, %cut, requests = ?serving);
+        let req = pb::CommitSnapshotsRequest {
+            volume: volume.0,
+            epoch: epoch.0,
+            snapshots: serving.clone(),
+            cut: Some(pb::Seq { epoch: cut.epoch.0, counter: cut.counter }),
+        };
+        let from = match self.client.commit_snapshots(req).instrument(span).await {
+            Ok(answer) => answer.layout_gen,
+            Err(e) if commit_outcome_unknown(&e) => {
+                warn!(volume = %volume, %cut, error = %e, "snapshot commit unanswered: keeping its cut until meta shows it, or an attach");
+                u64::MAX
+            }
+            Err(e) => return Err(membership_error(e, volume, None)),
+        };
+        let mut sync = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        sync.known.insert(cut, from);
+        sync.serving.retain(|id| !serving.contains(id));
+        info!(volume = %volume, %cut, requests = ?serving, layout_gen = from, "snapshot committed to meta");
+        Ok(())
+    }
+}
+
+/// Whether a failed commit may still have been applied: meta did not answer
+/// (unreachable, a timeout, a leader change mid-call), as opposed to a refusal
+/// from the state machine, which changes nothing.
+fn commit_outcome_unknown(err: &MetaClientError) -> bool {
+    use tonic::Code;
+    match err {
+        MetaClientError::Status { code, .. } => {
+            !matches!(code, Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::AlreadyExists)
+        }
+        _ => true,
     }
 }
 

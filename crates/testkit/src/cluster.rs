@@ -331,6 +331,18 @@ impl Cluster {
         Ok((p, uri))
     }
 
+    /// Starts `ballast export --snapshot SNAPSHOT` (read-only, served from
+    /// the replicas without attaching the volume) on `DIR/snap-SNAPSHOT.sock`;
+    /// returns it and the socket.
+    pub fn export_snapshot(&self, snapshot: &str) -> Result<(Proc, PathBuf)> {
+        let sock = self.path(&format!("snap-{snapshot}.sock"));
+        let meta = self.meta();
+        let args = ["export", "--meta", &meta, "--snapshot", snapshot, "--socket", utf8(&sock)?];
+        let mut p = Proc::spawn_with(&format!("export-{snapshot}"), args, &self.procs)?;
+        p.wait_for("ready nbd", Duration::from_secs(30))?;
+        Ok((p, sock))
+    }
+
     /// Starts `ballast csi-controller` on `DIR/csi-controller.sock` against
     /// this cluster's meta, with `extra` arguments, and waits for its `ready
     /// csi` line; returns it and its socket.

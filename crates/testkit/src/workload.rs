@@ -246,6 +246,51 @@ impl Workload {
         verified
     }
 
+    /// Per block, the last acknowledged and the last issued version now. A
+    /// snapshot requested after one mark and ready before a later one holds,
+    /// on every block, a version from the first mark's acknowledged to the
+    /// second's issued ([`Workload::verify_snapshot`]).
+    pub fn mark(&self) -> Vec<(u64, u64)> {
+        lock(&self.shared.ledger).iter().map(|m| (m.acked, m.issued)).collect()
+    }
+
+    /// Reads every block of a snapshot's export through `client` and checks it
+    /// against the marks taken before the snapshot was requested (`before`)
+    /// and once it was ready (`after`): nothing acknowledged before it
+    /// missing, nothing issued after it present, never a fenced write.
+    /// Returns the blocks verified and their versions (violations are recorded).
+    pub fn verify_snapshot(&self, client: &NbdClient, before: &[(u64, u64)], after: &[(u64, u64)]) -> (u64, Vec<u64>) {
+        let per = 256u64;
+        let (mut verified, mut versions) = (0, Vec::with_capacity(self.blocks as usize));
+        let mut b = 0;
+        while b < self.blocks {
+            let n = per.min(self.blocks - b);
+            let data = match self.rt.block_on(client.read(b * BS, (n * BS) as u32)) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.violation(format!("snapshot read of blocks {b}..+{n} failed: {e}"));
+                    versions.extend(std::iter::repeat_n(0, n as usize));
+                    b += n;
+                    continue;
+                }
+            };
+            for i in 0..n {
+                let block = (b + i) as usize;
+                let seen = pattern::decode(b + i, &data[(i * BS) as usize..((i + 1) * BS) as usize]);
+                versions.push(seen.version().unwrap_or(0));
+                let forbidden = lock(&self.shared.ledger)[block].forbidden.clone();
+                let model =
+                    BlockModel { acked: before[block].0, issued: after[block].1, forbidden, ..BlockModel::default() };
+                match model.check(before[block].0, &seen, "snapshot read") {
+                    Ok(()) => verified += 1,
+                    Err(e) => self.violation(format!("block {block}: {e}")),
+                }
+            }
+            b += n;
+        }
+        (verified, versions)
+    }
+
     /// Checks one copy of `block` (a final read, or a replica's file on disk);
     /// returns the violation, if any.
     pub fn check_copy(&self, block: u64, data: &[u8], what: &str) -> Option<String> {

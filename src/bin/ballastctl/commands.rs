@@ -9,12 +9,13 @@ use anyhow::bail;
 use ballast_metaclient::{pb, MetaClient};
 use serde_json::json;
 
-use crate::json::{job_json, layout_json, node_json, status_json, volume_json, what_if_json};
+use crate::json::{job_json, layout_json, node_json, snapshot_json, status_json, volume_json, what_if_json};
 use crate::progress::{Bars, JobsView, Lines};
 use crate::render::{
-    emit, inspect_text, jobs_table, node_state, nodes_table, say, status_table, volumes_table, what_if_table,
+    emit, inspect_text, jobs_table, node_state, nodes_table, say, snapshots_table, status_table, volumes_table,
+    what_if_table,
 };
-use crate::{DownArgs, JobsArgs, MemberCommand, NodeCommand, Output, VolumeCommand};
+use crate::{DownArgs, JobsArgs, MemberCommand, NodeCommand, Output, SnapshotCommand, VolumeCommand};
 
 pub(crate) async fn status(client: &MetaClient, out: Output) -> anyhow::Result<()> {
     let s = client.status().await?;
@@ -81,6 +82,49 @@ pub(crate) async fn volume(client: &MetaClient, out: Output, cmd: VolumeCommand)
             emit(out, json!({ "deleted": name, "chunk_replicas": r.chunk_replicas }), || {
                 format!("volume {name:?} deleted; {} chunk replicas to reclaim on the nodes\n", r.chunk_replicas)
             })
+        }
+    }
+}
+
+/// How often `snapshot create` looks whether the snapshot is ready.
+const READY_POLL: Duration = Duration::from_millis(100);
+
+pub(crate) async fn snapshot(
+    client: &MetaClient,
+    out: Output,
+    cmd: SnapshotCommand,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCommand::Create { volume, name, no_wait } => {
+            let mut s = client.create_snapshot(pb::CreateSnapshotRequest { volume, name: name.clone() }).await?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            while !s.ready && !no_wait {
+                if tokio::time::Instant::now() >= deadline {
+                    bail!(
+                        "snapshot {name:?} requested but not ready after {timeout:?}: is the volume's front end \
+                         running? (it takes the snapshot; `ballastctl snapshot list` shows it when it is)"
+                    );
+                }
+                tokio::time::sleep(READY_POLL).await;
+                let req = pb::ListSnapshotsRequest { volume: String::new(), snapshot: name.clone() };
+                match client.list_snapshots(req).await?.snapshots.into_iter().next() {
+                    Some(now) => s = now,
+                    None => bail!("snapshot {name:?} was deleted while it was being taken"),
+                }
+            }
+            emit(out, snapshot_json(&s), || snapshots_table(std::slice::from_ref(&s)))
+        }
+        SnapshotCommand::List { volume } => {
+            let req = pb::ListSnapshotsRequest { volume: volume.unwrap_or_default(), snapshot: String::new() };
+            let list = client.list_snapshots(req).await?.snapshots;
+            emit(out, json!({ "snapshots": list.iter().map(snapshot_json).collect::<Vec<_>>() }), || {
+                snapshots_table(&list)
+            })
+        }
+        SnapshotCommand::Delete { name } => {
+            client.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: name.clone() }).await?;
+            emit(out, json!({ "deleted": name }), || format!("snapshot {name:?} deleted\n"))
         }
     }
 }

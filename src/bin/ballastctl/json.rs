@@ -85,6 +85,20 @@ pub(crate) fn layout_json(l: &pb::VolumeLayout) -> Value {
             "replicas_ejected": h.ejected,
         },
         "chunks": l.chunks.iter().map(chunk_json).collect::<Vec<_>>(),
+        "snapshots": l.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
+    })
+}
+
+pub(crate) fn snapshot_json(s: &pb::Snapshot) -> Value {
+    json!({
+        "id": s.id,
+        "name": s.name,
+        "volume": s.volume,
+        "volume_name": s.volume_name,
+        "size_bytes": s.size_bytes,
+        "created_ms": s.created_ms,
+        "ready": s.ready,
+        "cut": s.cut.as_ref().map(|c| json!({ "epoch": c.epoch, "counter": c.counter })),
     })
 }
 

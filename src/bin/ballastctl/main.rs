@@ -6,6 +6,7 @@
 //!   ballastctl node list | cordon ID | uncordon ID | drain ID | remove ID
 //!   ballastctl volume create NAME --size 10GiB [--replicas 3] [--min-in-sync N] [--chunk-size 64MiB] [--zones a,b]
 //!   ballastctl volume list | inspect NAME [--chunks N] | grow NAME --size S | delete NAME --yes
+//!   ballastctl snapshot create VOLUME NAME [--no-wait] | list [--volume V] | delete NAME
 //!   ballastctl jobs [--all] [--watch]
 //!   ballastctl what-if down --node ID | --zone NAME
 //!   ballastctl member add ID ADDR | remove ID
@@ -66,6 +67,9 @@ enum Command {
     /// Volumes.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Crash-consistent volume snapshots.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Rebuild and resync jobs (active ones unless --all).
     Jobs(JobsArgs),
     /// What losing a node or a zone would do to each volume.
@@ -117,6 +121,32 @@ pub(crate) enum VolumeCommand {
         /// Confirm the deletion.
         #[arg(long)]
         yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum SnapshotCommand {
+    /// Snapshot a volume, attached or not (idempotent by name). Waits until it
+    /// is ready: an attached volume's front end takes it within a layout poll.
+    Create {
+        /// The volume: name or numeric id.
+        volume: String,
+        /// The snapshot's name, unique in the cluster.
+        name: String,
+        /// Return at once, possibly before the snapshot is ready.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Snapshots, oldest first.
+    List {
+        /// Only this volume's (name or id).
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Delete a snapshot; every replica reclaims its space.
+    Delete {
+        /// Name or numeric id.
+        name: String,
     },
 }
 
@@ -235,6 +265,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => commands::status(&client, out).await,
         Command::Node(cmd) => commands::node(&client, out, cmd).await,
         Command::Volume(cmd) => commands::volume(&client, out, cmd).await,
+        Command::Snapshot(cmd) => commands::snapshot(&client, out, cmd, cli.timeout).await,
         Command::Jobs(args) => commands::jobs(&client, out, args).await,
         Command::WhatIf(WhatIfCommand::Down(args)) => commands::what_if_down(&client, out, args).await,
         Command::Member(cmd) => commands::member(&client, out, cmd).await,

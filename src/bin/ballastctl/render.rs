@@ -362,6 +362,10 @@ pub(crate) fn inspect_text(l: &pb::VolumeLayout, max_chunks: Option<usize>) -> S
     }
     out.push_str(&t.render());
     out.push('\n');
+    if !l.snapshots.is_empty() {
+        out.push_str(&snapshots_table(&l.snapshots));
+        out.push('\n');
+    }
     let shown = max_chunks.unwrap_or(usize::MAX).min(l.chunks.len());
     let mut t = Table::new(&["CHUNK", "VERSION", "REPLICAS"]);
     for c in &l.chunks[..shown] {
@@ -417,6 +421,30 @@ pub(crate) fn what_if_table(r: &pb::WhatIfResponse) -> String {
 }
 
 // ---- units ---------------------------------------------------------------------
+
+/// Snapshots: a pending one shows `pending` for its cut (the attached front
+/// end has not taken it yet).
+pub(crate) fn snapshots_table(list: &[pb::Snapshot]) -> String {
+    let mut t = Table::new(&["ID", "SNAPSHOT", "VOLUME", "SIZE", "READY", "CUT", "CREATED"]);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    for s in list {
+        let cut = match (&s.cut, s.ready) {
+            (Some(c), true) if c.counter == u64::MAX => format!("end of epoch {}", c.epoch),
+            (Some(c), true) => format!("{}:{}", c.epoch, c.counter),
+            _ => "pending".into(),
+        };
+        t.row(vec![
+            s.id.to_string(),
+            s.name.clone(),
+            if s.volume_name.is_empty() { s.volume.to_string() } else { s.volume_name.clone() },
+            format_size(s.size_bytes),
+            if s.ready { "yes".into() } else { "no".into() },
+            cut,
+            format_age(now.saturating_sub(s.created_ms)),
+        ]);
+    }
+    t.render()
+}
 
 /// `0 B`, `512 B`, `4 KiB`, `1.5 GiB`: the largest unit that keeps the number ≥ 1,
 /// one decimal when it is not whole.

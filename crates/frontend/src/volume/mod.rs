@@ -216,7 +216,7 @@ impl<M: Membership, R: ReplicaIo> Drop for Volume<M, R> {
 
 /// Polls every future to completion concurrently on the current task (no
 /// spawns: a hand-off to another worker costs about as much as a local I/O).
-async fn join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+pub async fn join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
     let mut futs: Vec<Pin<Box<F>>> = futs.into_iter().map(Box::pin).collect();
     let mut out: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
@@ -291,13 +291,29 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             metrics,
         };
         v.announce().await?;
-        // Before any write of this attachment (reconciliation's too): every
-        // replica node knows the volume's snapshot cuts, so it keeps their views.
+        // Reconciliation first, then the cuts, then client I/O.
+        //
+        // Every cut this attach brings that the replicas do not know yet is a
+        // previous epoch's end, `(E, MAX)` (a snapshot of the volume while it
+        // was detached, or one requested from a front end that went away):
+        // nothing written at `E` or before is above it. Reconciliation makes
+        // the replicas agree on the blocks the previous front end left in
+        // flight (writing the winning version under a seq of this epoch);
+        // that agreed state is what the volume held at `E`'s end, so it must
+        // be in those snapshots. With the cuts installed first, each replica
+        // would freeze its own pre-reconciliation copy, and a snapshot would
+        // read differently from one replica to the next (an acknowledged
+        // write present on two replicas, missing on the third's frozen view).
+        // The cuts the replicas knew already (taken at `E` or before, each
+        // installed before any write above it) freeze as before.
+        //
+        // After the cuts, before any client write: every write from here on
+        // is above every cut, and every replica node knows them.
+        v.reconcile().await?;
         let cuts = v.snapshots.lock().await.clone();
         if !cuts.is_empty() {
             v.install_cuts(&cuts).await.map_err(|e| FrontendError::Snapshots { volume, message: e.to_string() })?;
         }
-        v.reconcile().await?;
         info!(volume = %volume, epoch = %epoch, "volume attached; serving I/O");
         Ok(Arc::new(v))
     }

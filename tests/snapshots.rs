@@ -1,0 +1,214 @@
+//! Snapshots on the path users take: three real `ballast meta` members, three
+//! `ballast node` storage nodes in three zones, a `ballast export` front end
+//! attached through meta with the verifiable workload running on it over NBD,
+//! `ballastctl snapshot create|list|delete`, and every snapshot read back
+//! through `ballast export --snapshot` (a read-only NBD export served from the
+//! replicas, without attaching the volume) and checked block by block against
+//! the workload's ledger:
+//!
+//! - taken while the volume is attached and busy: nothing acknowledged before
+//!   the request missing, nothing issued after it was ready present, and it
+//!   stays so while the volume keeps changing and after a re-attach;
+//! - the front end SIGKILLed with a snapshot requested and not yet taken: the
+//!   snapshot is cut at the dead front end's epoch's end when the volume is
+//!   next attached, and holds everything that front end acknowledged;
+//! - taken while the volume is detached: ready at once, and installed on the
+//!   replicas by the next attach before its first write;
+//! - refusals: the volume cannot be deleted while it has snapshots, a name is
+//!   taken across volumes, an unknown snapshot is not found;
+//! - deleting every snapshot leaves no frozen layer on any node: one layer per
+//!   chunk replica, as before the first snapshot.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ballast_nbd::NbdClient;
+use ballast_testkit::workload::{connect, Workload, BS};
+use ballast_testkit::{try_wait_until, Cluster, Proc, Result};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
+const TASKS: usize = 8;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+/// Attaches `v` through `ballast export` on node 1, with a unix socket the
+/// workload connects to.
+fn attach(c: &Cluster) -> Result<(Proc, std::path::PathBuf)> {
+    let sock = c.path("v.sock");
+    let sock_arg = sock.to_str().expect("utf-8 path").to_string();
+    let (p, _uri) = c.export_with("v", 1, &["--io-timeout", "2s", "--socket", &sock_arg])?;
+    Ok((p, sock))
+}
+
+/// Reads snapshot `name` through its own read-only export and checks every
+/// block against the marks around its creation; returns the blocks' versions.
+fn read_back(c: &Cluster, rt: &tokio::runtime::Runtime, w: &Workload, name: &str, marks: &Marks) -> Result<Vec<u64>> {
+    let (mut p, sock) = c.export_snapshot(name)?;
+    let client = rt.block_on(NbdClient::connect_unix(&sock, "")).expect("connect to the snapshot export");
+    assert_eq!(client.info().size, SIZE, "the snapshot's export has the volume's size");
+    // Read-only: a write is refused and changes nothing.
+    let refused = rt.block_on(ballast_blockdev::BlockDev::write(&client, 0, vec![0u8; BS as usize].into(), false));
+    assert!(refused.is_err(), "a snapshot export took a write");
+    let started = Instant::now();
+    let (verified, versions) = w.verify_snapshot(&client, &marks.before, &marks.after);
+    eprintln!("snapshot {name}: {verified} blocks verified in {:?}", started.elapsed());
+    assert_eq!(verified, w.blocks(), "every block of {name} verifies: {:?}", w.violations());
+    let _ = rt.block_on(client.disconnect());
+    p.terminate(Duration::from_secs(10))?;
+    Ok(versions)
+}
+
+/// The ledger just before a snapshot was requested and once it was ready.
+struct Marks {
+    before: Vec<(u64, u64)>,
+    after: Vec<(u64, u64)>,
+}
+
+fn snapshot(c: &Cluster, w: &Workload, name: &str) -> Result<(Marks, Value, Duration)> {
+    let before = w.mark();
+    let t = Instant::now();
+    let s = c.ctl_json(&["snapshot", "create", "v", name])?;
+    let took = t.elapsed();
+    let after = w.mark();
+    assert_eq!(s["ready"], true, "snapshot create waits until ready: {s}");
+    assert_eq!(s["name"], name, "{s}");
+    Ok((Marks { before, after }, s, took))
+}
+
+/// Frozen snapshot layers under a node's data directory: a chunk replica is
+/// a stack of layers, one data file each (`<chunk>.data` for the base layer,
+/// `<chunk>.l<seq>.data` above it); all but the top one per chunk are frozen.
+fn frozen_layers(dir: &Path) -> usize {
+    let mut chunks = std::collections::HashSet::new();
+    let mut layers = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let Some(stem) = p.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_suffix(".data")) else {
+                continue;
+            };
+            layers += 1;
+            chunks.insert(stem.split(".l").next().unwrap_or(stem).to_string());
+        }
+    }
+    layers - chunks.len()
+}
+
+fn frozen_on_nodes(c: &Cluster) -> usize {
+    (1..=3).map(|id| frozen_layers(&c.path(&format!("node{id}")))).sum()
+}
+
+#[test]
+fn snapshots_through_meta_hold_exactly_what_the_ledger_allows() -> Result<()> {
+    let rt = runtime();
+    let c = Cluster::start("snapshots", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    c.create_volume("v", "64M", "16M", "2")?;
+    let (mut export, sock) = attach(&c)?;
+    let mut w = Workload::start(rt.handle(), SIZE / BS, TASKS, 0x5_4a95);
+    w.set_client(Some(connect(rt.handle(), &sock)?));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // Attached and busy: two snapshots a second apart, the workload running.
+    let (m1, s1, took1) = snapshot(&c, &w, "s1")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let (m2, _, took2) = snapshot(&c, &w, "s2")?;
+    eprintln!("snapshot create (request to ready, through ballastctl): {took1:?}, {took2:?}");
+    assert!(s1["cut"]["counter"].as_u64() != Some(u64::MAX), "an attached volume's cut is the front end's: {s1}");
+    std::thread::sleep(Duration::from_millis(500));
+    // Read back while the workload keeps writing.
+    let v1 = read_back(&c, &rt, &w, "s1", &m1)?;
+    let v2 = read_back(&c, &rt, &w, "s2", &m2)?;
+    let changed = v1.iter().zip(&v2).filter(|(a, b)| a != b).count();
+    assert!(changed > 0, "the workload ran between s1 and s2");
+    eprintln!("{} acknowledged writes so far; s1 and s2 differ in {changed} blocks", w.acked_writes());
+
+    // Refusals: the volume has snapshots; a name is taken; unknown names.
+    let out = c.ctl()?.run(&["volume", "delete", "v", "--yes"])?;
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("snapshot"), "the refusal names the snapshots: {}", out.stderr);
+    c.create_volume("other", "16M", "16M", "2")?;
+    let out = c.ctl()?.run(&["snapshot", "create", "other", "s1"])?;
+    assert!(out.code() == Some(1) && out.stderr.contains("s1"), "a name of v's snapshot, on another volume: {out:?}");
+    let out = c.ctl()?.run(&["snapshot", "delete", "never-was"])?;
+    assert!(out.code() == Some(1) && out.stderr.contains("not found"), "{out:?}");
+    let list = c.ctl_json(&["snapshot", "list", "--volume", "v"])?;
+    let names: Vec<&str> =
+        list["snapshots"].as_array().expect("list").iter().filter_map(|s| s["name"].as_str()).collect();
+    assert_eq!(names, ["s1", "s2"], "{list}");
+    let inspect = c.inspect("v")?;
+    assert_eq!(inspect["snapshots"].as_array().map(Vec::len), Some(2), "volume inspect shows them: {inspect}");
+
+    // The front end SIGKILLed with a snapshot requested, not yet taken: the
+    // workload pauses first, so the ledger at the kill is known exactly.
+    w.pause();
+    let at_kill = w.mark();
+    export.kill();
+    let req = c.ctl_json(&["snapshot", "create", "v", "s3", "--no-wait"])?;
+    assert_eq!(req["ready"], false, "pending while the dead front end still holds the attach: {req}");
+    let (export2, sock2) = attach(&c)?;
+    drop(export);
+    let s3 = c.ctl_json(&["snapshot", "list"])?;
+    let s3 = s3["snapshots"].as_array().expect("list").iter().find(|s| s["name"] == "s3").cloned().expect("s3");
+    assert_eq!(s3["ready"], true, "the new attach cut it at the old epoch's end: {s3}");
+    assert_eq!(s3["cut"]["counter"].as_u64(), Some(u64::MAX), "{s3}");
+    w.set_client(Some(connect(rt.handle(), &sock2)?));
+    w.resume();
+    std::thread::sleep(Duration::from_secs(1));
+    read_back(&c, &rt, &w, "s3", &Marks { before: at_kill.clone(), after: at_kill })?;
+
+    // Detached: the snapshot is ready at once; the next attach installs its
+    // cut before the first write, so it keeps what was there.
+    w.pause();
+    let mut export2 = export2;
+    export2.terminate(Duration::from_secs(30))?;
+    let at_detach = w.mark();
+    let s4 = c.ctl_json(&["snapshot", "create", "v", "s4", "--no-wait"])?;
+    assert_eq!(s4["ready"], true, "a detached volume's snapshot is ready at once: {s4}");
+    let m4 = Marks { before: at_detach.clone(), after: at_detach };
+    read_back(&c, &rt, &w, "s4", &m4)?;
+    let (export3, sock3) = attach(&c)?;
+    w.set_client(Some(connect(rt.handle(), &sock3)?));
+    w.resume();
+    std::thread::sleep(Duration::from_secs(1));
+    let v4 = read_back(&c, &rt, &w, "s4", &m4)?;
+    read_back(&c, &rt, &w, "s1", &m1)?;
+    w.pause();
+    let live = connect(rt.handle(), &sock3)?;
+    assert_eq!(w.verify_all(&live), SIZE / BS, "the volume itself: {:?}", w.violations());
+    let moved = w.mark().iter().zip(&v4).filter(|((acked, _), v)| acked > v).count();
+    assert!(moved > 0, "the volume changed after s4, which did not");
+
+    // Deleting every snapshot: the attached front end drops the cuts, every
+    // replica merges its layers, no snapshot layer is left on any node.
+    let frozen = frozen_on_nodes(&c);
+    assert!(frozen > 0, "snapshot layers exist on the nodes");
+    for name in ["s1", "s2", "s3", "s4"] {
+        c.ctl_json(&["snapshot", "delete", name])?;
+    }
+    let t = Instant::now();
+    try_wait_until("no frozen layer left on any node", Duration::from_secs(30), || Ok(frozen_on_nodes(&c) == 0))?;
+    eprintln!("all {frozen} frozen layers merged away {:?} after the deletes", t.elapsed());
+    assert!(c.ctl_json(&["snapshot", "list"])?["snapshots"].as_array().is_some_and(|l| l.is_empty()));
+    let live: Arc<NbdClient> = connect(rt.handle(), &sock3)?;
+    assert_eq!(w.verify_all(&live), SIZE / BS, "the volume after the merges: {:?}", w.violations());
+    c.ctl_json(&["volume", "delete", "v", "--yes"]).map(|_| ()).or_else(|e| {
+        // Still attached (the export runs): the refusal must not be about snapshots.
+        assert!(!e.to_string().contains("snapshot"), "{e}");
+        Ok::<(), ballast_testkit::Error>(())
+    })?;
+    w.stop();
+    assert!(w.violations().is_empty(), "{:?}", w.violations());
+    drop(export3);
+    Ok(())
+}
