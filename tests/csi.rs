@@ -1046,3 +1046,126 @@ fn topology_says_where_a_volume_is_reachable_from_and_zones_where_it_lives() {
         assert!(e.message().contains("zones"), "{}", e.message());
     });
 }
+
+fn snapshot_req(name: &str, volume: &str) -> pb::CreateSnapshotRequest {
+    pb::CreateSnapshotRequest { source_volume_id: volume.into(), name: name.into(), parameters: HashMap::new() }
+}
+
+fn list_req(volume: &str, snapshot: &str, max: i32, token: &str) -> pb::ListSnapshotsRequest {
+    pb::ListSnapshotsRequest {
+        max_entries: max,
+        starting_token: token.into(),
+        source_volume_id: volume.into(),
+        snapshot_id: snapshot.into(),
+    }
+}
+
+/// The CSI snapshot RPCs against the real controller process and meta: of a
+/// detached volume (ready at once) and of one attached through `ballast
+/// export` (its front end takes it within a layout poll, while CreateSnapshot
+/// waits); idempotency, listing by id and by source with paging, and every
+/// refusal with the spec's code.
+#[test]
+fn snapshots_through_csi_answer_with_the_spec_codes() {
+    if skip("snapshots_through_csi_answer_with_the_spec_codes") {
+        return;
+    }
+    let c = start_cluster("csi-snap");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut d = Driver::connect(&c).await;
+        let ctl = &mut d.controller;
+        let caps = ctl
+            .controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {})
+            .await
+            .expect("capabilities")
+            .into_inner();
+        let rpcs: Vec<i32> = caps
+            .capabilities
+            .iter()
+            .filter_map(|c| c.r#type.as_ref().map(|pb::controller_service_capability::Type::Rpc(r)| r.r#type))
+            .collect();
+        use pb::controller_service_capability::rpc::Type as Rpc;
+        for want in [Rpc::CreateDeleteSnapshot, Rpc::ListSnapshots] {
+            assert!(rpcs.contains(&(want as i32)), "{want:?} advertised: {rpcs:?}");
+        }
+        let sc = [("replicas", "3"), ("minInSync", "2"), ("chunkSize", "16Mi")];
+        for name in ["pvc-snap", "pvc-other"] {
+            ctl.create_volume(create_req(name, 64 * MIB as i64, mount_cap(""), &sc)).await.expect("CreateVolume");
+        }
+
+        // Detached: ready in the first answer; a retry is the same snapshot.
+        let a = ctl.create_snapshot(snapshot_req("snap-a", "pvc-snap")).await.expect("CreateSnapshot");
+        let a = a.into_inner().snapshot.expect("snapshot");
+        assert_eq!((a.snapshot_id.as_str(), a.source_volume_id.as_str()), ("snap-a", "pvc-snap"));
+        assert_eq!((a.size_bytes, a.ready_to_use), (64 * MIB as i64, true));
+        assert!(a.creation_time.is_some_and(|t| t.seconds > 1_700_000_000), "{a:?}");
+        let again = ctl.create_snapshot(snapshot_req("snap-a", "pvc-snap")).await.expect("retry").into_inner();
+        assert_eq!(again.snapshot.as_ref(), Some(&a), "a retry answers the same snapshot");
+
+        // Attached through a front end: CreateSnapshot waits for it.
+        let (_export, _uri) = c.export("pvc-snap", 1).expect("export");
+        let t = Instant::now();
+        let b = ctl.create_snapshot(snapshot_req("snap-b", "pvc-snap")).await.expect("CreateSnapshot attached");
+        let b = b.into_inner().snapshot.expect("snapshot");
+        assert!(b.ready_to_use, "taken by the front end within CreateSnapshot's wait ({:?}): {b:?}", t.elapsed());
+        eprintln!("CreateSnapshot of an attached volume: ready after {:?}", t.elapsed());
+        let other = ctl.create_snapshot(snapshot_req("snap-c", "pvc-other")).await.expect("another volume's");
+        assert!(other.into_inner().snapshot.expect("snapshot").ready_to_use);
+
+        // Refusals, each with the spec's code, nothing created.
+        assert_eq!(code(ctl.create_snapshot(snapshot_req("snap-a", "pvc-other")).await), Code::AlreadyExists);
+        assert_eq!(code(ctl.create_snapshot(snapshot_req("snap-x", "never-was")).await), Code::NotFound);
+        assert_eq!(code(ctl.create_snapshot(snapshot_req("", "pvc-snap")).await), Code::InvalidArgument);
+        assert_eq!(code(ctl.create_snapshot(snapshot_req("snap-x", "")).await), Code::InvalidArgument);
+        let mut params = snapshot_req("snap-x", "pvc-snap");
+        params.parameters.insert("incremental".into(), "true".into());
+        assert_eq!(code(ctl.create_snapshot(params).await), Code::InvalidArgument);
+        let mut theirs = snapshot_req("snap-d", "pvc-snap");
+        theirs.parameters.insert("csi.storage.k8s.io/volumesnapshot/name".into(), "daily".into());
+        ctl.create_snapshot(theirs).await.expect("the snapshotter's own parameters are accepted");
+
+        // ListSnapshots: all, by source, by id, paged; unknowns list nothing.
+        let ids = |r: pb::ListSnapshotsResponse| -> Vec<String> {
+            r.entries.into_iter().filter_map(|e| e.snapshot).map(|s| s.snapshot_id).collect()
+        };
+        let all = ids(ctl.list_snapshots(list_req("", "", 0, "")).await.expect("list").into_inner());
+        assert_eq!(all, ["snap-a", "snap-b", "snap-c", "snap-d"]);
+        let of = ids(ctl.list_snapshots(list_req("pvc-snap", "", 0, "")).await.expect("by source").into_inner());
+        assert_eq!(of, ["snap-a", "snap-b", "snap-d"]);
+        let one = ids(ctl.list_snapshots(list_req("", "snap-c", 0, "")).await.expect("by id").into_inner());
+        assert_eq!(one, ["snap-c"]);
+        let (mut paged, mut token) = (Vec::new(), String::new());
+        loop {
+            let page = ctl.list_snapshots(list_req("", "", 1, &token)).await.expect("page").into_inner();
+            assert!(page.entries.len() <= 1);
+            token = page.next_token.clone();
+            paged.extend(ids(page));
+            if token.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(paged, all, "paging one at a time lists each once");
+        for (v, s) in [("never-was", ""), ("", "never-was")] {
+            assert!(ctl.list_snapshots(list_req(v, s, 0, "")).await.expect("unknown").into_inner().entries.is_empty());
+        }
+        assert_eq!(code(ctl.list_snapshots(list_req("", "", -1, "")).await), Code::InvalidArgument);
+        assert_eq!(code(ctl.list_snapshots(list_req("", "", 0, "garbage")).await), Code::Aborted);
+
+        // A volume with snapshots is not deleted: they are layers of its chunks.
+        let del = |id: &str| pb::DeleteVolumeRequest { volume_id: id.into() };
+        assert_eq!(code(ctl.delete_volume(del("pvc-other")).await), Code::FailedPrecondition);
+
+        // DeleteSnapshot: idempotent; then the volume goes.
+        let dels = |id: &str| pb::DeleteSnapshotRequest { snapshot_id: id.into() };
+        assert_eq!(code(ctl.delete_snapshot(dels("")).await), Code::InvalidArgument);
+        for id in ["snap-c", "snap-c", "never-was"] {
+            ctl.delete_snapshot(dels(id)).await.expect("DeleteSnapshot (idempotent)");
+        }
+        ctl.delete_volume(del("pvc-other")).await.expect("DeleteVolume once its snapshots are gone");
+        for id in ["snap-a", "snap-b", "snap-d"] {
+            ctl.delete_snapshot(dels(id)).await.expect("DeleteSnapshot");
+        }
+        assert!(ctl.list_snapshots(list_req("", "", 0, "")).await.expect("list").into_inner().entries.is_empty());
+    });
+}

@@ -220,29 +220,11 @@ impl Workload {
     /// Reads every block through `client` and checks it against the ledger
     /// (floor: the last acknowledged version). Returns the blocks verified.
     pub fn verify_all(&self, client: &Arc<NbdClient>) -> u64 {
-        let per = 256u64;
         let mut verified = 0;
-        let mut b = 0;
-        while b < self.blocks {
-            let n = per.min(self.blocks - b);
-            let data = match self.rt.block_on(client.read(b * BS, (n * BS) as u32)) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.violation(format!("final read of blocks {b}..+{n} failed with every fault healed: {e}"));
-                    b += n;
-                    continue;
-                }
-            };
-            for i in 0..n {
-                if let Some(v) = self.check_copy(b + i, &data[(i * BS) as usize..((i + 1) * BS) as usize], "final read")
-                {
-                    self.violation(v);
-                } else {
-                    verified += 1;
-                }
-            }
-            b += n;
-        }
+        self.read_every_block(client, "final read", |block, data| match self.check_copy(block, data, "final read") {
+            Some(v) => self.violation(v),
+            None => verified += 1,
+        });
         verified
     }
 
@@ -258,37 +240,41 @@ impl Workload {
     /// against the marks taken before the snapshot was requested (`before`)
     /// and once it was ready (`after`): nothing acknowledged before it
     /// missing, nothing issued after it present, never a fenced write.
-    /// Returns the blocks verified and their versions (violations are recorded).
+    /// Returns the blocks verified and each block's version (0 where the read
+    /// failed; violations are recorded).
     pub fn verify_snapshot(&self, client: &NbdClient, before: &[(u64, u64)], after: &[(u64, u64)]) -> (u64, Vec<u64>) {
+        let (mut verified, mut versions) = (0, vec![0; self.blocks as usize]);
+        self.read_every_block(client, "snapshot read", |block, data| {
+            let b = block as usize;
+            let seen = pattern::decode(block, data);
+            versions[b] = seen.version().unwrap_or(0);
+            let forbidden = lock(&self.shared.ledger)[b].forbidden.clone();
+            let model = BlockModel { acked: before[b].0, issued: after[b].1, forbidden, ..BlockModel::default() };
+            match model.check(before[b].0, &seen, "snapshot read") {
+                Ok(()) => verified += 1,
+                Err(e) => self.violation(format!("block {block}: {e}")),
+            }
+        });
+        (verified, versions)
+    }
+
+    /// Reads the workload's blocks through `client`, 256 at a time, and hands
+    /// each block and its data to `check`; a failed read is a violation.
+    fn read_every_block(&self, client: &NbdClient, what: &str, mut check: impl FnMut(u64, &[u8])) {
         let per = 256u64;
-        let (mut verified, mut versions) = (0, Vec::with_capacity(self.blocks as usize));
         let mut b = 0;
         while b < self.blocks {
             let n = per.min(self.blocks - b);
-            let data = match self.rt.block_on(client.read(b * BS, (n * BS) as u32)) {
-                Ok(d) => d,
-                Err(e) => {
-                    self.violation(format!("snapshot read of blocks {b}..+{n} failed: {e}"));
-                    versions.extend(std::iter::repeat_n(0, n as usize));
-                    b += n;
-                    continue;
+            match self.rt.block_on(client.read(b * BS, (n * BS) as u32)) {
+                Ok(data) => {
+                    for i in 0..n {
+                        check(b + i, &data[(i * BS) as usize..((i + 1) * BS) as usize]);
+                    }
                 }
-            };
-            for i in 0..n {
-                let block = (b + i) as usize;
-                let seen = pattern::decode(b + i, &data[(i * BS) as usize..((i + 1) * BS) as usize]);
-                versions.push(seen.version().unwrap_or(0));
-                let forbidden = lock(&self.shared.ledger)[block].forbidden.clone();
-                let model =
-                    BlockModel { acked: before[block].0, issued: after[block].1, forbidden, ..BlockModel::default() };
-                match model.check(before[block].0, &seen, "snapshot read") {
-                    Ok(()) => verified += 1,
-                    Err(e) => self.violation(format!("block {block}: {e}")),
-                }
+                Err(e) => self.violation(format!("{what} of blocks {b}..+{n} failed: {e}")),
             }
             b += n;
         }
-        (verified, versions)
     }
 
     /// Checks one copy of `block` (a final read, or a replica's file on disk);
