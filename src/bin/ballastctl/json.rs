@@ -149,7 +149,21 @@ mod tests {
         assert_eq!(j["zones"][0]["zone"], "z1");
         let mut keys: Vec<&String> = j.as_object().unwrap().keys().collect();
         keys.sort();
-        assert_eq!(keys, ["chunks", "health", "nodes", "volume", "zones"]);
+        assert_eq!(keys, ["chunks", "health", "nodes", "snapshots", "volume", "zones"]);
+        let s = snapshot_json(&pb::Snapshot {
+            id: 3,
+            name: "nightly".into(),
+            volume: 1,
+            volume_name: "pg".into(),
+            size_bytes: 1 << 30,
+            created_ms: 5,
+            ready: true,
+            cut: Some(pb::Seq { epoch: 2, counter: 77 }),
+        });
+        assert_eq!(s["cut"], json!({ "epoch": 2, "counter": 77 }));
+        assert_eq!((&s["name"], &s["ready"], &s["size_bytes"]), (&json!("nightly"), &json!(true), &json!(1u64 << 30)));
+        let pending = snapshot_json(&pb::Snapshot { name: "p".into(), ..Default::default() });
+        assert_eq!((&pending["ready"], &pending["cut"]), (&json!(false), &Value::Null), "pending: no cut yet");
         let n = node_json(&pb::Node { id: 2, state: pb::NodeState::Draining as i32, ..Default::default() });
         assert_eq!(n["state"], "draining");
         assert_eq!((&n["disk"], &n["disk_error"]), (&json!("ok"), &json!("")), "unspecified is ok");

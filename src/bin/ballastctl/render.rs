@@ -481,6 +481,24 @@ pub(crate) mod tests {
     use crate::json::node_json;
 
     #[test]
+    fn snapshots_show_their_cut_or_pending() {
+        let snap = |name: &str, cut: Option<(u64, u64)>| pb::Snapshot {
+            name: name.into(),
+            volume_name: "pg".into(),
+            size_bytes: 1 << 30,
+            ready: cut.is_some(),
+            cut: cut.map(|(epoch, counter)| pb::Seq { epoch, counter }),
+            ..Default::default()
+        };
+        let t = snapshots_table(&[snap("a", Some((2, 77))), snap("b", Some((3, u64::MAX))), snap("c", None)]);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(lines[1].contains("a") && lines[1].contains("2:77") && lines[1].contains("1 GiB"), "{t}");
+        assert!(lines[2].contains("end of epoch 3"), "a detached volume's cut: {t}");
+        assert!(lines[3].contains("pending") && lines[3].contains(" no "), "{t}");
+    }
+
+    #[test]
     fn sizes_format_human_readable() {
         assert_eq!(format_size(0), "0 B");
         assert_eq!(format_size(512), "512 B");
