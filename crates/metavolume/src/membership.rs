@@ -305,6 +305,11 @@ impl Membership for MetaMembership {
         let mut sync = self.snapshots.lock().unwrap_or_else(|p| p.into_inner());
         sync.known.insert(cut, from);
         sync.serving.retain(|id| !serving.contains(id));
+        if from != u64::MAX {
+            // A layout older than the commit still shows its requests pending:
+            // planning from one would take a second, useless, snapshot.
+            sync.seen_gen = sync.seen_gen.max(from);
+        }
         info!(volume = %volume, %cut, requests = ?serving, layout_gen = from, "snapshot committed to meta");
         Ok(())
     }
@@ -434,6 +439,67 @@ mod tests {
             matches!(e, MembershipError::Refused(ref m) if m == "volume vol-1 is published to node node-7"),
             "{e:?}"
         );
+    }
+
+    fn seq(counter: u64) -> Seq {
+        Seq::new(Epoch(1), counter)
+    }
+
+    fn shown(pending: &[u64], cuts: &[u64]) -> LayoutSnapshots {
+        LayoutSnapshots { pending: pending.to_vec(), cuts: cuts.iter().map(|c| seq(*c)).collect() }
+    }
+
+    fn membership(known: &[(u64, u64)], seen_gen: u64) -> MetaMembership {
+        let client = MetaClient::new(vec!["127.0.0.1:9".to_string()]).expect("client");
+        let m = MetaMembership::new(client, "v", NodeId(1));
+        *m.snapshots.lock().unwrap() = SnapshotSync {
+            known: known.iter().map(|(c, gen)| (seq(*c), *gen)).collect(),
+            seen_gen,
+            ..SnapshotSync::default()
+        };
+        m
+    }
+
+    #[test]
+    fn a_cut_is_dropped_only_by_a_layout_that_has_seen_it() {
+        // Cut 10 shown from generation 5, cut 20 committed at generation 8.
+        let m = membership(&[(10, 5), (20, 8)], 6);
+        let kept = [seq(10), seq(20)];
+        // A layout at generation 7 (a lagging member) does not show cut 20
+        // yet: that is no delete. It does not show 10 either, and it is at or
+        // above 5: 10 was deleted.
+        let plan = m.plan_snapshots(7, &shown(&[], &[]), &kept);
+        assert_eq!(plan, SnapshotPlan { take: false, drop: vec![seq(10)] });
+        // Older than what was planned from: nothing at all.
+        assert_eq!(m.plan_snapshots(6, &shown(&[3], &[]), &kept), SnapshotPlan::default());
+        // At 8 without cut 20: deleted too; pending requests are taken.
+        let plan = m.plan_snapshots(8, &shown(&[4], &[]), &kept);
+        assert_eq!(plan, SnapshotPlan { take: true, drop: vec![seq(10), seq(20)] });
+    }
+
+    #[test]
+    fn a_commit_without_an_answer_keeps_its_cut_until_meta_shows_it() {
+        let m = membership(&[(30, u64::MAX)], 4);
+        let kept = [seq(30)];
+        assert_eq!(m.plan_snapshots(9, &shown(&[], &[]), &kept).drop, vec![], "unknown outcome: kept");
+        // Shown at 10: the commit was applied; a later layout without it is a delete.
+        assert_eq!(m.plan_snapshots(10, &shown(&[], &[30]), &kept).drop, vec![]);
+        assert_eq!(m.plan_snapshots(11, &shown(&[], &[]), &kept).drop, vec![seq(30)]);
+    }
+
+    #[tokio::test]
+    async fn only_planned_drops_and_requested_cuts_reach_the_volume() {
+        let m = membership(&[(10, 5)], 5);
+        // Dropping a cut meta still has is refused, with no call to meta.
+        let e = m.set_snapshots(VolumeId(1), Epoch(1), vec![]).await.unwrap_err();
+        assert!(matches!(e, MembershipError::Refused(ref r) if r.contains("still in meta")), "{e:?}");
+        // A new cut nobody requested through meta is refused.
+        let e = m.set_snapshots(VolumeId(1), Epoch(1), vec![seq(10), seq(11)]).await.unwrap_err();
+        assert!(matches!(e, MembershipError::Refused(ref r) if r.contains("Admin.CreateSnapshot")), "{e:?}");
+        // Once a plan found it deleted, the drop is local bookkeeping only.
+        assert_eq!(m.plan_snapshots(6, &shown(&[], &[]), &[seq(10)]).drop, vec![seq(10)]);
+        m.set_snapshots(VolumeId(1), Epoch(1), vec![]).await.expect("planned drop");
+        assert!(m.snapshots.lock().unwrap().known.is_empty());
     }
 
     #[test]
