@@ -739,10 +739,13 @@ impl MetaState {
                 let old = v.epoch;
                 v.epoch = Epoch(v.epoch.0 + 1);
                 v.attached_to = Some(*node);
-                // The new front end starts from the current layout.
-                v.acked_gen = v.layout_gen;
                 let epoch = v.epoch;
+                // What the old front end left pending is cut at its epoch's
+                // end (a new layout generation), then the new front end starts
+                // from the current layout, snapshots included.
                 self.resolve_pending_snapshots(*volume, old);
+                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                v.acked_gen = v.layout_gen;
                 Ok(Response::Epoch(epoch))
             }
             Command::Eject { volume, chunk, version, node } => {
