@@ -28,6 +28,8 @@ use crate::{ChunkInfo, ResyncBlock, ResyncOutcome, StoreError, StoreOptions};
 
 mod snapshot;
 
+use snapshot::destination;
+
 type Result<T> = std::result::Result<T, StoreError>;
 /// An operation for the ring: (what, file, offset, len, what to hold until done).
 type Req<'a> = (OpKind, &'a Arc<OwnedFd>, u64, u64, Hold);
@@ -61,6 +63,9 @@ struct Inner {
     admin: tokio::sync::Mutex<()>,
     /// One merge of snapshot layers at a time (store/snapshot.rs).
     merging: tokio::sync::Mutex<()>,
+    /// One change of a volume's cuts at a time (set_cuts reads the old list,
+    /// then replaces it).
+    setting_cuts: tokio::sync::Mutex<()>,
     /// The store marker says version 2 (snapshot layers).
     marker_v2: std::sync::atomic::AtomicBool,
     metrics: Option<DiskMetrics>,
@@ -249,6 +254,18 @@ struct Run {
     zero: bool,
     /// Index of the run's first block among the request's data blocks.
     data_first: usize,
+    /// The layer it goes to: an index into the chunk's stack, top first.
+    layer: usize,
+}
+
+/// Where a [`ChunkStore::resync_inner`] call may put versions.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Place {
+    /// A resync of the source's live view (None) or of its view at a cut:
+    /// each version goes to the layer its seq belongs in (store/snapshot.rs).
+    Resync(Option<Seq>),
+    /// A client write older than some of its blocks: only into the live layer.
+    Write,
 }
 
 /// Stages the new contexts of blocks [b0, b1) (`ctx_of(b)` = (seq, crc) of block
@@ -277,8 +294,8 @@ fn stage(
 /// A mutation at `seq` belongs in the live layer `c` only if `seq` is above
 /// the layer's lower bound. Below it, it is older than a snapshot cut that froze
 /// the layer under it: the front end installs a cut only once no older write is
-/// in flight, so such a write is a delayed one, or a copy of versions of a
-/// frozen layer (copying snapshot layers: not built yet).
+/// in flight, so such a client write is a delayed one. (A resync's copied
+/// versions below it go to frozen layers instead: `resync_write_at`.)
 fn below_live_layer(c: &Chunk, seq: Seq) -> Result<()> {
     if c.lower == Seq::ZERO || seq > c.lower {
         return Ok(());
@@ -356,6 +373,7 @@ impl ChunkStore {
                 cuts: RwLock::new(cuts),
                 admin: tokio::sync::Mutex::new(()),
                 merging: tokio::sync::Mutex::new(()),
+                setting_cuts: tokio::sync::Mutex::new(()),
                 marker_v2: std::sync::atomic::AtomicBool::new(marker_version >= 2),
                 metrics: opts.metrics,
             }),
@@ -718,7 +736,7 @@ impl ChunkStore {
             Mutation::Empty => return Ok(()),
             Mutation::Superseded => {
                 let blocks = vec![ResyncBlock::Data(seq); data.len() / bs];
-                let out = self.resync_inner(id, offset, &blocks, data, seq.epoch, Seq::ZERO).await?;
+                let out = self.resync_inner(id, offset, &blocks, data, seq.epoch, Seq::ZERO, Place::Write).await?;
                 debug!(written = out.written, kept = out.skipped, "write older than some of its blocks: those kept");
                 return Ok(());
             }
@@ -799,7 +817,8 @@ impl ChunkStore {
             Mutation::Empty => return Ok(()),
             Mutation::Superseded => {
                 let blocks = vec![ResyncBlock::Zero(seq); (len / BLOCK_SIZE_U64) as usize];
-                let out = self.resync_inner(id, offset, &blocks, Bytes::new(), seq.epoch, Seq::ZERO).await?;
+                let out =
+                    self.resync_inner(id, offset, &blocks, Bytes::new(), seq.epoch, Seq::ZERO, Place::Write).await?;
                 debug!(zeroed = out.zeroed, kept = out.skipped, "{op} older than some of its blocks: those kept");
                 return Ok(());
             }
@@ -854,14 +873,18 @@ impl ChunkStore {
             "chunk_resync_write", volume = id.volume.0, chunk = id.chunk.0, offset, blocks = blocks.len(), %epoch
         );
         let t = self.started();
-        let r = self.resync_inner(id, offset, blocks, data, epoch, protect_from).instrument(span).await;
+        let r = self
+            .resync_inner(id, offset, blocks, data, epoch, protect_from, Place::Resync(None))
+            .instrument(span)
+            .await;
         if let (Some(m), Ok(out)) = (self.finished(StoreOp::ResyncWrite, t, &r), &r) {
             m.written(u64::from(out.written) * BLOCK_SIZE_U64);
         }
         r
     }
 
-    async fn resync_inner(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn resync_inner(
         &self,
         id: ChunkId,
         offset: u64,
@@ -869,6 +892,7 @@ impl ChunkStore {
         data: Bytes,
         epoch: Epoch,
         protect_from: Seq,
+        place: Place,
     ) -> Result<ResyncOutcome> {
         let bs = BLOCK_SIZE as usize;
         let data_blocks = blocks.iter().filter(|b| matches!(b, ResyncBlock::Data(_))).count();
@@ -879,17 +903,41 @@ impl ChunkStore {
             )));
         }
         let len = blocks.len() as u64 * BLOCK_SIZE_U64;
-        if let Some(newest) = blocks.iter().filter(|b| !matches!(b, ResyncBlock::Keep)).map(|b| b.seq()).max() {
+        let seqs = || blocks.iter().filter(|b| !matches!(b, ResyncBlock::Keep)).map(|b| b.seq());
+        let view = match place {
+            Place::Resync(view) => view,
+            Place::Write => None,
+        };
+        if let Some(cut) = view {
+            if let Some(bad) = seqs().find(|s| *s >= cut) {
+                return Err(StoreError::InvalidRequest(format!(
+                    "resync of the view at cut {cut} carries a block at seq {bad}, not below the cut"
+                )));
+            }
+        }
+        if let Some(newest) = seqs().max() {
             self.freeze_for(id, newest, epoch).await?;
+        }
+        if matches!(place, Place::Resync(_)) {
+            // Versions below the live layer go to the frozen layer of their
+            // seq's range: make those layers exist first (store/snapshot.rs).
+            let below: Vec<Seq> = seqs().collect();
+            self.ensure_layers(id, &below, epoch).await?;
         }
         let Some(Locked { c, b0, b1: _, locks }) = self.lock_blocks(id, offset, len, epoch).await? else {
             return Ok(ResyncOutcome::default());
         };
-        if let Some(oldest) = blocks.iter().filter(|b| !matches!(b, ResyncBlock::Keep)).map(|b| b.seq()).min() {
+        if let (Place::Write, Some(oldest)) = (place, seqs().min()) {
             below_live_layer(&c, oldest)?;
         }
+        // The layers this resync may change (top first) and, per block, the
+        // layers of the view it makes equal to the source's: all of them, or
+        // those below the cut.
+        let stack = c.stack();
+        let in_view = stack.iter().filter(|l| view.is_none_or(|cut| l.lower < cut)).count();
+        let view_start = stack.len() - in_view;
         // Decide every block under the range lock; coalesce applied blocks into
-        // runs of one kind, one I/O each.
+        // runs of one layer and one kind, one I/O each.
         let mut out = ResyncOutcome::default();
         let mut runs: Vec<Run> = Vec::new();
         let mut next_data = 0usize;
@@ -904,28 +952,33 @@ impl ChunkStore {
             if !zero {
                 next_data += 1;
             }
-            let current = c.ctx.current(b).map_or(Seq::ZERO, |(s, _)| s);
+            let view_layers = &stack[view_start..];
+            let top = owner(view_layers, b).map(|k| view_start + k);
+            let current = top.and_then(|k| stack[k].ctx.current(b)).map_or(Seq::ZERO, |(s, _)| s);
             if !(current < seq || current < protect_from) {
                 trace!(block = b, %current, incoming = %seq, "resync skips a newer block");
                 out.skipped += 1;
                 continue;
             }
+            let layer = destination(&stack, top, seq).ok_or_else(|| {
+                StoreError::InvalidRequest(format!("chunk {id} has no snapshot layer for a version at seq {seq}"))
+            })?;
             if zero {
                 out.zeroed += 1;
             } else {
                 out.written += 1;
             }
             match runs.last_mut() {
-                Some(r) if r.end == b && r.zero == zero => r.end += 1,
-                _ => runs.push(Run { start: b, end: b + 1, zero, data_first: data_index }),
+                Some(r) if r.end == b && r.zero == zero && r.layer == layer => r.end += 1,
+                _ => runs.push(Run { start: b, end: b + 1, zero, data_first: data_index, layer }),
             }
         }
         if runs.is_empty() {
             return Ok(out);
         }
         let mut writings = Vec::with_capacity(runs.len());
-        for _ in &runs {
-            writings.push(self.begin_write(&c).await?);
+        for run in &runs {
+            writings.push(self.begin_write(&stack[run.layer]).await?);
         }
         let locks = Arc::new(locks);
         let zero_crc = layout::zero_block_crc();
@@ -938,7 +991,7 @@ impl ChunkStore {
             let (op, req) = if run.zero {
                 let hold = stage(writing, run.start, run.end, &locks, |b| (seq_of(b), zero_crc));
                 let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-                ("resync trim", (OpKind::Fallocate { mode }, &c.data, off, (n * bs) as u64, hold))
+                ("resync trim", (OpKind::Fallocate { mode }, &stack[run.layer].data, off, (n * bs) as u64, hold))
             } else {
                 let d = data.slice(run.data_first * bs..(run.data_first + n) * bs);
                 let crc_at = |b: u32| crc32fast::hash(&d[(b - run.start) as usize * bs..][..bs]);
@@ -948,10 +1001,10 @@ impl ChunkStore {
                 } else {
                     WriteBuf::Aligned(AlignedBuf::copy_from(&d))
                 };
-                ("resync write", (OpKind::Write(buf), &c.data, off, (n * bs) as u64, hold))
+                ("resync write", (OpKind::Write(buf), &stack[run.layer].data, off, (n * bs) as u64, hold))
             };
             match self.submit(req) {
-                Ok(rx) => pending.push((op, rx)),
+                Ok(rx) => pending.push((op, run.layer, rx)),
                 Err(e) => {
                     first_err = Some(e);
                     break;
@@ -960,10 +1013,10 @@ impl ChunkStore {
         }
         // The ring's holds keep the locks until their I/Os complete.
         drop(locks);
-        for (op, rx) in pending {
+        for (op, layer, rx) in pending {
             let r = match rx.await {
                 Ok(Ok(_)) => continue,
-                Ok(Err(e)) => StoreError::io(op, &c.data_path, e),
+                Ok(Err(e)) => StoreError::io(op, &stack[layer].data_path, e),
                 Err(_) => StoreError::Shutdown,
             };
             first_err.get_or_insert(r);

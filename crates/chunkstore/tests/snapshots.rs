@@ -145,6 +145,67 @@ async fn chunks_created_after_a_cut_are_absent_from_it_and_deletion_removes_ever
     assert_eq!(data_files, 0, "every layer's data file is gone too");
 }
 
+/// A rebuild target: created after both cuts (so its only layer lies above
+/// them), it gets copied versions from below each cut. Each goes to a layer
+/// of its own seq's range, added into the stack; the views are right, also
+/// after a reopen, and a cut a copy job sets "if none" never replaces one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copied_versions_below_the_live_layer_go_to_layers_of_their_own() {
+    use ballast_chunkstore::ResyncBlock;
+    let dir = tempdir();
+    let s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    let cuts = [seq(10), seq(20)];
+    assert!(s.set_cuts_if_none(V, E, &cuts).await.expect("cuts"), "none there: set");
+    assert!(!s.set_cuts_if_none(V, E, &cuts[..1]).await.expect("cuts"), "some there: left alone");
+    assert_eq!(&s.cuts(V)[..], &cuts[..]);
+    s.create_chunk(ID, BLOCKS as u64 * BS as u64, E).await.expect("create");
+    write(&s, 0, 9, 25).await; // a front end's write, above both cuts
+    let store = s.clone();
+    let copy = move |block: u32, fill: u8, at: u64, view: Option<Seq>| {
+        let s = store.clone();
+        async move {
+            let data = Bytes::from(pattern(fill, block));
+            let blocks = [ResyncBlock::Data(seq(at))];
+            let off = block as u64 * BS as u64;
+            match view {
+                Some(cut) => s.resync_write_at(ID, cut, off, &blocks, data, E, seq(25)).await,
+                None => s.resync_write(ID, off, &blocks, data, E, seq(25)).await,
+            }
+            .expect("resync write")
+        }
+    };
+    copy(1, 1, 5, Some(cuts[0])).await; // below cut 1
+    copy(1, 2, 15, Some(cuts[1])).await; // between the cuts
+    copy(2, 3, 5, None).await; // not written since before cut 1
+    let out = copy(0, 4, 5, None).await; // older than the front end's write: kept
+    assert_eq!((out.written, out.skipped), (0, 1));
+    let refused =
+        s.resync_write_at(ID, cuts[0], 0, &[ResyncBlock::Data(seq(15))], Bytes::from(pattern(5, 0)), E, seq(25)).await;
+    assert!(matches!(refused, Err(StoreError::InvalidRequest(_))), "a version above the view's cut: {refused:?}");
+    assert_eq!(layer_files(dir.path()), 3, "the live layer and one layer per cut range below it");
+    check_copied_views(&s, &cuts).await;
+    drop((copy, s));
+    let s = open(dir.path());
+    s.announce_epoch(V, E).await.expect("announce");
+    check_copied_views(&s, &cuts).await;
+}
+
+async fn check_copied_views(s: &ChunkStore, cuts: &[Seq]) {
+    assert_eq!(read_at(s, cuts[0], 1).await, pattern(1, 1));
+    assert_eq!(read_at(s, cuts[1], 1).await, pattern(2, 1));
+    assert_eq!(read_live(s, 1).await, pattern(2, 1));
+    for cut in [Some(cuts[0]), Some(cuts[1]), None] {
+        let got = match cut {
+            Some(c) => read_at(s, c, 2).await,
+            None => read_live(s, 2).await,
+        };
+        assert_eq!(got, pattern(3, 2), "block 2 at {cut:?}");
+    }
+    assert_eq!(read_at(s, cuts[1], 0).await, vec![0; BS], "the front end's write is above cut 2");
+    assert_eq!(read_live(s, 0).await, pattern(9, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_racing_the_freeze_land_in_the_right_layer() {
     // Many concurrent writes above the cut: the first freezes the layer, the

@@ -125,3 +125,36 @@ async fn a_replica_that_refuses_the_cut_is_ejected_before_io_resumes() {
     assert!(after.last().is_some_and(|(_, s)| *s > cut));
     assert!(write_seq(&c.log.events(), 3, 0).len() <= 1, "the ejected replica gets no later write");
 }
+
+/// A node that becomes a write target of a volume with snapshots (a rebuild
+/// target) gets the volume's cuts before the swap sends it any write: its
+/// writes above a cut must freeze its layers like everyone else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_rebuild_target_gets_the_cuts_before_its_first_write() {
+    let c = Cluster::new(3, 8 * MIB, 4 * MIB, 1);
+    {
+        let mut l = c.membership.layout.lock().unwrap();
+        for chunk in &mut l.chunks {
+            chunk.in_sync = vec![NodeId(1), NodeId(2)];
+        }
+    }
+    let v = attach(&c).await;
+    v.write(0, Bytes::from(vec![1u8; 4096]), false).await.expect("write");
+    let cut = v.snapshot().await.expect("snapshot").cut;
+    assert!(set_cuts_at(&c.log.events(), 3).is_empty(), "node 3 holds nothing of the volume yet");
+    let next = {
+        let mut l = c.membership.layout.lock().unwrap();
+        l.chunks[0].version += 1;
+        l.chunks[0].rebuilding = vec![NodeId(3)];
+        l.clone()
+    };
+    assert_eq!(v.apply_layout(&next).await.expect("apply"), 1);
+    v.write(4096, Bytes::from(vec![2u8; 4096]), false).await.expect("write");
+    let log = c.log.events();
+    let cuts = set_cuts_at(&log, 3);
+    let writes = write_seq(&log, 3, 0);
+    let [(w, s)] = writes[..] else { panic!("one write to node 3: {writes:?}") };
+    assert!(cut < s, "the write is above the cut");
+    assert!(cuts.len() == 1 && cuts[0] < w, "node 3 got the cut (at {cuts:?}) before its write (at {w})");
+    assert!(matches!(&log[cuts[0]], Event::SetCuts { cuts: got, .. } if got == &vec![cut]), "{:?}", log[cuts[0]]);
+}

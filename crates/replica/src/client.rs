@@ -32,8 +32,9 @@ use std::time::Duration;
 
 use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
-    decode_chunk_list, decode_contexts, decode_resync_result, encode_cuts, encode_resync_write, Decoder, Frame, Header,
-    Op, ResyncEntry, ResyncResult, Status, WireError, ALL_CHUNKS, CONTEXT_ENTRY_LEN, MAX_PAYLOAD,
+    decode_chunk_list, decode_contexts, decode_cuts, decode_resync_result, encode_cuts, encode_resync_write, Decoder,
+    Frame, Header, Op, ResyncEntry, ResyncResult, Status, WireError, ALL_CHUNKS, CONTEXT_ENTRY_LEN, CUT_LEN,
+    MAX_PAYLOAD, SET_CUTS_IF_NONE,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -306,14 +307,39 @@ impl ReplicaClient {
         count: u32,
         epoch: Epoch,
     ) -> Result<Vec<BlockContext>, ClientError> {
-        let mut h = self.header(Op::ContextTable, id.volume, id.chunk, epoch);
+        self.contexts(Op::ContextTable, id, first, count, epoch, Bytes::new()).await
+    }
+
+    /// Block contexts of `count` blocks from `first` in the chunk's view at
+    /// snapshot `cut` (ContextTableAt).
+    pub async fn context_table_at(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+    ) -> Result<Vec<BlockContext>, ClientError> {
+        self.contexts(Op::ContextTableAt, id, first, count, epoch, encode_cuts(&[cut])).await
+    }
+
+    async fn contexts(
+        &self,
+        op: Op,
+        id: ChunkId,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+        payload: Bytes,
+    ) -> Result<Vec<BlockContext>, ClientError> {
+        let mut h = self.header(op, id.volume, id.chunk, epoch);
         h.offset = u64::from(first.0);
         h.length = count;
-        let resp = self.call(h, Bytes::new()).await?;
+        let resp = self.call(h, payload).await?;
         let table = decode_contexts(&resp.payload)?;
         if table.len() != count as usize {
             return Err(WireError::BadPayloadLength {
-                op: Op::ContextTable,
+                op,
                 expected: u64::from(count) * CONTEXT_ENTRY_LEN as u64,
                 actual: resp.payload.len() as u64,
             }
@@ -341,10 +367,52 @@ impl ReplicaClient {
         protect_from: u64,
         fua: bool,
     ) -> Result<ResyncResult, ClientError> {
+        self.resync(Op::ResyncWrite, id, offset, entries, data, epoch, protect_from, fua, None).await
+    }
+
+    /// As [`ReplicaClient::resync_write`], for blocks of the source's view at
+    /// snapshot `cut` (ResyncWriteAt): the replica makes its own view at the
+    /// cut hold the same versions.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn resync_write_at(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        offset: u64,
+        entries: &[ResyncEntry],
+        data: &[&[u8]],
+        epoch: Epoch,
+        protect_from: u64,
+    ) -> Result<ResyncResult, ClientError> {
+        self.resync(Op::ResyncWriteAt, id, offset, entries, data, epoch, protect_from, false, Some(cut)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn resync(
+        &self,
+        op: Op,
+        id: ChunkId,
+        offset: u64,
+        entries: &[ResyncEntry],
+        data: &[&[u8]],
+        epoch: Epoch,
+        protect_from: u64,
+        fua: bool,
+        cut: Option<Seq>,
+    ) -> Result<ResyncResult, ClientError> {
         let range = entries.len() as u64 * u64::from(BLOCK_SIZE);
         let length = u32::try_from(range).map_err(|_| WireError::Oversized { len: range, max: u32::MAX })?;
-        let payload = encode_resync_write(entries, data)?;
-        let mut h = self.header(Op::ResyncWrite, id.volume, id.chunk, epoch);
+        let body = encode_resync_write(entries, data)?;
+        let payload = match cut {
+            None => body,
+            Some(cut) => {
+                let mut b = BytesMut::with_capacity(CUT_LEN + body.len());
+                b.extend_from_slice(&encode_cuts(&[cut]));
+                b.extend_from_slice(&body);
+                b.freeze()
+            }
+        };
+        let mut h = self.header(op, id.volume, id.chunk, epoch);
         h.offset = offset;
         h.length = length;
         h.seq_counter = protect_from;
@@ -383,9 +451,29 @@ impl ReplicaClient {
 
     /// Replaces the volume's snapshot cuts on this replica (SetCuts).
     pub async fn set_cuts(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<(), ClientError> {
+        self.cuts_op(volume, epoch, cuts, 0).await
+    }
+
+    /// Sets the volume's snapshot cuts on this replica only if it keeps none
+    /// for the volume (SetCuts with [`SET_CUTS_IF_NONE`]); otherwise leaves
+    /// them as they are. For copy jobs, which must never replace cuts a front
+    /// end installed.
+    pub async fn set_cuts_if_none(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<(), ClientError> {
+        self.cuts_op(volume, epoch, cuts, SET_CUTS_IF_NONE).await
+    }
+
+    async fn cuts_op(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq], mode: u64) -> Result<(), ClientError> {
         let mut h = self.header(Op::SetCuts, volume, ALL_CHUNKS, epoch);
         h.length = u32::try_from(cuts.len()).unwrap_or(u32::MAX);
+        h.offset = mode;
         self.call(h, encode_cuts(cuts)).await.map(drop)
+    }
+
+    /// The volume's snapshot cuts on this replica, ascending (ListCuts).
+    pub async fn list_cuts(&self, volume: VolumeId, epoch: Epoch) -> Result<Vec<Seq>, ClientError> {
+        let h = self.header(Op::ListCuts, volume, ALL_CHUNKS, epoch);
+        let resp = self.call(h, Bytes::new()).await?;
+        Ok(decode_cuts(Op::ListCuts, &resp.payload)?)
     }
 
     /// Reads `len` bytes at `offset` of the chunk's view at snapshot `cut`.

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_chunkstore::{ChunkStore, ResyncBlock, StoreError};
-use ballast_types::{BlockIdx, ChunkId, Epoch, VolumeId, BLOCK_SIZE};
+use ballast_types::{BlockIdx, ChunkId, Epoch, Seq, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
-    decode_cuts, decode_resync_write, encode_chunk_list, encode_contexts, encode_resync_result, Decoder, Frame, Header,
-    Op, ResyncKind, ResyncResult, Status, ALL_CHUNKS, CONTEXT_ENTRY_LEN, CUT_LEN, MAX_CUTS, MAX_PAYLOAD,
-    MAX_RESYNC_BLOCKS,
+    decode_cuts, decode_resync_write, encode_chunk_list, encode_contexts, encode_cuts, encode_resync_result, Decoder,
+    Frame, Header, Op, ResyncKind, ResyncResult, Status, ALL_CHUNKS, CONTEXT_ENTRY_LEN, CUT_LEN, MAX_CUTS, MAX_PAYLOAD,
+    MAX_RESYNC_BLOCKS, SET_CUTS_IF_NONE,
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -269,7 +269,11 @@ impl ReplicaServer {
         let store = &self.store;
         // Only Write, ResyncWrite, SetCuts and ReadSnapshot carry a payload;
         // checked before any store call so a malformed request changes nothing.
-        if !matches!(h.op, Op::Write | Op::ResyncWrite | Op::SetCuts | Op::ReadSnapshot) && !req.payload.is_empty() {
+        if !matches!(
+            h.op,
+            Op::Write | Op::ResyncWrite | Op::SetCuts | Op::ReadSnapshot | Op::ContextTableAt | Op::ResyncWriteAt
+        ) && !req.payload.is_empty()
+        {
             return Err(payload_mismatch(h, 0, req.payload.len()));
         }
         match h.op {
@@ -313,7 +317,7 @@ impl ReplicaServer {
                 }
                 Ok(Reply::empty())
             }
-            Op::ContextTable => {
+            Op::ContextTable | Op::ContextTableAt => {
                 let first = u32::try_from(h.offset).map_err(|_| Failure {
                     status: Status::OutOfRange,
                     message: format!("first block {} is beyond any chunk", h.offset),
@@ -325,7 +329,12 @@ impl ReplicaServer {
                         h.length
                     )));
                 }
-                let table = store.context_table(id, BlockIdx(first), h.length, h.epoch).await?;
+                let table = if h.op == Op::ContextTableAt {
+                    let cut = one_cut(h, &req.payload)?;
+                    store.context_table_at(id, Some(cut), BlockIdx(first), h.length, h.epoch).await?
+                } else {
+                    store.context_table(id, BlockIdx(first), h.length, h.epoch).await?
+                };
                 Ok(Reply { epoch: None, payload: encode_contexts(&table) })
             }
             Op::ChunkCreate => {
@@ -352,7 +361,7 @@ impl ReplicaServer {
                 let dirty = store.dirty_chunks(h.volume);
                 Ok(Reply { epoch: None, payload: encode_chunk_list(&dirty) })
             }
-            Op::ResyncWrite => {
+            Op::ResyncWrite | Op::ResyncWriteAt => {
                 if !h.length.is_multiple_of(BLOCK_SIZE) {
                     return Err(StoreError::Misaligned { offset: h.offset, len: u64::from(h.length) }.into());
                 }
@@ -362,8 +371,16 @@ impl ReplicaServer {
                         "resync write of {blocks} blocks exceeds the maximum of {MAX_RESYNC_BLOCKS}"
                     )));
                 }
+                let (view, body) = if h.op == Op::ResyncWriteAt {
+                    if req.payload.len() < CUT_LEN {
+                        return Err(payload_mismatch(h, CUT_LEN as u64, req.payload.len()));
+                    }
+                    (Some(one_cut(h, &req.payload[..CUT_LEN])?), req.payload.slice(CUT_LEN..))
+                } else {
+                    (None, req.payload.clone())
+                };
                 // The whole payload is checked before the store sees any of it.
-                let w = decode_resync_write(&req.payload, blocks).map_err(|e| Failure::bad_request(e.to_string()))?;
+                let w = decode_resync_write(&body, blocks).map_err(|e| Failure::bad_request(e.to_string()))?;
                 let entries: Vec<ResyncBlock> = w
                     .entries
                     .iter()
@@ -376,12 +393,24 @@ impl ReplicaServer {
                 // The protect-from boundary is in the request's own epoch (see the
                 // wire docs): blocks written under it since then stay protected.
                 let protect_from = h.seq();
-                let out = store.resync_write(id, h.offset, &entries, w.data, h.epoch, protect_from).await?;
+                let out = match view {
+                    Some(cut) => {
+                        store.resync_write_at(id, cut, h.offset, &entries, w.data, h.epoch, protect_from).await?
+                    }
+                    None => store.resync_write(id, h.offset, &entries, w.data, h.epoch, protect_from).await?,
+                };
                 if h.flags.fua {
                     store.flush_chunk(id, h.epoch).await?;
                 }
                 let result = ResyncResult { written: out.written, zeroed: out.zeroed, skipped: out.skipped };
                 Ok(Reply { epoch: None, payload: encode_resync_result(&result) })
+            }
+            Op::ListCuts => {
+                if h.chunk != ALL_CHUNKS {
+                    return Err(Failure::bad_request("list cuts names a chunk; it applies to the whole volume".into()));
+                }
+                check_epoch(h.volume, h.epoch, store.epoch(h.volume))?;
+                Ok(Reply { epoch: None, payload: encode_cuts(&store.cuts(h.volume)) })
             }
             Op::SetCuts => {
                 if h.chunk != ALL_CHUNKS {
@@ -395,7 +424,15 @@ impl ReplicaServer {
                     ));
                 }
                 let cuts = decode_cuts(h.op, &req.payload).map_err(|e| Failure::bad_request(e.to_string()))?;
-                store.set_cuts(h.volume, h.epoch, &cuts).await?;
+                match h.offset {
+                    0 => store.set_cuts(h.volume, h.epoch, &cuts).await?,
+                    SET_CUTS_IF_NONE => {
+                        if store.set_cuts_if_none(h.volume, h.epoch, &cuts).await? {
+                            info!(cuts = cuts.len(), "snapshot cuts set for a copy");
+                        }
+                    }
+                    other => return Err(Failure::bad_request(format!("set cuts mode {other} is not 0 or 1"))),
+                }
                 Ok(Reply::empty())
             }
             Op::ReadSnapshot => {
@@ -408,11 +445,7 @@ impl ReplicaServer {
                 if req.payload.len() != CUT_LEN {
                     return Err(payload_mismatch(h, CUT_LEN as u64, req.payload.len()));
                 }
-                let cut = decode_cuts(h.op, &req.payload)
-                    .map_err(|e| Failure::bad_request(e.to_string()))?
-                    .first()
-                    .copied()
-                    .ok_or_else(|| Failure::bad_request("read snapshot names no cut".into()))?;
+                let cut = one_cut(h, &req.payload)?;
                 let data = store.read_snapshot(id, cut, h.offset, h.length, h.epoch).await?;
                 Ok(Reply { epoch: None, payload: data })
             }
@@ -430,6 +463,18 @@ fn check_epoch(volume: VolumeId, request: Epoch, current: Epoch) -> Result<(), F
         return Err(StoreError::UnannouncedEpoch { volume, request, current }.into());
     }
     Ok(())
+}
+
+/// The one cut a ReadSnapshot, ContextTableAt or ResyncWriteAt names.
+fn one_cut(h: &Header, payload: &[u8]) -> Result<Seq, Failure> {
+    if payload.len() != CUT_LEN {
+        return Err(payload_mismatch(h, CUT_LEN as u64, payload.len()));
+    }
+    decode_cuts(h.op, payload)
+        .map_err(|e| Failure::bad_request(e.to_string()))?
+        .first()
+        .copied()
+        .ok_or_else(|| Failure::bad_request(format!("{:?} names no cut", h.op)))
 }
 
 fn payload_mismatch(h: &Header, expected: u64, actual: usize) -> Failure {

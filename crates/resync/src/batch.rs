@@ -37,6 +37,8 @@ pub(crate) struct Batch {
     pub source: ReplicaClient,
     pub target: ReplicaClient,
     pub id: ChunkId,
+    /// The snapshot view copied (None: the live data).
+    pub view: Option<Seq>,
     pub first: u32,
     pub count: u32,
     pub epoch: Epoch,
@@ -110,19 +112,20 @@ impl Batch {
                 entries[(b - p_lo) as usize] = entry;
             }
             if entries.iter().any(|e| e.kind != ResyncKind::Keep) {
-                let r = self
-                    .target
-                    .resync_write(
-                        self.id,
-                        u64::from(p_lo) * BLOCK_SIZE_U64,
-                        &entries,
-                        &pieces,
-                        self.epoch,
-                        self.protect_from,
-                        false,
-                    )
-                    .await
-                    .map_err(|e| ResyncError::replica(Side::Target, "resync write", self.epoch, e))?;
+                let offset = u64::from(p_lo) * BLOCK_SIZE_U64;
+                let r = match self.view {
+                    None => {
+                        self.target
+                            .resync_write(self.id, offset, &entries, &pieces, self.epoch, self.protect_from, false)
+                            .await
+                    }
+                    Some(cut) => {
+                        self.target
+                            .resync_write_at(self.id, cut, offset, &entries, &pieces, self.epoch, self.protect_from)
+                            .await
+                    }
+                }
+                .map_err(|e| ResyncError::replica(Side::Target, "resync write", self.epoch, e))?;
                 stats.blocks_copied += u64::from(r.written);
                 stats.blocks_trimmed += u64::from(r.zeroed);
                 stats.blocks_raced += u64::from(r.skipped);
@@ -140,10 +143,15 @@ impl Batch {
         Ok((self.count, stats))
     }
 
-    /// The source's contexts; a source without the chunk has never had a write
-    /// to it (chunks are created on first write): all zeros at `Seq::ZERO`.
+    /// The source's contexts (of the view copied); a source without the chunk
+    /// has never had a write to it (chunks are created on first write): all
+    /// zeros at `Seq::ZERO`.
     async fn source_contexts(&self, first: u32, count: u32) -> Result<Vec<BlockContext>, ResyncError> {
-        match self.source.context_table(self.id, BlockIdx(first), count, self.epoch).await {
+        let table = match self.view {
+            None => self.source.context_table(self.id, BlockIdx(first), count, self.epoch).await,
+            Some(cut) => self.source.context_table_at(self.id, cut, BlockIdx(first), count, self.epoch).await,
+        };
+        match table {
             Ok(t) => Ok(t),
             Err(ClientError::Remote { status: Status::NoSuchChunk, .. }) => {
                 Ok(vec![BlockContext { crc: zero_crc(), seq: Seq::ZERO }; count as usize])
@@ -153,10 +161,11 @@ impl Batch {
     }
 
     async fn target_contexts(&self, first: u32, count: u32) -> Result<Vec<BlockContext>, ResyncError> {
-        self.target
-            .context_table(self.id, BlockIdx(first), count, self.epoch)
-            .await
-            .map_err(|e| ResyncError::replica(Side::Target, "context table", self.epoch, e))
+        match self.view {
+            None => self.target.context_table(self.id, BlockIdx(first), count, self.epoch).await,
+            Some(cut) => self.target.context_table_at(self.id, cut, BlockIdx(first), count, self.epoch).await,
+        }
+        .map_err(|e| ResyncError::replica(Side::Target, "context table", self.epoch, e))
     }
 
     /// Reads the data blocks of `plan` from the source, nearby ones together;
@@ -173,11 +182,12 @@ impl Batch {
                 end_k += 1;
             }
             let end = plan[wanted[end_k]].0 + 1;
-            let buf = self
-                .source
-                .read(self.id, u64::from(start) * BLOCK_SIZE_U64, (end - start) * BLOCK_SIZE, self.epoch)
-                .await
-                .map_err(|e| ResyncError::replica(Side::Source, "read", self.epoch, e))?;
+            let (off, len) = (u64::from(start) * BLOCK_SIZE_U64, (end - start) * BLOCK_SIZE);
+            let buf = match self.view {
+                None => self.source.read(self.id, off, len, self.epoch).await,
+                Some(cut) => self.source.read_snapshot(self.id, cut, off, len, self.epoch).await,
+            }
+            .map_err(|e| ResyncError::replica(Side::Source, "read", self.epoch, e))?;
             for &i in &wanted[k..=end_k] {
                 let at = (plan[i].0 - start) as usize * BS;
                 out[i] = buf.slice(at..at + BS);

@@ -38,9 +38,9 @@ mod throttle;
 use std::sync::Arc;
 
 use ballast_replica::{ClientError, ReplicaClient, MAX_RESYNC_BLOCKS};
-use ballast_types::{ChunkId, Epoch, BLOCK_SIZE_U64};
+use ballast_types::{ChunkId, Epoch, Seq, BLOCK_SIZE_U64};
 use tokio::task::JoinSet;
-use tracing::{debug, info, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::batch::Batch;
 use crate::throttle::Throttle;
@@ -216,7 +216,9 @@ impl ResyncError {
 /// In order: announces `epoch` to the target (announce only raises; the source
 /// is never announced to: its epoch is the front end's business), creates the
 /// chunk on the target (idempotent), compares and copies batch by batch
-/// (`opts.concurrency` in flight, throttled), then flushes the target's chunk.
+/// (`opts.concurrency` in flight, throttled): first the view at every snapshot
+/// cut both replicas keep, oldest first, then the live data; then flushes the
+/// target's chunk.
 /// `progress` is called after each batch, from this task.
 ///
 /// A block the source never had (or has lost with its whole chunk) counts as
@@ -266,48 +268,61 @@ async fn run(
         .create_chunk(id, chunk_len, epoch)
         .await
         .map_err(|e| ResyncError::replica(Side::Target, "create chunk", epoch, e))?;
+    let views = views(source, target, id, epoch).await?;
 
     let throttle =
         opts.max_bytes_per_sec.map(|r| Arc::new(Throttle::new(r, u64::from(opts.batch_blocks) * BLOCK_SIZE_U64)));
     let mut total = ResyncStats::default();
+    // Every view bottom-up, then the live one (the chunk store's
+    // `resync_write_at` says why that order rebuilds every view).
+    let passes: Vec<Option<Seq>> = views.iter().copied().map(Some).chain([None]).collect();
     let mut done = 0u64;
-    let mut tasks = JoinSet::new();
-    let mut next = 0u32;
-    loop {
-        while next < blocks && tasks.len() < opts.concurrency {
-            let count = opts.batch_blocks.min(blocks - next);
-            let b = Batch {
-                source: source.clone(),
-                target: target.clone(),
-                id,
-                first: next,
-                count,
-                epoch,
-                protect_from: opts.protect_from,
-                max_retries: opts.max_retries,
-                throttle: throttle.clone(),
-            };
-            tasks.spawn(b.run().instrument(tracing::Span::current()));
-            next += count;
+    for (pass, view) in passes.iter().enumerate() {
+        if let Some(cut) = view {
+            debug!(%cut, "copying the view at a snapshot cut");
         }
-        let Some(joined) = tasks.join_next().await else {
-            break;
-        };
-        // On an error the JoinSet is dropped on return, which aborts the other
-        // batches; whatever they already applied is consistent block by block.
-        let (count, stats) = match joined {
-            Ok(r) => r?,
-            // A batch that panicked: a bug, not a replica's fault; let it show.
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => return Err(ResyncError::Cancelled),
-        };
-        total.add(&stats);
-        done += u64::from(count);
-        debug!(done, total = blocks, "batch done");
-        progress(Progress { blocks_done: done, blocks_total: u64::from(blocks), stats: total });
+        let mut tasks = JoinSet::new();
+        let mut next = 0u32;
+        loop {
+            while next < blocks && tasks.len() < opts.concurrency {
+                let count = opts.batch_blocks.min(blocks - next);
+                let b = Batch {
+                    source: source.clone(),
+                    target: target.clone(),
+                    id,
+                    view: *view,
+                    first: next,
+                    count,
+                    epoch,
+                    protect_from: opts.protect_from,
+                    max_retries: opts.max_retries,
+                    throttle: throttle.clone(),
+                };
+                tasks.spawn(b.run().instrument(tracing::Span::current()));
+                next += count;
+            }
+            let Some(joined) = tasks.join_next().await else {
+                break;
+            };
+            // On an error the JoinSet is dropped on return, which aborts the other
+            // batches; whatever they already applied is consistent block by block.
+            let (count, stats) = match joined {
+                Ok(r) => r?,
+                // A batch that panicked: a bug, not a replica's fault; let it show.
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => return Err(ResyncError::Cancelled),
+            };
+            total.add(&stats);
+            done += u64::from(count);
+            debug!(pass, done, total = u64::from(blocks) * passes.len() as u64, "batch done");
+            // Blocks done over all passes, scaled to one pass of the chunk.
+            let blocks_done = done / passes.len() as u64;
+            progress(Progress { blocks_done, blocks_total: u64::from(blocks), stats: total });
+        }
     }
     target.flush_chunk(id, epoch).await.map_err(|e| ResyncError::replica(Side::Target, "flush", epoch, e))?;
     info!(
+        views = views.len(),
         compared = total.blocks_compared,
         copied = total.blocks_copied,
         trimmed = total.blocks_trimmed,
@@ -320,6 +335,45 @@ async fn run(
         "resync finished"
     );
     Ok(total)
+}
+
+/// The snapshot cuts whose views this copy carries: those both replicas
+/// keep, ascending. A target that keeps none (new on its node, or of a
+/// detached volume) first gets the source's, if it still has none when they
+/// arrive: a cut the front end installed meanwhile is never replaced. A cut
+/// only the source keeps is one the front end is dropping, or one it will
+/// install on the target before its next write above it; it is logged.
+async fn views(
+    source: &ReplicaClient,
+    target: &ReplicaClient,
+    id: ChunkId,
+    epoch: Epoch,
+) -> Result<Vec<Seq>, ResyncError> {
+    let theirs = source
+        .list_cuts(id.volume, epoch)
+        .await
+        .map_err(|e| ResyncError::replica(Side::Source, "list cuts", epoch, e))?;
+    if theirs.is_empty() {
+        return Ok(Vec::new());
+    }
+    target
+        .set_cuts_if_none(id.volume, epoch, &theirs)
+        .await
+        .map_err(|e| ResyncError::replica(Side::Target, "set cuts", epoch, e))?;
+    let ours = target
+        .list_cuts(id.volume, epoch)
+        .await
+        .map_err(|e| ResyncError::replica(Side::Target, "list cuts", epoch, e))?;
+    let both: Vec<Seq> = theirs.iter().copied().filter(|c| ours.contains(c)).collect();
+    if both.len() < theirs.len() {
+        warn!(
+            source = theirs.len(),
+            target = ours.len(),
+            both = both.len(),
+            "the replicas keep different snapshot cuts"
+        );
+    }
+    Ok(both)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@
 //! off len field
 //!  0   4  magic          b"BLST"
 //!  4   1  version        1
-//!  5   1  op             Op (1..=14)
+//!  5   1  op             Op (1..=17)
 //!  6   1  flags          bit0 RESPONSE, bit1 FUA; every other bit must be 0
 //!  7   1  status         responses: Status code; requests: always 0
 //!  8   8  request id     chosen by the client, echoed in the response
@@ -90,12 +90,26 @@
 //! replaces the volume's list of cuts on the replica: chunk index
 //! [`ALL_CHUNKS`], `length` = the number of cuts (at most [`MAX_CUTS`]),
 //! payload = the cuts, ascending, 16 bytes each (`seq.epoch u64 | seq.counter
-//! u64`, [`encode_cuts`]); `epoch` is the fence epoch. ReadSnapshot is a Read
+//! u64`, [`encode_cuts`]); `epoch` is the fence epoch; `offset` is 0, or
+//! [`SET_CUTS_IF_NONE`] to apply them only if the replica keeps no cuts for
+//! the volume yet (a copy job's, never replacing a front end's). ReadSnapshot is a Read
 //! of the chunk's view at one cut: `offset` and `length` as for Read, payload =
 //! that one cut (16 bytes); the response payload is the data.
 //!
+//! # ContextTableAt (op 15), ResyncWriteAt (op 16), ListCuts (op 17)
+//!
+//! What a copy job needs to carry snapshot views to a resyncing or rebuilding
+//! replica (the chunk store's `resync_write`, "Views"). ContextTableAt is a
+//! ContextTable of the chunk's view at one cut: payload = that cut. ResyncWriteAt
+//! is a ResyncWrite of blocks of the source's view at one cut: payload = that
+//! cut, then exactly a ResyncWrite payload; the target makes its own view at the
+//! cut hold the same versions. ListCuts (chunk index [`ALL_CHUNKS`], no
+//! payload) answers with the volume's cuts on the replica, encoded as for
+//! SetCuts.
+//!
 //! Version changelog: 1 — the initial format above; op 12 (ResyncWrite), then
-//! ops 13 and 14 (SetCuts, ReadSnapshot) added within version 1: they are
+//! ops 13 and 14 (SetCuts, ReadSnapshot), then ops 15 to 17 (ContextTableAt,
+//! ResyncWriteAt, ListCuts) added within version 1: they are
 //! additive (a replica that predates them answers nothing and closes the
 //! connection with `UnknownOp`, so a request against it fails loudly, never
 //! silently).
@@ -128,6 +142,9 @@ pub const MAX_RESYNC_BLOCKS: u32 = 4096;
 pub const RESYNC_RESULT_LEN: usize = 12;
 /// Size of one snapshot cut in a SetCuts or ReadSnapshot payload.
 pub const CUT_LEN: usize = 16;
+/// SetCuts `offset`: apply the cuts only if the replica keeps none for the
+/// volume (0: replace them).
+pub const SET_CUTS_IF_NONE: u64 = 1;
 /// The most cuts a SetCuts may carry (the chunk store's limit too).
 pub const MAX_CUTS: u32 = 256;
 
@@ -195,10 +212,17 @@ pub enum Op {
     SetCuts = 13,
     /// Read `length` bytes at `offset` as they were at a cut (payload: the cut).
     ReadSnapshot = 14,
+    /// ContextTable of the chunk's view at a cut (payload: the cut).
+    ContextTableAt = 15,
+    /// ResyncWrite of blocks of the source's view at a cut (payload: the cut,
+    /// then a ResyncWrite payload).
+    ResyncWriteAt = 16,
+    /// The volume's snapshot cuts on this replica (response payload: the cuts).
+    ListCuts = 17,
 }
 
 impl Op {
-    pub const ALL: [Op; 14] = [
+    pub const ALL: [Op; 17] = [
         Op::Write,
         Op::Read,
         Op::Flush,
@@ -213,6 +237,9 @@ impl Op {
         Op::ResyncWrite,
         Op::SetCuts,
         Op::ReadSnapshot,
+        Op::ContextTableAt,
+        Op::ResyncWriteAt,
+        Op::ListCuts,
     ];
 
     pub fn from_u8(v: u8) -> Result<Op, WireError> {
@@ -231,6 +258,9 @@ impl Op {
             12 => Op::ResyncWrite,
             13 => Op::SetCuts,
             14 => Op::ReadSnapshot,
+            15 => Op::ContextTableAt,
+            16 => Op::ResyncWriteAt,
+            17 => Op::ListCuts,
             other => return Err(WireError::UnknownOp(other)),
         })
     }
@@ -256,6 +286,9 @@ impl Op {
             Op::ResyncWrite => "resync_write",
             Op::SetCuts => "set_cuts",
             Op::ReadSnapshot => "read_snapshot",
+            Op::ContextTableAt => "context_table_at",
+            Op::ResyncWriteAt => "resync_write_at",
+            Op::ListCuts => "list_cuts",
         }
     }
 }

@@ -234,7 +234,10 @@ fn status_and_op_codes_round_trip() {
     assert_eq!(Op::from_u8(0), Err(WireError::UnknownOp(0)));
     assert_eq!(Op::from_u8(13), Ok(Op::SetCuts));
     assert_eq!(Op::from_u8(14), Ok(Op::ReadSnapshot));
-    assert_eq!(Op::from_u8(15), Err(WireError::UnknownOp(15)));
+    assert_eq!(Op::from_u8(15), Ok(Op::ContextTableAt));
+    assert_eq!(Op::from_u8(16), Ok(Op::ResyncWriteAt));
+    assert_eq!(Op::from_u8(17), Ok(Op::ListCuts));
+    assert_eq!(Op::from_u8(18), Err(WireError::UnknownOp(18)));
 }
 
 /// The exact payload of a SetCuts with two cuts.

@@ -13,7 +13,10 @@
 //! cuts are set again (a front end re-attaching), which finishes a merge that
 //! a crash interrupted.
 //!
-//! Not built yet: copying frozen layers in resync and rebuild.
+//! Resync and rebuild carry the views (module docs of `resync_write`, and
+//! "Views in resync" below): a copied version goes to the layer its seq
+//! belongs in, creating that layer when the chunk has none for it, so a
+//! rebuilt replica ends with the same view at every cut as its source.
 
 use super::*;
 
@@ -43,6 +46,11 @@ impl ChunkStore {
     /// Removing a cut changes which views exist; layers it froze stay until
     /// their chunk is deleted (merging them: not built yet).
     pub async fn set_cuts(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<()> {
+        let _one = self.inner.setting_cuts.lock().await;
+        self.set_cuts_locked(volume, epoch, cuts).await
+    }
+
+    async fn set_cuts_locked(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<()> {
         layout::check_cuts(cuts).map_err(|m| StoreError::InvalidRequest(m.to_string()))?;
         let fence = self.fence(volume, epoch).await?;
         let _admin = self.inner.admin.lock().await;
@@ -83,6 +91,18 @@ impl ChunkStore {
             self.merge_in_background(volume);
         }
         Ok(())
+    }
+
+    /// Sets the volume's cuts as [`ChunkStore::set_cuts`] does, only if it has
+    /// none here; returns whether it did. Decided under the lock `set_cuts`
+    /// takes, so a front end's cuts set meanwhile are never replaced.
+    pub async fn set_cuts_if_none(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<bool> {
+        let _one = self.inner.setting_cuts.lock().await;
+        if !self.cuts(volume).is_empty() {
+            return Ok(false);
+        }
+        self.set_cuts_locked(volume, epoch, cuts).await?;
+        Ok(true)
     }
 
     /// Runs [`ChunkStore::merge_layers`] for `volume` on its own task; a
@@ -261,6 +281,101 @@ impl ChunkStore {
         self.read_layers(&view, b0, b1).await
     }
 
+    /// Views in resync: as [`ChunkStore::resync_write`], for blocks of the
+    /// source's view at snapshot `cut` (every seq below it). Afterwards this
+    /// replica's view at `cut` holds, for every applied block, the source's
+    /// version, whatever its live layer holds.
+    ///
+    /// Invariant (for [`ChunkStore::resync_write`] too): a version at seq `s`
+    /// goes to the layer of the view that already answers for the block when
+    /// that layer's lower bound is at or above `s` (it holds a version the
+    /// source does not have, which must not keep shadowing the source's), and
+    /// otherwise to the layer `s` belongs in: the one with the greatest lower
+    /// bound below `s`, which has no cut between its lower bound and `s`
+    /// (`ensure_layers` makes it exist first). So views at cuts
+    /// below `s` do not see it, views at cuts above do, and copying the views
+    /// bottom-up and then the live view (as the resync engine does) rebuilds
+    /// every view a replica had, whichever order the front end's concurrent
+    /// writes and cuts arrive in.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn resync_write_at(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        offset: u64,
+        blocks: &[ResyncBlock],
+        data: Bytes,
+        epoch: Epoch,
+        protect_from: Seq,
+    ) -> Result<ResyncOutcome> {
+        if !self.cuts(id.volume).contains(&cut) {
+            return Err(StoreError::InvalidRequest(format!("volume {} has no snapshot cut {cut}", id.volume)));
+        }
+        let span = tracing::debug_span!(
+            "chunk_resync_write_at", volume = id.volume.0, chunk = id.chunk.0, offset, blocks = blocks.len(), %cut
+        );
+        let t = self.started();
+        let place = Place::Resync(Some(cut));
+        let r = self.resync_inner(id, offset, blocks, data, epoch, protect_from, place).instrument(span).await;
+        if let (Some(m), Ok(out)) = (self.finished(StoreOp::ResyncWrite, t, &r), &r) {
+            m.written(u64::from(out.written) * BLOCK_SIZE_U64);
+        }
+        r
+    }
+
+    /// Makes chunk `id` have, for every seq in `seqs` below its live layer, a
+    /// frozen layer that version belongs in (see
+    /// [`ChunkStore::resync_write_at`]): where the layer with the greatest
+    /// lower bound below `s` has a cut between that bound and `s` (or there is
+    /// none), a new empty layer with lower bound the highest cut below `s` is
+    /// put into the stack at its place. An empty layer changes no view.
+    /// Crash-safe: a layer exists once its context file is renamed into place,
+    /// and the store reassembles a stack from the lower bounds in the names.
+    pub(super) async fn ensure_layers(&self, id: ChunkId, seqs: &[Seq], epoch: Epoch) -> Result<()> {
+        let missing = |c: &Arc<Chunk>, cuts: &[Seq]| -> Vec<Seq> {
+            let stack = c.stack();
+            let mut need: Vec<Seq> = Vec::new();
+            for &s in seqs.iter().filter(|s| **s > Seq::ZERO && **s <= c.lower) {
+                let lo = cuts.iter().copied().filter(|x| *x < s).max().unwrap_or(Seq::ZERO);
+                let host = stack.iter().find(|l| l.lower < s);
+                if host.is_none_or(|h| h.lower < lo) && !need.contains(&lo) {
+                    need.push(lo);
+                }
+            }
+            need
+        };
+        match self.get(id) {
+            Some(c) if !missing(&c, &self.cuts(id.volume)).is_empty() => {}
+            _ => return Ok(()),
+        }
+        let _fence = self.fence(id.volume, epoch).await?;
+        let _admin = self.inner.admin.lock().await;
+        let c = self.chunk(id)?;
+        self.recovered(&c).await?;
+        let _all = c.locks.lock(0, (c.size / BLOCK_SIZE_U64) as u32, false).await;
+        for lo in missing(&c, &self.cuts(id.volume)) {
+            let stack = c.stack();
+            // The lowest layer above `lo` (the live one at least: `lo` is
+            // below a seq at or below the live layer's lower bound).
+            let Some(above) = stack.iter().rposition(|l| l.lower > lo) else {
+                return Err(StoreError::InvalidRequest(format!("chunk {id} has no layer above {lo}")));
+            };
+            let (dir, direct, size) = (self.inner.chunks_dir.clone(), self.inner.direct, c.size);
+            let mut layer = tokio::task::spawn_blocking(move || create_chunk_files(&dir, id, size, lo, direct))
+                .await
+                .map_err(|_| StoreError::Shutdown)??;
+            layer.locks = c.locks.clone();
+            layer.retired.store(true, Ordering::Release);
+            *layer.below.get_mut().unwrap_or_else(|p| p.into_inner()) = stack[above].below();
+            *stack[above].below.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(layer));
+            if let Some(m) = &self.inner.metrics {
+                m.layer(size, 1);
+            }
+            info!(chunk = %id, lower = %lo, under = %stack[above].lower, "snapshot layer added for copied versions");
+        }
+        Ok(())
+    }
+
     /// Block contexts as [`ChunkStore::context_table`] reports them, of the
     /// view at snapshot `cut` (None: the live view).
     pub async fn context_table_at(
@@ -342,6 +457,16 @@ impl ChunkStore {
             b = end;
         }
         Ok(Bytes::from(out))
+    }
+}
+
+/// The layer of `stack` (top first) a copied version at `seq` goes to, given
+/// `top`, the layer of the view being copied that answers for the block now
+/// (see [`ChunkStore::resync_write_at`]).
+pub(super) fn destination(stack: &[Arc<Chunk>], top: Option<usize>, seq: Seq) -> Option<usize> {
+    match top {
+        Some(k) if stack[k].lower >= seq => Some(k),
+        _ => stack.iter().position(|l| l.lower < seq).or_else(|| stack.iter().position(|l| l.lower == Seq::ZERO)),
     }
 }
 

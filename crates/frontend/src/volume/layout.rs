@@ -1,6 +1,7 @@
 //! Following a newer layout while attached ([`Volume::apply_layout`]): new
 //! rebuilding replicas, promotions, retirements, new nodes, growth.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -140,6 +141,42 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                 next.insert(c.replica.node, c);
             }
             *self.nodes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+        }
+
+        // 2b. The snapshot cuts to every node that becomes a write target of
+        //    this volume, before the swap sends it a write: a write above a cut
+        //    to a replica that does not know the cut would not freeze its layer.
+        //    Held until the sets are swapped, so a snapshot taken meanwhile
+        //    (which sends its cut to the holders of the sets it sees) waits.
+        let cuts = self.snapshots.lock().await;
+        if !cuts.is_empty() {
+            let holders = self.holders(true);
+            let newcomers: BTreeSet<NodeId> = changed
+                .iter()
+                .chain(&added)
+                .flat_map(|(_, set)| set.write_targets())
+                .filter(|n| !holders.contains(n) && !unreachable.iter().any(|(u, _)| u == n))
+                .collect();
+            for node in newcomers {
+                let r = match self.io(node) {
+                    Ok(io) => self.call("set cuts", io.set_cuts(self.id, self.epoch, &cuts)).await,
+                    Err(e) => Err(e),
+                };
+                let Err(e) = r else {
+                    info!(volume = %self.id, %node, cuts = cuts.len(), "snapshot cuts sent to a new replica node");
+                    continue;
+                };
+                let reason = match classify(&e) {
+                    Reaction::Stop(m) => {
+                        self.stop_fenced(&m);
+                        return Err(FrontendError::Stopped(self.id));
+                    }
+                    Reaction::Eject(r) => r,
+                    _ => EjectReason::ReplicaError,
+                };
+                warn!(volume = %self.id, %node, error = %e, "new replica node did not take the snapshot cuts: ejecting it");
+                unreachable.push((node, reason));
+            }
         }
 
         // 3. Eject the nodes that could not take the epoch from the new sets,
