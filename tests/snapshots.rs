@@ -17,13 +17,18 @@
 //! - refusals: the volume cannot be deleted while it has snapshots, a name is
 //!   taken across volumes, an unknown snapshot is not found;
 //! - deleting every snapshot leaves no frozen layer on any node: one layer per
-//!   chunk replica, as before the first snapshot.
+//!   chunk replica, as before the first snapshot;
+//! - a storage node holding snapshots lost for good while the workload runs:
+//!   its chunks are rebuilt onto a node that held nothing of the volume, and
+//!   with every other holder SIGKILLed, each snapshot read from the rebuilt
+//!   replicas alone verifies block by block.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ballast_nbd::NbdClient;
+use ballast_testkit::ctl::{healthy, replicas_on};
 use ballast_testkit::workload::{connect, Workload, BS};
 use ballast_testkit::{try_wait_until, Cluster, Proc, Result};
 use serde_json::Value;
@@ -57,7 +62,14 @@ fn read_back(c: &Cluster, rt: &tokio::runtime::Runtime, w: &Workload, name: &str
     let started = Instant::now();
     let (verified, versions) = w.verify_snapshot(&client, &marks.before, &marks.after);
     eprintln!("snapshot {name}: {verified} blocks verified in {:?}", started.elapsed());
-    assert_eq!(verified, w.blocks(), "every block of {name} verifies: {:?}", w.violations());
+    let violations = w.violations();
+    let first: Vec<&String> = violations.iter().take(5).collect();
+    assert_eq!(
+        verified,
+        w.blocks(),
+        "every block of {name} verifies; {} violations, the first: {first:?}",
+        violations.len()
+    );
     let _ = rt.block_on(client.disconnect());
     p.terminate(Duration::from_secs(10))?;
     Ok(versions)
@@ -210,5 +222,61 @@ fn snapshots_through_meta_hold_exactly_what_the_ledger_allows() -> Result<()> {
     w.stop();
     assert!(w.violations().is_empty(), "{:?}", w.violations());
     drop(export3);
+    Ok(())
+}
+
+/// A node holding snapshots is lost while the volume is busy; the rebuild
+/// (under the front end's writes) carries the snapshots to the new node, and
+/// they verify when that node is the only replica left.
+#[test]
+fn snapshots_are_rebuilt_with_the_chunks_and_read_from_the_rebuilt_replicas_alone() -> Result<()> {
+    let rt = runtime();
+    // Node 4 (a second z1 node) is down while the volume is placed, so it
+    // holds nothing of it; it is where node 3's chunks are rebuilt.
+    let mut c = Cluster::start("snapshot-rebuild", &[(1, "z1"), (2, "z2"), (3, "z3"), (4, "z1")])?;
+    c.kill_node(4)?;
+    try_wait_until("node 4 down in meta", Duration::from_secs(30), || {
+        let nodes = c.ctl_json(&["node", "list"])?;
+        Ok(nodes["nodes"].as_array().is_some_and(|n| n.iter().any(|n| n["id"] == 4 && n["state"] != "up")))
+    })?;
+    c.create_volume("v", "64M", "16M", "2")?;
+    assert_eq!(replicas_on(&c.inspect("v")?, 4), 0, "node 4 holds nothing of v");
+    let (export, sock) = attach(&c)?;
+    let mut w = Workload::start(rt.handle(), SIZE / BS, TASKS, 0x7e_b11d);
+    w.set_client(Some(connect(rt.handle(), &sock)?));
+    std::thread::sleep(Duration::from_millis(1000));
+    let (m1, _, _) = snapshot(&c, &w, "r1")?;
+    std::thread::sleep(Duration::from_millis(700));
+    let (m2, _, _) = snapshot(&c, &w, "r2")?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Node 3 (all of z3) is lost for good with the workload running; after
+    // the down timeout its chunks are rebuilt onto node 4.
+    c.start_node(4)?;
+    let started = Instant::now();
+    c.kill_node(3)?;
+    try_wait_until("node 3's chunks rebuilt onto node 4", Duration::from_secs(120), || {
+        let l = c.inspect("v")?;
+        Ok(replicas_on(&l, 3) == 0 && replicas_on(&l, 4) == 4 && healthy(&l))
+    })?;
+    eprintln!("rebuild with two snapshots took {:?} (including the down timeout)", started.elapsed());
+    // One more snapshot after the rebuild: the new node takes it like the others.
+    let (m3, _, _) = snapshot(&c, &w, "r3")?;
+    std::thread::sleep(Duration::from_millis(500));
+    w.pause();
+    let live = connect(rt.handle(), &sock)?;
+    assert_eq!(w.verify_all(&live), SIZE / BS, "the volume after the rebuild: {:?}", w.violations());
+    drop(live);
+    drop(export);
+
+    // Only node 4 left among the holders: every snapshot block comes from
+    // the rebuilt replicas.
+    c.kill_node(1)?;
+    c.kill_node(2)?;
+    for (name, marks) in [("r1", &m1), ("r2", &m2), ("r3", &m3)] {
+        read_back(&c, &rt, &w, name, marks)?;
+    }
+    w.stop();
+    assert!(w.violations().is_empty(), "{:?}", w.violations());
     Ok(())
 }
