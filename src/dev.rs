@@ -136,6 +136,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
                 min_in_sync: a.min_in_sync.map_or(replicas, |m| m as u32),
                 zones: vec![],
                 zone_spread: pb::ZoneSpread::Required as i32,
+                source_snapshot: String::new(),
             };
             meta.create_volume(req).await.context("create the dev volume")?;
         }

@@ -21,7 +21,13 @@
 //! - a storage node holding snapshots lost for good while the workload runs:
 //!   its chunks are rebuilt onto a node that held nothing of the volume, and
 //!   with every other holder SIGKILLed, each snapshot read from the rebuilt
-//!   replicas alone verifies block by block.
+//!   replicas alone verifies block by block;
+//! - a clone (`ballastctl volume create --from-snapshot`) of a snapshot taken
+//!   under load: attached at once, every block read from it verifies against
+//!   the ledger at the cut while it still copies, its source snapshot cannot
+//!   be deleted until the copy is done, then the snapshot and the source
+//!   volume are deleted and the clone, re-attached, holds the same data and
+//!   takes writes of its own.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -278,5 +284,113 @@ fn snapshots_are_rebuilt_with_the_chunks_and_read_from_the_rebuilt_replicas_alon
     }
     w.stop();
     assert!(w.violations().is_empty(), "{:?}", w.violations());
+    Ok(())
+}
+
+/// Reads the clone through its own export: every block against the marks of
+/// the snapshot it came from; returns the versions.
+fn verify_clone(
+    rt: &tokio::runtime::Runtime,
+    w: &Workload,
+    sock: &Path,
+    marks: &Marks,
+    when: &str,
+) -> Result<Vec<u64>> {
+    let client = connect(rt.handle(), sock)?;
+    let started = Instant::now();
+    let (verified, versions) = w.verify_snapshot(&client, &marks.before, &marks.after);
+    eprintln!("clone {when}: {verified} blocks verified in {:?}", started.elapsed());
+    let violations = w.violations();
+    let first: Vec<&String> = violations.iter().take(5).collect();
+    assert_eq!(
+        verified,
+        w.blocks(),
+        "every block of the clone verifies {when}; {} violations: {first:?}",
+        violations.len()
+    );
+    let _ = rt.block_on(client.disconnect());
+    Ok(versions)
+}
+
+/// A clone of a snapshot taken under load is usable at once, verifies while
+/// it copies and after, blocks the snapshot's deletion until it is
+/// independent, and outlives its source.
+#[test]
+fn a_clone_of_a_busy_snapshot_verifies_while_copying_and_outlives_its_source() -> Result<()> {
+    let rt = runtime();
+    let c = Cluster::start("snapshot-clone", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    c.create_volume("v", "64M", "16M", "2")?;
+    let (export, sock) = attach(&c)?;
+    let mut w = Workload::start(rt.handle(), SIZE / BS, TASKS, 0xc1_0e5);
+    w.set_client(Some(connect(rt.handle(), &sock)?));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (marks, _, _) = snapshot(&c, &w, "base")?;
+
+    // Refusals first: smaller than the snapshot, an unknown snapshot.
+    let small = c.ctl()?.run(&["volume", "create", "tiny", "--size", "16M", "--from-snapshot", "base"])?;
+    assert!(small.code() == Some(1) && small.stderr.contains("smaller"), "{small:?}");
+    let unknown = c.ctl()?.run(&["volume", "create", "w", "--size", "64M", "--from-snapshot", "never-was"])?;
+    assert!(unknown.code() == Some(1) && unknown.stderr.contains("not found"), "{unknown:?}");
+
+    let created = Instant::now();
+    let args = [
+        "volume",
+        "create",
+        "w",
+        "--size",
+        "64M",
+        "--chunk-size",
+        "16M",
+        "--min-in-sync",
+        "2",
+        "--from-snapshot",
+        "base",
+    ];
+    let clone = c.ctl_json(&args)?;
+    assert_eq!(clone["origin"]["snapshot"], "base", "{clone}");
+    assert_eq!(clone["unfilled_chunks"], 4, "{clone}");
+    assert_eq!(c.ctl_json(&args)?["id"], clone["id"], "the same create again is the same clone");
+    let refused = c.ctl()?.run(&["snapshot", "delete", "base"])?;
+    assert!(refused.code() == Some(1) && refused.stderr.contains("copying"), "the clone still needs it: {refused:?}");
+    let filling = c.ctl()?.run(&["snapshot", "create", "w", "of-w"])?;
+    assert!(
+        filling.code() == Some(1) && filling.stderr.contains("clone"),
+        "no snapshot of a filling clone: {filling:?}"
+    );
+
+    // Attached on another node while the source keeps changing: read at once.
+    let wsock = c.path("w.sock");
+    let wsock_arg = wsock.to_str().expect("utf-8 path").to_string();
+    let (wexport, _) = c.export_with("w", 2, &["--io-timeout", "2s", "--socket", &wsock_arg])?;
+    let first = verify_clone(&rt, &w, &wsock, &marks, "while copying")?;
+    try_wait_until("the clone is independent", Duration::from_secs(60), || {
+        Ok(c.inspect("w")?["volume"]["unfilled_chunks"] == 0)
+    })?;
+    eprintln!("clone of 64 MiB independent {:?} after its creation", created.elapsed());
+
+    // The source goes: its snapshot, then the volume itself.
+    w.pause();
+    let live = connect(rt.handle(), &sock)?;
+    assert_eq!(w.verify_all(&live), SIZE / BS, "the source volume: {:?}", w.violations());
+    drop(live);
+    drop(export);
+    c.ctl_json(&["snapshot", "delete", "base"])?;
+    c.ctl_json(&["volume", "delete", "v", "--yes"])?;
+    let mut wexport = wexport;
+    wexport.terminate(Duration::from_secs(30))?;
+
+    // Re-attached: the same data, then writes of its own.
+    let (_wexport, _) = c.export_with("w", 3, &["--io-timeout", "2s", "--socket", &wsock_arg])?;
+    let again = verify_clone(&rt, &w, &wsock, &marks, "after its source was deleted")?;
+    assert_eq!(first, again, "the clone holds the same versions as before");
+    let client = connect(rt.handle(), &wsock)?;
+    let own = vec![0x5au8; 64 * 1024];
+    rt.block_on(ballast_blockdev::BlockDev::write(&*client, 8 * MIB, own.clone().into(), true))
+        .expect("write to the clone");
+    let back =
+        rt.block_on(ballast_blockdev::BlockDev::read(&*client, 8 * MIB, own.len() as u32)).expect("read the clone");
+    assert!(back[..] == own[..], "the clone keeps its own writes");
+    let _ = rt.block_on(client.disconnect());
+    w.stop();
     Ok(())
 }

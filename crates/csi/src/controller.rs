@@ -63,6 +63,17 @@ impl ControllerService {
         self.find(name).await?.ok_or_else(|| Status::not_found(format!("volume {name} does not exist")))
     }
 
+    /// The snapshot a restore names: NOT_FOUND if there is none by that id.
+    async fn find_snapshot(&self, id: &str) -> Result<meta::Snapshot, Status> {
+        let req = meta::ListSnapshotsRequest { volume: String::new(), snapshot: id.to_string() };
+        match self.meta.list_snapshots(req).await {
+            Ok(r) => r.snapshots.into_iter().find(|s| s.name == id),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => return Err(meta_status("look up the snapshot", e)),
+        }
+        .ok_or_else(|| Status::not_found(format!("snapshot {id} does not exist")))
+    }
+
     async fn nodes(&self) -> Result<Vec<meta::Node>, Status> {
         Ok(self.meta.list_nodes().await.map_err(|e| meta_status("list nodes", e))?.nodes)
     }
@@ -80,11 +91,31 @@ fn csi_volume(v: &meta::Volume, fs_type: &str, zones: &BTreeSet<String>) -> pb::
         capacity_bytes: v.size_bytes as i64,
         volume_id: v.name.clone(),
         volume_context,
-        content_source: None,
+        content_source: v.origin.as_ref().map(|o| pb::VolumeContentSource {
+            r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+                snapshot_id: o.snapshot_name.clone(),
+            })),
+        }),
         accessible_topology: zones
             .iter()
             .map(|z| pb::Topology { segments: HashMap::from([(TOPOLOGY_ZONE.to_string(), z.clone())]) })
             .collect(),
+    }
+}
+
+/// The snapshot a CreateVolume restores (None: an empty volume). A volume
+/// source is refused: Ballast clones volumes through a snapshot of them
+/// (CLONE_VOLUME is not advertised).
+fn content_snapshot(source: Option<&pb::VolumeContentSource>) -> Result<Option<&str>, Status> {
+    use pb::volume_content_source::Type;
+    match source.map(|s| s.r#type.as_ref()) {
+        None => Ok(None),
+        Some(Some(Type::Snapshot(s))) if !s.snapshot_id.is_empty() => Ok(Some(s.snapshot_id.as_str())),
+        Some(Some(Type::Snapshot(_))) => Err(Status::invalid_argument("volume_content_source.snapshot.snapshot_id is empty")),
+        Some(Some(Type::Volume(_))) => Err(Status::invalid_argument(
+            "volume_content_source.volume: Ballast does not clone volumes directly; snapshot the volume and create from the snapshot",
+        )),
+        Some(None) => Err(Status::invalid_argument("volume_content_source names neither a snapshot nor a volume")),
     }
 }
 
@@ -264,16 +295,29 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let name = required("name", &r.name)?;
         check_capabilities("volume_capabilities", &r.volume_capabilities)?;
-        if r.volume_content_source.is_some() {
-            return Err(Status::invalid_argument(
-                "volume_content_source: Ballast creates empty volumes only (no snapshots or clones)",
-            ));
-        }
+        let source = content_snapshot(r.volume_content_source.as_ref())?;
         if !r.mutable_parameters.is_empty() {
             return Err(Status::invalid_argument("mutable_parameters: Ballast has none"));
         }
         let p = VolumeParams::parse(&r.parameters)?;
-        let size = params::create_size(r.capacity_range.as_ref(), p.chunk_size)?;
+        let mut size = params::create_size(r.capacity_range.as_ref(), p.chunk_size)?;
+        // A restore holds the whole snapshot: at least its size (OUT_OF_RANGE
+        // when the request caps it lower); without a requested size, exactly
+        // the snapshot's size in whole chunks.
+        if let Some(snapshot) = source {
+            let snap = self.find_snapshot(snapshot).await?;
+            let (required, limit) = r.capacity_range.as_ref().map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
+            if limit > 0 && (limit as u64) < snap.size_bytes {
+                return Err(Status::out_of_range(format!(
+                    "capacity_range: limit {limit} is below snapshot {snapshot}'s size of {} bytes",
+                    snap.size_bytes
+                )));
+            }
+            if required == 0 || (required as u64) < snap.size_bytes {
+                let whole = snap.size_bytes.div_ceil(p.chunk_size) * p.chunk_size;
+                size = if limit > 0 && whole > limit as u64 { snap.size_bytes } else { whole };
+            }
+        }
         let requested = requested_zones(r.accessibility_requirements.as_ref())?;
         let _busy = self.locks.lock(name)?;
         let zones = accessible_zones(&self.nodes().await?, &requested);
@@ -284,7 +328,8 @@ impl pb::controller_server::Controller for ControllerService {
         if let Some(v) = self.find(name).await? {
             let (required, limit) = r.capacity_range.map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
             let fits = v.size_bytes as i64 >= required && (limit == 0 || v.size_bytes as i64 <= limit);
-            if fits && p.matches(&v) {
+            let same_source = v.origin.as_ref().map(|o| o.snapshot_name.as_str()) == source;
+            if fits && p.matches(&v) && same_source {
                 return Ok(Response::new(pb::CreateVolumeResponse {
                     volume: Some(csi_volume(&v, p.fs_type.as_str(), &zones)),
                 }));
@@ -302,6 +347,7 @@ impl pb::controller_server::Controller for ControllerService {
             min_in_sync: p.min_in_sync,
             zones: p.zones.clone(),
             zone_spread: p.zone_spread as i32,
+            source_snapshot: source.unwrap_or_default().to_string(),
         };
         let v = self.meta.create_volume(req).await.map_err(|e| meta_status("create the volume", e))?;
         info!(volume = %v.name, size = v.size_bytes, replicas = v.replicas, zones = ?v.zones, "volume created");

@@ -137,6 +137,11 @@ pub struct Attachment {
     /// The volume's snapshot cuts, ascending ([`Membership::set_snapshots`]):
     /// the front end installs them on every replica node before its first write.
     pub snapshots: Vec<Seq>,
+    /// A clone's chunks not copied from its source yet (empty: not a clone,
+    /// or one that is independent already): the front end fills each from
+    /// [`Membership::read_parent`] before any I/O to it, and in the
+    /// background ([`Membership::chunks_filled`]).
+    pub unfilled: Vec<ChunkIdx>,
 }
 
 /// Why a membership call failed.
@@ -194,6 +199,32 @@ pub trait Membership: Send + Sync + 'static {
             Err(MembershipError::Refused(format!("volume {volume}: this membership provider does not store snapshots")))
         }
     }
+
+    /// Reads `len` bytes at `offset` of a clone's source (the snapshot it was
+    /// created from). The default refuses: a provider without clones never
+    /// names unfilled chunks.
+    fn read_parent(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<bytes::Bytes, MembershipError>> + Send {
+        let _ = (offset, len);
+        async move { Err(MembershipError::Refused(format!("volume {volume}: this membership provider has no clones"))) }
+    }
+
+    /// Durably records that the front end attached at `epoch` copied `chunks`
+    /// of a clone from its source (and flushed them): a later attach does not
+    /// copy them again, so client writes to them are never overwritten.
+    fn chunks_filled(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        chunks: Vec<ChunkIdx>,
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send {
+        let _ = (epoch, chunks);
+        async move { Err(MembershipError::Refused(format!("volume {volume}: this membership provider has no clones"))) }
+    }
 }
 
 impl<M: Membership> Membership for std::sync::Arc<M> {
@@ -219,5 +250,23 @@ impl<M: Membership> Membership for std::sync::Arc<M> {
         cuts: Vec<Seq>,
     ) -> impl Future<Output = Result<(), MembershipError>> + Send {
         (**self).set_snapshots(volume, epoch, cuts)
+    }
+
+    fn read_parent(
+        &self,
+        volume: VolumeId,
+        offset: u64,
+        len: u32,
+    ) -> impl Future<Output = Result<bytes::Bytes, MembershipError>> + Send {
+        (**self).read_parent(volume, offset, len)
+    }
+
+    fn chunks_filled(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        chunks: Vec<ChunkIdx>,
+    ) -> impl Future<Output = Result<(), MembershipError>> + Send {
+        (**self).chunks_filled(volume, epoch, chunks)
     }
 }

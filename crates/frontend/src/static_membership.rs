@@ -487,7 +487,12 @@ impl Membership for StaticMembership {
         persist_async(&self.path, &next).await?;
         *config = next;
         info!(volume = %volume, epoch = %config.state.epoch, "volume attached: epoch bumped");
-        Ok(Attachment { epoch: config.state.epoch, layout: config.layout(), snapshots: config.state.snapshots.clone() })
+        Ok(Attachment {
+            epoch: config.state.epoch,
+            layout: config.layout(),
+            snapshots: config.state.snapshots.clone(),
+            unfilled: Vec::new(),
+        })
     }
 
     async fn set_snapshots(&self, volume: VolumeId, epoch: Epoch, cuts: Vec<Seq>) -> Result<(), MembershipError> {

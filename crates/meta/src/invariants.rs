@@ -61,6 +61,11 @@ pub enum Invariant {
     /// A ready snapshot's cut is at most its volume's epoch's end; a pending
     /// one's volume is attached.
     SnapshotCut,
+    /// A clone with unfilled chunks names a ready snapshot that exists, and
+    /// its unfilled chunks are ascending, distinct indexes of its chunks.
+    CloneSource,
+    /// No snapshot of a clone that is still filling.
+    CloneNotSnapshotted,
 }
 
 impl Invariant {
@@ -86,6 +91,8 @@ impl Invariant {
             Invariant::JobIds => "job-ids",
             Invariant::SnapshotRecord => "snapshot-record",
             Invariant::SnapshotCut => "snapshot-cut",
+            Invariant::CloneSource => "clone-source",
+            Invariant::CloneNotSnapshotted => "clone-not-snapshotted",
         }
     }
 }
@@ -259,6 +266,22 @@ impl MetaState {
                     "snapshot {} cut {:?}: volume {} at epoch {}, attached {:?}",
                     snap.name, snap.cut, v.name, v.epoch, v.attached_to
                 )
+            })?;
+            ensure(v.unfilled.is_empty(), Invariant::CloneNotSnapshotted, || {
+                format!(
+                    "snapshot {} of volume {}, which still has {} unfilled chunks",
+                    snap.name,
+                    v.name,
+                    v.unfilled.len()
+                )
+            })?;
+        }
+        for v in s.volumes.values().filter(|v| !v.unfilled.is_empty()) {
+            let source = v.origin.as_ref().and_then(|o| s.snapshots.get(&o.snapshot));
+            let ascending = v.unfilled.windows(2).all(|w| w[0] < w[1]);
+            let in_range = v.unfilled.last().is_some_and(|c| (*c as usize) < v.chunks.len());
+            ensure(source.is_some_and(|x| x.is_ready()) && ascending && in_range, Invariant::CloneSource, || {
+                format!("clone {} with unfilled chunks {:?} from {:?}", v.name, v.unfilled, v.origin)
             })?;
         }
         Ok(())

@@ -7,6 +7,7 @@
 //! machine on disk, and [`raft_config()`] the one openraft configuration every
 //! member (and the simulator) runs with.
 
+pub mod clones;
 pub mod invariants;
 pub mod plan;
 pub mod raft_config;

@@ -96,6 +96,9 @@ impl MetaState {
     pub(crate) fn create_snapshot(&mut self, volume: VolumeId, name: &str, now_ms: u64) -> Result<Response, MetaError> {
         crate::state::validate_name(name)?;
         let v = self.volumes.get(&volume).ok_or(MetaError::UnknownVolume(volume))?;
+        if !v.unfilled.is_empty() {
+            return Err(MetaError::CloneFilling { volume, remaining: v.unfilled.len() });
+        }
         if let Some(s) = self.snapshots.values().find(|s| s.name == name) {
             // A retry gets the snapshot it made; the name on another volume is
             // someone else's.
@@ -156,6 +159,10 @@ impl MetaState {
     }
 
     pub(crate) fn delete_snapshot(&mut self, id: u64) -> Result<Response, MetaError> {
+        let name = self.snapshots.get(&id).ok_or(MetaError::UnknownSnapshot(id.to_string()))?.name.clone();
+        if let Some(clone) = self.clone_of(id) {
+            return Err(MetaError::SnapshotInUse { snapshot: name, clone });
+        }
         let s = self.snapshots.remove(&id).ok_or(MetaError::UnknownSnapshot(id.to_string()))?;
         self.bump_layout_gen(s.volume);
         Ok(Response::Done)

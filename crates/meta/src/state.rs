@@ -277,6 +277,14 @@ pub struct Volume {
     /// target, i.e. `acked_gen >= job.gen` (or no front end is attached).
     #[serde(default)]
     pub acked_gen: u64,
+    /// The snapshot a clone was created from ([`crate::clones`]); None for a
+    /// volume created empty.
+    #[serde(default)]
+    pub origin: Option<crate::clones::CloneOrigin>,
+    /// A clone's chunks not copied from its origin yet, ascending (empty:
+    /// not a clone, or an independent one).
+    #[serde(default)]
+    pub unfilled: Vec<u32>,
 }
 
 /// How strictly a volume's replicas are kept in distinct zones (placement's
@@ -466,6 +474,25 @@ pub enum Command {
     DeleteSnapshot {
         id: u64,
     },
+    /// Creates a volume from ready snapshot `snapshot` (a clone, see
+    /// [`crate::clones`]); the parameters as for CreateVolume.
+    CreateClone {
+        name: String,
+        snapshot: u64,
+        size: u64,
+        chunk_size: u64,
+        replicas: usize,
+        min_in_sync: usize,
+        zones: Vec<Zone>,
+        zone_spread: ZoneSpread,
+    },
+    /// The front end attached at `epoch` filled `chunks` of a clone from its
+    /// origin, durably.
+    FillChunks {
+        volume: VolumeId,
+        epoch: Epoch,
+        chunks: Vec<u32>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -516,6 +543,15 @@ pub enum MetaError {
     /// A volume's snapshots are layers of its chunks: they go first.
     #[error("volume {volume} has {count} snapshots: delete them first")]
     HasSnapshots { volume: VolumeId, count: usize },
+    /// A clone holds at least its snapshot's data.
+    #[error("a clone of {size} bytes is smaller than snapshot {snapshot} ({needed} bytes)")]
+    CloneTooSmall { size: u64, snapshot: String, needed: u64 },
+    /// A clone still reads part of its data from the snapshot.
+    #[error("snapshot {snapshot} is the source of clone {clone}, which is still copying from it")]
+    SnapshotInUse { snapshot: String, clone: VolumeId },
+    /// A snapshot of a filling clone would miss what it has not copied yet.
+    #[error("volume {volume} is a clone still copying {remaining} chunks from its source: snapshot it once it is independent")]
+    CloneFilling { volume: VolumeId, remaining: usize },
 }
 
 impl From<PlacementError> for MetaError {
@@ -863,6 +899,18 @@ impl MetaState {
                 self.commit_snapshots(*volume, *epoch, snapshots, *cut)
             }
             Command::DeleteSnapshot { id } => self.delete_snapshot(*id),
+            Command::CreateClone { name, snapshot, size, chunk_size, replicas, min_in_sync, zones, zone_spread } => {
+                let spec = VolumeSpec {
+                    size: *size,
+                    chunk_size: *chunk_size,
+                    replicas: *replicas,
+                    min_in_sync: *min_in_sync,
+                    zones: zones.clone(),
+                    zone_spread: *zone_spread,
+                };
+                self.create_clone(name, spec, *snapshot)
+            }
+            Command::FillChunks { volume, epoch, chunks } => self.fill_chunks(*volume, *epoch, chunks),
         }
     }
 
@@ -1058,7 +1106,7 @@ impl MetaState {
         }
     }
 
-    fn create_volume(&mut self, name: &str, spec: VolumeSpec) -> Result<Response, MetaError> {
+    pub(crate) fn create_volume(&mut self, name: &str, spec: VolumeSpec) -> Result<Response, MetaError> {
         let VolumeSpec { size, chunk_size, replicas, min_in_sync, ref zones, zone_spread } = spec;
         validate_name(name)?;
         validate_geometry(size, chunk_size)?;
@@ -1097,6 +1145,8 @@ impl MetaState {
                 chunks,
                 layout_gen: 1,
                 acked_gen: 0,
+                origin: None,
+                unfilled: Vec::new(),
             },
         );
         Ok(Response::Volume(id))

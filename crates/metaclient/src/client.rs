@@ -365,6 +365,11 @@ impl MetaClient {
     ) -> Result<pb::CommitSnapshotsResponse, MetaClientError> {
         self.node_api("NodeApi.CommitSnapshots", req, |mut c, r| async move { c.commit_snapshots(r).await }).await
     }
+
+    /// A clone's front end filled chunks from its origin (see the proto).
+    pub async fn fill_chunks(&self, req: pb::FillChunksRequest) -> Result<pb::FillChunksResponse, MetaClientError> {
+        self.node_api("NodeApi.FillChunks", req, |mut c, r| async move { c.fill_chunks(r).await }).await
+    }
 }
 
 #[cfg(test)]

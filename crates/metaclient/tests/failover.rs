@@ -115,6 +115,7 @@ fn fixture_layout(id: u64) -> pb::VolumeLayout {
     let in_sync = |node| pb::ChunkReplica { node, role: pb::ReplicaRole::InSync as i32 };
     pb::VolumeLayout {
         snapshots: vec![],
+        unfilled: vec![],
         volume: Some(pb::Volume {
             id,
             name: "pg".into(),
@@ -175,6 +176,9 @@ impl NodeApi for Fixture {
         unimplemented()
     }
     async fn commit_snapshots(&self, _: Request<pb::CommitSnapshotsRequest>) -> Reply<pb::CommitSnapshotsResponse> {
+        unimplemented()
+    }
+    async fn fill_chunks(&self, _: Request<pb::FillChunksRequest>) -> Reply<pb::FillChunksResponse> {
         unimplemented()
     }
     async fn detach(&self, _: Request<pb::DetachRequest>) -> Reply<pb::DetachResponse> {

@@ -121,6 +121,12 @@ pub(crate) fn volume(s: &MetaState, v: &state::Volume) -> pb::Volume {
         degraded_chunks: s.volume_health(v).degraded as u32,
         zone_spread: zone_spread(v.zone_spread) as i32,
         published_node: v.published_to.map_or(0, |n| n.0),
+        origin: v.origin.as_ref().map(|o| pb::CloneOrigin {
+            snapshot: o.snapshot,
+            snapshot_name: o.snapshot_name.clone(),
+            source_volume: o.source.0,
+        }),
+        unfilled_chunks: v.unfilled.len() as u32,
     }
 }
 
@@ -140,6 +146,7 @@ pub(crate) fn layout(s: &MetaState, v: &state::Volume, last_seen: &HashMap<NodeI
         chunks: v.chunks.iter().enumerate().map(|(i, c)| chunk(i, c)).collect(),
         nodes: ids.iter().filter_map(|id| s.nodes.get(id)).map(|n| node(n, last_seen)).collect(),
         snapshots: s.volume_snapshots(v.id).map(|x| snapshot(s, x)).collect(),
+        unfilled: v.unfilled.clone(),
     }
 }
 

@@ -81,7 +81,10 @@ pub(crate) fn meta_status(e: MetaError) -> Status {
         | MetaError::Conflict(_)
         | MetaError::NodeInUse { .. }
         | MetaError::Published { .. }
-        | MetaError::HasSnapshots { .. } => Status::failed_precondition(msg),
+        | MetaError::HasSnapshots { .. }
+        | MetaError::SnapshotInUse { .. }
+        | MetaError::CloneFilling { .. } => Status::failed_precondition(msg),
+        MetaError::CloneTooSmall { .. } => Status::out_of_range(msg),
     }
 }
 
@@ -459,6 +462,17 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         Ok(Reply::new(pb::CommitSnapshotsResponse { layout_gen }))
     }
 
+    async fn fill_chunks(&self, req: Request<pb::FillChunksRequest>) -> Result<Reply<pb::FillChunksResponse>, Status> {
+        forward!(self.0, req, NodeApiClient, fill_chunks);
+        let r = req.into_inner();
+        let volume = VolumeId(r.volume);
+        let cmd = Command::FillChunks { volume, epoch: Epoch(r.epoch), chunks: r.chunks.clone() };
+        self.0.write(cmd).await?;
+        let remaining = self.0.read(|s| s.volumes.get(&volume).map_or(0, |v| v.unfilled.len() as u32)).await;
+        info!(%volume, epoch = r.epoch, chunks = ?r.chunks, remaining, "clone chunks filled");
+        Ok(Reply::new(pb::FillChunksResponse { remaining }))
+    }
+
     async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Result<Reply<pb::ReportJobResponse>, Status> {
         forward!(self.0, req, NodeApiClient, report_job);
         let r = req.into_inner();
@@ -568,14 +582,33 @@ impl pb::admin_server::Admin for AdminSvc {
             Ok(pb::ZoneSpread::Required) => ZoneSpread::Required,
             Err(_) => return Err(Status::invalid_argument(format!("invalid zone_spread: {}", r.zone_spread))),
         };
-        let cmd = Command::CreateVolume {
-            name: r.name.clone(),
-            size: r.size_bytes,
-            chunk_size,
-            replicas,
-            min_in_sync,
-            zones,
-            zone_spread,
+        let cmd = if r.source_snapshot.is_empty() {
+            Command::CreateVolume {
+                name: r.name.clone(),
+                size: r.size_bytes,
+                chunk_size,
+                replicas,
+                min_in_sync,
+                zones,
+                zone_spread,
+            }
+        } else {
+            let name = r.source_snapshot.clone();
+            let snapshot = self
+                .0
+                .read(|s| s.find_snapshot(&name).map(|x| x.id))
+                .await
+                .ok_or_else(|| meta_status(MetaError::UnknownSnapshot(name.clone())))?;
+            Command::CreateClone {
+                name: r.name.clone(),
+                snapshot,
+                size: r.size_bytes,
+                chunk_size,
+                replicas,
+                min_in_sync,
+                zones,
+                zone_spread,
+            }
         };
         let Response::Volume(id) = self.0.write(cmd).await? else {
             return Err(Status::internal("create returned no volume"));

@@ -133,6 +133,7 @@ mod tests {
     fn sample() -> pb::VolumeLayout {
         use pb::ReplicaRole::*;
         pb::VolumeLayout {
+            unfilled: vec![],
             snapshots: vec![],
             volume: Some(pb::Volume {
                 id: 7,

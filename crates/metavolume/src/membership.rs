@@ -28,7 +28,11 @@ use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId};
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::convert::{layout_from_proto, replica_set_from_proto, snapshots_from_proto, LayoutSnapshots};
+use crate::snapshot_device::SnapshotDevice;
+use ballast_blockdev::BlockDev;
 use ballast_metaclient::{MetaClient, MetaClientError};
+use ballast_replica::ClientOptions;
+use bytes::{Bytes, BytesMut};
 
 /// What the front end knows of its volume's snapshots in meta.
 #[derive(Debug, Default)]
@@ -65,6 +69,10 @@ pub struct MetaMembership {
     /// pins this provider to the volume it first saw.
     volume_id: Mutex<Option<VolumeId>>,
     snapshots: Mutex<SnapshotSync>,
+    /// A clone's origin snapshot (its name, from the attach's layout) and,
+    /// once the first unfilled chunk is read, the read-only device over it.
+    origin: Mutex<Option<String>>,
+    parent: tokio::sync::OnceCell<SnapshotDevice>,
 }
 
 impl MetaMembership {
@@ -76,6 +84,8 @@ impl MetaMembership {
             node,
             volume_id: Mutex::new(None),
             snapshots: Mutex::new(SnapshotSync::default()),
+            origin: Mutex::new(None),
+            parent: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -226,8 +236,18 @@ impl Membership for MetaMembership {
             ..SnapshotSync::default()
         };
         let epoch = Epoch(resp.epoch);
+        let unfilled: Vec<ChunkIdx> =
+            resp.layout.as_ref().map_or(Vec::new(), |l| l.unfilled.iter().map(|c| ChunkIdx(*c)).collect());
+        let origin = resp.layout.as_ref().and_then(|l| l.volume.as_ref()).and_then(|v| v.origin.as_ref());
+        if !unfilled.is_empty() {
+            let name = origin.map(|o| o.snapshot_name.clone()).ok_or_else(|| {
+                MembershipError::Unavailable(format!("volume {volume}: unfilled chunks without an origin snapshot"))
+            })?;
+            info!(volume = %volume, origin = %name, unfilled = unfilled.len(), "a clone still copying from its origin");
+            *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = Some(name);
+        }
         info!(volume = %volume, name = %self.volume_name, epoch = %epoch, "attached through the metadata service");
-        Ok(Attachment { epoch, layout, snapshots })
+        Ok(Attachment { epoch, layout, snapshots, unfilled })
     }
 
     async fn eject(
@@ -255,6 +275,47 @@ impl Membership for MetaMembership {
         }
         replica_set_from_proto(&answer)
             .map_err(|e| MembershipError::Unavailable(format!("eject from chunk {chunk}: {e}")))
+    }
+
+    /// Reads the clone's origin snapshot through a [`SnapshotDevice`] (from
+    /// its volume's replicas, without attaching it); zeros past its size (a
+    /// clone may be larger).
+    async fn read_parent(&self, volume: VolumeId, offset: u64, len: u32) -> Result<Bytes, MembershipError> {
+        let name = self.origin.lock().unwrap_or_else(|p| p.into_inner()).clone().ok_or_else(|| {
+            MembershipError::Refused(format!("volume {volume} is not a clone copying from a snapshot"))
+        })?;
+        let dev = self
+            .parent
+            .get_or_try_init(|| SnapshotDevice::open(self.client.clone(), &name, ClientOptions::default()))
+            .await
+            .map_err(|e| MembershipError::Unavailable(format!("clone {volume}: opening its origin {name}: {e}")))?;
+        let mut out = BytesMut::zeroed(len as usize);
+        let end = (offset + u64::from(len)).min(dev.size());
+        if offset < end {
+            let data = dev
+                .read(offset, (end - offset) as u32)
+                .await
+                .map_err(|e| MembershipError::Unavailable(format!("clone {volume}: reading its origin {name}: {e}")))?;
+            out[..data.len()].copy_from_slice(&data);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn chunks_filled(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        chunks: Vec<ChunkIdx>,
+    ) -> Result<(), MembershipError> {
+        let req =
+            pb::FillChunksRequest { volume: volume.0, epoch: epoch.0, chunks: chunks.iter().map(|c| c.0).collect() };
+        let span = info_span!("meta_fill_chunks", volume = %volume, epoch = %epoch, chunks = chunks.len());
+        let answer =
+            self.client.fill_chunks(req).instrument(span).await.map_err(|e| membership_error(e, volume, None))?;
+        if answer.remaining == 0 {
+            info!(volume = %volume, "clone filled: independent of its origin");
+        }
+        Ok(())
     }
 
     /// `cuts` is what the volume keeps from now on: the ones kept so far, plus

@@ -116,6 +116,9 @@ impl NodeApi for TestMeta {
     async fn commit_snapshots(&self, _: Request<pb::CommitSnapshotsRequest>) -> Reply<pb::CommitSnapshotsResponse> {
         Err(Status::unimplemented("not part of this fixture"))
     }
+    async fn fill_chunks(&self, _: Request<pb::FillChunksRequest>) -> Reply<pb::FillChunksResponse> {
+        Err(Status::unimplemented("not part of this fixture"))
+    }
     async fn detach(&self, _: Request<pb::DetachRequest>) -> Reply<pb::DetachResponse> {
         Err(Status::unimplemented("the agent does not detach"))
     }
@@ -233,6 +236,7 @@ async fn gc_reclaims_a_replica_only_when_two_passes_agree() {
     let replica = |node| pb::ChunkReplica { node, role: pb::ReplicaRole::InSync as i32 };
     let layout = pb::VolumeLayout {
         snapshots: vec![],
+        unfilled: vec![],
         volume: Some(pb::Volume { id: 1, name: "pg".into(), ..Default::default() }),
         chunks: vec![
             pb::Chunk { index: 0, version: 1, replicas: vec![replica(NODE), replica(2)] },

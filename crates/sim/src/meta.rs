@@ -152,7 +152,7 @@ impl Membership for SimMembership {
         };
         let m = self.inner();
         let v = m.state.volumes.get(&volume).ok_or(MembershipError::UnknownVolume(volume))?;
-        Ok(Attachment { epoch, layout: layout(&m.state, v), snapshots: Vec::new() })
+        Ok(Attachment { epoch, layout: layout(&m.state, v), snapshots: Vec::new(), unfilled: Vec::new() })
     }
 
     async fn eject(

@@ -58,6 +58,7 @@ pub(crate) async fn volume(client: &MetaClient, out: Output, cmd: VolumeCommand)
                 } else {
                     pb::ZoneSpread::Preferred
                 } as i32,
+                source_snapshot: a.from_snapshot.unwrap_or_default(),
             };
             let v = client.create_volume(req).await?;
             emit(out, volume_json(&v), || volumes_table(std::slice::from_ref(&v)))

@@ -52,6 +52,12 @@ pub(crate) fn volume_json(v: &pb::Volume) -> Value {
         "attached_to": v.attached_to,
         "layout_gen": v.layout_gen,
         "degraded_chunks": v.degraded_chunks,
+        "origin": v.origin.as_ref().map(|o| json!({
+            "snapshot": o.snapshot_name,
+            "snapshot_id": o.snapshot,
+            "source_volume": o.source_volume,
+        })),
+        "unfilled_chunks": v.unfilled_chunks,
     })
 }
 

@@ -172,6 +172,11 @@ pub(crate) struct CreateArgs {
     /// zones run short); `preferred`: as even as the zones allow.
     #[arg(long, default_value = "preferred", value_parser = ["preferred", "required"])]
     pub(crate) zone_spread: String,
+    /// Create the volume as a clone of this ready snapshot (name or id): it
+    /// holds the snapshot's data at once (copied in the background while it
+    /// is attached) and must be at least the snapshot's size.
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub(crate) from_snapshot: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -335,6 +335,14 @@ pub(crate) fn inspect_text(l: &pb::VolumeLayout, max_chunks: Option<usize>) -> S
             },
         ));
         pairs.push(("Layout gen", v.layout_gen.to_string()));
+        if let Some(o) = &v.origin {
+            let state = match v.unfilled_chunks {
+                0 => "independent".to_string(),
+                n => format!("{n} chunks still copying from it"),
+            };
+            pairs
+                .push(("Cloned from", format!("snapshot {} of volume {} ({state})", o.snapshot_name, o.source_volume)));
+        }
     }
     let h = health(l);
     pairs.push((
@@ -523,6 +531,7 @@ pub(crate) mod tests {
         use pb::ReplicaRole::*;
         pb::VolumeLayout {
             snapshots: vec![],
+            unfilled: vec![],
             volume: Some(pb::Volume {
                 id: 3,
                 name: "pg".into(),

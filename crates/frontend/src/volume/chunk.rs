@@ -37,6 +37,10 @@ pub(crate) struct ChunkState {
     /// `apply_layout` holds it exclusively while it swaps in a new set.
     /// Lock order: `order`, then `membership`.
     pub(super) order: AsyncRwLock<()>,
+    /// Set once the chunk holds its data: at once for every chunk but a
+    /// clone's unfilled ones, which get it from the clone's source first
+    /// (volume/fill.rs); client I/O to the chunk waits for it.
+    pub(super) filled: tokio::sync::OnceCell<()>,
 }
 
 /// The part of a chunk's state only set changes look at.
@@ -53,10 +57,17 @@ pub(super) struct SetControl {
 
 impl ChunkState {
     pub(super) fn new(set: ReplicaSet) -> Self {
+        Self::with_data(set, true)
+    }
+
+    /// A chunk's state; `filled` false: a clone's chunk still to be copied
+    /// from its source.
+    pub(super) fn with_data(set: ReplicaSet, filled: bool) -> Self {
         ChunkState {
             set: StdRwLock::new(Arc::new(set)),
             membership: AsyncMutex::new(SetControl::default()),
             order: AsyncRwLock::new(()),
+            filled: if filled { tokio::sync::OnceCell::new_with(Some(())) } else { tokio::sync::OnceCell::new() },
         }
     }
 

@@ -46,7 +46,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         r
     }
 
-    async fn write_piece(&self, p: policy::Piece, data: Bytes, fua: bool) -> Result<(), BlockError> {
+    pub(super) async fn write_piece(&self, p: policy::Piece, data: Bytes, fua: bool) -> Result<(), BlockError> {
         let state = &self.chunks[p.chunk.0 as usize];
         // Held from before the set is read until the replies are in and the
         // ejections committed: no repair meanwhile, and no set change by
@@ -301,6 +301,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         self.check_serving()?;
         let _permit = self.permits(u64::from(len)).await?;
         let pieces = policy::split(offset, u64::from(len), self.chunk_size);
+        self.ensure_filled(&pieces).await?;
         let data = if pieces.len() == 1 {
             self.read_piece(pieces[0]).instrument(debug_span!("chunk", chunk = pieces[0].chunk.0)).await?
         } else {
@@ -327,6 +328,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         // Each chunk's piece takes its seq under that chunk's lock (see
         // `write_piece`): one seq per piece, the same on every replica.
         let pieces = policy::split(offset, len, self.chunk_size);
+        self.ensure_filled(&pieces).await?;
         let results = join_all(pieces.iter().map(|&p| {
             let slice = data.slice(p.buf_offset as usize..(p.buf_offset + p.len) as usize);
             self.write_piece(p, slice, fua).instrument(debug_span!("chunk", chunk = p.chunk.0))
@@ -343,6 +345,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         self.check_serving()?;
         let _permit = self.permits(BLOCK_SIZE_U64).await?;
         let pieces = policy::split(offset, len, self.chunk_size);
+        self.ensure_filled(&pieces).await?;
         let results = join_all(
             pieces.iter().map(|&p| self.zero_piece(p, trim, fua).instrument(debug_span!("chunk", chunk = p.chunk.0))),
         )
@@ -352,7 +355,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         Ok(())
     }
 
-    async fn do_flush(&self) -> Result<(), BlockError> {
+    pub(super) async fn do_flush(&self) -> Result<(), BlockError> {
         self.check_serving()?;
         let holders: Vec<NodeId> = self.holders(true).into_iter().collect();
         let replies = join_all(holders.iter().map(|&node| async move {

@@ -19,6 +19,7 @@
 //!   rewrite path shared with the scrub).
 
 mod chunk;
+mod fill;
 mod io;
 mod layout;
 mod reconcile;
@@ -257,6 +258,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
     ) -> Result<Arc<Self>, FrontendError> {
         let attachment = membership.attach(volume).await?;
         let (epoch, layout, snapshots) = (attachment.epoch, attachment.layout, attachment.snapshots);
+        let unfilled = attachment.unfilled;
         validate_layout(volume, &layout)?;
         info!(volume = %volume, name = %layout.name, epoch = %epoch, chunks = layout.chunks.len(), "attaching volume");
         let max_inflight = options.max_inflight_bytes.clamp(BLOCK_SIZE as usize, u32::MAX as usize) as u32;
@@ -280,7 +282,12 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             )),
             connect: Box::new(connect),
             reconfigure: AsyncMutex::new(()),
-            chunks: layout.chunks.into_iter().map(ChunkState::new).collect::<boxcar::Vec<_>>(),
+            chunks: layout
+                .chunks
+                .into_iter()
+                .enumerate()
+                .map(|(i, set)| ChunkState::with_data(set, !unfilled.contains(&ChunkIdx(i as u32))))
+                .collect::<boxcar::Vec<_>>(),
             next_seq: AtomicU64::new(1),
             snapshots: AsyncMutex::new(snapshots),
             stopped: AtomicBool::new(false),
@@ -314,8 +321,12 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         if !cuts.is_empty() {
             v.install_cuts(&cuts).await.map_err(|e| FrontendError::Snapshots { volume, message: e.to_string() })?;
         }
-        info!(volume = %volume, epoch = %epoch, "volume attached; serving I/O");
-        Ok(Arc::new(v))
+        info!(volume = %volume, epoch = %epoch, unfilled = unfilled.len(), "volume attached; serving I/O");
+        let v = Arc::new(v);
+        if !unfilled.is_empty() {
+            v.start_filler(unfilled);
+        }
+        Ok(v)
     }
 
     pub fn id(&self) -> VolumeId {

@@ -386,7 +386,7 @@ impl Membership for FakeMembership {
         }
         let mut e = self.epoch.lock().unwrap();
         e.0 += 1;
-        Ok(Attachment { epoch: *e, layout, snapshots: self.snapshots.lock().unwrap().clone() })
+        Ok(Attachment { epoch: *e, layout, snapshots: self.snapshots.lock().unwrap().clone(), unfilled: Vec::new() })
     }
 
     async fn set_snapshots(&self, _volume: VolumeId, epoch: Epoch, cuts: Vec<Seq>) -> Result<(), MembershipError> {
