@@ -358,10 +358,21 @@ fn a_clone_of_a_busy_snapshot_verifies_while_copying_and_outlives_its_source() -
         "no snapshot of a filling clone: {filling:?}"
     );
 
-    // Attached on another node while the source keeps changing: read at once.
+    // Attached on another node while the source keeps changing, and
+    // SIGKILLed while it copies: a chunk it had not recorded is copied again
+    // by the next attach.
     let wsock = c.path("w.sock");
     let wsock_arg = wsock.to_str().expect("utf-8 path").to_string();
+    let (mut killed, _) = c.export_with("w", 2, &["--io-timeout", "2s", "--socket", &wsock_arg])?;
+    try_wait_until("the first clone chunk copied", Duration::from_secs(30), || {
+        Ok(c.inspect("w")?["volume"]["unfilled_chunks"].as_u64().is_some_and(|n| n < 4))
+    })?;
+    killed.kill();
+    let left = c.inspect("w")?["volume"]["unfilled_chunks"].as_u64();
+    eprintln!("clone front end SIGKILLed with {left:?} of 4 chunks left to copy");
+    // Read at once through the next attach, while it copies.
     let (wexport, _) = c.export_with("w", 2, &["--io-timeout", "2s", "--socket", &wsock_arg])?;
+    drop(killed);
     let first = verify_clone(&rt, &w, &wsock, &marks, "while copying")?;
     try_wait_until("the clone is independent", Duration::from_secs(60), || {
         Ok(c.inspect("w")?["volume"]["unfilled_chunks"] == 0)

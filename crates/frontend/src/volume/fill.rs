@@ -24,13 +24,16 @@ use ballast_blockdev::BlockError;
 use ballast_types::ChunkIdx;
 use tracing::{info, warn};
 
-use super::{io_err, Volume};
+use super::{io_err, join_all, Volume};
 use crate::membership::Membership;
 use crate::policy::Piece;
 use crate::replica_io::ReplicaIo;
 
 /// Bytes copied per parent read and replicated write.
 const PIECE: u64 = 1 << 20;
+/// Pieces of one chunk copied at once (measured on a 16 MiB chunk under a
+/// busy source: one at a time, 550 to 730 ms per chunk).
+const PIECES_AT_ONCE: usize = 4;
 /// Pause before the background filler tries a chunk again after a failure.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -54,18 +57,25 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         let started = Instant::now();
         let len = self.chunk_len(chunk);
         let base = u64::from(chunk.0) * self.chunk_size;
-        let (mut off, mut copied) = (0u64, 0u64);
-        while off < len {
-            let n = (len - off).min(PIECE);
-            let data = self.membership.read_parent(self.id, base + off, n as u32).await.map_err(io_err)?;
-            if data.len() as u64 != n {
-                return Err(io_err(format!("the clone's source answered {} bytes for {n}", data.len())));
-            }
-            if data.iter().any(|b| *b != 0) {
+        let offsets: Vec<u64> = (0..len.div_ceil(PIECE)).map(|i| i * PIECE).collect();
+        let mut copied = 0u64;
+        for group in offsets.chunks(PIECES_AT_ONCE) {
+            let results = join_all(group.iter().map(|&off| async move {
+                let n = (len - off).min(PIECE);
+                let data = self.membership.read_parent(self.id, base + off, n as u32).await.map_err(io_err)?;
+                if data.len() as u64 != n {
+                    return Err(io_err(format!("the clone's source answered {} bytes for {n}", data.len())));
+                }
+                if !data.iter().any(|b| *b != 0) {
+                    return Ok(0);
+                }
                 self.write_piece(Piece { chunk, offset: off, len: n, buf_offset: 0 }, data, false).await?;
-                copied += n;
+                Ok(n)
+            }))
+            .await;
+            for r in results {
+                copied += r?;
             }
-            off += n;
         }
         self.do_flush().await?;
         self.membership.chunks_filled(self.id, self.epoch, vec![chunk]).await.map_err(io_err)?;
