@@ -1152,12 +1152,49 @@ fn snapshots_through_csi_answer_with_the_spec_codes() {
         assert_eq!(code(ctl.list_snapshots(list_req("", "", -1, "")).await), Code::InvalidArgument);
         assert_eq!(code(ctl.list_snapshots(list_req("", "", 0, "garbage")).await), Code::Aborted);
 
-        // A volume with snapshots is not deleted: they are layers of its chunks.
+        // CreateVolume from a snapshot (a restore): the snapshot's size when
+        // none is asked, larger on request; the source echoed; OUT_OF_RANGE
+        // when capped below the snapshot, NOT_FOUND for an unknown one,
+        // INVALID_ARGUMENT for a volume source (no CLONE_VOLUME).
+        use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
+        let from = |name: &str, bytes: i64, limit: i64, source: Type| {
+            let mut r = create_req(name, bytes, mount_cap(""), &sc);
+            r.capacity_range = Some(pb::CapacityRange { required_bytes: bytes, limit_bytes: limit });
+            r.volume_content_source = Some(pb::VolumeContentSource { r#type: Some(source) });
+            r
+        };
+        let snap = |id: &str| Type::Snapshot(SnapshotSource { snapshot_id: id.into() });
+        assert!(!rpcs.contains(&(Rpc::CloneVolume as i32)), "volumes are cloned through a snapshot");
+        let restored = ctl.create_volume(from("pvc-restored", 0, 0, snap("snap-a"))).await.expect("restore");
+        let restored = restored.into_inner().volume.expect("volume");
+        assert_eq!(restored.capacity_bytes, 64 * MIB as i64, "the snapshot's size");
+        assert_eq!(restored.content_source.and_then(|s| s.r#type), Some(snap("snap-a")), "the source is echoed");
+        let again = ctl.create_volume(from("pvc-restored", 0, 0, snap("snap-a"))).await.expect("retry");
+        assert_eq!(again.into_inner().volume.map(|v| v.volume_id), Some("pvc-restored".into()));
+        assert_eq!(code(ctl.create_volume(from("pvc-restored", 0, 0, snap("snap-b"))).await), Code::AlreadyExists);
+        let larger = ctl.create_volume(from("pvc-larger", 128 * MIB as i64, 0, snap("snap-b"))).await.expect("larger");
+        assert_eq!(larger.into_inner().volume.map(|v| v.capacity_bytes), Some(128 * MIB as i64));
+        assert_eq!(
+            code(ctl.create_volume(from("pvc-small", 0, 32 * MIB as i64, snap("snap-a"))).await),
+            Code::OutOfRange
+        );
+        assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 0, snap("never-was"))).await), Code::NotFound);
+        assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 0, snap(""))).await), Code::InvalidArgument);
+        let vol = Type::Volume(VolumeSource { volume_id: "pvc-snap".into() });
+        assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 0, vol)).await), Code::InvalidArgument);
+        // A snapshot a restore still copies from is not deleted (nothing has
+        // attached the restores yet); the restores go, then it can.
+        let dels = |id: &str| pb::DeleteSnapshotRequest { snapshot_id: id.into() };
+        assert_eq!(code(ctl.delete_snapshot(dels("snap-a")).await), Code::FailedPrecondition);
         let del = |id: &str| pb::DeleteVolumeRequest { volume_id: id.into() };
+        for id in ["pvc-restored", "pvc-larger"] {
+            ctl.delete_volume(del(id)).await.expect("delete a restore");
+        }
+
+        // A volume with snapshots is not deleted: they are layers of its chunks.
         assert_eq!(code(ctl.delete_volume(del("pvc-other")).await), Code::FailedPrecondition);
 
         // DeleteSnapshot: idempotent; then the volume goes.
-        let dels = |id: &str| pb::DeleteSnapshotRequest { snapshot_id: id.into() };
         assert_eq!(code(ctl.delete_snapshot(dels("")).await), Code::InvalidArgument);
         for id in ["snap-c", "snap-c", "never-was"] {
             ctl.delete_snapshot(dels(id)).await.expect("DeleteSnapshot (idempotent)");

@@ -40,9 +40,10 @@ impl MetaState {
     pub(crate) fn create_clone(&mut self, name: &str, spec: VolumeSpec, snapshot: u64) -> Result<Response, MetaError> {
         let s = self.snapshots.get(&snapshot).ok_or(MetaError::UnknownSnapshot(snapshot.to_string()))?.clone();
         if let Some(v) = self.volume_by_name(name) {
-            if v.origin.as_ref().is_none_or(|o| o.snapshot != snapshot) {
-                return Err(MetaError::NameTaken(name.to_string()));
-            }
+            // A retry gets the clone it made; anything else by that name is
+            // someone else's.
+            let same = v.origin.as_ref().is_some_and(|o| o.snapshot == snapshot) && v.has_spec(&spec);
+            return if same { Ok(Response::Volume(v.id)) } else { Err(MetaError::NameTaken(name.to_string())) };
         }
         if !s.is_ready() {
             return Err(MetaError::Conflict(format!(
@@ -54,12 +55,9 @@ impl MetaState {
             return Err(MetaError::CloneTooSmall { size: spec.size, snapshot: s.name.clone(), needed: s.size });
         }
         let chunk_size = spec.chunk_size;
-        let existed = self.volume_by_name(name).is_some();
-        let r = self.create_volume(name, spec)?;
-        let Response::Volume(id) = r else { return Ok(r) };
-        if existed {
-            return Ok(Response::Volume(id));
-        }
+        let Response::Volume(id) = self.create_volume(name, spec)? else {
+            return Err(MetaError::Conflict(format!("creating clone {name}: no volume created")));
+        };
         let v = self.volumes.get_mut(&id).ok_or(MetaError::UnknownVolume(id))?;
         v.origin = Some(CloneOrigin { snapshot, snapshot_name: s.name.clone(), source: s.volume });
         v.unfilled = (0..s.size.div_ceil(chunk_size) as u32).collect();

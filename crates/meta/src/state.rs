@@ -239,6 +239,18 @@ pub struct ChunkEntry {
     pub replicas: Vec<ChunkReplica>,
 }
 
+impl Volume {
+    /// True if the volume was created with `spec`'s parameters.
+    pub fn has_spec(&self, spec: &VolumeSpec) -> bool {
+        self.size == spec.size
+            && self.chunk_size == spec.chunk_size
+            && self.replicas == spec.replicas
+            && self.min_in_sync == spec.min_in_sync
+            && self.zones == spec.zones
+            && self.zone_spread == spec.zone_spread
+    }
+}
+
 impl ChunkEntry {
     pub fn in_sync(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.replicas.iter().filter(|r| r.role == Role::InSync).map(|r| r.node)
@@ -1117,12 +1129,8 @@ impl MetaState {
             return Err(invalid("min_in_sync", format!("{min_in_sync} is not in 1..={replicas}")));
         }
         if let Some(v) = self.volume_by_name(name) {
-            let same = v.size == size
-                && v.chunk_size == chunk_size
-                && v.replicas == replicas
-                && v.min_in_sync == min_in_sync
-                && v.zones == *zones
-                && v.zone_spread == zone_spread;
+            // A clone by that name is not the empty volume asked for.
+            let same = v.origin.is_none() && v.has_spec(&spec);
             return if same { Ok(Response::Volume(v.id)) } else { Err(MetaError::NameTaken(name.to_string())) };
         }
         let id = VolumeId(self.next_volume);

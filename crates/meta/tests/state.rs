@@ -77,9 +77,14 @@ fn arb_command() -> impl Strategy<Value = Command> {
         2 => (vol.clone(), 0u8..5, 0u64..1000).prop_map(|(v, n, t)| Command::CreateSnapshot {
             volume: VolumeId(v), name: format!("snap-{n}"), now_ms: t }),
         1 => (0u64..8).prop_map(|id| Command::DeleteSnapshot { id }),
-        1 => (vol, 0u64..4, prop::collection::vec(0u64..8, 0..3), 0u64..4, 0u64..100).prop_map(|(v, e, snapshots, ce, c)| {
+        1 => (vol.clone(), 0u64..4, prop::collection::vec(0u64..8, 0..3), 0u64..4, 0u64..100).prop_map(|(v, e, snapshots, ce, c)| {
             Command::CommitSnapshots { volume: VolumeId(v), epoch: Epoch(e), snapshots, cut: Seq::new(Epoch(ce), c) }
         }),
+        2 => (0u8..4, 0u64..8, 1u64..40).prop_map(|(n, snapshot, chunks)| Command::CreateClone {
+            name: format!("clone{n}"), snapshot, size: chunks * CHUNK, chunk_size: CHUNK, replicas: 2, min_in_sync: 1,
+            zones: vec![], zone_spread: ZoneSpread::Preferred }),
+        2 => (vol, 0u64..4, prop::collection::vec(0u32..40, 0..4)).prop_map(|(v, e, chunks)| Command::FillChunks {
+            volume: VolumeId(v), epoch: Epoch(e), chunks }),
     ]
 }
 
@@ -850,4 +855,60 @@ fn a_volume_with_snapshots_is_not_deleted_and_deleting_them_frees_it() {
         s.apply(&Command::CreateSnapshot { volume: VolumeId(99), name: "bad name!".into(), now_ms: 0 }),
         Err(MetaError::InvalidArgument { .. })
     ));
+}
+
+fn clone_cmd(name: &str, snapshot: u64, size: u64) -> Command {
+    Command::CreateClone {
+        name: name.into(),
+        snapshot,
+        size,
+        chunk_size: CHUNK,
+        replicas: 3,
+        min_in_sync: 2,
+        zones: vec![],
+        zone_spread: ZoneSpread::Preferred,
+    }
+}
+
+#[test]
+fn a_clone_copies_its_snapshot_then_lets_it_and_its_source_go() {
+    let mut s = three_zones();
+    let Ok(Response::Volume(src)) = s.apply(&create("src", 3 * CHUNK, 3, 2)) else { panic!("create") };
+    let snap = Command::CreateSnapshot { volume: src, name: "base".into(), now_ms: 1 };
+    let Ok(Response::Snapshot(base)) = s.apply(&snap) else { panic!("snapshot") };
+    assert!(base.is_ready(), "a detached volume's snapshot is ready at once");
+    // Refused, changing nothing: smaller than the snapshot; an unknown one.
+    let before = s.clone();
+    assert!(matches!(s.apply(&clone_cmd("c", base.id, 2 * CHUNK)), Err(MetaError::CloneTooSmall { .. })));
+    assert!(matches!(s.apply(&clone_cmd("c", 99, 3 * CHUNK)), Err(MetaError::UnknownSnapshot(_))));
+    assert_eq!(s, before);
+    // A clone one chunk larger: the snapshot's three chunks to copy.
+    let Ok(Response::Volume(c)) = s.apply(&clone_cmd("c", base.id, 4 * CHUNK)) else { panic!("clone") };
+    assert_eq!(s.volumes[&c].unfilled, vec![0, 1, 2]);
+    assert_eq!(s.volumes[&c].origin.as_ref().map(|o| (o.snapshot, o.source)), Some((base.id, src)));
+    assert!(matches!(s.apply(&clone_cmd("c", base.id, 4 * CHUNK)), Ok(Response::Volume(v)) if v == c), "a retry");
+    assert!(matches!(s.apply(&create("c", 4 * CHUNK, 3, 2)), Err(MetaError::NameTaken(_))), "not a clone of base");
+    s.check_invariants().expect("invariants");
+    // While it copies: its snapshot stays, it takes no snapshot of its own.
+    assert!(matches!(s.apply(&Command::DeleteSnapshot { id: base.id }), Err(MetaError::SnapshotInUse { .. })));
+    let own = Command::CreateSnapshot { volume: c, name: "of-c".into(), now_ms: 2 };
+    assert!(matches!(s.apply(&own), Err(MetaError::CloneFilling { remaining: 3, .. })));
+    // Only the front end holding the epoch records fills.
+    let fill = |e: u64, chunks: Vec<u32>| Command::FillChunks { volume: c, epoch: Epoch(e), chunks };
+    assert!(matches!(s.apply(&fill(0, vec![0])), Err(MetaError::Conflict(_))), "detached");
+    let Ok(Response::Epoch(e)) = s.apply(&Command::Attach { volume: c, node: NodeId(1) }) else { panic!("attach") };
+    assert!(matches!(s.apply(&fill(e.0 + 1, vec![0])), Err(MetaError::Conflict(_))), "another epoch");
+    s.apply(&fill(e.0, vec![2, 0])).expect("fill");
+    assert_eq!(s.volumes[&c].unfilled, vec![1]);
+    let gen = s.volumes[&c].layout_gen;
+    s.apply(&fill(e.0, vec![1])).expect("fill the last");
+    assert!(s.volumes[&c].unfilled.is_empty());
+    assert!(s.volumes[&c].layout_gen > gen, "independence is a new layout generation");
+    s.check_invariants().expect("invariants");
+    // Independent: the snapshot, then the source, go; the clone stays.
+    s.apply(&Command::DeleteSnapshot { id: base.id }).expect("delete the snapshot");
+    s.apply(&Command::DeleteVolume { volume: src }).expect("delete the source");
+    assert!(s.volumes.contains_key(&c));
+    s.apply(&own).expect("an independent clone takes snapshots");
+    s.check_invariants().expect("invariants");
 }
