@@ -38,7 +38,14 @@ const SIDECARS: &[(&str, &str)] = &[
     ("csi-provisioner", "registry.k8s.io/sig-storage/csi-provisioner:v6.3.0"),
     ("csi-attacher", "registry.k8s.io/sig-storage/csi-attacher:v4.12.0"),
     ("csi-resizer", "registry.k8s.io/sig-storage/csi-resizer:v2.2.0"),
+    ("csi-snapshotter", "registry.k8s.io/sig-storage/csi-snapshotter:v8.6.0"),
 ];
+/// external-snapshotter's controller (csi/snapshots/), built from the same module.
+const SNAPSHOT_CONTROLLER: &str = "registry.k8s.io/sig-storage/snapshot-controller:v8.6.0";
+/// Kinds of the snapshot CRDs (csi/snapshots/): not in the Kubernetes API
+/// schemas kubernetes-validate ships, checked by
+/// `the_volume_snapshot_class_names_the_driver` instead.
+const CRD_KINDS: &[&str] = &["VolumeSnapshotClass"];
 const INSTALL: &str = "python3 -m pip install kubernetes-validate==1.37.0";
 
 fn csi_dir() -> PathBuf {
@@ -212,7 +219,14 @@ fn validator() -> Vec<String> {
 
 #[test]
 fn every_manifest_validates_against_the_kubernetes_api_schemas() {
-    let files: Vec<PathBuf> = yaml_files(&csi_dir(), true).into_iter().filter(|p| !is_kustomization(p)).collect();
+    let crd_objects_only = |p: &PathBuf| {
+        documents(p).iter().all(|d| d.get("kind").and_then(Value::as_str).is_some_and(|k| CRD_KINDS.contains(&k)))
+    };
+    let files: Vec<PathBuf> = yaml_files(&csi_dir(), true)
+        .into_iter()
+        .filter(|p| !is_kustomization(p))
+        .filter(|p| !crd_objects_only(p))
+        .collect();
     assert!(files.len() >= 7, "expected the manifests in csi/, found {files:?}");
     let docs: usize = files.iter().map(|f| documents(f).len()).sum();
 
@@ -291,7 +305,8 @@ fn kustomization_lists_every_manifest() {
 
 #[test]
 fn namespaced_objects_are_in_the_ballast_namespace() {
-    const CLUSTER_SCOPED: &[&str] = &["Namespace", "CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding"];
+    const CLUSTER_SCOPED: &[&str] =
+        &["Namespace", "CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding", "VolumeSnapshotClass"];
     for o in objects().iter().filter(|o| !o.file.starts_with("examples")) {
         if CLUSTER_SCOPED.contains(&o.kind()) {
             assert!(
@@ -312,6 +327,35 @@ fn namespaced_objects_are_in_the_ballast_namespace() {
             );
         }
     }
+}
+
+/// csi/snapshots/: the VolumeSnapshotClass (a CRD kind, outside the schema
+/// check) and its kustomization listing every file there.
+#[test]
+fn the_volume_snapshot_class_names_the_driver() {
+    let dir = csi_dir().join("snapshots");
+    let class = documents(&dir.join("volumesnapshotclass.yaml"));
+    assert_eq!(class.len(), 1);
+    let c = &class[0];
+    assert_eq!(at(c, &["apiVersion"]).and_then(Value::as_str), Some("snapshot.storage.k8s.io/v1"));
+    assert_eq!(at(c, &["kind"]).and_then(Value::as_str), Some("VolumeSnapshotClass"));
+    assert_eq!(at(c, &["driver"]).and_then(Value::as_str), Some(DRIVER));
+    assert_eq!(at(c, &["deletionPolicy"]).and_then(Value::as_str), Some("Delete"));
+    assert!(c.get("parameters").is_none(), "Ballast's CreateSnapshot takes no parameters");
+    let k = &documents(&dir.join("kustomization.yaml"))[0];
+    let listed: BTreeSet<String> = seq(at(k, &["resources"]).expect("resources"), "resources")
+        .iter()
+        .map(|r| string(r, "resource").to_string())
+        .collect();
+    let on_disk: BTreeSet<String> = yaml_files(&dir, false)
+        .iter()
+        .filter(|p| !is_kustomization(p))
+        .map(|p| p.file_name().and_then(|n| n.to_str()).expect("file name").to_string())
+        .collect();
+    assert_eq!(listed, on_disk, "csi/snapshots/kustomization.yaml lists every file there");
+    let objects = objects();
+    let d = find(&objects, "Deployment", "ballast-snapshot-controller");
+    assert_eq!(container(d, "snapshot-controller").get("image").and_then(Value::as_str), Some(SNAPSHOT_CONTROLLER));
 }
 
 #[test]
@@ -772,7 +816,9 @@ fn every_image_is_pinned() {
     }
     for image in deployed {
         assert!(
-            image.starts_with("ghcr.io/ballast-io/ballast:") || SIDECARS.iter().any(|(_, i)| *i == image),
+            image.starts_with("ghcr.io/ballast-io/ballast:")
+                || SIDECARS.iter().any(|(_, i)| *i == image)
+                || image == SNAPSHOT_CONTROLLER,
             "image {image:?} is neither ballast nor a sidecar we build (node-driver-registrar, livenessprobe and \
              kubectl cannot be built here: ballast does their jobs)"
         );

@@ -13,6 +13,8 @@ GO_TOOLS=(
   github.com/kubernetes-csi/external-provisioner/v6/cmd/csi-provisioner
   github.com/kubernetes-csi/external-attacher/v4/cmd/csi-attacher
   github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer
+  github.com/kubernetes-csi/external-snapshotter/v8/cmd/csi-snapshotter
+  github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller
   go.etcd.io/etcd/server/v3
   ./coredns
 )
@@ -71,14 +73,15 @@ build_rust() {
 
 # The image tag a manifest in csi/ names for an image repository.
 manifest_image() {
-  grep -ho "image: $1:[^ ]*" "$ROOT"/csi/*.yaml | head -1 | sed 's/.*://'
+  grep -ho "image: $1:[^ ]*" "$ROOT"/csi/*.yaml "$ROOT"/csi/snapshots/*.yaml | head -1 | sed 's/.*://'
 }
 
 # Sidecar image tags must be the versions built (go.mod), or a pod would run
 # something else than what its manifest says.
 check_sidecar_versions() {
   local pair repo mod built named
-  for pair in csi-provisioner:external-provisioner/v6 csi-attacher:external-attacher/v4 csi-resizer:external-resizer/v2; do
+  for pair in csi-provisioner:external-provisioner/v6 csi-attacher:external-attacher/v4 csi-resizer:external-resizer/v2 \
+              csi-snapshotter:external-snapshotter/v8 snapshot-controller:external-snapshotter/v8; do
     repo=${pair%%:*}; mod=${pair#*:}
     built=$(awk -v m="github.com/kubernetes-csi/$mod" '$1 == m {print $2}' "$K8S/build/go.mod")
     named=$(manifest_image "registry.k8s.io/sig-storage/$repo")
@@ -99,7 +102,7 @@ build_images() {
     oci_archive "$PAUSE_IMAGE" "$work/pause" "$IMAGES/pause.tar" '["/pause"]'
   fi
   # The sidecars: their static binary alone, as upstream's distroless images.
-  for name in csi-provisioner csi-attacher csi-resizer; do
+  for name in csi-provisioner csi-attacher csi-resizer csi-snapshotter snapshot-controller; do
     out="$IMAGES/$name.tar"
     [ -f "$out" ] && [ "$out" -nt "$BIN/$name" ] && continue
     mkdir -p "$work/$name"

@@ -52,7 +52,26 @@ deploy_ballast() {
     wait_for 60 "csi.ballast.io registered on $n" csinode_has_driver "$n"
   done
   wait_for 60 "3 storage nodes in meta" storage_nodes_up 3
-  row 1 "deploy (kubectl apply -k)" "meta 3/3, node DaemonSet 3/3, controller 2/2 Ready; driver on 3 CSINodes; 3 storage nodes in meta" "$(($(date +%s) - t0))s" PASS
+  # Snapshots, as csi/README.md says: the CRDs (external-snapshotter's, from
+  # the module the sidecars are built from), then csi/snapshots/.
+  kc apply -k "$(snapshot_crds)" >/dev/null
+  wait_for 60 "snapshot CRDs established" crds_established
+  kc apply -k "$ROOT/csi/snapshots" >/dev/null
+  kc -n ballast-system rollout status deployment/ballast-snapshot-controller --timeout=300s >/dev/null \
+    || die "snapshot-controller Deployment not ready"
+  row 1 "deploy (kubectl apply -k)" "meta 3/3, node DaemonSet 3/3, controller 2/2, snapshot-controller 2/2 Ready; driver on 3 CSINodes; 3 storage nodes" "$(($(date +%s) - t0))s" PASS
+}
+# The snapshot CRDs of the external-snapshotter client module go.mod resolves.
+snapshot_crds() {
+  local v
+  v=$(awk '$1 == "github.com/kubernetes-csi/external-snapshotter/client/v8" {print $2}' "$K8S/build/go.mod")
+  echo "$GOMODCACHE/github.com/kubernetes-csi/external-snapshotter/client/v8@$v/config/crd"
+}
+crds_established() {
+  local c
+  for c in volumesnapshotclasses volumesnapshotcontents volumesnapshots; do
+    [ "$(kc get crd "$c.snapshot.storage.k8s.io" -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null)" = True ] || return 1
+  done
 }
 daemonset_ready() {
   local s
@@ -83,6 +102,40 @@ scenario_statefulset() {
   done
   row 2 "StatefulSet, 3 pods" "pods in 3 zones; fsGroup; 8 files/pod fsynced, pods deleted + back, sha256 ok; replicas in 3 zones" "$(($(date +%s) - t0))s" PASS
 }
+
+# --- 2c. a VolumeSnapshot of a StatefulSet claim, and a claim restored from it --------
+scenario_snapshot() {
+  local t0=$(date +%s) t1 content snap took restore
+  # web-0's files (scenario 2) are in the snapshot; the ones written after are not.
+  kc apply -f "$W/snapshot.yaml" >/dev/null
+  wait_for 120 "VolumeSnapshot web-0-snap ready" snapshot_ready web-0-snap
+  took=$(($(date +%s) - t0))
+  content=$(kc -n "$NS" get volumesnapshot web-0-snap -o jsonpath='{.status.boundVolumeSnapshotContentName}')
+  snap=$(kc get volumesnapshotcontent "$content" -o jsonpath='{.status.snapshotHandle}')
+  ballastctl --output json snapshot list | jq -e --arg s "$snap" --arg v "$(pvc_volume data-web-0)" \
+    'any(.snapshots[]; .name == $s and .volume_name == $v and .ready)' >/dev/null || die "snapshot $snap of $(pvc_volume data-web-0) not in meta"
+  write_files web-0 /data/after 2
+  t1=$(date +%s)
+  kc apply -f "$W/restore.yaml" >/dev/null
+  wait_for 300 "pod restored ready" pod_ready restored
+  restore=$(($(date +%s) - t1))
+  verify_files restored /data/files || die "restored: the snapshot's files do not verify"
+  ! in_pod restored "test -e /data/after" || die "restored: holds files written after the snapshot"
+  verify_files web-0 /data/after || die "web-0: its own files after the snapshot do not verify"
+  # The restored volume is independent of the snapshot once copied: then the
+  # snapshot goes (Delete policy: its content and Ballast's snapshot too), and
+  # the restored claim still verifies.
+  wait_for 120 "restored volume independent" volume_independent "$(pvc_volume restored)"
+  kc -n "$NS" delete volumesnapshot web-0-snap --wait=true >/dev/null
+  wait_for 120 "snapshot $snap gone from meta" ballast_snapshot_gone "$snap"
+  verify_files restored /data/files || die "restored: files do not verify after the snapshot was deleted"
+  kc -n "$NS" delete pod restored --wait=true >/dev/null
+  kc -n "$NS" delete pvc restored --wait=true >/dev/null
+  row 2c "snapshot + restore" "VolumeSnapshot of data-web-0 ready in ${took}s; restored PVC's pod ready in ${restore}s, files sha256 ok, later files absent; snapshot deleted, restore still ok" "$(($(date +%s) - t0))s" PASS
+}
+snapshot_ready() { [ "$(kc -n "$NS" get volumesnapshot "$1" -o jsonpath='{.status.readyToUse}' 2>/dev/null)" = true ]; }
+volume_independent() { [ "$(ballastctl --output json volume inspect "$1" | jq '.volume.unfilled_chunks')" = 0 ]; }
+ballast_snapshot_gone() { ballastctl --output json snapshot list | jq -e --arg s "$1" 'all(.snapshots[]; .name != $s)' >/dev/null; }
 
 # --- 2b. the same with external-provisioner --strict-topology ---------------------
 # With strict topology the provisioner sends only the selected node's zone as
@@ -268,7 +321,7 @@ event_says() {
 run_scenarios() {
   local s failed=0 only=${1:-}
   LOST_NODE=""
-  for s in scenario_statefulset scenario_strict_topology scenario_expand scenario_block scenario_delete scenario_node_pod_restart \
+  for s in scenario_statefulset scenario_snapshot scenario_strict_topology scenario_expand scenario_block scenario_delete scenario_node_pod_restart \
            scenario_node_loss scenario_bad_input; do
     [ -z "$only" ] || [ "$s" = "scenario_$only" ] || continue
     local t0=$(date +%s)

@@ -918,12 +918,22 @@ impl ChunkStore {
         if let Some(newest) = seqs().max() {
             self.freeze_for(id, newest, epoch).await?;
         }
-        if matches!(place, Place::Resync(_)) {
-            // Versions below the live layer go to the frozen layer of their
-            // seq's range: make those layers exist first (store/snapshot.rs).
-            let below: Vec<Seq> = seqs().collect();
-            self.ensure_layers(id, &below, epoch).await?;
-        }
+        // Versions below the live layer go to a frozen layer of their seq's
+        // range: made to exist first (store/snapshot.rs), and written with no
+        // merge running, since a merge copies a frozen layer's blocks up piece
+        // by piece before it removes the layer (a version written into it
+        // behind the merge would go with it). Merges are rare (a snapshot
+        // deleted); the copy waits for one to end.
+        let lower = self.get(id).map_or(Seq::ZERO, |c| c.lower);
+        let _no_merge = match place {
+            Place::Resync(_) if lower > Seq::ZERO && seqs().any(|s| s <= lower) => {
+                let guard = self.inner.merging.lock().await;
+                let below: Vec<Seq> = seqs().collect();
+                self.ensure_layers(id, &below, epoch).await?;
+                Some(guard)
+            }
+            _ => None,
+        };
         let Some(Locked { c, b0, b1: _, locks }) = self.lock_blocks(id, offset, len, epoch).await? else {
             return Ok(ResyncOutcome::default());
         };
