@@ -732,14 +732,7 @@ impl MetaState {
                 Ok(Response::Done)
             }
             Command::CreateVolume { name, size, chunk_size, replicas, min_in_sync, zones, zone_spread } => {
-                let spec = VolumeSpec {
-                    size: *size,
-                    chunk_size: *chunk_size,
-                    replicas: *replicas,
-                    min_in_sync: *min_in_sync,
-                    zones: zones.clone(),
-                    zone_spread: *zone_spread,
-                };
+                let spec = VolumeSpec::new(*size, *chunk_size, *replicas, *min_in_sync, zones, *zone_spread);
                 self.create_volume(name, spec)
             }
             Command::GrowVolume { volume, size } => self.grow_volume(*volume, *size),
@@ -912,14 +905,7 @@ impl MetaState {
             }
             Command::DeleteSnapshot { id } => self.delete_snapshot(*id),
             Command::CreateClone { name, snapshot, size, chunk_size, replicas, min_in_sync, zones, zone_spread } => {
-                let spec = VolumeSpec {
-                    size: *size,
-                    chunk_size: *chunk_size,
-                    replicas: *replicas,
-                    min_in_sync: *min_in_sync,
-                    zones: zones.clone(),
-                    zone_spread: *zone_spread,
-                };
+                let spec = VolumeSpec::new(*size, *chunk_size, *replicas, *min_in_sync, zones, *zone_spread);
                 self.create_clone(name, spec, *snapshot)
             }
             Command::FillChunks { volume, epoch, chunks } => self.fill_chunks(*volume, *epoch, chunks),
@@ -1262,6 +1248,17 @@ pub struct VolumeSpec {
 }
 
 impl VolumeSpec {
+    pub fn new(
+        size: u64,
+        chunk_size: u64,
+        replicas: usize,
+        min_in_sync: usize,
+        zones: &[Zone],
+        zone_spread: ZoneSpread,
+    ) -> VolumeSpec {
+        VolumeSpec { size, chunk_size, replicas, min_in_sync, zones: zones.to_vec(), zone_spread }
+    }
+
     pub fn of(v: &Volume) -> VolumeSpec {
         VolumeSpec {
             size: v.size,
