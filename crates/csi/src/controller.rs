@@ -301,9 +301,31 @@ impl pb::controller_server::Controller for ControllerService {
         }
         let p = VolumeParams::parse(&r.parameters)?;
         let mut size = params::create_size(r.capacity_range.as_ref(), p.chunk_size)?;
+        let requested = requested_zones(r.accessibility_requirements.as_ref())?;
+        let _busy = self.locks.lock(name)?;
+        let zones = accessible_zones(&self.nodes().await?, &requested);
+
+        // Same name: the same volume if compatible (a retry), else ALREADY_EXISTS.
+        // The topology requirement is not compared: it does not shape the volume,
+        // and a retry after the scheduler picked another node names another zone.
+        if let Some(v) = self.find(name).await? {
+            let (required, limit) = r.capacity_range.as_ref().map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
+            let fits = v.size_bytes as i64 >= required && (limit == 0 || v.size_bytes as i64 <= limit);
+            let same_source = v.origin.as_ref().map(|o| o.snapshot_name.as_str()) == source;
+            if fits && p.matches(&v) && same_source {
+                return Ok(Response::new(pb::CreateVolumeResponse {
+                    volume: Some(csi_volume(&v, p.fs_type.as_str(), &zones)),
+                }));
+            }
+            return Err(Status::already_exists(format!(
+                "volume {name} exists with other parameters or a size ({} bytes) outside the requested range",
+                v.size_bytes
+            )));
+        }
         // A restore holds the whole snapshot: at least its size (OUT_OF_RANGE
         // when the request caps it lower); without a requested size, exactly
-        // the snapshot's size in whole chunks.
+        // the snapshot's size in whole chunks. Looked up only here, so that a
+        // retry of a restore whose snapshot is gone by now gets its volume.
         if let Some(snapshot) = source {
             let snap = self.find_snapshot(snapshot).await?;
             let (required, limit) = r.capacity_range.as_ref().map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
@@ -317,27 +339,6 @@ impl pb::controller_server::Controller for ControllerService {
                 let whole = snap.size_bytes.div_ceil(p.chunk_size) * p.chunk_size;
                 size = if limit > 0 && whole > limit as u64 { snap.size_bytes } else { whole };
             }
-        }
-        let requested = requested_zones(r.accessibility_requirements.as_ref())?;
-        let _busy = self.locks.lock(name)?;
-        let zones = accessible_zones(&self.nodes().await?, &requested);
-
-        // Same name: the same volume if compatible (a retry), else ALREADY_EXISTS.
-        // The topology requirement is not compared: it does not shape the volume,
-        // and a retry after the scheduler picked another node names another zone.
-        if let Some(v) = self.find(name).await? {
-            let (required, limit) = r.capacity_range.map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
-            let fits = v.size_bytes as i64 >= required && (limit == 0 || v.size_bytes as i64 <= limit);
-            let same_source = v.origin.as_ref().map(|o| o.snapshot_name.as_str()) == source;
-            if fits && p.matches(&v) && same_source {
-                return Ok(Response::new(pb::CreateVolumeResponse {
-                    volume: Some(csi_volume(&v, p.fs_type.as_str(), &zones)),
-                }));
-            }
-            return Err(Status::already_exists(format!(
-                "volume {name} exists with other parameters or a size ({} bytes) outside the requested range",
-                v.size_bytes
-            )));
         }
         let req = meta::CreateVolumeRequest {
             name: name.to_string(),
