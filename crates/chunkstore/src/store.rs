@@ -872,11 +872,25 @@ impl ChunkStore {
         let span = tracing::debug_span!(
             "chunk_resync_write", volume = id.volume.0, chunk = id.chunk.0, offset, blocks = blocks.len(), %epoch
         );
+        self.resync_measured(span, id, offset, blocks, data, epoch, protect_from, Place::Resync(None)).await
+    }
+
+    /// `resync_inner` under `span`, counted as a ResyncWrite in the metrics
+    /// (for [`ChunkStore::resync_write`] and `resync_write_at`).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn resync_measured(
+        &self,
+        span: tracing::Span,
+        id: ChunkId,
+        offset: u64,
+        blocks: &[ResyncBlock],
+        data: Bytes,
+        epoch: Epoch,
+        protect_from: Seq,
+        place: Place,
+    ) -> Result<ResyncOutcome> {
         let t = self.started();
-        let r = self
-            .resync_inner(id, offset, blocks, data, epoch, protect_from, Place::Resync(None))
-            .instrument(span)
-            .await;
+        let r = self.resync_inner(id, offset, blocks, data, epoch, protect_from, place).instrument(span).await;
         if let (Some(m), Ok(out)) = (self.finished(StoreOp::ResyncWrite, t, &r), &r) {
             m.written(u64::from(out.written) * BLOCK_SIZE_U64);
         }

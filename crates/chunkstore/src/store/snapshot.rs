@@ -314,13 +314,7 @@ impl ChunkStore {
         let span = tracing::debug_span!(
             "chunk_resync_write_at", volume = id.volume.0, chunk = id.chunk.0, offset, blocks = blocks.len(), %cut
         );
-        let t = self.started();
-        let place = Place::Resync(Some(cut));
-        let r = self.resync_inner(id, offset, blocks, data, epoch, protect_from, place).instrument(span).await;
-        if let (Some(m), Ok(out)) = (self.finished(StoreOp::ResyncWrite, t, &r), &r) {
-            m.written(u64::from(out.written) * BLOCK_SIZE_U64);
-        }
-        r
+        self.resync_measured(span, id, offset, blocks, data, epoch, protect_from, Place::Resync(Some(cut))).await
     }
 
     /// Makes chunk `id` have, for every seq in `seqs` below its live layer, a
