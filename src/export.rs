@@ -33,8 +33,8 @@ pub type StaticVolume = Volume<StaticMembership, ReplicaClient>;
 /// harnesses parse it).
 pub fn scrub_line(volume: &str, r: &ScrubReport) -> String {
     format!(
-        "scrub pass volume={volume} bytes={} corrupt={} repaired={} unrepairable={}",
-        r.bytes_read, r.corrupt_pieces, r.repaired, r.unrepairable
+        "scrub pass volume={volume} bytes={} corrupt={} repaired={} unrepairable={} snapshot_views={}",
+        r.bytes_read, r.corrupt_pieces, r.repaired, r.unrepairable, r.snapshot_views
     )
 }
 
@@ -286,7 +286,17 @@ mod tests {
         let crate::cli::Command::Export(a) = cli.command else { panic!("not export") };
         assert_eq!((a.scrub.config(), a.scrub.rate), (None, 8 << 20));
 
-        let r = ScrubReport { bytes_read: 7, corrupt_pieces: 3, repaired: 2, unrepairable: 1, ..Default::default() };
-        assert_eq!(scrub_line("pg-0", &r), "scrub pass volume=pg-0 bytes=7 corrupt=3 repaired=2 unrepairable=1");
+        let r = ScrubReport {
+            bytes_read: 7,
+            corrupt_pieces: 3,
+            repaired: 2,
+            unrepairable: 1,
+            snapshot_views: 4,
+            ..Default::default()
+        };
+        assert_eq!(
+            scrub_line("pg-0", &r),
+            "scrub pass volume=pg-0 bytes=7 corrupt=3 repaired=2 unrepairable=1 snapshot_views=4"
+        );
     }
 }

@@ -27,7 +27,12 @@
 //!   the ledger at the cut while it still copies, its source snapshot cannot
 //!   be deleted until the copy is done, then the snapshot and the source
 //!   volume are deleted and the clone, re-attached, holds the same data and
-//!   takes writes of its own.
+//!   takes writes of its own;
+//! - bit rot in snapshot blocks on every node (different blocks of the same
+//!   pieces) under a volume attached with a scrub schedule: the scrub passes
+//!   find and repair every rotten copy, the snapshot verifies against the
+//!   ledger, and each node's store, opened alone after SIGKILL, verifies every
+//!   block of the snapshot.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -403,5 +408,122 @@ fn a_clone_of_a_busy_snapshot_verifies_while_copying_and_outlives_its_source() -
     assert!(back[..] == own[..], "the clone keeps its own writes");
     let _ = rt.block_on(client.disconnect());
     w.stop();
+    Ok(())
+}
+
+/// Flips a byte in up to `per_node` written blocks of the frozen base layers
+/// (`<chunk>.data` of a chunk that also has a layer above) under `dir`, one
+/// block per chunk: its `nth` written block, so that nodes given different
+/// `nth` rot different copies; returns how many.
+fn rot_frozen_blocks(dir: &Path, per_node: usize, nth: usize) -> usize {
+    use std::os::unix::fs::FileExt;
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(name) = p.file_name().and_then(|f| f.to_str()) {
+                files.push((p.clone(), name.to_string()));
+            }
+        }
+    }
+    files.sort();
+    let mut rotted = 0;
+    for (path, name) in &files {
+        let Some(stem) = name.strip_suffix(".data").filter(|s| !s.contains(".l")) else { continue };
+        if !files.iter().any(|(_, n)| n.starts_with(&format!("{stem}.l")) && n.ends_with(".data")) {
+            continue;
+        }
+        let data = std::fs::read(path).expect("read a frozen layer");
+        let written = data.chunks(BS as usize).enumerate().filter(|(_, b)| b.iter().any(|&x| x != 0));
+        let Some((block, _)) = written.map(|(i, _)| (i, ())).nth(nth) else { continue };
+        let f = std::fs::OpenOptions::new().write(true).open(path).expect("open a frozen layer");
+        f.write_all_at(&[!data[block * BS as usize + 64]; 1], (block * BS as usize + 64) as u64).expect("flip");
+        f.sync_all().expect("sync");
+        rotted += 1;
+        if rotted == per_node {
+            break;
+        }
+    }
+    rotted
+}
+
+/// Bit rot in snapshot blocks, on every node, under a volume attached with
+/// its scrub schedule: the scrub passes of `ballast export` find and repair
+/// every rotten copy; the snapshot then verifies against the ledger, and
+/// each node's own store, opened alone after the processes are SIGKILLed,
+/// verifies every block of every chunk's view at the cut.
+#[test]
+fn bit_rot_in_snapshot_blocks_is_found_by_the_scrub_and_repaired() -> Result<()> {
+    let rt = runtime();
+    let mut c = Cluster::start("snapshot-scrub", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    c.create_volume("v", "64M", "16M", "2")?;
+    let sock = c.path("v.sock");
+    let sock_arg = sock.to_str().expect("utf-8 path").to_string();
+    let scrub = ["--io-timeout", "2s", "--socket", &sock_arg, "--scrub-interval", "2s", "--scrub-rate", "512M"];
+    let (mut export, _) = c.export_with("v", 1, &scrub)?;
+    let mut w = Workload::start(rt.handle(), SIZE / BS, TASKS, 0x5c_4b);
+    w.set_client(Some(connect(rt.handle(), &sock)?));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (marks, s, _) = snapshot(&c, &w, "s")?;
+    std::thread::sleep(Duration::from_millis(1500));
+    w.pause();
+    let cut = ballast_types::Seq {
+        epoch: ballast_types::Epoch(s["cut"]["epoch"].as_u64().expect("cut epoch")),
+        counter: s["cut"]["counter"].as_u64().expect("cut counter"),
+    };
+
+    let rotted: usize = (1..=3).map(|id| rot_frozen_blocks(&c.path(&format!("node{id}")), 2, id as usize * 5)).sum();
+    assert!(rotted >= 3, "frozen layers with data on the nodes: {rotted} blocks rotted");
+    let (mut found, mut repaired, mut views) = (0u64, 0u64, 0u64);
+    let started = Instant::now();
+    for _ in 0..4 {
+        let line = export.wait_for("scrub pass volume=", Duration::from_secs(60))?;
+        let num = |k: &str| {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(&format!("{k}=")))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        found += num("corrupt");
+        repaired += num("repaired");
+        views = num("snapshot_views");
+        assert_eq!(num("unrepairable"), 0, "{line}");
+        if found >= rotted as u64 && num("corrupt") == 0 {
+            break;
+        }
+    }
+    eprintln!(
+        "{rotted} rotten snapshot blocks: the scrub found {found} corrupt pieces and repaired {repaired} in {:?} ({views} snapshot views per pass)",
+        started.elapsed()
+    );
+    assert!(views > 0, "the passes scanned the snapshot's views");
+    assert!(found >= rotted as u64 && repaired == found, "found {found}, repaired {repaired}, rotted {rotted}");
+    read_back(&c, &rt, &w, "s", &marks)?;
+    w.stop();
+    export.kill();
+    for id in 1..=3 {
+        c.kill_node(id)?;
+    }
+    for id in 1..=3u64 {
+        let store = ballast_chunkstore::ChunkStore::open(c.path(&format!("node{id}")), Default::default())
+            .map_err(|e| ballast_testkit::Error::harness(format!("reopen node {id}: {e}")))?;
+        let mut read = 0u64;
+        for chunk in store.chunks() {
+            let epoch = store.epoch(chunk.id.volume);
+            for off in (0..chunk.size).step_by(MIB as usize) {
+                match rt.block_on(store.read_snapshot(chunk.id, cut, off, MIB as u32, epoch)) {
+                    Ok(_) => read += MIB,
+                    Err(ballast_chunkstore::StoreError::NoSuchChunk(_)) => break,
+                    Err(e) => panic!("node {id}: chunk {} at {cut}, offset {off}: {e}", chunk.id),
+                }
+            }
+        }
+        eprintln!("node {id}: {} MiB of the snapshot verified in its own store", read / MIB);
+        assert!(read > 0, "node {id} holds some of the snapshot");
+    }
     Ok(())
 }

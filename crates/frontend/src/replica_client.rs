@@ -4,8 +4,9 @@
 
 use std::sync::Arc;
 
-use ballast_replica::{ClientError, ClientOptions, ReplicaClient, Status};
-use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId};
+use ballast_replica::{ClientError, ClientOptions, ReplicaClient, ResyncEntry, ResyncKind, Status};
+use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
+
 use bytes::Bytes;
 
 use crate::membership::Replica;
@@ -99,5 +100,51 @@ impl ReplicaIo for ReplicaClient {
         epoch: Epoch,
     ) -> Result<Bytes, ReplicaError> {
         Ok(ReplicaClient::read_snapshot(self, id, cut, offset, len, epoch).await?)
+    }
+    async fn context_table_at(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+    ) -> Result<Vec<BlockContext>, ReplicaError> {
+        Ok(ReplicaClient::context_table_at(self, id, cut, first, count, epoch).await?)
+    }
+    async fn repair_snapshot(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        offset: u64,
+        contexts: &[BlockContext],
+        data: Bytes,
+        epoch: Epoch,
+    ) -> Result<(), ReplicaError> {
+        let bs = BLOCK_SIZE as usize;
+        if data.len() != contexts.len() * bs {
+            return Err(ReplicaError::Invalid(format!(
+                "snapshot repair of {} blocks carries {} bytes",
+                contexts.len(),
+                data.len()
+            )));
+        }
+        // A ResyncWriteAt whose protect-from boundary is the cut itself (or
+        // the start of this epoch, for a cut of an older one): every version
+        // of the view lies below it, so each written block is replaced by the
+        // source's version, same seq, even where this copy has that seq and
+        // only its bytes rotted. Blocks the source never wrote: Keep.
+        let mut entries = Vec::with_capacity(contexts.len());
+        let mut pieces: Vec<&[u8]> = Vec::new();
+        for (i, c) in contexts.iter().enumerate() {
+            if c.seq == Seq::ZERO {
+                entries.push(ResyncEntry::KEEP);
+            } else {
+                entries.push(ResyncEntry { kind: ResyncKind::Data, seq: c.seq });
+                pieces.push(&data[i * bs..(i + 1) * bs]);
+            }
+        }
+        let protect_from = if cut.epoch == epoch { cut.counter } else { 0 };
+        ReplicaClient::resync_write_at(self, id, cut, offset, &entries, &pieces, epoch, protect_from).await?;
+        Ok(())
     }
 }

@@ -134,4 +134,40 @@ pub trait ReplicaIo: Clone + Send + Sync + 'static {
         let _ = (id, cut, offset, len, epoch);
         async { Err(ReplicaError::Invalid("this replica has no snapshot layers".into())) }
     }
+
+    /// Block contexts of `count` blocks from `first` in the chunk's view at
+    /// snapshot `cut` (zeros for blocks no layer of the view holds). The
+    /// default refuses, as for `set_cuts`.
+    fn context_table_at(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        first: BlockIdx,
+        count: u32,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<Vec<BlockContext>, ReplicaError>> + Send {
+        let _ = (id, cut, first, count, epoch);
+        async { Err(ReplicaError::Invalid("this replica has no snapshot layers".into())) }
+    }
+
+    /// Rewrites the chunk's view at snapshot `cut` over the blocks from
+    /// `offset` with another replica's verified copy: `contexts[i]` is the
+    /// source's context of block `offset / 4096 + i` and `data` its bytes,
+    /// block after block. Each block written in the source's view is written
+    /// with the source's seq into the layer of this view that seq belongs in;
+    /// blocks the source's view never wrote are left alone. Only the view at
+    /// the cut changes (versions below a cut are never a client's to change
+    /// any more). The default refuses, as for `set_cuts`.
+    fn repair_snapshot(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        offset: u64,
+        contexts: &[BlockContext],
+        data: Bytes,
+        epoch: Epoch,
+    ) -> impl Future<Output = Result<(), ReplicaError>> + Send {
+        let _ = (id, cut, offset, contexts, data, epoch);
+        async { Err(ReplicaError::Invalid("this replica has no snapshot layers".into())) }
+    }
 }

@@ -25,6 +25,19 @@
 //! seqs) nor be overwritten by an older one (every earlier write has an older
 //! seq). A piece with no verified copy anywhere is reported, never written.
 //!
+//! Snapshot views. After a chunk's live copies, the scrub verifies the
+//! versions only the volume's snapshots still read (those of their frozen
+//! layers), on every in-sync replica: per replica it takes the chunk's live
+//! context table, then the view's table at each cut, newest first, and reads
+//! (ReadSnapshot) only where a view's version differs from the next newer
+//! view's (the live view's for the newest): a version two views share is on
+//! disk once and is read once, and one the live view still reads was read by
+//! the live scan. So a pass reads each stored version once, whatever the
+//! number of snapshots. A corrupt copy in a view is rewritten from another
+//! in-sync replica's verified copy of the same view, with the source's seqs
+//! (`Volume::rewrite_view_from_verified_copy`); views never change, so no lock
+//! is held and no client write can race it.
+//!
 //! [`scrub_periodically`] runs passes on a schedule, for the attached front
 //! ends (`ballast export`, the CSI node).
 
@@ -32,7 +45,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ballast_types::{ChunkIdx, NodeId, BLOCK_SIZE};
+use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, NodeId, Seq, BLOCK_SIZE, BLOCK_SIZE_U64};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, debug_span, info, info_span, warn, Instrument};
@@ -93,6 +106,10 @@ pub struct ScrubReport {
     /// Chunk copies whose scan stopped on a replica failure (the replica was
     /// ejected, or the request was refused as invalid).
     pub failed_replicas: u64,
+    /// Snapshot views scanned: one chunk's view at one cut on one replica
+    /// (their reads count in `pieces` and `bytes_read`, their corrupt copies
+    /// in `corrupt_pieces`, `repaired` and `unrepairable`).
+    pub snapshot_views: u64,
     /// Time spent waiting for the rate limit.
     pub throttled: Duration,
     /// Wall time of the pass.
@@ -150,10 +167,20 @@ impl Pacer {
 
 /// One chunk's scan state: the piece copies already known to have no good
 /// copy anywhere (counted once, not retried when another replica's scan
-/// reaches the same piece).
+/// reaches the same piece), by view (None: the live one), offset and node.
 #[derive(Default)]
 struct ChunkScan {
-    hopeless: BTreeSet<(u64, NodeId)>,
+    hopeless: BTreeSet<(Option<Seq>, u64, NodeId)>,
+}
+
+/// What one read of a scan found.
+enum Scanned {
+    /// The piece verifies (or was found corrupt and the repair ran): go on.
+    Next,
+    /// The replica has no such chunk (or view): nothing more to read of it.
+    Missing,
+    /// The replica failed or refused: its copy of the chunk is not scanned further.
+    Failed,
 }
 
 impl<M: Membership, R: ReplicaIo> Volume<M, R> {
@@ -197,6 +224,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             unrepairable = report.unrepairable,
             chunks = report.chunks,
             replicas = report.replicas_scanned,
+            snapshot_views = report.snapshot_views,
             failed = report.failed_replicas,
             elapsed = ?report.elapsed,
             throttled = ?report.throttled,
@@ -221,11 +249,10 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         report: &mut ScrubReport,
     ) -> Result<(), FrontendError> {
         let state = &self.chunks[chunk.0 as usize];
-        let id = self.chunk_id(chunk);
         let len = self.chunk_len(chunk);
         let mut scan = ChunkScan::default();
         let members = state.snapshot().in_sync.clone();
-        for node in members {
+        for &node in &members {
             // Ejected since the chunk's scan began: no longer read, nor repaired.
             if !state.snapshot().contains(node) {
                 continue;
@@ -233,57 +260,189 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             report.replicas_scanned += 1;
             let mut offset = 0;
             while offset < len {
-                self.scrub_check()?;
-                let n = piece_len.min(len - offset);
-                let p = Piece { chunk, offset, len: n, buf_offset: 0 };
-                pacer.take(n).await;
-                let r = match self.io(node) {
-                    Ok(io) => self.call("read", io.read(id, offset, n as u32, self.epoch())).await,
-                    Err(e) => Err(e),
-                };
-                let e = match r {
-                    Ok(d) if d.len() as u64 == n => {
-                        self.scrub_count(report, n);
-                        offset += n;
-                        continue;
-                    }
-                    Ok(d) => ReplicaError::Failed(format!("read returned {} bytes, asked {n}", d.len())),
-                    Err(e) => e,
-                };
-                match classify(&e) {
-                    Reaction::Repair => {
-                        self.scrub_count(report, n);
-                        self.scrub_repair(p, node, &mut scan, report).await?;
-                    }
-                    Reaction::Missing => {
-                        // As for reads: a replica without the chunk holds no
-                        // write to it; it reads as zeros, nothing to verify.
-                        debug!(%node, "chunk not created on this replica: reads as zeros");
-                        report.missing_chunks += 1;
-                        break;
-                    }
-                    Reaction::Stop(m) => {
-                        self.stop_fenced(&m);
-                        return Err(FrontendError::Stopped(self.id()));
-                    }
-                    Reaction::Invalid(m) => {
-                        warn!(volume = %self.id(), chunk = chunk.0, %node, offset, message = %m, "replica rejected a scrub read as invalid: skipping its copy of the chunk");
-                        report.failed_replicas += 1;
-                        break;
-                    }
-                    Reaction::Eject(reason) => {
-                        warn!(volume = %self.id(), chunk = chunk.0, %node, offset, error = %e, "scrub read failed: ejecting the replica");
-                        report.failed_replicas += 1;
-                        if let Err(err) = self.eject(chunk, node, reason).await {
-                            warn!(volume = %self.id(), chunk = chunk.0, %node, error = %err, "could not eject a failed replica after a scrub read error");
-                        }
-                        break;
-                    }
+                let p = Piece { chunk, offset, len: piece_len.min(len - offset), buf_offset: 0 };
+                match self.scrub_piece(None, p, node, pacer, &mut scan, report).await? {
+                    Scanned::Next => offset += p.len,
+                    Scanned::Missing | Scanned::Failed => break,
                 }
-                offset += n;
+            }
+        }
+        let cuts = self.snapshots().await;
+        if cuts.is_empty() {
+            return Ok(());
+        }
+        for &node in &members {
+            if state.snapshot().contains(node) {
+                self.scrub_views(chunk, &cuts, node, piece_len, pacer, &mut scan, report).await?;
             }
         }
         Ok(())
+    }
+
+    /// The snapshot views of `chunk` on `node` (module docs, "Snapshot
+    /// views"): newest cut first, the blocks whose version differs from the
+    /// next newer view's, read in spans within `piece_len` windows.
+    #[allow(clippy::too_many_arguments)]
+    async fn scrub_views(
+        &self,
+        chunk: ChunkIdx,
+        cuts: &[Seq],
+        node: NodeId,
+        piece_len: u64,
+        pacer: &mut Pacer,
+        scan: &mut ChunkScan,
+        report: &mut ScrubReport,
+    ) -> Result<(), FrontendError> {
+        let id = self.chunk_id(chunk);
+        let blocks = (self.chunk_len(chunk) / BLOCK_SIZE_U64) as u32;
+        let window = (piece_len / BLOCK_SIZE_U64) as u32;
+        let table = |cut: Option<Seq>| async move {
+            let io = self.io(node)?;
+            match cut {
+                None => self.call("context table", io.context_table(id, BlockIdx(0), blocks, self.epoch())).await,
+                Some(cut) => {
+                    self.call("snapshot contexts", io.context_table_at(id, cut, BlockIdx(0), blocks, self.epoch()))
+                        .await
+                }
+            }
+        };
+        let mut newer = match self.scrub_table(chunk, node, table(None).await, report).await? {
+            Some(t) => t,
+            None => return Ok(()),
+        };
+        for &cut in cuts.iter().rev() {
+            self.scrub_check()?;
+            if !self.snapshots().await.contains(&cut) {
+                continue; // deleted during the pass
+            }
+            let Some(view) = self.scrub_table(chunk, node, table(Some(cut)).await, report).await? else {
+                return Ok(());
+            };
+            report.snapshot_views += 1;
+            let kept_for_views = |b: u32| {
+                let (v, n) = (view[b as usize].seq, newer[b as usize].seq);
+                v != Seq::ZERO && v != n
+            };
+            let mut w = 0;
+            while w < blocks {
+                let end = (w + window).min(blocks);
+                let first = (w..end).find(|&b| kept_for_views(b));
+                let last = (w..end).rev().find(|&b| kept_for_views(b));
+                w = end;
+                let (Some(first), Some(last)) = (first, last) else { continue };
+                let offset = u64::from(first) * BLOCK_SIZE_U64;
+                let p = Piece { chunk, offset, len: u64::from(last + 1 - first) * BLOCK_SIZE_U64, buf_offset: 0 };
+                match self.scrub_piece(Some(cut), p, node, pacer, scan, report).await? {
+                    Scanned::Next => {}
+                    Scanned::Missing => break,
+                    Scanned::Failed => return Ok(()),
+                }
+            }
+            newer = view;
+        }
+        Ok(())
+    }
+
+    /// A context table for the views' scan, or None when the node's copy is
+    /// not scanned further (no such chunk; failed: counted, and ejected as
+    /// the read rules say).
+    async fn scrub_table(
+        &self,
+        chunk: ChunkIdx,
+        node: NodeId,
+        r: Result<Vec<BlockContext>, ReplicaError>,
+        report: &mut ScrubReport,
+    ) -> Result<Option<Vec<BlockContext>>, FrontendError> {
+        let blocks = (self.chunk_len(chunk) / BLOCK_SIZE_U64) as usize;
+        let e = match r {
+            Ok(t) if t.len() == blocks => return Ok(Some(t)),
+            Ok(t) => ReplicaError::Failed(format!("context table of {} blocks, asked {blocks}", t.len())),
+            Err(e) => e,
+        };
+        match classify(&e) {
+            Reaction::Missing => Ok(None),
+            Reaction::Stop(m) => {
+                self.stop_fenced(&m);
+                Err(FrontendError::Stopped(self.id()))
+            }
+            Reaction::Repair | Reaction::Invalid(_) => {
+                warn!(volume = %self.id(), chunk = chunk.0, %node, error = %e, "scrub: a replica refused a context table: skipping its snapshot views of the chunk");
+                report.failed_replicas += 1;
+                Ok(None)
+            }
+            Reaction::Eject(reason) => {
+                warn!(volume = %self.id(), chunk = chunk.0, %node, error = %e, "scrub: context table failed: ejecting the replica");
+                report.failed_replicas += 1;
+                if let Err(err) = self.eject(chunk, node, reason).await {
+                    warn!(volume = %self.id(), chunk = chunk.0, %node, error = %err, "could not eject a failed replica after a scrub error");
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads piece `p` of `view` (None: live) from `node`, paced; a corrupt
+    /// copy is repaired, a failure follows the read rules.
+    async fn scrub_piece(
+        &self,
+        view: Option<Seq>,
+        p: Piece,
+        node: NodeId,
+        pacer: &mut Pacer,
+        scan: &mut ChunkScan,
+        report: &mut ScrubReport,
+    ) -> Result<Scanned, FrontendError> {
+        self.scrub_check()?;
+        let (chunk, offset, n) = (p.chunk, p.offset, p.len);
+        let id = self.chunk_id(chunk);
+        pacer.take(n).await;
+        let r = self.read_view(node, view, id, offset, n as u32).await;
+        let e = match r {
+            Ok(d) if d.len() as u64 == n => {
+                self.scrub_count(report, n);
+                return Ok(Scanned::Next);
+            }
+            Ok(d) => ReplicaError::Failed(format!("read returned {} bytes, asked {n}", d.len())),
+            Err(e) => e,
+        };
+        match classify(&e) {
+            Reaction::Repair => {
+                self.scrub_count(report, n);
+                self.scrub_repair(view, p, node, scan, report).await?;
+                Ok(Scanned::Next)
+            }
+            Reaction::Missing => {
+                // As for reads: a replica without the chunk holds no
+                // write to it; it reads as zeros, nothing to verify.
+                debug!(%node, "chunk not created on this replica: reads as zeros");
+                if view.is_none() {
+                    report.missing_chunks += 1;
+                }
+                Ok(Scanned::Missing)
+            }
+            Reaction::Stop(m) => {
+                self.stop_fenced(&m);
+                Err(FrontendError::Stopped(self.id()))
+            }
+            Reaction::Invalid(m) if view.is_some() => {
+                // The snapshot was deleted since the view's table was read.
+                debug!(volume = %self.id(), chunk = chunk.0, %node, message = %m, "scrub: snapshot view gone");
+                Ok(Scanned::Missing)
+            }
+            Reaction::Invalid(m) => {
+                warn!(volume = %self.id(), chunk = chunk.0, %node, offset, message = %m, "replica rejected a scrub read as invalid: skipping its copy of the chunk");
+                report.failed_replicas += 1;
+                Ok(Scanned::Failed)
+            }
+            Reaction::Eject(reason) => {
+                warn!(volume = %self.id(), chunk = chunk.0, %node, offset, error = %e, "scrub read failed: ejecting the replica");
+                report.failed_replicas += 1;
+                if let Err(err) = self.eject(chunk, node, reason).await {
+                    warn!(volume = %self.id(), chunk = chunk.0, %node, error = %err, "could not eject a failed replica after a scrub read error");
+                }
+                Ok(Scanned::Failed)
+            }
+        }
     }
 
     fn scrub_count(&self, report: &mut ScrubReport, bytes: u64) {
@@ -292,44 +451,107 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
         bump(&self.stats.scrubbed_bytes, bytes);
     }
 
-    /// `node`'s copy of piece `p` failed its checksum: rewrite it (and any
-    /// other corrupt copy found on the way) from a verified copy.
+    /// `node`'s copy of piece `p` of `view` failed its checksum: rewrite it
+    /// (and any other corrupt copy found on the way) from a verified copy.
+    ///
+    /// When no replica has the whole piece verified, the rot may still be in
+    /// different blocks on different replicas: the piece is halved, each half
+    /// read from every in-sync replica, and a half some copy fails is
+    /// repaired the same way, down to single blocks. Halves every copy
+    /// verifies are not written. So a block is left unrepaired only when
+    /// every in-sync copy of that block fails its checksum.
     async fn scrub_repair(
         &self,
+        view: Option<Seq>,
         p: Piece,
         node: NodeId,
         scan: &mut ChunkScan,
         report: &mut ScrubReport,
     ) -> Result<(), FrontendError> {
-        if scan.hopeless.contains(&(p.offset, node)) {
+        if scan.hopeless.contains(&(view, p.offset, node)) {
             return Ok(());
         }
-        warn!(volume = %self.id(), chunk = p.chunk.0, %node, offset = p.offset, len = p.len, "scrub: corrupt piece");
-        let mut corrupt = vec![node];
-        let outcome = self.rewrite_from_verified_copy(p, None, &mut corrupt).await;
-        let found = corrupt.len() as u64;
+        warn!(volume = %self.id(), chunk = p.chunk.0, %node, offset = p.offset, len = p.len, snapshot = ?view, "scrub: corrupt piece");
+        let mut all: BTreeSet<NodeId> = BTreeSet::new();
+        let mut pending = vec![(p, vec![node])];
+        let mut left = false;
+        while let Some((q, mut corrupt)) = pending.pop() {
+            let outcome = match view {
+                None => self.rewrite_from_verified_copy(q, None, &mut corrupt).await,
+                Some(cut) => self.rewrite_view_from_verified_copy(cut, q, &mut corrupt).await,
+            };
+            all.extend(corrupt.iter().copied());
+            match outcome {
+                Rewrite::Done { source, .. } => {
+                    info!(volume = %self.id(), chunk = q.chunk.0, corrupt = ?corrupt, offset = q.offset, len = q.len, %source, snapshot = ?view, "scrub: corrupt copies rewritten from a verified copy");
+                }
+                Rewrite::NoGoodCopy if q.len > BLOCK_SIZE_U64 => {
+                    let half = q.len / BLOCK_SIZE_U64 / 2 * BLOCK_SIZE_U64;
+                    for h in [Piece { len: half, ..q }, Piece { offset: q.offset + half, len: q.len - half, ..q }] {
+                        let bad = self.corrupt_copies(view, h).await?;
+                        if !bad.is_empty() {
+                            pending.push((h, bad));
+                        }
+                    }
+                }
+                Rewrite::NoGoodCopy => {
+                    left = true;
+                    warn!(volume = %self.id(), chunk = q.chunk.0, corrupt = ?corrupt, offset = q.offset, snapshot = ?view, "scrub: no in-sync replica has a verified copy of the block: left unrepaired");
+                }
+                Rewrite::WriteFailed { error, .. } => {
+                    left = true;
+                    warn!(volume = %self.id(), chunk = q.chunk.0, corrupt = ?corrupt, offset = q.offset, len = q.len, %error, "scrub: rewriting the corrupt piece failed");
+                }
+                Rewrite::Stopped => return Err(FrontendError::Stopped(self.id())),
+            }
+        }
+        let found = all.len() as u64;
         report.corrupt_pieces += found;
         bump(&self.stats.scrub_corrupt, found);
-        match outcome {
-            Rewrite::Done { source, .. } => {
-                report.repaired += found;
-                bump(&self.stats.scrub_repaired, found);
-                info!(volume = %self.id(), chunk = p.chunk.0, corrupt = ?corrupt, offset = p.offset, len = p.len, %source, "scrub: corrupt copies rewritten from a verified copy");
-            }
-            Rewrite::NoGoodCopy => {
-                report.unrepairable += found;
-                bump(&self.stats.scrub_unrepairable, found);
-                scan.hopeless.extend(corrupt.iter().map(|n| (p.offset, *n)));
-                warn!(volume = %self.id(), chunk = p.chunk.0, corrupt = ?corrupt, offset = p.offset, len = p.len, "scrub: no in-sync replica has a verified copy of the piece: left unrepaired");
-            }
-            Rewrite::WriteFailed { error, .. } => {
-                report.unrepairable += found;
-                bump(&self.stats.scrub_unrepairable, found);
-                warn!(volume = %self.id(), chunk = p.chunk.0, corrupt = ?corrupt, offset = p.offset, %error, "scrub: rewriting the corrupt piece failed");
-            }
-            Rewrite::Stopped => return Err(FrontendError::Stopped(self.id())),
+        if left {
+            report.unrepairable += found;
+            bump(&self.stats.scrub_unrepairable, found);
+            scan.hopeless.extend(all.iter().map(|n| (view, p.offset, *n)));
+        } else {
+            report.repaired += found;
+            bump(&self.stats.scrub_repaired, found);
         }
         Ok(())
+    }
+
+    /// Reads [offset, +len) of chunk `id`'s `view` (None: the live one) from `node`.
+    async fn read_view(
+        &self,
+        node: NodeId,
+        view: Option<Seq>,
+        id: ChunkId,
+        offset: u64,
+        len: u32,
+    ) -> Result<bytes::Bytes, ReplicaError> {
+        let io = self.io(node)?;
+        match view {
+            None => self.call("read", io.read(id, offset, len, self.epoch())).await,
+            Some(cut) => self.call("read snapshot", io.read_snapshot(id, cut, offset, len, self.epoch())).await,
+        }
+    }
+
+    /// The in-sync replicas whose copy of piece `p` of `view` fails its
+    /// checksum (a replica that cannot be read counts as neither).
+    async fn corrupt_copies(&self, view: Option<Seq>, p: Piece) -> Result<Vec<NodeId>, FrontendError> {
+        let id = self.chunk_id(p.chunk);
+        let set = self.chunks[p.chunk.0 as usize].snapshot();
+        let mut bad = Vec::new();
+        for &node in &set.in_sync {
+            match self.read_view(node, view, id, p.offset, p.len as u32).await {
+                Err(ReplicaError::ChecksumMismatch(_)) => bad.push(node),
+                Err(ReplicaError::Fenced(m)) => {
+                    self.stop_fenced(&m);
+                    return Err(FrontendError::Stopped(self.id()));
+                }
+                _ => {}
+            }
+        }
+        Ok(bad)
     }
 }
 

@@ -35,11 +35,11 @@
 use std::time::{Duration, Instant};
 
 use ballast_blockdev::BlockError;
-use ballast_types::{NodeId, Seq};
+use ballast_types::{BlockIdx, NodeId, Seq, BLOCK_SIZE_U64};
 use bytes::{Bytes, BytesMut};
 use tracing::{info, warn};
 
-use super::{io_err, join_all, Volume};
+use super::{io_err, join_all, Rewrite, Volume};
 use crate::membership::{EjectReason, Membership};
 use crate::policy::{self, classify, Reaction};
 use crate::replica_io::{ReplicaError, ReplicaIo};
@@ -173,8 +173,27 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                     self.stop_fenced(&m);
                     return Err(BlockError::Shutdown);
                 }
-                // A snapshot's frozen layers are not repaired here (scrub of
-                // snapshot blocks: not built yet): try the next replica.
+                // Read repair, as for live reads: the rotten copy is rewritten
+                // from a verified one, whose data is the answer.
+                Err(ReplicaError::ChecksumMismatch(m)) => {
+                    warn!(volume = %self.id, chunk = p.chunk.0, %node, %cut, message = %m, "checksum mismatch in a snapshot read: repairing from another replica");
+                    let mut corrupt = vec![node];
+                    match self.rewrite_view_from_verified_copy(cut, p, &mut corrupt).await {
+                        Rewrite::Done { data, source } => {
+                            info!(volume = %self.id, chunk = p.chunk.0, %cut, corrupt = ?corrupt, %source, "snapshot copies rewritten from a verified copy");
+                            return Ok(data);
+                        }
+                        Rewrite::WriteFailed { data, error } => {
+                            warn!(volume = %self.id, chunk = p.chunk.0, %cut, %error, "rewriting a rotten snapshot copy failed; serving the verified copy");
+                            return Ok(data);
+                        }
+                        Rewrite::Stopped => return Err(BlockError::Shutdown),
+                        Rewrite::NoGoodCopy => {
+                            last = format!("{node}: {m}; no other replica has a verified copy");
+                            break;
+                        }
+                    }
+                }
                 Err(e) => last = format!("{node}: {e}"),
             }
         }
@@ -185,5 +204,78 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
             "chunk {} at {cut}: no replica could serve the snapshot read (last: {last})",
             p.chunk
         )))
+    }
+
+    /// Rewrites piece `p` of the view at snapshot `cut` on every node in
+    /// `corrupt` from a verified copy of that view on another in-sync replica
+    /// (its data and its block contexts: each block keeps its seq, so the
+    /// repaired copy holds the same version in the same layer). Sources that
+    /// fail their checksum too join `corrupt`.
+    ///
+    /// No lock is taken: a view below a cut never changes (client writes go
+    /// above every cut, and the layer they would overwrite is frozen first),
+    /// so the source's data and contexts, read one after the other, describe
+    /// the same versions, and no client write can race the rewrite.
+    pub(crate) async fn rewrite_view_from_verified_copy(
+        &self,
+        cut: Seq,
+        p: policy::Piece,
+        corrupt: &mut Vec<NodeId>,
+    ) -> Rewrite {
+        let id = self.chunk_id(p.chunk);
+        let set = self.chunks[p.chunk.0 as usize].snapshot();
+        let (first, count) = (BlockIdx((p.offset / BLOCK_SIZE_U64) as u32), (p.len / BLOCK_SIZE_U64) as u32);
+        let mut found = None;
+        for node in set.in_sync.iter().copied() {
+            if corrupt.contains(&node) {
+                continue;
+            }
+            let read = async {
+                let io = self.io(node)?;
+                let data = self.call("read snapshot", io.read_snapshot(id, cut, p.offset, p.len as u32, self.epoch));
+                let data = data.await?;
+                let contexts = self.call("snapshot contexts", io.context_table_at(id, cut, first, count, self.epoch));
+                Ok::<_, ReplicaError>((data, contexts.await?))
+            };
+            match read.await {
+                Ok((data, contexts)) if data.len() as u64 == p.len && contexts.len() == count as usize => {
+                    found = Some((data, contexts, node));
+                    break;
+                }
+                Ok((data, _)) => {
+                    warn!(volume = %self.id, chunk = p.chunk.0, %node, %cut, got = data.len(), asked = p.len, "short snapshot read from a repair source")
+                }
+                Err(ReplicaError::ChecksumMismatch(_)) => {
+                    warn!(volume = %self.id, chunk = p.chunk.0, %node, %cut, offset = p.offset, "checksum mismatch on a snapshot repair source too");
+                    corrupt.push(node);
+                }
+                Err(ReplicaError::Fenced(m)) => {
+                    self.stop_fenced(&m);
+                    return Rewrite::Stopped;
+                }
+                Err(e) => {
+                    warn!(volume = %self.id, chunk = p.chunk.0, %node, %cut, error = %e, "a snapshot repair source could not serve the view")
+                }
+            }
+        }
+        let Some((data, contexts, source)) = found else { return Rewrite::NoGoodCopy };
+        for &node in corrupt.iter() {
+            let r = match self.io(node) {
+                Ok(io) => {
+                    let repair = io.repair_snapshot(id, cut, p.offset, &contexts, data.clone(), self.epoch);
+                    self.call("repair snapshot", repair).await
+                }
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(()) => {}
+                Err(ReplicaError::Fenced(m)) => {
+                    self.stop_fenced(&m);
+                    return Rewrite::Stopped;
+                }
+                Err(e) => return Rewrite::WriteFailed { data, error: BlockError::Io(format!("{node}: {e}")) },
+            }
+        }
+        Rewrite::Done { data, source }
     }
 }
