@@ -137,6 +137,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
                 zones: vec![],
                 zone_spread: pb::ZoneSpread::Required as i32,
                 source_snapshot: String::new(),
+                source_volume: String::new(),
             };
             meta.create_volume(req).await.context("create the dev volume")?;
         }

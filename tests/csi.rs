@@ -1154,8 +1154,7 @@ fn snapshots_through_csi_answer_with_the_spec_codes() {
 
         // CreateVolume from a snapshot (a restore): the snapshot's size when
         // none is asked, larger on request; the source echoed; OUT_OF_RANGE
-        // when capped below the snapshot, NOT_FOUND for an unknown one,
-        // INVALID_ARGUMENT for a volume source (no CLONE_VOLUME).
+        // when capped below the snapshot, NOT_FOUND for an unknown one.
         use pb::volume_content_source::{SnapshotSource, Type, VolumeSource};
         let from = |name: &str, bytes: i64, limit: i64, source: Type| {
             let mut r = create_req(name, bytes, mount_cap(""), &sc);
@@ -1164,7 +1163,6 @@ fn snapshots_through_csi_answer_with_the_spec_codes() {
             r
         };
         let snap = |id: &str| Type::Snapshot(SnapshotSource { snapshot_id: id.into() });
-        assert!(!rpcs.contains(&(Rpc::CloneVolume as i32)), "volumes are cloned through a snapshot");
         let restored = ctl.create_volume(from("pvc-restored", 0, 0, snap("snap-a"))).await.expect("restore");
         let restored = restored.into_inner().volume.expect("volume");
         assert_eq!(restored.capacity_bytes, 64 * MIB as i64, "the snapshot's size");
@@ -1180,8 +1178,27 @@ fn snapshots_through_csi_answer_with_the_spec_codes() {
         );
         assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 0, snap("never-was"))).await), Code::NotFound);
         assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 0, snap(""))).await), Code::InvalidArgument);
-        let vol = Type::Volume(VolumeSource { volume_id: "pvc-snap".into() });
-        assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 0, vol)).await), Code::InvalidArgument);
+        // CreateVolume from a volume (CLONE_VOLUME), here an attached one:
+        // answered once the snapshot meta makes of it is taken; the source
+        // echoed; the same codes; that snapshot is not listed.
+        assert!(rpcs.contains(&(Rpc::CloneVolume as i32)), "CLONE_VOLUME advertised: {rpcs:?}");
+        let vol = |id: &str| Type::Volume(VolumeSource { volume_id: id.into() });
+        let t = Instant::now();
+        let cloned = ctl.create_volume(from("pvc-clone", 0, 0, vol("pvc-snap"))).await.expect("clone");
+        eprintln!("CreateVolume from an attached volume: answered after {:?}", t.elapsed());
+        let cloned = cloned.into_inner().volume.expect("volume");
+        assert_eq!(cloned.capacity_bytes, 64 * MIB as i64, "the source's size");
+        assert_eq!(cloned.content_source.and_then(|s| s.r#type), Some(vol("pvc-snap")), "the source is echoed");
+        let again = ctl.create_volume(from("pvc-clone", 0, 0, vol("pvc-snap"))).await.expect("retry");
+        assert_eq!(again.into_inner().volume.map(|v| v.volume_id), Some("pvc-clone".into()));
+        assert_eq!(code(ctl.create_volume(from("pvc-clone", 0, 0, snap("snap-a"))).await), Code::AlreadyExists);
+        assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 32 * MIB as i64, vol("pvc-snap"))).await), Code::OutOfRange);
+        assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 0, vol("never-was"))).await), Code::NotFound);
+        assert_eq!(code(ctl.create_volume(from("pvc-x", 0, 0, vol(""))).await), Code::InvalidArgument);
+        let listed = ids(ctl.list_snapshots(list_req("", "", 0, "")).await.expect("list").into_inner());
+        assert_eq!(listed, all, "the clone's snapshot is meta's, not listed");
+        // A clone that is not needed any more goes, and its snapshot with it.
+        ctl.delete_volume(pb::DeleteVolumeRequest { volume_id: "pvc-clone".into() }).await.expect("delete the clone");
         // A snapshot a restore still copies from is not deleted (nothing has
         // attached the restores yet); the restores go, then it can.
         let dels = |id: &str| pb::DeleteSnapshotRequest { snapshot_id: id.into() };

@@ -28,6 +28,9 @@
 //!   be deleted until the copy is done, then the snapshot and the source
 //!   volume are deleted and the clone, re-attached, holds the same data and
 //!   takes writes of its own;
+//! - a clone of a busy attached volume (`--from-volume`): every block within
+//!   the ledger around its creation, while it copies and after its source is
+//!   deleted; the snapshot meta made for it goes once it is independent;
 //! - bit rot in snapshot blocks on every node (different blocks of the same
 //!   pieces) under a volume attached with a scrub schedule: the scrub passes
 //!   find and repair every rotten copy, the snapshot verifies against the
@@ -525,5 +528,66 @@ fn bit_rot_in_snapshot_blocks_is_found_by_the_scrub_and_repaired() -> Result<()>
         eprintln!("node {id}: {} MiB of the snapshot verified in its own store", read / MIB);
         assert!(read > 0, "node {id} holds some of the snapshot");
     }
+    Ok(())
+}
+
+/// A clone of a busy attached volume (`ballastctl volume create --from-volume`):
+/// it holds the source as it was at its creation (every block within the
+/// ledger around the create), through a snapshot meta made for it, which is
+/// gone once the clone is independent, so the source can be deleted right
+/// after; the clone keeps its data across a re-attach.
+#[test]
+fn a_clone_of_a_busy_volume_holds_its_content_at_creation_and_leaves_nothing_on_the_source() -> Result<()> {
+    let rt = runtime();
+    let c = Cluster::start("volume-clone", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    c.create_volume("v", "64M", "16M", "2")?;
+    let (export, sock) = attach(&c)?;
+    let mut w = Workload::start(rt.handle(), SIZE / BS, TASKS, 0xc1_0e6);
+    w.set_client(Some(connect(rt.handle(), &sock)?));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let small = c.ctl()?.run(&["volume", "create", "tiny", "--size", "16M", "--from-volume", "v"])?;
+    assert!(small.code() == Some(1) && small.stderr.contains("smaller"), "{small:?}");
+    let unknown = c.ctl()?.run(&["volume", "create", "w", "--size", "64M", "--from-volume", "never-was"])?;
+    assert!(unknown.code() == Some(1) && unknown.stderr.contains("not found"), "{unknown:?}");
+
+    let args =
+        ["volume", "create", "w", "--size", "64M", "--chunk-size", "16M", "--min-in-sync", "2", "--from-volume", "v"];
+    let before = w.mark();
+    let t = Instant::now();
+    let clone = c.ctl_json(&args)?;
+    let took = t.elapsed();
+    let marks = Marks { before, after: w.mark() };
+    eprintln!("clone of a busy 64 MiB volume created (its snapshot taken) in {took:?}");
+    assert_eq!(
+        (&clone["origin"]["snapshot"], &clone["origin"]["from_volume"]),
+        (&Value::from("w@source"), &Value::from(true)),
+        "{clone}"
+    );
+    assert_eq!(c.ctl_json(&args)?["id"], clone["id"], "the same create again is the same clone");
+    let snaps = c.ctl_json(&["snapshot", "list", "--volume", "v"])?;
+    let made = snaps["snapshots"].as_array().map(|s| s.iter().filter(|x| x["for_clone"] == clone["id"]).count());
+    assert_eq!(made, Some(1), "one snapshot made for the clone, ready: {snaps}");
+
+    let wsock = c.path("w.sock");
+    let wsock_arg = wsock.to_str().expect("utf-8 path").to_string();
+    let (wexport, _) = c.export_with("w", 3, &["--io-timeout", "2s", "--socket", &wsock_arg])?;
+    let first = verify_clone(&rt, &w, &wsock, &marks, "while it copies")?;
+    try_wait_until("the clone independent", Duration::from_secs(120), || {
+        Ok(c.inspect("w")?["volume"]["unfilled_chunks"] == 0)
+    })?;
+    let snaps = c.ctl_json(&["snapshot", "list"])?;
+    assert_eq!(snaps["snapshots"].as_array().map(Vec::len), Some(0), "the clone's snapshot is gone: {snaps}");
+
+    // The source goes at once: nothing of the clone is left on it.
+    w.pause();
+    drop(export);
+    c.ctl_json(&["volume", "delete", "v", "--yes"])?;
+    let mut wexport = wexport;
+    wexport.terminate(Duration::from_secs(30))?;
+    let (_wexport, _) = c.export_with("w", 3, &["--io-timeout", "2s", "--socket", &wsock_arg])?;
+    let again = verify_clone(&rt, &w, &wsock, &marks, "after its source was deleted")?;
+    assert_eq!(first, again, "the clone holds the same versions as before");
+    w.stop();
     Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! | call | Ballast | spec codes used |
 //! |---|---|---|
-//! | CreateVolume | Admin.CreateVolume (placement) | INVALID_ARGUMENT, ALREADY_EXISTS, OUT_OF_RANGE, RESOURCE_EXHAUSTED |
+//! | CreateVolume | Admin.CreateVolume (placement); from a snapshot (a restore) or a volume (a clone, through a snapshot meta makes and deletes) | INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND, OUT_OF_RANGE, RESOURCE_EXHAUSTED, UNAVAILABLE (a clone's source snapshot not taken yet: retry) |
 //! | DeleteVolume | Admin.DeleteVolume (replicas reclaimed by the nodes) | INVALID_ARGUMENT, FAILED_PRECONDITION |
 //! | ControllerPublish | Admin.PublishVolume: the one node allowed to stage it | NOT_FOUND, FAILED_PRECONDITION |
 //! | ControllerUnpublish | Admin.UnpublishVolume | INVALID_ARGUMENT |
@@ -91,11 +91,19 @@ fn csi_volume(v: &meta::Volume, fs_type: &str, zones: &BTreeSet<String>) -> pb::
         capacity_bytes: v.size_bytes as i64,
         volume_id: v.name.clone(),
         volume_context,
-        content_source: v.origin.as_ref().map(|o| pb::VolumeContentSource {
-            r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
-                snapshot_id: o.snapshot_name.clone(),
-            })),
-        }),
+        content_source: match volume_source(v) {
+            Source::Empty => None,
+            Source::Snapshot(id) => Some(pb::VolumeContentSource {
+                r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+                    snapshot_id: id.to_string(),
+                })),
+            }),
+            Source::Volume(id) => Some(pb::VolumeContentSource {
+                r#type: Some(pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+                    volume_id: id.to_string(),
+                })),
+            }),
+        },
         accessible_topology: zones
             .iter()
             .map(|z| pb::Topology { segments: HashMap::from([(TOPOLOGY_ZONE.to_string(), z.clone())]) })
@@ -103,19 +111,37 @@ fn csi_volume(v: &meta::Volume, fs_type: &str, zones: &BTreeSet<String>) -> pb::
     }
 }
 
-/// The snapshot a CreateVolume restores (None: an empty volume). A volume
-/// source is refused: Ballast clones volumes through a snapshot of them
-/// (CLONE_VOLUME is not advertised).
-fn content_snapshot(source: Option<&pb::VolumeContentSource>) -> Result<Option<&str>, Status> {
+/// What a CreateVolume starts from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source<'a> {
+    Empty,
+    /// A restore of this snapshot.
+    Snapshot(&'a str),
+    /// A clone of this volume (CLONE_VOLUME): through a snapshot of it that
+    /// meta makes for the clone and deletes once the clone is independent.
+    Volume(&'a str),
+}
+
+fn content_source(source: Option<&pb::VolumeContentSource>) -> Result<Source<'_>, Status> {
     use pb::volume_content_source::Type;
     match source.map(|s| s.r#type.as_ref()) {
-        None => Ok(None),
-        Some(Some(Type::Snapshot(s))) if !s.snapshot_id.is_empty() => Ok(Some(s.snapshot_id.as_str())),
-        Some(Some(Type::Snapshot(_))) => Err(Status::invalid_argument("volume_content_source.snapshot.snapshot_id is empty")),
-        Some(Some(Type::Volume(_))) => Err(Status::invalid_argument(
-            "volume_content_source.volume: Ballast does not clone volumes directly; snapshot the volume and create from the snapshot",
-        )),
+        None => Ok(Source::Empty),
+        Some(Some(Type::Snapshot(s))) if !s.snapshot_id.is_empty() => Ok(Source::Snapshot(s.snapshot_id.as_str())),
+        Some(Some(Type::Snapshot(_))) => {
+            Err(Status::invalid_argument("volume_content_source.snapshot.snapshot_id is empty"))
+        }
+        Some(Some(Type::Volume(v))) if !v.volume_id.is_empty() => Ok(Source::Volume(v.volume_id.as_str())),
+        Some(Some(Type::Volume(_))) => Err(Status::invalid_argument("volume_content_source.volume.volume_id is empty")),
         Some(None) => Err(Status::invalid_argument("volume_content_source names neither a snapshot nor a volume")),
+    }
+}
+
+/// The source a volume was made from, as CreateVolume names it.
+fn volume_source(v: &meta::Volume) -> Source<'_> {
+    match &v.origin {
+        None => Source::Empty,
+        Some(o) if o.from_volume => Source::Volume(o.source_volume_name.as_str()),
+        Some(o) => Source::Snapshot(o.snapshot_name.as_str()),
     }
 }
 
@@ -172,7 +198,6 @@ fn accessible_zones(nodes: &[meta::Node], requested: &BTreeSet<String>) -> BTree
 /// pending snapshot before answering `ready_to_use: false` (the CO asks again).
 /// A few layout polls: most snapshots are ready in the first answer.
 pub const SNAPSHOT_READY_WAIT: Duration = Duration::from_secs(2);
-const SNAPSHOT_READY_POLL: Duration = Duration::from_millis(100);
 
 /// The CSI view of a Ballast snapshot: its id is its name.
 fn csi_snapshot(s: &meta::Snapshot) -> pb::Snapshot {
@@ -285,6 +310,28 @@ fn parse_node_id(node_id: &str) -> Result<u64, Status> {
     }
 }
 
+impl ControllerService {
+    /// A clone of a volume is usable once the snapshot meta made of its
+    /// source is taken (the source's front end takes it within a layout poll,
+    /// a detached source's at once): waits up to [`SNAPSHOT_READY_WAIT`], then
+    /// UNAVAILABLE, and the CO's retry (same name) waits again.
+    async fn clone_source_taken(&self, v: &meta::Volume) -> Result<(), Status> {
+        let Some(o) = v.origin.as_ref().filter(|o| o.from_volume && v.unfilled_chunks > 0) else { return Ok(()) };
+        let snap = self
+            .meta
+            .wait_snapshot_ready(&o.snapshot_name, SNAPSHOT_READY_WAIT)
+            .await
+            .map_err(|e| meta_status("look up the clone's source snapshot", e))?;
+        match snap {
+            Some(s) if !s.ready => Err(Status::unavailable(format!(
+                "clone {} of volume {}: the source's snapshot is not taken yet (its front end takes it); retry",
+                v.name, o.source_volume_name
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::controller_server::Controller for ControllerService {
     #[instrument(skip_all, fields(name = %req.get_ref().name))]
@@ -295,7 +342,7 @@ impl pb::controller_server::Controller for ControllerService {
         let r = req.into_inner();
         let name = required("name", &r.name)?;
         check_capabilities("volume_capabilities", &r.volume_capabilities)?;
-        let source = content_snapshot(r.volume_content_source.as_ref())?;
+        let source = content_source(r.volume_content_source.as_ref())?;
         if !r.mutable_parameters.is_empty() {
             return Err(Status::invalid_argument("mutable_parameters: Ballast has none"));
         }
@@ -311,8 +358,8 @@ impl pb::controller_server::Controller for ControllerService {
         if let Some(v) = self.find(name).await? {
             let (required, limit) = r.capacity_range.as_ref().map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
             let fits = v.size_bytes as i64 >= required && (limit == 0 || v.size_bytes as i64 <= limit);
-            let same_source = v.origin.as_ref().map(|o| o.snapshot_name.as_str()) == source;
-            if fits && p.matches(&v) && same_source {
+            if fits && p.matches(&v) && volume_source(&v) == source {
+                self.clone_source_taken(&v).await?;
                 return Ok(Response::new(pb::CreateVolumeResponse {
                     volume: Some(csi_volume(&v, p.fs_type.as_str(), &zones)),
                 }));
@@ -326,20 +373,34 @@ impl pb::controller_server::Controller for ControllerService {
         // when the request caps it lower); without a requested size, exactly
         // the snapshot's size in whole chunks. Looked up only here, so that a
         // retry of a restore whose snapshot is gone by now gets its volume.
-        if let Some(snapshot) = source {
-            let snap = self.find_snapshot(snapshot).await?;
+        // A clone likewise holds its whole source volume.
+        let least = match source {
+            Source::Empty => None,
+            Source::Snapshot(snapshot) => {
+                Some((format!("snapshot {snapshot}"), self.find_snapshot(snapshot).await?.size_bytes))
+            }
+            Source::Volume(volume) => match self.find(volume).await? {
+                Some(v) => Some((format!("volume {volume}"), v.size_bytes)),
+                None => return Err(Status::not_found(format!("volume_content_source: volume {volume} not found"))),
+            },
+        };
+        if let Some((what, needed)) = least {
             let (required, limit) = r.capacity_range.as_ref().map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
-            if limit > 0 && (limit as u64) < snap.size_bytes {
+            if limit > 0 && (limit as u64) < needed {
                 return Err(Status::out_of_range(format!(
-                    "capacity_range: limit {limit} is below snapshot {snapshot}'s size of {} bytes",
-                    snap.size_bytes
+                    "capacity_range: limit {limit} is below {what}'s size of {needed} bytes"
                 )));
             }
-            if required == 0 || (required as u64) < snap.size_bytes {
-                let whole = snap.size_bytes.div_ceil(p.chunk_size) * p.chunk_size;
-                size = if limit > 0 && whole > limit as u64 { snap.size_bytes } else { whole };
+            if required == 0 || (required as u64) < needed {
+                let whole = needed.div_ceil(p.chunk_size) * p.chunk_size;
+                size = if limit > 0 && whole > limit as u64 { needed } else { whole };
             }
         }
+        let (from_snapshot, from_volume) = match source {
+            Source::Empty => ("", ""),
+            Source::Snapshot(s) => (s, ""),
+            Source::Volume(v) => ("", v),
+        };
         let req = meta::CreateVolumeRequest {
             name: name.to_string(),
             size_bytes: size,
@@ -348,10 +409,12 @@ impl pb::controller_server::Controller for ControllerService {
             min_in_sync: p.min_in_sync,
             zones: p.zones.clone(),
             zone_spread: p.zone_spread as i32,
-            source_snapshot: source.unwrap_or_default().to_string(),
+            source_snapshot: from_snapshot.to_string(),
+            source_volume: from_volume.to_string(),
         };
         let v = self.meta.create_volume(req).await.map_err(|e| meta_status("create the volume", e))?;
         info!(volume = %v.name, size = v.size_bytes, replicas = v.replicas, zones = ?v.zones, "volume created");
+        self.clone_source_taken(&v).await?;
         Ok(Response::new(pb::CreateVolumeResponse { volume: Some(csi_volume(&v, p.fs_type.as_str(), &zones)) }))
     }
 
@@ -536,15 +599,12 @@ impl pb::controller_server::Controller for ControllerService {
             }
             _ => meta_status("create the snapshot", e),
         })?;
-        let deadline = tokio::time::Instant::now() + SNAPSHOT_READY_WAIT;
-        while !snap.ready && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(SNAPSHOT_READY_POLL).await;
-            let req = meta::ListSnapshotsRequest { volume: String::new(), snapshot: name.to_string() };
-            let list = self.meta.list_snapshots(req).await.map_err(|e| meta_status("look up the snapshot", e))?;
-            match list.snapshots.into_iter().find(|s| s.name == name) {
-                Some(now) => snap = now,
-                None => return Err(Status::aborted(format!("snapshot {name} was deleted while being created"))),
-            }
+        if !snap.ready {
+            snap = match self.meta.wait_snapshot_ready(name, SNAPSHOT_READY_WAIT).await {
+                Ok(Some(now)) => now,
+                Ok(None) => return Err(Status::aborted(format!("snapshot {name} was deleted while being created"))),
+                Err(e) => return Err(meta_status("look up the snapshot", e)),
+            };
         }
         info!(snapshot = %snap.name, volume = %snap.volume_name, ready = snap.ready, "snapshot created");
         Ok(Response::new(pb::CreateSnapshotResponse { snapshot: Some(csi_snapshot(&snap)) }))
@@ -582,7 +642,8 @@ impl pb::controller_server::Controller for ControllerService {
             Err(e) => return Err(meta_status("list snapshots", e)),
         };
         // By name, not by numeric id: the CSI id is the name.
-        snaps.retain(|s| s.ready && (r.snapshot_id.is_empty() || s.name == r.snapshot_id));
+        // Not those meta made for clones of volumes: no CO asked for them.
+        snaps.retain(|s| s.ready && s.for_clone == 0 && (r.snapshot_id.is_empty() || s.name == r.snapshot_id));
         snaps.sort_by(|a, b| a.name.cmp(&b.name));
         let (taken, next_token) = page(SNAPSHOTS, &snaps, |s| s.name.as_str(), after.as_deref(), r.max_entries)?;
         let entries =
@@ -609,6 +670,7 @@ impl pb::controller_server::Controller for ControllerService {
             Rpc::GetVolume,
             Rpc::SingleNodeMultiWriter,
             Rpc::CreateDeleteSnapshot,
+            Rpc::CloneVolume,
             Rpc::ListSnapshots,
         ]
         .into_iter()
@@ -754,6 +816,7 @@ mod tests {
             created_ms: 1_700_000_000_123,
             ready: true,
             cut: Some(meta::Seq { epoch: 2, counter: 9 }),
+            for_clone: 0,
         };
         let c = csi_snapshot(&s);
         assert_eq!((c.snapshot_id.as_str(), c.source_volume_id.as_str()), ("snapshot-1", "pvc-1"));

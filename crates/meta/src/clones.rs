@@ -10,9 +10,20 @@
 //! epoch). Once `unfilled` is empty the clone is independent: its source
 //! snapshot (and then the source volume) can be deleted.
 //!
+//! A clone of a volume ([`crate::state::Command::CreateVolumeClone`]) is the
+//! same thing in one step: a snapshot of the source made for the clone
+//! (`for_clone`; named `<clone>@source`, a name users cannot give), pending
+//! while the source is attached, and the clone of it. Its front end may attach
+//! once that snapshot is ready ([`MetaError::CloneSourcePending`] before), and
+//! the snapshot goes when the clone is independent, or deleted: nothing is
+//! left behind on the source.
+//!
 //! Invariants ([`MetaState::check_invariants`] checks them):
-//! - a clone with unfilled chunks names a snapshot that exists and is ready,
-//!   so its source cannot go away under it ([`MetaError::SnapshotInUse`]);
+//! - a clone with unfilled chunks names a snapshot that exists and is ready
+//!   (or pending, when it was made for that clone), so its source cannot go
+//!   away under it ([`MetaError::SnapshotInUse`]);
+//! - a snapshot made for a clone belongs to a clone of it that is still
+//!   filling;
 //! - its unfilled chunks are ascending, distinct chunk indexes of the clone;
 //! - a clone takes no snapshot while it is filling ([`MetaError::CloneFilling`]):
 //!   the part of its data still in its source would be missing from it.
@@ -31,6 +42,15 @@ pub struct CloneOrigin {
     pub snapshot_name: String,
     /// The snapshot's volume.
     pub source: VolumeId,
+    /// Made from the volume: the snapshot was made for the clone.
+    #[serde(default)]
+    pub from_volume: bool,
+}
+
+/// The name of the snapshot made for clone `clone` of a volume: `@` is not
+/// in the names users give, so it takes no one's.
+pub fn clone_snapshot_name(clone: &str) -> String {
+    format!("{clone}@source")
 }
 
 impl MetaState {
@@ -42,7 +62,7 @@ impl MetaState {
         if let Some(v) = self.volume_by_name(name) {
             // A retry gets the clone it made; anything else by that name is
             // someone else's.
-            let same = v.origin.as_ref().is_some_and(|o| o.snapshot == snapshot) && v.has_spec(&spec);
+            let same = v.origin.as_ref().is_some_and(|o| o.snapshot == snapshot && !o.from_volume) && v.has_spec(&spec);
             return if same { Ok(Response::Volume(v.id)) } else { Err(MetaError::NameTaken(name.to_string())) };
         }
         if !s.is_ready() {
@@ -59,9 +79,70 @@ impl MetaState {
             return Err(MetaError::Conflict(format!("creating clone {name}: no volume created")));
         };
         let v = self.volumes.get_mut(&id).ok_or(MetaError::UnknownVolume(id))?;
-        v.origin = Some(CloneOrigin { snapshot, snapshot_name: s.name.clone(), source: s.volume });
+        v.origin = Some(CloneOrigin { snapshot, snapshot_name: s.name.clone(), source: s.volume, from_volume: false });
         v.unfilled = (0..s.size.div_ceil(chunk_size) as u32).collect();
         Ok(Response::Volume(id))
+    }
+
+    /// Creates volume `name` as a clone of volume `source`'s content now (see
+    /// the module docs), at least as large. The same name, parameters and
+    /// source again return the existing clone.
+    pub(crate) fn create_volume_clone(
+        &mut self,
+        name: &str,
+        spec: VolumeSpec,
+        source: VolumeId,
+        now_ms: u64,
+    ) -> Result<Response, MetaError> {
+        if let Some(v) = self.volume_by_name(name) {
+            let same = v.origin.as_ref().is_some_and(|o| o.from_volume && o.source == source) && v.has_spec(&spec);
+            return if same { Ok(Response::Volume(v.id)) } else { Err(MetaError::NameTaken(name.to_string())) };
+        }
+        let src = self.volumes.get(&source).ok_or(MetaError::UnknownVolume(source))?;
+        if !src.unfilled.is_empty() {
+            return Err(MetaError::CloneFilling { volume: source, remaining: src.unfilled.len() });
+        }
+        if spec.size < src.size {
+            return Err(MetaError::CloneTooSmall { size: spec.size, snapshot: src.name.clone(), needed: src.size });
+        }
+        let snapshot_name = clone_snapshot_name(name);
+        if self.find_snapshot(&snapshot_name).is_some() {
+            return Err(MetaError::NameTaken(snapshot_name));
+        }
+        // The volume first: it is the step that can fail (placement), and a
+        // command changes nothing when it fails.
+        let chunk_size = spec.chunk_size;
+        let Response::Volume(id) = self.create_volume(name, spec)? else {
+            return Err(MetaError::Conflict(format!("creating clone {name}: no volume created")));
+        };
+        let Response::Snapshot(snap) = self.insert_snapshot(source, &snapshot_name, now_ms)? else {
+            return Err(MetaError::Conflict(format!("creating clone {name}: no snapshot made")));
+        };
+        if let Some(x) = self.snapshots.get_mut(&snap.id) {
+            x.for_clone = Some(id);
+        }
+        let v = self.volumes.get_mut(&id).ok_or(MetaError::UnknownVolume(id))?;
+        v.origin = Some(CloneOrigin { snapshot: snap.id, snapshot_name, source, from_volume: true });
+        v.unfilled = (0..snap.size.div_ceil(chunk_size) as u32).collect();
+        Ok(Response::Volume(id))
+    }
+
+    /// The snapshot made for clone `clone`, if it still has one.
+    pub(crate) fn snapshot_for_clone(&self, clone: VolumeId) -> Option<u64> {
+        self.snapshots.values().find(|s| s.for_clone == Some(clone)).map(|s| s.id)
+    }
+
+    /// Refuses the attach of a clone whose source snapshot is not taken yet
+    /// (its data is not decided).
+    pub(crate) fn check_clone_attach(&self, volume: VolumeId) -> Result<(), MetaError> {
+        let Some(v) = self.volumes.get(&volume) else { return Ok(()) };
+        let Some(o) = v.origin.as_ref().filter(|_| !v.unfilled.is_empty()) else { return Ok(()) };
+        match self.snapshots.get(&o.snapshot) {
+            Some(s) if !s.is_ready() => {
+                Err(MetaError::CloneSourcePending { clone: volume, snapshot: s.name.clone(), from: s.volume })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The front end attached at `epoch` copied `chunks` of clone `volume`
@@ -84,6 +165,10 @@ impl MetaState {
         v.unfilled.retain(|c| !chunks.contains(c));
         if before > 0 && v.unfilled.is_empty() {
             v.layout_gen += 1;
+            // Independent: the snapshot made for it has served.
+            if let Some(id) = self.snapshot_for_clone(volume) {
+                self.remove_snapshot(id)?;
+            }
         }
         Ok(Response::Done)
     }

@@ -61,8 +61,10 @@ pub enum Invariant {
     /// A ready snapshot's cut is at most its volume's epoch's end; a pending
     /// one's volume is attached.
     SnapshotCut,
-    /// A clone with unfilled chunks names a ready snapshot that exists, and
-    /// its unfilled chunks are ascending, distinct indexes of its chunks.
+    /// A clone with unfilled chunks names a snapshot that exists and is ready
+    /// (or pending, when made for it), and its unfilled chunks are ascending,
+    /// distinct indexes of its chunks; a snapshot made for a clone belongs to
+    /// a clone of the volume still copying from it.
     CloneSource,
     /// No snapshot of a clone that is still filling.
     CloneNotSnapshotted,
@@ -267,6 +269,14 @@ impl MetaState {
                     snap.name, snap.cut, v.name, v.epoch, v.attached_to
                 )
             })?;
+            let serves = snap.for_clone.is_none_or(|c| {
+                s.volumes.get(&c).is_some_and(|x| {
+                    !x.unfilled.is_empty() && x.origin.as_ref().is_some_and(|o| o.snapshot == key && o.from_volume)
+                })
+            });
+            ensure(serves, Invariant::CloneSource, || {
+                format!("snapshot {} made for clone {:?}, which does not copy from it", snap.name, snap.for_clone)
+            })?;
             ensure(v.unfilled.is_empty(), Invariant::CloneNotSnapshotted, || {
                 format!(
                     "snapshot {} of volume {}, which still has {} unfilled chunks",
@@ -280,7 +290,8 @@ impl MetaState {
             let source = v.origin.as_ref().and_then(|o| s.snapshots.get(&o.snapshot));
             let ascending = v.unfilled.windows(2).all(|w| w[0] < w[1]);
             let in_range = v.unfilled.last().is_some_and(|c| (*c as usize) < v.chunks.len());
-            ensure(source.is_some_and(|x| x.is_ready()) && ascending && in_range, Invariant::CloneSource, || {
+            let decided = source.is_some_and(|x| x.is_ready() || x.for_clone == Some(v.id));
+            ensure(decided && ascending && in_range, Invariant::CloneSource, || {
                 format!("clone {} with unfilled chunks {:?} from {:?}", v.name, v.unfilled, v.origin)
             })?;
         }

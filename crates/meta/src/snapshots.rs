@@ -60,6 +60,11 @@ pub struct Snapshot {
     /// The cut: the snapshot holds every write below it and none above. None
     /// while the attached front end has not taken it yet.
     pub cut: Option<Seq>,
+    /// Made for the creation of this clone from the volume
+    /// ([`crate::state::Command::CreateVolumeClone`]): deleted with the clone,
+    /// or once the clone is independent.
+    #[serde(default)]
+    pub for_clone: Option<VolumeId>,
 }
 
 impl Snapshot {
@@ -95,6 +100,12 @@ impl MetaState {
 
     pub(crate) fn create_snapshot(&mut self, volume: VolumeId, name: &str, now_ms: u64) -> Result<Response, MetaError> {
         crate::state::validate_name(name)?;
+        self.insert_snapshot(volume, name, now_ms)
+    }
+
+    /// [`MetaState::create_snapshot`] without the name's validation (the
+    /// snapshots made for clones have names users cannot give).
+    pub(crate) fn insert_snapshot(&mut self, volume: VolumeId, name: &str, now_ms: u64) -> Result<Response, MetaError> {
         let v = self.volumes.get(&volume).ok_or(MetaError::UnknownVolume(volume))?;
         if !v.unfilled.is_empty() {
             return Err(MetaError::CloneFilling { volume, remaining: v.unfilled.len() });
@@ -113,7 +124,7 @@ impl MetaState {
         };
         let id = self.next_snapshot.max(1);
         self.next_snapshot = id + 1;
-        let s = Snapshot { id, name: name.to_string(), volume, size: v.size, created_ms: now_ms, cut };
+        let s = Snapshot { id, name: name.to_string(), volume, size: v.size, created_ms: now_ms, cut, for_clone: None };
         self.snapshots.insert(id, s.clone());
         self.bump_layout_gen(volume);
         Ok(Response::Snapshot(s))
@@ -163,13 +174,20 @@ impl MetaState {
         if let Some(clone) = self.clone_of(id) {
             return Err(MetaError::SnapshotInUse { snapshot: name, clone });
         }
-        let s = self.snapshots.remove(&id).ok_or(MetaError::UnknownSnapshot(id.to_string()))?;
-        self.bump_layout_gen(s.volume);
+        self.remove_snapshot(id)?;
         Ok(Response::Done)
     }
 
+    /// Forgets snapshot `id` (a new layout generation of its volume: the
+    /// front end drops its cut from the replicas).
+    pub(crate) fn remove_snapshot(&mut self, id: u64) -> Result<Snapshot, MetaError> {
+        let s = self.snapshots.remove(&id).ok_or(MetaError::UnknownSnapshot(id.to_string()))?;
+        self.bump_layout_gen(s.volume);
+        Ok(s)
+    }
+
     /// Raises the volume's `layout_gen` (see the module docs) and returns it.
-    fn bump_layout_gen(&mut self, volume: VolumeId) -> u64 {
+    pub(crate) fn bump_layout_gen(&mut self, volume: VolumeId) -> u64 {
         self.volumes.get_mut(&volume).map_or(0, |v| {
             v.layout_gen += 1;
             v.layout_gen

@@ -498,6 +498,20 @@ pub enum Command {
         zones: Vec<Zone>,
         zone_spread: ZoneSpread,
     },
+    /// Creates a volume from volume `source`'s content now: a snapshot of it
+    /// made for the clone, and the clone of that snapshot (see
+    /// [`crate::clones`]); the parameters as for CreateVolume.
+    CreateVolumeClone {
+        name: String,
+        source: VolumeId,
+        size: u64,
+        chunk_size: u64,
+        replicas: usize,
+        min_in_sync: usize,
+        zones: Vec<Zone>,
+        zone_spread: ZoneSpread,
+        now_ms: u64,
+    },
     /// The front end attached at `epoch` filled `chunks` of a clone from its
     /// origin, durably.
     FillChunks {
@@ -562,8 +576,11 @@ pub enum MetaError {
     #[error("snapshot {snapshot} is the source of clone {clone}, which is still copying from it")]
     SnapshotInUse { snapshot: String, clone: VolumeId },
     /// A snapshot of a filling clone would miss what it has not copied yet.
-    #[error("volume {volume} is a clone still copying {remaining} chunks from its source: snapshot it once it is independent")]
+    #[error("volume {volume} is a clone still copying {remaining} chunks from its source: snapshot or clone it once it is independent")]
     CloneFilling { volume: VolumeId, remaining: usize },
+    /// A clone of a volume waits for the snapshot made for it.
+    #[error("clone {clone} cannot attach yet: snapshot {snapshot} of its source volume {from} is not taken (its front end takes it within moments; or the next attach does)")]
+    CloneSourcePending { clone: VolumeId, snapshot: String, from: VolumeId },
 }
 
 impl From<PlacementError> for MetaError {
@@ -745,6 +762,11 @@ impl MetaState {
                 if count > 0 {
                     return Err(MetaError::HasSnapshots { volume: *volume, count });
                 }
+                // A clone of a volume deleted while it still fills: the
+                // snapshot made for it goes with it.
+                if let Some(id) = self.snapshot_for_clone(*volume) {
+                    self.remove_snapshot(id)?;
+                }
                 let v = self.volumes.remove(volume).ok_or(MetaError::UnknownVolume(*volume))?;
                 for j in self.jobs.values_mut().filter(|j| j.is_active() && j.volume == *volume) {
                     j.state = JobState::Failed;
@@ -777,6 +799,8 @@ impl MetaState {
                 if let Some(other) = v.published_to.filter(|p| p != node) {
                     return Err(MetaError::Published { volume: *volume, node: other });
                 }
+                self.check_clone_attach(*volume)?;
+                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
                 let old = v.epoch;
                 v.epoch = Epoch(v.epoch.0 + 1);
                 v.attached_to = Some(*node);
@@ -907,6 +931,20 @@ impl MetaState {
             Command::CreateClone { name, snapshot, size, chunk_size, replicas, min_in_sync, zones, zone_spread } => {
                 let spec = VolumeSpec::new(*size, *chunk_size, *replicas, *min_in_sync, zones, *zone_spread);
                 self.create_clone(name, spec, *snapshot)
+            }
+            Command::CreateVolumeClone {
+                name,
+                source,
+                size,
+                chunk_size,
+                replicas,
+                min_in_sync,
+                zones,
+                zone_spread,
+                now_ms,
+            } => {
+                let spec = VolumeSpec::new(*size, *chunk_size, *replicas, *min_in_sync, zones, *zone_spread);
+                self.create_volume_clone(name, spec, *source, *now_ms)
             }
             Command::FillChunks { volume, epoch, chunks } => self.fill_chunks(*volume, *epoch, chunks),
         }

@@ -83,6 +83,9 @@ fn arb_command() -> impl Strategy<Value = Command> {
         2 => (0u8..4, 0u64..8, 1u64..40).prop_map(|(n, snapshot, chunks)| Command::CreateClone {
             name: format!("clone{n}"), snapshot, size: chunks * CHUNK, chunk_size: CHUNK, replicas: 2, min_in_sync: 1,
             zones: vec![], zone_spread: ZoneSpread::Preferred }),
+        2 => (0u8..4, vol.clone(), 1u64..40, 0u64..1000).prop_map(|(n, v, chunks, t)| Command::CreateVolumeClone {
+            name: format!("vclone{n}"), source: VolumeId(v), size: chunks * CHUNK, chunk_size: CHUNK, replicas: 2,
+            min_in_sync: 1, zones: vec![], zone_spread: ZoneSpread::Preferred, now_ms: t }),
         2 => (vol, 0u64..4, prop::collection::vec(0u32..40, 0..4)).prop_map(|(v, e, chunks)| Command::FillChunks {
             volume: VolumeId(v), epoch: Epoch(e), chunks }),
     ]
@@ -259,7 +262,18 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
                 assert!(b.cut.is_none() || a.cut == b.cut, "snapshot {} changed its cut ({cmd:?})", b.name);
                 assert_eq!((&a.name, a.volume), (&b.name, b.volume));
             }
-            None => assert!(matches!(cmd, Command::DeleteSnapshot { id: d } if d == id), "snapshot {} lost", b.name),
+            // One made for a clone goes when that clone is filled or deleted.
+            None => assert!(
+                match cmd {
+                    Command::DeleteSnapshot { id: d } => d == id,
+                    Command::FillChunks { volume, .. } | Command::DeleteVolume { volume } => {
+                        b.for_clone == Some(*volume)
+                    }
+                    _ => false,
+                },
+                "snapshot {} lost ({cmd:?})",
+                b.name
+            ),
         }
     }
     // A change to a volume's snapshots is a new layout generation: the front
@@ -910,5 +924,73 @@ fn a_clone_copies_its_snapshot_then_lets_it_and_its_source_go() {
     s.apply(&Command::DeleteVolume { volume: src }).expect("delete the source");
     assert!(s.volumes.contains_key(&c));
     s.apply(&own).expect("an independent clone takes snapshots");
+    s.check_invariants().expect("invariants");
+}
+
+fn volume_clone_cmd(name: &str, source: VolumeId, size: u64) -> Command {
+    Command::CreateVolumeClone {
+        name: name.into(),
+        source,
+        size,
+        chunk_size: CHUNK,
+        replicas: 3,
+        min_in_sync: 2,
+        zones: vec![],
+        zone_spread: ZoneSpread::Preferred,
+        now_ms: 7,
+    }
+}
+
+#[test]
+fn a_clone_of_an_attached_volume_waits_for_its_snapshot_and_takes_it_away_when_independent() {
+    let mut s = three_zones();
+    let Ok(Response::Volume(src)) = s.apply(&create("src", 2 * CHUNK, 3, 2)) else { panic!("create") };
+    let Ok(Response::Epoch(se)) = s.apply(&Command::Attach { volume: src, node: NodeId(2) }) else { panic!("attach") };
+    // Refused, changing nothing: smaller than the source; an unknown source.
+    let before = s.clone();
+    assert!(matches!(s.apply(&volume_clone_cmd("c", src, CHUNK)), Err(MetaError::CloneTooSmall { .. })));
+    assert!(matches!(s.apply(&volume_clone_cmd("c", VolumeId(99), 2 * CHUNK)), Err(MetaError::UnknownVolume(_))));
+    assert_eq!(s, before);
+
+    let Ok(Response::Volume(c)) = s.apply(&volume_clone_cmd("c", src, 2 * CHUNK)) else { panic!("clone") };
+    let origin = s.volumes[&c].origin.clone().expect("origin");
+    assert!(origin.from_volume && origin.source == src && origin.snapshot_name == "c@source", "{origin:?}");
+    let snap = s.snapshots[&origin.snapshot].clone();
+    assert_eq!((snap.volume, snap.for_clone, snap.is_ready()), (src, Some(c), false), "pending: src is attached");
+    assert_eq!(s.volumes[&c].unfilled, vec![0, 1]);
+    assert!(matches!(s.apply(&volume_clone_cmd("c", src, 2 * CHUNK)), Ok(Response::Volume(v)) if v == c), "retry");
+    assert!(matches!(s.apply(&clone_cmd("c", snap.id, 2 * CHUNK)), Err(MetaError::NameTaken(_))), "not that clone");
+    s.check_invariants().expect("invariants");
+    // The clone attaches once its source's front end took the snapshot.
+    let attach = Command::Attach { volume: c, node: NodeId(1) };
+    assert!(matches!(s.apply(&attach), Err(MetaError::CloneSourcePending { .. })));
+    assert!(matches!(s.apply(&Command::DeleteVolume { volume: src }), Err(MetaError::HasSnapshots { .. })));
+    let cut = Seq::new(se, 40);
+    let commit = Command::CommitSnapshots { volume: src, epoch: se, snapshots: vec![snap.id], cut };
+    s.apply(&commit).expect("commit");
+    let Ok(Response::Epoch(e)) = s.apply(&attach) else { panic!("attach the clone") };
+    assert!(matches!(s.apply(&Command::DeleteSnapshot { id: snap.id }), Err(MetaError::SnapshotInUse { .. })));
+    // Independent: the snapshot made for it is gone, and the source is free.
+    s.apply(&Command::FillChunks { volume: c, epoch: e, chunks: vec![0, 1] }).expect("fill");
+    assert!(!s.snapshots.contains_key(&snap.id), "the clone's snapshot goes with its last fill");
+    assert!(s.volumes[&c].origin.is_some(), "the origin is still recorded");
+    s.check_invariants().expect("invariants");
+    let gen = s.volumes[&src].layout_gen;
+    s.apply(&Command::Detach { volume: src, epoch: se }).expect("detach");
+    s.apply(&Command::DeleteVolume { volume: src }).expect("the source goes");
+    assert!(gen > 0);
+
+    // A clone of a detached volume: ready at once; deleting the clone while
+    // it fills takes its snapshot too.
+    let Ok(Response::Volume(src2)) = s.apply(&create("src2", CHUNK, 3, 2)) else { panic!("create") };
+    let Ok(Response::Volume(d)) = s.apply(&volume_clone_cmd("d", src2, 3 * CHUNK)) else { panic!("clone") };
+    let o = s.volumes[&d].origin.clone().expect("origin");
+    assert!(s.snapshots[&o.snapshot].is_ready(), "a detached source's snapshot is ready at once");
+    assert_eq!(s.volumes[&d].unfilled, vec![0], "only the chunks the source had");
+    // A clone still filling is neither snapshotted nor cloned.
+    assert!(matches!(s.apply(&volume_clone_cmd("e", d, 3 * CHUNK)), Err(MetaError::CloneFilling { .. })));
+    s.apply(&Command::DeleteVolume { volume: d }).expect("delete the filling clone");
+    assert!(s.snapshots.is_empty(), "its snapshot went with it");
+    s.apply(&Command::DeleteVolume { volume: src2 }).expect("and the source is free");
     s.check_invariants().expect("invariants");
 }

@@ -22,6 +22,9 @@ use tracing::{debug, debug_span, Instrument};
 
 use crate::error::{describe_failure, is_retryable, MetaClientError};
 
+/// How often [`MetaClient::wait_snapshot_ready`] looks.
+pub const SNAPSHOT_READY_POLL: Duration = Duration::from_millis(100);
+
 /// Timeouts and the retry budget.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MetaClientOptions {
@@ -304,6 +307,31 @@ impl MetaClient {
         req: pb::ListSnapshotsRequest,
     ) -> Result<pb::ListSnapshotsResponse, MetaClientError> {
         self.admin("Admin.ListSnapshots", req, |mut c, r| async move { c.list_snapshots(r).await }).await
+    }
+
+    /// Waits up to `timeout` for snapshot `name` to be ready (an attached
+    /// volume's front end takes a requested snapshot within a layout poll),
+    /// looking every [`SNAPSHOT_READY_POLL`]: the snapshot as last seen, ready
+    /// or not, or None when it is gone (deleted meanwhile; a clone's source
+    /// snapshot also goes once the clone is independent).
+    pub async fn wait_snapshot_ready(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Option<pb::Snapshot>, MetaClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let req = pb::ListSnapshotsRequest { volume: String::new(), snapshot: name.to_string() };
+            let now = match self.list_snapshots(req).await {
+                Ok(list) => list.snapshots.into_iter().find(|s| s.name == name),
+                Err(e) if e.is_not_found() => None,
+                Err(e) => return Err(e),
+            };
+            match now {
+                Some(s) if !s.ready && Instant::now() < deadline => tokio::time::sleep(SNAPSHOT_READY_POLL).await,
+                other => return Ok(other),
+            }
+        }
     }
 
     pub async fn delete_snapshot(

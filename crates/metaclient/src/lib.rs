@@ -14,7 +14,7 @@
 mod client;
 mod error;
 
-pub use client::{parse_endpoints, MetaClient, MetaClientOptions};
+pub use client::{parse_endpoints, MetaClient, MetaClientOptions, SNAPSHOT_READY_POLL};
 pub use error::MetaClientError;
 
 /// The generated message types the client's methods take and return.

@@ -125,6 +125,8 @@ pub(crate) fn volume(s: &MetaState, v: &state::Volume) -> pb::Volume {
             snapshot: o.snapshot,
             snapshot_name: o.snapshot_name.clone(),
             source_volume: o.source.0,
+            from_volume: o.from_volume,
+            source_volume_name: s.volumes.get(&o.source).map(|x| x.name.clone()).unwrap_or_default(),
         }),
         unfilled_chunks: v.unfilled.len() as u32,
     }
@@ -164,6 +166,7 @@ pub(crate) fn snapshot(s: &MetaState, x: &state::Snapshot) -> pb::Snapshot {
         created_ms: x.created_ms,
         ready: x.cut.is_some(),
         cut: x.cut.map(seq),
+        for_clone: x.for_clone.map_or(0, |c| c.0),
     }
 }
 

@@ -85,6 +85,8 @@ pub(crate) fn meta_status(e: MetaError) -> Status {
         | MetaError::SnapshotInUse { .. }
         | MetaError::CloneFilling { .. } => Status::failed_precondition(msg),
         MetaError::CloneTooSmall { .. } => Status::out_of_range(msg),
+        // Retryable: the source's front end takes the snapshot within moments.
+        MetaError::CloneSourcePending { .. } => Status::unavailable(msg),
     }
 }
 
@@ -582,7 +584,22 @@ impl pb::admin_server::Admin for AdminSvc {
             Ok(pb::ZoneSpread::Required) => ZoneSpread::Required,
             Err(_) => return Err(Status::invalid_argument(format!("invalid zone_spread: {}", r.zone_spread))),
         };
-        let cmd = if r.source_snapshot.is_empty() {
+        if !r.source_snapshot.is_empty() && !r.source_volume.is_empty() {
+            return Err(Status::invalid_argument("a volume is cloned from a snapshot or from a volume, not both"));
+        }
+        let cmd = if !r.source_volume.is_empty() {
+            Command::CreateVolumeClone {
+                name: r.name.clone(),
+                source: self.0.volume_id(&r.source_volume).await?,
+                size: r.size_bytes,
+                chunk_size,
+                replicas,
+                min_in_sync,
+                zones,
+                zone_spread,
+                now_ms: now_ms(),
+            }
+        } else if r.source_snapshot.is_empty() {
             Command::CreateVolume {
                 name: r.name.clone(),
                 size: r.size_bytes,

@@ -43,7 +43,12 @@ pub(crate) async fn node(client: &MetaClient, out: Output, cmd: NodeCommand) -> 
     emit(out, node_json(&n), || format!("node {} is now {}\n", n.id, node_state(n.state)))
 }
 
-pub(crate) async fn volume(client: &MetaClient, out: Output, cmd: VolumeCommand) -> anyhow::Result<()> {
+pub(crate) async fn volume(
+    client: &MetaClient,
+    out: Output,
+    cmd: VolumeCommand,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     match cmd {
         VolumeCommand::Create(a) => {
             let req = pb::CreateVolumeRequest {
@@ -59,8 +64,24 @@ pub(crate) async fn volume(client: &MetaClient, out: Output, cmd: VolumeCommand)
                     pb::ZoneSpread::Preferred
                 } as i32,
                 source_snapshot: a.from_snapshot.unwrap_or_default(),
+                source_volume: a.from_volume.unwrap_or_default(),
             };
-            let v = client.create_volume(req).await?;
+            let mut v = client.create_volume(req).await?;
+            // A clone of an attached volume: usable once the source's front
+            // end has taken the snapshot made for it.
+            if let Some(o) = v.origin.clone().filter(|o| o.from_volume && v.unfilled_chunks > 0) {
+                if let Some(s) = client.wait_snapshot_ready(&o.snapshot_name, timeout).await? {
+                    if !s.ready {
+                        bail!(
+                            "volume {:?} created, but snapshot {:?} of its source is not taken after {timeout:?}: \
+                             is the source's front end running? (the clone attaches once it is)",
+                            v.name,
+                            o.snapshot_name
+                        );
+                    }
+                }
+                v = client.list_volumes().await?.volumes.into_iter().find(|x| x.id == v.id).unwrap_or(v);
+            }
             emit(out, volume_json(&v), || volumes_table(std::slice::from_ref(&v)))
         }
         VolumeCommand::List => {
@@ -87,9 +108,6 @@ pub(crate) async fn volume(client: &MetaClient, out: Output, cmd: VolumeCommand)
     }
 }
 
-/// How often `snapshot create` looks whether the snapshot is ready.
-const READY_POLL: Duration = Duration::from_millis(100);
-
 pub(crate) async fn snapshot(
     client: &MetaClient,
     out: Output,
@@ -99,20 +117,15 @@ pub(crate) async fn snapshot(
     match cmd {
         SnapshotCommand::Create { volume, name, no_wait } => {
             let mut s = client.create_snapshot(pb::CreateSnapshotRequest { volume, name: name.clone() }).await?;
-            let deadline = tokio::time::Instant::now() + timeout;
-            while !s.ready && !no_wait {
-                if tokio::time::Instant::now() >= deadline {
-                    bail!(
+            if !s.ready && !no_wait {
+                s = match client.wait_snapshot_ready(&name, timeout).await? {
+                    Some(s) if s.ready => s,
+                    Some(_) => bail!(
                         "snapshot {name:?} requested but not ready after {timeout:?}: is the volume's front end \
                          running? (it takes the snapshot; `ballastctl snapshot list` shows it when it is)"
-                    );
-                }
-                tokio::time::sleep(READY_POLL).await;
-                let req = pb::ListSnapshotsRequest { volume: String::new(), snapshot: name.clone() };
-                match client.list_snapshots(req).await?.snapshots.into_iter().next() {
-                    Some(now) => s = now,
+                    ),
                     None => bail!("snapshot {name:?} was deleted while it was being taken"),
-                }
+                };
             }
             emit(out, snapshot_json(&s), || snapshots_table(std::slice::from_ref(&s)))
         }

@@ -56,6 +56,7 @@ pub(crate) fn volume_json(v: &pb::Volume) -> Value {
             "snapshot": o.snapshot_name,
             "snapshot_id": o.snapshot,
             "source_volume": o.source_volume,
+            "from_volume": o.from_volume,
         })),
         "unfilled_chunks": v.unfilled_chunks,
     })
@@ -105,6 +106,7 @@ pub(crate) fn snapshot_json(s: &pb::Snapshot) -> Value {
         "created_ms": s.created_ms,
         "ready": s.ready,
         "cut": s.cut.as_ref().map(|c| json!({ "epoch": c.epoch, "counter": c.counter })),
+        "for_clone": s.for_clone,
     })
 }
 
@@ -165,6 +167,7 @@ mod tests {
             created_ms: 5,
             ready: true,
             cut: Some(pb::Seq { epoch: 2, counter: 77 }),
+            for_clone: 0,
         });
         assert_eq!(s["cut"], json!({ "epoch": 2, "counter": 77 }));
         assert_eq!((&s["name"], &s["ready"], &s["size_bytes"]), (&json!("nightly"), &json!(true), &json!(1u64 << 30)));

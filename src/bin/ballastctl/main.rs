@@ -175,8 +175,14 @@ pub(crate) struct CreateArgs {
     /// Create the volume as a clone of this ready snapshot (name or id): it
     /// holds the snapshot's data at once (copied in the background while it
     /// is attached) and must be at least the snapshot's size.
-    #[arg(long, value_name = "SNAPSHOT")]
+    #[arg(long, value_name = "SNAPSHOT", conflicts_with = "from_volume")]
     pub(crate) from_snapshot: Option<String>,
+    /// Create the volume as a clone of this volume's content now (name or
+    /// id), attached or not: a snapshot of it is made for the clone and goes
+    /// once the clone is independent; at least the source's size. Waits until
+    /// that snapshot is taken (see --timeout).
+    #[arg(long, value_name = "VOLUME")]
+    pub(crate) from_volume: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -269,7 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Status => commands::status(&client, out).await,
         Command::Node(cmd) => commands::node(&client, out, cmd).await,
-        Command::Volume(cmd) => commands::volume(&client, out, cmd).await,
+        Command::Volume(cmd) => commands::volume(&client, out, cmd, cli.timeout).await,
         Command::Snapshot(cmd) => commands::snapshot(&client, out, cmd, cli.timeout).await,
         Command::Jobs(args) => commands::jobs(&client, out, args).await,
         Command::WhatIf(WhatIfCommand::Down(args)) => commands::what_if_down(&client, out, args).await,

@@ -340,8 +340,12 @@ pub(crate) fn inspect_text(l: &pb::VolumeLayout, max_chunks: Option<usize>) -> S
                 0 => "independent".to_string(),
                 n => format!("{n} chunks still copying from it"),
             };
-            pairs
-                .push(("Cloned from", format!("snapshot {} of volume {} ({state})", o.snapshot_name, o.source_volume)));
+            let from = if o.from_volume {
+                format!("volume {} (through snapshot {}, {state})", o.source_volume, o.snapshot_name)
+            } else {
+                format!("snapshot {} of volume {} ({state})", o.snapshot_name, o.source_volume)
+            };
+            pairs.push(("Cloned from", from));
         }
     }
     let h = health(l);
