@@ -133,6 +133,32 @@ scenario_snapshot() {
   kc -n "$NS" delete pvc restored --wait=true >/dev/null
   row 2c "snapshot + restore" "VolumeSnapshot of data-web-0 ready in ${took}s; restored PVC's pod ready in ${restore}s, files sha256 ok, later files absent; snapshot deleted, restore still ok" "$(($(date +%s) - t0))s" PASS
 }
+
+# --- 2d. a PVC cloned from a PVC in use ----------------------------------------------
+scenario_clone() {
+  local t0=$(date +%s) node took left
+  # data-web-0 holds /data/files (scenario 2) and /data/after (2c); the clone
+  # gets both, and nothing web-0 writes after it. On web-0's own node.
+  node=$(kc -n "$NS" get pod web-0 -o jsonpath='{.spec.nodeName}')
+  sed -e "s/NODE/$node/" "$W/clone.yaml" | kc apply -f - >/dev/null
+  wait_for 300 "pod cloned ready" pod_ready cloned
+  took=$(($(date +%s) - t0))
+  write_files web-0 /data/later 1
+  verify_files cloned /data/files || die "cloned: web-0's files do not verify"
+  verify_files cloned /data/after || die "cloned: web-0's later files do not verify"
+  ! in_pod cloned "test -e /data/later" || die "cloned: holds files web-0 wrote after the clone"
+  write_files cloned /data/own 1
+  verify_files web-0 /data/later || die "web-0: its files after the clone do not verify"
+  ! in_pod web-0 "test -e /data/own" || die "web-0: holds the clone's files"
+  # Independent once copied: the snapshot meta made of data-web-0 is gone.
+  wait_for 120 "cloned volume independent" volume_independent "$(pvc_volume cloned)"
+  left=$(ballastctl --output json snapshot list | jq '[.snapshots[] | select(.for_clone != 0)] | length')
+  [ "$left" = 0 ] || die "$left snapshot(s) made for clones left in meta"
+  verify_files cloned /data/own || die "cloned: its own files do not verify"
+  kc -n "$NS" delete pod cloned --wait=true >/dev/null
+  kc -n "$NS" delete pvc cloned --wait=true >/dev/null
+  row 2d "PVC clone" "PVC cloned from data-web-0 in use, pod on web-0's node ready in ${took}s; files sha256 ok, later files absent both ways; independent, no snapshot left" "$(($(date +%s) - t0))s" PASS
+}
 snapshot_ready() { [ "$(kc -n "$NS" get volumesnapshot "$1" -o jsonpath='{.status.readyToUse}' 2>/dev/null)" = true ]; }
 volume_independent() { [ "$(ballastctl --output json volume inspect "$1" | jq '.volume.unfilled_chunks')" = 0 ]; }
 ballast_snapshot_gone() { ballastctl --output json snapshot list | jq -e --arg s "$1" 'all(.snapshots[]; .name != $s)' >/dev/null; }
@@ -321,7 +347,7 @@ event_says() {
 run_scenarios() {
   local s failed=0 only=${1:-}
   LOST_NODE=""
-  for s in scenario_statefulset scenario_snapshot scenario_strict_topology scenario_expand scenario_block scenario_delete scenario_node_pod_restart \
+  for s in scenario_statefulset scenario_snapshot scenario_clone scenario_strict_topology scenario_expand scenario_block scenario_delete scenario_node_pod_restart \
            scenario_node_loss scenario_bad_input; do
     [ -z "$only" ] || [ "$s" = "scenario_$only" ] || continue
     local t0=$(date +%s)

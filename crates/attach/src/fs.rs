@@ -124,16 +124,27 @@ pub fn mkfs(dev: &Path, fs: FsType, extra: &[&str]) -> Result<()> {
 /// The `-o` list for mount(8): the caller's options (comma lists allowed), and
 /// `ro` when asked; `defaults`/`rw` and empty entries dropped.
 fn option_list(options: &[&str], read_only: bool) -> String {
-    let mut out: Vec<&str> = options
-        .iter()
-        .flat_map(|o| o.split(','))
-        .map(str::trim)
-        .filter(|o| !o.is_empty() && *o != "defaults" && *o != "rw")
-        .collect();
+    let mut out: Vec<&str> = Vec::new();
+    for o in options.iter().flat_map(|o| o.split(',')).map(str::trim) {
+        if !o.is_empty() && o != "defaults" && o != "rw" && !out.contains(&o) {
+            out.push(o);
+        }
+    }
     if read_only && !out.contains(&"ro") {
         out.push("ro");
     }
     out.join(",")
+}
+
+/// The options a mount of `fstype` always gets: for xfs, `nouuid`. A clone or
+/// restore carries its source's filesystem UUID, and xfs refuses to mount a
+/// second filesystem with a UUID already mounted on the node, so a pod that
+/// uses a volume and its clone on one node would fail to start.
+fn always(fstype: FsType) -> &'static [&'static str] {
+    match fstype {
+        FsType::Xfs => &["nouuid"],
+        FsType::Ext4 => &[],
+    }
 }
 
 // Mounts and unmounts run as mount(8)/umount(8) child processes, never as
@@ -151,7 +162,8 @@ fn option_list(options: &[&str], read_only: bool) -> String {
 /// Mounts filesystem `fstype` from `dev` on `target` (which must exist). `options`
 /// are mount(8) options (`noatime`, `discard`, `nouuid`, comma lists allowed).
 pub fn mount(dev: &Path, target: &Path, fstype: FsType, options: &[&str], read_only: bool) -> Result<()> {
-    let opts = option_list(options, read_only);
+    let all: Vec<&str> = options.iter().chain(always(fstype)).copied().collect();
+    let opts = option_list(&all, read_only);
     let mut cmd = Command::new("mount");
     cmd.arg("-t").arg(fstype.as_str());
     if !opts.is_empty() {
@@ -545,5 +557,7 @@ mod tests {
         );
         assert_eq!(option_list(&[], true), "ro");
         assert_eq!(option_list(&["ro", "rw"], true), "ro");
+        assert_eq!(option_list(&["nouuid,noatime", "nouuid"], false), "nouuid,noatime", "each once");
+        assert_eq!((always(FsType::Xfs), always(FsType::Ext4)), (&["nouuid"][..], &[][..]));
     }
 }
