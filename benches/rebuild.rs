@@ -34,6 +34,9 @@
 //! --copy-rate per run, "0,100M"; 0 is unthrottled), BENCH_HEARTBEAT (node
 //! heartbeat, default 1s as in production), BENCH_LAT_SECONDS (10).
 
+#[path = "fio_log.rs"]
+mod fio_log;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -42,6 +45,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use ballast_testkit::ctl::{chunks, healthy, replicas_on};
 use ballast_testkit::{try_wait_until, Cluster, ProcOptions};
+use fio_log::{fio_json, fio_nbd, quantile_us, read_clat_log, Io};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -120,23 +124,6 @@ fn teardown(c: Cluster, dir: &Path) -> Result<()> {
 
 // ---- fio ------------------------------------------------------------------------
 
-fn fio_nbd(uri: &str) -> Command {
-    let mut cmd = Command::new("fio");
-    cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}")).stdin(Stdio::null());
-    cmd
-}
-
-/// Runs fio to completion; returns its JSON document.
-fn fio_json(mut cmd: Command, what: &str) -> Result<Value> {
-    let out = cmd.arg("--output-format=json").output().with_context(|| format!("run fio ({what})"))?;
-    if !out.status.success() {
-        bail!("fio ({what}) failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    }
-    // Engines may print notes before the document (the nbd engine does).
-    let start = out.stdout.iter().position(|&b| b == b'{').context("fio printed no JSON")?;
-    serde_json::from_slice(&out.stdout[start..]).context("parse fio JSON")
-}
-
 /// The latency workload: 4 KiB random 70 % reads / 30 % writes at QD1 over the
 /// whole volume, logging every I/O's completion latency with a wall-clock stamp.
 fn latency_job(uri: &str, size: u64, log_prefix: &Path, runtime: Duration) -> Command {
@@ -148,32 +135,6 @@ fn latency_job(uri: &str, size: u64, log_prefix: &Path, runtime: Duration) -> Co
         .arg("--log_unix_epoch=1")
         .arg("--randrepeat=0");
     cmd
-}
-
-/// One completed I/O from fio's clat log.
-#[derive(Clone, Copy)]
-struct Io {
-    at_ms: u64,
-    clat_ns: u64,
-    write: bool,
-}
-
-/// Reads `PREFIX_clat.1.log` ("unix ms, clat ns, ddir, bs, offset[, prio]").
-fn read_clat_log(prefix: &Path) -> Result<Vec<Io>> {
-    let path = PathBuf::from(format!("{}_clat.1.log", prefix.display()));
-    let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        if f.len() < 3 {
-            continue;
-        }
-        let (Ok(at_ms), Ok(clat_ns), Ok(ddir)) = (f[0].parse(), f[1].parse(), f[2].parse::<u8>()) else {
-            bail!("{}: bad line {line:?}", path.display());
-        };
-        out.push(Io { at_ms, clat_ns, write: ddir == 1 });
-    }
-    Ok(out)
 }
 
 /// Latency statistics of one kind of I/O in a time window.
@@ -192,8 +153,8 @@ fn lat(ios: &[Io], write: bool, from_ms: u64, to_ms: u64) -> Lat {
         return Lat::default();
     }
     v.sort_unstable();
-    let pct = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1000.0;
-    Lat { count: v.len(), p50_us: pct(0.50), p99_us: pct(0.99), max_us: *v.last().unwrap_or(&0) as f64 / 1000.0 }
+    let max_us = *v.last().unwrap_or(&0) as f64 / 1000.0;
+    Lat { count: v.len(), p50_us: quantile_us(&v, 0.50), p99_us: quantile_us(&v, 0.99), max_us }
 }
 
 fn unix_ms() -> u64 {

@@ -28,6 +28,11 @@
 //!   be deleted until the copy is done, then the snapshot and the source
 //!   volume are deleted and the clone, re-attached, holds the same data and
 //!   takes writes of its own;
+//! - snapshot space: volume inspect reports the frozen layers the nodes hold
+//!   and their bytes on disk, and nothing once the snapshots are deleted;
+//! - a storage node SIGKILLed while a snapshot is taken: the snapshot exists
+//!   complete or not at all, and after the node's resync it verifies read
+//!   from that node alone;
 //! - a clone of a busy attached volume (`--from-volume`): every block within
 //!   the ledger around its creation, while it copies and after its source is
 //!   deleted; the snapshot meta made for it goes once it is independent;
@@ -219,12 +224,26 @@ fn snapshots_through_meta_hold_exactly_what_the_ledger_allows() -> Result<()> {
     // replica merges its layers, no snapshot layer is left on any node.
     let frozen = frozen_on_nodes(&c);
     assert!(frozen > 0, "snapshot layers exist on the nodes");
+    // Their space, as the nodes count it (each recounts within 15 s) and
+    // volume inspect shows it: the layers found on disk, each holding blocks.
+    let space = |c: &Cluster| -> Result<(u64, u64)> {
+        let l = c.inspect("v")?;
+        let s = &l["snapshot_space"];
+        Ok((s["layers"].as_u64().unwrap_or(0), s["bytes"].as_u64().unwrap_or(0)))
+    };
+    try_wait_until("volume inspect counts every frozen layer", Duration::from_secs(40), || {
+        Ok(space(&c)?.0 == frozen as u64)
+    })?;
+    let (layers, bytes) = space(&c)?;
+    eprintln!("snapshot space reported: {layers} layers, {bytes} bytes on disk over the 3 nodes");
+    assert!(bytes >= layers * BS, "each frozen layer holds at least a block: {bytes} bytes in {layers} layers");
     for name in ["s1", "s2", "s3", "s4"] {
         c.ctl_json(&["snapshot", "delete", name])?;
     }
     let t = Instant::now();
     try_wait_until("no frozen layer left on any node", Duration::from_secs(30), || Ok(frozen_on_nodes(&c) == 0))?;
     eprintln!("all {frozen} frozen layers merged away {:?} after the deletes", t.elapsed());
+    try_wait_until("volume inspect counts no snapshot space", Duration::from_secs(40), || Ok(space(&c)? == (0, 0)))?;
     assert!(c.ctl_json(&["snapshot", "list"])?["snapshots"].as_array().is_some_and(|l| l.is_empty()));
     let live: Arc<NbdClient> = connect(rt.handle(), &sock3)?;
     assert_eq!(w.verify_all(&live), SIZE / BS, "the volume after the merges: {:?}", w.violations());
@@ -589,5 +608,62 @@ fn a_clone_of_a_busy_volume_holds_its_content_at_creation_and_leaves_nothing_on_
     let again = verify_clone(&rt, &w, &wsock, &marks, "after its source was deleted")?;
     assert_eq!(first, again, "the clone holds the same versions as before");
     w.stop();
+    Ok(())
+}
+
+/// A storage node SIGKILLed while a snapshot is being taken on the busy
+/// volume: the snapshot either exists complete (every block within the
+/// ledger around the request) or does not exist. The node comes back, is
+/// resynced, and with the other two holders SIGKILLed the snapshot read from
+/// it alone verifies.
+#[test]
+fn a_storage_node_sigkilled_during_snapshot_creation_leaves_a_complete_snapshot_or_none() -> Result<()> {
+    let rt = runtime();
+    let mut c = Cluster::start("snapshot-nodekill", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    c.create_volume("v", "64M", "16M", "2")?;
+    let (export, sock) = attach(&c)?;
+    let mut w = Workload::start(rt.handle(), SIZE / BS, TASKS, 0x6b_111);
+    w.set_client(Some(connect(rt.handle(), &sock)?));
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let before = w.mark();
+    let ctl = c.ctl()?;
+    let create = std::thread::spawn(move || ctl.run(&["--output", "json", "snapshot", "create", "v", "k"]));
+    // ballastctl starts, meta records the request, the front end sees it on
+    // its next layout poll and installs the cut: the kill lands in there.
+    std::thread::sleep(Duration::from_millis(120));
+    c.kill_node(2)?;
+    let out = create.join().map_err(|_| ballast_testkit::Error::harness("snapshot create thread panicked"))??;
+    let after = w.mark();
+    let listed = c.ctl_json(&["snapshot", "list"])?;
+    let exists =
+        listed["snapshots"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "k" && s["ready"] == true));
+    eprintln!("snapshot create with node 2 SIGKILLed: exit {:?}, snapshot exists: {exists}", out.code());
+    assert_eq!(out.code() == Some(0), exists, "ballastctl's answer matches meta: {out:?} {listed}");
+    let marks = Marks { before, after };
+    if exists {
+        read_back(&c, &rt, &w, "k", &marks)?;
+    }
+
+    // Back, and resynced with the snapshot's cut and views.
+    c.start_node(2)?;
+    let started = Instant::now();
+    try_wait_until("node 2 resynced", Duration::from_secs(120), || {
+        let l = c.inspect("v")?;
+        Ok(replicas_on(&l, 2) == 4 && ballast_testkit::ctl::fully_redundant(&l))
+    })?;
+    eprintln!("node 2 resynced {:?} after its restart", started.elapsed());
+    w.pause();
+    let live = connect(rt.handle(), &sock)?;
+    assert_eq!(w.verify_all(&live), SIZE / BS, "the volume after the resync: {:?}", w.violations());
+    drop(live);
+    drop(export);
+    if exists {
+        c.kill_node(1)?;
+        c.kill_node(3)?;
+        read_back(&c, &rt, &w, "k", &marks)?;
+    }
+    w.stop();
+    assert!(w.violations().is_empty(), "{:?}", w.violations());
     Ok(())
 }

@@ -56,7 +56,7 @@ use std::path::PathBuf;
 use ballast_types::{BlockIdx, ChunkId, Epoch, Seq, VolumeId};
 
 pub use metrics::{DiskMetrics, StoreMetrics};
-pub use store::ChunkStore;
+pub use store::{ChunkStore, SnapshotSpace, StoreSpace};
 
 /// How to open a store.
 #[derive(Clone, Debug)]
@@ -159,6 +159,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The store's filesystem allocates in blocks smaller than the store's
+    /// 4096: a write cut short by a full disk could end inside a block, leaving
+    /// it torn (neither its old nor its new context matches). Refused at open.
+    #[error(
+        "{}: the filesystem allocates in {fs_block}-byte blocks; the chunk store needs at least 4096          (a write cut short by a full disk would tear blocks): make it with 4096-byte blocks (mkfs.ext4 -b 4096)",
+        dir.display()
+    )]
+    SmallFsBlocks { dir: PathBuf, fs_block: u64 },
     /// The request contradicts itself (e.g. a resync write's data length vs its entries).
     #[error("invalid request: {0}")]
     InvalidRequest(String),

@@ -86,6 +86,7 @@ fn error_kind(e: &StoreError) -> Option<usize> {
         | StoreError::OutOfRange { .. }
         | StoreError::Misaligned { .. }
         | StoreError::InvalidRequest(_)
+        | StoreError::SmallFsBlocks { .. }
         | StoreError::Shutdown => None,
     }
 }

@@ -101,7 +101,7 @@ impl LoopFs {
         }
         fs.dev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
         let dev = fs.dev.clone().unwrap_or_default();
-        run("mkfs.ext4", &["-F", "-q", "-m", "0", &dev])?;
+        run("mkfs.ext4", &["-F", "-q", "-m", "0", "-b", "4096", &dev])?;
         run("mount", &[&dev, &fs.mnt.path().to_string_lossy()])?;
         fs.mounted = true;
         Ok(fs)

@@ -249,6 +249,16 @@ async fn deleting_snapshots_merges_their_layers_and_returns_the_space() {
         at += 10;
     }
     assert_eq!(layer_files(dir.path()), 4);
+    // Their space: three frozen layers, each holding the versions it keeps
+    // (its data blocks and its context file), all inside the store's use.
+    let space = s.space();
+    let frozen = space.snapshots[&V];
+    assert_eq!(frozen.layers, 3, "{space:?}");
+    assert_eq!(space.snapshots.len(), 1, "one volume has snapshots: {space:?}");
+    let data = (BLOCKS as u64) * BS as u64;
+    assert!(frozen.bytes >= 3 * (data / 2), "each frozen layer holds at least half the blocks: {space:?}");
+    assert!(space.used > frozen.bytes + data / 2, "the live layer is counted too: {space:?}");
+    let used_before = space.used;
     let views: Vec<Vec<Vec<u8>>> = {
         let mut v = Vec::new();
         for c in &cuts {
@@ -272,6 +282,9 @@ async fn deleting_snapshots_merges_their_layers_and_returns_the_space() {
     // Waits for the background merge (one at a time), or does it.
     s.merge_layers(V).await.expect("merge");
     assert_eq!(layer_files(dir.path()), 3);
+    let space = s.space();
+    assert_eq!(space.snapshots[&V].layers, 2, "{space:?}");
+    assert!(space.used < used_before, "the merged layer's space is returned: {space:?} (was {used_before})");
     for (i, c) in [(0, cuts[0]), (2, cuts[2])] {
         for b in 0..BLOCKS {
             assert_eq!(read_at(&s, c, b).await, views[i][b as usize], "block {b} of snapshot {i}");
@@ -281,6 +294,9 @@ async fn deleting_snapshots_merges_their_layers_and_returns_the_space() {
     s.set_cuts(V, E, &[]).await.expect("drop every cut");
     s.merge_layers(V).await.expect("merge");
     assert_eq!(layer_files(dir.path()), 1);
+    let space = s.space();
+    assert!(space.snapshots.is_empty(), "no snapshot space left: {space:?}");
+    assert!(space.used >= data && space.used < used_before, "{space:?}");
     for b in 0..BLOCKS {
         assert_eq!(read_live(&s, b).await, live[b as usize], "live block {b}");
     }

@@ -546,9 +546,11 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::ListVolumesResponse { entries, next_token }))
     }
 
-    /// Bytes a new volume of these parameters could get: the free space of the
-    /// up nodes in the zones its replicas may use (the `zones` parameter; all by
-    /// default) divided by the replicas. The topology does not narrow it: a volume
+    /// Bytes a new volume of these parameters could get: the room of the up
+    /// nodes in the zones its replicas may use (the `zones` parameter; all by
+    /// default) divided by the replicas. A node's room is meta's placement
+    /// figure: the smaller of what over-provisioning still allows it and what
+    /// its disk, by actual use, still holds (`ballastctl node list`). The topology does not narrow it: a volume
     /// accessible from one zone still places its replicas in all of them.
     async fn get_capacity(
         &self,
@@ -571,7 +573,7 @@ impl pb::controller_server::Controller for ControllerService {
                 )
             })
             .filter(|n| p.zones.is_empty() || p.zones.contains(&n.zone))
-            .map(|n| n.capacity_bytes.saturating_sub(n.allocated_bytes))
+            .map(|n| n.room_bytes)
             .sum();
         let available = free / u64::from(p.replicas);
         Ok(Response::new(pb::GetCapacityResponse {

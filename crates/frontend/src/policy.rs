@@ -30,7 +30,9 @@ pub fn classify(err: &ReplicaError) -> Reaction {
         ReplicaError::NoSuchChunk => Reaction::Missing,
         ReplicaError::Timeout { .. } => Reaction::Eject(EjectReason::Timeout),
         ReplicaError::Transport(_) => Reaction::Eject(EjectReason::Transport),
-        ReplicaError::ChunkExists | ReplicaError::Failed(_) => Reaction::Eject(EjectReason::ReplicaError),
+        ReplicaError::ChunkExists | ReplicaError::Failed(_) | ReplicaError::NoSpace(_) => {
+            Reaction::Eject(EjectReason::ReplicaError)
+        }
     }
 }
 
@@ -53,11 +55,13 @@ pub enum WriteFailure {
     Invalid(String),
     /// Acknowledging would leave fewer than min-in-sync copies; no in-sync
     /// replica is ejected. `rebuilding_failed` still should be (best effort):
-    /// they missed a write the in-sync replicas may have.
+    /// they missed a write the in-sync replicas may have. `no_space`: every
+    /// in-sync failure was a full disk (the client gets ENOSPC, not EIO).
     BelowMinInSync {
         failed: Vec<(NodeId, EjectReason)>,
         remaining: usize,
         rebuilding_failed: Vec<(NodeId, EjectReason)>,
+        no_space: bool,
     },
 }
 
@@ -83,6 +87,7 @@ pub fn plan_write(
     let mut rebuilding_failed = Vec::new();
     let mut invalid = None;
     let mut in_sync = 0;
+    let mut no_space = true;
     for (node, reply) in replies {
         let is_rebuilding = rebuilding.contains(node);
         if !is_rebuilding {
@@ -101,6 +106,7 @@ pub fn plan_write(
         if is_rebuilding {
             rebuilding_failed.push((*node, reason));
         } else {
+            no_space &= matches!(e, ReplicaError::NoSpace(_));
             failed.push((*node, reason));
         }
     }
@@ -109,7 +115,8 @@ pub fn plan_write(
     }
     let remaining = in_sync - failed.len();
     if remaining < min_in_sync {
-        return WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining, rebuilding_failed });
+        let no_space = no_space && !failed.is_empty();
+        return WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining, rebuilding_failed, no_space });
     }
     failed.extend(rebuilding_failed);
     if failed.is_empty() {
@@ -253,6 +260,12 @@ impl CopyRun {
 /// `tables[i].1[k]` is replica i's context of block `first + k`; all tables
 /// have the same length.
 ///
+/// Among equal seqs (a block at seq 0 whose content differs, e.g. left torn
+/// by a crash mid-write on one replica, and absent on another) a written
+/// context wins over the default one of a replica that lacks the chunk:
+/// either is allowed (the write was never acknowledged) and only the written
+/// one can be read back.
+///
 /// Why the highest seq: a front end that crashed mid-write may have reached
 /// some replicas and not others; the write was never acknowledged, so either
 /// outcome is allowed, but all replicas must agree, and the newest one is the
@@ -262,7 +275,11 @@ pub fn plan_reconcile(first: BlockIdx, tables: &[(NodeId, Vec<BlockContext>)]) -
     let mut runs: Vec<CopyRun> = Vec::new();
     let blocks = tables.iter().map(|(_, t)| t.len()).min().unwrap_or(0);
     for k in 0..blocks {
-        let Some(best) = tables.iter().map(|(_, t)| t[k]).max_by_key(|c| c.seq) else { continue };
+        // Ties at the highest seq go to a context that is not the default one
+        // (what a replica missing the chunk, or a block never written, has):
+        // a replica without the chunk is never a source.
+        let best = tables.iter().map(|(_, t)| t[k]).max_by_key(|c| (c.seq, *c != BlockContext::default()));
+        let Some(best) = best else { continue };
         let (sources, targets): (Vec<_>, Vec<_>) = tables.iter().partition(|(_, t)| t[k] == best);
         if targets.is_empty() {
             continue;
@@ -321,8 +338,42 @@ mod tests {
                 failed: vec![(B, EjectReason::Timeout), (C, EjectReason::ReplicaError)],
                 remaining: 1,
                 rebuilding_failed: vec![],
+                no_space: false,
             })
         );
+    }
+
+    #[test]
+    fn full_disks_fail_the_write_with_no_space_only_when_every_failure_is_one() {
+        let full = || Err(ReplicaError::NoSpace("write".into()));
+        // One full disk within the margin: ejected, acknowledged.
+        let plan = plan_write(&[(A, Ok(())), (B, full()), (C, Ok(()))], &[], 2);
+        assert_eq!(plan, WritePlan::EjectThenAck(vec![(B, EjectReason::ReplicaError)]));
+        // Too many full disks: the write fails as ENOSPC, nobody is ejected.
+        let plan = plan_write(&[(A, Ok(())), (B, full()), (C, full())], &[], 2);
+        assert!(matches!(plan, WritePlan::Fail(WriteFailure::BelowMinInSync { no_space: true, remaining: 1, .. })));
+        // One of the failures is not a full disk: EIO as before.
+        let plan = plan_write(&[(A, Ok(())), (B, full()), (C, Err(timeout()))], &[], 2);
+        assert!(matches!(plan, WritePlan::Fail(WriteFailure::BelowMinInSync { no_space: false, .. })));
+        // A full rebuilding replica is ejected and does not decide the answer.
+        let plan = plan_write(&[(A, Err(timeout())), (R, full())], &[R], 1);
+        assert!(matches!(plan, WritePlan::Fail(WriteFailure::BelowMinInSync { no_space: false, .. })));
+    }
+
+    #[test]
+    fn a_replica_missing_the_chunk_is_never_a_source() {
+        let missing = vec![BlockContext::default(); 2];
+        let present =
+            vec![BlockContext { crc: 7, seq: Seq::ZERO }, BlockContext { crc: 0, seq: Seq::new(Epoch(2), 1) }];
+        for tables in
+            [vec![(A, missing.clone()), (B, present.clone())], vec![(B, present.clone()), (A, missing.clone())]]
+        {
+            let runs = plan_reconcile(BlockIdx(0), &tables);
+            assert_eq!(runs.len(), 2, "{runs:?}");
+            for r in &runs {
+                assert_eq!((r.sources.as_slice(), r.targets.as_slice()), ([B].as_slice(), [A].as_slice()), "{runs:?}");
+            }
+        }
     }
 
     #[test]
@@ -366,7 +417,8 @@ mod tests {
             WritePlan::Fail(WriteFailure::BelowMinInSync {
                 failed: vec![(B, EjectReason::Timeout)],
                 remaining: 1,
-                rebuilding_failed: vec![]
+                rebuilding_failed: vec![],
+                no_space: false,
             })
         );
         let plan = plan_write(&[(A, Err(timeout())), (R, Err(timeout()))], &[R], 1);
@@ -375,7 +427,8 @@ mod tests {
             WritePlan::Fail(WriteFailure::BelowMinInSync {
                 failed: vec![(A, EjectReason::Timeout)],
                 remaining: 0,
-                rebuilding_failed: vec![(R, EjectReason::Timeout)]
+                rebuilding_failed: vec![(R, EjectReason::Timeout)],
+                no_space: false,
             })
         );
         // In-sync failure within the margin plus a rebuilding failure: both ejected.

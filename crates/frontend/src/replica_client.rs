@@ -29,7 +29,8 @@ impl From<ClientError> for ReplicaError {
                 Status::ChecksumMismatch => ReplicaError::ChecksumMismatch(message),
                 // The replica lost or never got the epoch (e.g. a wiped store):
                 // it cannot be trusted as in sync.
-                Status::UnannouncedEpoch | Status::NoSpace | Status::Io | Status::Shutdown => {
+                Status::NoSpace => ReplicaError::NoSpace(message),
+                Status::UnannouncedEpoch | Status::Io | Status::Shutdown => {
                     ReplicaError::Failed(format!("{status:?}: {message}"))
                 }
                 Status::Ok => ReplicaError::Failed(format!("error reply with status Ok: {message}")),

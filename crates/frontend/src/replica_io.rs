@@ -40,10 +40,15 @@ pub enum ReplicaError {
     /// The connection failed: eject.
     #[error("transport: {0}")]
     Transport(String),
-    /// The replica reported a failure of its own (I/O error, no space, shut
-    /// down, epoch not announced): eject.
+    /// The replica reported a failure of its own (I/O error, shut down, epoch
+    /// not announced): eject.
     #[error("replica failure: {0}")]
     Failed(String),
+    /// The replica's disk is full: eject it while enough copies remain; when
+    /// too few would, the write fails with ENOSPC (the disks filled before the
+    /// thin volume did), never EIO.
+    #[error("no space left on the replica's disk: {0}")]
+    NoSpace(String),
 }
 
 /// One replica node's data-path operations. Cheap to clone (shares connections).

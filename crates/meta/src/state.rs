@@ -128,6 +128,61 @@ impl Node {
     pub fn is_serving(&self) -> bool {
         self.state == NodeState::Up && !self.disk.is_failed()
     }
+
+    /// The volume bytes it may hold replicas of: its capacity times the
+    /// cluster's over-provisioning ratio (volumes are thin: a replica takes
+    /// disk only for the blocks written to it).
+    pub fn provisionable(&self, settings: &Settings) -> u64 {
+        (u128::from(self.capacity) * u128::from(settings.over_provisioning_pct) / 100).min(u128::from(u64::MAX)) as u64
+    }
+
+    /// What its disk still takes by actual use: its capacity less what it
+    /// reports in use (every layer's allocated blocks) and a headroom of
+    /// [`USE_HEADROOM_PCT`] of the capacity, kept for the writes of the thin
+    /// replicas it already holds. Placing a replica does not lower it (the
+    /// replica takes disk as it is written); a node gets new replicas only
+    /// while it is at least a chunk, and placement weighs nodes by it.
+    pub fn disk_room(&self) -> u64 {
+        let headroom = self.capacity / 100 * USE_HEADROOM_PCT;
+        self.capacity.saturating_sub(self.reported_used).saturating_sub(headroom)
+    }
+
+    /// The volume bytes placement may still put on it: what provisioning
+    /// allows ([`Node::provisionable`] less its replicas' full size), or
+    /// nothing when its disk has no room left by actual use. (Exactly: a
+    /// chunk goes to it only if the disk room is at least the chunk.)
+    pub fn room(&self, settings: &Settings) -> u64 {
+        if self.disk_room() == 0 {
+            return 0;
+        }
+        self.provisionable(settings).saturating_sub(self.allocated)
+    }
+}
+
+/// Of a node's capacity, the share [`Node::room`] keeps free of new replicas
+/// for the writes of the thin replicas it already holds.
+pub const USE_HEADROOM_PCT: u64 = 5;
+
+/// Cluster-wide settings, changed through the log (`ballastctl settings`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// How much volume size a node may hold replicas of, in percent of its
+    /// capacity (as Longhorn's over-provisioning percentage): 100 reserves
+    /// every replica's full size on its disk; above it, volumes are thin
+    /// and the disk may fill before they do, and a write that finds it full
+    /// gets ENOSPC (never corruption). Bounds: [`OVER_PROVISIONING_PCT`].
+    pub over_provisioning_pct: u32,
+}
+
+/// The accepted over-provisioning percentages.
+pub const OVER_PROVISIONING_PCT: std::ops::RangeInclusive<u32> = 100..=1000;
+
+impl Default for Settings {
+    /// 200%: databases rarely fill their claims, and the disk's actual use is
+    /// kept in check by [`Node::room`]; states from before settings decode so.
+    fn default() -> Self {
+        Settings { over_provisioning_pct: 200 }
+    }
 }
 
 /// Whether a chunk's replica is live: the one rule by which `status`, `volume
@@ -387,6 +442,11 @@ pub enum Command {
         id: NodeId,
         state: NodeState,
     },
+    /// Sets the over-provisioning ratio ([`Settings::over_provisioning_pct`]):
+    /// placement from now on; replicas already placed stay.
+    SetOverProvisioning {
+        pct: u32,
+    },
     /// Creates a volume and places all its chunks. Same name and parameters again:
     /// returns the existing volume (retries are safe).
     CreateVolume {
@@ -606,6 +666,8 @@ pub struct MetaState {
     pub snapshots: BTreeMap<u64, Snapshot>,
     #[serde(default)]
     pub next_snapshot: u64,
+    #[serde(default)]
+    pub settings: Settings,
 }
 
 impl MetaState {
@@ -746,6 +808,20 @@ impl MetaState {
             }
             Command::SetNodeState { id, state } => {
                 self.nodes.get_mut(id).ok_or(MetaError::UnknownNode(*id))?.state = *state;
+                Ok(Response::Done)
+            }
+            Command::SetOverProvisioning { pct } => {
+                if !OVER_PROVISIONING_PCT.contains(pct) {
+                    return Err(invalid(
+                        "over_provisioning_pct",
+                        format!(
+                            "{pct}% is outside {}..={}%",
+                            OVER_PROVISIONING_PCT.start(),
+                            OVER_PROVISIONING_PCT.end()
+                        ),
+                    ));
+                }
+                self.settings.over_provisioning_pct = *pct;
                 Ok(Response::Done)
             }
             Command::CreateVolume { name, size, chunk_size, replicas, min_in_sync, zones, zone_spread } => {
@@ -1255,8 +1331,11 @@ impl MetaState {
                 .map(|n| NodeInfo {
                     id: n.id,
                     zone: n.zone.clone(),
-                    capacity: n.capacity,
+                    // Thin: allocated up to the over-provisioned capacity, and
+                    // only while its disk has room by actual use.
+                    capacity: n.provisionable(&self.settings),
                     used: n.allocated,
+                    disk_room: n.disk_room(),
                     // A failed disk is a down node (its replicas are lost); a
                     // full one a cordoned node, unless it is leaving anyway.
                     state: match (&n.disk, n.state) {

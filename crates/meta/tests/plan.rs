@@ -109,7 +109,8 @@ fn nth_volume(s: &MetaState, pick: usize) -> Option<&Volume> {
 fn build(spec: &Spec) -> MetaState {
     let mut s = MetaState::new(5);
     for (i, (z, small, _, _)) in spec.nodes.iter().enumerate() {
-        // A small disk has room for two chunks: placement must skip it when full.
+        // A small disk (two chunks of capacity, room for one beside the use
+        // headroom): placement must skip it when full.
         let capacity = if *small { 2 * CHUNK } else { 1 << 40 };
         register(&mut s, i as u64 + 1, &format!("z{}", z % spec.zones), capacity);
     }
@@ -173,7 +174,8 @@ fn eligible(s: &MetaState, v: &Volume, c: &ChunkEntry) -> Vec<NodeId> {
         .values()
         .filter(|n| {
             n.accepts_replicas()
-                && n.capacity.saturating_sub(n.allocated) >= v.chunk_size
+                && n.room(&s.settings) >= v.chunk_size
+                && n.disk_room() >= v.chunk_size
                 && (v.zones.is_empty() || v.zones.contains(&n.zone))
                 && role_of(c, n.id).is_none()
         })
@@ -230,7 +232,7 @@ fn check_plan(s: &MetaState, limits: JobLimits, plan: &[Command]) -> MetaState {
             JobKind::Rebuild => {
                 assert!(!up_ejected, "rebuild planned where a resync is possible");
                 assert_eq!(role_of(c, *target), None, "rebuild target {target} already holds chunk {chunk}");
-                let room = cur.nodes[target].capacity.saturating_sub(cur.nodes[target].allocated);
+                let room = cur.nodes[target].room(&cur.settings).min(cur.nodes[target].disk_room());
                 assert!(room >= v.chunk_size, "target {target} has no room left for chunk {chunk} in this round");
                 assert!(v.zones.is_empty() || v.zones.contains(&tn.zone), "target outside the volume's zones");
                 let old = replaces.expect("a rebuild replaces a member");
@@ -286,7 +288,8 @@ proptest! {
         for cmd in &plan {
             if let Command::StartJob { kind: JobKind::Rebuild, target, .. } = cmd {
                 let n = &after.nodes[target];
-                prop_assert!(n.allocated <= n.capacity, "target {} over-reserved: {} > {}", target, n.allocated, n.capacity);
+                let most = n.provisionable(&after.settings);
+                prop_assert!(n.allocated <= most, "target {} over-reserved: {} > {}", target, n.allocated, most);
             }
         }
         // Unbounded, every chunk with an ejected member on an up node (and a

@@ -262,6 +262,12 @@ impl MetaClient {
         self.admin("Admin.RemoveNode", req, |mut c, r| async move { c.remove_node(r).await }).await
     }
 
+    /// Sets the cluster's over-provisioning ratio; answers the status in force.
+    pub async fn set_over_provisioning(&self, pct: u32) -> Result<pb::StatusResponse, MetaClientError> {
+        let req = pb::SetOverProvisioningRequest { pct };
+        self.admin("Admin.SetOverProvisioning", req, |mut c, r| async move { c.set_over_provisioning(r).await }).await
+    }
+
     pub async fn create_volume(&self, req: pb::CreateVolumeRequest) -> Result<pb::Volume, MetaClientError> {
         self.admin("Admin.CreateVolume", req, |mut c, r| async move { c.create_volume(r).await }).await
     }

@@ -103,6 +103,9 @@ impl Admin for Fixture {
     async fn what_if(&self, _: Request<pb::WhatIfRequest>) -> Reply<pb::WhatIfResponse> {
         unimplemented()
     }
+    async fn set_over_provisioning(&self, _: Request<pb::SetOverProvisioningRequest>) -> Reply<pb::StatusResponse> {
+        unimplemented()
+    }
     async fn add_member(&self, _: Request<pb::AddMemberRequest>) -> Reply<pb::StatusResponse> {
         unimplemented()
     }
@@ -116,6 +119,8 @@ fn fixture_layout(id: u64) -> pb::VolumeLayout {
     pb::VolumeLayout {
         snapshots: vec![],
         unfilled: vec![],
+        snapshot_layers: 0,
+        snapshot_bytes: 0,
         volume: Some(pb::Volume {
             id,
             name: "pg".into(),

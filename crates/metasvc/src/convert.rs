@@ -70,7 +70,7 @@ pub fn layout_replica_live(l: &pb::VolumeLayout, r: &pb::ChunkReplica) -> bool {
     state::replica_live(role, state, &disk_health(n.disk, &n.disk_error))
 }
 
-pub(crate) fn node(n: &state::Node, last_seen: &HashMap<NodeId, Instant>) -> pb::Node {
+pub(crate) fn node(n: &state::Node, settings: &state::Settings, last_seen: &HashMap<NodeId, Instant>) -> pb::Node {
     let (disk, disk_error) = pb_disk_health(&n.disk);
     pb::Node {
         id: n.id.0,
@@ -83,6 +83,8 @@ pub(crate) fn node(n: &state::Node, last_seen: &HashMap<NodeId, Instant>) -> pb:
         heartbeat_age_ms: last_seen.get(&n.id).map_or(0, |t| t.elapsed().as_millis() as u64),
         disk: disk as i32,
         disk_error,
+        provisionable_bytes: n.provisionable(settings),
+        room_bytes: n.room(settings),
     }
 }
 
@@ -146,9 +148,11 @@ pub(crate) fn layout(s: &MetaState, v: &state::Volume, last_seen: &HashMap<NodeI
     pb::VolumeLayout {
         volume: Some(volume(s, v)),
         chunks: v.chunks.iter().enumerate().map(|(i, c)| chunk(i, c)).collect(),
-        nodes: ids.iter().filter_map(|id| s.nodes.get(id)).map(|n| node(n, last_seen)).collect(),
+        nodes: ids.iter().filter_map(|id| s.nodes.get(id)).map(|n| node(n, &s.settings, last_seen)).collect(),
         snapshots: s.volume_snapshots(v.id).map(|x| snapshot(s, x)).collect(),
         unfilled: v.unfilled.clone(),
+        snapshot_layers: 0,
+        snapshot_bytes: 0,
     }
 }
 
@@ -189,7 +193,7 @@ pub(crate) fn job(s: &MetaState, j: &state::Job, p: Progress, last_seen: &HashMa
                 .filter(|n| *n != j.target)
                 .filter_map(|n| s.nodes.get(&n))
                 .filter(|n| !n.disk.is_failed())
-                .map(|n| node(n, last_seen))
+                .map(|n| node(n, &s.settings, last_seen))
                 .collect()
         })
         .unwrap_or_default();

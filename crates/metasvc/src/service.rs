@@ -38,6 +38,9 @@ use crate::network;
 /// Metadata key set on a call a member proxied to the leader.
 pub const FORWARDED: &str = "x-ballast-forwarded";
 
+/// A node's frozen snapshot layers of one volume: (layers, bytes on disk).
+pub(crate) type LayerSpace = (u64, u64);
+
 /// In-memory, leader-only knowledge that is not worth a log entry per change:
 /// when each node was last heard from, its reported disk use, and copy job
 /// progress. A new leader starts with empty maps (and a grace period).
@@ -46,6 +49,9 @@ pub(crate) struct Soft {
     pub last_seen: Mutex<HashMap<NodeId, Instant>>,
     /// Bytes each node last reported in use.
     pub used: Mutex<HashMap<NodeId, u64>>,
+    /// Each node's last count of the snapshot layers it holds, per volume:
+    /// summed into VolumeLayout.snapshot_layers/_bytes.
+    pub snapshot_space: Mutex<HashMap<NodeId, HashMap<VolumeId, LayerSpace>>>,
     pub progress: Mutex<HashMap<u64, Progress>>,
 }
 
@@ -190,9 +196,18 @@ impl Core {
 
     async fn layout_reply(&self, id: VolumeId) -> Result<pb::VolumeLayout, Status> {
         let seen = self.last_seen();
-        self.read(|s| s.volumes.get(&id).map(|v| convert::layout(s, v, &seen)))
+        let mut layout = self
+            .read(|s| s.volumes.get(&id).map(|v| convert::layout(s, v, &seen)))
             .await
-            .ok_or_else(|| Status::not_found(format!("volume {id} not found")))
+            .ok_or_else(|| Status::not_found(format!("volume {id} not found")))?;
+        // Every node's count, replica or not: a node ejected from the volume
+        // keeps its layers until garbage collection takes them.
+        let space = self.soft.snapshot_space.lock().unwrap_or_else(|p| p.into_inner());
+        for (layers, bytes) in space.values().filter_map(|per_volume| per_volume.get(&id)) {
+            layout.snapshot_layers += layers;
+            layout.snapshot_bytes += bytes;
+        }
+        Ok(layout)
     }
 
     async fn volume_reply(&self, id: VolumeId) -> Result<pb::Volume, Status> {
@@ -213,7 +228,7 @@ impl Core {
                 voter: m.membership_config.membership().voter_ids().any(|v| v == *id),
             })
             .collect();
-        let (nodes, nodes_up, volumes, degraded, jobs) = self
+        let (nodes, nodes_up, volumes, degraded, jobs, over_provisioning_pct) = self
             .read(|s| {
                 (
                     s.nodes.len() as u32,
@@ -225,6 +240,7 @@ impl Core {
                     // node or a failed disk is missing, as an ejected one is.
                     s.cluster_health().degraded as u32,
                     s.jobs.values().filter(|j| j.is_active()).count() as u32,
+                    s.settings.over_provisioning_pct,
                 )
             })
             .await;
@@ -240,8 +256,17 @@ impl Core {
             volumes,
             degraded_chunks: degraded,
             jobs_active: jobs,
+            over_provisioning_pct,
         }
     }
+}
+
+/// Whether a node's reported disk use moved far enough from the one on the
+/// log to be logged: by 1% of its capacity, at least 64 MiB. Placement's
+/// room ([`ballast_meta::state::Node::room`]) is off by at most that, and a
+/// filling node logs at most about a hundred heartbeats on its way.
+fn use_moved(recorded: u64, reported: u64, capacity: u64) -> bool {
+    recorded.abs_diff(reported) >= (capacity / 100).max(64 << 20)
 }
 
 /// A proxied call's failure as this member reports it: the leader's own answer
@@ -362,22 +387,35 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         let r = req.into_inner();
         let id = node_id("node", r.node)?;
         let disk = convert::disk_health(r.disk, &r.disk_error);
-        let Some(recorded) = self.0.read(|s| s.nodes.get(&id).map(|n| n.disk.clone())).await else {
+        let Some((recorded, recorded_used, capacity)) =
+            self.0.read(|s| s.nodes.get(&id).map(|n| (n.disk.clone(), n.reported_used, n.capacity))).await
+        else {
             return Err(Status::not_found(format!("unknown node {id}: register first")));
         };
         // The node is alive even if recording its disk's news fails below.
         self.0.soft.last_seen.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
-        self.0.soft.used.lock().unwrap_or_else(|p| p.into_inner()).insert(id, r.used_bytes);
+        // Before the node's first count after a start it reports none: what
+        // is known stays.
+        let used = if r.used_counted { r.used_bytes } else { recorded_used };
+        if r.used_counted {
+            self.0.soft.used.lock().unwrap_or_else(|p| p.into_inner()).insert(id, used);
+            let space = r.snapshot_space.iter().map(|x| (VolumeId(x.volume), (x.layers, x.bytes))).collect();
+            self.0.soft.snapshot_space.lock().unwrap_or_else(|p| p.into_inner()).insert(id, space);
+        }
         // Heartbeats stay off the log; only a change of the disk's health goes
         // through Raft (a failed disk's reason changing between probes is not
-        // one: the first reason stands until the disk is healthy again).
-        if !recorded.same_kind(&disk) {
+        // one: the first reason stands until the disk is healthy again), and a
+        // change of its use placement should know of (see `use_moved`).
+        let health_news = !recorded.same_kind(&disk);
+        if health_news {
             match &disk {
                 DiskHealth::Ok => info!(node = %id, from = ?recorded, "node's disk is healthy again"),
                 DiskHealth::Full => warn!(node = %id, free_bytes = r.disk_free_bytes, "node's disk is full"),
                 DiskHealth::Failed { reason } => warn!(node = %id, %reason, "node's disk failed"),
             }
-            self.0.write(Command::Heartbeat { id, reported_used: r.used_bytes, now_ms: now_ms(), disk }).await?;
+        }
+        if health_news || use_moved(recorded_used, used, capacity) {
+            self.0.write(Command::Heartbeat { id, reported_used: used, now_ms: now_ms(), disk }).await?;
         }
         let (seen, progress) = (self.0.last_seen(), self.0.progress());
         let jobs = self
@@ -534,7 +572,7 @@ impl pb::admin_server::Admin for AdminSvc {
         let seen = self.0.last_seen();
         let used = self.0.soft.used.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut nodes: Vec<pb::Node> =
-            self.0.read(|s| s.nodes.values().map(|n| convert::node(n, &seen)).collect()).await;
+            self.0.read(|s| s.nodes.values().map(|n| convert::node(n, &s.settings, &seen)).collect()).await;
         for n in &mut nodes {
             if let Some(u) = used.get(&NodeId(n.id)) {
                 n.used_bytes = *u;
@@ -560,14 +598,26 @@ impl pb::admin_server::Admin for AdminSvc {
         }
         info!(node = %id, ?state, "node state set by operator");
         let seen = self.0.last_seen();
-        let n = self.0.read(|s| s.nodes.get(&id).map(|n| convert::node(n, &seen))).await;
+        let n = self.0.read(|s| s.nodes.get(&id).map(|n| convert::node(n, &s.settings, &seen))).await;
         n.map(Reply::new).ok_or_else(|| Status::not_found(format!("unknown node {id}")))
+    }
+
+    async fn set_over_provisioning(
+        &self,
+        req: Request<pb::SetOverProvisioningRequest>,
+    ) -> Result<Reply<pb::StatusResponse>, Status> {
+        forward!(self.0, req, AdminClient, set_over_provisioning);
+        let pct = req.into_inner().pct;
+        self.0.write(Command::SetOverProvisioning { pct }).await?;
+        info!(pct, "over-provisioning ratio set by operator");
+        Ok(Reply::new(self.0.status().await))
     }
 
     async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Reply<pb::RemoveNodeResponse>, Status> {
         forward!(self.0, req, AdminClient, remove_node);
         let id = node_id("node", req.into_inner().node)?;
         self.0.write(Command::RemoveNode { id }).await?;
+        self.0.soft.snapshot_space.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         info!(node = %id, "node removed");
         Ok(Reply::new(pb::RemoveNodeResponse {}))
     }

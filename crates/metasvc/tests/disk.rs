@@ -12,7 +12,14 @@ use ballast_metasvc::{fast_timing, MetaConfig, RaftTiming};
 const DATA_NODES: [(u64, &str); 4] = [(1, "a"), (2, "b"), (3, "c"), (4, "a")];
 
 fn heartbeat(node: u64, disk: pb::DiskHealth, error: &str) -> pb::HeartbeatRequest {
-    pb::HeartbeatRequest { node, used_bytes: 0, disk: disk as i32, disk_error: error.into(), disk_free_bytes: 1 << 30 }
+    pb::HeartbeatRequest {
+        node,
+        used_bytes: 0,
+        disk: disk as i32,
+        disk_error: error.into(),
+        disk_free_bytes: 1 << 30,
+        ..Default::default()
+    }
 }
 
 async fn node(client: &MetaClient, id: u64) -> pb::Node {

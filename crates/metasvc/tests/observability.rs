@@ -78,7 +78,14 @@ async fn cluster(client: &MetaClient) -> Alive {
 
 fn heartbeat(node: u64, disk: pb::DiskHealth) -> pb::HeartbeatRequest {
     let disk_error = if disk == pb::DiskHealth::DiskFailed { "EIO".into() } else { String::new() };
-    pb::HeartbeatRequest { node, used_bytes: 0, disk: disk as i32, disk_error, disk_free_bytes: 1 << 30 }
+    pb::HeartbeatRequest {
+        node,
+        used_bytes: 0,
+        disk: disk as i32,
+        disk_error,
+        disk_free_bytes: 1 << 30,
+        ..Default::default()
+    }
 }
 
 async fn node(client: &MetaClient, id: u64) -> pb::Node {

@@ -134,6 +134,8 @@ mod tests {
         use pb::ReplicaRole::*;
         pb::VolumeLayout {
             unfilled: vec![],
+            snapshot_layers: 0,
+            snapshot_bytes: 0,
             snapshots: vec![],
             volume: Some(pb::Volume {
                 id: 7,

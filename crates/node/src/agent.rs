@@ -4,12 +4,13 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ballast_chunkstore::ChunkStore;
+use ballast_chunkstore::{ChunkStore, StoreSpace};
 use ballast_metaclient::MetaClient;
 use ballast_proto::v1 as pb;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
 use crate::disk::{DiskMonitor, DiskProbe, PROBE_TIMEOUT, PROBE_WAIT};
@@ -53,6 +54,53 @@ pub async fn agent(cfg: AgentConfig, meta: MetaClient, store: ChunkStore, stop: 
     }
 }
 
+/// How far behind the disk use heartbeats report may be, at most (unless a
+/// count takes long: see [`SpaceCount`]).
+const SPACE_RECOUNT: Duration = Duration::from_secs(15);
+
+/// What this node's chunk files take on disk ([`ChunkStore::space`]),
+/// recounted now and then on a blocking thread (a stat per layer file):
+/// heartbeats carry the last count and never wait for one. A count that took
+/// `d` is followed by the next one no sooner than `20 d` later, so counting a
+/// large store (a million chunks) keeps to about 5% of one core.
+struct SpaceCount {
+    every: Duration,
+    due: Instant,
+    running: Option<(Instant, JoinHandle<StoreSpace>)>,
+    last: Option<(u64, Vec<pb::VolumeSpace>)>,
+}
+
+impl SpaceCount {
+    fn new(every: Duration) -> Self {
+        SpaceCount { every, due: Instant::now(), running: None, last: None }
+    }
+
+    /// The last finished count (None before the first one), starting the next
+    /// one when it is due.
+    async fn latest(&mut self, store: &ChunkStore) -> Option<(u64, Vec<pb::VolumeSpace>)> {
+        if let Some((started, h)) = self.running.take_if(|(_, h)| h.is_finished()) {
+            let took = started.elapsed();
+            self.due = started + self.every.max(took * 20);
+            match h.await {
+                Ok(x) => {
+                    let snapshots = x
+                        .snapshots
+                        .into_iter()
+                        .map(|(v, s)| pb::VolumeSpace { volume: v.0, layers: s.layers, bytes: s.bytes })
+                        .collect();
+                    self.last = Some((x.used, snapshots));
+                }
+                Err(e) => warn!(error = %e, "counting the disk use failed"),
+            }
+        }
+        if self.running.is_none() && Instant::now() >= self.due {
+            let store = store.clone();
+            self.running = Some((Instant::now(), tokio::task::spawn_blocking(move || store.space())));
+        }
+        self.last.clone()
+    }
+}
+
 /// The heartbeat loop.
 ///
 /// Invariants:
@@ -60,7 +108,8 @@ pub async fn agent(cfg: AgentConfig, meta: MetaClient, store: ChunkStore, stop: 
 ///   else the node does waits in this loop. The disk probe gets at most
 ///   [`PROBE_WAIT`] (a slow one reports on a later tick, a hung one fails after
 ///   [`PROBE_TIMEOUT`]), copy jobs run on tasks of their own, and so does
-///   garbage collection (a late heartbeat makes the node suspect);
+///   garbage collection, and so does counting the disk use (a late
+///   heartbeat makes the node suspect);
 /// - `registered` is true from a successful registration until meta answers a
 ///   heartbeat with "unknown node", which makes the next tick register again;
 /// - `stop` wins over a due tick (see the `select!`).
@@ -77,6 +126,7 @@ async fn heartbeat(
     if let Some(m) = &metrics {
         m.capacity(cfg.capacity);
     }
+    let mut space = SpaceCount::new((cfg.heartbeat * 10).min(SPACE_RECOUNT));
     let mut tick = tokio::time::interval(cfg.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -106,13 +156,17 @@ async fn heartbeat(
                 }
             }
         }
-        let used = store.chunks().iter().map(|c| c.size).sum();
+        let allocated: u64 = store.chunks().iter().map(|c| c.size).sum();
+        // Until the first count meta keeps the use it knows (`used_counted`).
+        let counted = space.latest(&store).await;
+        let used_counted = counted.is_some();
+        let (used, snapshot_space) = counted.unwrap_or_default();
         // The heartbeat must not wait on the disk (a late heartbeat makes the
         // node suspect): a probe that has not answered within a few ms reports
         // on a later tick (and a hung one fails after PROBE_TIMEOUT).
         let disk_report = disk.check(PROBE_WAIT.min(cfg.heartbeat / 2)).await;
         if let Some(m) = &metrics {
-            m.disk(&disk_report, used);
+            m.disk(&disk_report, allocated);
         }
         let (health, disk_error) = disk_report.verdict.to_pb();
         let req = pb::HeartbeatRequest {
@@ -121,6 +175,8 @@ async fn heartbeat(
             disk: health as i32,
             disk_error,
             disk_free_bytes: disk_report.free_bytes,
+            snapshot_space,
+            used_counted,
         };
         let answer = meta.heartbeat(req).await;
         if let Some(m) = &metrics {

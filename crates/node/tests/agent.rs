@@ -237,6 +237,8 @@ async fn gc_reclaims_a_replica_only_when_two_passes_agree() {
     let layout = pb::VolumeLayout {
         snapshots: vec![],
         unfilled: vec![],
+        snapshot_layers: 0,
+        snapshot_bytes: 0,
         volume: Some(pb::Volume { id: 1, name: "pg".into(), ..Default::default() }),
         chunks: vec![
             pb::Chunk { index: 0, version: 1, replicas: vec![replica(NODE), replica(2)] },

@@ -9,7 +9,8 @@
 //!
 //! Every eligible node gets a score for the chunk,
 //! `score = -ln(u) / weight`, where `u ∈ (0, 1]` is a hash of (seed, volume,
-//! chunk, node) and `weight` is the node's free capacity. The node with the
+//! chunk, node) and `weight` is the node's free capacity (allocation room,
+//! bounded by what its disk still holds by actual use). The node with the
 //! lowest score wins with probability proportional to its weight (the minimum of
 //! exponential variables), so chunks spread in proportion to free space, and each
 //! chunk's ranking is independent of every other chunk's: a volume's chunks land
@@ -46,12 +47,21 @@ pub struct NodeInfo {
     pub capacity: u64,
     /// Bytes already allocated to chunks on it.
     pub used: u64,
+    /// Bytes its disk can still take by actual use (`u64::MAX`: not known).
+    /// Replicas are thin, taking disk as they are written: placing one lowers
+    /// `used`'s room, not this. A node is eligible only with a chunk's worth.
+    pub disk_room: u64,
     pub state: NodeState,
 }
 
 impl NodeInfo {
     fn free(&self) -> u64 {
         self.capacity.saturating_sub(self.used)
+    }
+
+    /// The weight's base: allocation room, bounded by the disk's room.
+    fn room(&self) -> u64 {
+        self.free().min(self.disk_room)
     }
 }
 
@@ -171,7 +181,7 @@ fn select(
         .iter()
         .filter(|n| {
             n.state == NodeState::Up
-                && n.free() >= req.chunk_size.max(1)
+                && n.room() >= req.chunk_size.max(1)
                 && zone_ok(&n.zone)
                 && !exclude.contains(&n.id)
                 && !keep.contains(&n.id)
@@ -239,13 +249,14 @@ fn select(
     Ok(chosen)
 }
 
-/// `-ln(u) / weight`: lower is better. The weight is the free capacity in MiB
-/// (at least 1), so ratios stay exact enough in f64 for any realistic disk.
+/// `-ln(u) / weight`: lower is better. The weight is the node's room in MiB
+/// (allocation room bounded by disk room, at least 1), so ratios stay exact
+/// enough in f64 for any realistic disk.
 fn score(seed: u64, key: ChunkKey, n: &NodeInfo) -> f64 {
     let h = mix(mix(mix(seed ^ key.volume.0) ^ u64::from(key.chunk.0)) ^ n.id.0);
     // Top 53 bits to a uniform u in (0, 1].
     let u = ((h >> 11) + 1) as f64 / (1u64 << 53) as f64;
-    let weight = (n.free() >> 20).max(1) as f64;
+    let weight = (n.room() >> 20).max(1) as f64;
     -u.ln() / weight
 }
 
@@ -264,7 +275,14 @@ mod tests {
     use super::*;
 
     fn node(id: u64, zone: &str) -> NodeInfo {
-        NodeInfo { id: NodeId(id), zone: Zone(zone.into()), capacity: 1 << 40, used: 0, state: NodeState::Up }
+        NodeInfo {
+            id: NodeId(id),
+            zone: Zone(zone.into()),
+            capacity: 1 << 40,
+            used: 0,
+            disk_room: u64::MAX,
+            state: NodeState::Up,
+        }
     }
 
     /// Golden values: placement is stored by the metadata service, so the function

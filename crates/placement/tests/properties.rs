@@ -26,24 +26,25 @@ fn arb_state() -> impl Strategy<Value = NodeState> {
     ]
 }
 
-/// 1 to 12 nodes in 1 to 5 zones, capacities from 0 to 4 TiB, some used, any state.
+/// 1 to 12 nodes in 1 to 5 zones, capacities from 0 to 4 TiB, some used, any
+/// state; disks with some room by actual use, or not known (most).
 fn arb_map() -> impl Strategy<Value = ClusterMap> {
-    (prop::collection::vec((0u8..5, 0u64..4096, 0u64..100, arb_state()), 1..12), any::<u64>()).prop_map(
-        |(spec, seed)| ClusterMap {
-            nodes: spec
-                .into_iter()
-                .enumerate()
-                .map(|(i, (z, cap_gib, used_pct, state))| NodeInfo {
-                    id: NodeId(i as u64 + 1),
-                    zone: Zone(format!("z{z}")),
-                    capacity: cap_gib << 30,
-                    used: (cap_gib << 30) / 100 * used_pct,
-                    state,
-                })
-                .collect(),
-            seed,
-        },
-    )
+    let node = (0u8..5, 0u64..4096, 0u64..100, 0u64..150, arb_state());
+    (prop::collection::vec(node, 1..12), any::<u64>()).prop_map(|(spec, seed)| ClusterMap {
+        nodes: spec
+            .into_iter()
+            .enumerate()
+            .map(|(i, (z, cap_gib, used_pct, disk_pct, state))| NodeInfo {
+                id: NodeId(i as u64 + 1),
+                zone: Zone(format!("z{z}")),
+                capacity: cap_gib << 30,
+                used: (cap_gib << 30) / 100 * used_pct,
+                disk_room: if disk_pct >= 100 { u64::MAX } else { (cap_gib << 30) / 100 * disk_pct },
+                state,
+            })
+            .collect(),
+        seed,
+    })
 }
 
 fn zone_of(map: &ClusterMap, id: NodeId) -> Zone {
@@ -51,7 +52,10 @@ fn zone_of(map: &ClusterMap, id: NodeId) -> Zone {
 }
 
 fn usable(map: &ClusterMap) -> Vec<&NodeInfo> {
-    map.nodes.iter().filter(|n| n.state == NodeState::Up && n.capacity - n.used >= CHUNK).collect()
+    map.nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Up && n.capacity - n.used >= CHUNK && n.disk_room >= CHUNK)
+        .collect()
 }
 
 /// The placement rules every result must satisfy.
@@ -139,7 +143,7 @@ proptest! {
 
 /// An empty, healthy node.
 fn up(id: u64, zone: String, capacity: u64) -> NodeInfo {
-    NodeInfo { id: NodeId(id), zone: Zone(zone), capacity, used: 0, state: NodeState::Up }
+    NodeInfo { id: NodeId(id), zone: Zone(zone), capacity, used: 0, disk_room: u64::MAX, state: NodeState::Up }
 }
 
 /// Nodes 1..=n of 1 TiB, spread round robin over three zones.

@@ -89,7 +89,7 @@ pub fn status_of(e: &StoreError) -> Status {
         StoreError::Misaligned { .. } => Status::Misaligned,
         StoreError::ChecksumMismatch { .. } => Status::ChecksumMismatch,
         StoreError::NoSpace { .. } => Status::NoSpace,
-        StoreError::Io { .. } => Status::Io,
+        StoreError::Io { .. } | StoreError::SmallFsBlocks { .. } => Status::Io,
         StoreError::InvalidRequest(_) => Status::BadRequest,
         StoreError::Shutdown => Status::Shutdown,
     }

@@ -47,6 +47,11 @@
 //! requests get random faults like every other request (the front end walks its
 //! nodes in id order, so they replay exactly).
 //!
+//! Snapshots: now and then a batch takes one amid its client writes (the
+//! real `Volume::snapshot`: drain, cut, SetCuts to every replica node,
+//! recorded by [`SimMembership`]), and with two alive the oldest is deleted;
+//! the simulated replicas keep the versions a cut sees (see [`SimReplica`]).
+//!
 //! # Invariant (checked after every read, and for every block at the end)
 //!
 //! For each volume block, with `acked` the version of its last acknowledged
@@ -59,7 +64,10 @@
 //! fault is healed, a fresh front end attaches, and every block is read and
 //! checked the same way: every acknowledged write (flushed or not, since at
 //! most one replica loses power at a time and reconciliation restores it)
-//! survives.
+//! survives. And every block of every snapshot still recorded, read back
+//! through that front end, holds a version at or above the one last
+//! acknowledged when the snapshot was requested and no version issued after
+//! it was taken (nor a fenced front end's).
 //!
 //! The metadata state meanwhile keeps its own invariants: after every command
 //! applied ([`SimMembership`] and the resync driver), the run checks
@@ -265,6 +273,9 @@ pub struct SimReport {
     pub attaches: u64,
     pub fenced_attempts: u64,
     pub replica_faults: u64,
+    /// Snapshots the front end took, and their blocks checked at the end.
+    pub snapshots: u64,
+    pub snapshot_blocks_checked: u64,
     pub virtual_time: Duration,
     /// The trace lines, when [`SimConfig::keep_trace`] was set.
     pub trace: Vec<String>,

@@ -5,6 +5,12 @@
 //! call fails with `Unavailable`) and lost replies (the command committed, the
 //! caller hears `Unavailable`). After every command the state's invariants
 //! are checked ([`MetaState::check_invariants`]).
+//!
+//! Snapshot cuts ([`Membership::set_snapshots`]) are kept beside the state,
+//! with the same outages and lost replies and the attach-epoch check meta's
+//! CommitSnapshots makes; the named snapshots of the real service (requested
+//! through Admin, taken from the layout by `ballast-metavolume`) are not
+//! modelled: the front end's [`ballast_frontend::Volume::snapshot`] is.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -12,7 +18,7 @@ use std::time::Duration;
 use ballast_frontend::{Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
 use ballast_meta::state::{ChunkEntry, Role, Volume as MetaVolume};
 use ballast_meta::{Command, InvariantViolation, MetaError, MetaState, Response};
-use ballast_types::{ChunkIdx, NodeId, VolumeId};
+use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId};
 
 use crate::replica::{lock, Shared};
 use crate::rng::SimRng;
@@ -27,6 +33,8 @@ pub(crate) struct MetaInner {
     /// The first broken [`MetaState`] invariant seen after a command (the
     /// driver turns it into a violation at the end of the step).
     pub broken: Option<(Command, InvariantViolation)>,
+    /// The volume's snapshot cuts, ascending, as last recorded.
+    pub snapshots: Vec<Seq>,
 }
 
 impl MetaInner {
@@ -56,7 +64,14 @@ pub struct SimMembership {
 impl SimMembership {
     pub(crate) fn new(state: MetaState, lost_reply: f64, rng: SimRng, world: Shared, node: NodeId) -> SimMembership {
         SimMembership {
-            inner: Arc::new(Mutex::new(MetaInner { state, down: false, lost_reply, rng, broken: None })),
+            inner: Arc::new(Mutex::new(MetaInner {
+                state,
+                down: false,
+                lost_reply,
+                rng,
+                broken: None,
+                snapshots: Vec::new(),
+            })),
             world,
             node,
         }
@@ -152,7 +167,34 @@ impl Membership for SimMembership {
         };
         let m = self.inner();
         let v = m.state.volumes.get(&volume).ok_or(MembershipError::UnknownVolume(volume))?;
-        Ok(Attachment { epoch, layout: layout(&m.state, v), snapshots: Vec::new(), unfilled: Vec::new() })
+        Ok(Attachment { epoch, layout: layout(&m.state, v), snapshots: m.snapshots.clone(), unfilled: Vec::new() })
+    }
+
+    async fn set_snapshots(&self, volume: VolumeId, epoch: Epoch, cuts: Vec<Seq>) -> Result<(), MembershipError> {
+        let delay = Duration::from_micros(self.inner().rng.range(200, 3000));
+        tokio::time::sleep(delay).await;
+        let mut m = self.inner();
+        let what = format!("set snapshots {cuts:?} at {epoch}");
+        if m.down {
+            drop(m);
+            lock(&self.world).trace.event(format!("meta {what}: unavailable"));
+            return Err(MembershipError::Unavailable(format!("{what}: no leader")));
+        }
+        let current = m.state.volumes.get(&volume).map(|v| v.epoch).ok_or(MembershipError::UnknownVolume(volume))?;
+        if current != epoch {
+            drop(m);
+            lock(&self.world).trace.event(format!("meta {what}: refused, the volume is at {current}"));
+            return Err(MembershipError::Refused(format!("{what}: the volume was attached again at {current}")));
+        }
+        m.snapshots = cuts;
+        let lost_reply = m.lost_reply;
+        let lost = m.rng.chance(lost_reply);
+        drop(m);
+        lock(&self.world).trace.event(format!("meta {what}{}", if lost { " (reply lost)" } else { "" }));
+        if lost {
+            return Err(MembershipError::Unavailable(format!("{what}: leader lost before the reply")));
+        }
+        Ok(())
     }
 
     async fn eject(

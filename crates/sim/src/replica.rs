@@ -17,7 +17,14 @@
 //! - durability: writes land in a volatile layer; a flush moves it to the
 //!   durable layer. A process crash keeps both (completed `O_DIRECT` writes
 //!   survive a process kill); a power cut keeps any subset of the volatile
-//!   blocks (chosen per block from the node's random stream).
+//!   blocks (chosen per block from the node's random stream);
+//! - snapshot cuts per volume (`set_cuts`: the volume made durable first,
+//!   then the cuts, durably): a write with seq above a cut that replaces a
+//!   block whose version is at or below it keeps that version first,
+//!   durably (the store freezes the chunk's layer with an fdatasync; the
+//!   model keeps per block, which gives the same views), and a read at a cut
+//!   returns each block's newest version at or below it (zeros if none).
+//!   Cuts dropped by a later `set_cuts` release the versions only they kept.
 //!
 //! The network is per request: a request is delivered after a random delay
 //! (so requests overtake each other), may be dropped, and its reply may be
@@ -68,11 +75,19 @@ pub(crate) struct ChunkRep {
     volatile: BTreeMap<u32, Block>,
     /// Persistent "written since the last flush" mark.
     dirty: bool,
+    /// Versions replaced above a cut while a cut saw them, per block, oldest
+    /// first (durable: frozen layers).
+    kept: BTreeMap<u32, Vec<Block>>,
 }
 
 impl ChunkRep {
     fn new(blocks: usize) -> ChunkRep {
-        ChunkRep { durable: vec![Block::empty(); blocks], volatile: BTreeMap::new(), dirty: false }
+        ChunkRep {
+            durable: vec![Block::empty(); blocks],
+            volatile: BTreeMap::new(),
+            dirty: false,
+            kept: BTreeMap::new(),
+        }
     }
 
     fn block(&self, b: u32) -> &Block {
@@ -81,6 +96,31 @@ impl ChunkRep {
 
     fn size(&self) -> u64 {
         self.durable.len() as u64 * BLOCK_SIZE_U64
+    }
+
+    /// Block `b` as snapshot `cut` sees it: its newest version at or below
+    /// the cut, live or kept (empty when none).
+    fn block_at(&self, b: u32, cut: Seq) -> Block {
+        let live = self.block(b);
+        if live.ctx.seq <= cut {
+            return live.clone();
+        }
+        let kept = self.kept.get(&b).into_iter().flatten();
+        kept.filter(|k| k.ctx.seq <= cut).max_by_key(|k| k.ctx.seq).cloned().unwrap_or_else(Block::empty)
+    }
+
+    /// Drops the kept versions no cut in `cuts` sees any more.
+    fn release(&mut self, cuts: &[Seq]) {
+        let blocks: Vec<u32> = self.kept.keys().copied().collect();
+        for b in blocks {
+            let seen: Vec<Seq> = cuts.iter().map(|&c| self.block_at(b, c).ctx.seq).collect();
+            if let Some(k) = self.kept.get_mut(&b) {
+                k.retain(|v| seen.contains(&v.ctx.seq));
+                if k.is_empty() {
+                    self.kept.remove(&b);
+                }
+            }
+        }
     }
 
     fn flush(&mut self) {
@@ -99,6 +139,8 @@ pub(crate) struct SimNode {
     /// Bumped on every crash: requests sent to an older incarnation are lost.
     pub incarnation: u64,
     epochs: BTreeMap<VolumeId, Epoch>,
+    /// Per volume, its snapshot cuts, ascending (durable).
+    cuts: BTreeMap<VolumeId, Vec<Seq>>,
     chunks: BTreeMap<ChunkId, ChunkRep>,
     /// This node's network and crash decisions.
     rng: SimRng,
@@ -106,7 +148,15 @@ pub(crate) struct SimNode {
 
 impl SimNode {
     pub fn new(rng: SimRng) -> SimNode {
-        SimNode { up: true, partitioned: false, incarnation: 0, epochs: BTreeMap::new(), chunks: BTreeMap::new(), rng }
+        SimNode {
+            up: true,
+            partitioned: false,
+            incarnation: 0,
+            epochs: BTreeMap::new(),
+            cuts: BTreeMap::new(),
+            chunks: BTreeMap::new(),
+            rng,
+        }
     }
 
     pub fn epoch(&self, v: VolumeId) -> Epoch {
@@ -148,6 +198,7 @@ impl SimNode {
     ) -> Result<(), ReplicaError> {
         aligned(offset, len)?;
         self.fence(id.volume, seq.epoch)?;
+        let cuts = self.cuts.get(&id.volume).cloned().unwrap_or_default();
         let c = self.chunk_mut(id)?;
         in_range(c, offset, len)?;
         let first = (offset / BLOCK_SIZE_U64) as u32;
@@ -155,8 +206,16 @@ impl SimNode {
         for i in 0..(len / BLOCK_SIZE_U64) as u32 {
             // The store's rule: a block only moves to a newer seq; an overtaken
             // (late) write keeps the newer blocks (ChunkStore::begin_mutation).
-            if c.block(first + i).ctx.seq >= seq {
+            let cur = c.block(first + i).clone();
+            if cur.ctx.seq >= seq {
                 continue;
+            }
+            // Copy-on-write: a cut that sees the version being replaced keeps
+            // it, durably (the live layer's old content too, as the freeze's
+            // fdatasync makes it).
+            if cur.ctx.seq > Seq::ZERO && cuts.iter().any(|&k| cur.ctx.seq <= k && k < seq) {
+                c.durable[(first + i) as usize] = cur.clone();
+                c.kept.entry(first + i).or_default().push(cur);
             }
             applied = true;
             let blk = match data {
@@ -188,6 +247,41 @@ impl SimNode {
             }
         }
         Ok(out.freeze())
+    }
+
+    /// Reads at snapshot `cut` (one of the volume's cuts here).
+    fn read_snapshot(&self, id: ChunkId, cut: Seq, offset: u64, len: u32, epoch: Epoch) -> Result<Bytes, ReplicaError> {
+        aligned(offset, u64::from(len))?;
+        self.fence(id.volume, epoch)?;
+        if !self.cuts.get(&id.volume).is_some_and(|c| c.contains(&cut)) {
+            return Err(ReplicaError::Invalid(format!("BadRequest: {} has no snapshot cut {cut}", id.volume)));
+        }
+        let c = self.chunk(id)?;
+        in_range(c, offset, u64::from(len))?;
+        let mut out = BytesMut::with_capacity(len as usize);
+        let first = (offset / BLOCK_SIZE_U64) as u32;
+        for b in first..first + len / BLOCK_SIZE_U64 as u32 {
+            match c.block_at(b, cut).data {
+                Some(d) => out.extend_from_slice(&d),
+                None => out.extend_from_slice(&[0u8; BS]),
+            }
+        }
+        Ok(out.freeze())
+    }
+
+    /// Replaces the volume's cuts: the volume is made durable first, as the
+    /// store does, so every version a new cut sees survives a power cut.
+    fn set_cuts(&mut self, v: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<(), ReplicaError> {
+        self.fence(v, epoch)?;
+        if cuts.contains(&Seq::ZERO) || cuts.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(ReplicaError::Invalid(format!("BadRequest: cuts {cuts:?} are not ascending and non-zero")));
+        }
+        for c in self.chunks.iter_mut().filter(|(id, _)| id.volume == v).map(|(_, c)| c) {
+            c.flush();
+            c.release(cuts);
+        }
+        self.cuts.insert(v, cuts.to_vec());
+        Ok(())
     }
 
     fn flush_volume(&mut self, v: VolumeId, epoch: Epoch) -> Result<(), ReplicaError> {
@@ -281,6 +375,11 @@ impl SimNode {
     pub fn copy_chunk_from(&mut self, src: &SimNode, id: ChunkId) {
         if let Some(c) = src.chunks.get(&id) {
             self.chunks.insert(id, c.clone());
+        }
+        // Its snapshot views come along, and so do the volume's cuts (the
+        // real resync carries both).
+        if let Some(cuts) = src.cuts.get(&id.volume) {
+            self.cuts.insert(id.volume, cuts.clone());
         }
         let e = src.epoch(id.volume).max(self.epoch(id.volume));
         self.epochs.insert(id.volume, e);
@@ -504,6 +603,23 @@ impl ReplicaIo for SimReplica {
 
     async fn ping(&self) -> Result<(), ReplicaError> {
         self.rpc("ping", String::new(), |_| Ok(())).await
+    }
+
+    async fn set_cuts(&self, volume: VolumeId, epoch: Epoch, cuts: &[Seq]) -> Result<(), ReplicaError> {
+        let cuts = cuts.to_vec();
+        self.rpc("set_cuts", format!("{cuts:?} {epoch}"), move |n| n.set_cuts(volume, epoch, &cuts)).await
+    }
+
+    async fn read_snapshot(
+        &self,
+        id: ChunkId,
+        cut: Seq,
+        offset: u64,
+        len: u32,
+        epoch: Epoch,
+    ) -> Result<Bytes, ReplicaError> {
+        let what = format!("{} at {cut} o{offset} l{len} {epoch}", id.chunk);
+        self.rpc("read_snapshot", what, move |n| n.read_snapshot(id, cut, offset, len, epoch)).await
     }
 }
 

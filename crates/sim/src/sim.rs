@@ -9,7 +9,7 @@ use ballast_blockdev::{BlockDev, BlockError};
 use ballast_frontend::{Replica, Volume, VolumeOptions};
 use ballast_meta::state::{JobKind, Role};
 use ballast_meta::{Command, MetaState, Response, ZoneSpread};
-use ballast_types::{ChunkId, ChunkIdx, NodeId, VolumeId, Zone, BLOCK_SIZE_U64};
+use ballast_types::{ChunkId, ChunkIdx, NodeId, Seq, VolumeId, Zone, BLOCK_SIZE_U64};
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinHandle;
 
@@ -42,10 +42,44 @@ enum Fault {
 
 /// One client operation's result, reported back to the driver.
 enum Outcome {
-    Write { first: u64, versions: Vec<u64>, fua: bool, r: Result<(), BlockError> },
-    Read { first: u64, acked_at_start: Vec<u64>, r: Result<Bytes, BlockError> },
-    Flush { snapshot: Vec<u64>, r: Result<(), BlockError> },
+    Write {
+        first: u64,
+        versions: Vec<u64>,
+        fua: bool,
+        r: Result<(), BlockError>,
+    },
+    Read {
+        first: u64,
+        acked_at_start: Vec<u64>,
+        r: Result<Bytes, BlockError>,
+    },
+    Flush {
+        snapshot: Vec<u64>,
+        r: Result<(), BlockError>,
+    },
+    /// A snapshot taken amid the batch: `acked` per block when it was
+    /// requested, `issued` once every write of the batch had its version.
+    Snapshot {
+        acked: Vec<u64>,
+        issued: Vec<u64>,
+        r: Result<Seq, BlockError>,
+    },
+    DeleteSnapshot {
+        cut: Seq,
+        r: Result<(), BlockError>,
+    },
 }
+
+/// A snapshot the front end took, with the ledger around it: every block of
+/// it must hold a version at or above `acked` and at most `issued`.
+struct Taken {
+    cut: Seq,
+    acked: Vec<u64>,
+    issued: Vec<u64>,
+}
+
+/// At most this many snapshots live at once (the oldest is deleted first).
+const SNAPSHOTS_KEPT: usize = 2;
 
 struct Sim {
     seed: u64,
@@ -60,6 +94,7 @@ struct Sim {
     fault: Option<(NodeId, Fault)>,
     step: usize,
     report: SimReport,
+    snapshots: Vec<Taken>,
 }
 
 /// Runs one seed to completion: the workload with faults, then the final
@@ -152,6 +187,7 @@ impl Sim {
             fault: None,
             step: 0,
             report: SimReport { seed, ..SimReport::default() },
+            snapshots: Vec::new(),
         }
     }
 
@@ -299,6 +335,7 @@ impl Sim {
         let ops = self.rng.range(1, 3);
         let mut taken = BTreeSet::new();
         let mut handles = Vec::new();
+        let mut snapshot_requested: Option<Vec<u64>> = None;
         for _ in 0..ops {
             let kind = self.rng.below(100);
             let first = self.rng.below(BLOCKS);
@@ -336,14 +373,33 @@ impl Sim {
                     let r = v.read(first * BLOCK_SIZE_U64, len).await;
                     Outcome::Read { first, acked_at_start, r }
                 }));
-            } else {
+            } else if kind < 97 {
                 let snapshot: Vec<u64> = self.model().iter().map(|b| b.acked).collect();
                 self.trace("op: flush".into());
                 handles.push(tokio::spawn(async move {
                     let r = v.flush().await;
                     Outcome::Flush { snapshot, r }
                 }));
+            } else if self.snapshots.len() >= SNAPSHOTS_KEPT {
+                let cut = self.snapshots[0].cut;
+                self.trace(format!("op: delete snapshot {cut}"));
+                handles.push(tokio::spawn(async move {
+                    let r = v.delete_snapshot(cut).await;
+                    Outcome::DeleteSnapshot { cut, r }
+                }));
+            } else if snapshot_requested.is_none() {
+                snapshot_requested = Some(self.model().iter().map(|b| b.acked).collect());
             }
+        }
+        // Spawned last, once every write of the batch has its version: the
+        // snapshot runs amid them, so any of them may or may not be in it.
+        if let Some(acked) = snapshot_requested {
+            let issued: Vec<u64> = self.model().iter().map(|b| b.issued).collect();
+            self.trace("op: snapshot".into());
+            handles.push(tokio::spawn(async move {
+                let r = vol.snapshot().await.map(|t| t.cut);
+                Outcome::Snapshot { acked, issued, r }
+            }));
         }
         handles
     }
@@ -394,6 +450,23 @@ impl Sim {
                             self.check(b, *floor, &seen, "read")?;
                         }
                     }
+                    Err(_) => self.report.failed_ops += 1,
+                }
+            }
+            Outcome::Snapshot { acked, issued, r } => {
+                self.trace(format!("done: snapshot -> {r:?}"));
+                match r {
+                    Ok(cut) => {
+                        self.report.snapshots += 1;
+                        self.snapshots.push(Taken { cut, acked, issued });
+                    }
+                    Err(_) => self.report.failed_ops += 1,
+                }
+            }
+            Outcome::DeleteSnapshot { cut, r } => {
+                self.trace(format!("done: delete snapshot {cut} -> {r:?}"));
+                match r {
+                    Ok(()) => self.snapshots.retain(|t| t.cut != cut),
                     Err(_) => self.report.failed_ops += 1,
                 }
             }
@@ -650,6 +723,45 @@ impl Sim {
                         format!("version {floor}"),
                         format!("{e}"),
                     ))
+                }
+            }
+        }
+        self.check_snapshots(&vol).await
+    }
+
+    /// Every block of every snapshot meta still records (one the front end
+    /// reported taken), read through the fresh front end: a version the
+    /// ledger allowed at its cut.
+    async fn check_snapshots(&mut self, vol: &Arc<Vol>) -> Result<(), Box<Violation>> {
+        let recorded = self.meta.inner().snapshots.clone();
+        let taken = std::mem::take(&mut self.snapshots);
+        for t in taken.iter().filter(|t| recorded.contains(&t.cut)) {
+            for b in 0..BLOCKS {
+                let what = format!("snapshot {} read", t.cut);
+                match vol.read_snapshot(t.cut, b * BLOCK_SIZE_U64, BLOCK_SIZE_U64 as u32).await {
+                    Ok(d) => {
+                        let seen = pattern::decode(b, &d);
+                        self.trace(format!("final {what} block {b}: {seen}"));
+                        self.check(b, t.acked[b as usize], &seen, &what)?;
+                        let upper = t.issued[b as usize];
+                        if seen.version().is_some_and(|v| v > upper) {
+                            return Err(self.violation(
+                                format!("{what} holds a write issued after the snapshot was taken"),
+                                b,
+                                format!("a version from {} to {upper}", t.acked[b as usize]),
+                                seen.to_string(),
+                            ));
+                        }
+                        self.report.snapshot_blocks_checked += 1;
+                    }
+                    Err(e) => {
+                        return Err(self.violation(
+                            format!("{what}: a block is unreadable with every fault healed"),
+                            b,
+                            format!("a version from {}", t.acked[b as usize]),
+                            format!("{e}"),
+                        ))
+                    }
                 }
             }
         }

@@ -14,6 +14,7 @@ fn fail(v: &ballast_sim::Violation) -> ! {
 fn ci_seed_set() {
     let cfg = SimConfig::default();
     let (mut acked, mut attaches, mut fenced, mut faults, mut reads) = (0, 0, 0, 0, 0);
+    let (mut snapshots, mut snapshot_blocks) = (0, 0);
     for seed in 0..CI_SEEDS {
         let r = run_seed(seed, &cfg).unwrap_or_else(|v| fail(&v));
         acked += r.acked_writes;
@@ -21,12 +22,18 @@ fn ci_seed_set() {
         fenced += r.fenced_attempts;
         faults += r.replica_faults;
         reads += r.reads_checked;
+        snapshots += r.snapshots;
+        snapshot_blocks += r.snapshot_blocks_checked;
     }
-    eprintln!("{CI_SEEDS} seeds: {acked} acknowledged writes, {reads} reads checked, {attaches} attaches, {fenced} fenced writes, {faults} replica faults");
+    eprintln!("{CI_SEEDS} seeds: {acked} acknowledged writes, {reads} reads checked, {attaches} attaches, {fenced} fenced writes, {faults} replica faults, {snapshots} snapshots taken, {snapshot_blocks} snapshot blocks checked at the end");
     // The workload must actually exercise the protocol (not a vacuous pass).
     assert!(acked > CI_SEEDS * 50, "too few acknowledged writes: {acked}");
     assert!(attaches > CI_SEEDS, "no re-attaches: {attaches}");
     assert!(fenced > 0 && faults > CI_SEEDS, "faults not exercised: {fenced} fenced, {faults} replica faults");
+    assert!(
+        snapshots > CI_SEEDS && snapshot_blocks > CI_SEEDS * 64,
+        "snapshots not exercised: {snapshots}, {snapshot_blocks} blocks"
+    );
 }
 
 #[test]
@@ -44,6 +51,7 @@ fn no_faults_every_write_is_acknowledged() {
     assert_eq!(r.failed_ops, 0);
     assert_eq!(r.attaches, 2, "the first attach and the final one");
     assert!(r.acked_writes > 100);
+    assert!(r.snapshots > 0 && r.snapshot_blocks_checked > 0, "{} snapshots", r.snapshots);
 }
 
 #[test]

@@ -84,7 +84,9 @@ impl Disk {
         let dev = run_ok("losetup", &["-f", "--show", "--direct-io=on", utf8(device_file)?])?.trim().to_string();
         self.loopdev = Some(dev.clone());
         // -m 0: no blocks reserved for root (the node runs as root: "full" must mean full).
-        run_ok("mkfs.ext4", &["-q", "-F", "-m", "0", "-E", "nodiscard", &dev])?;
+        // 4096-byte blocks: the chunk store refuses smaller ones (mkfs.ext4's
+        // default for a filesystem this small is 1024).
+        run_ok("mkfs.ext4", &["-q", "-F", "-m", "0", "-b", "4096", "-E", "nodiscard", &dev])?;
         std::fs::create_dir_all(&self.mountpoint)
             .map_err(Error::io(format!("create {}", self.mountpoint.display())))?;
         run_ok("mount", &[&dev, utf8(&self.mountpoint)?])?;

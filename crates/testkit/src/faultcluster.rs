@@ -15,6 +15,7 @@
 //! Teardown (`Drop`, also on a panic): processes killed, disks unmounted and
 //! detached, namespaces deleted, the data directory removed.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -339,6 +340,18 @@ impl FaultCluster {
         Ok(FrontEnd { app: app.into(), sock, proc })
     }
 
+    /// Starts `ballast export --snapshot SNAPSHOT` (read-only, no attach) on
+    /// the ops host; returns it once it serves.
+    pub fn export_snapshot(&mut self, snapshot: &str) -> Result<FrontEnd> {
+        self.fe_count += 1;
+        let sock = self.dir.path().join(format!("snap-{snapshot}-{}.sock", self.fe_count));
+        let mut cmd = self.ballast("ops")?;
+        cmd.args(["export", "--meta", &self.meta_addrs(), "--snapshot", snapshot]).arg("--socket").arg(&sock);
+        let mut proc = Proc::spawn_cmd(&format!("export-snap-{snapshot}-{}", self.fe_count), cmd)?;
+        proc.wait_for("ready nbd", Duration::from_secs(60))?;
+        Ok(FrontEnd { app: "ops".into(), sock, proc })
+    }
+
     pub fn inspect(&self, volume: &str) -> Result<Value> {
         self.ctl(&["volume", "inspect", volume])
     }
@@ -353,9 +366,53 @@ impl FaultCluster {
         Ok(t0.elapsed())
     }
 
-    /// The data file of `volume`'s chunk on a node.
+    /// The data file of `volume`'s chunk on a node: its one layer (the base
+    /// file `<chunk>.data`, or `<chunk>.l<seq>.data` once a snapshot's layers
+    /// were merged into the one above). A chunk with snapshot layers has no
+    /// one file holding its live data: an error (delete the snapshots and
+    /// let the layers merge first).
     pub fn chunk_file(&self, node: u64, volume_id: u64, chunk: u64) -> Result<PathBuf> {
-        Ok(self.node(node)?.data.join("chunks").join(format!("v{volume_id:016x}-c{chunk:08x}.data")))
+        let dir = self.node(node)?.data.join("chunks");
+        let stem = format!("v{volume_id:016x}-c{chunk:08x}");
+        let base = dir.join(format!("{stem}.data"));
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(base) };
+        let layers: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
+                    f.strip_prefix(stem.as_str())
+                        .is_some_and(|rest| rest == ".data" || (rest.starts_with(".l") && rest.ends_with(".data")))
+                })
+            })
+            .collect();
+        match layers.as_slice() {
+            [] => Ok(base),
+            [one] => Ok(one.clone()),
+            more => Err(Error::harness(format!(
+                "node {node}: chunk {stem} has {} layers (snapshots): no single file holds its live data",
+                more.len()
+            ))),
+        }
+    }
+
+    /// Chunks of `volume_id` with more than one layer file on any node
+    /// (snapshot layers not merged away yet).
+    pub fn layered_chunks(&self, volume_id: u64) -> usize {
+        let prefix = format!("v{volume_id:016x}-c");
+        let mut n = 0;
+        for node in &self.nodes {
+            let Ok(entries) = std::fs::read_dir(node.data.join("chunks")) else { continue };
+            let mut per_chunk: BTreeMap<String, usize> = BTreeMap::new();
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(rest) = name.strip_prefix(&prefix).filter(|_| name.ends_with(".data")) {
+                    *per_chunk.entry(rest.chars().take(8).collect()).or_default() += 1;
+                }
+            }
+            n += per_chunk.values().filter(|&&c| c > 1).count();
+        }
+        n
     }
 
     /// In-sync replicas of each chunk: (volume id, [(chunk index, node ids)]).

@@ -32,6 +32,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Counters {
     pub writes_ok: AtomicU64,
     pub writes_failed: AtomicU64,
+    /// Of `writes_failed`, those answered ENOSPC (the disks are full).
+    pub writes_no_space: AtomicU64,
     pub reads_ok: AtomicU64,
     pub reads_failed: AtomicU64,
     pub flushes_ok: AtomicU64,
@@ -344,6 +346,10 @@ async fn write_op(s: &Shared, client: &NbdClient, blocks: u64, rng: &mut SimRng)
     let t0 = Instant::now();
     let r = tokio::time::timeout(OP_TIMEOUT, client.write(first * BS, data_for(first, &versions), fua)).await;
     let ok = match r {
+        Ok(Err(ballast_blockdev::BlockError::NoSpace(_))) => {
+            s.counters.writes_no_space.fetch_add(1, Ordering::Relaxed);
+            false
+        }
         Ok(r) => r.is_ok(),
         Err(_) => {
             s.counters.abandoned.fetch_add(1, Ordering::Relaxed);

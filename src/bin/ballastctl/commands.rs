@@ -15,11 +15,19 @@ use crate::render::{
     emit, inspect_text, jobs_table, node_state, nodes_table, say, snapshots_table, status_table, volumes_table,
     what_if_table,
 };
-use crate::{DownArgs, JobsArgs, MemberCommand, NodeCommand, Output, SnapshotCommand, VolumeCommand};
+use crate::{DownArgs, JobsArgs, MemberCommand, NodeCommand, Output, SettingsCommand, SnapshotCommand, VolumeCommand};
 
 pub(crate) async fn status(client: &MetaClient, out: Output) -> anyhow::Result<()> {
     let s = client.status().await?;
     emit(out, status_json(&s), || status_table(&s))
+}
+
+pub(crate) async fn settings(client: &MetaClient, out: Output, cmd: SettingsCommand) -> anyhow::Result<()> {
+    let SettingsCommand::OverProvisioning { pct } = cmd;
+    let s = client.set_over_provisioning(pct).await?;
+    emit(out, status_json(&s), || {
+        format!("over-provisioning set to {}% of each node's capacity\n", s.over_provisioning_pct)
+    })
 }
 
 pub(crate) async fn node(client: &MetaClient, out: Output, cmd: NodeCommand) -> anyhow::Result<()> {

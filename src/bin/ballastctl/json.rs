@@ -19,6 +19,7 @@ pub(crate) fn status_json(s: &pb::StatusResponse) -> Value {
         "volumes": s.volumes,
         "degraded_chunks": s.degraded_chunks,
         "jobs_active": s.jobs_active,
+        "over_provisioning_pct": s.over_provisioning_pct,
     })
 }
 
@@ -30,6 +31,8 @@ pub(crate) fn node_json(n: &pb::Node) -> Value {
         "capacity_bytes": n.capacity_bytes,
         "allocated_bytes": n.allocated_bytes,
         "used_bytes": n.used_bytes,
+        "provisionable_bytes": n.provisionable_bytes,
+        "room_bytes": n.room_bytes,
         "state": node_state(n.state),
         "heartbeat_age_ms": n.heartbeat_age_ms,
         "disk": disk_health(n.disk),
@@ -93,6 +96,7 @@ pub(crate) fn layout_json(l: &pb::VolumeLayout) -> Value {
         },
         "chunks": l.chunks.iter().map(chunk_json).collect::<Vec<_>>(),
         "snapshots": l.snapshots.iter().map(snapshot_json).collect::<Vec<_>>(),
+        "snapshot_space": { "layers": l.snapshot_layers, "bytes": l.snapshot_bytes },
     })
 }
 
@@ -157,7 +161,8 @@ mod tests {
         assert_eq!(j["zones"][0]["zone"], "z1");
         let mut keys: Vec<&String> = j.as_object().unwrap().keys().collect();
         keys.sort();
-        assert_eq!(keys, ["chunks", "health", "nodes", "snapshots", "volume", "zones"]);
+        assert_eq!(keys, ["chunks", "health", "nodes", "snapshot_space", "snapshots", "volume", "zones"]);
+        assert_eq!(j["snapshot_space"], json!({ "layers": 3, "bytes": 12u64 << 20 }));
         let s = snapshot_json(&pb::Snapshot {
             id: 3,
             name: "nightly".into(),

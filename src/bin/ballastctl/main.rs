@@ -78,6 +78,26 @@ enum Command {
     /// Metadata service (Raft) members.
     #[command(subcommand)]
     Member(MemberCommand),
+    /// Cluster settings (kept in the metadata log).
+    #[command(subcommand)]
+    Settings(SettingsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum SettingsCommand {
+    /// How much volume size a node may hold replicas of, in percent of its
+    /// capacity (100..=1000; default 200): volumes are thin, so above 100 the
+    /// disks may fill before the volumes do, and writes then get ENOSPC.
+    OverProvisioning {
+        /// e.g. 300 or 300%.
+        #[arg(value_parser = parse_percent)]
+        pct: u32,
+    },
+}
+
+fn parse_percent(s: &str) -> Result<u32, String> {
+    let n = s.strip_suffix('%').unwrap_or(s).trim();
+    n.parse::<u32>().map_err(|_| format!("invalid percentage {s:?}: expected e.g. 300 or 300%"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -275,6 +295,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Status => commands::status(&client, out).await,
         Command::Node(cmd) => commands::node(&client, out, cmd).await,
+        Command::Settings(cmd) => commands::settings(&client, out, cmd).await,
         Command::Volume(cmd) => commands::volume(&client, out, cmd, cli.timeout).await,
         Command::Snapshot(cmd) => commands::snapshot(&client, out, cmd, cli.timeout).await,
         Command::Jobs(args) => commands::jobs(&client, out, args).await,

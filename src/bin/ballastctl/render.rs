@@ -145,6 +145,7 @@ pub(crate) fn status_table(s: &pb::StatusResponse) -> String {
         ("Volumes", s.volumes.to_string()),
         ("Degraded chunks", s.degraded_chunks.to_string()),
         ("Active jobs", s.jobs_active.to_string()),
+        ("Over-provisioning", format!("{}% of each node's capacity", s.over_provisioning_pct)),
     ]);
     out.push('\n');
     let mut t = Table::new(&["MEMBER", "ADDRESS", "ROLE"]);
@@ -160,7 +161,21 @@ pub(crate) fn status_table(s: &pb::StatusResponse) -> String {
 }
 
 pub(crate) fn nodes_table(nodes: &[pb::Node]) -> String {
-    let mut t = Table::new(&["ID", "ZONE", "ADDRESS", "STATE", "DISK", "CAPACITY", "ALLOCATED", "USED", "HEARTBEAT"]);
+    // ALLOCATED: the full size of its replicas (up to PROVISIONABLE); USED:
+    // what they take on its disk; ROOM: what placement may still put there.
+    let mut t = Table::new(&[
+        "ID",
+        "ZONE",
+        "ADDRESS",
+        "STATE",
+        "DISK",
+        "CAPACITY",
+        "PROVISIONABLE",
+        "ALLOCATED",
+        "USED",
+        "ROOM",
+        "HEARTBEAT",
+    ]);
     for n in nodes {
         t.row(vec![
             n.id.to_string(),
@@ -169,8 +184,10 @@ pub(crate) fn nodes_table(nodes: &[pb::Node]) -> String {
             node_state(n.state),
             disk_cell(n),
             format_size(n.capacity_bytes),
+            format_size(n.provisionable_bytes),
             format_size(n.allocated_bytes),
             format_size(n.used_bytes),
+            format_size(n.room_bytes),
             format_age(n.heartbeat_age_ms),
         ]);
     }
@@ -360,6 +377,18 @@ pub(crate) fn inspect_text(l: &pb::VolumeLayout, max_chunks: Option<usize>) -> S
     };
     pairs
         .push(("Replicas", format!("{} in-sync{lost}, {} rebuilding, {} ejected", h.in_sync, h.rebuilding, h.ejected)));
+    if !l.snapshots.is_empty() || l.snapshot_layers > 0 {
+        // The nodes' last counts (each recounts every 15 s), over every replica.
+        pairs.push((
+            "Snapshots",
+            format!(
+                "{} ({} on disk in {} chunk layers over all replicas)",
+                l.snapshots.len(),
+                format_size(l.snapshot_bytes),
+                l.snapshot_layers
+            ),
+        ));
+    }
     let mut out = key_values(&pairs);
     out.push('\n');
     let mut t = Table::new(&["ZONE", "NODES", "IN-SYNC", "REBUILDING", "EJECTED"]);
@@ -536,6 +565,8 @@ pub(crate) mod tests {
         pb::VolumeLayout {
             snapshots: vec![],
             unfilled: vec![],
+            snapshot_layers: 3,
+            snapshot_bytes: 12 << 20,
             volume: Some(pb::Volume {
                 id: 3,
                 name: "pg".into(),
@@ -597,6 +628,8 @@ pub(crate) mod tests {
         assert!(text.ends_with("... 1 more chunks (--chunks N shows more)\n"), "{text}");
         assert!(!text.contains("2(ejected)"), "the third chunk is cut: {text}");
         assert!(text.contains("\nReplicas     6 in-sync, 1 rebuilding, 3 ejected\n"), "{text}");
+        // Snapshots deleted, the nodes' layers not recounted yet: still shown.
+        assert!(text.contains("\nSnapshots    0 (12 MiB on disk in 3 chunk layers over all replicas)\n"), "{text}");
     }
 
     #[test]

@@ -160,7 +160,7 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                 warn!(volume = %self.id, chunk = chunk.0, message = %m, "replica rejected a request as invalid");
                 Err(BlockError::OutOfRange { offset: u64::from(chunk.0) * self.chunk_size, len: 0, size: self.size() })
             }
-            WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining, rebuilding_failed }) => {
+            WritePlan::Fail(WriteFailure::BelowMinInSync { failed, remaining, rebuilding_failed, no_space }) => {
                 let min = self.min_in_sync();
                 warn!(volume = %self.id, chunk = chunk.0, ?failed, remaining, min, "write failed: too few in-sync replicas would remain");
                 // The write fails anyway; a rebuilding replica that missed what
@@ -170,10 +170,16 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                         warn!(volume = %self.id, chunk = chunk.0, %node, error = %e, "could not eject a failed rebuilding replica");
                     }
                 }
-                Err(BlockError::Io(format!(
+                let what = format!(
                     "chunk {chunk}: {} in-sync replicas failed, {remaining} left, min-in-sync {min}",
                     failed.len(),
-                )))
+                );
+                if no_space {
+                    // The disks filled before the thin volume did: ENOSPC, as
+                    // a local disk would answer, so filesystems report it.
+                    return Err(BlockError::NoSpace(format!("{what}: their disks are full")));
+                }
+                Err(BlockError::Io(what))
             }
         }
     }

@@ -181,7 +181,15 @@ impl<M: Membership, R: ReplicaIo> Volume<M, R> {
                 }
             }
             for run in policy::plan_reconcile(BlockIdx(first), &tables) {
-                let data = self.read_from_any(id, run.byte_offset(), run.byte_len() as u32, &run.sources).await?;
+                // A replica that lacks the chunk cannot serve a read (the
+                // plan makes none a source: a winning default context loses
+                // every tie); should one be, its content is zeros.
+                let sources: Vec<NodeId> = run.sources.iter().copied().filter(|n| !missing.contains(n)).collect();
+                let data = if sources.is_empty() {
+                    Bytes::from(vec![0u8; run.byte_len() as usize])
+                } else {
+                    self.read_from_any(id, run.byte_offset(), run.byte_len() as u32, &sources).await?
+                };
                 // The winning content is written to every in-sync replica (the
                 // sources too) under a fresh seq of this epoch: a write's seq
                 // epoch is also its fencing epoch on the wire, so the original
