@@ -380,15 +380,9 @@ fn snapshots_under_faults(row: &mut Row) -> Result<()> {
     // before it has noticed the node is gone (its replicas are ejected by the
     // writes and cut requests that time out), so the snapshot must hold on
     // the two that remain.
-    let before = r.w.mark();
     r.c.kill_node(5)?;
     r.c.faults += 1;
-    let s = r.c.ctl(&["snapshot", "create", VOLUME, "node-killed"])?;
-    let after = r.w.mark();
-    if s["ready"] != true {
-        row.violations.push(format!("snapshot node-killed not ready after create: {s}"));
-    }
-    taken.push(("node-killed".into(), before, after));
+    snapshot(&mut r, "node-killed")?;
     r.run_for(secs(1.0));
     r.c.start_node(5)?;
     let healed = Instant::now();
