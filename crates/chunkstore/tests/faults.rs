@@ -196,3 +196,168 @@ async fn disk_full_reports_no_space_and_keeps_data() {
     drop(s);
     drop(fs);
 }
+
+/// Contents of block `b` as written at seq counter `n` (0: never written or
+/// trimmed, zeros).
+fn versioned(b: u64, n: u64) -> Vec<u8> {
+    if n == 0 {
+        return vec![0; BS as usize];
+    }
+    let mut x = (b << 32) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..BS)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Checks every block of `blocks` against the versions it may hold: it must
+/// read without a checksum error and be one of them. Returns the number of
+/// blocks whose write failed and which hold the failed write's version.
+async fn check_blocks(s: &ChunkStore, chunk: ChunkId, may_hold: &[Vec<u64>], what: &str) -> usize {
+    let mut new_after_failure = 0;
+    for (b, allowed) in may_hold.iter().enumerate() {
+        let got = match s.read(chunk, b as u64 * BS, BS as u32, E).await {
+            Ok(d) => d,
+            Err(e) => {
+                let raw = std::fs::File::open(data_file(s.dir(), chunk)).expect("data file");
+                let mut buf = vec![0u8; BS as usize];
+                raw.read_exact_at(&mut buf, b as u64 * BS).expect("raw read");
+                let ctx = std::fs::File::open(data_file(s.dir(), chunk).with_extension("ctx")).expect("ctx file");
+                let slots: Vec<_> = (0..2)
+                    .map(|i| {
+                        let mut sb = [0u8; ballast_chunkstore::layout::SLOT_LEN];
+                        ctx.read_exact_at(&mut sb, ballast_chunkstore::layout::slot_offset(b as u32, i) as u64)
+                            .expect("slot");
+                        ballast_chunkstore::layout::Slot::decode(&sb)
+                    })
+                    .collect();
+                let crcs: Vec<u32> = allowed.iter().map(|n| crc32fast::hash(&versioned(b as u64, *n))).collect();
+                let like: Vec<u64> = allowed.iter().copied().filter(|n| buf == versioned(b as u64, *n)).collect();
+                panic!("{what}: block {b} does not read: {e}; may hold {allowed:?}; on disk: {like:?}; slots {slots:?}; crc on disk {:08x}, of the versions {crcs:x?}", crc32fast::hash(&buf))
+            }
+        };
+        let Some(i) = allowed.iter().position(|n| got[..] == versioned(b as u64, *n)[..]) else {
+            panic!("{what}: block {b} holds none of the versions {allowed:?}");
+        };
+        if i > 0 {
+            new_after_failure += 1;
+        }
+    }
+    new_after_failure
+}
+
+/// Writes, overwrites and trims of random sizes from four tasks at once into
+/// a chunk larger than its filesystem, past the point where it is full: every
+/// write that succeeded reads back, every block reads without a checksum
+/// error and holds its last acknowledged version or that of a write that
+/// failed after it; the same after space is freed and written again, and
+/// after the store is reopened (the recovery scan of a dirty chunk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_racing_a_full_disk_leave_every_block_verifiable() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::{Arc, Mutex};
+    const NAME: &str = "writes_racing_a_full_disk_leave_every_block_verifiable";
+    if let Some(why) = LoopFs::skip_reason() {
+        println!("SKIP {NAME}: {why}");
+        return;
+    }
+    let work = tempfile::Builder::new().prefix("chunkstore-race").tempdir_in("/var/tmp").expect("tempdir");
+    let fs = match LoopFs::new(work.path(), 40) {
+        Ok(fs) => fs,
+        Err(e) => {
+            println!("SKIP {NAME}: cannot set up loop ext4: {e}");
+            return;
+        }
+    };
+    let dir = fs.mnt.path().join("store");
+    let s = ChunkStore::open(&dir, StoreOptions::default()).expect("open");
+    s.announce_epoch(V, E).await.expect("announce");
+    let chunk = id(0);
+    let blocks = (64u64 << 20) / BS;
+    s.create_chunk(chunk, blocks * BS, E).await.expect("create");
+    // Per block, the versions it may hold: [last acknowledged, failed writes after it...].
+    let may_hold = Arc::new(Mutex::new(vec![vec![0u64]; blocks as usize]));
+    let seq = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let tasks = 4u64;
+    let per_task = blocks / tasks;
+    let run_round = |round: u64, writes: u32| {
+        let mut set = tokio::task::JoinSet::new();
+        for t in 0..tasks {
+            let (s, may_hold, seq) = (s.clone(), may_hold.clone(), seq.clone());
+            set.spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(round * 100 + t);
+                let (mut ok, mut no_space) = (0u32, 0u32);
+                for _ in 0..writes {
+                    let len = rng.gen_range(1..=32u64);
+                    let first = t * per_task + rng.gen_range(0..per_task - len);
+                    let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let trim = rng.gen_range(0..10) == 0;
+                    let r = if trim {
+                        s.trim(chunk, first * BS, len * BS, Seq::new(E, n)).await
+                    } else {
+                        let mut data = Vec::with_capacity((len * BS) as usize);
+                        for b in first..first + len {
+                            data.extend_from_slice(&versioned(b, n));
+                        }
+                        s.write(chunk, first * BS, Bytes::from(data), Seq::new(E, n)).await
+                    };
+                    let v = if trim { 0 } else { n };
+                    let mut m = may_hold.lock().unwrap();
+                    match r {
+                        Ok(()) => {
+                            ok += 1;
+                            for b in first..first + len {
+                                m[b as usize] = vec![v];
+                            }
+                        }
+                        Err(StoreError::NoSpace { .. }) => {
+                            no_space += 1;
+                            for b in first..first + len {
+                                m[b as usize].push(v);
+                            }
+                        }
+                        Err(e) => panic!("write or trim of blocks {first}+{len}: {e}"),
+                    }
+                }
+                (ok, no_space)
+            });
+        }
+        set
+    };
+    let (mut ok, mut no_space) = (0, 0);
+    let mut set = run_round(0, 1500);
+    while let Some(r) = set.join_next().await {
+        let (o, n) = r.expect("task");
+        (ok, no_space) = (ok + o, no_space + n);
+    }
+    println!("{NAME}: {ok} writes and trims succeeded, {no_space} ran out of space");
+    assert!(no_space > 0, "the filesystem never filled up");
+    let snapshot = may_hold.lock().unwrap().clone();
+    let kept_new = check_blocks(&s, chunk, &snapshot, "full").await;
+    println!("{NAME}: {kept_new} blocks hold the version of a write that failed");
+    // Space freed (a trim of half of each task's range), then more writes.
+    for t in 0..tasks {
+        let (first, len) = (t * per_task, per_task / 2);
+        let n = seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        s.trim(chunk, first * BS, len * BS, Seq::new(E, n)).await.expect("trim to free space");
+        let mut m = may_hold.lock().unwrap();
+        for b in first..first + len {
+            m[b as usize] = vec![0];
+        }
+    }
+    s.flush_chunk(chunk, E).await.expect("flush");
+    let mut set = run_round(1, 300);
+    while set.join_next().await.is_some() {}
+    let snapshot = may_hold.lock().unwrap().clone();
+    check_blocks(&s, chunk, &snapshot, "after freeing").await;
+    // Reopened without a flush: the chunk is dirty, so the open scans it.
+    drop(s);
+    let s = ChunkStore::open(&dir, StoreOptions::default()).expect("reopen");
+    check_blocks(&s, chunk, &snapshot, "reopened").await;
+    drop(s);
+    drop(fs);
+}

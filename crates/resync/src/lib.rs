@@ -45,6 +45,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::batch::Batch;
 use crate::throttle::Throttle;
 
+/// Copy rounds at most (see `run`): each one copies the views of snapshots
+/// taken during the one before.
+const MAX_VIEW_ROUNDS: u32 = 4;
+
 /// Tuning of one [`resync_chunk`] call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResyncOptions {
@@ -185,6 +189,10 @@ pub enum ResyncError {
     },
     #[error("invalid resync request: {0}")]
     InvalidArgument(String),
+    /// Snapshots kept being taken while the views were copied (a new cut in
+    /// every one of `rounds` rounds); retry later.
+    #[error("snapshot cuts kept changing during {rounds} copy rounds")]
+    CutsChanging { rounds: u32 },
     /// The runtime is shutting down under the copy.
     #[error("resync cancelled: the runtime is shutting down")]
     Cancelled,
@@ -268,14 +276,72 @@ async fn run(
         .create_chunk(id, chunk_len, epoch)
         .await
         .map_err(|e| ResyncError::replica(Side::Target, "create chunk", epoch, e))?;
-    let views = views(source, target, id, epoch).await?;
-
     let throttle =
         opts.max_bytes_per_sec.map(|r| Arc::new(Throttle::new(r, u64::from(opts.batch_blocks) * BLOCK_SIZE_U64)));
     let mut total = ResyncStats::default();
-    // Every view bottom-up, then the live one (the chunk store's
-    // `resync_write_at` says why that order rebuilds every view).
-    let passes: Vec<Option<Seq>> = views.iter().copied().map(Some).chain([None]).collect();
+    // Rounds: every view bottom-up, then the live one (the chunk store's
+    // `resync_write_at` says why that order rebuilds every view). A snapshot
+    // taken during a round reaches both replicas, and from then on they freeze
+    // alike; but blocks the round had not copied yet are missing from the new
+    // view on the target (the front end's next write freezes the target's
+    // stale version there). So the cuts are listed again after each round and
+    // the views that appeared are copied in another round (and the live view
+    // once more, which finds little left). Invariant: when this returns Ok, no
+    // cut appeared since the last round's live pass began, so the target holds
+    // the source's view at every cut both keep.
+    let mut copied: Vec<Seq> = Vec::new();
+    let mut views_total = 0;
+    for round in 0u32.. {
+        let views = views(source, target, id, epoch).await?;
+        let new: Vec<Seq> = views.iter().copied().filter(|c| !copied.contains(c)).collect();
+        if round > 0 && new.is_empty() {
+            break;
+        }
+        if round == MAX_VIEW_ROUNDS {
+            return Err(ResyncError::CutsChanging { rounds: MAX_VIEW_ROUNDS });
+        }
+        if round > 0 {
+            info!(round, new = new.len(), "snapshots taken during the copy: copying their views");
+        }
+        let passes: Vec<Option<Seq>> = new.iter().copied().map(Some).chain([None]).collect();
+        // A later round re-checks a chunk already copied once: reported as done.
+        let report = |p: Progress| progress(if round == 0 { p } else { Progress { blocks_done: p.blocks_total, ..p } });
+        copy_passes(source, target, id, blocks, epoch, opts, &throttle, &passes, &mut total, &report).await?;
+        views_total += new.len();
+        copied.extend(new);
+    }
+    target.flush_chunk(id, epoch).await.map_err(|e| ResyncError::replica(Side::Target, "flush", epoch, e))?;
+    info!(
+        views = views_total,
+        compared = total.blocks_compared,
+        copied = total.blocks_copied,
+        trimmed = total.blocks_trimmed,
+        skipped_newer = total.blocks_skipped_newer,
+        raced = total.blocks_raced,
+        busy = total.blocks_busy,
+        bytes = total.bytes_copied,
+        throttle_waits = total.throttle_waits,
+        throttled = ?total.throttled,
+        "resync finished"
+    );
+    Ok(total)
+}
+
+/// Copies each of `passes` (a view at a cut, or `None`: the live one) over the
+/// whole chunk, batch by batch; adds to `total` and reports progress.
+#[allow(clippy::too_many_arguments)]
+async fn copy_passes(
+    source: &ReplicaClient,
+    target: &ReplicaClient,
+    id: ChunkId,
+    blocks: u32,
+    epoch: Epoch,
+    opts: &ResyncOptions,
+    throttle: &Option<Arc<Throttle>>,
+    passes: &[Option<Seq>],
+    total: &mut ResyncStats,
+    progress: &impl Fn(Progress),
+) -> Result<(), ResyncError> {
     let mut done = 0u64;
     for (pass, view) in passes.iter().enumerate() {
         if let Some(cut) = view {
@@ -317,24 +383,10 @@ async fn run(
             debug!(pass, done, total = u64::from(blocks) * passes.len() as u64, "batch done");
             // Blocks done over all passes, scaled to one pass of the chunk.
             let blocks_done = done / passes.len() as u64;
-            progress(Progress { blocks_done, blocks_total: u64::from(blocks), stats: total });
+            progress(Progress { blocks_done, blocks_total: u64::from(blocks), stats: *total });
         }
     }
-    target.flush_chunk(id, epoch).await.map_err(|e| ResyncError::replica(Side::Target, "flush", epoch, e))?;
-    info!(
-        views = views.len(),
-        compared = total.blocks_compared,
-        copied = total.blocks_copied,
-        trimmed = total.blocks_trimmed,
-        skipped_newer = total.blocks_skipped_newer,
-        raced = total.blocks_raced,
-        busy = total.blocks_busy,
-        bytes = total.bytes_copied,
-        throttle_waits = total.throttle_waits,
-        throttled = ?total.throttled,
-        "resync finished"
-    );
-    Ok(total)
+    Ok(())
 }
 
 /// The snapshot cuts whose views this copy carries: those both replicas

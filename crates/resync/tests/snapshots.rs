@@ -176,3 +176,59 @@ async fn resync_of_a_returning_replica_carries_the_views_it_missed() {
     src.stop().await;
     tgt.stop().await;
 }
+
+/// A snapshot taken while the copy runs: the front end installs the cut on
+/// both replicas after the copy's first batch, then overwrites blocks the
+/// copy has not reached, on both. The target's stale versions of those blocks
+/// froze into the new view, so the copy must carry that view too (a further
+/// round) before it reports the target complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_taken_during_the_copy_gets_its_view_copied() {
+    use std::sync::Arc;
+    let src = Node::start().await;
+    let tgt = Node::start().await;
+    let s = |n: u64| Seq::new(E1, n);
+    for c in [&src, &tgt] {
+        c.attach(E1).await;
+        c.write(0, BLOCKS, s(1)).await;
+    }
+    // The target away: every block from 32 on changes on the source only.
+    src.write(32, BLOCKS - 32, s(2)).await;
+    for c in [&src, &tgt] {
+        c.client.announce_epoch(VOL, E2).await.expect("announce");
+    }
+    // ResyncWrites held back, so the copy is still early when the cut lands.
+    let proxy = delaying_proxy(tgt.addr, std::time::Duration::from_millis(20)).await;
+    let copier_target = ReplicaClient::new(proxy, ballast_replica::ClientOptions::default());
+    let first_batch = Arc::new(tokio::sync::Notify::new());
+    let seen = first_batch.clone();
+    let opts = ResyncOptions { batch_blocks: 32, concurrency: 1, ..ResyncOptions::default() };
+    let source = src.client.clone();
+    let copy = tokio::spawn(async move {
+        resync_chunk(&source, &copier_target, CHUNK, CHUNK_SIZE, E2, &opts, |_| seen.notify_one()).await
+    });
+    tokio::time::timeout(HANG_GUARD, first_batch.notified()).await.expect("a first batch");
+    // The front end (which sends to the rebuilding target too): the cut, then
+    // overwrites near the end of the chunk, above it.
+    let cut = Seq::new(E2, 5);
+    for c in [&src, &tgt] {
+        c.client.set_cuts(VOL, E2, &[cut]).await.expect("cut");
+    }
+    let late = BLOCKS - 16;
+    for c in [&src, &tgt] {
+        c.write(late, 8, Seq::new(E2, 6)).await;
+    }
+    let stats =
+        tokio::time::timeout(HANG_GUARD, copy).await.expect("copy finishes").expect("copy task").expect("resync");
+    // The away blocks, but for the 8 the front end overwrote before the live
+    // copy reached them (and which the view's round copies).
+    assert!(stats.blocks_copied >= u64::from(BLOCKS - 32 - 8), "the away blocks were copied: {stats:?}");
+    // The view at the cut holds the source's s(2) versions of the
+    // overwritten blocks, on the target too.
+    let differing = assert_views_identical(&src, &tgt, &[cut], E2).await;
+    assert_eq!(differing, vec![8], "live differs from the cut's view in the overwritten blocks");
+    let (t, _) = view(&tgt.client, Some(cut), E2).await;
+    assert!(t[late as usize..late as usize + 8].iter().all(|c| c.seq == s(2)), "the cut's view on the target");
+    src.stop().await;
+    tgt.stop().await;
+}
