@@ -193,17 +193,20 @@ async fn dirty_marks_flush_and_persistence() {
             s.chunks(),
             vec![ChunkInfo { id: id(0), size: SIZE, dirty: true }, ChunkInfo { id: id(1), size: SIZE, dirty: true },]
         );
+        assert_eq!(s.chunk_bytes(), 2 * SIZE);
         s.flush_volume(V, E1).await.expect("flush volume");
         assert!(s.dirty_chunks(V).is_empty());
         s.write(id(1), 8192, pattern(3, 4096), seq(4)).await.expect("write");
     }
     let s = ChunkStore::open(d.path(), StoreOptions::default()).expect("reopen");
+    assert_eq!(s.chunk_bytes(), 2 * SIZE, "counted at open");
     assert_eq!(s.dirty_chunks(V), vec![ChunkIdx(1)], "dirty mark survives restart");
     assert_eq!(s.chunk_size(id(1)), Some(SIZE));
     assert_eq!(s.read(id(1), 4096, 8192, E1).await.expect("read"), [pattern(2, 4096), pattern(3, 4096)].concat());
     s.delete_chunk(id(1), E1).await.expect("delete");
     s.delete_chunk(id(1), E1).await.expect("delete is idempotent");
     assert_eq!(s.chunk_size(id(1)), None);
+    assert_eq!(s.chunk_bytes(), SIZE, "a delete counted once");
     drop(s);
     let s = ChunkStore::open(d.path(), StoreOptions::default()).expect("reopen");
     assert_eq!(s.chunks().len(), 1);

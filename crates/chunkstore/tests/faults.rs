@@ -91,6 +91,10 @@ impl LoopFs {
     }
 
     fn new(work: &Path, mib: u64) -> Result<LoopFs, String> {
+        LoopFs::with_block_size(work, mib, 4096)
+    }
+
+    fn with_block_size(work: &Path, mib: u64, block: u32) -> Result<LoopFs, String> {
         let img = work.join("disk.img");
         std::fs::File::create(&img).and_then(|f| f.set_len(mib << 20)).map_err(|e| e.to_string())?;
         let mnt = tempfile::Builder::new().prefix("chunkstore-mnt").tempdir_in(work).map_err(|e| e.to_string())?;
@@ -101,7 +105,7 @@ impl LoopFs {
         }
         fs.dev = Some(String::from_utf8_lossy(&out.stdout).trim().to_string());
         let dev = fs.dev.clone().unwrap_or_default();
-        run("mkfs.ext4", &["-F", "-q", "-m", "0", "-b", "4096", &dev])?;
+        run("mkfs.ext4", &["-F", "-q", "-m", "0", "-b", &block.to_string(), &dev])?;
         run("mount", &[&dev, &fs.mnt.path().to_string_lossy()])?;
         fs.mounted = true;
         Ok(fs)
@@ -359,5 +363,31 @@ async fn writes_racing_a_full_disk_leave_every_block_verifiable() {
     let s = ChunkStore::open(&dir, StoreOptions::default()).expect("reopen");
     check_blocks(&s, chunk, &snapshot, "reopened").await;
     drop(s);
+    drop(fs);
+}
+
+/// A filesystem with 1024-byte blocks is refused at open: a write cut short
+/// by a full disk could end inside a 4096-byte block there.
+#[tokio::test]
+async fn a_filesystem_with_small_blocks_is_refused() {
+    const NAME: &str = "a_filesystem_with_small_blocks_is_refused";
+    if let Some(why) = LoopFs::skip_reason() {
+        println!("SKIP {NAME}: {why}");
+        return;
+    }
+    let work = tempfile::Builder::new().prefix("chunkstore-1k").tempdir_in("/var/tmp").expect("tempdir");
+    let fs = match LoopFs::with_block_size(work.path(), 16, 1024) {
+        Ok(fs) => fs,
+        Err(e) => {
+            println!("SKIP {NAME}: cannot set up loop ext4: {e}");
+            return;
+        }
+    };
+    let dir = fs.mnt.path().join("store");
+    match ChunkStore::open(&dir, StoreOptions::default()) {
+        Err(StoreError::SmallFsBlocks { fs_block, .. }) => assert_eq!(fs_block, 1024),
+        Err(e) => panic!("expected SmallFsBlocks, got {e}"),
+        Ok(_) => panic!("a store opened on 1024-byte filesystem blocks"),
+    }
     drop(fs);
 }

@@ -156,7 +156,7 @@ async fn heartbeat(
                 }
             }
         }
-        let allocated: u64 = store.chunks().iter().map(|c| c.size).sum();
+        let allocated = store.chunk_bytes();
         // Until the first count meta keeps the use it knows (`used_counted`).
         let counted = space.latest(&store).await;
         let used_counted = counted.is_some();
