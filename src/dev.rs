@@ -177,6 +177,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         io_timeout: Duration::from_secs(5),
         poll: ballast_metavolume::LAYOUT_POLL,
         metrics: Some(volume_metrics),
+        to_fill: false,
     };
     let attached =
         ballast_metavolume::AttachedVolume::attach_with(meta.clone(), &a.name, ballast_types::NodeId(1), options)

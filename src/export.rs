@@ -239,7 +239,12 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
                 bail!("with --meta, give the volume name (--volume) and this node's id (--local-node)");
             };
             let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
-            let options = AttachOptions { io_timeout: a.io_timeout, poll: LAYOUT_POLL, metrics: Some(volume_metrics) };
+            let options = AttachOptions {
+                io_timeout: a.io_timeout,
+                poll: LAYOUT_POLL,
+                metrics: Some(volume_metrics),
+                to_fill: false,
+            };
             let attached = AttachedVolume::attach_with(meta, name, NodeId(node), options).await?;
             listeners.announce(attached.volume().name())?;
             let (attached, printer) = match a.scrub.config() {

@@ -33,6 +33,9 @@
 //! - a storage node SIGKILLed while a snapshot is taken: the snapshot exists
 //!   complete or not at all, and after the node's resync it verifies read
 //!   from that node alone;
+//! - a clone nobody attaches: filled by a node agent in the background until
+//!   independent, so its snapshot and source can be deleted; it verifies when
+//!   attached afterwards;
 //! - a clone of a busy attached volume (`--from-volume`): every block within
 //!   the ledger around its creation, while it copies and after its source is
 //!   deleted; the snapshot meta made for it goes once it is independent;
@@ -429,6 +432,58 @@ fn a_clone_of_a_busy_snapshot_verifies_while_copying_and_outlives_its_source() -
         rt.block_on(ballast_blockdev::BlockDev::read(&*client, 8 * MIB, own.len() as u32)).expect("read the clone");
     assert!(back[..] == own[..], "the clone keeps its own writes");
     let _ = rt.block_on(client.disconnect());
+    w.stop();
+    Ok(())
+}
+
+/// A clone nobody attaches (a restore whose pod is not scheduled yet) is
+/// filled by a node agent in the background: it becomes independent without
+/// an attach, so its snapshot and then its source can be deleted; attached
+/// afterwards, every block verifies against the ledger at the cut.
+#[test]
+fn a_clone_nobody_attaches_is_filled_in_the_background_and_lets_its_source_go() -> Result<()> {
+    let rt = runtime();
+    let c = Cluster::start("clone-detached", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    c.create_volume("v", "64M", "16M", "2")?;
+    let (export, sock) = attach(&c)?;
+    let mut w = Workload::start(rt.handle(), SIZE / BS, TASKS, 0xc1_0e7);
+    w.set_client(Some(connect(rt.handle(), &sock)?));
+    std::thread::sleep(Duration::from_millis(1500));
+    let (marks, _, _) = snapshot(&c, &w, "base")?;
+    let created = Instant::now();
+    let args = [
+        "volume",
+        "create",
+        "w",
+        "--size",
+        "64M",
+        "--chunk-size",
+        "16M",
+        "--min-in-sync",
+        "2",
+        "--from-snapshot",
+        "base",
+    ];
+    let clone = c.ctl_json(&args)?;
+    assert_eq!(clone["unfilled_chunks"], 4, "{clone}");
+    // The source stays busy meanwhile.
+    try_wait_until("the detached clone independent", Duration::from_secs(120), || {
+        Ok(c.inspect("w")?["volume"]["unfilled_chunks"] == 0)
+    })?;
+    eprintln!("detached clone of 64 MiB independent {:?} after its creation", created.elapsed());
+    let after = c.inspect("w")?;
+    assert!(after["volume"]["epoch"].as_u64().is_some_and(|e| e >= 1), "a filler attached it: {after}");
+    try_wait_until("the filler detached", Duration::from_secs(10), || {
+        Ok(c.inspect("w")?["volume"]["attached_to"].as_u64().unwrap_or(0) == 0)
+    })?;
+    w.pause();
+    drop(export);
+    c.ctl_json(&["snapshot", "delete", "base"])?;
+    c.ctl_json(&["volume", "delete", "v", "--yes"])?;
+    let wsock = c.path("w.sock");
+    let wsock_arg = wsock.to_str().expect("utf-8 path").to_string();
+    let (_wexport, _) = c.export_with("w", 2, &["--io-timeout", "2s", "--socket", &wsock_arg])?;
+    verify_clone(&rt, &w, &wsock, &marks, "filled while detached, its source deleted")?;
     w.stop();
     Ok(())
 }

@@ -145,8 +145,12 @@ impl NodeService {
     async fn stage(&self, record: StageRecord) -> Result<Staged, Status> {
         let id = record.volume_id.clone();
         let cfg = &self.inner.cfg;
-        let options =
-            AttachOptions { io_timeout: cfg.io_timeout, poll: LAYOUT_POLL, metrics: cfg.volume_metrics.clone() };
+        let options = AttachOptions {
+            io_timeout: cfg.io_timeout,
+            poll: LAYOUT_POLL,
+            metrics: cfg.volume_metrics.clone(),
+            to_fill: false,
+        };
         let attached = AttachedVolume::attach_with(self.inner.meta.clone(), &id, NodeId(cfg.node_id), options)
             .await
             .map_err(|e| {

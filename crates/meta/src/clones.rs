@@ -18,6 +18,20 @@
 //! the snapshot goes when the clone is independent, or deleted: nothing is
 //! left behind on the source.
 //!
+//! # Filling detached clones
+//! A clone nobody attaches would keep its source forever. So a node agent
+//! fills it: each heartbeat answer names the clones that node should fill
+//! ([`MetaState::fill_assignments`]): clones with unfilled chunks whose
+//! source snapshot is ready, neither published (CSI ControllerPublish) nor
+//! attached by anything but a filler, assigned to the lowest-id Up node
+//! holding an in-sync replica of them (deterministic, so two nodes never
+//! both get one while the state agrees; if they did, each attach fences the
+//! other and the fill is correct anyway). The agent attaches with
+//! [`crate::state::Command::AttachToFill`], which refuses a volume in use,
+//! and marks the lease as a filler's: every ordinary attach takes it over
+//! (fencing the filler, whose filled chunks stay recorded), and another
+//! node's filler takes over from a filler whose node is no longer Up.
+//!
 //! Invariants ([`MetaState::check_invariants`] checks them):
 //! - a clone with unfilled chunks names a snapshot that exists and is ready
 //!   (or pending, when it was made for that clone), so its source cannot go
@@ -28,10 +42,10 @@
 //! - a clone takes no snapshot while it is filling ([`MetaError::CloneFilling`]):
 //!   the part of its data still in its source would be missing from it.
 
-use ballast_types::{Epoch, VolumeId};
+use ballast_types::{Epoch, NodeId, VolumeId};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{MetaError, MetaState, Response, VolumeSpec};
+use crate::state::{MetaError, MetaState, NodeState, Response, VolumeSpec};
 
 /// Where a clone's data came from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,5 +193,27 @@ impl MetaState {
             .values()
             .find(|v| !v.unfilled.is_empty() && v.origin.as_ref().is_some_and(|o| o.snapshot == id))
             .map(|v| v.id)
+    }
+
+    /// The clones `node` should fill in the background now (module docs,
+    /// "Filling detached clones"), by name.
+    pub fn fill_assignments(&self, node: NodeId) -> Vec<String> {
+        let up = |n: NodeId| self.nodes.get(&n).is_some_and(|x| x.state == NodeState::Up);
+        self.volumes
+            .values()
+            .filter(|v| !v.unfilled.is_empty() && v.published_to.is_none())
+            .filter(|v| match v.attached_to {
+                None => true,
+                // A filler: this node's own (restarted, or still running: the
+                // agent knows), or one on a node no longer Up.
+                Some(holder) => v.attached_to_fill && (holder == node || !up(holder)),
+            })
+            .filter(|v| self.check_clone_attach(v.id).is_ok())
+            .filter(|v| {
+                let holders = v.chunks.iter().flat_map(|c| c.in_sync());
+                holders.filter(|n| up(*n)).min() == Some(node)
+            })
+            .map(|v| v.name.clone())
+            .collect()
     }
 }

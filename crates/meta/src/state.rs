@@ -333,6 +333,10 @@ pub struct Volume {
     pub epoch: Epoch,
     /// The node whose front end holds the attach lease, if any.
     pub attached_to: Option<NodeId>,
+    /// The lease is a background filler's ([`Command::AttachToFill`]): any
+    /// attach may take it over.
+    #[serde(default)]
+    pub attached_to_fill: bool,
     /// Index = chunk index.
     pub chunks: Vec<ChunkEntry>,
     /// Increments on every change to a chunk's replica set, to the size or to
@@ -468,6 +472,14 @@ pub enum Command {
     },
     /// Gives `node` the attach lease and raises the epoch (fencing older front ends).
     Attach {
+        volume: VolumeId,
+        node: NodeId,
+    },
+    /// As `Attach`, for a node agent that fills a detached clone from its
+    /// source (crates/meta/src/clones.rs, "Filling detached clones"): only
+    /// while the volume is neither published nor attached by anything but
+    /// another filler, and only while it still has unfilled chunks.
+    AttachToFill {
         volume: VolumeId,
         node: NodeId,
     },
@@ -624,6 +636,9 @@ pub enum MetaError {
     NodeInUse { node: NodeId, replicas: usize },
     #[error("volume {volume} is published to node {node}")]
     Published { volume: VolumeId, node: NodeId },
+    /// A background filler attaches only a volume nobody uses.
+    #[error("volume {volume} is attached or published to node {node}")]
+    Attached { volume: VolumeId, node: NodeId },
     #[error("snapshot {0} not found")]
     UnknownSnapshot(String),
     /// A volume's snapshots are layers of its chunks: they go first.
@@ -861,33 +876,16 @@ impl MetaState {
                 }
                 Ok(Response::Reclaim(reclaim.into_iter().collect()))
             }
-            Command::Attach { volume, node } => {
-                if !self.nodes.contains_key(node) {
-                    return Err(MetaError::UnknownNode(*node));
+            Command::Attach { volume, node } => self.attach(*volume, *node, false),
+            Command::AttachToFill { volume, node } => {
+                let v = self.volumes.get(volume).ok_or(MetaError::UnknownVolume(*volume))?;
+                if let Some(holder) = v.published_to.or(v.attached_to.filter(|_| !v.attached_to_fill)) {
+                    return Err(MetaError::Attached { volume: *volume, node: holder });
                 }
-                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
-                // Invariant: a volume published to a node (CSI ControllerPublish,
-                // the single-node writer) is attached by that node only. A node
-                // coming back after its pod moved elsewhere must not re-attach
-                // the volume from its stage records: the new epoch would fence
-                // the front end the pod now uses. Unpublished volumes (exports
-                // outside CSI) stay free to attach anywhere.
-                if let Some(other) = v.published_to.filter(|p| p != node) {
-                    return Err(MetaError::Published { volume: *volume, node: other });
+                if v.unfilled.is_empty() {
+                    return Err(MetaError::Conflict(format!("volume {volume} has nothing left to fill")));
                 }
-                self.check_clone_attach(*volume)?;
-                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
-                let old = v.epoch;
-                v.epoch = Epoch(v.epoch.0 + 1);
-                v.attached_to = Some(*node);
-                let epoch = v.epoch;
-                // What the old front end left pending is cut at its epoch's
-                // end (a new layout generation), then the new front end starts
-                // from the current layout, snapshots included.
-                self.resolve_pending_snapshots(*volume, old);
-                let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
-                v.acked_gen = v.layout_gen;
-                Ok(Response::Epoch(epoch))
+                self.attach(*volume, *node, true)
             }
             Command::Eject { volume, chunk, version, node } => {
                 let v = self.volumes.get(volume).ok_or(MetaError::UnknownVolume(*volume))?;
@@ -953,6 +951,7 @@ impl MetaState {
                 let v = self.volumes.get_mut(volume).ok_or(MetaError::UnknownVolume(*volume))?;
                 if *epoch == v.epoch {
                     v.attached_to = None;
+                    v.attached_to_fill = false;
                     self.resolve_pending_snapshots(*volume, *epoch);
                 }
                 Ok(Response::Done)
@@ -1024,6 +1023,38 @@ impl MetaState {
             }
             Command::FillChunks { volume, epoch, chunks } => self.fill_chunks(*volume, *epoch, chunks),
         }
+    }
+
+    /// Gives `node` the attach lease of `volume` (a new epoch, fencing older
+    /// front ends); `for_fill`: a background filler's ([`Command::AttachToFill`]).
+    fn attach(&mut self, volume: VolumeId, node: NodeId, for_fill: bool) -> Result<Response, MetaError> {
+        if !self.nodes.contains_key(&node) {
+            return Err(MetaError::UnknownNode(node));
+        }
+        let v = self.volumes.get_mut(&volume).ok_or(MetaError::UnknownVolume(volume))?;
+        // Invariant: a volume published to a node (CSI ControllerPublish,
+        // the single-node writer) is attached by that node only. A node
+        // coming back after its pod moved elsewhere must not re-attach
+        // the volume from its stage records: the new epoch would fence
+        // the front end the pod now uses. Unpublished volumes (exports
+        // outside CSI) stay free to attach anywhere.
+        if let Some(other) = v.published_to.filter(|p| *p != node) {
+            return Err(MetaError::Published { volume, node: other });
+        }
+        self.check_clone_attach(volume)?;
+        let v = self.volumes.get_mut(&volume).ok_or(MetaError::UnknownVolume(volume))?;
+        let old = v.epoch;
+        v.epoch = Epoch(v.epoch.0 + 1);
+        v.attached_to = Some(node);
+        v.attached_to_fill = for_fill;
+        let epoch = v.epoch;
+        // What the old front end left pending is cut at its epoch's
+        // end (a new layout generation), then the new front end starts
+        // from the current layout, snapshots included.
+        self.resolve_pending_snapshots(volume, old);
+        let v = self.volumes.get_mut(&volume).ok_or(MetaError::UnknownVolume(volume))?;
+        v.acked_gen = v.layout_gen;
+        Ok(Response::Epoch(epoch))
     }
 
     fn start_job(
@@ -1250,6 +1281,7 @@ impl MetaState {
                 published_to: None,
                 epoch: Epoch(0),
                 attached_to: None,
+                attached_to_fill: false,
                 chunks,
                 layout_gen: 1,
                 acked_gen: 0,

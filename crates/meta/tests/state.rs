@@ -61,6 +61,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
         1 => (vol.clone(), 1u64..60).prop_map(|(v, chunks)| Command::GrowVolume { volume: VolumeId(v), size: chunks * CHUNK }),
         1 => vol.clone().prop_map(|v| Command::DeleteVolume { volume: VolumeId(v) }),
         2 => (vol.clone(), node.clone()).prop_map(|(v, n)| Command::Attach { volume: VolumeId(v), node: NodeId(n) }),
+        1 => (vol.clone(), node.clone()).prop_map(|(v, n)| Command::AttachToFill { volume: VolumeId(v), node: NodeId(n) }),
         2 => (vol.clone(), 0u32..40, 1u64..4, node.clone()).prop_map(|(v, c, version, n)| Command::Eject {
             volume: VolumeId(v), chunk: ChunkIdx(c), version, node: NodeId(n) }),
         1 => (vol.clone(), 0u64..4, 0u64..12).prop_map(|(v, e, gen)| Command::AckLayout {
@@ -300,6 +301,16 @@ fn check_step(before: &MetaState, after: &MetaState, cmd: &Command, res: &Result
             );
             assert_eq!(e.0, before.volumes[volume].epoch.0 + 1);
             assert_eq!(after.volumes[volume].acked_gen, after.volumes[volume].layout_gen);
+            assert!(!after.volumes[volume].attached_to_fill, "an attach is an ordinary one");
+        }
+        (Command::AttachToFill { volume, node }, Response::Epoch(e)) => {
+            let b = &before.volumes[volume];
+            assert!(b.published_to.is_none(), "a filler attached a published volume");
+            assert!(b.attached_to.is_none() || b.attached_to_fill, "a filler took over an ordinary attach");
+            assert!(!b.unfilled.is_empty(), "a filler attached a volume with nothing to fill");
+            assert_eq!(e.0, b.epoch.0 + 1);
+            let a = &after.volumes[volume];
+            assert_eq!((a.attached_to, a.attached_to_fill), (Some(*node), true));
         }
         (Command::StartJob { volume, chunk, version, kind, target, replaces }, Response::Job(id)) => {
             let j = &after.jobs[id];
@@ -924,6 +935,68 @@ fn a_clone_copies_its_snapshot_then_lets_it_and_its_source_go() {
     s.apply(&Command::DeleteVolume { volume: src }).expect("delete the source");
     assert!(s.volumes.contains_key(&c));
     s.apply(&own).expect("an independent clone takes snapshots");
+    s.check_invariants().expect("invariants");
+}
+
+/// A clone nobody attaches is given to one node to fill: the lowest-id Up
+/// node holding an in-sync replica of it. Its filler's attach refuses a
+/// volume in use; any ordinary attach takes the lease over from a filler,
+/// and another node's filler takes over from one whose node went down.
+#[test]
+fn a_detached_clone_is_assigned_to_one_filler_which_any_attach_takes_over() {
+    let mut s = three_zones();
+    let Ok(Response::Volume(src)) = s.apply(&create("src", 2 * CHUNK, 3, 2)) else { panic!("create") };
+    let snap = Command::CreateSnapshot { volume: src, name: "base".into(), now_ms: 1 };
+    let Ok(Response::Snapshot(base)) = s.apply(&snap) else { panic!("snapshot") };
+    let Ok(Response::Volume(c)) = s.apply(&clone_cmd("c", base.id, 2 * CHUNK)) else { panic!("clone") };
+    let assigned = |s: &MetaState| -> Vec<u64> {
+        s.nodes.keys().filter(|n| s.fill_assignments(**n).contains(&"c".to_string())).map(|n| n.0).collect()
+    };
+    let holders: std::collections::BTreeSet<u64> =
+        s.volumes[&c].chunks.iter().flat_map(|ch| ch.in_sync()).map(|n| n.0).collect();
+    let first = *holders.iter().next().expect("holders");
+    assert_eq!(assigned(&s), vec![first], "one filler: the lowest holder");
+    assert!(s.nodes.keys().all(|n| !s.fill_assignments(*n).contains(&"src".to_string())), "not a clone");
+    // The filler attaches; it keeps the assignment (its agent knows it runs).
+    let fill = Command::AttachToFill { volume: c, node: NodeId(first) };
+    let Ok(Response::Epoch(e1)) = s.apply(&fill) else { panic!("attach to fill") };
+    assert!(s.volumes[&c].attached_to_fill);
+    assert_eq!(assigned(&s), vec![first]);
+    // Its node goes down: the next holder takes over, fencing it.
+    s.apply(&Command::SetNodeState { id: NodeId(first), state: NodeState::Down }).expect("down");
+    let second = *holders.iter().nth(1).expect("a second holder");
+    assert_eq!(assigned(&s), vec![second]);
+    let Ok(Response::Epoch(e2)) = s.apply(&Command::AttachToFill { volume: c, node: NodeId(second) }) else {
+        panic!("take over")
+    };
+    assert!(e2 > e1);
+    // An ordinary attach takes over from the filler; then no filler may attach.
+    let Ok(Response::Epoch(e3)) = s.apply(&Command::Attach { volume: c, node: NodeId(5) }) else { panic!("attach") };
+    assert!(e3 > e2 && !s.volumes[&c].attached_to_fill);
+    assert!(assigned(&s).is_empty(), "in use: nobody fills it in the background");
+    let before = s.clone();
+    assert_eq!(
+        s.apply(&Command::AttachToFill { volume: c, node: NodeId(second) }),
+        Err(MetaError::Attached { volume: c, node: NodeId(5) })
+    );
+    assert_eq!(s, before, "a refused filler attach changes nothing");
+    // Detached again, but published: still nobody's to fill.
+    s.apply(&Command::Detach { volume: c, epoch: e3 }).expect("detach");
+    assert_eq!(assigned(&s), vec![second]);
+    s.apply(&Command::Publish { volume: c, node: NodeId(4) }).expect("publish");
+    assert!(assigned(&s).is_empty());
+    assert!(matches!(
+        s.apply(&Command::AttachToFill { volume: c, node: NodeId(second) }),
+        Err(MetaError::Attached { .. })
+    ));
+    s.apply(&Command::Unpublish { volume: c, node: None }).expect("unpublish");
+    // Filled (by whoever): nothing left to assign, and the filler's attach is refused.
+    let Ok(Response::Epoch(e4)) = s.apply(&Command::AttachToFill { volume: c, node: NodeId(second) }) else {
+        panic!("attach to fill")
+    };
+    s.apply(&Command::FillChunks { volume: c, epoch: e4, chunks: vec![0, 1] }).expect("fill");
+    assert!(assigned(&s).is_empty());
+    assert!(matches!(s.apply(&Command::AttachToFill { volume: c, node: NodeId(second) }), Err(MetaError::Conflict(_))));
     s.check_invariants().expect("invariants");
 }
 

@@ -119,6 +119,7 @@ pub(crate) fn volume(s: &MetaState, v: &state::Volume) -> pb::Volume {
         zones: v.zones.iter().map(|z| z.0.clone()).collect(),
         epoch: v.epoch.0,
         attached_to: v.attached_to.map_or(0, |n| n.0),
+        attached_to_fill: v.attached_to.is_some() && v.attached_to_fill,
         layout_gen: v.layout_gen,
         degraded_chunks: s.volume_health(v).degraded as u32,
         zone_spread: zone_spread(v.zone_spread) as i32,

@@ -87,6 +87,7 @@ pub(crate) fn meta_status(e: MetaError) -> Status {
         | MetaError::Conflict(_)
         | MetaError::NodeInUse { .. }
         | MetaError::Published { .. }
+        | MetaError::Attached { .. }
         | MetaError::HasSnapshots { .. }
         | MetaError::SnapshotInUse { .. }
         | MetaError::CloneFilling { .. } => Status::failed_precondition(msg),
@@ -418,17 +419,19 @@ impl pb::node_api_server::NodeApi for NodeSvc {
             self.0.write(Command::Heartbeat { id, reported_used: used, now_ms: now_ms(), disk }).await?;
         }
         let (seen, progress) = (self.0.last_seen(), self.0.progress());
-        let jobs = self
+        let (jobs, fill_clones) = self
             .0
             .read(|s| {
-                s.jobs
+                let jobs = s
+                    .jobs
                     .values()
                     .filter(|j| j.target == id && s.job_ready(j))
                     .map(|j| convert::job(s, j, progress.get(&j.id).copied().unwrap_or_default(), &seen))
-                    .collect()
+                    .collect();
+                (jobs, s.fill_assignments(id))
             })
             .await;
-        Ok(Reply::new(pb::HeartbeatResponse { jobs }))
+        Ok(Reply::new(pb::HeartbeatResponse { jobs, fill_clones }))
     }
 
     async fn attach(&self, req: Request<pb::AttachRequest>) -> Result<Reply<pb::AttachResponse>, Status> {
@@ -436,11 +439,15 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         let r = req.into_inner();
         let node = node_id("node", r.node)?;
         let volume = self.0.volume_id(&r.volume).await?;
-        let Response::Epoch(epoch) = self.0.write(Command::Attach { volume, node }).await? else {
+        let cmd = match r.to_fill {
+            true => Command::AttachToFill { volume, node },
+            false => Command::Attach { volume, node },
+        };
+        let Response::Epoch(epoch) = self.0.write(cmd).await? else {
             return Err(Status::internal("attach returned no epoch"));
         };
         let layout = self.0.layout_reply(volume).await?;
-        info!(%volume, %node, %epoch, "volume attached");
+        info!(%volume, %node, %epoch, to_fill = r.to_fill, "volume attached");
         Ok(Reply::new(pb::AttachResponse { epoch: epoch.0, layout: Some(layout) }))
     }
 

@@ -59,11 +59,14 @@ pub struct AttachOptions {
     /// `volume`, its name) exist from the attach to the detach, with the layout
     /// generation the follower installed. None: no metrics. Default: None.
     pub metrics: Option<VolumeMetrics>,
+    /// Attach as a clone's background filler ([`MetaMembership::to_fill`]).
+    /// Default: false.
+    pub to_fill: bool,
 }
 
 impl Default for AttachOptions {
     fn default() -> Self {
-        AttachOptions { io_timeout: Duration::from_secs(10), poll: LAYOUT_POLL, metrics: None }
+        AttachOptions { io_timeout: Duration::from_secs(10), poll: LAYOUT_POLL, metrics: None, to_fill: false }
     }
 }
 
@@ -92,7 +95,7 @@ impl AttachedVolume {
         io_timeout: Duration,
         poll: Duration,
     ) -> Result<AttachedVolume, AttachError> {
-        let options = AttachOptions { io_timeout, poll, metrics: None };
+        let options = AttachOptions { io_timeout, poll, metrics: None, to_fill: false };
         AttachedVolume::attach_with(meta, name, node, options).await
     }
 
@@ -104,8 +107,9 @@ impl AttachedVolume {
         node: NodeId,
         options: AttachOptions,
     ) -> Result<AttachedVolume, AttachError> {
-        let AttachOptions { io_timeout, poll, metrics } = options;
-        let membership = Arc::new(MetaMembership::new(meta.clone(), name, node));
+        let AttachOptions { io_timeout, poll, metrics, to_fill } = options;
+        let membership = MetaMembership::new(meta.clone(), name, node);
+        let membership = Arc::new(if to_fill { membership.to_fill() } else { membership });
         let id = membership
             .resolve_volume_id()
             .await

@@ -73,6 +73,8 @@ pub struct MetaMembership {
     /// once the first unfilled chunk is read, the read-only device over it.
     origin: Mutex<Option<String>>,
     parent: tokio::sync::OnceCell<SnapshotDevice>,
+    /// Attaches as a clone's background filler (AttachRequest `to_fill`).
+    to_fill: bool,
 }
 
 impl MetaMembership {
@@ -86,7 +88,16 @@ impl MetaMembership {
             snapshots: Mutex::new(SnapshotSync::default()),
             origin: Mutex::new(None),
             parent: tokio::sync::OnceCell::new(),
+            to_fill: false,
         }
+    }
+
+    /// Attaches as a clone's background filler: refused while the volume is
+    /// in use, taken over by any ordinary attach (crates/meta/src/clones.rs,
+    /// "Filling detached clones").
+    pub fn to_fill(mut self) -> Self {
+        self.to_fill = true;
+        self
     }
 
     pub fn volume_name(&self) -> &str {
@@ -211,7 +222,7 @@ impl Membership for MetaMembership {
         let span = info_span!("meta_attach", volume = %volume, name = %self.volume_name, node = %self.node);
         let resp = self
             .client
-            .attach(pb::AttachRequest { volume: self.volume_name.clone(), node: self.node.0 })
+            .attach(pb::AttachRequest { volume: self.volume_name.clone(), node: self.node.0, to_fill: self.to_fill })
             .instrument(span)
             .await
             .map_err(|e| membership_error(e, volume, None))?;

@@ -56,8 +56,12 @@ async fn attach_makes_the_volume_series_and_detach_removes_them() {
 
     let mut registry = ballast_metrics::registry();
     let metrics = VolumeMetrics::register(&mut registry);
-    let options =
-        AttachOptions { io_timeout: Duration::from_secs(5), poll: Duration::from_millis(50), metrics: Some(metrics) };
+    let options = AttachOptions {
+        io_timeout: Duration::from_secs(5),
+        poll: Duration::from_millis(50),
+        metrics: Some(metrics),
+        to_fill: false,
+    };
     let attached = AttachedVolume::attach_with(meta.clone(), "orders", NodeId(1), options).await.expect("attach");
     let v = attached.volume().clone();
     for i in 0..3u64 {

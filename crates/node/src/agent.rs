@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
 use crate::disk::{DiskMonitor, DiskProbe, PROBE_TIMEOUT, PROBE_WAIT};
+use crate::fill::Fillers;
 use crate::gc;
 use crate::jobs::Jobs;
 use crate::metrics::NodeMetrics;
@@ -121,6 +122,7 @@ async fn heartbeat(
     mut stop: watch::Receiver<bool>,
 ) {
     let jobs = Jobs::default();
+    let fillers = Fillers::default();
     let mut disk = DiskMonitor::new(DiskProbe::new(store.dir(), store.direct_io(), cfg.disk_reserve), PROBE_TIMEOUT);
     let metrics = cfg.metrics.as_ref().map(|m| m.node(cfg.id));
     if let Some(m) = &metrics {
@@ -186,6 +188,9 @@ async fn heartbeat(
             Ok(r) => {
                 for job in r.jobs {
                     jobs.start(&cfg, &meta, job);
+                }
+                for clone in r.fill_clones {
+                    fillers.start(&meta, cfg.id, clone, stop.clone());
                 }
             }
             Err(e) if e.is_not_found() => {

@@ -21,6 +21,7 @@
 //!   heartbeat task   register, then every interval: disk verdict + used bytes ──► meta, jobs ◄──
 //!   ├─ probe thread  DiskProbe: statvfs, write + fdatasync + read back (DiskMonitor; at most one)
 //!   ├─ job tasks     run_job per assigned job (at most one per job id)
+//!   ├─ fill tasks    a front end per detached clone meta names (at most one per clone)
 //!   └─ GC task       Gc::pass every gc_every: a layout per volume from meta, then deletes
 //! ```
 //!
@@ -35,6 +36,9 @@
 //!   node's replica and reports the outcome.
 //! - [`gc`] ([`Gc`]): deletes a replica meta no longer lists here once two
 //!   passes in a row agree;
+//! - `fill`: fills the detached clones meta names in heartbeat answers, each
+//!   through a front end attached as the clone's background filler, until
+//!   it is independent of its source or someone else attaches it;
 //! - [`metrics`] ([`NodeMetrics`], given through [`AgentConfig::metrics`]): the
 //!   disk's health and space, heartbeats, copy jobs, their bytes and
 //!   throttle waits, as Prometheus series per node.
@@ -45,6 +49,7 @@
 
 pub mod agent;
 pub mod disk;
+pub(crate) mod fill;
 pub mod gc;
 pub mod jobs;
 pub mod metrics;

@@ -84,7 +84,7 @@ impl NodeApi for TestMeta {
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Reply<pb::HeartbeatResponse> {
         self.heartbeats.lock().unwrap().push((Instant::now(), req.into_inner()));
         let jobs = std::mem::take(&mut *self.jobs.lock().unwrap());
-        Ok(Response::new(pb::HeartbeatResponse { jobs }))
+        Ok(Response::new(pb::HeartbeatResponse { jobs, fill_clones: vec![] }))
     }
     async fn get_layout(&self, req: Request<pb::GetLayoutRequest>) -> Reply<pb::VolumeLayout> {
         let volume = req.into_inner().volume;

@@ -53,6 +53,7 @@ pub(crate) fn volume_json(v: &pb::Volume) -> Value {
         "published_node": v.published_node,
         "epoch": v.epoch,
         "attached_to": v.attached_to,
+        "attached_to_fill": v.attached_to_fill,
         "layout_gen": v.layout_gen,
         "degraded_chunks": v.degraded_chunks,
         "origin": v.origin.as_ref().map(|o| json!({

@@ -347,6 +347,8 @@ pub(crate) fn inspect_text(l: &pb::VolumeLayout, max_chunks: Option<usize>) -> S
             "Attached",
             if v.attached_to == 0 {
                 format!("no (epoch {})", v.epoch)
+            } else if v.attached_to_fill {
+                format!("to node {} (epoch {}), filling the clone in the background", v.attached_to, v.epoch)
             } else {
                 format!("to node {} (epoch {})", v.attached_to, v.epoch)
             },

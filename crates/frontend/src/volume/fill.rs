@@ -38,6 +38,13 @@ const PIECES_AT_ONCE: usize = 4;
 const RETRY: Duration = Duration::from_secs(1);
 
 impl<M: Membership, R: ReplicaIo> Volume<M, R> {
+    /// The clone's chunks not filled from its source yet (recorded in the
+    /// membership provider): 0 once it is independent, and for a volume
+    /// that is not a clone.
+    pub fn unfilled_chunks(&self) -> usize {
+        self.chunks.iter().filter(|(_, c)| !c.filled.initialized()).count()
+    }
+
     /// Waits until the chunks of `pieces` hold their data, filling any that
     /// nobody is filling yet (at once for all but a clone's unfilled chunks).
     pub(super) async fn ensure_filled(&self, pieces: &[Piece]) -> Result<(), BlockError> {
