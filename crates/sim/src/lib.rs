@@ -276,6 +276,8 @@ pub struct SimReport {
     /// Snapshots the front end took, and their blocks checked at the end.
     pub snapshots: u64,
     pub snapshot_blocks_checked: u64,
+    /// On a clone: the blocks its source image holds (0: not a clone).
+    pub clone_source_blocks: u64,
     pub virtual_time: Duration,
     /// The trace lines, when [`SimConfig::keep_trace`] was set.
     pub trace: Vec<String>,

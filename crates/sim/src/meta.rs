@@ -6,6 +6,14 @@
 //! caller hears `Unavailable`). After every command the state's invariants
 //! are checked ([`MetaState::check_invariants`]).
 //!
+//! A clone ([`SimMembership::make_clone`]): the volume's source image (a
+//! block either holds version 1 of the verify pattern or zeros) and its
+//! unfilled chunks are kept beside the state too: the attach names the
+//! unfilled chunks, [`Membership::read_parent`] serves the image, and
+//! [`Membership::chunks_filled`] records chunks with the same outages, lost
+//! replies and epoch check as meta's FillChunks. While any chunk is unfilled
+//! snapshots are refused, as meta refuses them (CloneFilling).
+//!
 //! Snapshot cuts ([`Membership::set_snapshots`]) are kept beside the state,
 //! with the same outages and lost replies and the attach-epoch check meta's
 //! CommitSnapshots makes; the named snapshots of the real service (requested
@@ -18,7 +26,7 @@ use std::time::Duration;
 use ballast_frontend::{Attachment, EjectReason, Membership, MembershipError, Replica, ReplicaSet, VolumeLayout};
 use ballast_meta::state::{ChunkEntry, Role, Volume as MetaVolume};
 use ballast_meta::{Command, InvariantViolation, MetaError, MetaState, Response};
-use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId};
+use ballast_types::{ChunkIdx, Epoch, NodeId, Seq, VolumeId, BLOCK_SIZE_U64};
 
 use crate::replica::{lock, Shared};
 use crate::rng::SimRng;
@@ -35,6 +43,11 @@ pub(crate) struct MetaInner {
     pub broken: Option<(Command, InvariantViolation)>,
     /// The volume's snapshot cuts, ascending, as last recorded.
     pub snapshots: Vec<Seq>,
+    /// A clone's source image, per block: version 1 of the pattern (true) or
+    /// zeros. Empty: the volume is not a clone.
+    pub parent: Vec<bool>,
+    /// A clone's chunks not recorded as filled yet.
+    pub unfilled: std::collections::BTreeSet<ChunkIdx>,
 }
 
 impl MetaInner {
@@ -71,10 +84,55 @@ impl SimMembership {
                 rng,
                 broken: None,
                 snapshots: Vec::new(),
+                parent: Vec::new(),
+                unfilled: Default::default(),
             })),
             world,
             node,
         }
+    }
+
+    /// Makes the volume a clone of `parent` (per block: version 1 of the
+    /// pattern, or zeros) with all of its `chunks` chunks unfilled.
+    pub(crate) fn make_clone(&self, parent: Vec<bool>, chunks: u32) {
+        let mut m = self.inner();
+        m.parent = parent;
+        m.unfilled = (0..chunks).map(ChunkIdx).collect();
+    }
+
+    /// The clone's chunks not recorded as filled (0: independent or no clone).
+    pub(crate) fn unfilled(&self) -> usize {
+        self.inner().unfilled.len()
+    }
+
+    /// A service call beside the state machine: the commit delay, then
+    /// `Unavailable` while meta is down; else `f`, whose reply may be lost.
+    async fn beside<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut MetaInner) -> Result<T, MembershipError>,
+    ) -> Result<T, MembershipError> {
+        let delay = Duration::from_micros(self.inner().rng.range(200, 3000));
+        tokio::time::sleep(delay).await;
+        let mut m = self.inner();
+        if m.down {
+            drop(m);
+            lock(&self.world).trace.event(format!("meta {what}: unavailable"));
+            return Err(MembershipError::Unavailable(format!("{what}: no leader")));
+        }
+        let r = f(&mut m);
+        let lost_reply = m.lost_reply;
+        let lost = r.is_ok() && m.rng.chance(lost_reply);
+        drop(m);
+        let line = match &r {
+            Ok(_) => format!("meta {what}{}", if lost { " (reply lost)" } else { "" }),
+            Err(e) => format!("meta {what}: refused: {e}"),
+        };
+        lock(&self.world).trace.event(line);
+        if lost {
+            return Err(MembershipError::Unavailable(format!("{what}: leader lost before the reply")));
+        }
+        r
     }
 
     pub(crate) fn inner(&self) -> MutexGuard<'_, MetaInner> {
@@ -167,7 +225,48 @@ impl Membership for SimMembership {
         };
         let m = self.inner();
         let v = m.state.volumes.get(&volume).ok_or(MembershipError::UnknownVolume(volume))?;
-        Ok(Attachment { epoch, layout: layout(&m.state, v), snapshots: m.snapshots.clone(), unfilled: Vec::new() })
+        let unfilled = m.unfilled.iter().copied().collect();
+        Ok(Attachment { epoch, layout: layout(&m.state, v), snapshots: m.snapshots.clone(), unfilled })
+    }
+
+    async fn read_parent(&self, volume: VolumeId, offset: u64, len: u32) -> Result<bytes::Bytes, MembershipError> {
+        let what = format!("read the source of {volume} at {offset}+{len}");
+        self.beside(&what, |m| {
+            if m.parent.is_empty() {
+                return Err(MembershipError::Refused(format!("volume {volume} is not a clone")));
+            }
+            let bs = BLOCK_SIZE_U64;
+            let mut out = Vec::with_capacity(len as usize);
+            for b in offset / bs..(offset + u64::from(len)).div_ceil(bs) {
+                match m.parent.get(b as usize) {
+                    Some(true) => out.extend_from_slice(&crate::pattern::block(b, 1)),
+                    _ => out.resize(out.len() + bs as usize, 0),
+                }
+            }
+            Ok(bytes::Bytes::from(out))
+        })
+        .await
+    }
+
+    async fn chunks_filled(
+        &self,
+        volume: VolumeId,
+        epoch: Epoch,
+        chunks: Vec<ChunkIdx>,
+    ) -> Result<(), MembershipError> {
+        let what = format!("fill chunks {chunks:?} at {epoch}");
+        self.beside(&what, |m| {
+            let current =
+                m.state.volumes.get(&volume).map(|v| v.epoch).ok_or(MembershipError::UnknownVolume(volume))?;
+            if current != epoch {
+                return Err(MembershipError::Refused(format!("{what}: the volume was attached again at {current}")));
+            }
+            for c in &chunks {
+                m.unfilled.remove(c);
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn set_snapshots(&self, volume: VolumeId, epoch: Epoch, cuts: Vec<Seq>) -> Result<(), MembershipError> {
@@ -185,6 +284,12 @@ impl Membership for SimMembership {
             drop(m);
             lock(&self.world).trace.event(format!("meta {what}: refused, the volume is at {current}"));
             return Err(MembershipError::Refused(format!("{what}: the volume was attached again at {current}")));
+        }
+        if !m.unfilled.is_empty() && cuts.len() > m.snapshots.len() {
+            let left = m.unfilled.len();
+            drop(m);
+            lock(&self.world).trace.event(format!("meta {what}: refused, a clone still filling"));
+            return Err(MembershipError::Refused(format!("{what}: a clone still copying {left} chunks")));
         }
         m.snapshots = cuts;
         let lost_reply = m.lost_reply;

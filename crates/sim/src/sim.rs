@@ -174,6 +174,21 @@ impl Sim {
             world.clone(),
             FRONTEND_NODE,
         );
+        // A third of the seeds run on a clone: every block of its source
+        // image is version 1 or zeros, the model starts from it (acknowledged
+        // and flushed), and the front end fills it while the workload runs.
+        let mut model = vec![BlockModel::default(); BLOCKS as usize];
+        let mut crng = SimRng::derive(seed, 2000);
+        let mut report = SimReport { seed, ..SimReport::default() };
+        if crng.chance(1.0 / 3.0) {
+            let parent: Vec<bool> = (0..BLOCKS).map(|_| crng.chance(0.5)).collect();
+            for (m, _) in model.iter_mut().zip(&parent).filter(|(_, p)| **p) {
+                let v = m.issue();
+                m.completed(v, true, true);
+            }
+            report.clone_source_blocks = parent.iter().filter(|p| **p).count() as u64;
+            meta.make_clone(parent, CHUNKS as u32);
+        }
         Sim {
             seed,
             replay,
@@ -182,11 +197,11 @@ impl Sim {
             world,
             meta,
             volume,
-            model: Arc::new(Mutex::new(vec![BlockModel::default(); BLOCKS as usize])),
+            model: Arc::new(Mutex::new(model)),
             vol: None,
             fault: None,
             step: 0,
-            report: SimReport { seed, ..SimReport::default() },
+            report,
             snapshots: Vec::new(),
         }
     }
@@ -724,6 +739,17 @@ impl Sim {
                         format!("{e}"),
                     ))
                 }
+            }
+        }
+        if self.report.clone_source_blocks > 0 {
+            let left = self.meta.unfilled();
+            if left > 0 {
+                return Err(self.violation(
+                    "a clone read whole with every fault healed is not independent",
+                    0,
+                    "0 unfilled chunks".into(),
+                    format!("{left}"),
+                ));
             }
         }
         self.check_snapshots(&vol).await

@@ -14,7 +14,7 @@ fn fail(v: &ballast_sim::Violation) -> ! {
 fn ci_seed_set() {
     let cfg = SimConfig::default();
     let (mut acked, mut attaches, mut fenced, mut faults, mut reads) = (0, 0, 0, 0, 0);
-    let (mut snapshots, mut snapshot_blocks) = (0, 0);
+    let (mut snapshots, mut snapshot_blocks, mut clones, mut source_blocks) = (0, 0, 0, 0);
     for seed in 0..CI_SEEDS {
         let r = run_seed(seed, &cfg).unwrap_or_else(|v| fail(&v));
         acked += r.acked_writes;
@@ -24,8 +24,10 @@ fn ci_seed_set() {
         reads += r.reads_checked;
         snapshots += r.snapshots;
         snapshot_blocks += r.snapshot_blocks_checked;
+        clones += u64::from(r.clone_source_blocks > 0);
+        source_blocks += r.clone_source_blocks;
     }
-    eprintln!("{CI_SEEDS} seeds: {acked} acknowledged writes, {reads} reads checked, {attaches} attaches, {fenced} fenced writes, {faults} replica faults, {snapshots} snapshots taken, {snapshot_blocks} snapshot blocks checked at the end");
+    eprintln!("{CI_SEEDS} seeds: {acked} acknowledged writes, {reads} reads checked, {attaches} attaches, {fenced} fenced writes, {faults} replica faults, {snapshots} snapshots taken, {snapshot_blocks} snapshot blocks checked at the end, {clones} seeds on a clone ({source_blocks} blocks from its source)");
     // The workload must actually exercise the protocol (not a vacuous pass).
     assert!(acked > CI_SEEDS * 50, "too few acknowledged writes: {acked}");
     assert!(attaches > CI_SEEDS, "no re-attaches: {attaches}");
@@ -34,6 +36,7 @@ fn ci_seed_set() {
         snapshots > CI_SEEDS && snapshot_blocks > CI_SEEDS * 64,
         "snapshots not exercised: {snapshots}, {snapshot_blocks} blocks"
     );
+    assert!(clones > CI_SEEDS / 5 && source_blocks > clones * 16, "clones not exercised: {clones}, {source_blocks}");
 }
 
 #[test]
