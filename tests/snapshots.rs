@@ -443,7 +443,7 @@ fn a_clone_of_a_busy_snapshot_verifies_while_copying_and_outlives_its_source() -
 #[test]
 fn a_clone_nobody_attaches_is_filled_in_the_background_and_lets_its_source_go() -> Result<()> {
     let rt = runtime();
-    let c = Cluster::start("clone-detached", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
+    let mut c = Cluster::start("clone-detached", &[(1, "z1"), (2, "z2"), (3, "z3")])?;
     c.create_volume("v", "64M", "16M", "2")?;
     let (export, sock) = attach(&c)?;
     let mut w = Workload::start(rt.handle(), SIZE / BS, TASKS, 0xc1_0e7);
@@ -483,7 +483,15 @@ fn a_clone_nobody_attaches_is_filled_in_the_background_and_lets_its_source_go() 
     let wsock = c.path("w.sock");
     let wsock_arg = wsock.to_str().expect("utf-8 path").to_string();
     let (_wexport, _) = c.export_with("w", 2, &["--io-timeout", "2s", "--socket", &wsock_arg])?;
-    verify_clone(&rt, &w, &wsock, &marks, "filled while detached, its source deleted")?;
+    let first = verify_clone(&rt, &w, &wsock, &marks, "filled while detached, its source deleted")?;
+    // A storage node SIGKILLed and restarted under the attached clone.
+    c.kill_node(1)?;
+    c.start_node(1)?;
+    try_wait_until("the clone healthy after the node's restart", Duration::from_secs(60), || {
+        Ok(healthy(&c.inspect("w")?))
+    })?;
+    let again = verify_clone(&rt, &w, &wsock, &marks, "after a storage node's restart")?;
+    assert_eq!(first, again, "the clone holds the same versions as before");
     w.stop();
     Ok(())
 }
