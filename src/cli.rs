@@ -153,6 +153,12 @@ pub struct NodeArgs {
     /// volumes, replaced replicas); one is deleted after two looks agree.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub gc_every: Duration,
+    /// Fill the clones meta asks this node to fill: restores and clones nobody
+    /// has attached yet, copied in the background so they become independent
+    /// of their source. `false`: this node ignores those requests (such a clone
+    /// is filled once attached).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fill_clones: bool,
     /// Use buffered I/O instead of O_DIRECT.
     #[arg(long)]
     pub no_direct_io: bool,

@@ -93,6 +93,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             gc_every: Duration::from_secs(30),
             disk_reserve: None,
             metrics: Some(node_metrics.clone()),
+            fill_clones: true,
         };
         // Registered (with this run's port) before the volume is attached.
         let reg = pb::RegisterRequest {

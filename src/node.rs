@@ -104,6 +104,7 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
         heartbeat: a.heartbeat,
         copy_rate: (a.copy_rate > 0).then_some(a.copy_rate),
         gc_every: a.gc_every,
+        fill_clones: a.fill_clones,
         disk_reserve: a.disk_reserve,
         metrics: Some(node_metrics),
     };

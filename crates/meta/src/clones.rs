@@ -72,7 +72,15 @@ impl MetaState {
     /// as the snapshot. The same name, parameters and snapshot again return
     /// the existing clone (retries are safe).
     pub(crate) fn create_clone(&mut self, name: &str, spec: VolumeSpec, snapshot: u64) -> Result<Response, MetaError> {
-        let s = self.snapshots.get(&snapshot).ok_or(MetaError::UnknownSnapshot(snapshot.to_string()))?.clone();
+        // A snapshot made for a clone of a volume is that clone's alone: it
+        // goes with that clone, so a clone of it would lose its source (found
+        // by the command-sequence property test). Users never see it.
+        let s = self
+            .snapshots
+            .get(&snapshot)
+            .filter(|s| s.for_clone.is_none())
+            .ok_or(MetaError::UnknownSnapshot(snapshot.to_string()))?
+            .clone();
         if let Some(v) = self.volume_by_name(name) {
             // A retry gets the clone it made; anything else by that name is
             // someone else's.

@@ -1014,6 +1014,22 @@ fn volume_clone_cmd(name: &str, source: VolumeId, size: u64) -> Command {
     }
 }
 
+/// Found by `invariants_hold_and_failures_change_nothing`: a clone of the
+/// snapshot meta made for another clone lost its source when that clone was
+/// deleted. Such a snapshot is its clone's alone: not found for anyone else.
+#[test]
+fn a_snapshot_made_for_a_clone_is_not_a_source_for_another() {
+    let mut s = three_zones();
+    let Ok(Response::Volume(src)) = s.apply(&create("src", CHUNK, 3, 2)) else { panic!("create") };
+    let Ok(Response::Volume(w)) = s.apply(&volume_clone_cmd("w", src, CHUNK)) else { panic!("clone of a volume") };
+    let made = s.snapshots.values().find(|x| x.for_clone == Some(w)).map(|x| x.id).expect("its snapshot");
+    let before = s.clone();
+    assert_eq!(s.apply(&clone_cmd("other", made, CHUNK)), Err(MetaError::UnknownSnapshot(made.to_string())));
+    assert_eq!(s, before, "refused, nothing changed");
+    s.apply(&Command::DeleteVolume { volume: w }).expect("delete the clone");
+    s.check_invariants().expect("invariants");
+}
+
 #[test]
 fn a_clone_of_an_attached_volume_waits_for_its_snapshot_and_takes_it_away_when_independent() {
     let mut s = three_zones();
@@ -1032,7 +1048,10 @@ fn a_clone_of_an_attached_volume_waits_for_its_snapshot_and_takes_it_away_when_i
     assert_eq!((snap.volume, snap.for_clone, snap.is_ready()), (src, Some(c), false), "pending: src is attached");
     assert_eq!(s.volumes[&c].unfilled, vec![0, 1]);
     assert!(matches!(s.apply(&volume_clone_cmd("c", src, 2 * CHUNK)), Ok(Response::Volume(v)) if v == c), "retry");
-    assert!(matches!(s.apply(&clone_cmd("c", snap.id, 2 * CHUNK)), Err(MetaError::NameTaken(_))), "not that clone");
+    assert!(
+        matches!(s.apply(&clone_cmd("c", snap.id, 2 * CHUNK)), Err(MetaError::UnknownSnapshot(_))),
+        "its snapshot is not a source for a clone of a snapshot"
+    );
     s.check_invariants().expect("invariants");
     // The clone attaches once its source's front end took the snapshot.
     let attach = Command::Attach { volume: c, node: NodeId(1) };

@@ -39,6 +39,8 @@ pub struct AgentConfig {
     /// records its disk, heartbeats and copy jobs under label `node` = `id`.
     /// None: no metrics.
     pub metrics: Option<NodeMetrics>,
+    /// Fill the detached clones meta names in heartbeat answers (fill.rs).
+    pub fill_clones: bool,
 }
 
 /// Registers, then heartbeats until `stop`, starting each assigned job once.
@@ -189,7 +191,7 @@ async fn heartbeat(
                 for job in r.jobs {
                     jobs.start(&cfg, &meta, job);
                 }
-                for clone in r.fill_clones {
+                for clone in r.fill_clones.into_iter().filter(|_| cfg.fill_clones) {
                     fillers.start(&meta, cfg.id, clone, stop.clone());
                 }
             }

@@ -161,6 +161,7 @@ fn config(heartbeat: Duration, gc_every: Duration) -> AgentConfig {
         gc_every,
         disk_reserve: Some(0),
         metrics: None,
+        fill_clones: true,
     }
 }
 
