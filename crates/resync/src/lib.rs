@@ -286,9 +286,10 @@ async fn run(
     // view on the target (the front end's next write freezes the target's
     // stale version there). So the cuts are listed again after each round and
     // the views that appeared are copied in another round (and the live view
-    // once more, which finds little left). Invariant: when this returns Ok, no
-    // cut appeared since the last round's live pass began, so the target holds
-    // the source's view at every cut both keep.
+    // once more, which finds little left). Invariant: when this returns Ok,
+    // every cut both replicas keep was listed before a round that copied its
+    // view began (the listing after the last round found none new), so the
+    // target holds the source's view at every one of them.
     let mut copied: Vec<Seq> = Vec::new();
     let mut views_total = 0;
     for round in 0u32.. {

@@ -270,36 +270,23 @@ impl Membership for SimMembership {
     }
 
     async fn set_snapshots(&self, volume: VolumeId, epoch: Epoch, cuts: Vec<Seq>) -> Result<(), MembershipError> {
-        let delay = Duration::from_micros(self.inner().rng.range(200, 3000));
-        tokio::time::sleep(delay).await;
-        let mut m = self.inner();
         let what = format!("set snapshots {cuts:?} at {epoch}");
-        if m.down {
-            drop(m);
-            lock(&self.world).trace.event(format!("meta {what}: unavailable"));
-            return Err(MembershipError::Unavailable(format!("{what}: no leader")));
-        }
-        let current = m.state.volumes.get(&volume).map(|v| v.epoch).ok_or(MembershipError::UnknownVolume(volume))?;
-        if current != epoch {
-            drop(m);
-            lock(&self.world).trace.event(format!("meta {what}: refused, the volume is at {current}"));
-            return Err(MembershipError::Refused(format!("{what}: the volume was attached again at {current}")));
-        }
-        if !m.unfilled.is_empty() && cuts.len() > m.snapshots.len() {
-            let left = m.unfilled.len();
-            drop(m);
-            lock(&self.world).trace.event(format!("meta {what}: refused, a clone still filling"));
-            return Err(MembershipError::Refused(format!("{what}: a clone still copying {left} chunks")));
-        }
-        m.snapshots = cuts;
-        let lost_reply = m.lost_reply;
-        let lost = m.rng.chance(lost_reply);
-        drop(m);
-        lock(&self.world).trace.event(format!("meta {what}{}", if lost { " (reply lost)" } else { "" }));
-        if lost {
-            return Err(MembershipError::Unavailable(format!("{what}: leader lost before the reply")));
-        }
-        Ok(())
+        self.beside(&what, |m| {
+            let current =
+                m.state.volumes.get(&volume).map(|v| v.epoch).ok_or(MembershipError::UnknownVolume(volume))?;
+            if current != epoch {
+                return Err(MembershipError::Refused(format!("{what}: the volume was attached again at {current}")));
+            }
+            if !m.unfilled.is_empty() && cuts.len() > m.snapshots.len() {
+                return Err(MembershipError::Refused(format!(
+                    "{what}: a clone still copying {} chunks",
+                    m.unfilled.len()
+                )));
+            }
+            m.snapshots = cuts;
+            Ok(())
+        })
+        .await
     }
 
     async fn eject(
