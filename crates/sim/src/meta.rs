@@ -105,13 +105,16 @@ impl SimMembership {
         self.inner().unfilled.len()
     }
 
-    /// A service call beside the state machine: the commit delay, then
-    /// `Unavailable` while meta is down; else `f`, whose reply may be lost.
-    async fn beside<T>(
+    /// One call to the simulated service: the commit delay, then `Unavailable`
+    /// while meta is down; else `f`'s result, traced by `line`, whose reply
+    /// may be lost (`Unavailable` although `f` took effect). The outer error
+    /// is the service's, the inner result `f`'s.
+    async fn service<T, E>(
         &self,
         what: &str,
-        f: impl FnOnce(&mut MetaInner) -> Result<T, MembershipError>,
-    ) -> Result<T, MembershipError> {
+        f: impl FnOnce(&mut MetaInner) -> Result<T, E>,
+        line: impl FnOnce(&Result<T, E>) -> String,
+    ) -> Result<Result<T, E>, MembershipError> {
         let delay = Duration::from_micros(self.inner().rng.range(200, 3000));
         tokio::time::sleep(delay).await;
         let mut m = self.inner();
@@ -124,15 +127,25 @@ impl SimMembership {
         let lost_reply = m.lost_reply;
         let lost = r.is_ok() && m.rng.chance(lost_reply);
         drop(m);
-        let line = match &r {
-            Ok(_) => format!("meta {what}{}", if lost { " (reply lost)" } else { "" }),
-            Err(e) => format!("meta {what}: refused: {e}"),
-        };
-        lock(&self.world).trace.event(line);
+        let line = line(&r);
+        lock(&self.world).trace.event(if lost { format!("{line} (reply lost)") } else { line });
         if lost {
             return Err(MembershipError::Unavailable(format!("{what}: leader lost before the reply")));
         }
-        r
+        Ok(r)
+    }
+
+    /// A service call beside the state machine ([`SimMembership::service`]).
+    async fn beside<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&mut MetaInner) -> Result<T, MembershipError>,
+    ) -> Result<T, MembershipError> {
+        let line = |r: &Result<T, MembershipError>| match r {
+            Ok(_) => format!("meta {what}"),
+            Err(e) => format!("meta {what}: refused: {e}"),
+        };
+        self.service(what, f, line).await?
     }
 
     pub(crate) fn inner(&self) -> MutexGuard<'_, MetaInner> {
@@ -142,31 +155,13 @@ impl SimMembership {
     /// Runs `cmd` through the state machine after a commit delay, with the
     /// service's faults.
     async fn commit(&self, what: &str, cmd: Command) -> Result<Response, MembershipError> {
-        let delay = {
-            let mut m = self.inner();
-            Duration::from_micros(m.rng.range(200, 3000))
-        };
-        tokio::time::sleep(delay).await;
-        let mut m = self.inner();
-        if m.down {
-            drop(m);
-            lock(&self.world).trace.event(format!("meta {what}: unavailable"));
-            return Err(MembershipError::Unavailable(format!("{what}: no leader")));
-        }
-        let r = m.apply(&cmd);
-        let lost = m.lost_reply;
-        let lost = r.is_ok() && m.rng.chance(lost);
-        drop(m);
-        let line = match &r {
+        let line = |r: &Result<Response, MetaError>| match r {
             Ok(Response::Epoch(e)) => format!("meta {what} -> {e}"),
             Ok(Response::Chunk(c)) => format!("meta {what} -> v{} {:?}", c.version, roles(c)),
             Ok(other) => format!("meta {what} -> {other:?}"),
             Err(e) => format!("meta {what} -> Err({e})"),
         };
-        lock(&self.world).trace.event(if lost { format!("{line} (reply lost)") } else { line });
-        if lost {
-            return Err(MembershipError::Unavailable(format!("{what}: leader lost before the reply")));
-        }
+        let r = self.service(what, |m| m.apply(&cmd), line).await?;
         r.map_err(|e| match e {
             MetaError::UnknownVolume(v) => MembershipError::UnknownVolume(v),
             MetaError::UnknownChunk { volume, chunk } => MembershipError::UnknownChunk { volume, chunk },
