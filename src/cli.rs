@@ -36,6 +36,44 @@ pub struct MetricsArgs {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+/// `--tls-dir` / `--insecure`, shared by every subcommand that opens a TCP channel.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Mutual TLS with the certificate in DIR: ca.crt (the cluster CA, or two
+    /// during a CA rotation), tls.crt and tls.key, as `ballast certs issue`
+    /// writes them and as a Kubernetes TLS Secret mounts them. Renewed files are
+    /// picked up without a restart.
+    #[arg(long, value_name = "DIR", env = "BALLAST_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Plaintext channels with no authentication: any process that reaches a
+    /// port may do anything. For experiments only; a warning is logged.
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl TlsArgs {
+    /// Plaintext is refused unless asked for.
+    pub fn security(&self, process: &str) -> anyhow::Result<ballast_tls::Security> {
+        Ok(ballast_tls::Security::from_flags(self.tls_dir.as_deref(), self.insecure, process)?)
+    }
+
+    /// [`TlsArgs::security`], refusing a certificate that does not name what
+    /// `process` is (`wanted`, e.g. "node/3"): a process never runs as someone else.
+    pub fn security_as(
+        &self,
+        process: &str,
+        ok: impl Fn(&ballast_tls::Identity) -> bool,
+        wanted: &str,
+    ) -> anyhow::Result<ballast_tls::Security> {
+        let security = self.security(process)?;
+        if let Some(id) = security.identity() {
+            let dir = self.tls_dir.as_deref().unwrap_or(std::path::Path::new("")).display();
+            anyhow::ensure!(ok(&id), "--tls-dir {dir}: the certificate names {id}, but {process} runs as {wanted}");
+        }
+        Ok(security)
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Serve one disk directory's chunk store to front ends over the data-path protocol.
@@ -59,6 +97,55 @@ pub enum Command {
     /// The CSI Controller service (with Identity) on a unix socket, for the
     /// external-provisioner, -attacher and -resizer sidecars.
     CsiController(CsiControllerArgs),
+    /// The cluster CA and the certificates it issues (one identity each).
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertsCommand {
+    /// Create a cluster CA: DIR/ca.crt and DIR/ca.key (0600). Refuses to replace one.
+    Init(CertsInitArgs),
+    /// Issue a certificate for one identity: OUT/ca.crt, OUT/tls.crt, OUT/tls.key
+    /// (0600), replacing what is there (a renewal: running processes pick it up).
+    Issue(CertsIssueArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CertsInitArgs {
+    /// Where the CA goes.
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// The CA's name (default: "Ballast cluster CA" and the time).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Lifetime in days.
+    #[arg(long, default_value_t = 3650)]
+    pub days: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct CertsIssueArgs {
+    /// The CA directory (`ballast certs init`).
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// meta, node, frontend, csi-controller, admin or reader.
+    #[arg(long)]
+    pub role: String,
+    /// The member or node id (meta, node, frontend) or a name (admin, reader).
+    #[arg(long, conflicts_with = "node_data")]
+    pub id: Option<String>,
+    /// For a node or front end: take the id from this storage node's data
+    /// directory (DATA/node-id), choosing and recording one first as `ballast
+    /// node` would (for an init container that runs before the node).
+    #[arg(long)]
+    pub node_data: Option<PathBuf>,
+    /// The directory to write (a `--tls-dir`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Lifetime in days.
+    #[arg(long, default_value_t = 90)]
+    pub days: u32,
 }
 
 #[derive(Args, Debug)]
@@ -74,6 +161,8 @@ pub struct CsiControllerArgs {
     /// kubelet's probes.
     #[arg(long)]
     pub health_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }
@@ -105,6 +194,8 @@ pub struct MetaArgs {
     /// A storage node silent this long is down (its replicas are rebuilt elsewhere).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub down_after: Duration,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }
@@ -190,6 +281,8 @@ pub struct NodeArgs {
     #[arg(long, requires = "csi_endpoint")]
     pub health_listen: Option<SocketAddr>,
     #[command(flatten)]
+    pub tls: TlsArgs,
+    #[command(flatten)]
     pub metrics: MetricsArgs,
 }
 
@@ -205,6 +298,8 @@ pub struct ReplicaArgs {
     /// this happens automatically).
     #[arg(long)]
     pub no_direct_io: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }
@@ -274,11 +369,15 @@ pub struct ExportArgs {
     /// Per-replica I/O timeout before the replica is ejected, e.g. 5s, 500ms.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub io_timeout: Duration,
-    /// Allow a non-loopback NBD address (the export is unauthenticated).
+    /// Allow a non-loopback NBD address. NBD has no authentication here (its
+    /// STARTTLS is not built yet): anyone who reaches the port reads and writes
+    /// the volume. Only for a network you trust entirely.
     #[arg(long)]
     pub allow_remote: bool,
     #[command(flatten)]
     pub scrub: ScrubArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
 }

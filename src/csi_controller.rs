@@ -13,7 +13,12 @@ use crate::{health, metrics, shutdown};
 pub async fn run(a: CsiControllerArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
     let socket = ballast_csi::parse_endpoint(&a.endpoint).map_err(anyhow::Error::msg)?;
-    let meta = MetaClient::new(ballast_metaclient::parse_endpoints(&a.meta)).context("meta endpoints")?;
+    let security = a.tls.security_as(
+        "ballast csi-controller",
+        |i| *i == ballast_tls::Identity::CsiController,
+        "csi-controller",
+    )?;
+    let meta = MetaClient::new(ballast_metaclient::parse_endpoints(&a.meta), security).context("meta endpoints")?;
     let identity = IdentityService::new(true, meta.clone());
     let controller = ControllerService::new(meta);
     let health = match a.health_listen {

@@ -25,6 +25,8 @@ use ballast_metasvc::{Detector, MetaConfig, RaftTiming};
 use ballast_node::{agent, fs_capacity, AgentConfig};
 use ballast_proto::v1 as pb;
 use ballast_replica::{ReplicaServer, ServerOptions};
+use ballast_tls::certs::Pki;
+use ballast_tls::Identity;
 use tokio::net::TcpListener;
 
 use crate::cli::DevArgs;
@@ -32,6 +34,33 @@ use crate::export::NbdListeners;
 use crate::{metrics, shutdown};
 
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
+
+/// The admin identity `ballast dev` issues for ballastctl (DATA/pki/admin-dev).
+const DEV_ADMIN: &str = "dev";
+
+/// Where ballastctl finds the last dev cluster's admin certificate:
+/// $XDG_CONFIG_HOME/ballast/dev.toml (else ~/.config/ballast/dev.toml), holding
+/// `meta = "A,B,C"` and `tls_dir = "/abs/DATA/pki/admin-dev"`.
+pub fn dev_record_path() -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))?;
+    Some(base.join("ballast").join("dev.toml"))
+}
+
+/// Best effort: a dev cluster runs without the record, ballastctl then needs --tls-dir.
+fn record_dev_cluster(endpoints: &[String], admin_dir: &Path) {
+    let Some(path) = dev_record_path() else { return };
+    let mut t = toml::Table::new();
+    t.insert("meta".into(), toml::Value::String(endpoints.join(",")));
+    t.insert("tls_dir".into(), toml::Value::String(admin_dir.display().to_string()));
+    let written =
+        path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&path, t.to_string()));
+    match written {
+        Ok(()) => tracing::info!(file = %path.display(), "ballastctl finds this cluster's admin certificate here"),
+        Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot record the dev cluster for ballastctl"),
+    }
+}
 
 pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
@@ -46,6 +75,11 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     });
     let meta_dir = a.data.join("meta");
     std::fs::create_dir_all(&meta_dir).with_context(|| format!("create {}", meta_dir.display()))?;
+    // Mutual TLS as in production: a CA in DATA/pki and one certificate per
+    // component, each component on its own identity.
+    let pki_dir = std::path::absolute(a.data.join("pki")).context("the dev PKI directory")?;
+    let pki = Pki::open_or_create(&pki_dir).context("the dev cluster's CA")?;
+    let secure = |id: Identity| pki.security(&id).with_context(|| format!("the dev certificate of {id}"));
 
     // Three meta members on the addresses recorded at the first run.
     let members_file = meta_dir.join("members");
@@ -61,6 +95,7 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             initial_members: members.clone(),
             raft: RaftTiming::default(),
             detector: Detector::default(),
+            security: secure(Identity::Meta(id))?,
         };
         metas.push(ballast_metasvc::start_on(cfg, l).await.with_context(|| format!("start meta member {id}"))?);
     }
@@ -70,7 +105,13 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
     let metrics = metrics::start(Some(metrics_addr), registry, stop.clone()).await?;
     let endpoints: Vec<String> = members.values().cloned().collect();
     println!("ready meta endpoints={}", endpoints.join(","));
-    let meta = MetaClient::new(endpoints.clone()).context("meta client")?;
+    // Each component calls meta as itself: the nodes (and node 1's front ends)
+    // as node/N, volume creation as an admin, the CSI controller as itself.
+    let admin =
+        MetaClient::new(endpoints.clone(), secure(Identity::Admin(DEV_ADMIN.into()))?).context("meta client")?;
+    let admin_dir = pki.issue(&Identity::Admin(DEV_ADMIN.into()))?;
+    record_dev_cluster(&endpoints, &admin_dir);
+    let mut node_meta = Vec::new();
 
     // Three storage nodes, one per zone, each on its own disk directory. They stop
     // only after the front end's final flush.
@@ -83,6 +124,9 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         let store = ChunkStore::open(&disk, opts).with_context(|| format!("open chunk store {}", disk.display()))?;
         let listener = TcpListener::bind("127.0.0.1:0").await.context("bind a replica listener on loopback")?;
         let addr = listener.local_addr()?;
+        let security = secure(Identity::Node(id))?;
+        let meta = MetaClient::new(endpoints.clone(), security.clone()).context("meta client")?;
+        node_meta.push(meta.clone());
         let cfg = AgentConfig {
             id,
             zone: zone.to_string(),
@@ -108,12 +152,14 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         tokio::spawn(agent(cfg, meta.clone(), store.clone(), nodes_stop.clone()));
         let stop = nodes_stop.clone();
         servers.spawn(async move {
-            ReplicaServer::new(store, ServerOptions::default()).serve(listener, shutdown::wait(stop)).await
+            let opts = ServerOptions { security, ..ServerOptions::default() };
+            ReplicaServer::new(store, opts).serve(listener, shutdown::wait(stop)).await
         });
     }
 
     // The volume: created on the first run (create is idempotent for the same
     // parameters), attached through meta on every run.
+    let meta = admin;
     let exists = meta.inspect_volume(pb::InspectVolumeRequest { volume: a.name.clone() }).await;
     match exists {
         Ok(v) => {
@@ -158,13 +204,14 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
             io_timeout: Duration::from_secs(5),
             volume_metrics: Some(volume_metrics.clone()),
         },
-        meta.clone(),
+        node_meta[0].clone(),
     )
     .context("CSI node state")?;
     let csi = {
         let (node, socket, stop) = (csi_node.clone(), csi_socket.clone(), stop.clone());
         let identity = ballast_csi::IdentityService::new(true, meta.clone());
-        let controller = ballast_csi::ControllerService::new(meta.clone());
+        let controller =
+            ballast_csi::ControllerService::new(MetaClient::new(endpoints.clone(), secure(Identity::CsiController)?)?);
         tokio::spawn(async move {
             node.recover(Duration::from_secs(30)).await;
             let metrics = Some(csi_metrics);
@@ -180,10 +227,14 @@ pub async fn run(a: DevArgs) -> anyhow::Result<()> {
         metrics: Some(volume_metrics),
         to_fill: false,
     };
-    let attached =
-        ballast_metavolume::AttachedVolume::attach_with(meta.clone(), &a.name, ballast_types::NodeId(1), options)
-            .await?
-            .with_scrub(ballast_metavolume::ScrubConfig::default());
+    let attached = ballast_metavolume::AttachedVolume::attach_with(
+        node_meta[0].clone(),
+        &a.name,
+        ballast_types::NodeId(1),
+        options,
+    )
+    .await?
+    .with_scrub(ballast_metavolume::ScrubConfig::default());
     print_banner(&a.data, &endpoints, attached.volume(), &nbd, &csi_socket, metrics.as_ref().map(|m| m.addr))?;
     nbd.announce(attached.volume().name())?;
     nbd.serve(attached.volume().clone(), stop, Duration::from_secs(10)).await?;
@@ -283,6 +334,7 @@ fn print_banner(
         ballast_blockdev::BlockDev::size(volume),
         volume.epoch().0
     );
+    println!("  TLS:    every channel; CA and certificates in {}/pki", data.display());
     println!("  admin:  ballastctl --meta {meta} status");
     println!("          ballastctl --meta {meta} volume inspect {}", volume.name());
     println!("  try:    nbdinfo {uri}");

@@ -19,6 +19,7 @@ use ballast_metaclient::MetaClient;
 use ballast_metavolume::{AttachOptions, AttachedVolume, SnapshotDevice, LAYOUT_POLL};
 use ballast_nbd::{Export, NbdOptions, NbdServer};
 use ballast_replica::{ClientOptions, ReplicaClient};
+use ballast_tls::Security;
 use ballast_types::{NodeId, VolumeId, Zone};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -78,9 +79,10 @@ pub async fn attach(
     local_node: Option<NodeId>,
     io_timeout: Duration,
     metrics: Option<VolumeMetrics>,
+    security: Security,
 ) -> anyhow::Result<Arc<StaticVolume>> {
     let id = membership.config().await.volume.id;
-    let client = ClientOptions { timeout: io_timeout, ..ClientOptions::default() };
+    let client = ClientOptions { timeout: io_timeout, security, ..ClientOptions::default() };
     let options = VolumeOptions { local_node, io_timeout, metrics, ..VolumeOptions::default() };
     Volume::attach(membership, tcp_connector(client), id, options).await.context("attach volume")
 }
@@ -197,10 +199,14 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
     let volume_metrics = VolumeMetrics::register(&mut registry);
     let _metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     let listeners = NbdListeners::bind(a.nbd, a.socket.as_deref(), a.allow_remote).await?;
+    // A front end: a frontend/N certificate (or node/N: a node's own front ends).
+    let security = a.tls.security_as("ballast export", |i| i.node().is_some(), "a front end (frontend/N or node/N)")?;
+    let local_node = a.local_node.or_else(|| security.identity().and_then(|i| i.node()));
     match (&a.config, &a.meta) {
         (Some(config), None) => {
             let membership = StaticMembership::load(config).with_context(|| format!("load {}", config.display()))?;
-            let volume = attach(membership, a.local_node.map(NodeId), a.io_timeout, Some(volume_metrics)).await?;
+            let volume =
+                attach(membership, local_node.map(NodeId), a.io_timeout, Some(volume_metrics), security).await?;
             listeners.announce(volume.name())?;
             let scrub = a.scrub.config().map(|config| {
                 let (reports, rx) = watch::channel(None);
@@ -225,8 +231,9 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
         }
         (None, Some(endpoints)) if a.snapshot.is_some() => {
             let name = a.snapshot.as_deref().unwrap_or_default();
-            let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
-            let client = ClientOptions { timeout: a.io_timeout, ..ClientOptions::default() };
+            let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints), security.clone())
+                .context("meta endpoints")?;
+            let client = ClientOptions { timeout: a.io_timeout, security, ..ClientOptions::default() };
             let dev = SnapshotDevice::open(meta, name, client).await?;
             let description = format!("ballast snapshot of {} at {}", dev.volume_name(), dev.cut());
             let export =
@@ -235,10 +242,14 @@ pub async fn run(a: ExportArgs) -> anyhow::Result<()> {
             listeners.serve_export(export, stop, Duration::from_secs(30)).await
         }
         (None, Some(endpoints)) => {
-            let (Some(name), Some(node)) = (&a.volume, a.local_node) else {
+            let (Some(name), Some(node)) = (&a.volume, local_node) else {
                 bail!("with --meta, give the volume name (--volume) and this node's id (--local-node)");
             };
-            let meta = MetaClient::new(ballast_metaclient::parse_endpoints(endpoints)).context("meta endpoints")?;
+            if let Some(n) = security.identity().and_then(|i| i.node()) {
+                anyhow::ensure!(n == node, "--local-node {node}: the certificate is for a front end on node {n}");
+            }
+            let meta =
+                MetaClient::new(ballast_metaclient::parse_endpoints(endpoints), security).context("meta endpoints")?;
             let options = AttachOptions {
                 io_timeout: a.io_timeout,
                 poll: LAYOUT_POLL,

@@ -176,6 +176,15 @@ mod tests {
         (status, body, start.elapsed())
     }
 
+    fn pki(dir: &Path) -> ballast_tls::certs::Pki {
+        ballast_tls::certs::Pki::open_or_create(&dir.join("pki")).unwrap()
+    }
+
+    /// The CSI node plugin of node 1 calls meta as node/1.
+    fn node1(dir: &Path) -> ballast_tls::Security {
+        pki(dir).security(&ballast_tls::Identity::Node(1)).unwrap()
+    }
+
     /// One meta member forming a cluster of its own.
     async fn meta_member(dir: &Path) -> ballast_metasvc::MetaHandle {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -187,6 +196,7 @@ mod tests {
             initial_members: [(1, addr.to_string())].into(),
             raft: RaftTiming { heartbeat_ms: 50, election_min_ms: 200, election_max_ms: 400, ..RaftTiming::default() },
             detector: Default::default(),
+            security: pki(dir).security(&ballast_tls::Identity::Meta(1)).unwrap(),
         };
         ballast_metasvc::start_on(cfg, listener).await.unwrap()
     }
@@ -230,7 +240,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let member = meta_member(dir.path()).await;
         let opts = MetaClientOptions { retry_for: Duration::from_secs(1), ..MetaClientOptions::default() };
-        let meta = MetaClient::with_options([member.addr.to_string()], opts).unwrap();
+        let meta = MetaClient::with_options([member.addr.to_string()], opts, node1(dir.path())).unwrap();
         let socket = dir.path().join("csi.sock");
         let served = serve_csi_and_health(&socket, meta).await;
         let addr = served.health;
@@ -282,7 +292,8 @@ mod tests {
         // Accepts TCP connections (the kernel's backlog) and never answers:
         // a meta that hangs rather than refuses.
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let meta = MetaClient::new([silent.local_addr().unwrap().to_string()]).unwrap();
+        let meta =
+            MetaClient::new([silent.local_addr().unwrap().to_string()], ballast_tls::Security::Insecure).unwrap();
         let socket = dir.path().join("csi.sock");
         let served = serve_csi_and_health(&socket, meta).await;
         let addr = served.health;

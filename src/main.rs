@@ -9,6 +9,10 @@
 //!                    with --csi-endpoint also the CSI Node plugin (--registration-dir: registered with the kubelet)
 //!   ballast csi-controller --endpoint unix:///csi/csi.sock --meta ADDRS   CSI Controller service
 //!   ballast dev      [--data DIR] [--nbd ADDR]     all of the above in one process, 3 zones
+//!   ballast certs init --ca-dir DIR | issue --ca-dir DIR --role R --id ID --out DIR
+//!
+//! Every TCP channel is mutual TLS: each process takes `--tls-dir DIR` (its
+//! certificate) or, for experiments, `--insecure`; neither is an error.
 //! ```
 //!
 //! `ballast node` (with CSI) and `ballast csi-controller` serve the kubelet's
@@ -18,6 +22,7 @@
 //! `ready nbd uri=...`) so scripts and tests can wait for it; logs go to stderr.
 //! This is the only place that installs a tracing subscriber and uses anyhow.
 
+mod certs;
 mod cli;
 mod csi_controller;
 mod dev;
@@ -62,6 +67,7 @@ fn main() -> anyhow::Result<()> {
             cli::Command::Meta(a) => meta::run(a).await,
             cli::Command::Node(a) => node::run(*a).await,
             cli::Command::CsiController(a) => csi_controller::run(a).await,
+            cli::Command::Certs(cmd) => certs::run(cmd),
         }
     })
 }

@@ -6,8 +6,9 @@ use ballast_metasvc::{Detector, MetaConfig, RaftTiming};
 use crate::cli::MetaArgs;
 use crate::{metrics, shutdown};
 
-pub fn config(a: &MetaArgs) -> MetaConfig {
+pub fn config(a: &MetaArgs, security: ballast_tls::Security) -> MetaConfig {
     MetaConfig {
+        security,
         id: a.id,
         data_dir: a.data.clone(),
         listen: a.listen,
@@ -27,7 +28,10 @@ pub async fn run(a: MetaArgs) -> anyhow::Result<()> {
     if let Some(m) = &a.initial_members {
         anyhow::ensure!(m.contains_key(&a.id), "--initial-members must include this member ({})", a.id);
     }
-    let handle = ballast_metasvc::start(config(&a)).await.context("start meta member")?;
+    let id = a.id;
+    let security =
+        a.tls.security_as("ballast meta", |i| *i == ballast_tls::Identity::Meta(id), &format!("meta/{id}"))?;
+    let handle = ballast_metasvc::start(config(&a, security)).await.context("start meta member")?;
     println!("ready meta id={} addr={}", handle.id, handle.addr);
     let mut registry = ballast_metrics::registry();
     handle.register_metrics(&mut registry);

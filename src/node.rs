@@ -28,7 +28,7 @@ use crate::{health, metrics, shutdown};
 /// The node id: the flag, else the one recorded in `data/node-id`, else a new
 /// random one recorded there (written before the node first registers, so a
 /// restart keeps its identity and its replicas).
-fn node_id(flag: Option<u64>, data: &std::path::Path) -> anyhow::Result<u64> {
+pub(crate) fn node_id(flag: Option<u64>, data: &std::path::Path) -> anyhow::Result<u64> {
     let path = data.join("node-id");
     let recorded = match std::fs::read_to_string(&path) {
         Ok(s) => Some(s.trim().parse::<u64>().with_context(|| format!("{} holds no node id", path.display()))?),
@@ -84,6 +84,8 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     let csi_metrics = ballast_csi::CsiMetrics::register(&mut registry);
     let _metrics = metrics::start(a.metrics.metrics_listen, registry, stop.clone()).await?;
     let id = node_id(a.id, &a.data)?;
+    let security =
+        a.tls.security_as("ballast node", |i| *i == ballast_tls::Identity::Node(id), &format!("node/{id}"))?;
     let zone = zone(&a)?;
     let disk_metrics = Some(store_metrics.disk(id.to_string()));
     let opts = StoreOptions { direct_io: !a.no_direct_io, metrics: disk_metrics, ..StoreOptions::default() };
@@ -95,7 +97,8 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
         Some(c) => c,
         None => fs_capacity(&a.data)?,
     };
-    let meta = MetaClient::new(ballast_metaclient::parse_endpoints(&a.meta)).context("meta endpoints")?;
+    let meta =
+        MetaClient::new(ballast_metaclient::parse_endpoints(&a.meta), security.clone()).context("meta endpoints")?;
     let cfg = AgentConfig {
         id,
         zone: zone.clone(),
@@ -179,7 +182,8 @@ pub async fn run(a: NodeArgs) -> anyhow::Result<()> {
     // may keep replicas here, and their final flush needs it.
     let (replicas_stop, replicas_stopped) = watch::channel(false);
     let replicas = tokio::spawn(
-        ReplicaServer::new(store, ServerOptions::default()).serve(listener, shutdown::wait(replicas_stopped)),
+        ReplicaServer::new(store, ServerOptions { security, ..ServerOptions::default() })
+            .serve(listener, shutdown::wait(replicas_stopped)),
     );
     shutdown::wait(stop).await;
     let mut result = Ok(());

@@ -11,6 +11,8 @@ use crate::{metrics, shutdown};
 
 pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     let stop = shutdown::on_signals()?;
+    let security =
+        args.tls.security_as("ballast replica", |i| matches!(i, ballast_tls::Identity::Node(_)), "a storage node")?;
     let mut registry = ballast_metrics::registry();
     // No node id here: the disk is named by the address it is served on.
     let disk_metrics = Some(ballast_chunkstore::StoreMetrics::register(&mut registry).disk(args.listen.to_string()));
@@ -22,7 +24,7 @@ pub async fn run(args: ReplicaArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, data = %args.data.display(), direct_io = store.direct_io(), chunks = store.chunks().len(), "replica serving");
     println!("ready replica addr={addr} data={}", args.data.display());
     let metrics = metrics::start(args.metrics.metrics_listen, registry, stop.clone()).await?;
-    ReplicaServer::new(store, ServerOptions::default())
+    ReplicaServer::new(store, ServerOptions { security, ..ServerOptions::default() })
         .serve(listener, shutdown::wait(stop))
         .await
         .context("replica server")?;

@@ -107,6 +107,8 @@ fn node_registers_with_the_kubelet_and_health_ignores_meta_outages() -> Result<(
             &c.meta(),
             "--health-listen",
             "127.0.0.1:0",
+            "--tls-dir",
+            c.tls_dir(&ballast_tls::Identity::CsiController)?.to_str().expect("utf8"),
         ],
     )?;
     let ctl_health = health_addr(&mut controller);

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use ballast_testkit::ctl::{healthy, replicas_on};
 use ballast_testkit::{ctl, free_addr, require, run, try_wait_until, wait_until, Cluster, Proc, Result};
+use ballast_tls::Identity;
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -250,10 +251,14 @@ fn meta_member_added_and_removed_while_running() -> Result<()> {
     // learner, then a voter; it catches up from the leader.
     let addr4 = free_addr()?;
     let data4 = c.path("meta4");
+    let admin = c.tls_dir(&Identity::Admin("test".into()))?;
+    let m4_tls = c.tls_dir(&Identity::Meta(4))?;
     let mut m4 = Proc::spawn(
         "meta4",
         [
             "meta",
+            "--tls-dir",
+            m4_tls.to_str().expect("utf8"),
             "--id",
             "4",
             "--data",
@@ -267,17 +272,17 @@ fn meta_member_added_and_removed_while_running() -> Result<()> {
         ],
     )?;
     m4.wait_for("ready meta", Duration::from_secs(30))?;
-    let s = ctl(&meta, &["member", "add", "4", &addr4])?;
+    let s = ctl(&meta, &admin, &["member", "add", "4", &addr4])?;
     let voters = |s: &Value| s["members"].as_array().expect("members").iter().filter(|m| m["voter"] == true).count();
     assert_eq!(voters(&s), 4, "{s}");
     try_wait_until("member 4 has the volume", Duration::from_secs(30), || {
-        let v = ctl(&addr4, &["volume", "list"])?;
+        let v = ctl(&addr4, &admin, &["volume", "list"])?;
         Ok(v["volumes"].as_array().is_some_and(|v| v.iter().any(|x| x["name"] == "before")))
     })?;
     // Remove whichever member leads now; the others elect a new leader and go on.
     let leader = c.leader()?;
     let all = format!("{meta},{addr4}");
-    let s = ctl(&all, &["member", "remove", &leader.to_string()])?;
+    let s = ctl(&all, &admin, &["member", "remove", &leader.to_string()])?;
     assert_eq!(voters(&s), 3, "{s}");
     if c.members.iter().any(|m| m.id == leader) {
         c.kill_member(leader)?;
@@ -289,9 +294,9 @@ fn meta_member_added_and_removed_while_running() -> Result<()> {
     // state that member has applied: a follower may be an entry behind the
     // leader for a moment (seen in CI: applied 11, last log 12).
     try_wait_until("every answer counts both volumes", Duration::from_secs(10), || {
-        Ok(ctl(&all, &["status"])?["volumes"].as_u64() == Some(2))
+        Ok(ctl(&all, &admin, &["status"])?["volumes"].as_u64() == Some(2))
     })?;
-    let s = ctl(&all, &["status"])?;
+    let s = ctl(&all, &admin, &["status"])?;
     assert_ne!(s["leader"].as_u64(), Some(leader), "{s}");
     Ok(())
 }

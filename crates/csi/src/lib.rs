@@ -359,7 +359,7 @@ mod tests {
     async fn any_authority_is_served_on_the_socket() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("csi.sock");
-        let meta = MetaClient::new(["127.0.0.1:9"]).expect("meta client");
+        let meta = MetaClient::new(["127.0.0.1:9"], ballast_metaclient::Security::Insecure).expect("meta client");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn({
             let path = path.clone();

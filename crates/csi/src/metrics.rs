@@ -245,7 +245,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("csi.sock");
         // Nothing answers here: calls that need meta fail, and are counted too.
-        let meta = MetaClient::new(["127.0.0.1:9"]).expect("meta client");
+        let meta = MetaClient::new(["127.0.0.1:9"], ballast_metaclient::Security::Insecure).expect("meta client");
         let node_cfg = NodeConfig {
             node_id: 4,
             zone: "z1".into(),

@@ -64,8 +64,12 @@ async fn attach(path: &Path) -> Arc<Vol> {
 }
 
 async fn attach_with(m: Arc<StaticMembership>, local_node: u64) -> Arc<Vol> {
-    let client =
-        ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) };
+    let client = ClientOptions {
+        connections: 2,
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        ..ClientOptions::default()
+    };
     let opts = VolumeOptions {
         local_node: Some(NodeId(local_node)),
         io_timeout: Duration::from_secs(5),

@@ -43,7 +43,12 @@ async fn start_node() -> Node {
 type Vol = Volume<Arc<StaticMembership>, ReplicaClient>;
 
 fn options() -> ClientOptions {
-    ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) }
+    ClientOptions {
+        connections: 2,
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        ..ClientOptions::default()
+    }
 }
 
 async fn volume(nodes: &[Node], dir: &Path) -> Arc<Vol> {

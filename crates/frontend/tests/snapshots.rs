@@ -46,8 +46,12 @@ type Vol = Volume<Arc<StaticMembership>, ReplicaClient>;
 
 async fn attach(path: &Path) -> Arc<Vol> {
     let m = Arc::new(StaticMembership::load(path).expect("load membership"));
-    let client =
-        ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) };
+    let client = ClientOptions {
+        connections: 2,
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        ..ClientOptions::default()
+    };
     let opts = VolumeOptions { local_node: Some(NodeId(1)), io_timeout: Duration::from_secs(5), ..Default::default() };
     Volume::attach(m, tcp_connector(client), VOL, opts).await.expect("attach")
 }

@@ -66,6 +66,9 @@ struct Member {
 
 struct Inner {
     members: Vec<Member>,
+    /// How every member's channel is secured (mutual TLS, a meta member's
+    /// certificate expected of the server).
+    security: ballast_tls::Security,
     /// Index of the member that answered last: the next call starts there.
     last_good: AtomicUsize,
     options: MetaClientOptions,
@@ -112,16 +115,21 @@ fn endpoint(name: &str, options: &MetaClientOptions) -> Result<Endpoint, MetaCli
 
 impl MetaClient {
     /// A client over `endpoints` (`host:port`, `http://` added when missing) with
-    /// the default options. Nothing is connected until the first call.
-    pub fn new<I, S>(endpoints: I) -> Result<Self, MetaClientError>
+    /// the default options, its channels secured by `security`. Nothing is
+    /// connected until the first call.
+    pub fn new<I, S>(endpoints: I, security: ballast_tls::Security) -> Result<Self, MetaClientError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        Self::with_options(endpoints, MetaClientOptions::default())
+        Self::with_options(endpoints, MetaClientOptions::default(), security)
     }
 
-    pub fn with_options<I, S>(endpoints: I, options: MetaClientOptions) -> Result<Self, MetaClientError>
+    pub fn with_options<I, S>(
+        endpoints: I,
+        options: MetaClientOptions,
+        security: ballast_tls::Security,
+    ) -> Result<Self, MetaClientError>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
@@ -136,7 +144,7 @@ impl MetaClient {
         if members.is_empty() {
             return Err(MetaClientError::NoEndpoints);
         }
-        Ok(MetaClient { inner: Arc::new(Inner { members, last_good: AtomicUsize::new(0), options }) })
+        Ok(MetaClient { inner: Arc::new(Inner { members, security, last_good: AtomicUsize::new(0), options }) })
     }
 
     /// The members, as given.
@@ -148,9 +156,18 @@ impl MetaClient {
         &self.inner.options
     }
 
+    /// How this client's channels are secured.
+    pub fn security(&self) -> &ballast_tls::Security {
+        &self.inner.security
+    }
+
     fn channel(&self, idx: usize) -> Channel {
         let m = &self.inner.members[idx];
-        m.channel.get_or_init(|| m.endpoint.connect_lazy()).clone()
+        m.channel
+            .get_or_init(|| {
+                ballast_tls::grpc::channel(&m.endpoint, self.inner.security.clone(), ballast_tls::Role::Meta)
+            })
+            .clone()
     }
 
     /// Runs one rpc with failover and retry (see the module docs). `f` makes the
@@ -412,16 +429,24 @@ mod tests {
 
     #[test]
     fn endpoints_get_a_scheme_and_must_have_a_port() {
-        let c = MetaClient::new(["127.0.0.1:7400", "http://meta-1:7400", " meta-2:7400 "]).unwrap();
+        let c =
+            MetaClient::new(["127.0.0.1:7400", "http://meta-1:7400", " meta-2:7400 "], ballast_tls::Security::Insecure)
+                .unwrap();
         assert_eq!(c.endpoints(), vec!["127.0.0.1:7400", "http://meta-1:7400", "meta-2:7400"]);
         assert_eq!(c.inner.members[0].endpoint.uri().to_string(), "http://127.0.0.1:7400/");
         for bad in ["meta-1", "", "https://meta-1:7400", "a b:1"] {
             assert!(
-                matches!(MetaClient::new([bad]), Err(MetaClientError::InvalidEndpoint { .. })),
+                matches!(
+                    MetaClient::new([bad], ballast_tls::Security::Insecure),
+                    Err(MetaClientError::InvalidEndpoint { .. })
+                ),
                 "{bad:?} should be rejected"
             );
         }
-        assert!(matches!(MetaClient::new(Vec::<String>::new()), Err(MetaClientError::NoEndpoints)));
+        assert!(matches!(
+            MetaClient::new(Vec::<String>::new(), ballast_tls::Security::Insecure),
+            Err(MetaClientError::NoEndpoints)
+        ));
     }
 
     #[test]

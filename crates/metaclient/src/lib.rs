@@ -14,6 +14,7 @@
 mod client;
 mod error;
 
+pub use ballast_tls::Security;
 pub use client::{parse_endpoints, MetaClient, MetaClientOptions, SNAPSHOT_READY_POLL};
 pub use error::MetaClientError;
 

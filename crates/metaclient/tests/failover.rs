@@ -217,8 +217,12 @@ fn options(retry_for: Duration) -> MetaClientOptions {
 async fn fails_over_past_a_dead_member_and_sticks_to_the_one_that_answered() {
     let dead = dead_port().await;
     let (live, fixture) = member(2, Mode::Serve).await;
-    let client =
-        MetaClient::with_options([dead.to_string(), live.to_string()], options(Duration::from_secs(15))).unwrap();
+    let client = MetaClient::with_options(
+        [dead.to_string(), live.to_string()],
+        options(Duration::from_secs(15)),
+        ballast_metaclient::Security::Insecure,
+    )
+    .unwrap();
     assert_eq!(client.status().await.unwrap().id, 2);
     assert_eq!(client.status().await.unwrap().id, 2);
     assert_eq!(fixture.calls.load(Ordering::SeqCst), 2);
@@ -228,7 +232,12 @@ async fn fails_over_past_a_dead_member_and_sticks_to_the_one_that_answered() {
 async fn a_member_without_a_leader_is_skipped() {
     let (a, no_leader) = member(1, Mode::NoLeader).await;
     let (b, serving) = member(2, Mode::Serve).await;
-    let client = MetaClient::with_options([a.to_string(), b.to_string()], options(Duration::from_secs(15))).unwrap();
+    let client = MetaClient::with_options(
+        [a.to_string(), b.to_string()],
+        options(Duration::from_secs(15)),
+        ballast_metaclient::Security::Insecure,
+    )
+    .unwrap();
     assert_eq!(client.status().await.unwrap().id, 2);
     // The next call starts at the member that answered.
     assert_eq!(client.status().await.unwrap().id, 2);
@@ -240,7 +249,12 @@ async fn a_member_without_a_leader_is_skipped() {
 async fn an_answer_is_returned_at_once_not_retried_elsewhere() {
     let (a, first) = member(1, Mode::Serve).await;
     let (b, second) = member(2, Mode::Serve).await;
-    let client = MetaClient::with_options([a.to_string(), b.to_string()], options(Duration::from_secs(15))).unwrap();
+    let client = MetaClient::with_options(
+        [a.to_string(), b.to_string()],
+        options(Duration::from_secs(15)),
+        ballast_metaclient::Security::Insecure,
+    )
+    .unwrap();
     let err = client.inspect_volume(pb::InspectVolumeRequest { volume: "x".into() }).await.unwrap_err();
     assert!(err.is_not_found(), "{err:?}");
     assert_eq!(err.to_string(), "volume \"x\" not found");
@@ -251,7 +265,12 @@ async fn an_answer_is_returned_at_once_not_retried_elsewhere() {
 #[tokio::test]
 async fn all_members_dead_is_unreachable_after_the_budget() {
     let (a, b) = (dead_port().await, dead_port().await);
-    let client = MetaClient::with_options([a.to_string(), b.to_string()], options(Duration::from_millis(300))).unwrap();
+    let client = MetaClient::with_options(
+        [a.to_string(), b.to_string()],
+        options(Duration::from_millis(300)),
+        ballast_metaclient::Security::Insecure,
+    )
+    .unwrap();
     let err = client.status().await.unwrap_err();
     let MetaClientError::Unreachable { endpoints, last_error } = &err else { panic!("{err:?}") };
     assert_eq!(endpoints, &vec![a.to_string(), b.to_string()]);
@@ -262,7 +281,12 @@ async fn all_members_dead_is_unreachable_after_the_budget() {
 #[tokio::test]
 async fn a_cluster_without_a_leader_is_unreachable_with_the_members_reason() {
     let (a, fixture) = member(1, Mode::NoLeader).await;
-    let client = MetaClient::with_options([a.to_string()], options(Duration::from_millis(300))).unwrap();
+    let client = MetaClient::with_options(
+        [a.to_string()],
+        options(Duration::from_millis(300)),
+        ballast_metaclient::Security::Insecure,
+    )
+    .unwrap();
     let err = client.status().await.unwrap_err();
     assert!(err.is_unreachable(), "{err:?}");
     assert!(err.to_string().ends_with("no meta leader elected yet; retry"), "{err}");
@@ -274,7 +298,7 @@ async fn a_cluster_without_a_leader_is_unreachable_with_the_members_reason() {
 async fn membership_attaches_by_name_and_maps_refusals() {
     let dead = dead_port().await;
     let (live, _fixture) = member(1, Mode::Serve).await;
-    let client = MetaClient::new([dead.to_string(), live.to_string()]).unwrap();
+    let client = MetaClient::new([dead.to_string(), live.to_string()], ballast_metaclient::Security::Insecure).unwrap();
     let missing = MetaMembership::new(client.clone(), "nope", NodeId(1));
     assert_eq!(missing.resolve_volume_id().await.unwrap_err().to_string(), "volume \"nope\" not found");
     assert!(matches!(missing.attach(VolumeId(5)).await, Err(MembershipError::UnknownVolume(VolumeId(5)))));

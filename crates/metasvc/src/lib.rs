@@ -13,6 +13,7 @@
 //! nothing itself: every decision is a `Command` applied by the state machine.
 //! The data path never links this crate.
 
+mod authz;
 mod convert;
 pub mod leader;
 mod metrics;
@@ -90,6 +91,9 @@ pub struct MetaConfig {
     pub initial_members: BTreeMap<u64, String>,
     pub raft: RaftTiming,
     pub detector: Detector,
+    /// Mutual TLS on the gRPC listener and on Raft and forwarding channels to
+    /// the other members (or `--insecure` plaintext).
+    pub security: ballast_tls::Security,
 }
 
 impl MetaConfig {
@@ -176,10 +180,16 @@ pub async fn start_on(cfg: MetaConfig, listener: tokio::net::TcpListener) -> Res
     cfg.validate().map_err(|source| MetaSvcError::Config { id, source })?;
     let config = raft_config(&cfg.raft).map_err(|e| err("raft config", &e))?;
     let (log, sm) = raft_store::open(&cfg.data_dir, CLUSTER_SEED).map_err(|e| err("open store", &e))?;
-    let raft = Raft::<TypeConfig>::new(id, Arc::new(config), network::NetworkFactory, log.clone(), sm.clone())
-        .await
-        .map_err(|e| err("start raft", &e))?;
-    let core = Core::new(id, raft.clone(), sm, log);
+    let raft = Raft::<TypeConfig>::new(
+        id,
+        Arc::new(config),
+        network::NetworkFactory(cfg.security.clone()),
+        log.clone(),
+        sm.clone(),
+    )
+    .await
+    .map_err(|e| err("start raft", &e))?;
+    let core = Core::new(id, raft.clone(), sm, log, cfg.security.clone());
 
     let addr = listener.local_addr().map_err(|e| err("listen", &e))?;
     let (stop, stop_rx) = watch::channel(false);
@@ -189,9 +199,12 @@ pub async fn start_on(cfg: MetaConfig, listener: tokio::net::TcpListener) -> Res
             .add_service(RaftServer::new(service::RaftSvc(core.clone())))
             .add_service(NodeApiServer::new(service::NodeSvc(core.clone())))
             .add_service(AdminServer::new(service::AdminSvc(core.clone())))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
-                let _ = server_stop.changed().await;
-            }),
+            .serve_with_incoming_shutdown(
+                ballast_tls::grpc::incoming(listener, cfg.security.clone(), "meta"),
+                async move {
+                    let _ = server_stop.changed().await;
+                },
+            ),
     );
     let leader = tokio::spawn(leader::run(core.clone(), cfg.detector, stop_rx));
 

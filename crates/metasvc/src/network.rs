@@ -24,23 +24,26 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-/// Creates one lazily connected channel per peer.
-#[derive(Clone, Default)]
-pub struct NetworkFactory;
+/// Creates one lazily connected channel per peer, secured as this member is.
+#[derive(Clone)]
+pub struct NetworkFactory(pub ballast_tls::Security);
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConn;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConn {
-        PeerConn { target, client: channel(&node.addr).map(RaftClient::new) }
+        PeerConn { target, client: channel(&node.addr, &self.0).map(RaftClient::new) }
     }
 }
 
-/// A lazily connected gRPC channel to `addr` (`host:port`).
-pub(crate) fn channel(addr: &str) -> Result<Channel, String> {
+/// A lazily connected gRPC channel to the meta member at `addr` (`host:port`).
+pub(crate) fn channel(addr: &str, security: &ballast_tls::Security) -> Result<Channel, String> {
     let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     Endpoint::from_shared(uri)
-        .map(|e| e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy())
+        .map(|e| {
+            let e = e.connect_timeout(Duration::from_secs(2));
+            ballast_tls::grpc::channel(&e, security.clone(), ballast_tls::Role::Meta)
+        })
         .map_err(|e| format!("bad member address {addr:?}: {e}"))
 }
 

@@ -31,6 +31,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response as Reply, Status};
 use tracing::{debug, info, warn};
 
+use crate::authz::{self, Need};
 use crate::convert::{self, Progress};
 use crate::metrics::Recorder;
 use crate::network;
@@ -66,6 +67,7 @@ pub struct Core {
     pub(crate) soft: Arc<Soft>,
     pub(crate) recorder: Recorder,
     leader_channel: Arc<Mutex<Option<(u64, Channel)>>>,
+    security: ballast_tls::Security,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -113,8 +115,15 @@ enum Route {
 }
 
 impl Core {
-    pub(crate) fn new(id: u64, raft: Raft<TypeConfig>, sm: StateMachine, log: LogStore) -> Core {
+    pub(crate) fn new(
+        id: u64,
+        raft: Raft<TypeConfig>,
+        sm: StateMachine,
+        log: LogStore,
+        security: ballast_tls::Security,
+    ) -> Core {
         Core {
+            security,
             id,
             raft,
             sm,
@@ -161,9 +170,37 @@ impl Core {
             .get_node(&leader)
             .cloned()
             .ok_or_else(|| Status::unavailable(format!("leader {leader} has no known address; retry")))?;
-        let ch = network::channel(&node.addr).map_err(Status::internal)?;
+        let ch = network::channel(&node.addr, &self.security).map_err(Status::internal)?;
         *cached = Some((leader, ch.clone()));
         Ok(Route::Leader(ch))
+    }
+
+    /// A call about `volume` that only its attached front end may make: the
+    /// caller must act for the node holding the attach (any node while nobody
+    /// holds it: the epoch check refuses the call then).
+    async fn check_attached<T>(&self, req: &Request<T>, rpc: &'static str, volume: VolumeId) -> Result<(), Status> {
+        let caller = authz::caller(req)?;
+        if let authz::Caller::As(id) = &caller {
+            match self.read(|s| s.volumes.get(&volume).map(|v| v.attached_to)).await {
+                Some(Some(holder)) => caller.check(rpc, Need::OnNode(holder.0))?,
+                _ => caller.check(rpc, Need::OnNode(id.node().unwrap_or(0)))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy job's progress, reported only by the node that runs it.
+    async fn check_job_runner<T>(&self, req: &Request<T>, job: u64) -> Result<(), Status> {
+        let caller = authz::caller(req)?;
+        if let authz::Caller::As(id) = &caller {
+            let target = self.read(|s| s.jobs.get(&job).map(|j| j.target.0)).await;
+            let node = target.unwrap_or(match id {
+                ballast_tls::Identity::Node(n) => *n,
+                _ => 0,
+            });
+            caller.check("report_job", Need::Node(node))?;
+        }
+        Ok(())
     }
 
     /// Proposes `cmd` and returns its committed result.
@@ -287,17 +324,24 @@ fn proxy_status(s: Status) -> Status {
 }
 
 /// The call as this member proxies it: the same message, marked [`FORWARDED`].
-fn marked<T>(req: Request<T>) -> Request<T> {
+/// The call as the leader gets it from this member: marked forwarded, and
+/// naming the caller this member authenticated (see `authz`).
+fn marked<T>(req: Request<T>) -> Result<Request<T>, Status> {
+    let caller = authz::caller(&req)?;
     let mut fwd = Request::new(req.into_inner());
     fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-    fwd
+    if let Some(uri) = caller.on_behalf_of() {
+        let v = tonic::metadata::MetadataValue::try_from(uri).map_err(|e| Status::internal(e.to_string()))?;
+        fwd.metadata_mut().insert(authz::ON_BEHALF_OF, v);
+    }
+    Ok(fwd)
 }
 
 /// Proxies the call to the leader when this member does not lead.
 macro_rules! forward {
     ($core:expr, $req:ident, $client:ident, $method:ident) => {
         if let Route::Leader(ch) = $core.route(&$req)? {
-            return $client::new(ch).$method(marked($req)).await.map_err(proxy_status);
+            return $client::new(ch).$method(marked($req)?).await.map_err(proxy_status);
         }
     };
 }
@@ -309,7 +353,7 @@ macro_rules! forward {
 macro_rules! forward_read {
     ($core:expr, $req:ident, $client:ident, $method:ident) => {
         if let Ok(Route::Leader(ch)) = $core.route(&$req) {
-            return $client::new(ch).$method(marked($req)).await.map_err(proxy_status);
+            return $client::new(ch).$method(marked($req)?).await.map_err(proxy_status);
         }
     };
 }
@@ -329,16 +373,19 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Reply<pb::RaftPayload>, Status> 
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftSvc {
     async fn append_entries(&self, req: Request<pb::RaftPayload>) -> Result<Reply<pb::RaftPayload>, Status> {
+        authz::require(&req, "append_entries", Need::Meta)?;
         let r = self.0.raft.append_entries(decode(req)?).await;
         encode(&r)
     }
 
     async fn vote(&self, req: Request<pb::RaftPayload>) -> Result<Reply<pb::RaftPayload>, Status> {
+        authz::require(&req, "vote", Need::Meta)?;
         let r = self.0.raft.vote(decode(req)?).await;
         encode(&r)
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> Result<Reply<pb::RaftPayload>, Status> {
+        authz::require(&req, "install_snapshot", Need::Meta)?;
         let r = self.0.raft.install_snapshot(decode(req)?).await;
         encode(&r)
     }
@@ -362,6 +409,7 @@ fn node_id(param: &str, id: u64) -> Result<NodeId, Status> {
 #[tonic::async_trait]
 impl pb::node_api_server::NodeApi for NodeSvc {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Reply<pb::RegisterResponse>, Status> {
+        authz::require(&req, "register", Need::Node(req.get_ref().node))?;
         forward!(self.0, req, NodeApiClient, register);
         let r = req.into_inner();
         let id = node_id("node", r.node)?;
@@ -384,6 +432,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Reply<pb::HeartbeatResponse>, Status> {
+        authz::require(&req, "heartbeat", Need::Node(req.get_ref().node))?;
         forward!(self.0, req, NodeApiClient, heartbeat);
         let r = req.into_inner();
         let id = node_id("node", r.node)?;
@@ -435,6 +484,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
     }
 
     async fn attach(&self, req: Request<pb::AttachRequest>) -> Result<Reply<pb::AttachResponse>, Status> {
+        authz::require(&req, "attach", Need::OnNode(req.get_ref().node))?;
         forward!(self.0, req, NodeApiClient, attach);
         let r = req.into_inner();
         let node = node_id("node", r.node)?;
@@ -452,12 +502,14 @@ impl pb::node_api_server::NodeApi for NodeSvc {
     }
 
     async fn get_layout(&self, req: Request<pb::GetLayoutRequest>) -> Result<Reply<pb::VolumeLayout>, Status> {
+        authz::require(&req, "get_layout", Need::Member)?;
         let id = VolumeId(req.into_inner().volume);
         self.0.layout_reply(id).await.map(Reply::new)
     }
 
     async fn eject(&self, req: Request<pb::EjectRequest>) -> Result<Reply<pb::Chunk>, Status> {
         forward!(self.0, req, NodeApiClient, eject);
+        self.0.check_attached(&req, "eject", VolumeId(req.get_ref().volume)).await?;
         let r = req.into_inner();
         let (volume, chunk, node) = (VolumeId(r.volume), ChunkIdx(r.chunk), node_id("node", r.node)?);
         let Response::Chunk(c) = self.0.write(Command::Eject { volume, chunk, version: r.version, node }).await? else {
@@ -469,6 +521,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
 
     async fn ack_layout(&self, req: Request<pb::AckLayoutRequest>) -> Result<Reply<pb::AckLayoutResponse>, Status> {
         forward!(self.0, req, NodeApiClient, ack_layout);
+        self.0.check_attached(&req, "ack_layout", VolumeId(req.get_ref().volume)).await?;
         let r = req.into_inner();
         let volume = VolumeId(r.volume);
         // Only a change is worth a log entry.
@@ -485,6 +538,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
 
     async fn detach(&self, req: Request<pb::DetachRequest>) -> Result<Reply<pb::DetachResponse>, Status> {
         forward!(self.0, req, NodeApiClient, detach);
+        self.0.check_attached(&req, "detach", VolumeId(req.get_ref().volume)).await?;
         let r = req.into_inner();
         let volume = VolumeId(r.volume);
         self.0.write(Command::Detach { volume, epoch: Epoch(r.epoch) }).await?;
@@ -497,6 +551,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
         req: Request<pb::CommitSnapshotsRequest>,
     ) -> Result<Reply<pb::CommitSnapshotsResponse>, Status> {
         forward!(self.0, req, NodeApiClient, commit_snapshots);
+        self.0.check_attached(&req, "commit_snapshots", VolumeId(req.get_ref().volume)).await?;
         let r = req.into_inner();
         let volume = VolumeId(r.volume);
         let cut = r.cut.ok_or_else(|| Status::invalid_argument("invalid cut: missing"))?;
@@ -511,6 +566,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
 
     async fn fill_chunks(&self, req: Request<pb::FillChunksRequest>) -> Result<Reply<pb::FillChunksResponse>, Status> {
         forward!(self.0, req, NodeApiClient, fill_chunks);
+        self.0.check_attached(&req, "fill_chunks", VolumeId(req.get_ref().volume)).await?;
         let r = req.into_inner();
         let volume = VolumeId(r.volume);
         let cmd = Command::FillChunks { volume, epoch: Epoch(r.epoch), chunks: r.chunks.clone() };
@@ -522,6 +578,7 @@ impl pb::node_api_server::NodeApi for NodeSvc {
 
     async fn report_job(&self, req: Request<pb::ReportJobRequest>) -> Result<Reply<pb::ReportJobResponse>, Status> {
         forward!(self.0, req, NodeApiClient, report_job);
+        self.0.check_job_runner(&req, req.get_ref().job).await?;
         let r = req.into_inner();
         let state = pb::JobState::try_from(r.state).unwrap_or(pb::JobState::Unspecified);
         let done = |ok: bool, error: Option<String>| Command::FinishJob {
@@ -571,10 +628,12 @@ pub struct AdminSvc(pub(crate) Core);
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminSvc {
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Reply<pb::StatusResponse>, Status> {
+        authz::require(&_req, "status", Need::Member)?;
         Ok(Reply::new(self.0.status().await))
     }
 
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Reply<pb::ListNodesResponse>, Status> {
+        authz::require(&_req, "list_nodes", Need::Member)?;
         forward_read!(self.0, _req, AdminClient, list_nodes);
         let seen = self.0.last_seen();
         let used = self.0.soft.used.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -589,6 +648,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn set_node_state(&self, req: Request<pb::SetNodeStateRequest>) -> Result<Reply<pb::Node>, Status> {
+        authz::require(&req, "set_node_state", Need::Admin)?;
         forward!(self.0, req, AdminClient, set_node_state);
         let r = req.into_inner();
         let id = node_id("node", r.node)?;
@@ -613,6 +673,7 @@ impl pb::admin_server::Admin for AdminSvc {
         &self,
         req: Request<pb::SetOverProvisioningRequest>,
     ) -> Result<Reply<pb::StatusResponse>, Status> {
+        authz::require(&req, "set_over_provisioning", Need::Admin)?;
         forward!(self.0, req, AdminClient, set_over_provisioning);
         let pct = req.into_inner().pct;
         self.0.write(Command::SetOverProvisioning { pct }).await?;
@@ -621,6 +682,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn remove_node(&self, req: Request<pb::RemoveNodeRequest>) -> Result<Reply<pb::RemoveNodeResponse>, Status> {
+        authz::require(&req, "remove_node", Need::Admin)?;
         forward!(self.0, req, AdminClient, remove_node);
         let id = node_id("node", req.into_inner().node)?;
         self.0.write(Command::RemoveNode { id }).await?;
@@ -630,6 +692,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {
+        authz::require(&req, "create_volume", Need::Provisioner)?;
         forward!(self.0, req, AdminClient, create_volume);
         let r = req.into_inner();
         let replicas = if r.replicas == 0 { 3 } else { r.replicas as usize };
@@ -695,18 +758,21 @@ impl pb::admin_server::Admin for AdminSvc {
         &self,
         _req: Request<pb::ListVolumesRequest>,
     ) -> Result<Reply<pb::ListVolumesResponse>, Status> {
+        authz::require(&_req, "list_volumes", Need::Member)?;
         forward_read!(self.0, _req, AdminClient, list_volumes);
         let volumes = self.0.read(|s| s.volumes.values().map(|v| convert::volume(s, v)).collect()).await;
         Ok(Reply::new(pb::ListVolumesResponse { volumes }))
     }
 
     async fn inspect_volume(&self, req: Request<pb::InspectVolumeRequest>) -> Result<Reply<pb::VolumeLayout>, Status> {
+        authz::require(&req, "inspect_volume", Need::Member)?;
         forward_read!(self.0, req, AdminClient, inspect_volume);
         let id = self.0.volume_id(&req.into_inner().volume).await?;
         self.0.layout_reply(id).await.map(Reply::new)
     }
 
     async fn grow_volume(&self, req: Request<pb::GrowVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {
+        authz::require(&req, "grow_volume", Need::Provisioner)?;
         forward!(self.0, req, AdminClient, grow_volume);
         let r = req.into_inner();
         let volume = self.0.volume_id(&r.volume).await?;
@@ -719,6 +785,7 @@ impl pb::admin_server::Admin for AdminSvc {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Reply<pb::DeleteVolumeResponse>, Status> {
+        authz::require(&req, "delete_volume", Need::Provisioner)?;
         forward!(self.0, req, AdminClient, delete_volume);
         let volume = self.0.volume_id(&req.into_inner().volume).await?;
         let Response::Reclaim(r) = self.0.write(Command::DeleteVolume { volume }).await? else {
@@ -730,6 +797,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn publish_volume(&self, req: Request<pb::PublishVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {
+        authz::require(&req, "publish_volume", Need::Provisioner)?;
         forward!(self.0, req, AdminClient, publish_volume);
         let r = req.into_inner();
         let volume = self.0.volume_id(&r.volume).await?;
@@ -742,6 +810,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn unpublish_volume(&self, req: Request<pb::UnpublishVolumeRequest>) -> Result<Reply<pb::Volume>, Status> {
+        authz::require(&req, "unpublish_volume", Need::Provisioner)?;
         forward!(self.0, req, AdminClient, unpublish_volume);
         let r = req.into_inner();
         let volume = self.0.volume_id(&r.volume).await?;
@@ -752,6 +821,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn list_jobs(&self, req: Request<pb::ListJobsRequest>) -> Result<Reply<pb::ListJobsResponse>, Status> {
+        authz::require(&req, "list_jobs", Need::Member)?;
         forward_read!(self.0, req, AdminClient, list_jobs);
         let all = req.into_inner().all;
         let (seen, progress) = (self.0.last_seen(), self.0.progress());
@@ -769,6 +839,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn create_snapshot(&self, req: Request<pb::CreateSnapshotRequest>) -> Result<Reply<pb::Snapshot>, Status> {
+        authz::require(&req, "create_snapshot", Need::Provisioner)?;
         forward!(self.0, req, AdminClient, create_snapshot);
         let r = req.into_inner();
         let volume = self.0.volume_id(&r.volume).await?;
@@ -784,6 +855,7 @@ impl pb::admin_server::Admin for AdminSvc {
         &self,
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Reply<pb::ListSnapshotsResponse>, Status> {
+        authz::require(&req, "list_snapshots", Need::Member)?;
         forward_read!(self.0, req, AdminClient, list_snapshots);
         let r = req.into_inner();
         let volume = match r.volume.is_empty() {
@@ -809,6 +881,7 @@ impl pb::admin_server::Admin for AdminSvc {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Reply<pb::DeleteSnapshotResponse>, Status> {
+        authz::require(&req, "delete_snapshot", Need::Provisioner)?;
         forward!(self.0, req, AdminClient, delete_snapshot);
         let name = req.into_inner().snapshot;
         let id = self
@@ -822,6 +895,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn what_if(&self, req: Request<pb::WhatIfRequest>) -> Result<Reply<pb::WhatIfResponse>, Status> {
+        authz::require(&req, "what_if", Need::Member)?;
         forward_read!(self.0, req, AdminClient, what_if);
         let failure = match req.into_inner().target {
             Some(pb::what_if_request::Target::Node(n)) => Failure::Node(node_id("node", n)?),
@@ -860,12 +934,13 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn add_member(&self, req: Request<pb::AddMemberRequest>) -> Result<Reply<pb::StatusResponse>, Status> {
+        authz::require(&req, "add_member", Need::Admin)?;
         forward!(self.0, req, AdminClient, add_member);
         let r = req.into_inner();
         if r.id == 0 || r.addr.is_empty() {
             return Err(Status::invalid_argument("invalid member: give an id (1 or more) and its host:port"));
         }
-        network::channel(&r.addr).map_err(Status::invalid_argument)?;
+        network::channel(&r.addr, &self.0.security).map_err(Status::invalid_argument)?;
         // A learner first: it catches up on the log, then becomes a voter.
         self.0.raft.add_learner(r.id, BasicNode { addr: r.addr.clone() }, true).await.map_err(write_status)?;
         let mut voters: BTreeSet<u64> =
@@ -877,6 +952,7 @@ impl pb::admin_server::Admin for AdminSvc {
     }
 
     async fn remove_member(&self, req: Request<pb::RemoveMemberRequest>) -> Result<Reply<pb::StatusResponse>, Status> {
+        authz::require(&req, "remove_member", Need::Admin)?;
         forward!(self.0, req, AdminClient, remove_member);
         let id = req.into_inner().id;
         let mut voters: BTreeSet<u64> =

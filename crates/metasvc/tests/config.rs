@@ -15,6 +15,7 @@ fn config(dir: &std::path::Path) -> MetaConfig {
         initial_members: BTreeMap::from([(1, "127.0.0.1:1".to_string())]),
         raft,
         detector,
+        security: ballast_metaclient::Security::Insecure,
     }
 }
 

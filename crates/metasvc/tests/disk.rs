@@ -43,9 +43,10 @@ async fn a_failed_disk_is_recorded_rebuilt_elsewhere_and_cleared() {
         initial_members: BTreeMap::from([(1, addr.clone())]),
         raft: RaftTiming { ..raft },
         detector,
+        security: ballast_metaclient::Security::Insecure,
     };
     let member = ballast_metasvc::start_on(cfg, listener).await.expect("start member");
-    let client = MetaClient::new([addr.as_str()]).expect("client");
+    let client = MetaClient::new([addr.as_str()], ballast_metaclient::Security::Insecure).expect("client");
     for (id, zone) in DATA_NODES {
         let req = pb::RegisterRequest {
             node: id,

@@ -28,6 +28,7 @@ async fn start(
         initial_members: initial.clone(),
         raft: RaftTiming { snapshot_logs: 20, ..raft },
         detector,
+        security: ballast_metaclient::Security::Insecure,
     };
     ballast_metasvc::start_on(cfg, listener).await.expect("start member")
 }
@@ -37,7 +38,7 @@ async fn listener() -> tokio::net::TcpListener {
 }
 
 async fn volumes_on(addr: &str) -> Vec<String> {
-    let c = MetaClient::new([addr]).expect("client");
+    let c = MetaClient::new([addr], ballast_metaclient::Security::Insecure).expect("client");
     match c.list_volumes().await {
         Ok(r) => r.volumes.into_iter().map(|v| v.name).collect(),
         Err(_) => Vec::new(),
@@ -67,7 +68,7 @@ async fn snapshots_catch_up_a_new_member_and_a_restart_keeps_state() {
         members.push(start(i as u64 + 1, dir.path(), l, &initial).await);
     }
     let endpoints: Vec<String> = initial.values().cloned().collect();
-    let client = MetaClient::new(endpoints.clone()).expect("client");
+    let client = MetaClient::new(endpoints.clone(), ballast_metaclient::Security::Insecure).expect("client");
     for (i, zone) in ["a", "b", "c"].iter().enumerate() {
         let req = pb::RegisterRequest {
             node: i as u64 + 1,

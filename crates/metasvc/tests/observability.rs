@@ -31,9 +31,10 @@ async fn start_member(dir: &std::path::Path) -> (MetaHandle, MetaClient) {
         initial_members: BTreeMap::from([(1, addr.clone())]),
         raft: RaftTiming { ..raft },
         detector,
+        security: ballast_metaclient::Security::Insecure,
     };
     let member = ballast_metasvc::start_on(cfg, listener).await.expect("start member");
-    (member, MetaClient::new([addr.as_str()]).expect("client"))
+    (member, MetaClient::new([addr.as_str()], ballast_metaclient::Security::Insecure).expect("client"))
 }
 
 /// The nodes that heartbeat, and the disk health each reports.
@@ -302,12 +303,14 @@ async fn members_in_one_process_share_each_family() {
             initial_members: initial.clone(),
             raft,
             detector,
+            security: ballast_metaclient::Security::Insecure,
         };
         members.push(ballast_metasvc::start_on(cfg, l).await.expect("start member"));
     }
     let mut registry = ballast_metrics::registry();
     ballast_metasvc::register_metrics(&mut registry, &members);
-    let client = MetaClient::new(initial.values().cloned().collect::<Vec<_>>()).expect("client");
+    let client = MetaClient::new(initial.values().cloned().collect::<Vec<_>>(), ballast_metaclient::Security::Insecure)
+        .expect("client");
     // A write through the leader; then every member has applied it.
     let reg = pb::RegisterRequest { node: 1, addr: "127.0.0.1:7001".into(), zone: "a".into(), capacity_bytes: 1 << 40 };
     client.register(reg).await.expect("register");

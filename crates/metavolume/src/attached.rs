@@ -114,7 +114,8 @@ impl AttachedVolume {
             .resolve_volume_id()
             .await
             .map_err(|source| AttachError::Lookup { name: name.to_string(), source })?;
-        let client = ClientOptions { timeout: io_timeout, ..ClientOptions::default() };
+        let client =
+            ClientOptions { timeout: io_timeout, security: meta.security().clone(), ..ClientOptions::default() };
         let options = VolumeOptions { local_node: Some(node), io_timeout, metrics, ..VolumeOptions::default() };
         let volume = Volume::attach(membership.clone(), tcp_connector(client), id, options)
             .await

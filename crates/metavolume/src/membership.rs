@@ -297,7 +297,13 @@ impl Membership for MetaMembership {
         })?;
         let dev = self
             .parent
-            .get_or_try_init(|| SnapshotDevice::open(self.client.clone(), &name, ClientOptions::default()))
+            .get_or_try_init(|| {
+                SnapshotDevice::open(
+                    self.client.clone(),
+                    &name,
+                    ClientOptions { security: self.client.security().clone(), ..ClientOptions::default() },
+                )
+            })
             .await
             .map_err(|e| MembershipError::Unavailable(format!("clone {volume}: opening its origin {name}: {e}")))?;
         let mut out = BytesMut::zeroed(len as usize);
@@ -522,7 +528,8 @@ mod tests {
     }
 
     fn membership(known: &[(u64, u64)], seen_gen: u64) -> MetaMembership {
-        let client = MetaClient::new(vec!["127.0.0.1:9".to_string()]).expect("client");
+        let client =
+            MetaClient::new(vec!["127.0.0.1:9".to_string()], ballast_metaclient::Security::Insecure).expect("client");
         let m = MetaMembership::new(client, "v", NodeId(1));
         *m.snapshots.lock().unwrap() = SnapshotSync {
             known: known.iter().map(|(c, gen)| (seq(*c), *gen)).collect(),

@@ -32,9 +32,10 @@ async fn attach_makes_the_volume_series_and_detach_removes_them() {
         initial_members: BTreeMap::from([(1, addr.clone())]),
         raft,
         detector,
+        security: ballast_metaclient::Security::Insecure,
     };
     let member = ballast_metasvc::start_on(cfg, listener).await.expect("start member");
-    let meta = MetaClient::new([addr.as_str()]).expect("client");
+    let meta = MetaClient::new([addr.as_str()], ballast_metaclient::Security::Insecure).expect("client");
 
     // One storage node: a replica server on a chunk store in a temp dir.
     let store = ChunkStore::open(dir.path().join("disk"), StoreOptions::default()).expect("store");

@@ -51,7 +51,11 @@ impl Jobs {
 pub async fn run_job(cfg: &AgentConfig, meta: &MetaClient, job: pb::Job) {
     let id = ChunkId { volume: VolumeId(job.volume), chunk: ChunkIdx(job.chunk) };
     let epoch = Epoch(job.epoch);
-    let copt = ClientOptions { timeout: Duration::from_secs(30), ..ClientOptions::default() };
+    let copt = ClientOptions {
+        timeout: Duration::from_secs(30),
+        security: meta.security().clone(),
+        ..ClientOptions::default()
+    };
     let target = ReplicaClient::new(cfg.addr, copt.clone());
     let opts = ResyncOptions { max_bytes_per_sec: cfg.copy_rate, ..ResyncOptions::default() };
     info!(kind = job.kind, sources = job.sources.len(), chunk_len = job.chunk_len, "copy job starting");

@@ -133,7 +133,7 @@ async fn serve(meta: TestMeta) -> (Arc<TestMeta>, MetaClient) {
         .add_service(NodeApiServer::from_arc(meta.clone()))
         .serve_with_incoming(TcpIncoming::from(listener));
     tokio::spawn(server);
-    (meta, MetaClient::new([addr.to_string()]).unwrap())
+    (meta, MetaClient::new([addr.to_string()], ballast_metaclient::Security::Insecure).unwrap())
 }
 
 fn chunk(volume: u64, chunk: u32) -> ChunkId {

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use ballast_tls::{Role, Security, Stream};
 use ballast_types::{BlockContext, BlockIdx, ChunkId, ChunkIdx, Epoch, Seq, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
     decode_chunk_list, decode_contexts, decode_cuts, decode_resync_result, encode_cuts, encode_resync_write, Decoder,
@@ -38,7 +39,7 @@ use ballast_wire::{
 };
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -98,13 +99,21 @@ pub struct ClientOptions {
     /// connection counts (a connect still going at the deadline fails the call
     /// with `Connect`), and an exchange past it fails with `Timeout`. Default 5 s.
     pub timeout: Duration,
-    /// Time one connect attempt may take. Default 2 s.
+    /// Time one connect attempt may take, the TLS handshake included. Default 2 s.
     pub connect_timeout: Duration,
+    /// Mutual TLS to the replica (which must prove to be a storage node).
+    /// Default: insecure plaintext.
+    pub security: Security,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { connections: 2, timeout: Duration::from_secs(5), connect_timeout: Duration::from_secs(2) }
+        ClientOptions {
+            connections: 2,
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            security: Security::Insecure,
+        }
     }
 }
 
@@ -638,7 +647,8 @@ impl ReplicaClient {
 /// connection, or empty again so the next request tries anew), then tells the
 /// requests waiting for it.
 async fn connect_slot(inner: Arc<ClientInner>, idx: usize, tx: watch::Sender<Option<Result<Conn, ConnectFailure>>>) {
-    let outcome = connect(inner.addr, inner.opts.connect_timeout).await.map_err(|e| ConnectFailure::of(&e));
+    let outcome =
+        connect(inner.addr, inner.opts.connect_timeout, &inner.opts.security).await.map_err(|e| ConnectFailure::of(&e));
     if let Err(f) = &outcome {
         debug!(peer = %inner.addr, error = %f.message, "connect to replica failed");
     }
@@ -652,15 +662,22 @@ async fn connect_slot(inner: Arc<ClientInner>, idx: usize, tx: watch::Sender<Opt
     tx.send_replace(Some(outcome));
 }
 
-async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<Conn, std::io::Error> {
-    let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+async fn connect(addr: SocketAddr, connect_timeout: Duration, security: &Security) -> Result<Conn, std::io::Error> {
+    let secured = async {
+        let tcp = TcpStream::connect(addr).await?;
+        // Small frames must not wait for Nagle: latency is the product.
+        tcp.set_nodelay(true)?;
+        security
+            .connect(tcp, Role::Node)
+            .await
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))
+    };
+    let stream = match tokio::time::timeout(connect_timeout, secured).await {
         Ok(r) => r?,
         Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")),
     };
-    // Small frames must not wait for Nagle: latency is the product.
-    stream.set_nodelay(true)?;
-    debug!(peer = %addr, "connected to replica");
-    let (r, w) = stream.into_split();
+    debug!(peer = %addr, tls = stream.is_tls(), "connected to replica");
+    let (r, w) = tokio::io::split(stream);
     let shared = Arc::new(ConnShared {
         state: StdMutex::new(ConnState { dead: false, pending: HashMap::new() }),
         closed: watch::Sender::new(false),
@@ -671,7 +688,12 @@ async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<Conn, st
     Ok(Conn { tx, shared })
 }
 
-async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, shared: Arc<ConnShared>, peer: SocketAddr) {
+async fn write_loop(
+    mut w: WriteHalf<Stream>,
+    mut rx: mpsc::Receiver<Frame>,
+    shared: Arc<ConnShared>,
+    peer: SocketAddr,
+) {
     let mut closed = shared.closed.subscribe();
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -700,7 +722,7 @@ async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, shared
     let _ = w.shutdown().await;
 }
 
-async fn read_loop(mut r: OwnedReadHalf, shared: Arc<ConnShared>, peer: SocketAddr) {
+async fn read_loop(mut r: ReadHalf<Stream>, shared: Arc<ConnShared>, peer: SocketAddr) {
     let mut closed = shared.closed.subscribe();
     let mut buf = BytesMut::with_capacity(64 << 10);
     let mut dec = Decoder::new();

@@ -38,5 +38,6 @@ where
         }
         IoSlice::advance_slices(&mut rest, n);
     }
-    Ok(())
+    // TLS keeps records it could not send yet; plain TCP has nothing to flush.
+    w.flush().await
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ballast_chunkstore::{ChunkStore, ResyncBlock, StoreError};
+use ballast_tls::{Identity, Peer, Security, Stream};
 use ballast_types::{BlockIdx, ChunkId, Epoch, Seq, VolumeId, BLOCK_SIZE};
 use ballast_wire::{
     decode_cuts, decode_resync_write, encode_chunk_list, encode_contexts, encode_cuts, encode_resync_result, Decoder,
@@ -26,8 +27,8 @@ use ballast_wire::{
     MAX_RESYNC_BLOCKS, SET_CUTS_IF_NONE,
 };
 use bytes::{Bytes, BytesMut};
+use tokio::io::WriteHalf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -44,11 +45,23 @@ pub struct ServerOptions {
     /// The largest frame payload accepted (and read length served). Default
     /// `ballast_wire::MAX_PAYLOAD` (32 MiB + 64 KiB).
     pub max_payload: u32,
+    /// Mutual TLS on every connection, and who may connect: storage nodes
+    /// (copy jobs, their own front ends) and front ends, nobody else. Default:
+    /// insecure plaintext (tests of the protocol itself).
+    pub security: Security,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { max_in_flight: 256, max_payload: MAX_PAYLOAD }
+        ServerOptions { max_in_flight: 256, max_payload: MAX_PAYLOAD, security: Security::Insecure }
+    }
+}
+
+/// Whether `peer` may use the data path: a storage node or a front end.
+fn may_serve(peer: &Peer) -> bool {
+    match peer {
+        Peer::Insecure => true,
+        Peer::Authenticated(id) => matches!(id, Identity::Node(_) | Identity::Frontend(_)),
     }
 }
 
@@ -155,12 +168,26 @@ impl ReplicaServer {
         Ok(())
     }
 
-    async fn connection(self, stream: TcpStream, peer: SocketAddr, mut stop: watch::Receiver<bool>) {
-        if let Err(e) = stream.set_nodelay(true) {
+    async fn connection(self, tcp: TcpStream, peer: SocketAddr, mut stop: watch::Receiver<bool>) {
+        if let Err(e) = tcp.set_nodelay(true) {
             warn!(%peer, error = %e, "cannot set TCP_NODELAY; serving anyway");
         }
-        debug!(%peer, "connection opened");
-        let (mut r, w) = stream.into_split();
+        let (stream, who) = tokio::select! {
+            r = self.opts.security.accept(tcp) => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(%peer, error = %e, "connection refused");
+                    return;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        if !may_serve(&who) {
+            warn!(%peer, identity = %who, "connection refused: only storage nodes and front ends use the data path");
+            return;
+        }
+        debug!(%peer, identity = %who, "connection opened");
+        let (mut r, w) = tokio::io::split(stream);
         let (tx, rx) = mpsc::unbounded_channel::<(Frame, OwnedSemaphorePermit)>();
         let writer = tokio::spawn(write_loop(w, rx, peer));
         let permits = Arc::new(Semaphore::new(self.opts.max_in_flight.max(1)));
@@ -487,7 +514,7 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 }
 
 async fn write_loop(
-    mut w: OwnedWriteHalf,
+    mut w: WriteHalf<Stream>,
     mut rx: mpsc::UnboundedReceiver<(Frame, OwnedSemaphorePermit)>,
     peer: SocketAddr,
 ) {

@@ -44,7 +44,8 @@ async fn concurrent_requests_to_a_black_hole_fail_together_within_one_timeout() 
     let timeout = Duration::from_secs(1);
     // The connect timeout is far longer than the request timeout: the request
     // timeout must bound the wait for a connection.
-    let opts = ClientOptions { connections: 2, timeout, connect_timeout: Duration::from_secs(30) };
+    let opts =
+        ClientOptions { connections: 2, timeout, connect_timeout: Duration::from_secs(30), ..ClientOptions::default() };
     let client = ReplicaClient::new(addr, opts);
     const N: usize = 16;
     let start = Instant::now();

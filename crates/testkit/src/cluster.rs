@@ -16,6 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ballast_tls::Identity;
 use serde_json::Value;
 
 use crate::{data_dir, free_addr, try_wait_until, utf8, Ctl, Error, Proc, ProcOptions, Result, FAST_META};
@@ -128,9 +129,11 @@ impl Builder {
             let metrics = if self.metrics { Some(free_addr()?) } else { None };
             members.push(Member { id, addr: free_addr()?, metrics, proc: None });
         }
+        let pki = crate::tls::pki(&root)?;
         let mut c = Cluster {
             members,
             nodes: Vec::new(),
+            pki,
             root,
             meta_args: self.meta_args,
             node_args: self.node_args,
@@ -158,6 +161,9 @@ impl Builder {
 pub struct Cluster {
     pub members: Vec<Member>,
     pub nodes: Vec<Node>,
+    /// The cluster's CA (DIR/pki): every process runs with a certificate of its
+    /// own identity, as in production.
+    pki: ballast_tls::certs::Pki,
     root: PathBuf,
     meta_args: Vec<String>,
     node_args: Vec<String>,
@@ -221,9 +227,24 @@ impl Cluster {
         self.root.join(name)
     }
 
-    /// ballastctl against every member.
+    /// ballastctl against every member, as an admin.
     pub fn ctl(&self) -> Result<Ctl> {
-        Ctl::new(&self.meta())
+        Ok(Ctl::new(&self.meta())?.tls(&self.tls_dir(&Identity::Admin("test".into()))?))
+    }
+
+    /// The `--tls-dir` of `identity`, issued by this cluster's CA.
+    pub fn tls_dir(&self, identity: &Identity) -> Result<PathBuf> {
+        crate::tls::issue(&self.pki, identity)
+    }
+
+    /// `--tls-dir DIR` for a process running as `identity`.
+    pub fn tls_args(&self, identity: &Identity) -> Result<Vec<String>> {
+        Ok(vec!["--tls-dir".into(), utf8(&self.tls_dir(identity)?)?.to_string()])
+    }
+
+    /// The CA's own directory (ca.crt, ca.key), for tests that issue more.
+    pub fn pki(&self) -> &ballast_tls::certs::Pki {
+        &self.pki
     }
 
     /// `ballastctl --output json ARGS` against every member.
@@ -256,6 +277,7 @@ impl Cluster {
             &initial.join(","),
         ]);
         args.extend(self.meta_args.iter().cloned());
+        args.extend(self.tls_args(&Identity::Meta(id))?);
         if let Some(m) = &self.members[i].metrics {
             args.extend(strings(&["--metrics-listen", m]));
         }
@@ -290,6 +312,7 @@ impl Cluster {
             strings(&["node", "--id", &id.to_string(), "--zone", &n.zone, "--data", utf8(&data)?, "--meta", &meta]);
         args.extend(self.node_args.iter().cloned());
         args.extend(n.args.iter().cloned());
+        args.extend(self.tls_args(&Identity::Node(id))?);
         if let Some(m) = &n.metrics {
             args.extend(strings(&["--metrics-listen", m]));
         }
@@ -322,9 +345,11 @@ impl Cluster {
     /// Like [`Cluster::export`] with `extra` arguments instead of the I/O timeout.
     pub fn export_with(&self, volume: &str, node: u64, extra: &[&str]) -> Result<(Proc, String)> {
         let meta = self.meta();
+        let tls = self.tls_args(&Identity::Frontend(node))?;
         let node = node.to_string();
         let mut args =
             vec!["export", "--meta", &meta, "--volume", volume, "--local-node", &node, "--nbd", "127.0.0.1:0"];
+        args.extend(tls.iter().map(String::as_str));
         args.extend_from_slice(extra);
         let mut p = Proc::spawn_with(&format!("export-{volume}"), &args, &self.procs)?;
         let uri = p.wait_value("ready nbd", "uri")?;
@@ -337,7 +362,9 @@ impl Cluster {
     pub fn export_snapshot(&self, snapshot: &str) -> Result<(Proc, PathBuf)> {
         let sock = self.path(&format!("snap-{snapshot}.sock"));
         let meta = self.meta();
-        let args = ["export", "--meta", &meta, "--snapshot", snapshot, "--socket", utf8(&sock)?];
+        // A snapshot export reads replicas as a front end of node 1.
+        let tls = self.tls_args(&Identity::Frontend(1))?;
+        let args = ["export", "--meta", &meta, "--snapshot", snapshot, "--socket", utf8(&sock)?, &tls[0], &tls[1]];
         let mut p = Proc::spawn_with(&format!("export-{snapshot}"), args, &self.procs)?;
         p.wait_for("ready nbd", Duration::from_secs(30))?;
         Ok((p, sock))
@@ -350,7 +377,8 @@ impl Cluster {
         let sock = self.path("csi-controller.sock");
         let endpoint = format!("unix://{}", utf8(&sock)?);
         let meta = self.meta();
-        let mut args = vec!["csi-controller", "--endpoint", &endpoint, "--meta", &meta];
+        let tls = self.tls_args(&Identity::CsiController)?;
+        let mut args = vec!["csi-controller", "--endpoint", &endpoint, "--meta", &meta, &tls[0], &tls[1]];
         args.extend_from_slice(extra);
         let mut p = Proc::spawn_with("csi-controller", &args, &self.procs)?;
         p.wait_for("ready csi", Duration::from_secs(30))?;

@@ -20,6 +20,8 @@ pub struct Ctl {
     argv: Vec<OsString>,
     meta: Option<String>,
     timeout: Option<String>,
+    /// `--tls-dir`: the admin (or reader) certificate it runs with.
+    tls_dir: Option<std::path::PathBuf>,
 }
 
 /// What one ballastctl run printed.
@@ -45,7 +47,13 @@ impl Ctl {
 
     /// No `--meta`, no `--timeout`: exactly the arguments given.
     pub fn bare() -> Result<Ctl> {
-        Ok(Ctl { argv: vec![bin::ballastctl()?.into()], meta: None, timeout: None })
+        Ok(Ctl { argv: vec![bin::ballastctl()?.into()], meta: None, timeout: None, tls_dir: None })
+    }
+
+    /// `--tls-dir DIR`: run as the identity of the certificate in DIR.
+    pub fn tls(mut self, dir: &std::path::Path) -> Ctl {
+        self.tls_dir = Some(dir.to_path_buf());
+        self
     }
 
     /// `--timeout T` (`None`: ballastctl's own default).
@@ -76,7 +84,14 @@ impl Ctl {
         if let Some(t) = &self.timeout {
             cmd.args(["--timeout", t]);
         }
-        cmd.args(args).env_remove("BALLAST_META").env_remove("RUST_LOG").stdin(Stdio::null());
+        if let Some(d) = &self.tls_dir {
+            cmd.arg("--tls-dir").arg(d);
+        }
+        cmd.args(args)
+            .env_remove("BALLAST_META")
+            .env_remove("BALLAST_TLS_DIR")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
         cmd
     }
 
@@ -107,9 +122,9 @@ impl Ctl {
     }
 }
 
-/// `ballastctl --meta M --output json --timeout 30s ARGS`, parsed.
-pub fn ctl(meta: &str, args: &[&str]) -> Result<Value> {
-    Ctl::new(meta)?.json(args)
+/// `ballastctl --meta M --tls-dir TLS --output json --timeout 30s ARGS`, parsed.
+pub fn ctl(meta: &str, tls: &std::path::Path, args: &[&str]) -> Result<Value> {
+    Ctl::new(meta)?.tls(tls).json(args)
 }
 
 // ---- reading `volume inspect` ----------------------------------------------------
@@ -185,8 +200,13 @@ mod tests {
 
     #[test]
     fn the_command_line_is_wrapper_program_flags_args() {
-        let c = Ctl { argv: vec!["ballastctl".into()], meta: Some("a:1,b:2".into()), timeout: Some("10s".into()) }
-            .via(["ip", "netns", "exec", "ns1"]);
+        let c = Ctl {
+            argv: vec!["ballastctl".into()],
+            meta: Some("a:1,b:2".into()),
+            timeout: Some("10s".into()),
+            tls_dir: None,
+        }
+        .via(["ip", "netns", "exec", "ns1"]);
         assert_eq!(
             describe(&c.command(&["status"])),
             "ip netns exec ns1 ballastctl --meta a:1,b:2 --timeout 10s status"

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ballast_tls::Identity;
 use serde_json::Value;
 
 use crate::disks::Disk;
@@ -72,6 +73,8 @@ pub struct FaultCluster {
     fe_count: u32,
     /// ballastctl on the ops host.
     ctl: Ctl,
+    /// The cluster's CA: every process runs with a certificate of its own.
+    pki: ballast_tls::certs::Pki,
     pub net: Net,
     pub dir: tempfile::TempDir,
 }
@@ -130,8 +133,10 @@ impl FaultCluster {
             .build()
             .map_err(Error::io("a tokio runtime"))?;
         let meta = metas.iter().map(|m| m.addr.as_str()).collect::<Vec<_>>().join(",");
-        let ctl = Ctl::new(&meta)?.timeout(Some("10s")).via(net.exec_prefix("ops"));
-        let mut c = FaultCluster { rt, metas, nodes, faults: 0, fe_count: 0, ctl, net, dir };
+        let pki = crate::tls::pki(dir.path())?;
+        let admin = crate::tls::issue(&pki, &Identity::Admin("ops".into()))?;
+        let ctl = Ctl::new(&meta)?.timeout(Some("10s")).via(net.exec_prefix("ops")).tls(&admin);
+        let mut c = FaultCluster { rt, metas, nodes, faults: 0, fe_count: 0, ctl, pki, net, dir };
         for id in 1..=3 {
             c.start_meta(id)?;
         }
@@ -158,6 +163,11 @@ impl FaultCluster {
         Ok(c)
     }
 
+    /// `--tls-dir DIR` of `identity`.
+    fn tls(&self, identity: &Identity) -> Result<[std::ffi::OsString; 2]> {
+        Ok(["--tls-dir".into(), crate::tls::issue(&self.pki, identity)?.into()])
+    }
+
     fn meta_mut(&mut self, id: u64) -> Result<&mut MetaMember> {
         self.metas.iter_mut().find(|m| m.id == id).ok_or_else(|| Error::harness(format!("no meta member {id}")))
     }
@@ -182,7 +192,8 @@ impl FaultCluster {
             .arg("--data")
             .arg(&data)
             .args(FAST_META)
-            .args(["--down-after", "12s"]);
+            .args(["--down-after", "12s"])
+            .args(self.tls(&Identity::Meta(id))?);
         let mut p = Proc::spawn_cmd(&format!("meta{id}"), cmd)?;
         p.wait_for("ready meta", Duration::from_secs(30))?;
         self.meta_mut(id)?.proc = Some(p);
@@ -196,7 +207,8 @@ impl FaultCluster {
         cmd.args(["node", "--id", &id.to_string(), "--zone", n.zone, "--listen", &n.addr, "--meta", &meta])
             .arg("--data")
             .arg(&n.data)
-            .args(["--capacity", "4G", "--heartbeat", "300ms", "--gc-every", "2s", "--disk-reserve", "16M"]);
+            .args(["--capacity", "4G", "--heartbeat", "300ms", "--gc-every", "2s", "--disk-reserve", "16M"])
+            .args(self.tls(&Identity::Node(id))?);
         let mut p = Proc::spawn_cmd(&format!("node{id}"), cmd)?;
         p.wait_for("ready node", Duration::from_secs(30))?;
         self.node_mut(id)?.proc = Some(p);
@@ -332,6 +344,7 @@ impl FaultCluster {
         let mut cmd = self.ballast(app)?;
         cmd.args(["export", "--meta", &self.meta_addrs(), "--volume", volume, "--io-timeout", io_timeout])
             .args(["--local-node", host_node])
+            .args(self.tls(&Identity::Frontend(if app == "app1" { 1 } else { 4 }))?)
             .arg("--socket")
             .arg(&sock)
             .args(extra);
@@ -346,7 +359,10 @@ impl FaultCluster {
         self.fe_count += 1;
         let sock = self.dir.path().join(format!("snap-{snapshot}-{}.sock", self.fe_count));
         let mut cmd = self.ballast("ops")?;
-        cmd.args(["export", "--meta", &self.meta_addrs(), "--snapshot", snapshot]).arg("--socket").arg(&sock);
+        cmd.args(["export", "--meta", &self.meta_addrs(), "--snapshot", snapshot])
+            .arg("--socket")
+            .arg(&sock)
+            .args(self.tls(&Identity::Frontend(1))?);
         let mut proc = Proc::spawn_cmd(&format!("export-snap-{snapshot}-{}", self.fe_count), cmd)?;
         proc.wait_for("ready nbd", Duration::from_secs(60))?;
         Ok(FrontEnd { app: "ops".into(), sock, proc })

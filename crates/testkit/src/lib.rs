@@ -35,6 +35,7 @@ pub mod netns;
 pub mod process;
 pub mod prometheus;
 pub mod replicas;
+pub mod tls;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

@@ -117,6 +117,11 @@ impl Proc {
             };
             cmd.env("RUST_LOG", filter);
         }
+        // `ballast dev` records its cluster for ballastctl in the user's config
+        // directory: a test's dev clusters record theirs under target/ instead.
+        if !cmd.get_envs().any(|(k, _)| k == "XDG_CONFIG_HOME") {
+            cmd.env("XDG_CONFIG_HOME", crate::target_dir().join("test-data").join("xdg-config"));
+        }
         let stderr = match &opts.stderr {
             Stderr::Inherit => Stdio::inherit(),
             Stderr::Null => Stdio::null(),

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ballast_tls::Identity;
+
 use crate::{bin, data_dir, run_cmd_ok, utf8, Error, Proc, ProcOptions, Result};
 
 /// The replicas and the volume file; every process is killed on drop.
@@ -52,9 +54,10 @@ impl StaticVolume {
         };
         for z in 1..=replicas {
             let data = v.zone_dir(z);
+            let tls = v.tls(&Identity::Node(z as u64))?;
             let mut p = Proc::spawn_with(
                 &format!("replica-{z}"),
-                ["replica", "--data", utf8(&data)?, "--listen", "127.0.0.1:0"],
+                ["replica", "--data", utf8(&data)?, "--listen", "127.0.0.1:0", "--tls-dir", utf8(&tls)?],
                 &v.procs,
             )?;
             v.addrs.push(p.wait_value("ready replica", "addr")?);
@@ -70,6 +73,11 @@ impl StaticVolume {
         Ok(v)
     }
 
+    /// The `--tls-dir` of `identity`, from the CA in DIR/pki.
+    pub fn tls(&self, identity: &Identity) -> Result<PathBuf> {
+        crate::tls::issue(&crate::tls::pki(&self.root)?, identity)
+    }
+
     /// Replica `z`'s data directory.
     pub fn zone_dir(&self, z: usize) -> PathBuf {
         self.root.join(format!("zone-{z}"))
@@ -81,9 +89,10 @@ impl StaticVolume {
         let i = i.ok_or_else(|| Error::harness(format!("no replica {z} (zones 1..={})", self.addrs.len())))?;
         let data = self.zone_dir(z);
         let addr = self.addrs[i].clone();
+        let tls = self.tls(&Identity::Node(z as u64))?;
         let mut p = Proc::spawn_with(
             &format!("replica-{z}b"),
-            ["replica", "--data", utf8(&data)?, "--listen", &addr],
+            ["replica", "--data", utf8(&data)?, "--listen", &addr, "--tls-dir", utf8(&tls)?],
             &self.procs,
         )?;
         p.wait_for("ready replica", Duration::from_secs(30))?;
@@ -93,7 +102,10 @@ impl StaticVolume {
 
     /// `ballast export --config VOLUME --nbd 127.0.0.1:0 EXTRA`; returns it and its NBD URI.
     pub fn export(&self, name: &str, extra: &[&str]) -> Result<(Proc, String)> {
-        let mut args = vec!["export", "--config", utf8(&self.config)?, "--nbd", "127.0.0.1:0"];
+        // The front end of the first replica's host.
+        let tls = self.tls(&Identity::Frontend(1))?;
+        let mut args =
+            vec!["export", "--config", utf8(&self.config)?, "--nbd", "127.0.0.1:0", "--tls-dir", utf8(&tls)?];
         args.extend_from_slice(extra);
         let mut p = Proc::spawn_with(name, &args, &self.procs)?;
         let uri = p.wait_value("ready nbd", "uri")?;

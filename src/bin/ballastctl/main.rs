@@ -44,6 +44,14 @@ struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// An admin (or reader) certificate: a directory with ca.crt, tls.crt and
+    /// tls.key (`ballast certs issue --role admin`). Default: the admin
+    /// certificate of the `ballast dev` cluster at these endpoints, if one ran here.
+    #[arg(long, global = true, value_name = "DIR", env = "BALLAST_TLS_DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+    /// Plaintext, for a cluster started with --insecure.
+    #[arg(long, global = true, conflicts_with = "tls_dir")]
+    insecure: bool,
     /// How long to keep trying when no member answers (e.g. 15s, 500ms, 2m; plain numbers are seconds).
     #[arg(long, global = true, default_value = "15s", value_parser = parse_duration)]
     timeout: Duration,
@@ -275,6 +283,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// The admin certificate `ballast dev` recorded for its cluster, when one of
+/// `endpoints` is one of its members (see src/dev.rs, `dev_record_path`).
+fn dev_admin_dir(endpoints: &[String]) -> Option<std::path::PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))?;
+    let text = std::fs::read_to_string(base.join("ballast").join("dev.toml")).ok()?;
+    let record: toml::Table = text.parse().ok()?;
+    let members = parse_endpoints(record.get("meta")?.as_str()?);
+    let dir = std::path::PathBuf::from(record.get("tls_dir")?.as_str()?);
+    (endpoints.iter().any(|e| members.contains(e)) && dir.is_dir()).then_some(dir)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     // Refuse before connecting anywhere.
     if let Command::Volume(VolumeCommand::Delete { name, yes: false }) = &cli.command {
@@ -290,7 +311,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         request_timeout: cli.timeout.min(Duration::from_secs(10)),
         retry_for: cli.timeout,
     };
-    let client = MetaClient::with_options(parse_endpoints(&cli.meta), options)?;
+    let endpoints = parse_endpoints(&cli.meta);
+    let tls_dir = match (&cli.tls_dir, cli.insecure) {
+        (Some(d), _) => Some(d.clone()),
+        (None, true) => None,
+        (None, false) => Some(dev_admin_dir(&endpoints).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no admin certificate: pass --tls-dir DIR (see `ballast certs issue --role admin`), \
+                 or --insecure for a cluster started with --insecure"
+            )
+        })?),
+    };
+    let security = if cli.insecure {
+        ballast_metaclient::Security::Insecure
+    } else {
+        ballast_metaclient::Security::from_flags(tls_dir.as_deref(), false, "ballastctl")?
+    };
+    let client = MetaClient::with_options(endpoints, options, security)?;
     let out = cli.output;
     match cli.command {
         Command::Status => commands::status(&client, out).await,
