@@ -43,8 +43,24 @@ fn issue(a: CertsIssueArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     let identity = Identity::new(role, id.as_deref())?;
-    let ca = Ca::load(&a.ca_dir).with_context(|| format!("the CA in {}", a.ca_dir.display()))?;
-    ca.issue(&identity, Validity::starting_now(days(a.days)?))?.write(&a.out)?;
-    println!("issued {} ({} days) in {}", identity.uri(), a.days, a.out.display());
-    Ok(())
+    let lifetime = days(a.days)?;
+    let Some(every) = a.renew_every else {
+        let ca = Ca::load(&a.ca_dir).with_context(|| format!("the CA in {}", a.ca_dir.display()))?;
+        ca.issue(&identity, Validity::starting_now(lifetime))?.write(&a.out)?;
+        println!("issued {} ({} days) in {}", identity.uri(), a.days, a.out.display());
+        return Ok(());
+    };
+    anyhow::ensure!(every >= Duration::from_secs(1), "--renew-every must be 1s or more");
+    loop {
+        // The CA is read each time: a rotated CA Secret is picked up too.
+        match Ca::load(&a.ca_dir) {
+            Ok(ca) => match ballast_tls::certs::renew_if_due(&ca, &identity, lifetime, &a.out) {
+                Ok(true) => println!("issued {} ({} days) in {}", identity.uri(), a.days, a.out.display()),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, out = %a.out.display(), "certificate renewal failed; retrying"),
+            },
+            Err(e) => tracing::warn!(error = %e, "the CA is unreadable; retrying"),
+        }
+        std::thread::sleep(every);
+    }
 }

@@ -146,6 +146,12 @@ pub struct CertsIssueArgs {
     /// Lifetime in days.
     #[arg(long, default_value_t = 90)]
     pub days: u32,
+    /// Keep running: look again at this interval and issue a new certificate
+    /// once the one in OUT has a third of its lifetime left (or is missing,
+    /// unreadable, or from another CA). For a sidecar beside a process that
+    /// picks up renewed files by itself.
+    #[arg(long, value_parser = parse_duration)]
+    pub renew_every: Option<Duration>,
 }
 
 #[derive(Args, Debug)]

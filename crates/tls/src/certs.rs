@@ -120,10 +120,28 @@ impl Ca {
         write_file(&dir.join(CA_CERT), &self.cert_pem, 0o644)
     }
 
-    /// A certificate for `identity`, signed by this CA.
+    /// The DER of the certificate in `cert_pem` (one, or a rotation's bundle
+    /// of two) whose public key is `ca.key`'s: the one that signs.
+    fn signing_cert(&self, key: &KeyPair) -> Result<Vec<u8>, TlsError> {
+        for pem in x509_parser::pem::Pem::iter_from_buffer(self.cert_pem.as_bytes()) {
+            let pem = pem.map_err(|e| TlsError::Issue { what: "read the CA certificate", reason: e.to_string() })?;
+            let cert = pem
+                .parse_x509()
+                .map_err(|e| TlsError::Issue { what: "read the CA certificate", reason: e.to_string() })?;
+            if cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw() {
+                return Ok(pem.contents.clone());
+            }
+        }
+        Err(TlsError::Issue { what: "issue", reason: "no certificate in ca.crt has ca.key's public key".into() })
+    }
+
+    /// A certificate for `identity`, signed by this CA. With a bundle of two CA
+    /// certificates (a rotation), the one of `ca.key` signs, and the issued
+    /// directory trusts both.
     pub fn issue(&self, identity: &Identity, validity: Validity) -> Result<Issued, TlsError> {
         let ca_key = KeyPair::from_pem(&self.key_pem).map_err(rcgen_err("read the CA key"))?;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, ca_key).map_err(rcgen_err("read the CA certificate"))?;
+        let signing = self.signing_cert(&ca_key)?;
+        let issuer = Issuer::from_ca_cert_der(&signing.into(), ca_key).map_err(rcgen_err("read the CA certificate"))?;
         let key = KeyPair::generate().map_err(rcgen_err("generate a key"))?;
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, identity.to_string());
@@ -177,6 +195,41 @@ fn replace_file(path: &Path, text: &str, mode: u32) -> Result<(), TlsError> {
     fs::rename(&tmp, path).map_err(TlsError::io("rename into place", path))
 }
 
+/// Issues a certificate for `identity` into `dir` unless the one there is
+/// of this CA, names `identity`, and has more than a third of `lifetime` left.
+/// True if it issued one.
+pub fn renew_if_due(ca: &Ca, identity: &Identity, lifetime: Duration, dir: &Path) -> Result<bool, TlsError> {
+    let left = remaining(ca, identity, dir);
+    if left.is_some_and(|l| l > lifetime / 3) {
+        return Ok(false);
+    }
+    ca.issue(identity, Validity::starting_now(lifetime))?.write(dir)?;
+    Ok(true)
+}
+
+/// How long the certificate in `dir` has left, if `dir` trusts exactly `ca`'s
+/// bundle and its certificate names `identity` and was signed by `ca.key`.
+fn remaining(ca: &Ca, identity: &Identity, dir: &Path) -> Option<Duration> {
+    let trusted = fs::read_to_string(dir.join(CA_CERT)).ok()?;
+    if trusted != ca.cert_pem {
+        return None;
+    }
+    let signing = ca.signing_cert(&KeyPair::from_pem(&ca.key_pem).ok()?).ok()?;
+    let (_, signing) = x509_parser::parse_x509_certificate(&signing).ok()?;
+    let pem = fs::read(dir.join(CERT)).ok()?;
+    let (_, p) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+    if crate::identity_of_der(&p.contents).ok()? != *identity {
+        return None;
+    }
+    let cert = p.parse_x509().ok()?;
+    if cert.issuer().as_raw() != signing.subject().as_raw() {
+        return None;
+    }
+    let end = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok()?;
+    let left = end - OffsetDateTime::now_utc();
+    Duration::try_from(left).ok()
+}
+
 /// A CA directory and the `--tls-dir`s it issued, under one root: what
 /// `ballast dev` and the cluster tests run with.
 ///
@@ -222,14 +275,7 @@ impl Pki {
     /// another CA, or within 30 days of its end.
     pub fn issue(&self, identity: &Identity) -> Result<PathBuf, TlsError> {
         let dir = self.root.join(identity.file_stem());
-        let current = fs::read_to_string(dir.join(CA_CERT)).ok().filter(|ca| *ca == self.ca.cert_pem).and_then(|_| {
-            let pem = fs::read(dir.join(CERT)).ok()?;
-            let (_, p) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
-            let cert = p.parse_x509().ok()?;
-            let end = OffsetDateTime::from_unix_timestamp(cert.validity().not_after.timestamp()).ok()?;
-            (end - OffsetDateTime::now_utc() > RENEW_BEFORE).then_some(())
-        });
-        if current.is_none() {
+        if remaining(&self.ca, identity, &dir).is_none_or(|left| left <= RENEW_BEFORE) {
             self.ca.issue(identity, Validity::starting_now(CERT_LIFETIME))?.write(&dir)?;
         }
         Ok(dir)

@@ -342,3 +342,42 @@ fn plaintext_needs_an_explicit_flag() {
     assert!(matches!(Security::from_flags(Some(Path::new("/x")), true, "test"), Err(TlsError::Conflicting)));
     assert!(matches!(Security::from_flags(None, true, "test"), Ok(Security::Insecure)));
 }
+
+#[test]
+fn a_ca_rotation_bundle_signs_with_the_key_it_holds_and_renews_at_each_step() {
+    let t = tempfile::tempdir().unwrap();
+    let old = Ca::generate("old", valid()).unwrap();
+    let new = Ca::generate("new", valid()).unwrap();
+    let id = Identity::Node(7);
+    let out = t.path().join("node-7");
+    let lifetime = CERT_LIFETIME;
+    let issuer_of = |dir: &Path| {
+        let pem = std::fs::read(dir.join(CERT)).unwrap();
+        let (_, p) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        p.parse_x509().unwrap().issuer().to_string()
+    };
+    // Before: the old CA alone. Issued once, then left alone while fresh.
+    assert!(ballast_tls::certs::renew_if_due(&old, &id, lifetime, &out).unwrap());
+    assert!(!ballast_tls::certs::renew_if_due(&old, &id, lifetime, &out).unwrap());
+    assert!(issuer_of(&out).contains("old"));
+    // Step 2: both certificates trusted, the old key signs: re-issued with the bundle.
+    let both = format!("{}{}", old.cert_pem, new.cert_pem);
+    let step2 = Ca { cert_pem: both.clone(), key_pem: old.key_pem.clone() };
+    assert!(ballast_tls::certs::renew_if_due(&step2, &id, lifetime, &out).unwrap());
+    assert_eq!(std::fs::read_to_string(out.join("ca.crt")).unwrap(), both);
+    assert!(issuer_of(&out).contains("old"));
+    // Step 3: the new key signs: re-issued at once, by the new CA.
+    let step3 = Ca { cert_pem: both, key_pem: new.key_pem.clone() };
+    assert!(ballast_tls::certs::renew_if_due(&step3, &id, lifetime, &out).unwrap());
+    assert!(issuer_of(&out).contains("new"), "{}", issuer_of(&out));
+    assert!(!ballast_tls::certs::renew_if_due(&step3, &id, lifetime, &out).unwrap());
+    // It is valid: a server with the old-CA certificate and the bundle accepts it,
+    // as does everyone during the rotation.
+    let s = Security::from_dir(&out).unwrap();
+    assert_eq!(s.identity(), Some(id));
+    // A key that matches no certificate of the bundle is refused with the reason.
+    let stray = Ca::generate("stray", valid()).unwrap();
+    let bad = Ca { cert_pem: old.cert_pem.clone(), key_pem: stray.key_pem };
+    let e = bad.issue(&Identity::Node(1), valid()).err().expect("refused").to_string();
+    assert!(e.contains("no certificate in ca.crt has ca.key's public key"), "{e}");
+}
