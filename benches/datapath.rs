@@ -42,6 +42,7 @@ use anyhow::{bail, Result};
 use ballast_chunkstore::{ChunkStore, StoreOptions};
 use ballast_replica::{ClientOptions, ReplicaClient, ReplicaServer, ServerOptions};
 use ballast_testkit::{free_port, Proc, ProcOptions, StaticVolume};
+use ballast_tls::Identity;
 use ballast_types::{ChunkId, ChunkIdx, Epoch, Seq, VolumeId};
 use bytes::Bytes;
 use fio::{Measured, Target, Workload, WORKLOADS};
@@ -102,24 +103,35 @@ fn main() -> Result<()> {
             }
         }
         if only.contains("replica") {
-            let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-            let addr = listener.local_addr()?;
-            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-            let server = ReplicaServer::new(store.clone(), ServerOptions::default());
-            let handle = rt.spawn(async move {
-                server
-                    .serve(listener, async {
-                        let _ = stop_rx.await;
-                    })
-                    .await
-            });
-            let client = ReplicaClient::new(addr, ClientOptions::default());
-            for w in WORKLOADS {
-                let m = rt.block_on(bench_replica(&client, id, epoch, w, secs))?;
-                rows.push(Row { target: "replica (loopback)", workload: w.name, m });
+            // One replica server on loopback, in plaintext and with mutual TLS
+            // (certificates of a CA made here): what TLS costs the data path
+            // alone, without NBD or fio in the way.
+            let pki = ballast_tls::certs::Pki::open_or_create(&dir.join("pki"))?;
+            let plain = (ServerOptions::default(), ClientOptions::default());
+            let tls = (
+                ServerOptions { security: pki.security(&Identity::Node(1))?, ..ServerOptions::default() },
+                ClientOptions { security: pki.security(&Identity::Frontend(1))?, ..ClientOptions::default() },
+            );
+            for (target, (sopts, copts)) in [("replica (loopback)", plain), ("replica tls loopback", tls)] {
+                let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+                let addr = listener.local_addr()?;
+                let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+                let server = ReplicaServer::new(store.clone(), sopts);
+                let handle = rt.spawn(async move {
+                    server
+                        .serve(listener, async {
+                            let _ = stop_rx.await;
+                        })
+                        .await
+                });
+                let client = ReplicaClient::new(addr, copts);
+                for w in WORKLOADS {
+                    let m = rt.block_on(bench_replica(&client, id, epoch, w, secs))?;
+                    rows.push(Row { target, workload: w.name, m });
+                }
+                let _ = stop_tx.send(());
+                let _ = rt.block_on(handle);
             }
-            let _ = stop_tx.send(());
-            let _ = rt.block_on(handle);
         }
     }
 
@@ -217,9 +229,15 @@ fn nbd_section(dir: &Path, secs: u32, rows: &mut Vec<Row>) -> Result<()> {
         eprintln!("SKIP qemu-nbd rows: qemu-nbd not installed");
     }
     let size = SPAN.to_string();
-    for (label, rf) in [("ballast rf1", 1usize), ("ballast rf3", 3)] {
-        // rf replica processes and a volume file naming them, then its export.
-        let v = StaticVolume::start_in(&dir.join(format!("rf{rf}")), "bench", &size, rf, &[], quiet.clone())?;
+    for (label, rf, tls) in [("ballast rf1", 1usize, true), ("ballast rf3", 3, true), ("ballast rf3 plain", 3, false)] {
+        // rf replica processes and a volume file naming them, then its export:
+        // mutual TLS as deployed, and the same in plaintext (--insecure).
+        let root = dir.join(label.replace(' ', "-"));
+        let v = if tls {
+            StaticVolume::start_in(&root, "bench", &size, rf, &[], quiet.clone())?
+        } else {
+            StaticVolume::start_in_insecure(&root, "bench", &size, rf, &[], quiet.clone())?
+        };
         let (_export, uri) = v.export("export", &[])?;
         run_nbd_rows(label, &uri, secs, rows)?;
     }
@@ -262,9 +280,21 @@ fn print_table(rows: &[Row]) {
             r.target, r.workload, r.m.iops, r.m.mib_s, r.m.p50_us, r.m.p99_us, ri, rl
         );
     }
+    // What mutual TLS costs: RF3 with it (as deployed) against plaintext.
+    println!();
+    for r in rows.iter().filter(|r| r.target == "ballast rf3") {
+        if let Some(p) = rows.iter().find(|p| p.target == "ballast rf3 plain" && p.workload == r.workload) {
+            println!(
+                "ballast rf3 TLS vs plaintext, {:<18} IOPS {:.2}x  p50 {:+.1} us",
+                r.workload,
+                r.m.iops / p.m.iops,
+                r.m.p50_us - p.m.p50_us
+            );
+        }
+    }
     // The peer comparison: Ballast against qemu-nbd on the same workloads.
     println!();
-    for label in ["ballast rf1", "ballast rf3"] {
+    for label in ["ballast rf1", "ballast rf3", "ballast rf3 plain"] {
         for r in rows.iter().filter(|r| r.target == label) {
             if let Some(q) = rows.iter().find(|q| q.target == "qemu-nbd" && q.workload == r.workload) {
                 println!(

@@ -19,6 +19,8 @@ pub struct StaticVolume {
     pub config: PathBuf,
     root: PathBuf,
     procs: ProcOptions,
+    /// `--insecure` instead of certificates (the plaintext rows of a benchmark).
+    insecure: bool,
     // Last: the processes are killed before their directory is removed.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -44,22 +46,46 @@ impl StaticVolume {
         create_args: &[&str],
         procs: ProcOptions,
     ) -> Result<StaticVolume> {
+        Self::start_secured(root, name, size, replicas, create_args, procs, false)
+    }
+
+    /// [`StaticVolume::start_in`] with every process `--insecure` (plaintext):
+    /// the baseline TLS is measured against.
+    pub fn start_in_insecure(
+        root: &Path,
+        name: &str,
+        size: &str,
+        replicas: usize,
+        create_args: &[&str],
+        procs: ProcOptions,
+    ) -> Result<StaticVolume> {
+        Self::start_secured(root, name, size, replicas, create_args, procs, true)
+    }
+
+    fn start_secured(
+        root: &Path,
+        name: &str,
+        size: &str,
+        replicas: usize,
+        create_args: &[&str],
+        procs: ProcOptions,
+        insecure: bool,
+    ) -> Result<StaticVolume> {
         let mut v = StaticVolume {
             replicas: Vec::new(),
             addrs: Vec::new(),
             config: root.join(format!("{name}.toml")),
             root: root.to_path_buf(),
             procs,
+            insecure,
             _tmp: None,
         };
         for z in 1..=replicas {
             let data = v.zone_dir(z);
-            let tls = v.tls(&Identity::Node(z as u64))?;
-            let mut p = Proc::spawn_with(
-                &format!("replica-{z}"),
-                ["replica", "--data", utf8(&data)?, "--listen", "127.0.0.1:0", "--tls-dir", utf8(&tls)?],
-                &v.procs,
-            )?;
+            let tls = v.tls_args(&Identity::Node(z as u64))?;
+            let mut args = vec!["replica", "--data", utf8(&data)?, "--listen", "127.0.0.1:0"];
+            args.extend(tls.iter().map(String::as_str));
+            let mut p = Proc::spawn_with(&format!("replica-{z}"), &args, &v.procs)?;
             v.addrs.push(p.wait_value("ready replica", "addr")?);
             v.replicas.push(p);
         }
@@ -78,6 +104,14 @@ impl StaticVolume {
         crate::tls::issue(&crate::tls::pki(&self.root)?, identity)
     }
 
+    /// `--tls-dir DIR` of `identity`, or `--insecure`.
+    fn tls_args(&self, identity: &Identity) -> Result<Vec<String>> {
+        if self.insecure {
+            return Ok(vec!["--insecure".into()]);
+        }
+        Ok(vec!["--tls-dir".into(), utf8(&self.tls(identity)?)?.to_string()])
+    }
+
     /// Replica `z`'s data directory.
     pub fn zone_dir(&self, z: usize) -> PathBuf {
         self.root.join(format!("zone-{z}"))
@@ -89,12 +123,10 @@ impl StaticVolume {
         let i = i.ok_or_else(|| Error::harness(format!("no replica {z} (zones 1..={})", self.addrs.len())))?;
         let data = self.zone_dir(z);
         let addr = self.addrs[i].clone();
-        let tls = self.tls(&Identity::Node(z as u64))?;
-        let mut p = Proc::spawn_with(
-            &format!("replica-{z}b"),
-            ["replica", "--data", utf8(&data)?, "--listen", &addr, "--tls-dir", utf8(&tls)?],
-            &self.procs,
-        )?;
+        let tls = self.tls_args(&Identity::Node(z as u64))?;
+        let mut args = vec!["replica", "--data", utf8(&data)?, "--listen", &addr];
+        args.extend(tls.iter().map(String::as_str));
+        let mut p = Proc::spawn_with(&format!("replica-{z}b"), &args, &self.procs)?;
         p.wait_for("ready replica", Duration::from_secs(30))?;
         self.replicas[i] = p;
         Ok(())

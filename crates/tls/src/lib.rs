@@ -19,6 +19,7 @@
 //! ```
 
 pub mod certs;
+#[cfg(feature = "grpc")]
 pub mod grpc;
 pub mod identity;
 mod material;
