@@ -5,9 +5,11 @@
 //!   raw file      fio, io_uring, O_DIRECT            (the baseline: "fio")
 //!   chunk store   in-process load generator → ChunkStore (io_uring thread)
 //!   replica       load generator → ReplicaClient ═ loopback TCP ═ ReplicaServer → ChunkStore
+//!   replica tls   the same over mutual TLS (the data path's TLS cost alone)
 //!   qemu-nbd      fio nbd engine → qemu-nbd → file   (the peer to beat)
-//!   ballast rf1   fio nbd engine → ballast export → 1 replica process
-//!   ballast rf3   fio nbd engine → ballast export → 3 replica processes
+//!   ballast rf1   fio nbd engine → ballast export → 1 replica process   (mutual TLS, as deployed)
+//!   ballast rf3   fio nbd engine → ballast export → 3 replica processes (mutual TLS, as deployed)
+//!   rf3 plain     the same with --insecure: what TLS costs end to end
 //! ```
 //!
 //! Prints a table with IOPS, p50/p99 completion latency, and ratios to fio on the

@@ -113,10 +113,16 @@ impl NbdListeners {
                 if path.exists() {
                     std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))?;
                 }
-                Some((
-                    UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?,
-                    path.to_path_buf(),
-                ))
+                // The export is unauthenticated: only this user may connect.
+                // Bound beside, made 0600, then renamed into place.
+                use std::os::unix::fs::PermissionsExt;
+                let tmp = path.with_extension("sock.tmp");
+                let _ = std::fs::remove_file(&tmp);
+                let listener = UnixListener::bind(&tmp).with_context(|| format!("bind {}", tmp.display()))?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("chmod 0600 {}", tmp.display()))?;
+                std::fs::rename(&tmp, path).with_context(|| format!("rename into {}", path.display()))?;
+                Some((listener, path.to_path_buf()))
             }
             None => None,
         };

@@ -94,6 +94,12 @@ impl Driver {
     async fn connect(c: &Cluster) -> Driver {
         let (p, sock) = c.csi_controller(&[]).expect("csi-controller ready");
         let ch = channel(&sock).await;
+        // Whoever reaches a CSI socket provisions and deletes volumes: only
+        // its own user may connect (the node plugins' sockets come from the
+        // same ballast_csi::serve_with).
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&sock).expect("socket").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", sock.display());
         let mut nodes = HashMap::new();
         for (id, _) in NODES {
             nodes.insert(id, NodeClient::new(channel(&socket(c.dir(), id)).await));

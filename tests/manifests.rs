@@ -588,12 +588,13 @@ fn node_plugin_socket_is_where_kubelet_expects_and_registered() {
 fn node_zone_comes_from_the_pod_topology_label() {
     let objects = objects();
     let ds = find(&objects, "DaemonSet", "ballast-node");
-    // Only the zone-file init container: nothing that needs the API (kubectl).
+    // The zone file and the certificate (from the CA Secret): nothing that
+    // needs the API (kubectl).
     let init: Vec<&str> = seq(ds.at(&["spec", "template", "spec", "initContainers"]), "initContainers")
         .iter()
         .map(|c| c.get("name").and_then(Value::as_str).unwrap_or(""))
         .collect();
-    assert_eq!(init, ["zone-file"]);
+    assert_eq!(init, ["zone-file", "tls"]);
     let c = container(ds, "zone-file");
     let env = seq(c.get("env").expect("zone-file env"), "env");
     let zone = env.iter().find(|e| e.get("name").and_then(Value::as_str) == Some("ZONE")).expect("zone-file: env ZONE");

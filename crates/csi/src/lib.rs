@@ -126,7 +126,18 @@ pub async fn serve_with(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(ServeError::Socket(path.to_path_buf(), e)),
     }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| ServeError::Socket(path.to_path_buf(), e))?;
+    // Only this user (the kubelet and the sidecars run as it) may connect:
+    // whoever reaches the socket may stage, publish and delete volumes. Bound
+    // beside, made 0600, then renamed into place: never reachable with more.
+    let tmp = path.with_extension("sock.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp).map_err(|e| ServeError::Socket(tmp.clone(), e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| ServeError::Socket(tmp.clone(), e))?;
+        std::fs::rename(&tmp, path).map_err(|e| ServeError::Socket(path.to_path_buf(), e))?;
+    }
     tracing::info!(socket = %path.display(), controller = controller.is_some(), node = node.is_some(), "CSI serving");
     let router = tonic::transport::Server::builder()
         .layer(metrics::MetricsLayer::new(metrics))

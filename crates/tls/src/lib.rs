@@ -7,7 +7,7 @@
 //! identity ([`Peer`]), which the services then authorize per call; the client
 //! checks the server's chain and that its identity has the role it dialed
 //! (a replica is a storage node, meta is a meta member). Renewed files are
-//! picked up at the next handshake ([`material`]).
+//! picked up at the next handshake (src/material.rs).
 //!
 //! [`Security::Insecure`] (`--insecure`) is plaintext with no identity, for
 //! experiments only: every call is allowed and a warning is logged at start.
