@@ -141,8 +141,8 @@ async fn every_role_may_make_its_own_calls_and_no_others() {
     assert_denied(node2.create_volume(create("by-node")).await, "node/2");
     // Node state is the admin's alone.
     let cordon = pb::SetNodeStateRequest { node: 3, state: pb::NodeState::Cordoned as i32 };
-    assert_denied(csi.set_node_state(cordon.clone()).await, "csi-controller");
-    assert_denied(node2.set_node_state(cordon.clone()).await, "node/2");
+    assert_denied(csi.set_node_state(cordon).await, "csi-controller");
+    assert_denied(node2.set_node_state(cordon).await, "node/2");
     admin.set_node_state(cordon).await.expect("an admin cordons");
     // Everyone of the cluster reads.
     for c in [&reader, &node2, &csi] {
@@ -165,7 +165,7 @@ async fn every_role_may_make_its_own_calls_and_no_others() {
     let v = layout.volume.as_ref().expect("volume");
     let volume = v.id;
     let ack = pb::AckLayoutRequest { volume, epoch: a.epoch, layout_gen: v.layout_gen };
-    assert_denied(fe2.ack_layout(ack.clone()).await, "frontend/2");
+    assert_denied(fe2.ack_layout(ack).await, "frontend/2");
     fe1.ack_layout(ack).await.expect("the attached front end acks, through a follower");
     let chunk = &layout.chunks[0];
     let victim = chunk.replicas[0].node;

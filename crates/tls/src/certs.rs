@@ -234,7 +234,7 @@ fn remaining(ca: &Ca, identity: &Identity, dir: &Path) -> Option<Duration> {
 /// `ballast dev` and the cluster tests run with.
 ///
 /// ```text
-///   ROOT/ca/{ca.crt, ca.key}     ROOT/<identity>/{ca.crt, tls.crt, tls.key}   (node-3, admin-dev, ...)
+///   ROOT/ca/{ca.crt, ca.key}     ROOT/IDENTITY/{ca.crt, tls.crt, tls.key}   (node-3, admin-dev, ...)
 /// ```
 pub struct Pki {
     root: PathBuf,
@@ -271,7 +271,7 @@ impl Pki {
         crate::Security::from_dir(&self.issue(identity)?)
     }
 
-    /// The `--tls-dir` of `identity`: ROOT/<identity>, issued if missing, from
+    /// The `--tls-dir` of `identity`: `ROOT/<identity>`, issued if missing, from
     /// another CA, or within 30 days of its end.
     pub fn issue(&self, identity: &Identity) -> Result<PathBuf, TlsError> {
         let dir = self.root.join(identity.file_stem());
