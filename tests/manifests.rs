@@ -544,13 +544,12 @@ fn node_plugin_socket_is_where_kubelet_expects_and_registered() {
         Some("/var/lib/kubelet/plugins_registry"),
         "the kubelet's plugin watcher looks in plugins_registry"
     );
-    // No CSI sidecars: nothing else registers the plugin or answers its probes
-    // (tls-renew only renews the pod's certificate).
+    // No sidecars: nothing else registers the plugin or answers its probes.
     let names: Vec<&str> = seq(ds.at(&["spec", "template", "spec", "containers"]), "containers")
         .iter()
         .map(|c| c.get("name").and_then(Value::as_str).unwrap_or(""))
         .collect();
-    assert_eq!(names, ["ballast", "tls-renew"], "the node plugin pod runs only ballast and its certificate renewer");
+    assert_eq!(names, ["ballast"], "the node plugin pod runs only ballast");
 
     // Liveness (and startup) on /healthz of --health-listen, which does not
     // depend on meta; the port is the host's (hostNetwork).
@@ -588,13 +587,12 @@ fn node_plugin_socket_is_where_kubelet_expects_and_registered() {
 fn node_zone_comes_from_the_pod_topology_label() {
     let objects = objects();
     let ds = find(&objects, "DaemonSet", "ballast-node");
-    // The zone file and the certificate (from the CA Secret): nothing that
-    // needs the API (kubectl).
+    // Only the zone-file init container: nothing that needs the API (kubectl).
     let init: Vec<&str> = seq(ds.at(&["spec", "template", "spec", "initContainers"]), "initContainers")
         .iter()
         .map(|c| c.get("name").and_then(Value::as_str).unwrap_or(""))
         .collect();
-    assert_eq!(init, ["zone-file", "tls"]);
+    assert_eq!(init, ["zone-file"]);
     let c = container(ds, "zone-file");
     let env = seq(c.get("env").expect("zone-file env"), "env");
     let zone = env.iter().find(|e| e.get("name").and_then(Value::as_str) == Some("ZONE")).expect("zone-file: env ZONE");
@@ -676,8 +674,7 @@ fn controller_sidecars_share_the_driver_socket() {
         .collect();
     let mut expected = vec!["ballast"];
     expected.extend(SIDECARS.iter().map(|(name, _)| *name));
-    expected.push("tls-renew");
-    assert_eq!(names, expected, "ballast, its certificate renewer and the sidecars we build, nothing else");
+    assert_eq!(names, expected, "ballast and the sidecars we build, nothing else");
     for (name, _) in SIDECARS {
         let c = container(d, name);
         let sidecar = argv(c);
@@ -843,42 +840,6 @@ fn documented_flags(subcommand: &str) -> Option<BTreeSet<String>> {
         .map(String::from)
         .collect();
     Some(flags)
-}
-
-/// Every Ballast process gets a certificate of its own role before it starts
-/// (the `tls` init container) and keeps it renewed (`tls-renew`), from the CA
-/// Secret, into the in-memory volume its `--tls-dir` is on.
-#[test]
-fn every_ballast_process_has_a_certificate_of_its_role() {
-    let objects = objects();
-    for (kind, name, main, role) in [
-        ("StatefulSet", "ballast-meta", "meta", "meta"),
-        ("DaemonSet", "ballast-node", "ballast", "node"),
-        ("Deployment", "ballast-csi-controller", "ballast", "csi-controller"),
-    ] {
-        let obj = find(&objects, kind, name);
-        let args: Vec<String> =
-            argv(container(obj, main)).iter().flat_map(|a| a.split_whitespace().map(String::from)).collect();
-        let dir = flag(&args, "--tls-dir").unwrap_or_else(|| panic!("{name}: no --tls-dir"));
-        let m = mount(container(obj, main), "tls").unwrap_or_else(|| panic!("{name}: tls not mounted"));
-        let at = string(m.get("mountPath").unwrap_or(&Value::Null), "mountPath");
-        assert!(dir.starts_with(at), "{name}: --tls-dir {dir} is on the tls volume ({at})");
-        assert_eq!(m.get("readOnly").and_then(Value::as_bool), Some(true), "{name}: the process only reads it");
-        assert_eq!(at_str(volume(obj, "tls"), &["emptyDir", "medium"]), Some("Memory"), "{name}: keys stay in memory");
-        assert_eq!(at_str(volume(obj, "ca"), &["secret", "secretName"]), Some("ballast-ca"), "{name}");
-        for c in ["tls", "tls-renew"] {
-            let script = argv(container(obj, c)).join(" ");
-            let issue = format!("--role {role} ");
-            assert!(script.contains(&issue) && script.contains(&format!("--out {dir}")), "{name}/{c}: {script}");
-            assert_eq!(script.contains("--renew-every"), c == "tls-renew", "{name}/{c}");
-            assert!(mount(container(obj, c), "ca").is_some(), "{name}/{c} reads the CA");
-        }
-        assert!(mount(container(obj, main), "ca").is_none(), "{name}: the CA key stays out of the Ballast process");
-    }
-}
-
-fn at_str<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
-    at(v, path).and_then(Value::as_str)
 }
 
 #[test]

@@ -149,8 +149,8 @@ fn every_ballast_container_serves_the_port_the_pod_monitor_scrapes() {
             let ann = &template["metadata"]["annotations"];
             for c in template["spec"]["containers"].as_sequence().expect("containers") {
                 let image = c["image"].as_str().unwrap_or_default();
-                if !image.contains("/ballast:") || c["name"].as_str() == Some("tls-renew") {
-                    continue; // a sidecar, or the certificate renewer (it serves nothing)
+                if !image.contains("/ballast:") {
+                    continue; // a sidecar
                 }
                 let ports = c["ports"].as_sequence().expect("ports");
                 let metrics = ports

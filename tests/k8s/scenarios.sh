@@ -11,14 +11,13 @@ NS=e2e
 
 row() { RESULTS+=("$(printf '%-2s | %-24s | %-78s | %6s | %s' "$@")"); }
 
-# ballastctl as the csi/README.md shows it: from a meta pod, through the client
-# Service, with the admin certificate the pod's tls init container issued.
+# ballastctl as the csi/README.md shows it: from a meta pod, through the client Service.
 ballastctl() {
   local pod
   pod=$(kc -n ballast-system get pods -l app.kubernetes.io/name=ballast-meta \
     --field-selector=status.phase=Running -o jsonpath='{range .items[?(@.status.containerStatuses[0].ready==true)]}{.metadata.name}{"\n"}{end}' | head -1)
   [ -n "$pod" ] || die "no ready meta pod for ballastctl"
-  kc -n ballast-system exec "$pod" -c meta -- ballastctl --meta ballast-meta-client:7400 --tls-dir /etc/ballast/tls/admin "$@"
+  kc -n ballast-system exec "$pod" -c meta -- ballastctl --meta ballast-meta-client:7400 --insecure "$@"
 }
 
 # Every replica exists, is ready and runs the current revision (rollout status
@@ -39,22 +38,8 @@ write_files() { # write_files POD DIR COUNT
 verify_files() { in_pod "$1" "cd $2 && sha256sum -c -s SUMS"; }
 
 # --- 1. deploy ---------------------------------------------------------------------
-# The cluster CA, as csi/README.md has the operator make it: `ballast certs
-# init` once, kept in the Secret ballast-ca (the pods issue their own
-# certificates from it).
-ca_secret() {
-  local bin="${CARGO_TARGET_DIR:-$ROOT/target}/release/ballast"
-  kc apply -f "$ROOT/csi/namespace.yaml" >/dev/null
-  kc -n ballast-system get secret ballast-ca >/dev/null 2>&1 && return 0
-  rm -rf "$STATE/ca"
-  "$bin" certs init --ca-dir "$STATE/ca" >/dev/null || die "ballast certs init"
-  kc -n ballast-system create secret generic ballast-ca \
-    --from-file=ca.crt="$STATE/ca/ca.crt" --from-file=ca.key="$STATE/ca/ca.key" >/dev/null || die "CA secret"
-}
-
 deploy_ballast() {
   local t0=$(date +%s) n drivers
-  ca_secret
   kc apply -k "$ROOT/csi" >/dev/null
   kc -n ballast-system rollout status statefulset/ballast-meta --timeout=300s >/dev/null \
     || die "meta StatefulSet not ready"
