@@ -38,24 +38,11 @@ const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
 /// The admin identity `ballast dev` issues for ballastctl (DATA/pki/admin-dev).
 const DEV_ADMIN: &str = "dev";
 
-/// Where ballastctl finds the last dev cluster's admin certificate:
-/// $XDG_CONFIG_HOME/ballast/dev.toml (else ~/.config/ballast/dev.toml), holding
-/// `meta = "A,B,C"` and `tls_dir = "/abs/DATA/pki/admin-dev"`.
-pub fn dev_record_path() -> Option<std::path::PathBuf> {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))?;
-    Some(base.join("ballast").join("dev.toml"))
-}
-
 /// Best effort: a dev cluster runs without the record, ballastctl then needs --tls-dir.
 fn record_dev_cluster(endpoints: &[String], admin_dir: &Path) {
-    let Some(path) = dev_record_path() else { return };
-    let mut t = toml::Table::new();
-    t.insert("meta".into(), toml::Value::String(endpoints.join(",")));
-    t.insert("tls_dir".into(), toml::Value::String(admin_dir.display().to_string()));
-    let written =
-        path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&path, t.to_string()));
+    let Some(path) = crate::dev_record::path() else { return };
+    let text = crate::dev_record::render(endpoints, admin_dir);
+    let written = path.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| std::fs::write(&path, text));
     match written {
         Ok(()) => tracing::info!(file = %path.display(), "ballastctl finds this cluster's admin certificate here"),
         Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot record the dev cluster for ballastctl"),

@@ -26,6 +26,7 @@ mod certs;
 mod cli;
 mod csi_controller;
 mod dev;
+mod dev_record;
 mod export;
 mod health;
 mod meta;

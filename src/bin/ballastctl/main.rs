@@ -23,6 +23,8 @@
 //! --watch`: progress bars on a terminal, lines otherwise).
 
 mod commands;
+#[path = "../../dev_record.rs"]
+mod dev_record;
 mod json;
 mod progress;
 mod render;
@@ -284,15 +286,10 @@ fn main() -> ExitCode {
 }
 
 /// The admin certificate `ballast dev` recorded for its cluster, when one of
-/// `endpoints` is one of its members (see src/dev.rs, `dev_record_path`).
+/// `endpoints` is one of its members.
 fn dev_admin_dir(endpoints: &[String]) -> Option<std::path::PathBuf> {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".config")))?;
-    let text = std::fs::read_to_string(base.join("ballast").join("dev.toml")).ok()?;
-    let record: toml::Table = text.parse().ok()?;
-    let members = parse_endpoints(record.get("meta")?.as_str()?);
-    let dir = std::path::PathBuf::from(record.get("tls_dir")?.as_str()?);
+    let (meta, dir) = dev_record::read()?;
+    let members = parse_endpoints(&meta);
     (endpoints.iter().any(|e| members.contains(e)) && dir.is_dir()).then_some(dir)
 }
 
